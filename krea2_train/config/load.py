@@ -1,0 +1,154 @@
+"""Compose a run configuration with Hydra and validate it into :class:`RunConfig`.
+
+``load_config("stage/pretrain_256", ["optim.lr=1e-4"])`` selects ``configs/stage/pretrain_256.yaml``
+on top of ``configs/config.yaml``; overrides use Hydra's syntax (``key=value``, ``group=option``).
+Any problem raises :class:`ConfigError` whose message names the key and what is accepted.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from krea2_train.config.schema import STAGE_KINDS, RunConfig
+
+CONFIG_DIR = Path(os.environ.get("KREA2_CONFIG_DIR", Path(__file__).resolve().parents[2] / "configs"))
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key."""
+
+
+def _choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def compose(config: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``configs/config.yaml`` with the group option named by ``config`` ("group/option")."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    overrides = list(overrides or [])
+    overrides = [_check_override_key(override) for override in overrides]
+    group, _, option = config.partition("/")
+    if not option:
+        raise ConfigError(f"--config must look like GROUP/NAME (e.g. stage/pretrain_256), got {config!r}")
+    if option not in _choices(group):
+        raise ConfigError(f"no config {config!r}; {group} configs: {', '.join(_choices(group)) or 'none'}")
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            return hydra_compose(config_name="config", overrides=[f"{group}={option}", *overrides])
+    except HydraException as error:
+        raise ConfigError(f"cannot compose {config!r} with overrides {overrides}: {error}") from None
+
+
+def _check_override_key(override: str) -> str:
+    """Reject ``key=value`` overrides whose key is not in the schema, listing what is accepted.
+
+    Returns the override, made an add-or-override (``++``) under free-form mappings such as
+    ``model.overrides``.
+    """
+    key = override.split("=", 1)[0].lstrip("+~")
+    if "=" not in override or key in _groups():
+        return override
+    node = OmegaConf.structured(RunConfig)
+    walked = []
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or node._is_missing():
+            return override
+        if part not in node:
+            if OmegaConf.get_type(node) is dict:  # free-form mappings such as model.overrides
+                return "++" + override.lstrip("+")
+            where = ".".join(walked) or "the top level"
+            raise ConfigError(f"unknown config key {key!r}; accepted keys in {where!r}: {', '.join(node.keys())}")
+        walked.append(part)
+        node = node._get_node(part)
+    return override
+
+
+def _groups() -> set[str]:
+    return {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
+
+
+def to_run_config(composed: DictConfig) -> RunConfig:
+    """Merge a composed config into the typed schema: unknown keys and wrong types fail here."""
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        merged = OmegaConf.merge(schema, composed)
+        OmegaConf.resolve(merged)
+        run_config: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "?"
+        parent = key.rsplit(".", 1)[0] if "." in key else None
+        accepted = ""
+        if not isinstance(error, ConfigKeyError):
+            pass
+        elif parent is not None:
+            node = OmegaConf.select(schema, parent)
+            if isinstance(node, DictConfig) and not node._is_missing():
+                accepted = f"; accepted keys in {parent!r}: {', '.join(node.keys())}"
+        elif key != "?":
+            accepted = f"; accepted top-level keys: {', '.join(schema.keys())}"
+        message = str(error).splitlines()[0]
+        raise ConfigError(f"config key {key!r}: {message}{accepted}") from None
+    validate(run_config)
+    return run_config
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key {key!r}: {message}")
+
+
+def validate(config: RunConfig) -> None:
+    """Value checks the type system cannot express."""
+    from krea2_train.model.presets import PRESETS, model_config
+
+    _require(config.stage.kind in STAGE_KINDS, "stage.kind", f"{config.stage.kind!r} is not one of {STAGE_KINDS}")
+    _require(config.stage.steps > 0, "stage.steps", "must be positive")
+    _require(config.model.preset in PRESETS, "model.preset", f"{config.model.preset!r}; accepted: {sorted(PRESETS)}")
+    try:
+        model_config(config.model.preset, **config.model.overrides)
+    except ValueError as error:
+        raise ConfigError(f"config key 'model.overrides': {error}") from None
+    _require(config.conditioning.autoencoder in ("pixel", "qwen_image"), "conditioning.autoencoder", "accepted: pixel, qwen_image")
+    _require(
+        config.conditioning.autoencoder != "qwen_image" or config.conditioning.autoencoder_path is not None,
+        "conditioning.autoencoder_path",
+        "required for the qwen_image autoencoder (a local diffusers directory)",
+    )
+    _require(0.0 <= config.conditioning.caption_dropout < 1.0, "conditioning.caption_dropout", "must be in [0, 1)")
+    _require(config.data.source in ("shapes", "registry"), "data.source", "accepted: shapes, registry")
+    _require(config.data.resolution % 16 == 0, "data.resolution", "must be a multiple of 16 (one token per 16 px)")
+    _require(config.data.global_batch_size > 0, "data.global_batch_size", "must be positive")
+    _require(set(config.data.caption_mix) <= {"long", "medium", "short"}, "data.caption_mix", "keys: long, medium, short")
+    _require(abs(sum(config.data.caption_mix.values()) - 1.0) < 1e-6, "data.caption_mix", "weights must sum to 1")
+    _require(config.flow.shift in ("resolution", "fixed", "none"), "flow.shift", "accepted: resolution, fixed, none")
+    _require(config.flow.shift != "fixed" or config.flow.mu is not None, "flow.mu", "required when flow.shift=fixed")
+    _require(config.flow.scale > 0, "flow.scale", "must be positive")
+    _require(
+        config.parallel.activation_checkpoint in ("none", "selective", "full"),
+        "parallel.activation_checkpoint",
+        "accepted: none, selective, full",
+    )
+    _require(config.parallel.mixed_precision in ("auto", "bf16", "fp32"), "parallel.mixed_precision", "accepted: auto, bf16, fp32")
+    _require(config.parallel.tp >= 1 and config.parallel.dp_replicate >= 1, "parallel", "tp and dp_replicate must be >= 1")
+    _require(config.optim.lr > 0, "optim.lr", "must be positive")
+    _require(len(config.optim.betas) == 2, "optim.betas", "two values")
+    _require(config.optim.decay_type in ("linear", "sqrt", "cosine"), "optim.decay_type", "accepted: linear, sqrt, cosine")
+    _require(config.optim.grad_accum_steps >= 1, "optim.grad_accum_steps", "must be >= 1")
+    _require(config.checkpoint.interval > 0, "checkpoint.interval", "must be positive")
+    _require(config.checkpoint.async_mode in ("async", "sync"), "checkpoint.async_mode", "accepted: async, sync")
+    _require(config.logging.wandb in ("offline", "online", "disabled"), "logging.wandb", "accepted: offline, online, disabled")
+
+
+def load_config(config: str, overrides: list[str] | None = None) -> RunConfig:
+    return to_run_config(compose(config, overrides))
+
+
+def to_yaml(config: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

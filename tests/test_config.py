@@ -1,0 +1,55 @@
+"""Stage configs compose, validate, and bad input names the key."""
+
+import pytest
+
+from krea2_train.config import ConfigError, load_config, to_yaml
+from krea2_train.config.load import CONFIG_DIR
+
+STAGES = ["pretrain_256", "pretrain_512", "pretrain_1024", "midtrain", "sft", "stpo", "grpo", "tdm", "lora"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_has_a_config(stage):
+    config = load_config(f"stage/{stage}")
+    assert config.stage.name == stage
+    assert config.run_name == stage
+    assert "???" not in to_yaml(config)
+
+
+def test_progressive_chain_is_linked_by_init_from():
+    chain = [load_config(f"stage/{name}") for name in ["pretrain_256", "pretrain_512", "pretrain_1024", "midtrain", "sft"]]
+    assert chain[0].stage.init_from is None
+    for previous, current in zip(chain, chain[1:]):
+        assert current.stage.init_from == previous.stage.name
+    assert [c.data.resolution for c in chain[:3]] == [256, 512, 1024]
+
+
+def test_overrides_apply():
+    config = load_config("stage/pretrain_256", ["optim.lr=1e-3", "model.overrides.num_layers=3", "parallel=cluster"])
+    assert config.optim.lr == 1e-3
+    assert config.model.overrides == {"num_layers": 3}
+    assert config.parallel.tp == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lrr=1"], "unknown config key 'optim.lrr'; accepted keys in 'optim': lr"),
+        (["bogus=1"], "unknown config key 'bogus'"),
+        (["optim.lr=abc"], "config key 'optim.lr'"),
+        (["parallel.activation_checkpoint=some"], "accepted: none, selective, full"),
+        (["model.overrides.hidden=3"], "unknown Krea2DiT config keys"),
+        (["data.caption_mix.long=0.5"], "must sum to 1"),
+        (["conditioning=qwen"], "conditioning.autoencoder_path"),
+        (["model=huge"], "model/huge"),
+    ],
+)
+def test_bad_input_names_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config("stage/pretrain_256", overrides)
+
+
+def test_unknown_stage_lists_the_stages():
+    with pytest.raises(ConfigError, match="stage configs: grpo"):
+        load_config("stage/pretrain_2048")
+    assert (CONFIG_DIR / "config.yaml").exists()
