@@ -14,7 +14,7 @@ import sys
 # subcommand name -> module defining register(subparsers)
 COMMAND_MODULES: dict[str, str] = {
     "demo": "krea2_train.train.demo",
-    "sample": "krea2_train.flow.commands",
+    "sample": "krea2_train.train.sample",
     "data": "krea2_train.data.commands",
     "export": "krea2_train.train.commands",
     "average": "krea2_train.train.commands",

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 TINY_TEXT_HIDDEN_SIZE = 64
 TINY_TEXT_NUM_LAYERS = 5
 TINY_TEXT_SELECT_LAYERS = (2, 3, 4, 5)
+TAPS_FILE = "krea2_taps.json"  # a text-encoder directory may name its own tapped layers
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START_TOKEN = "<|im_start|>"
@@ -152,6 +154,8 @@ def build_tiny_text_encoder(out_dir: str | Path, seed: int = 0, num_layers: int 
         model = Qwen3VLModel(config)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    select = [layer for layer in TINY_TEXT_SELECT_LAYERS if layer <= num_layers]
+    (out_dir / TAPS_FILE).write_text(json.dumps({"select_layers": select}))
     return out_dir
 
 

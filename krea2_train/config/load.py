@@ -49,8 +49,8 @@ def compose(config: str, overrides: list[str] | None = None) -> DictConfig:
 def _check_override_key(override: str) -> str:
     """Reject ``key=value`` overrides whose key is not in the schema, listing what is accepted.
 
-    Returns the override, made an add-or-override (``++``) under free-form mappings such as
-    ``model.overrides``.
+    Returns the override as an add-or-override (``++``): a key the schema accepts may be absent
+    from the YAML files (schema defaults), and Hydra would refuse a plain override of it.
     """
     key = override.split("=", 1)[0].lstrip("+~")
     if "=" not in override or key in _groups():
@@ -67,7 +67,7 @@ def _check_override_key(override: str) -> str:
             raise ConfigError(f"unknown config key {key!r}; accepted keys in {where!r}: {', '.join(node.keys())}")
         walked.append(part)
         node = node._get_node(part)
-    return override
+    return "++" + override.lstrip("+")
 
 
 def _groups() -> set[str]:

@@ -1,0 +1,1 @@
+"""Dataset curation: image quality scores, hashes for deduplication, the processing jobs."""

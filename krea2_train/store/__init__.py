@@ -1,0 +1,10 @@
+"""PostgreSQL store: embedded or external server, migrations, batched upserts, the job queue.
+
+Imports no torch. ``open_store`` is the entry point; ``krea2_train.store.queue`` holds the
+processing-queue API.
+"""
+
+from krea2_train.store.db import Store, open_store
+from krea2_train.store.errors import StoreError, StoreUnavailable
+
+__all__ = ["Store", "StoreError", "StoreUnavailable", "open_store"]

@@ -1,0 +1,112 @@
+"""The frozen conditioning networks of a run, behind one object.
+
+A :class:`Conditioner` turns images into packed DiT tokens and prompts into tapped text states.
+Training stages, the sampler and the `krea2 sample` command all use it, so the image <-> token
+layout and the text template exist in one place.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from krea2_train.conditioning.autoencoder import LatentAutoencoder, build_autoencoder
+from krea2_train.conditioning.text import Qwen3VLTextTaps
+from krea2_train.conditioning.tiny import TAPS_FILE
+from krea2_train.model.patchify import pack_latents, unpack_latents
+
+QWEN_PIXELS_PER_TOKEN = 16  # Qwen-Image VAE (f8) with 2x2 patches: the unit of a stage's nominal resolution
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """The token grid of one image size."""
+
+    height: int
+    width: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.height * self.width
+
+
+class Conditioner:
+    """Frozen autoencoder (replicated) and text-encoder taps.
+
+    Args:
+        autoencoder: any :class:`LatentAutoencoder`.
+        text_taps: the Qwen3-VL taps.
+        patch_size: latent patch side (2 in Krea 2).
+    """
+
+    def __init__(self, autoencoder: LatentAutoencoder, text_taps: Qwen3VLTextTaps, patch_size: int = 2) -> None:
+        self.autoencoder = autoencoder
+        self.text_taps = text_taps
+        self.patch_size = patch_size
+
+    @property
+    def pixels_per_token(self) -> int:
+        return self.autoencoder.spatial_factor * self.patch_size
+
+    def image_side(self, nominal_resolution: int) -> int:
+        """Image side in pixels giving the token grid of ``nominal_resolution`` with the Qwen VAE."""
+        return nominal_resolution * self.pixels_per_token // QWEN_PIXELS_PER_TOKEN
+
+    def grid(self, height_px: int, width_px: int) -> TokenGrid:
+        unit = self.pixels_per_token
+        if height_px % unit or width_px % unit:
+            raise ValueError(f"image size {width_px}x{height_px} is not a multiple of {unit} px per token")
+        return TokenGrid(height_px // unit, width_px // unit)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, TokenGrid]:
+        """images ``[B, 3, H, W]`` in [-1, 1] -> (tokens ``[B, N, C * p * p]``, grid)."""
+        latents = self.autoencoder.encode(images)
+        grid = TokenGrid(latents.shape[-2] // self.patch_size, latents.shape[-1] // self.patch_size)
+        return pack_latents(latents, self.patch_size), grid
+
+    @torch.no_grad()
+    def decode_tokens(self, tokens: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
+        """tokens ``[B, N, C * p * p]`` -> images ``[B, 3, H, W]`` in [-1, 1]."""
+        latents = unpack_latents(tokens.float(), grid.height, grid.width, self.patch_size)
+        return self.autoencoder.decode(latents).clamp(-1, 1)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts -> (states ``[B, L, K, T]``, mask ``[B, L]`` bool)."""
+        return self.text_taps.encode([prompt.strip() for prompt in prompts])
+
+
+def build_conditioner(
+    autoencoder: str,
+    text_encoder: str | Path,
+    *,
+    autoencoder_path: str | None = None,
+    text_select_layers: list[int] | tuple[int, ...] | None = None,
+    max_text_tokens: int = 512,
+    patch_size: int = 2,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Conditioner:
+    """Build the conditioning networks from local directories (never from a hub).
+
+    ``text_encoder`` is a local Qwen3-VL directory (``krea2_train.conditioning.tiny`` builds a tiny
+    random one for CPU runs).
+    """
+    from krea2_train.conditioning.text import DEFAULT_SELECT_LAYERS
+
+    text_dir = Path(text_encoder)
+    if not text_dir.is_dir():
+        raise FileNotFoundError(f"text encoder directory {text_dir} does not exist")
+    select = tuple(text_select_layers) if text_select_layers else None
+    if select is None:
+        taps_file = text_dir / TAPS_FILE
+        select = tuple(json.loads(taps_file.read_text())["select_layers"]) if taps_file.exists() else DEFAULT_SELECT_LAYERS
+    taps = Qwen3VLTextTaps.from_pretrained(
+        text_dir, select_layers=select, max_sequence_length=max_text_tokens, dtype=dtype, device=device
+    )
+    ae = build_autoencoder(autoencoder, autoencoder_path, device=device)
+    return Conditioner(ae, taps, patch_size)

@@ -1,0 +1,164 @@
+"""`krea2 data ...`: ingest, work, status, shapes.
+
+Every subcommand that needs the store takes ``--dsn`` (default ``$KREA2_PG_DSN``); without one it
+starts the embedded server under ``--data-dir`` and stops it on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+from dataclasses import asdict
+from pathlib import Path
+
+DEFAULT_DATA_DIR_ENV = "KREA2_DATA_DIR"
+
+
+def register(subparsers) -> None:
+    data = subparsers.add_parser("data", help="dataset registry, processing jobs, the shapes world")
+    commands = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    data.set_defaults(func=lambda args: data.print_help() or 2)
+
+    ingest = commands.add_parser("ingest", help="register images and captions of a dataset")
+    _store_arguments(ingest)
+    ingest.add_argument("--dataset", required=True, help="dataset name (created when new)")
+    source = ingest.add_mutually_exclusive_group(required=True)
+    source.add_argument("--folder", type=Path, help="folder of NAME.png|jpg|webp + NAME.txt [+ NAME.json]")
+    source.add_argument("--parquet", type=Path, help="parquet file with a uri column and caption columns")
+    source.add_argument("--uris", type=Path, help="text file, one image path or file:// URI a line")
+    ingest.set_defaults(func=cmd_ingest)
+
+    work = commands.add_parser("work", help="run processing-job workers until no work remains")
+    _store_arguments(work)
+    work.add_argument("--job", required=True, help="job name (decode, filters, dedup, pack, ...)")
+    work.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    work.add_argument("--batch", type=int, default=None, help="rows per claim (default: the job's)")
+    work.add_argument("--follow", action="store_true", help="keep polling for new work until SIGTERM/SIGINT")
+    work.set_defaults(func=cmd_work)
+
+    status = commands.add_parser("status", help="row counts per dataset and per job and state")
+    _store_arguments(status)
+    status.set_defaults(func=cmd_status)
+
+    shapes = commands.add_parser("shapes", help="write a shapes-world dataset in the ingest folder format")
+    shapes.add_argument("--out", type=Path, required=True, help="output folder")
+    shapes.add_argument("--n", type=int, required=True, help="number of samples")
+    shapes.add_argument("--resolution", type=int, default=64, help="square side in pixels (default 64)")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--aspect-ratios", nargs="*", default=None, help="e.g. 1 4:3 16:9")
+    shapes.set_defaults(func=cmd_shapes)
+
+
+def _store_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dsn", default=None, help="PostgreSQL DSN (default $KREA2_PG_DSN; else embedded)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get(DEFAULT_DATA_DIR_ENV, "krea2_store")),
+        help=f"embedded server's directory when no DSN is set (default ${DEFAULT_DATA_DIR_ENV} or ./krea2_store)",
+    )
+
+
+def _open(args):
+    from krea2_train.store import open_store
+
+    return open_store(args.dsn, args.data_dir)
+
+
+def cmd_ingest(args) -> int:
+    from krea2_train.data.ingest import ingest
+
+    with _open(args) as store:
+        report = ingest(store, args.dataset, folder=args.folder, parquet=args.parquet, uris=args.uris)
+    print(
+        f"dataset {report.dataset} (id {report.dataset_id}): {report.rows} rows, {report.inserted} inserted,"
+        f" {report.updated} updated, {report.unchanged} unchanged"
+    )
+    return 0
+
+
+def worker_main(dsn: str, job_name: str, batch: int | None, follow: bool) -> dict:
+    """One worker: open the store by DSN, run the job until done (or stopped by SIGTERM/SIGINT)."""
+    from krea2_train.curate.jobs import load_jobs
+    from krea2_train.store import open_store
+    from krea2_train.store.queue import get_job, run_worker
+
+    load_jobs()
+    job = get_job(job_name)
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+    with open_store(dsn) as store:
+        stats = run_worker(store, job, batch_size=batch, follow=follow, stop=stop)
+    return asdict(stats)
+
+
+def _worker_process(dsn: str, job_name: str, batch: int | None, follow: bool) -> None:
+    stats = worker_main(dsn, job_name, batch, follow)
+    print(f"worker {os.getpid()}: {stats}", flush=True)
+
+
+def cmd_work(args) -> int:
+    from krea2_train.curate.jobs import load_jobs
+    from krea2_train.store.queue import get_job
+
+    load_jobs()
+    get_job(args.job)  # an unknown job fails here, naming the registered ones
+    if args.workers < 1:
+        raise SystemExit("--workers must be >= 1")
+    with _open(args) as store:
+        if args.workers == 1:
+            _worker_process(store.dsn, args.job, args.batch, args.follow)
+            return 0
+        context = multiprocessing.get_context("spawn")
+        processes = [
+            context.Process(target=_worker_process, args=(store.dsn, args.job, args.batch, args.follow))
+            for _ in range(args.workers)
+        ]
+        for process in processes:
+            process.start()
+        try:
+            for process in processes:
+                process.join()
+        except KeyboardInterrupt:
+            for process in processes:
+                process.terminate()
+                process.join()
+    failed = [p.exitcode for p in processes if p.exitcode != 0]
+    if failed:
+        print(f"{len(failed)} worker(s) exited with codes {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_status(args) -> int:
+    from krea2_train.store.queue import STATES, job_counts
+
+    with _open(args) as store:
+        with store.pool.connection() as conn:
+            datasets = conn.execute(
+                "SELECT d.name, count(i.id), count(i.duplicate_of), count(*) FILTER (WHERE i.decode_ok = false)"
+                " FROM datasets d LEFT JOIN images i ON i.dataset_id = d.id GROUP BY d.name ORDER BY d.name"
+            ).fetchall()
+        counts = job_counts(store)
+    print(f"{'dataset':24} {'images':>10} {'duplicates':>10} {'undecodable':>11}")
+    for name, images, duplicates, bad in datasets:
+        print(f"{name:24} {images:>10} {duplicates:>10} {bad:>11}")
+    print()
+    print(f"{'job':24} " + " ".join(f"{state:>10}" for state in STATES))
+    for job, by_state in counts.items():
+        print(f"{job:24} " + " ".join(f"{by_state[state]:>10}" for state in STATES))
+    return 0
+
+
+def cmd_shapes(args) -> int:
+    from krea2_train.data.shapes import write_shapes_dataset
+
+    out = write_shapes_dataset(args.out, args.n, args.resolution, args.seed, args.aspect_ratios)
+    print(f"wrote {args.n} samples to {out}")
+    return 0

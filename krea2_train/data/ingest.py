@@ -1,0 +1,193 @@
+"""Register a dataset's images and captions in the store (``krea2 data ingest``).
+
+Sources:
+    folder   NAME.png|jpg|jpeg|webp + NAME.txt (long caption) + optional NAME.json
+             ({"captions": {"long", "medium", "short"}, "facts": {...}}), searched recursively
+    parquet  a ``uri`` column and optional ``caption_long``, ``caption_medium``,
+             ``caption_short``, ``facts`` (JSON text or a struct) columns
+    uris     a text file, one path or file:// URI a line ('#' comments); captions come from
+             sidecar .txt/.json files next to local images when present
+
+Rows are written by batched, key-sorted unnest upserts; a row whose values did not change is not
+rewritten, so ingesting the same source twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from psycopg.types.json import Jsonb
+
+from krea2_train.store import Store, StoreError
+from krea2_train.store.upsert import batched, upsert_batch, upsert_statement
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+BATCH_ROWS = 500
+IMAGE_COLUMNS = {
+    "dataset_id": "int",
+    "uri": "text",
+    "caption_long": "text",
+    "caption_medium": "text",
+    "caption_short": "text",
+    "facts": "jsonb",
+}
+IMAGES_UPSERT = upsert_statement("images", IMAGE_COLUMNS, ("dataset_id", "uri"), touch=("ingested_at",))
+
+
+@dataclass(frozen=True)
+class Record:
+    uri: str
+    caption_long: str | None = None
+    caption_medium: str | None = None
+    caption_short: str | None = None
+    facts: dict | None = None
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    dataset: str
+    dataset_id: int
+    rows: int
+    inserted: int
+    updated: int
+
+    @property
+    def unchanged(self) -> int:
+        return self.rows - self.inserted - self.updated
+
+
+def read_sidecars(image_path: Path) -> Record:
+    """The record of a local image with its NAME.txt / NAME.json captions, if any."""
+    captions: dict = {}
+    facts = None
+    json_path = image_path.with_suffix(".json")
+    if json_path.is_file():
+        try:
+            meta = json.loads(json_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise StoreError(f"invalid JSON in {json_path}: {error}") from None
+        if not isinstance(meta, dict):
+            raise StoreError(f"{json_path} must hold a JSON object with 'captions' and/or 'facts'")
+        captions = meta.get("captions") or {}
+        facts = meta.get("facts")
+    text_path = image_path.with_suffix(".txt")
+    long_caption = text_path.read_text(encoding="utf-8").strip() if text_path.is_file() else captions.get("long")
+    return Record(str(image_path.resolve()), long_caption, captions.get("medium"), captions.get("short"), facts)
+
+
+def folder_records(folder: Path) -> Iterator[Record]:
+    if not folder.is_dir():
+        raise StoreError(f"image folder {folder} does not exist")
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            yield read_sidecars(path)
+
+
+def _facts_value(value, where: str) -> dict | None:
+    if value is None or isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as error:
+            raise StoreError(f"invalid facts JSON at {where}: {error}") from None
+    raise StoreError(f"facts at {where} must be JSON text or a struct, got {type(value).__name__}")
+
+
+def _resolve_uri(uri: str, base: Path) -> str:
+    if "://" in uri or Path(uri).is_absolute():
+        return uri
+    return str((base / uri).resolve())
+
+
+def parquet_records(parquet_file: Path) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    if not parquet_file.is_file():
+        raise StoreError(f"parquet file {parquet_file} does not exist")
+    table = pq.read_table(parquet_file)
+    if "uri" not in table.column_names:
+        raise StoreError(f"{parquet_file} has no 'uri' column (columns: {table.column_names})")
+    wanted = [c for c in ("uri", "caption_long", "caption_medium", "caption_short", "facts") if c in table.column_names]
+    for index, row in enumerate(table.select(wanted).to_pylist()):
+        if not row["uri"]:
+            raise StoreError(f"{parquet_file} row {index} has an empty uri")
+        yield Record(
+            _resolve_uri(row["uri"], parquet_file.parent),
+            row.get("caption_long"),
+            row.get("caption_medium"),
+            row.get("caption_short"),
+            _facts_value(row.get("facts"), f"{parquet_file} row {index}"),
+        )
+
+
+def uri_list_records(uri_file: Path) -> Iterator[Record]:
+    """Local paths and file:// URIs become absolute paths (one canonical form, with sidecar
+    captions); other URIs are kept as given."""
+    if not uri_file.is_file():
+        raise StoreError(f"URI list {uri_file} does not exist")
+    for line in uri_file.read_text(encoding="utf-8").splitlines():
+        uri = line.strip()
+        if not uri or uri.startswith("#"):
+            continue
+        if uri.startswith("file://"):
+            uri = unquote(urlparse(uri).path)
+        if "://" in uri:
+            yield Record(uri)
+        else:
+            yield read_sidecars(Path(_resolve_uri(uri, uri_file.parent)))
+
+
+def ensure_dataset(store: Store, name: str, source: str) -> int:
+    """The dataset's id, creating it (or recording a new source) when needed."""
+    if not name or not name.strip():
+        raise StoreError("dataset name must not be empty")
+    with store.pool.connection() as conn:
+        conn.execute(
+            "INSERT INTO datasets (name, source) VALUES (%s, %s) ON CONFLICT (name) DO UPDATE"
+            " SET source = EXCLUDED.source WHERE datasets.source IS DISTINCT FROM EXCLUDED.source",
+            (name, source),
+        )
+        return conn.execute("SELECT id FROM datasets WHERE name = %s", (name,)).fetchone()[0]
+
+
+def ingest_records(store: Store, dataset: str, source: str, records: Iterable[Record]) -> IngestReport:
+    """Upsert ``records`` into ``images`` in batches; a URI given twice is an error naming it."""
+    dataset_id = ensure_dataset(store, dataset, source)
+    seen: set[str] = set()
+    rows = inserted = updated = 0
+    with store.pool.connection() as conn:
+        for batch in batched(records, BATCH_ROWS):
+            values = []
+            for record in batch:
+                if record.uri in seen:
+                    raise StoreError(f"URI {record.uri} appears twice in {source}")
+                seen.add(record.uri)
+                facts = None if record.facts is None else Jsonb(record.facts)
+                values.append(
+                    (dataset_id, record.uri, record.caption_long, record.caption_medium, record.caption_short, facts)
+                )
+            added, changed = upsert_batch(conn, IMAGES_UPSERT, values, key_width=2)
+            rows, inserted, updated = rows + len(values), inserted + added, updated + changed
+    return IngestReport(dataset, dataset_id, rows, inserted, updated)
+
+
+def ingest(
+    store: Store,
+    dataset: str,
+    *,
+    folder: str | Path | None = None,
+    parquet: str | Path | None = None,
+    uris: str | Path | None = None,
+) -> IngestReport:
+    """Ingest exactly one source into ``dataset``."""
+    given = [(kind, Path(p)) for kind, p in (("folder", folder), ("parquet", parquet), ("uris", uris)) if p is not None]
+    if len(given) != 1:
+        raise StoreError("give exactly one of folder, parquet or uris")
+    kind, path = given[0]
+    readers = {"folder": folder_records, "parquet": parquet_records, "uris": uri_list_records}
+    return ingest_records(store, dataset, f"{kind}:{path.resolve()}", readers[kind](path))

@@ -1,0 +1,327 @@
+"""The training loader: each rank streams its slices of the epoch plan through worker processes.
+
+Worker w of n (torch ``DataLoader`` workers) builds the rank's slice of global batches
+``start + w, start + w + n, ...``; the ``DataLoader`` returns workers' outputs round-robin, so the
+rank sees global batches in plan order whatever the number of workers. The loader's state is
+just (epoch, next global batch index): independent of world size and worker count, exact to the
+batch, and small enough for every checkpoint.
+
+Unreadable samples. A sample whose shard fails its checksum or cannot be opened, or whose row
+fails its CRC, decoding or size check, is replaced by the first readable candidate of
+``EpochPlan.replacement(bucket, position, attempt)``, attempt = 0, 1, ... : a uniform draw from
+the same bucket keyed by (seed, epoch, position, attempt). The batch keeps its shape on every
+rank, and since a corrupt file stays corrupt, a replayed or resumed run makes the same choice.
+The loader reports the shard (error text names the file) to the ``LeaseKeeper``, which marks it
+quarantined in the ``shards`` table; the run itself keeps using the pinned manifest, so its order
+never depends on when or whether the database heard about it.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from krea2_train.data.plan import EpochPlan, Manifest, RankBatch, ShardInfo, choose_caption_kind
+from krea2_train.data.shards import ShardError, ShardReader, decode_image
+from krea2_train.store.leases import LeaseKeeper, RunInfo, Span
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How a run reads its shards; every field but the worker settings shapes the sample order.
+
+    caption_mix: weights of 'long', 'medium' and 'short' captions; the kind is drawn per
+        (seed, epoch, position); a sample without that rewrite falls back to its long caption.
+    num_partitions: the canonical partition count; keep it fixed for the life of a run (set it
+        to the node count of the largest run for locality); must divide global_batch_size.
+    """
+
+    global_batch_size: int
+    seed: int = 0
+    num_partitions: int = 1
+    caption_mix: dict[str, float] = field(default_factory=lambda: {"long": 1.0})
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    max_replacement_attempts: int = 64
+    verify_shards: bool = True
+    open_shards_per_worker: int = 8
+
+    def __post_init__(self):
+        unknown = set(self.caption_mix) - {"long", "medium", "short"}
+        if unknown:
+            raise ValueError(f"caption_mix has unknown caption kinds {sorted(unknown)}")
+        if self.num_workers < 0 or self.prefetch_factor < 1 or self.max_replacement_attempts < 1:
+            raise ValueError("num_workers must be >= 0, prefetch_factor and max_replacement_attempts >= 1")
+
+
+@dataclass
+class Batch:
+    """One rank's batch of one training step.
+
+    images: float32 [b, 3, H, W] in [-1, 1], b = global_batch_size / world_size, one bucket.
+    captions: b strings; sample_ids: int64 [b] (``images.id``); positions: int64 [b], the
+    samples' places in the epoch (global batch index * B + offset).
+    """
+
+    images: torch.Tensor
+    captions: list[str]
+    sample_ids: torch.Tensor
+    positions: torch.Tensor
+    bucket: str
+    epoch: int
+    index: int
+    bad_shards: dict[int, str] = field(default_factory=dict)  # shard id -> error, found in this batch
+
+
+def pil_to_tensor(image) -> torch.Tensor:
+    """RGB PIL image -> float32 [3, H, W] in [-1, 1]."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    return pixels.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+class _ShardCache:
+    """A worker's open readers (LRU) and the shards it found unreadable."""
+
+    def __init__(self, manifest: Manifest, capacity: int, verify: bool):
+        self.manifest = manifest
+        self.capacity = capacity
+        self.verify = verify
+        self.readers: collections.OrderedDict[int, ShardReader] = collections.OrderedDict()
+        self.bad: dict[int, str] = {}
+
+    def reader(self, shard_index: int) -> ShardReader:
+        if shard_index in self.bad:
+            raise ShardError(self.manifest.shards[shard_index].path, self.bad[shard_index])
+        if shard_index in self.readers:
+            self.readers.move_to_end(shard_index)
+            return self.readers[shard_index]
+        shard = self.manifest.shards[shard_index]
+        try:
+            reader = ShardReader(shard.path, shard.sha256, verify=self.verify)
+            _check_header(reader, shard)
+        except ShardError as error:
+            self.bad[shard_index] = error.message
+            raise
+        self.readers[shard_index] = reader
+        if len(self.readers) > self.capacity:
+            self.readers.popitem(last=False)[1].close()
+        return reader
+
+
+def _check_header(reader: ShardReader, shard: ShardInfo) -> None:
+    header = reader.header
+    if (header.bucket, header.width, header.height) != (shard.bucket, shard.width, shard.height) or (
+        reader.num_samples != shard.num_samples
+    ):
+        reader.close()
+        raise ShardError(
+            shard.path,
+            f"holds {reader.num_samples} samples of {header.bucket} {header.width}x{header.height}, the manifest "
+            f"says {shard.num_samples} of {shard.bucket} {shard.width}x{shard.height}",
+        )
+
+
+def _read_sample(cache: _ShardCache, shard_index: int, row: int, width: int, height: int):
+    """(sample, image tensor [3, H, W]); raises ShardError naming the file (and row)."""
+    reader = cache.reader(shard_index)
+    sample = reader.read(row)
+    try:
+        image = decode_image(sample.image_bytes)
+    except Exception as error:  # PIL raises several types for corrupt data
+        raise ShardError(reader.path, f"image does not decode: {type(error).__name__}: {error}", row) from None
+    if image.size != (width, height):
+        raise ShardError(reader.path, f"image is {image.size[0]}x{image.size[1]}, bucket needs {width}x{height}", row)
+    return sample, pil_to_tensor(image)
+
+
+def load_rank_batch(plan: EpochPlan, batch: RankBatch, cache: _ShardCache, config: LoaderConfig) -> dict[str, Any]:
+    """Read and decode one rank batch, replacing unreadable samples (see module docstring)."""
+    images = torch.empty(len(batch.rows), 3, batch.height, batch.width)
+    captions, sample_ids, bad_shards = [], [], {}
+    for slot, (position, shard_index, row) in enumerate(zip(batch.positions.tolist(), batch.shard_indices.tolist(), batch.rows.tolist())):
+        candidates = itertools.chain(
+            [(shard_index, row)],
+            (plan.replacement(batch.bucket, position, attempt) for attempt in range(config.max_replacement_attempts)),
+        )
+        for candidate_shard, candidate_row in candidates:
+            try:
+                sample, images[slot] = _read_sample(cache, candidate_shard, candidate_row, batch.width, batch.height)
+                break
+            except ShardError as error:
+                bad_shards.setdefault(plan.manifest.shards[candidate_shard].shard_id, str(error))
+        else:
+            raise RuntimeError(
+                f"epoch {batch.epoch} batch {batch.index}: no readable sample of bucket {batch.bucket!r} in "
+                f"{config.max_replacement_attempts} replacement draws; errors: {bad_shards}"
+            )
+        kind = choose_caption_kind(config.seed, batch.epoch, position, config.caption_mix)
+        captions.append(sample.captions.get(kind) or sample.captions["long"])
+        sample_ids.append(sample.sample_id)
+    return {
+        "images": images,
+        "captions": captions,
+        "sample_ids": torch.tensor(sample_ids, dtype=torch.int64),
+        "positions": torch.from_numpy(batch.positions.copy()),
+        "bucket": batch.bucket,
+        "epoch": batch.epoch,
+        "index": batch.index,
+        "bad_shards": bad_shards,
+    }
+
+
+class _RankSliceDataset(IterableDataset):
+    """Rank ``rank``'s slices of global batches ``start_batch ..`` of one epoch, split over workers."""
+
+    def __init__(self, manifest: Manifest, config: LoaderConfig, epoch: int, start_batch: int, rank: int, world_size: int):
+        self.manifest = manifest
+        self.config = config
+        self.epoch = epoch
+        self.start_batch = start_batch
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        plan = make_plan(self.manifest, self.config, self.epoch)
+        cache = _ShardCache(self.manifest, self.config.open_shards_per_worker, self.config.verify_shards)
+        for index in range(self.start_batch + worker_id, plan.num_batches, num_workers):
+            yield load_rank_batch(plan, plan.batch(index, self.rank, self.world_size), cache, self.config)
+
+
+def make_plan(manifest: Manifest, config: LoaderConfig, epoch: int) -> EpochPlan:
+    return EpochPlan(
+        manifest, seed=config.seed, epoch=epoch, global_batch_size=config.global_batch_size,
+        num_partitions=config.num_partitions,
+    )
+
+
+class ShardLoader:
+    """Iterate a rank's batches; ``state_dict``/``load_state_dict`` for the trainer's checkpoint.
+
+    ``for batch in loader`` yields the rest of the current epoch, then moves to the next epoch
+    (iterate again for it). ``state_dict()`` taken after consuming a batch resumes right after it,
+    on any world size that divides the global batch.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        config: LoaderConfig,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        lease_keeper: LeaseKeeper | None = None,
+    ):
+        self.manifest = manifest
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.lease_keeper = lease_keeper
+        self.epoch = 0
+        self.batch_index = 0
+        plan = make_plan(manifest, config, 0)
+        plan.slice_bounds(rank, world_size)  # validates divisibility with a clear error
+        self.batches_per_epoch = plan.num_batches
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "batch_index": self.batch_index,
+            "seed": self.config.seed,
+            "global_batch_size": self.config.global_batch_size,
+            "num_partitions": self.config.num_partitions,
+            "manifest_sha256": self.manifest.fingerprint,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        expected = self.state_dict()
+        for key in ("seed", "global_batch_size", "num_partitions", "manifest_sha256"):
+            if state[key] != expected[key]:
+                raise ValueError(
+                    f"loader state was saved with {key}={state[key]!r}, this loader has {expected[key]!r}: "
+                    "the sample order would change (resume with the run's pinned manifest and settings)"
+                )
+        if not 0 <= state["batch_index"] <= self.batches_per_epoch:
+            raise ValueError(f"loader state batch_index {state['batch_index']} outside 0..{self.batches_per_epoch}")
+        self.epoch, self.batch_index = int(state["epoch"]), int(state["batch_index"])
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.batch_index
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.batch_index >= self.batches_per_epoch:
+            self.epoch, self.batch_index = self.epoch + 1, 0
+        epoch = self.epoch
+        dataset = _RankSliceDataset(self.manifest, self.config, epoch, self.batch_index, self.rank, self.world_size)
+        if self.lease_keeper is not None:
+            self.lease_keeper.begin_epoch(epoch, self.batch_index, self._spans(epoch))
+        workers = self.config.num_workers
+        loader = DataLoader(
+            dataset, batch_size=None, num_workers=workers,
+            prefetch_factor=self.config.prefetch_factor if workers else None,
+        )
+        for item in loader:
+            batch = Batch(**item)
+            self.batch_index = batch.index + 1
+            if self.lease_keeper is not None:
+                for shard_id, error in batch.bad_shards.items():
+                    self.lease_keeper.quarantine(shard_id, error)
+                self.lease_keeper.advance(self.batch_index)
+            yield batch
+        if self.batch_index >= self.batches_per_epoch:
+            self.epoch, self.batch_index = epoch + 1, 0
+
+    def _spans(self, epoch: int) -> list[Span]:
+        plan = make_plan(self.manifest, self.config, epoch)
+        shards = self.manifest.shards
+        return [
+            Span(shards[span.shard_index].shard_id, span.first_batch, span.last_batch)
+            for span in plan.shard_spans(self.rank, self.world_size)
+        ]
+
+    def run_info(self, run_id: str) -> RunInfo:
+        """What ``loader_runs`` should record for this loader's run."""
+        return RunInfo(
+            run_id=run_id, manifest_sha256=self.manifest.fingerprint, num_shards=len(self.manifest.shards),
+            num_samples=self.manifest.num_samples, batches_per_epoch=self.batches_per_epoch,
+            global_batch_size=self.config.global_batch_size, world_size=self.world_size,
+        )
+
+
+MANIFEST_SQL = """
+SELECT s.id, s.path, s.bucket, s.width, s.height, s.num_samples, s.sha256
+  FROM shards s JOIN datasets d ON d.id = s.dataset_id
+ WHERE d.name = ANY(%(datasets)s) AND s.resolution = %(resolution)s AND s.state = 'ready'
+ ORDER BY s.id
+"""
+
+
+def query_manifest(conn, datasets: list[str], resolution: int) -> Manifest:
+    """The ready shards of ``datasets`` at ``resolution``, from the ``shards`` table."""
+    rows = conn.execute(MANIFEST_SQL, {"datasets": list(datasets), "resolution": resolution}).fetchall()
+    if not rows:
+        raise ValueError(f"no ready shards for datasets {list(datasets)} at resolution {resolution}: pack them first")
+    return Manifest([ShardInfo(*row) for row in rows])
+
+
+def pinned_manifest(path: str | Path, store, datasets: list[str], resolution: int) -> Manifest:
+    """The manifest pinned at ``path`` (the run directory's), or query the store and pin it.
+
+    A run pins its manifest once, so a resumed run reads exactly the shards it started with even
+    after new shards were packed or old ones quarantined.
+    """
+    path = Path(path)
+    if path.exists():
+        return Manifest.load(path)
+    with store.pool.connection() as conn:
+        manifest = query_manifest(conn, datasets, resolution)
+    manifest.save(path)
+    return manifest

@@ -1,0 +1,217 @@
+"""Resize-and-pack: decoded, non-duplicate images -> pre-shuffled shards, one bucket per shard.
+
+For each resolution: select the dataset's images that are decoded, not duplicates, have a long
+caption and are not yet packed at that resolution (``shard_samples``); assign each its bucket
+from its stored size; shuffle each bucket's images with a key of (seed, resolution, bucket);
+cut them into shards of ``shard_size``; resize every image into its bucket (cover, centre crop)
+and encode it; write each shard and register it, with its ``shard_samples`` rows, in one
+transaction. Re-running packs only what is new, so it never duplicates a shard or a sample.
+A shard's file name is a digest of its sample ids, so a shard written but not registered (a
+crash between the two) is simply rewritten under the same name.
+
+Two entry points: ``pack_dataset(store, dataset, resolutions, out_dir)``, and the ``pack`` job
+(``krea2 data work --job pack``), which packs each claimed batch of images for every
+``pack_targets`` row of its dataset (``add_pack_target`` or ``pack_dataset`` adds them). The job
+follows the ``dedup`` job: an image is packed once dedup has judged it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from psycopg.types.json import Jsonb
+
+from krea2_train.curate.images import open_rgb
+from krea2_train.data.buckets import DEFAULT_ASPECT_RATIOS, Bucket, assign_bucket, make_buckets, resize_to_bucket
+from krea2_train.data.plan import bucket_key, keyed_permutation
+from krea2_train.data.shards import ShardWriter, WrittenShard
+from krea2_train.store import Store, StoreError
+from krea2_train.store.queue import Done, Failed, Job, JobContext, Outcome, register_job
+
+IMAGE_COLUMNS = ("id", "dataset_id", "uri", "width", "height", "caption_long", "caption_medium", "caption_short", "facts")
+PACKABLE_SQL = "i.decode_ok AND i.duplicate_of IS NULL AND coalesce(i.caption_long, '') <> ''"
+
+
+@dataclass(frozen=True)
+class PackSettings:
+    """How images are packed. ``pixel_multiple``: 16 for the Qwen-Image VAE with patch 2, 4 for
+    the pixel AE with patch 2. ``quality`` applies to JPEG (PNG and WebP are lossless)."""
+
+    aspect_ratios: tuple[str, ...] = DEFAULT_ASPECT_RATIOS
+    pixel_multiple: int = 16
+    image_format: str = "png"
+    quality: int = 95
+    shard_size: int = 1024
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.shard_size <= 0:
+            raise ValueError(f"shard_size must be positive, got {self.shard_size}")
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"aspect_ratios": list(self.aspect_ratios)}
+
+    @classmethod
+    def from_json(cls, values: dict) -> PackSettings:
+        return cls(**(values | {"aspect_ratios": tuple(values["aspect_ratios"])}))
+
+
+@dataclass
+class PackReport:
+    """What one pack call did: shards written and registered, images that could not be read."""
+
+    shards: list[WrittenShard] = field(default_factory=list)
+    unreadable: dict[int, str] = field(default_factory=dict)  # image id -> error
+
+    @property
+    def num_samples(self) -> int:
+        return sum(shard.num_samples for shard in self.shards)
+
+
+def add_pack_target(store: Store, dataset: str, resolution: int, out_dir: str | Path, settings: PackSettings) -> int:
+    """Record that ``dataset`` is packed at ``resolution`` into ``out_dir``; returns the dataset id."""
+    with store.pool.connection() as conn:
+        row = conn.execute("SELECT id FROM datasets WHERE name = %s", (dataset,)).fetchone()
+        if row is None:
+            raise StoreError(f"unknown dataset {dataset!r}: ingest it first")
+        conn.execute(
+            "INSERT INTO pack_targets (dataset_id, resolution, out_dir, settings) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (dataset_id, resolution) DO UPDATE SET out_dir = excluded.out_dir, settings = excluded.settings",
+            (row[0], resolution, str(Path(out_dir).resolve()), Jsonb(settings.to_json())),
+        )
+    return row[0]
+
+
+def pack_dataset(
+    store: Store,
+    dataset: str,
+    resolutions: Sequence[int],
+    out_dir: str | Path,
+    settings: PackSettings = PackSettings(),
+) -> PackReport:
+    """Pack every not-yet-packed image of ``dataset`` at each resolution (see module docstring)."""
+    if not resolutions:
+        raise ValueError("resolutions is empty")
+    report = PackReport()
+    for resolution in resolutions:
+        dataset_id = add_pack_target(store, dataset, resolution, out_dir, settings)
+        with store.pool.connection() as conn:
+            cursor = conn.execute(
+                f"SELECT {', '.join('i.' + c for c in IMAGE_COLUMNS)} FROM images i"
+                f" WHERE i.dataset_id = %s AND {PACKABLE_SQL}"
+                " AND NOT EXISTS (SELECT 1 FROM shard_samples s WHERE s.image_id = i.id AND s.resolution = %s)"
+                " ORDER BY i.id",
+                (dataset_id, resolution),
+            )
+            rows = [dict(zip(IMAGE_COLUMNS, values)) for values in cursor.fetchall()]
+        pack_rows(store, dataset, dataset_id, rows, resolution, Path(out_dir), settings, report)
+    return report
+
+
+def pack_rows(
+    store: Store,
+    dataset: str,
+    dataset_id: int,
+    rows: list[dict],
+    resolution: int,
+    out_dir: Path,
+    settings: PackSettings,
+    report: PackReport,
+) -> None:
+    """Pack ``rows`` (dicts of ``IMAGE_COLUMNS``, sorted by id) at ``resolution`` into ``report``."""
+    buckets = make_buckets(resolution, settings.pixel_multiple, settings.aspect_ratios)
+    by_bucket: dict[str, list[dict]] = {}
+    for row in rows:
+        by_bucket.setdefault(assign_bucket(row["width"], row["height"], buckets).name, []).append(row)
+    for bucket in buckets:
+        members = by_bucket.get(bucket.name, [])
+        order = keyed_permutation(len(members), (settings.seed, resolution, bucket_key(bucket.name)))
+        shuffled = [members[i] for i in order]
+        for start in range(0, len(shuffled), settings.shard_size):
+            chunk = shuffled[start : start + settings.shard_size]
+            written = _write_shard(dataset, chunk, resolution, bucket, out_dir, settings, report)
+            if written is not None and _register(store, dataset_id, resolution, written, [r["id"] for r in chunk if r["id"] not in report.unreadable]):
+                report.shards.append(written)
+
+
+def shard_path(out_dir: Path, dataset: str, resolution: int, bucket: Bucket, image_ids: Sequence[int]) -> Path:
+    digest = hashlib.sha256(",".join(map(str, image_ids)).encode()).hexdigest()[:20]
+    return out_dir / dataset / f"r{resolution}" / bucket.name.replace(":", "x") / f"{digest}.arrow"
+
+
+def _write_shard(dataset, chunk, resolution, bucket, out_dir, settings, report) -> WrittenShard | None:
+    path = shard_path(out_dir, dataset, resolution, bucket, [row["id"] for row in chunk])
+    writer = ShardWriter(
+        path, resolution=resolution, bucket=bucket, image_format=settings.image_format,
+        quality=settings.quality, dataset=dataset,
+    )
+    with writer:
+        for row in chunk:
+            try:
+                image = resize_to_bucket(open_rgb(row["uri"]), bucket)
+            except Exception as error:  # a file that vanished or changed since decode: skip it
+                report.unreadable[row["id"]] = f"{row['uri']}: {type(error).__name__}: {error}"
+                continue
+            captions = {"long": row["caption_long"], "medium": row["caption_medium"], "short": row["caption_short"]}
+            writer.write(row["id"], image, captions, row["facts"])
+        if all(row["id"] in report.unreadable for row in chunk):
+            writer.abort()
+            return None
+        return writer.close()
+
+
+def _register(store: Store, dataset_id: int, resolution: int, shard: WrittenShard, image_ids: list[int]) -> bool:
+    """Insert the shard and its samples in one transaction; False if the path was registered."""
+    with store.pool.connection() as conn, conn.transaction():
+        row = conn.execute(
+            "INSERT INTO shards (dataset_id, resolution, bucket, width, height, path, num_samples, sha256, image_format)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (path) DO NOTHING RETURNING id",
+            (dataset_id, resolution, shard.header.bucket, shard.header.width, shard.header.height,
+             str(shard.path.resolve()), shard.num_samples, shard.sha256, shard.header.image_format),
+        ).fetchone()
+        if row is None:
+            return False
+        conn.execute(
+            'INSERT INTO shard_samples (resolution, image_id, shard_id, "row")'
+            " SELECT %s, u.image_id, %s, u.ord - 1 FROM unnest(%s::bigint[]) WITH ORDINALITY AS u (image_id, ord)",
+            (resolution, row[0], image_ids),
+        )
+    return True
+
+
+def pack_job_handler(rows: list[dict], ctx: JobContext) -> list[Outcome]:
+    """The ``pack`` job: pack a claimed batch for every pack target of its datasets."""
+    unreadable: dict[int, str] = {}
+    image_ids = [row["id"] for row in rows]
+    with ctx.store.pool.connection() as conn:
+        targets = conn.execute(
+            "SELECT t.dataset_id, d.name, t.resolution, t.out_dir, t.settings FROM pack_targets t"
+            " JOIN datasets d ON d.id = t.dataset_id WHERE t.dataset_id = ANY(%s) ORDER BY t.dataset_id, t.resolution",
+            (sorted({row["dataset_id"] for row in rows}),),
+        ).fetchall()
+        packed = set(conn.execute(
+            "SELECT resolution, image_id FROM shard_samples WHERE image_id = ANY(%s)", (image_ids,)
+        ).fetchall())
+    for dataset_id, dataset, resolution, out_dir, settings in targets:
+        todo = [r for r in sorted(rows, key=lambda r: r["id"]) if r["dataset_id"] == dataset_id and (resolution, r["id"]) not in packed]
+        report = PackReport()
+        pack_rows(ctx.store, dataset, dataset_id, todo, resolution, Path(out_dir), PackSettings.from_json(settings), report)
+        unreadable |= report.unreadable
+    return [Failed(unreadable[row["id"]]) if row["id"] in unreadable else Done({}) for row in rows]
+
+
+PACK_JOB = register_job(
+    Job(
+        "pack",
+        f"{PACKABLE_SQL} AND EXISTS (SELECT 1 FROM pack_targets t WHERE t.dataset_id = i.dataset_id)"
+        " AND EXISTS (SELECT 1 FROM job_runs d WHERE d.job = 'dedup' AND d.image_id = i.id AND d.state = 'done')",
+        pack_job_handler,
+        batch_size=1024,
+        image_columns=IMAGE_COLUMNS,
+        lease_s=300.0,
+    )
+)

@@ -1,0 +1,60 @@
+"""What a stage is: the networks it needs, what its batches hold, and its loss.
+
+Everything else (mesh, sharding, precision, checkpoints, resume, logging, failure handling)
+belongs to the trainer in ``krea2_train.train``.
+
+Randomness in a loss (noise, timesteps, caption dropout) is keyed by (seed, step, slot), where
+``slot`` is the sample's position in the global batch, never drawn from a stateful generator: a
+resumed run, or one resumed on another world size, draws exactly the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from krea2_train.conditioning.conditioner import Conditioner
+from krea2_train.data.plan import hash_u64, unit_interval
+
+# Purposes of keyed randomness (distinct streams per purpose).
+NOISE, TIMESTEP, CAPTION_DROPOUT = 11, 12, 13
+
+
+@dataclass
+class StepContext:
+    """What a stage's loss sees of the trainer in one (micro-)step."""
+
+    model: torch.nn.Module
+    conditioner: Conditioner
+    device: torch.device
+    seed: int
+    step: int
+    first_slot: int  # position of this rank's first sample in the global batch
+    dtype: torch.dtype = torch.float32
+
+    def slots(self, batch_size: int) -> range:
+        return range(self.first_slot, self.first_slot + batch_size)
+
+    def generator(self, purpose: int, slot: int) -> torch.Generator:
+        """A CPU generator determined by (seed, purpose, step, slot)."""
+        seed = int(hash_u64((self.seed, purpose, self.step), slot)) & ((1 << 63) - 1)
+        return torch.Generator().manual_seed(seed)
+
+    def uniform(self, purpose: int, slot: int) -> float:
+        return unit_interval((self.seed, purpose, self.step), slot)
+
+
+class Stage(Protocol):
+    """A training objective."""
+
+    name: str
+
+    def loss(self, ctx: StepContext, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean loss over this rank's batch, and scalar metrics to log."""
+        ...
+
+
+class StageNotImplementedError(RuntimeError):
+    """A stage of the recipe whose objective is not implemented yet."""

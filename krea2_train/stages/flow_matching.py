@@ -1,0 +1,51 @@
+"""Flow matching: the loss of pretraining, midtraining and SFT.
+
+``x_t = (1 - t) x0 + t eps``, the DiT predicts ``v = eps - x0``; ``t`` is drawn from a shifted
+logit-normal (``krea2_train.flow.timesteps``); captions are dropped to "" with probability
+``caption_dropout`` so the model learns the unconditional velocity used by CFG.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from krea2_train.config.schema import RunConfig
+from krea2_train.flow.timesteps import TimestepSampling, flow_matching_loss, interpolate, sample_training_times
+from krea2_train.model.patchify import position_ids
+from krea2_train.stages.base import CAPTION_DROPOUT, NOISE, TIMESTEP, StepContext
+
+
+class FlowMatchingStage:
+    def __init__(self, config: RunConfig) -> None:
+        self.name = config.stage.name
+        self.caption_dropout = config.conditioning.caption_dropout
+        self.timesteps = TimestepSampling(
+            loc=config.flow.loc, scale=config.flow.scale, shift=config.flow.shift, mu=config.flow.mu
+        )
+
+    def captions(self, ctx: StepContext, captions: list[str]) -> list[str]:
+        return [
+            "" if ctx.uniform(CAPTION_DROPOUT, slot) < self.caption_dropout else caption
+            for slot, caption in zip(ctx.slots(len(captions)), captions)
+        ]
+
+    def noise_and_times(self, ctx: StepContext, shape: torch.Size, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample noise ``[B, N, C]`` and times ``[B]``, keyed by global-batch slot."""
+        noise, times = [], []
+        for slot in ctx.slots(shape[0]):
+            noise.append(torch.randn(shape[1:], generator=ctx.generator(NOISE, slot)))
+            times.append(sample_training_times(1, num_tokens, self.timesteps, ctx.generator(TIMESTEP, slot)))
+        return torch.stack(noise).to(ctx.device), torch.cat(times).to(ctx.device)
+
+    def loss(self, ctx: StepContext, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        images = batch["images"].to(ctx.device, non_blocking=True)
+        x0, grid = ctx.conditioner.encode_images(images)  # [B, N, C]
+        text_states, text_mask = ctx.conditioner.encode_text(self.captions(ctx, list(batch["captions"])))
+        noise, t = self.noise_and_times(ctx, x0.shape, grid.num_tokens)
+        x_t = interpolate(x0, noise, t)
+        positions = position_ids(text_states.shape[1], grid.height, grid.width, device=ctx.device)
+        velocity = ctx.model(x_t.to(ctx.dtype), text_states.to(ctx.device, ctx.dtype), t, positions, text_mask.to(ctx.device))
+        per_sample = flow_matching_loss(velocity.float(), x0, noise)
+        return per_sample.mean(), {"t_mean": float(t.mean())}

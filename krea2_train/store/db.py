@@ -1,0 +1,140 @@
+"""Opening the store: DSN resolution, a reachability check with a deadline, the pool, migrations."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import psycopg
+from psycopg import conninfo
+from psycopg_pool import ConnectionPool
+
+from krea2_train.store.embedded import EmbeddedServer
+from krea2_train.store.errors import StoreError, StoreUnavailable
+from krea2_train.store.migrations import apply_migrations
+
+DSN_ENV = "KREA2_PG_DSN"
+
+# libpq keepalives: notice a server that vanished without a FIN (ignored on Unix sockets).
+CLIENT_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+
+
+class Store:
+    """An open store.
+
+    Attributes:
+        dsn: the connection string (an embedded server's socket URI, or the one given).
+        pool: a ``psycopg_pool.ConnectionPool``; its connections are in AUTOCOMMIT mode, so each
+            statement commits on its own; group statements with ``with conn.transaction():``.
+        embedded: the embedded server this store started, or None.
+    """
+
+    def __init__(self, dsn: str, pool: ConnectionPool, embedded: EmbeddedServer | None):
+        self.dsn = dsn
+        self.pool = pool
+        self.embedded = embedded
+
+    def close(self) -> None:
+        """Close the pool and release the embedded server this store started (if any)."""
+        self.pool.close()
+        if self.embedded is not None:
+            self.embedded.stop()
+            self.embedded = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def resolve_dsn(dsn: str | None) -> str | None:
+    """The DSN to use: the argument, else ``$KREA2_PG_DSN``, else None (embedded server)."""
+    return dsn or os.environ.get(DSN_ENV) or None
+
+
+def describe_target(dsn: str) -> str:
+    """'host:port/dbname' of a DSN, for error messages (never includes the password)."""
+    try:
+        params = conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as error:
+        raise StoreError(f"invalid PostgreSQL DSN: {error}") from None
+    host = params.get("host") or params.get("hostaddr") or "localhost"
+    return f"{host}:{params.get('port') or 5432}/{params.get('dbname') or ''}"
+
+
+def connection_kwargs(connect_timeout_s: float) -> dict:
+    """Keyword arguments for every connection the store opens."""
+    return {"autocommit": True, "connect_timeout": max(2, round(connect_timeout_s)), **CLIENT_KEEPALIVES}
+
+
+def check_reachable(dsn: str, connect_timeout_s: float) -> None:
+    """Connect once; raise StoreUnavailable naming the host if that fails within the timeout."""
+    try:
+        psycopg.connect(dsn, **connection_kwargs(connect_timeout_s)).close()
+    except psycopg.OperationalError as error:
+        reason = " ".join(str(error).split())
+        raise StoreUnavailable(
+            f"cannot reach PostgreSQL at {describe_target(dsn)}"
+            f" within {connection_kwargs(connect_timeout_s)['connect_timeout']}s: {reason}"
+        ) from None
+
+
+def open_pool(dsn: str, connect_timeout_s: float, max_size: int = 8) -> ConnectionPool:
+    pool = ConnectionPool(
+        dsn,
+        min_size=1,
+        max_size=max_size,
+        kwargs=connection_kwargs(connect_timeout_s),
+        timeout=max(30.0, connect_timeout_s),
+        reconnect_timeout=max(60.0, connect_timeout_s),
+        open=False,
+        name=f"krea2-store:{describe_target(dsn)}",
+    )
+    pool.open(wait=True, timeout=max(10.0, 2 * connect_timeout_s))
+    return pool
+
+
+def open_store(
+    dsn: str | None = None,
+    data_dir: str | Path | None = None,
+    *,
+    connect_timeout_s: float = 5,
+    max_connections: int = 8,
+) -> Store:
+    """Open the store and apply pending migrations.
+
+    Args:
+        dsn: a PostgreSQL DSN/URI; defaults to ``$KREA2_PG_DSN``. With neither, an embedded
+            server is started with its data under ``data_dir``.
+        data_dir: the run's directory for the embedded server (required when no DSN is set).
+        connect_timeout_s: an unreachable server fails within about this many seconds (whole
+            seconds, at least 2: libpq's rule).
+        max_connections: the pool's maximum size.
+    Raises:
+        StoreUnavailable: the server did not answer within ``connect_timeout_s``.
+        StoreError: no DSN and no data_dir, or a migration problem.
+    """
+    dsn = resolve_dsn(dsn)
+    embedded = None
+    if dsn is None:
+        if data_dir is None:
+            raise StoreError(f"no PostgreSQL DSN (argument or ${DSN_ENV}) and no data_dir for the embedded server")
+        embedded = EmbeddedServer(data_dir)
+        dsn = embedded.dsn
+    try:
+        describe_target(dsn)  # a malformed DSN fails here with a clear message
+        check_reachable(dsn, connect_timeout_s)
+        pool = open_pool(dsn, connect_timeout_s, max_connections)
+    except BaseException:
+        if embedded is not None:
+            embedded.stop()
+        raise
+    store = Store(dsn, pool, embedded)
+    try:
+        with pool.connection() as conn:
+            apply_migrations(conn)
+    except BaseException:
+        store.close()
+        raise
+    return store

@@ -1,0 +1,477 @@
+"""The processing queue, in the pattern of Krea's krablets.
+
+A job is a Python function over a batch of image rows plus the SQL predicate (over ``images i``)
+that selects its rows. Per-job state lives in the small hot table ``job_runs``; the big
+``images`` table only receives results.
+
+Life of a row (``job_runs.state``)::
+
+    seed:      images matching the predicate get a 'pending' row (idempotent)
+    claim:     pending -> running; owner, attempt+1, lease_expires_at, last_tried_at = now()
+               (one short autocommit UPDATE ... FOR UPDATE SKIP LOCKED, oldest try last)
+    heartbeat: running -> running, lease extended            } fenced by
+    complete:  running -> done, result written to images     } (job, image_id, owner, attempt):
+    fail:      running -> pending, or dead at max_attempts   } a zombie's late write changes 0 rows
+    reap:      running with an expired lease -> pending, or dead at max_attempts
+
+Queue statements run on their own connections with ``synchronous_commit=off``: every write is
+idempotent and fenced, so losing the last commits in a server crash only re-runs work.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from contextlib import nullcontext
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from krea2_train.store.db import Store, connection_kwargs
+from krea2_train.store.errors import StoreError
+
+STATES = ("pending", "running", "done", "dead")
+SEED_CHUNK = 5000
+REAP_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class Done:
+    """A row processed successfully; ``result`` keys named in ``Job.result_columns`` go to images."""
+
+    result: dict
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A row that failed this attempt; it is retried, or set aside as dead at max_attempts."""
+
+    error: str
+
+
+Outcome = Done | Failed
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claimed row: its image id, the attempt that fences writes, and the image columns."""
+
+    image_id: int
+    attempt: int
+    row: dict
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What a handler may use besides its rows: the store (for queries) and its owner id."""
+
+    store: Store
+    owner: str
+
+
+@dataclass(frozen=True)
+class Job:
+    """A processing job.
+
+    Attributes:
+        name: registry key, also ``job_runs.job``.
+        select_predicate_sql: SQL boolean over ``images i`` selecting the rows to process,
+            e.g. ``"i.decode_ok"``; it may reference other tables (chained jobs form a DAG).
+        handler: ``handler(rows, ctx) -> list[Outcome]``, one outcome per row, in order; rows
+            are dicts of ``image_columns``. An exception fails the whole batch.
+        batch_size: rows per claim.
+        image_columns: columns of ``images`` handed to the handler.
+        result_columns: images column -> SQL type, written from ``Done.result`` in the fenced
+            completion transaction.
+        on_done: optional ``on_done(conn, claims, results)`` run inside that same transaction
+            for the rows this worker still held (extra writes, e.g. other tables).
+        max_attempts: failures or expired leases after which a row is dead.
+        lease_s: lease length; the worker heartbeats every lease_s / 3.
+    """
+
+    name: str
+    select_predicate_sql: str
+    handler: Callable[[list[dict], JobContext], Sequence[Outcome]]
+    batch_size: int = 16
+    image_columns: tuple[str, ...] = ("id", "dataset_id", "uri")
+    result_columns: Mapping[str, str] = field(default_factory=dict)
+    on_done: Callable[[psycopg.Connection, list[Claim], list[dict]], None] | None = None
+    max_attempts: int = 3
+    lease_s: float = 60.0
+
+    def __post_init__(self):
+        if not self.name or not self.name.replace("_", "").isalnum():
+            raise ValueError(f"job name {self.name!r} must be non-empty letters, digits and underscores")
+        if self.batch_size < 1 or self.max_attempts < 1 or self.lease_s <= 0:
+            raise ValueError(f"job {self.name!r}: batch_size, max_attempts and lease_s must be positive")
+
+
+_REGISTRY: dict[str, Job] = {}
+
+
+def register_job(job: Job) -> Job:
+    """Add a job to the registry; a second, different job under the same name is an error."""
+    existing = _REGISTRY.get(job.name)
+    if existing is not None and existing != job:
+        raise StoreError(f"a different job named {job.name!r} is already registered")
+    _REGISTRY[job.name] = job
+    return job
+
+
+def get_job(name: str) -> Job:
+    if name not in _REGISTRY:
+        raise StoreError(f"unknown job {name!r}; registered jobs: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def registered_jobs() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def new_owner_id() -> str:
+    """Unique per incarnation: host:pid:uuid (a restarted process never reuses it)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def _fence_rows(claims: Sequence[Claim]) -> tuple[list[int], list[int]]:
+    ordered = sorted(claims, key=lambda c: c.image_id)
+    return [c.image_id for c in ordered], [c.attempt for c in ordered]
+
+
+FENCE = """
+    FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS f (image_id, attempt)
+    WHERE j.job = %(job)s AND j.image_id = f.image_id AND j.attempt = f.attempt
+      AND j.owner = %(owner)s AND j.state = 'running'
+"""
+
+
+class Queue:
+    """Queue operations for one job, as one worker incarnation (``owner``)."""
+
+    def __init__(self, store: Store, job: Job, *, connect_timeout_s: float = 5):
+        self.store = store
+        self.job = job
+        self.owner = new_owner_id()
+        kwargs = connection_kwargs(connect_timeout_s) | {"options": "-c synchronous_commit=off"}
+        # two connections: the worker's statements and its heartbeat thread
+        self.pool = ConnectionPool(store.dsn, min_size=1, max_size=2, kwargs=kwargs, open=False, name="krea2-queue")
+        self.pool.open(wait=True, timeout=max(10.0, 2 * connect_timeout_s))
+        columns = sql.SQL(", ").join(sql.SQL("i.{}").format(sql.Identifier(c)) for c in job.image_columns)
+        self._claim_sql = sql.SQL(
+            """
+            UPDATE job_runs j
+               SET state = 'running', owner = %(owner)s, attempt = j.attempt + 1,
+                   lease_expires_at = now() + %(lease_s)s * interval '1 second',
+                   last_tried_at = now(), updated_at = now()
+              FROM images i
+             WHERE i.id = j.image_id AND j.job = %(job)s AND j.image_id IN (
+                   SELECT image_id FROM job_runs
+                    WHERE job = %(job)s AND state = 'pending'
+                    ORDER BY last_tried_at NULLS FIRST
+                    LIMIT %(limit)s
+                      FOR UPDATE SKIP LOCKED)
+            RETURNING j.image_id, j.attempt, {columns}
+            """
+        ).format(columns=columns)
+        self._seed_sql = sql.SQL(
+            """
+            WITH scanned AS (
+                SELECT i.id, ({predicate}) AS wanted FROM images i
+                 WHERE i.id > %(after)s ORDER BY i.id LIMIT %(limit)s),
+            added AS (
+                INSERT INTO job_runs (job, image_id)
+                SELECT %(job)s, id FROM scanned WHERE wanted ORDER BY id
+                ON CONFLICT DO NOTHING RETURNING 1)
+            SELECT (SELECT max(id) FROM scanned), (SELECT count(*) FROM added)
+            """
+        ).format(predicate=sql.SQL(job.select_predicate_sql))
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def _params(self, **extra) -> dict:
+        return {"job": self.job.name, "owner": self.owner, **extra}
+
+    def seed(self) -> int | None:
+        """Create pending rows for images matching the predicate; returns how many were added,
+        or None when another worker is seeding this job (one seeder at a time, advisory lock).
+
+        A sweep reads every image (in id order, SEED_CHUNK at a time): predicates may become
+        true for old rows when the jobs they depend on finish.
+        """
+        added_total = 0
+        with self.pool.connection() as conn:
+            lock = conn.execute("SELECT pg_try_advisory_lock(hashtext('krea2-seed:' || %s))", (self.job.name,))
+            if not lock.fetchone()[0]:
+                return None
+            try:
+                after = 0
+                while True:
+                    last_id, added = conn.execute(
+                        self._seed_sql, self._params(after=after, limit=SEED_CHUNK)
+                    ).fetchone()
+                    if last_id is None:
+                        break
+                    after, added_total = last_id, added_total + added
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(hashtext('krea2-seed:' || %s))", (self.job.name,))
+        return added_total
+
+    def claim(self, limit: int | None = None) -> list[Claim]:
+        """Claim up to ``limit`` pending rows (least recently tried first)."""
+        params = self._params(lease_s=self.job.lease_s, limit=limit or self.job.batch_size)
+        with self.pool.connection() as conn:
+            cursor = conn.execute(self._claim_sql, params)
+            names = [column.name for column in cursor.description]
+            claims = []
+            for values in cursor.fetchall():
+                image_id, attempt, *row = values
+                claims.append(Claim(image_id, attempt, dict(zip(names[2:], row))))
+        return sorted(claims, key=lambda c: c.image_id)
+
+    def heartbeat(self, claims: Sequence[Claim]) -> set[int]:
+        """Extend the leases still held; returns their image ids (a missing id was lost)."""
+        if not claims:
+            return set()
+        ids, attempts = _fence_rows(claims)
+        statement = (
+            "UPDATE job_runs j SET lease_expires_at = now() + %(lease_s)s * interval '1 second'"
+            + FENCE
+            + "RETURNING j.image_id"
+        )
+        params = self._params(ids=ids, attempts=attempts, lease_s=self.job.lease_s)
+        with self.pool.connection() as conn:
+            return {image_id for (image_id,) in conn.execute(statement, params).fetchall()}
+
+    def finish(self, claims: Sequence[Claim], outcomes: Sequence[Outcome]) -> tuple[int, int]:
+        """Record outcomes (fenced); returns (rows completed, rows failed) actually written."""
+        if len(outcomes) != len(claims):
+            raise StoreError(f"job {self.job.name!r}: {len(outcomes)} outcomes for {len(claims)} rows")
+        done = [(c, o) for c, o in zip(claims, outcomes) if isinstance(o, Done)]
+        failed = [(c, o) for c, o in zip(claims, outcomes) if isinstance(o, Failed)]
+        if len(done) + len(failed) != len(claims):
+            raise StoreError(f"job {self.job.name!r}: handler returned something other than Done/Failed")
+        # one statement commits on its own; several (or a hook) share one transaction
+        several = bool(done and failed) or bool(done and (self.job.result_columns or self.job.on_done))
+        with self.pool.connection() as conn, (conn.transaction() if several else nullcontext()):
+            completed = self._complete(conn, done) if done else 0
+            failed_count = self._fail(conn, failed) if failed else 0
+        return completed, failed_count
+
+    def _complete(self, conn: psycopg.Connection, done: list[tuple[Claim, Done]]) -> int:
+        done = sorted(done, key=lambda pair: pair[0].image_id)
+        ids, attempts = _fence_rows([c for c, _ in done])
+        results = [Jsonb(outcome.result) for _, outcome in done]
+        statement = (
+            "UPDATE job_runs j SET state = 'done', result = r.result, error = NULL, owner = NULL,"
+            " lease_expires_at = NULL, updated_at = now()"
+            " FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(results)s::jsonb[])"
+            "      AS r (image_id, attempt, result)"
+            " WHERE j.job = %(job)s AND j.image_id = r.image_id AND j.attempt = r.attempt"
+            "   AND j.owner = %(owner)s AND j.state = 'running'"
+            " RETURNING j.image_id"
+        )
+        params = self._params(ids=ids, attempts=attempts, results=results)
+        held = {image_id for (image_id,) in conn.execute(statement, params).fetchall()}
+        kept = [(c, o) for c, o in done if c.image_id in held]
+        if kept and self.job.result_columns:
+            write_image_columns(conn, self.job.result_columns, [(c.image_id, o.result) for c, o in kept])
+        if kept and self.job.on_done is not None:
+            self.job.on_done(conn, [c for c, _ in kept], [o.result for _, o in kept])
+        return len(kept)
+
+    def _fail(self, conn: psycopg.Connection, failed: list[tuple[Claim, Failed]]) -> int:
+        failed = sorted(failed, key=lambda pair: pair[0].image_id)
+        ids, attempts = _fence_rows([c for c, _ in failed])
+        statement = (
+            "UPDATE job_runs j SET state = CASE WHEN j.attempt >= %(max)s THEN 'dead' ELSE 'pending' END,"
+            " error = e.error, owner = NULL, lease_expires_at = NULL, updated_at = now()"
+            " FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(errors)s::text[]) AS e (image_id, attempt, error)"
+            " WHERE j.job = %(job)s AND j.image_id = e.image_id AND j.attempt = e.attempt"
+            "   AND j.owner = %(owner)s AND j.state = 'running'"
+            " RETURNING j.image_id"
+        )
+        params = self._params(
+            ids=ids, attempts=attempts, errors=[o.error for _, o in failed], max=self.job.max_attempts
+        )
+        return len(conn.execute(statement, params).fetchall())
+
+    def reap(self) -> tuple[int, int]:
+        """Return rows whose lease expired; returns (back to pending, set aside as dead)."""
+        statement = """
+            UPDATE job_runs j
+               SET state = CASE WHEN j.attempt >= %(max)s THEN 'dead' ELSE 'pending' END,
+                   error = format('lease expired (owner %%s, attempt %%s)', j.owner, j.attempt),
+                   owner = NULL, lease_expires_at = NULL, updated_at = now()
+             WHERE j.job = %(job)s AND j.image_id IN (
+                   SELECT image_id FROM job_runs
+                    WHERE job = %(job)s AND state = 'running' AND lease_expires_at < now()
+                    ORDER BY lease_expires_at LIMIT %(limit)s
+                      FOR UPDATE SKIP LOCKED)
+            RETURNING j.state
+        """
+        params = self._params(max=self.job.max_attempts, limit=REAP_LIMIT)
+        with self.pool.connection() as conn:
+            states = [state for (state,) in conn.execute(statement, params).fetchall()]
+        return states.count("pending"), states.count("dead")
+
+    def unfinished(self) -> int:
+        """Rows of this job still pending or running."""
+        with self.pool.connection() as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM job_runs WHERE job = %s AND state IN ('pending', 'running')",
+                (self.job.name,),
+            ).fetchone()
+        return row[0]
+
+
+def write_image_columns(conn: psycopg.Connection, columns: Mapping[str, str], results: list[tuple[int, dict]]) -> None:
+    """``UPDATE images`` from one unnest batch: for each (image_id, result), set columns[k] = result[k].
+
+    Array-typed columns (``"int[]"``) travel as their text form (``"{1,2}"``), since unnest would
+    flatten an array of arrays.
+    """
+    results = sorted(results, key=lambda pair: pair[0])
+    names = list(columns)
+    missing = sorted({name for name in names for _, result in results if name not in result})
+    if missing:
+        raise StoreError(f"job result lacks column(s) {missing}")
+    ident = sql.Identifier
+
+    def carried_type(name: str) -> sql.SQL:
+        return sql.SQL("text" if columns[name].endswith("[]") else columns[name])
+
+    statement = sql.SQL(
+        "UPDATE images i SET {sets} FROM unnest(%s::bigint[], {arrays}) AS u (id, {cols}) WHERE i.id = u.id"
+    ).format(
+        sets=sql.SQL(", ").join(
+            sql.SQL("{} = u.{}::{}").format(ident(n), ident(n), sql.SQL(columns[n])) for n in names
+        ),
+        arrays=sql.SQL(", ").join(sql.SQL("%s::{}[]").format(carried_type(n)) for n in names),
+        cols=sql.SQL(", ").join(map(ident, names)),
+    )
+    arrays = [[image_id for image_id, _ in results]]
+    for name in names:
+        values = [result[name] for _, result in results]
+        if columns[name].endswith("[]"):
+            values = [None if v is None else "{" + ",".join(map(str, v)) + "}" for v in values]
+        arrays.append(values)
+    conn.execute(statement, arrays)
+
+
+def job_counts(store: Store) -> dict[str, dict[str, int]]:
+    """{job: {state: count}} over job_runs, every state present (0 when none)."""
+    with store.pool.connection() as conn:
+        rows = conn.execute("SELECT job, state, count(*) FROM job_runs GROUP BY job, state").fetchall()
+    counts: dict[str, dict[str, int]] = {}
+    for job, state, count in rows:
+        counts.setdefault(job, dict.fromkeys(STATES, 0))[state] = count
+    return dict(sorted(counts.items()))
+
+
+def run_handler(job: Job, claims: Sequence[Claim], ctx: JobContext) -> list[Outcome]:
+    """Call the handler; an exception or a wrong-length answer fails every row with the reason."""
+    try:
+        outcomes = list(job.handler([c.row for c in claims], ctx))
+    except Exception as error:  # the batch fails; its rows are retried or set aside
+        return [Failed(f"{type(error).__name__}: {error}")] * len(claims)
+    if len(outcomes) != len(claims):
+        return [Failed(f"handler returned {len(outcomes)} outcomes for {len(claims)} rows")] * len(claims)
+    return outcomes
+
+
+class Heartbeat:
+    """Context manager: extends the batch's leases every lease_s / 3 from its own thread."""
+
+    def __init__(self, queue: Queue, claims: Sequence[Claim]):
+        self.queue = queue
+        self.claims = list(claims)
+        self.lost: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="krea2-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        interval = self.queue.job.lease_s / 3
+        while not self._stop.wait(interval):
+            try:
+                held = self.queue.heartbeat([c for c in self.claims if c.image_id not in self.lost])
+            except psycopg.Error:
+                continue  # a blip: the next beat retries; a lease that runs out is fenced anyway
+            self.lost |= {c.image_id for c in self.claims} - held
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class WorkerStats:
+    claimed: int = 0
+    completed: int = 0
+    failed: int = 0
+    lost: int = 0
+    reaped: int = 0
+    dead: int = 0
+
+
+def run_worker(
+    store: Store,
+    job: Job,
+    *,
+    batch_size: int | None = None,
+    follow: bool = False,
+    poll_s: float = 0.5,
+    seed_every_s: float = 30.0,
+    stop: threading.Event | None = None,
+) -> WorkerStats:
+    """Claim, process and finish batches until no row of the job is pending or running and a
+    fresh seed adds none.
+
+    While others still hold rows (or always, with ``follow``), it polls with jitter and seeds
+    at most every ``seed_every_s``; ``follow`` runs until ``stop`` is set.
+    """
+    stop = stop or threading.Event()
+    stats = WorkerStats()
+    queue = Queue(store, job)
+    ctx = JobContext(store=store, owner=queue.owner)
+    reap_every = job.lease_s / 3
+    next_reap = next_seed = 0.0
+    try:
+        while not stop.is_set():
+            if time.monotonic() >= next_reap:
+                returned, dead = queue.reap()
+                stats.reaped, stats.dead = stats.reaped + returned, stats.dead + dead
+                next_reap = time.monotonic() + reap_every * random.uniform(0.5, 1.5)
+            claims = queue.claim(batch_size)
+            if not claims:
+                idle = not follow and queue.unfinished() == 0
+                if idle or time.monotonic() >= next_seed:
+                    added = queue.seed()
+                    next_seed = time.monotonic() + seed_every_s
+                    if added:
+                        continue
+                    if idle and added == 0:
+                        break
+                stop.wait(poll_s * random.uniform(0.5, 1.5))
+                continue
+            stats.claimed += len(claims)
+            with Heartbeat(queue, claims):
+                outcomes = run_handler(job, claims, ctx)
+            completed, failed = queue.finish(claims, outcomes)
+            stats.completed, stats.failed = stats.completed + completed, stats.failed + failed
+            stats.lost += len(claims) - completed - failed
+    finally:
+        queue.close()
+    return stats

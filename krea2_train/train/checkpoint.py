@@ -1,0 +1,758 @@
+"""Distributed, asynchronous, verified checkpoints on torch DCP.
+
+A run directory holds its checkpoints under ``checkpoints/``::
+
+    runs/NAME/
+      model_config.json            Krea2DiT keywords (written by the trainer)
+      checkpoints/
+        step-00000100/             committed: manifest.json + DCP files + per-rank state
+          manifest.json
+          .metadata  __0_0.distcp  __1_0.distcp ...
+          rank_state/rank-00000.pt rank-00001.pt ...
+        step-00000200.tmp/         being written, or left by a crash (removed at the next start)
+
+A save writes everything under ``step-N.tmp/``: every rank writes its DCP shard file (in a
+background thread with ``async_mode="async"``) and its own ``rank_state`` file (RNG states and
+rank-local Statefuls, which differ between ranks and so cannot live in DCP, which keeps one copy of
+each non-tensor value). When every rank finished, rank 0 verifies the directory (the DCP metadata
+loads, each file it references exists with the size the metadata implies, every rank's state file
+exists), writes ``manifest.json`` and renames the directory to ``step-N/``. Only a directory that
+has a manifest whose listed files all exist with their listed sizes counts as a checkpoint.
+
+Values of the global ``stateful`` dict that are not tensors (a TrainState, a loader's
+``{epoch, batch index}``) must be identical on every rank; DTensor/FSDP2-sharded models and their
+optimizers go in through :class:`ModelOptimizerState`, which reshards on load to any world size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+logger = logging.getLogger(__name__)
+# One process without a process group is a supported mode here, not an accident worth a warning.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized", category=UserWarning)
+
+CHECKPOINTS_DIR = "checkpoints"
+MANIFEST_NAME = "manifest.json"
+RANK_STATE_DIR = "rank_state"
+DCP_METADATA_NAME = ".metadata"
+MODEL_CONFIG_NAME = "model_config.json"
+TMP_SUFFIX = ".tmp"
+_STEP_PREFIX = "step-"
+
+
+class NoCheckpointError(FileNotFoundError):
+    """A run (or a requested step) has no committed checkpoint."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing or committing a checkpoint failed; the previous checkpoint stays the latest."""
+
+
+class CheckpointVerificationError(RuntimeError):
+    """A checkpoint directory does not hold the files its metadata or manifest promise."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Stateful helpers
+# ----------------------------------------------------------------------------------------------
+
+
+class ModelOptimizerState(Stateful):
+    """The model and its optimizer(s) as one Stateful, through ``get_state_dict``/``set_state_dict``.
+
+    Keys are the plain parameter FQNs (FSDP2, ``torch.compile`` and activation-checkpoint wrappers
+    do not show), tensors are DTensors when the model is sharded, and the optimizer state is keyed
+    by parameter FQN, so DCP reshards both to any world size on load.
+    ``state_dict()`` -> ``{"model": {fqn: tensor}, "optimizer": {...}}`` (no optimizer: model only).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.optimizer is None:
+            return {"model": get_model_state_dict(self.model)}
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optimizer": optimizer_state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.optimizer is None:
+            set_model_state_dict(self.model, state_dict["model"])
+            return
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=state_dict["model"], optim_state_dict=state_dict["optimizer"]
+        )
+
+
+@dataclass
+class TrainState(Stateful):
+    """Progress counters of a run (identical on every rank)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    samples_seen: int = 0
+    skipped_steps: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state_dict: Mapping[str, int]) -> None:
+        names = {field.name for field in dataclasses.fields(self)}
+        unknown = sorted(set(state_dict) - names)
+        if unknown:
+            raise ValueError(f"TrainState has no fields {unknown}; known fields: {sorted(names)}")
+        for name, value in state_dict.items():
+            setattr(self, name, int(value))
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's RNG states: python ``random``, numpy's global generator, torch CPU and CUDA."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def reseed_rng(seed: int, step: int, rank: int) -> int:
+    """Seed every generator from ``(seed, step, rank)``; returns the 64-bit seed used."""
+    digest = hashlib.sha256(f"krea2-rng:{seed}:{step}:{rank}".encode()).digest()
+    derived = int.from_bytes(digest[:8], "little")
+    random.seed(derived)
+    np.random.seed(derived % 2**32)
+    torch.manual_seed(derived)  # also seeds every CUDA device
+    return derived
+
+
+# ----------------------------------------------------------------------------------------------
+# Directory names, verification and committed checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def step_dir_name(step: int) -> str:
+    return f"{_STEP_PREFIX}{step:08d}"
+
+
+def _parse_step(name: str) -> int | None:
+    if not name.startswith(_STEP_PREFIX):
+        return None
+    digits = name[len(_STEP_PREFIX) :]
+    return int(digits) if digits.isdigit() else None
+
+
+def rank_state_path(checkpoint_dir: Path, rank: int) -> Path:
+    return checkpoint_dir / RANK_STATE_DIR / f"rank-{rank:05d}.pt"
+
+
+def dcp_expected_file_sizes(checkpoint_dir: str | os.PathLike) -> dict[str, int]:
+    """File sizes the DCP metadata of ``checkpoint_dir`` implies (relative path -> bytes).
+
+    Raises:
+        CheckpointVerificationError: the metadata does not load.
+    """
+    try:
+        metadata = FileSystemReader(str(checkpoint_dir)).read_metadata()
+    except Exception as error:
+        raise CheckpointVerificationError(f"the DCP metadata of {checkpoint_dir} does not load: {error}") from error
+    sizes: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), info.offset + info.length)
+    return sizes
+
+
+def _file_problems(directory: Path, expected_sizes: Mapping[str, int]) -> list[str]:
+    problems = []
+    for relative_path, size in sorted(expected_sizes.items()):
+        path = directory / relative_path
+        if not path.is_file():
+            problems.append(f"{relative_path} is missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{relative_path} has {path.stat().st_size} bytes, expected {size}")
+    return problems
+
+
+def verify_written_checkpoint(directory: Path, world_size: int) -> dict[str, int]:
+    """Check a freshly written checkpoint; returns every file in it (relative path -> bytes).
+
+    Raises:
+        CheckpointVerificationError: naming each missing or truncated file.
+    """
+    problems = _file_problems(directory, dcp_expected_file_sizes(directory))
+    for rank in range(world_size):
+        path = rank_state_path(directory, rank)
+        if not path.is_file() or path.stat().st_size == 0:
+            problems.append(f"{path.relative_to(directory)} (rank {rank}'s state) is missing or empty")
+    if problems:
+        raise CheckpointVerificationError(f"checkpoint {directory} is incomplete: " + "; ".join(problems))
+    return {
+        path.relative_to(directory).as_posix(): path.stat().st_size
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_NAME
+    }
+
+
+def read_manifest(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a committed checkpoint, after checking every file it lists.
+
+    Raises:
+        CheckpointVerificationError: no or unreadable manifest, or a listed file missing or resized.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    path = checkpoint_dir / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointVerificationError(f"{checkpoint_dir} has no valid {MANIFEST_NAME} ({error})") from error
+    problems = _file_problems(checkpoint_dir, files)
+    if problems:
+        raise CheckpointVerificationError(
+            f"checkpoint {checkpoint_dir} does not match its manifest: " + "; ".join(problems)
+        )
+    return manifest
+
+
+def committed_checkpoints(checkpoints_dir: str | os.PathLike) -> dict[int, Path]:
+    """Verified committed checkpoints under ``checkpoints_dir``, by step (ascending).
+
+    Directories whose manifest is missing or does not match their files are left out, with a warning.
+    """
+    checkpoints_dir = Path(checkpoints_dir)
+    if not checkpoints_dir.is_dir():
+        return {}
+    found = {}
+    for path in checkpoints_dir.iterdir():
+        step = _parse_step(path.name)
+        if step is None or not path.is_dir():
+            continue
+        try:
+            read_manifest(path)
+        except CheckpointVerificationError as error:
+            logger.warning("not counting %s as a checkpoint: %s", path, error)
+            continue
+        found[step] = path
+    return dict(sorted(found.items()))
+
+
+def retained_steps(steps: Iterable[int], keep_last: int, keep_every: int) -> set[int]:
+    """The last ``keep_last`` steps plus every multiple of ``keep_every`` (0: none)."""
+    ordered = sorted(steps)
+    kept = set(ordered[-keep_last:]) if keep_last > 0 else set()
+    if keep_every > 0:
+        kept.update(step for step in ordered if step % keep_every == 0)
+    return kept
+
+
+def _fsync_path(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _describe_failure(error: BaseException) -> str:
+    """One line per failing rank: the exception type and message, without DCP's traceback dump."""
+    if isinstance(error, CheckpointException):
+        return "; ".join(
+            f"rank {rank}: {type(exc).__name__}: {exc}" for rank, (exc, _trace) in sorted(error.failures.items())
+        )
+    return f"{type(error).__name__}: {error}"
+
+
+def _storage_writer(path: Path) -> FileSystemWriter:
+    """The DCP writer of one checkpoint (one file per rank, fsynced)."""
+    return FileSystemWriter(str(path), single_file_per_rank=True, sync_files=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The manager
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """What :meth:`CheckpointManager.load` restored."""
+
+    step: int
+    path: Path
+    saved_world_size: int
+    rank_state_restored: bool  # False when the world size changed: RNG was reseeded instead
+
+
+class CheckpointManager:
+    """Saves, commits, prunes and loads the checkpoints of one run.
+
+    Args:
+        run_dir: the run's directory; checkpoints go to ``run_dir/checkpoints``.
+        interval: :meth:`save` writes when ``step % interval == 0`` (``<= 0``: only when forced).
+        keep_last: committed checkpoints to keep, newest first.
+        keep_every: also keep every step that is a multiple of this (0: none).
+        async_mode: ``"async"`` writes in a background thread (``dcp.async_save``, thread mode)
+            after a blocking copy of the state to host memory; ``"sync"`` writes before returning.
+        seed: the run's seed, for reseeding RNGs when the world size changed.
+        config_hash: recorded in each manifest; a mismatch on load is logged.
+
+    Collective: construct, save, wait and load on every rank, in the same order.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        interval: int,
+        keep_last: int = 3,
+        keep_every: int = 0,
+        async_mode: Literal["async", "sync"] = "async",
+        seed: int = 0,
+        config_hash: str | None = None,
+    ) -> None:
+        if async_mode not in ("async", "sync"):
+            raise ValueError(f"async_mode must be 'async' or 'sync', got {async_mode!r}")
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be at least 1 (the checkpoint to resume from), got {keep_last}")
+        if keep_every < 0:
+            raise ValueError(f"keep_every must be >= 0 (0 keeps none extra), got {keep_every}")
+        self.run_dir = Path(run_dir)
+        self.checkpoints_dir = self.run_dir / CHECKPOINTS_DIR
+        self.interval = interval
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.async_mode = async_mode
+        self.seed = seed
+        self.config_hash = config_hash
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        # A group of its own: the background thread's collectives never interleave with training's.
+        self._group = dist.new_group(backend="gloo") if self.distributed else None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-commit")
+        self._pending: Future | None = None  # the commit of the save in flight
+        self.last_blocked_s: float | None = None
+        self.last_write_s: float | None = None
+        if self.rank == 0:
+            self._remove_stale_tmp_dirs()
+        self._barrier()
+
+    # -- collectives on the checkpoint group (no-ops in one process) ---------------------------
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self._group)
+
+    def _broadcast_from_rank0(self, value: Any) -> Any:
+        if not self.distributed:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=dist.get_global_rank(self._group, 0), group=self._group)
+        return holder[0]
+
+    def _all_gather(self, value: Any) -> list[Any]:
+        if not self.distributed:
+            return [value]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value, group=self._group)
+        return gathered
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def committed(self) -> dict[int, Path]:
+        """Verified committed checkpoints by step (ascending)."""
+        return committed_checkpoints(self.checkpoints_dir)
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None."""
+        steps = list(self.committed())
+        return steps[-1] if steps else None
+
+    def should_save(self, step: int) -> bool:
+        return self.interval > 0 and step % self.interval == 0
+
+    # -- saving --------------------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        stateful: Mapping[str, Any],
+        *,
+        force: bool = False,
+        rank_local: Mapping[str, Stateful] | None = None,
+    ) -> bool:
+        """Checkpoint ``stateful`` at ``step`` if it is due (or ``force``); returns whether it started.
+
+        Args:
+            stateful: key -> Stateful or state (tensors, DTensors, plain values identical on all ranks).
+            rank_local: Statefuls whose state differs per rank; restored only at the same world size.
+        Raises:
+            CheckpointWriteError: the previous asynchronous save failed (raised by :meth:`wait`), or,
+                in sync mode, this one did.
+        """
+        if not (force or self.should_save(step)):
+            return False
+        self.wait()
+        if self._broadcast_from_rank0(step in self.committed()):
+            logger.info("checkpoint step %d is already committed; not saving it again", step)
+            return False
+        tmp_dir = self.checkpoints_dir / (step_dir_name(step) + TMP_SUFFIX)
+        if self.rank == 0:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            tmp_dir.mkdir(parents=True)
+        self._barrier()
+        started = time.perf_counter()
+        self._write_rank_state(tmp_dir, rank_local or {})
+        state = dict(stateful)
+        if self.async_mode == "async":
+            write = dcp.async_save(
+                state, storage_writer=_storage_writer(tmp_dir), process_group=self._group, no_dist=not self.distributed
+            )
+        else:
+            write = Future()
+            try:
+                dcp.save(state, storage_writer=_storage_writer(tmp_dir), process_group=self._group, no_dist=not self.distributed)
+                write.set_result(None)
+            except (Exception, CheckpointException) as error:
+                write.set_exception(error)
+        blocked_s = time.perf_counter() - started
+        self.last_blocked_s = blocked_s
+        model_prefixes = [f"{key}.model." for key, value in stateful.items() if isinstance(value, ModelOptimizerState)]
+        finish = dict(step=step, tmp_dir=tmp_dir, write=write, started=started, blocked_s=blocked_s, model_prefixes=model_prefixes)
+        self._pending = self._executor.submit(self._finish, **finish)
+        if self.async_mode == "sync":
+            self.wait()
+        return True
+
+    def _write_rank_state(self, tmp_dir: Path, rank_local: Mapping[str, Stateful]) -> None:
+        path = rank_state_path(tmp_dir, self.rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"rng": capture_rng_state(), "local": {key: value.state_dict() for key, value in rank_local.items()}}
+        with open(path, "wb") as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())
+
+    def _finish(
+        self, *, step: int, tmp_dir: Path, write: Future, started: float, blocked_s: float, model_prefixes: list[str]
+    ) -> None:
+        """Background: wait for every rank's write, then rank 0 verifies and commits (collective)."""
+        try:
+            write.result()
+            local_error = None
+        except (Exception, CheckpointException) as error:
+            local_error = _describe_failure(error)
+        write_s = time.perf_counter() - started
+        errors = [error for error in self._all_gather(local_error) if error is not None]
+        outcome = None
+        if self.rank == 0:
+            if errors:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+                outcome = errors[0]
+            else:
+                try:
+                    self._commit(step, tmp_dir, blocked_s=blocked_s, write_s=write_s, model_prefixes=model_prefixes)
+                except Exception as error:  # every rank must reach the broadcast below
+                    outcome = _describe_failure(error)
+                else:
+                    self._prune()
+        outcome = self._broadcast_from_rank0(outcome)
+        if outcome is not None:
+            raise CheckpointWriteError(f"checkpoint step {step} could not be written to {tmp_dir}: {outcome}")
+        self.last_write_s = write_s
+
+    def _commit(self, step: int, tmp_dir: Path, *, blocked_s: float, write_s: float, model_prefixes: list[str]) -> None:
+        files = verify_written_checkpoint(tmp_dir, self.world_size)
+        manifest = {
+            "step": step,
+            "world_size": self.world_size,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "blocked_s": round(blocked_s, 6),
+            "write_s": round(write_s, 6),
+            "bytes": sum(files.values()),
+            "files": files,
+            "config_hash": self.config_hash,
+            "model_prefix": model_prefixes[0] if model_prefixes else None,
+        }
+        manifest_path = tmp_dir / MANIFEST_NAME
+        with open(manifest_path, "w") as file:
+            json.dump(manifest, file, indent=2)
+            file.flush()
+            os.fsync(file.fileno())
+        final_dir = self.checkpoints_dir / step_dir_name(step)
+        if final_dir.exists():  # an uncommitted leftover of the same step (failed verification)
+            shutil.rmtree(final_dir)
+        os.rename(tmp_dir, final_dir)
+        _fsync_path(self.checkpoints_dir)
+        logger.info(
+            "checkpoint step %d committed: %s, %.1f MB, blocked %.3f s, written in %.3f s",
+            step, final_dir, manifest["bytes"] / 1e6, blocked_s, write_s,
+        )  # fmt: skip
+
+    def _prune(self) -> None:
+        """Delete committed checkpoints outside the retention policy; failures are only logged."""
+        committed = self.committed()
+        kept = retained_steps(committed, self.keep_last, self.keep_every)
+        for step, path in committed.items():
+            if step not in kept:
+                try:
+                    shutil.rmtree(path)
+                except OSError as error:
+                    logger.warning("could not remove checkpoint %s (retention): %s", path, error)
+                else:
+                    logger.info("removed checkpoint step %d (retention)", step)
+
+    def _remove_stale_tmp_dirs(self) -> None:
+        if not self.checkpoints_dir.is_dir():
+            return
+        for path in self.checkpoints_dir.iterdir():
+            if path.name.endswith(TMP_SUFFIX) and _parse_step(path.name[: -len(TMP_SUFFIX)]) is not None:
+                logger.warning("removing %s, an unfinished checkpoint of an earlier run", path)
+                shutil.rmtree(path)
+
+    def wait(self) -> None:
+        """Finish the pending save, if any (collective).
+
+        Raises:
+            CheckpointWriteError: it failed (the checkpoint path and the OS error are in the message).
+        """
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        pending.result()
+
+    def close(self) -> None:
+        """Finish the pending save and stop the background thread."""
+        try:
+            self.wait()
+        finally:
+            self._executor.shutdown(wait=True)
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def load(
+        self,
+        stateful: dict[str, Any],
+        step: int | None = None,
+        *,
+        rank_local: Mapping[str, Stateful] | None = None,
+    ) -> LoadedCheckpoint | None:
+        """Load the newest committed checkpoint (or ``step``) into ``stateful``, in place (collective).
+
+        Statefuls get ``load_state_dict``; tensors are filled in place; other plain values are
+        replaced in the dict.
+
+        Sharded state is resharded to the current world size. RNG states and ``rank_local`` are
+        restored when the world size is unchanged; otherwise the RNGs are reseeded from
+        ``(seed, step, rank)`` and ``rank_local`` keeps its current state.
+
+        Returns:
+            what was loaded, or None when ``step`` is None and the run has no checkpoint yet.
+        Raises:
+            NoCheckpointError: ``step`` was given and is not a committed checkpoint.
+        """
+        self.wait()
+        committed = self._broadcast_from_rank0(self.committed())
+        if step is None:
+            if not committed:
+                return None
+            step = max(committed)
+        elif step not in committed:
+            raise NoCheckpointError(
+                f"no committed checkpoint for step {step} in {self.checkpoints_dir}; committed steps: {sorted(committed) or 'none'}"
+            )
+        path = committed[step]
+        manifest = read_manifest(path)
+        if self.config_hash is not None and manifest.get("config_hash") not in (None, self.config_hash):
+            logger.warning(
+                "checkpoint %s was saved with config hash %s, this run's is %s", path, manifest["config_hash"], self.config_hash
+            )
+        dcp.load(stateful, checkpoint_id=str(path), process_group=self._group, no_dist=not self.distributed)
+        saved_world_size = int(manifest["world_size"])
+        same_world = saved_world_size == self.world_size
+        if same_world:
+            payload = torch.load(rank_state_path(path, self.rank), weights_only=False)
+            restore_rng_state(payload["rng"])
+            for key, value in (rank_local or {}).items():
+                value.load_state_dict(payload["local"][key])
+        else:
+            reseed_rng(self.seed, step, self.rank)
+            logger.warning(
+                "checkpoint %s was saved by %d ranks and is loaded by %d: RNG states reseeded from (seed=%d, step=%d, rank), "
+                "rank-local state (%s) not restored",
+                path, saved_world_size, self.world_size, self.seed, step, ", ".join(rank_local or {}) or "none",
+            )  # fmt: skip
+        logger.info("loaded checkpoint step %d from %s", step, path)
+        return LoadedCheckpoint(step, path, saved_world_size, same_world)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading checkpoints outside training (export, average, merge, init_from)
+# ----------------------------------------------------------------------------------------------
+
+
+def is_dcp_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / DCP_METADATA_NAME).is_file()
+
+
+def run_dir_of(checkpoint_dir: str | os.PathLike) -> Path | None:
+    """``runs/NAME`` for ``runs/NAME/checkpoints/step-N``; None for a checkpoint outside a run."""
+    checkpoint_dir = Path(checkpoint_dir)
+    return checkpoint_dir.parent.parent if checkpoint_dir.parent.name == CHECKPOINTS_DIR else None
+
+
+def _is_diffusers_directory(path: Path) -> bool:
+    """A diffusers model directory, or a pipeline directory with a ``transformer/`` folder."""
+    return any((path / name).is_file() for name in ("config.json", "model_index.json"))
+
+
+def _resolve_run_dir(run_dir_or_name: str | os.PathLike, runs_root: str | os.PathLike) -> Path | None:
+    for candidate in (Path(run_dir_or_name), Path(runs_root) / run_dir_or_name):
+        if (candidate / CHECKPOINTS_DIR).is_dir() or (candidate / MODEL_CONFIG_NAME).is_file():
+            return candidate
+    return None
+
+
+def find_run_checkpoint(
+    run_dir_or_name: str | os.PathLike, runs_root: str | os.PathLike = "runs", *, step: int | None = None
+) -> Path:
+    """The checkpoint a path or run name stands for.
+
+    - a safetensors file, a diffusers directory or a committed DCP checkpoint directory: itself;
+    - a run directory, or a run name under ``runs_root``: its newest committed checkpoint (or ``step``).
+
+    Raises:
+        NoCheckpointError: nothing found, or the run has no committed checkpoint (or not ``step``).
+    """
+    path = Path(run_dir_or_name)
+    if step is None:
+        if path.is_file() and path.suffix == ".safetensors":
+            return path
+        if path.is_dir() and is_dcp_checkpoint(path):
+            if path.name.endswith(TMP_SUFFIX):
+                raise NoCheckpointError(f"{path} is an unfinished checkpoint (never committed)")
+            if run_dir_of(path) is not None or (path / MANIFEST_NAME).is_file():
+                read_manifest(path)  # inside a run, only committed checkpoints count
+            return path
+        if path.is_dir() and _is_diffusers_directory(path):
+            return path
+    run_dir = _resolve_run_dir(run_dir_or_name, runs_root)
+    if run_dir is None:
+        raise NoCheckpointError(
+            f"{run_dir_or_name!r} is neither a checkpoint (safetensors file, diffusers directory, DCP directory) "
+            f"nor a run directory, nor a run under {runs_root}/"
+        )
+    committed = committed_checkpoints(run_dir / CHECKPOINTS_DIR)
+    if not committed:
+        raise NoCheckpointError(f"run {run_dir} has no committed checkpoint under {run_dir / CHECKPOINTS_DIR}")
+    if step is None:
+        return committed[max(committed)]
+    if step not in committed:
+        raise NoCheckpointError(f"run {run_dir} has no committed checkpoint for step {step}; committed steps: {sorted(committed)}")
+    return committed[step]
+
+
+def _model_prefix(checkpoint_dir: Path, keys: Iterable[str]) -> str:
+    """Where the model's tensors live among the DCP keys: the manifest says, else the keys do."""
+    manifest_path = checkpoint_dir / MANIFEST_NAME
+    if manifest_path.is_file():
+        recorded = json.loads(manifest_path.read_text()).get("model_prefix")
+        if recorded:
+            return recorded
+    marker = "img_in.weight"
+    prefixes = sorted({key[: -len(marker)] for key in keys if key == marker or key.endswith("." + marker)})
+    if len(prefixes) != 1:
+        raise CheckpointVerificationError(
+            f"cannot tell which tensors of {checkpoint_dir} are the model: "
+            f"{'no' if not prefixes else 'several'} keys end with {marker!r} ({prefixes}); pass prefix="
+        )
+    return prefixes[0]
+
+
+def load_model_weights(checkpoint_dir: str | os.PathLike, prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """The full, unsharded model state dict of a DCP checkpoint, read in this process.
+
+    Only the model's tensors are read (the optimizer state never enters memory).
+
+    Args:
+        prefix: the DCP key prefix of the model tensors (default: the manifest's, e.g. ``"model.model."``).
+    Returns:
+        parameter FQN (the diffusers key) -> CPU tensor in its saved dtype.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if (checkpoint_dir / MANIFEST_NAME).is_file():
+        read_manifest(checkpoint_dir)
+    try:
+        metadata = FileSystemReader(str(checkpoint_dir)).read_metadata()
+    except Exception as error:
+        raise CheckpointVerificationError(f"{checkpoint_dir} is not a readable DCP checkpoint: {error}") from error
+    prefix = prefix if prefix is not None else _model_prefix(checkpoint_dir, metadata.state_dict_metadata)
+    buffers = {
+        key: torch.empty(entry.size, dtype=entry.properties.dtype)
+        for key, entry in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
+    }
+    if not buffers:
+        raise CheckpointVerificationError(f"{checkpoint_dir} holds no tensors under the prefix {prefix!r}")
+    dcp.load(buffers, checkpoint_id=str(checkpoint_dir), no_dist=True)
+    return {key[len(prefix) :]: tensor for key, tensor in buffers.items()}
+
+
+def load_model_config(run_dir: str | os.PathLike) -> dict:
+    """The Krea2DiT keywords a run recorded in ``model_config.json`` (lists become tuples)."""
+    path = Path(run_dir) / MODEL_CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no {MODEL_CONFIG_NAME} (the trainer writes it when a run starts)")
+    values = json.loads(path.read_text())
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
+
+
+def write_model_config(run_dir: str | os.PathLike, config: Mapping) -> Path:
+    """Record the Krea2DiT keywords of a run (what :func:`load_model_config` reads)."""
+    path = Path(run_dir) / MODEL_CONFIG_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    values = {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
+    path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    return path

@@ -1,0 +1,178 @@
+"""`krea2 export | average | merge`: turn training checkpoints into weights others can load.
+
+- ``export RUN``: one checkpoint of a run, in the diffusers or the original (ComfyUI) layout.
+- ``average RUN --last K``: the uniform average of a run's last K committed checkpoints
+  (pre-trained model averaging, PMA, arXiv 2505.12082).
+- ``merge A B ... --weights wa wb ...``: the weighted average of checkpoints of one model config,
+  each a run, a DCP checkpoint directory, a diffusers directory or an original-layout file.
+
+Averages accumulate in float32, one checkpoint in memory at a time, and are written in the
+checkpoints' own dtype unless ``--dtype`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from krea2_train.model import layouts
+from krea2_train.train.checkpoint import (
+    CHECKPOINTS_DIR,
+    NoCheckpointError,
+    committed_checkpoints,
+    find_run_checkpoint,
+    is_dcp_checkpoint,
+    load_model_config,
+    load_model_weights,
+    run_dir_of,
+)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LAYOUTS = ("diffusers", "original")
+
+
+def load_checkpoint_weights(source: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Weights (diffusers keys) and Krea2DiT config of a DCP checkpoint or a safetensors checkpoint."""
+    source = Path(source)
+    if is_dcp_checkpoint(source):
+        run_dir = run_dir_of(source)
+        if run_dir is None:
+            raise FileNotFoundError(
+                f"{source} is a DCP checkpoint outside a run directory, so its model config (run/model_config.json) is unknown"
+            )
+        return load_model_weights(source), load_model_config(run_dir)
+    weights, config = layouts.load_state_dict(source)
+    return weights, config if config is not None else layouts.infer_config({k: v.shape for k, v in weights.items()})
+
+
+def write_weights(
+    weights: Mapping[str, torch.Tensor], config: Mapping, out: str | Path, layout: str, dtype: torch.dtype | None = None
+) -> Path:
+    """Write diffusers-keyed weights: a diffusers directory, or one original-layout safetensors file."""
+    if layout == "diffusers":
+        layouts.save_diffusers(weights, out, config, dtype=dtype)
+    elif layout == "original":
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        layouts.save_original(weights, out, config, dtype=dtype)
+    else:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    return Path(out)
+
+
+def normalised_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    """Mixing weights summing to 1 (uniform when None)."""
+    if weights is None:
+        return [1.0 / count] * count
+    if len(weights) != count:
+        raise ValueError(f"got {len(weights)} weights for {count} checkpoints")
+    if any(weight < 0 for weight in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights must be non-negative with a positive sum, got {list(weights)}")
+    total = sum(weights)
+    return [weight / total for weight in weights]
+
+
+def _check_same_config(config: Mapping, reference: Mapping, name: str, reference_name: str) -> None:
+    differing = sorted(key for key in set(config) | set(reference) if config.get(key) != reference.get(key))
+    if differing:
+        details = ", ".join(f"{key}: {reference.get(key)!r} vs {config.get(key)!r}" for key in differing)
+        raise layouts.CheckpointError(f"{name} has a different model config than {reference_name} ({details}); refusing to mix them")
+
+
+def weighted_average(sources: Sequence[Path], weights: Sequence[float]) -> tuple[dict[str, torch.Tensor], dict]:
+    """``sum_i weights[i] * checkpoint_i``, loading one checkpoint at a time.
+
+    Returns:
+        (averaged weights in the first checkpoint's dtypes, the shared config).
+    Raises:
+        CheckpointError: the checkpoints have different configs or keys.
+    """
+    accumulated: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    reference_config: dict | None = None
+    for index, (source, weight) in enumerate(zip(sources, weights)):
+        state_dict, config = load_checkpoint_weights(source)
+        if reference_config is None:
+            reference_config = config
+            dtypes = {key: tensor.dtype for key, tensor in state_dict.items()}
+            accumulated = {key: torch.zeros(tensor.shape, dtype=torch.float32) for key, tensor in state_dict.items()}
+        _check_same_config(config, reference_config, str(source), str(sources[0]))
+        if set(state_dict) != set(accumulated):
+            raise layouts.CheckpointError(f"{source} has other tensors than {sources[0]} despite the same config")
+        for key, tensor in state_dict.items():
+            accumulated[key].add_(tensor.float(), alpha=weight)
+        del state_dict
+    return {key: tensor.to(dtypes[key]) for key, tensor in accumulated.items()}, reference_config
+
+
+def last_checkpoints(run: str, count: int, runs_root: str) -> list[Path]:
+    """The ``count`` newest committed checkpoints of a run, oldest first."""
+    if count < 1:
+        raise ValueError(f"--last must be at least 1, got {count}")
+    newest = find_run_checkpoint(run, runs_root)  # raises when the run has none
+    if not is_dcp_checkpoint(newest) or newest.parent.name != CHECKPOINTS_DIR:
+        raise NoCheckpointError(f"{run} is not a training run (a checkpoint file or directory cannot be averaged over time)")
+    committed = committed_checkpoints(newest.parent)
+    if len(committed) < count:
+        raise NoCheckpointError(f"run {run} has {len(committed)} committed checkpoints ({sorted(committed)}), fewer than --last {count}")
+    return [committed[step] for step in sorted(committed)[-count:]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------
+
+
+def run_export(args: argparse.Namespace) -> int:
+    source = find_run_checkpoint(args.run, args.runs_root, step=args.step)
+    weights, config = load_checkpoint_weights(source)
+    out = write_weights(weights, config, args.out, args.layout, DTYPES.get(args.dtype))
+    print(f"exported {source} -> {out} ({args.layout} layout)")
+    return 0
+
+
+def run_average(args: argparse.Namespace) -> int:
+    sources = last_checkpoints(args.run, args.last, args.runs_root)
+    weights, config = weighted_average(sources, normalised_weights(None, len(sources)))
+    out = write_weights(weights, config, args.out, args.layout, DTYPES.get(args.dtype))
+    print(f"averaged {len(sources)} checkpoints ({', '.join(path.name for path in sources)}) -> {out} ({args.layout} layout)")
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    sources = [find_run_checkpoint(checkpoint, args.runs_root) for checkpoint in args.checkpoints]
+    mixing = normalised_weights(args.weights, len(sources))
+    weights, config = weighted_average(sources, mixing)
+    out = write_weights(weights, config, args.out, args.layout, DTYPES.get(args.dtype))
+    parts = ", ".join(f"{weight:.4g} x {source}" for weight, source in zip(mixing, sources))
+    print(f"merged {parts} -> {out} ({args.layout} layout)")
+    return 0
+
+
+def _add_output_options(parser: argparse.ArgumentParser, layout_required: bool) -> None:
+    parser.add_argument("--out", required=True, help="diffusers: a directory; original: a .safetensors file")
+    parser.add_argument("--layout", choices=LAYOUTS, required=layout_required, default=None if layout_required else "diffusers")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: as stored)")
+    parser.add_argument("--runs-root", default="runs", help="where run names are looked up (default: runs)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    export = subparsers.add_parser("export", help="write a run's checkpoint in the diffusers or original layout")
+    export.add_argument("run", help="run directory or name, or a checkpoint path")
+    export.add_argument("--step", type=int, default=None, help="the committed step to export (default: newest)")
+    _add_output_options(export, layout_required=True)
+    export.set_defaults(func=run_export)
+
+    average = subparsers.add_parser("average", help="uniform average of a run's last K checkpoints (PMA)")
+    average.add_argument("run", help="run directory or name")
+    average.add_argument("--last", type=int, required=True, metavar="K", help="how many of the newest committed checkpoints")
+    _add_output_options(average, layout_required=False)
+    average.set_defaults(func=run_average)
+
+    merge = subparsers.add_parser("merge", help="weighted average of checkpoints of one model config")
+    merge.add_argument("checkpoints", nargs="+", help="runs, DCP checkpoint dirs, diffusers dirs or safetensors files")
+    merge.add_argument("--weights", type=float, nargs="+", default=None, help="one per checkpoint, normalised (default: uniform)")
+    _add_output_options(merge, layout_required=False)
+    merge.set_defaults(func=run_merge)

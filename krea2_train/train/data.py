@@ -1,0 +1,143 @@
+"""The training data of a run: registry shards, a pinned manifest and the deterministic loader.
+
+``data.source=shapes`` first makes the data: rank 0 renders the shapes world once under
+``runs_root/_datasets``, registers it (``krea2 data ingest``) and packs it at this stage's image
+size (``krea2 data work --job pack`` does the same for other datasets), all idempotent, so the
+stages of a chain share one dataset. ``data.source=registry`` trains on shards packed beforehand.
+
+The run pins its manifest (the shard list) in ``run_dir/manifest.json``; the sample order is a
+pure function of the manifest, seed and global batch size (``krea2_train.data.plan``). Leases and
+progress go to PostgreSQL through a ``LeaseKeeper`` per rank; the order never depends on them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch.distributed as dist
+
+from krea2_train.config.schema import RunConfig
+from krea2_train.data.loader import LoaderConfig, ShardLoader, pinned_manifest
+from krea2_train.store.leases import LeaseKeeper
+
+logger = logging.getLogger("krea2_train")
+
+SHAPES_RENDER_MIN_SIDE = 256  # render once at least this large; packing resizes per stage
+
+
+def shapes_dataset_name(config: RunConfig, render_side: int) -> str:
+    return f"{config.data.dataset}_{render_side}px_n{config.data.num_samples}_s{config.seed}"
+
+
+def prepare_shapes(store, config: RunConfig, runs_root: Path, image_side: int, pixel_multiple: int) -> str:
+    """Render, register and pack the shapes world for this image size; returns the dataset name."""
+    from krea2_train.data.ingest import ingest
+    from krea2_train.data.pack import PackSettings, pack_dataset
+    from krea2_train.data.shapes import write_shapes_dataset
+    from krea2_train.curate.jobs import load_jobs
+    from krea2_train.store.queue import get_job, run_worker
+
+    render_side = max(SHAPES_RENDER_MIN_SIDE, image_side)
+    dataset = shapes_dataset_name(config, render_side)
+    folder = runs_root / "_datasets" / dataset
+    if not (folder / ".complete").exists():
+        logger.info("rendering %d shapes-world images at %d px into %s", config.data.num_samples, render_side, folder)
+        write_shapes_dataset(folder, config.data.num_samples, render_side, seed=config.seed, aspect_ratios=config.data.buckets)
+        (folder / ".complete").touch()
+    ingest(store, dataset, folder=folder)
+    # decode and size checks mark images packable; dedup is not run on the shapes world (its
+    # perceptual hash would merge distinct scenes of plain shapes on plain backgrounds)
+    load_jobs()
+    run_worker(store, get_job("decode"))
+    settings = PackSettings(aspect_ratios=tuple(config.data.buckets), pixel_multiple=pixel_multiple, shard_size=256, seed=config.seed)
+    report = pack_dataset(store, dataset, [image_side], runs_root / "_shards", settings)
+    logger.info("packed %s at %d px: %d new samples", dataset, image_side, report.num_samples)
+    return dataset
+
+
+class TrainLoader:
+    """Endless batches for the trainer (epoch after epoch) with the loader's checkpoint state.
+
+    Yields dicts: ``images [b, 3, H, W]`` in [-1, 1], ``captions`` (b strings), ``sample_ids``.
+    """
+
+    def __init__(self, loader: ShardLoader, store=None, lease_keeper: LeaseKeeper | None = None) -> None:
+        self.loader = loader
+        self.store = store
+        self.lease_keeper = lease_keeper
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            for batch in self.loader:
+                yield {"images": batch.images, "captions": batch.captions, "sample_ids": batch.sample_ids}
+
+    def close(self) -> None:
+        if self.lease_keeper is not None:
+            self.lease_keeper.close()
+        if self.store is not None:
+            self.store.close()
+
+
+def _broadcast(value: Any) -> Any:
+    if not dist.is_initialized():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def build_train_loader(
+    config: RunConfig,
+    run_dir: Path,
+    *,
+    dp_rank: int,
+    dp_size: int,
+    image_side: int,
+    pixel_multiple: int,
+    is_main: bool,
+    barrier: Callable[[], None],
+    holds_lease: bool = True,
+) -> TrainLoader:
+    """The run's loader for data-parallel rank ``dp_rank`` of ``dp_size``.
+
+    ``holds_lease``: this process records the rank's leases (one process per data-parallel rank:
+    tensor-parallel peers read the same samples and do not).
+    """
+    from krea2_train.store import open_store
+
+    runs_root = Path(config.runs_root)
+    manifest_path = run_dir / "manifest.json"
+    store = dsn = None
+    if is_main:
+        store = open_store(config.data.dsn, data_dir=runs_root / "_store")
+        dsn = store.dsn
+        if not manifest_path.exists():
+            dataset = config.data.dataset
+            if config.data.source == "shapes":
+                dataset = prepare_shapes(store, config, runs_root, image_side, pixel_multiple)
+            pinned_manifest(manifest_path, store, [dataset], image_side)
+    dsn = _broadcast(dsn)
+    barrier()
+    from krea2_train.data.plan import Manifest
+
+    manifest = Manifest.load(manifest_path)
+    loader_config = LoaderConfig(
+        global_batch_size=config.data.global_batch_size,
+        seed=config.seed,
+        caption_mix=dict(config.data.caption_mix),
+        num_workers=config.data.num_workers,
+    )
+    loader = ShardLoader(manifest, loader_config, rank=dp_rank, world_size=dp_size)
+    lease_keeper = None
+    if holds_lease:
+        lease_keeper = LeaseKeeper(dsn, loader.run_info(config.run_name), dp_rank).start()
+        loader.lease_keeper = lease_keeper
+    return TrainLoader(loader, store, lease_keeper)

@@ -1,0 +1,53 @@
+"""Fault injection for tests and chaos drills, driven by the ``KREA2_FAULTS`` environment variable.
+
+A comma-separated list of ``ACTION@STEP[:rank=R]``:
+
+- ``kill@5:rank=1``: rank 1 SIGKILLs itself after step 5 (a crashed node);
+- ``stop@4:rank=0``: rank 0 SIGSTOPs itself after step 4 (a silent hang);
+- ``nan@3``: the loss of step 3 becomes NaN on every rank (a numerical blow-up).
+
+With the variable unset nothing here does anything.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+ACTIONS = ("kill", "stop", "nan")
+
+
+@dataclass(frozen=True)
+class Fault:
+    action: str
+    step: int
+    rank: int | None = None
+
+
+def parse_faults(spec: str) -> list[Fault]:
+    faults = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        head, _, rank_part = item.partition(":")
+        action, _, step = head.partition("@")
+        if action not in ACTIONS or not step.isdigit() or (rank_part and not rank_part.startswith("rank=")):
+            raise ValueError(f"bad fault {item!r} in KREA2_FAULTS; expected ACTION@STEP[:rank=R] with ACTION in {ACTIONS}")
+        faults.append(Fault(action, int(step), int(rank_part[5:]) if rank_part else None))
+    return faults
+
+
+class FaultInjector:
+    def __init__(self, rank: int, spec: str | None = None) -> None:
+        spec = os.environ.get("KREA2_FAULTS", "") if spec is None else spec
+        self.faults = [f for f in parse_faults(spec) if f.rank is None or f.rank == rank]
+
+    def poison_loss(self, step: int) -> bool:
+        """Whether the loss of ``step`` (1-based, the step being computed) must become NaN."""
+        return any(f.action == "nan" and f.step == step for f in self.faults)
+
+    def after_step(self, step: int) -> None:
+        for fault in self.faults:
+            if fault.step == step and fault.action == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if fault.step == step and fault.action == "stop":
+                os.kill(os.getpid(), signal.SIGSTOP)

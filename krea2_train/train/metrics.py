@@ -1,0 +1,137 @@
+"""Run metrics: one console line per logged step, JSONL in the run directory, wandb.
+
+The console line suits both a terminal and a Slurm log (plain text, one line, no carriage
+returns): step, loss, grad norm, lr, images/s, tokens/s, step time, memory, ETA.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import statistics
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("krea2_train")
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class MetricsLogger:
+    """Writes metrics on rank 0; every rank may call it (others do nothing)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        rank: int,
+        total_steps: int,
+        wandb_mode: str = "disabled",
+        wandb_project: str = "krea2_train",
+        run_name: str = "",
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.is_writer = rank == 0
+        self.total_steps = total_steps
+        self.step_times: deque[float] = deque(maxlen=50)
+        self.jsonl_path = run_dir / "metrics.jsonl"
+        self.wandb_run = None
+        if self.is_writer and wandb_mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb_run = wandb.init(
+                project=wandb_project,
+                name=run_name,
+                dir=str(run_dir),
+                mode=wandb_mode,
+                config=config,
+                resume="allow",
+                id=_wandb_id(run_dir, run_name),
+            )
+
+    def eta_seconds(self, step: int) -> float:
+        if not self.step_times:
+            return float("nan")
+        return statistics.median(self.step_times) * (self.total_steps - step)
+
+    def log_step(self, step: int, metrics: dict[str, float], *, step_time: float, print_line: bool = True) -> None:
+        self.step_times.append(step_time)
+        if not self.is_writer:
+            return
+        record = {"step": step, "time": time.time(), "step_time_s": step_time, **metrics}
+        with self.jsonl_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        if print_line:
+            logger.info(
+                "step %d/%d  loss %.4f  grad %.3f  lr %.2e  %.1f img/s  %.0f tok/s  %.2fs/step  mem %.2fGiB  eta %s%s",
+                step,
+                self.total_steps,
+                metrics.get("loss", float("nan")),
+                metrics.get("grad_norm", float("nan")),
+                metrics.get("lr", float("nan")),
+                metrics.get("images_per_s", float("nan")),
+                metrics.get("tokens_per_s", float("nan")),
+                step_time,
+                metrics.get("memory_gib", float("nan")),
+                format_duration(self.eta_seconds(step)),
+                "  SKIPPED (non-finite)" if metrics.get("skipped") else "",
+            )
+
+    def log_image(self, step: int, key: str, path: Path) -> None:
+        if self.is_writer and self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({key: wandb.Image(str(path))}, step=step)
+
+    def event(self, step: int, kind: str, **fields: Any) -> None:
+        """A non-metric event (resume, skip, rollback, checkpoint) in the JSONL and the log."""
+        if not self.is_writer:
+            return
+        with self.jsonl_path.open("a") as handle:
+            handle.write(json.dumps({"step": step, "time": time.time(), "event": kind, **fields}) + "\n")
+        logger.info("[%s] step %d %s", kind, step, " ".join(f"{k}={v}" for k, v in fields.items()))
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _wandb_id(run_dir: Path, run_name: str) -> str:
+    """A stable wandb id per run directory, so a resumed run continues the same wandb run."""
+    id_file = run_dir / "wandb_id.txt"
+    if not id_file.exists():
+        import uuid
+
+        id_file.write_text(f"{run_name}-{uuid.uuid4().hex[:8]}")
+    return id_file.read_text().strip()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The step records of a run's metrics.jsonl (events excluded)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if "event" not in r]

@@ -1,0 +1,105 @@
+"""``krea2 sample``: images from a checkpoint of a run, or from weights in either layout.
+
+    krea2 sample --checkpoint runs/pretrain_256 --prompt "a red circle" --out samples/
+    krea2 sample --checkpoint krea2-raw/ --text-encoder qwen3-vl/ --autoencoder qwen_image \\
+        --autoencoder-path qwen-image-vae/ --preset raw --prompt "..."
+
+A run (name or directory) or one of its checkpoints brings its own conditioning networks (the
+run's config); other checkpoints need --text-encoder and --autoencoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from krea2_train.train.checkpoint import find_run_checkpoint, is_dcp_checkpoint, run_dir_of
+
+
+def load_for_sampling(checkpoint: str, runs_root: str = "runs") -> tuple[torch.nn.Module, Path | None]:
+    """(Krea2DiT in eval mode, the run directory if the checkpoint belongs to a run)."""
+    from krea2_train.model.presets import build_model
+    from krea2_train.train.commands import load_checkpoint_weights
+
+    source = find_run_checkpoint(checkpoint, runs_root)
+    weights, config = load_checkpoint_weights(source)
+    with torch.device("meta"):
+        model = build_model(config)
+    model.load_state_dict(weights, strict=True, assign=True)
+    run_dir = run_dir_of(source) if is_dcp_checkpoint(source) else None
+    return model.eval(), run_dir
+
+
+def conditioning_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
+    """Conditioning networks: the run's, overridden by what the command line gives."""
+    settings = dict(autoencoder=None, autoencoder_path=None, text_encoder=None, max_text_tokens=512, text_select_layers=None)
+    if run_dir is not None and (run_dir / "config.yaml").exists():
+        run_conditioning = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml").conditioning)
+        settings.update({key: run_conditioning[key] for key in settings})
+        if settings["text_encoder"] == "tiny":
+            settings["text_encoder"] = str(run_dir / "text_encoder")
+    for key in ("autoencoder", "autoencoder_path", "text_encoder", "max_text_tokens"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    for key in ("autoencoder", "text_encoder"):
+        if not settings[key]:
+            raise SystemExit(f"krea2 sample: {args.checkpoint} is not a run of this trainer: pass --{key.replace('_', '-')}")
+    return settings
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from krea2_train.conditioning.conditioner import build_conditioner
+    from krea2_train.flow.generate import generate, to_pil
+    from krea2_train.flow.sampler import resolve_sampler_settings
+
+    model, run_dir = load_for_sampling(args.checkpoint, args.runs_root)
+    settings = conditioning_settings(args, run_dir)
+    conditioner = build_conditioner(
+        settings["autoencoder"],
+        settings["text_encoder"],
+        autoencoder_path=settings["autoencoder_path"],
+        text_select_layers=settings["text_select_layers"],
+        max_text_tokens=settings["max_text_tokens"],
+    )
+    unit = conditioner.pixels_per_token
+    height = args.height or conditioner.image_side(args.resolution)
+    width = args.width or conditioner.image_side(args.resolution)
+    if height % unit or width % unit:
+        raise SystemExit(f"krea2 sample: --height/--width must be multiples of {unit} px with this autoencoder")
+    grid = conditioner.grid(height, width)
+    sampler = resolve_sampler_settings(args.preset, grid.num_tokens, num_steps=args.steps, guidance_scale=args.guidance)
+    prompts = [p for p in args.prompt for _ in range(args.num_images)]
+    images = generate(model, conditioner, prompts, height, width, sampler, seed=args.seed, negative_prompt=args.negative_prompt)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(to_pil(images)):
+        path = out / f"sample-{index:03d}.png"
+        image.save(path)
+        print(path)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("sample", help="generate images from a checkpoint", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="run name or dir, checkpoint dir, diffusers dir or safetensors file")
+    parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--out", default="samples")
+    parser.add_argument("--preset", default="raw", help="sampler preset: raw (52 steps, g=3.5) or turbo (8 steps, g=0)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--resolution", type=int, default=256, help="nominal resolution (Qwen-VAE pixels; 16 px per token)")
+    parser.add_argument("--height", type=int, default=None, help="image height in pixels (overrides --resolution)")
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs-root", default="runs")
+    parser.add_argument("--text-encoder", default=None, help="local Qwen3-VL directory (runs bring their own)")
+    parser.add_argument("--autoencoder", default=None, choices=["pixel", "qwen_image"])
+    parser.add_argument("--autoencoder-path", default=None)
+    parser.add_argument("--max-text-tokens", type=int, default=None)
+    parser.set_defaults(func=run_sample)

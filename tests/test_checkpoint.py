@@ -1,0 +1,385 @@
+"""CheckpointManager: round trips, async snapshots, atomic commit, retention, failures, resharding."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from krea2_train.model import build_model
+from krea2_train.train import checkpoint as ckpt
+from krea2_train.train.checkpoint import (
+    CheckpointManager,
+    CheckpointVerificationError,
+    CheckpointWriteError,
+    ModelOptimizerState,
+    NoCheckpointError,
+    TrainState,
+    find_run_checkpoint,
+    load_model_weights,
+    reseed_rng,
+    write_model_config,
+)
+
+SCRIPTS = Path(__file__).parent / "ckpt_scripts"
+REPO_ROOT = Path(__file__).parent.parent
+
+
+class FakeLoader:
+    """A loader position: the Stateful a data loader exposes."""
+
+    def __init__(self, epoch: int = 0, batch_index: int = 0) -> None:
+        self.epoch, self.batch_index = epoch, batch_index
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch_index": self.batch_index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batch_index = state["epoch"], state["batch_index"]
+
+
+def tiny_model_and_optimizer(seed: int):
+    torch.manual_seed(seed)
+    model = build_model("tiny")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(std=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    return model, optimizer
+
+
+def optimizer_step(model, optimizer, seed: int) -> None:
+    """One AdamW step on random gradients (so exp_avg, exp_avg_sq and step are all non-trivial)."""
+    generator = torch.Generator().manual_seed(seed)
+    for parameter in model.parameters():
+        parameter.grad = torch.randn(parameter.shape, generator=generator)
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def optimizer_tensors(optimizer) -> list[torch.Tensor]:
+    return [value.clone() for state in optimizer.state.values() for value in state.values()]
+
+
+def rng_draws() -> tuple:
+    return random.random(), float(np.random.rand()), torch.rand(3)
+
+
+def assert_rng_draws_equal(actual, expected) -> None:
+    assert actual[0] == expected[0] and actual[1] == expected[1]
+    assert torch.equal(actual[2], expected[2])
+
+
+def gated_writer(gate: threading.Event | None = None, error: OSError | None = None):
+    """A DCP writer factory whose data write waits for ``gate`` or fails with ``error``."""
+
+    class Writer(torch.distributed.checkpoint.FileSystemWriter):
+        def write_data(self, plan, planner):
+            if gate is not None and not gate.wait(timeout=120):
+                raise TimeoutError("the test never opened the gate")
+            if error is not None:
+                raise error
+            return super().write_data(plan, planner)
+
+    return lambda path: Writer(str(path), single_file_per_rank=True, sync_files=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Round trips
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("async_mode", ["sync", "async"])
+def test_round_trip_model_optimizer_train_state_rng_and_loader(tmp_path, async_mode):
+    model, optimizer = tiny_model_and_optimizer(seed=0)
+    optimizer_step(model, optimizer, seed=1)
+    train_state = TrainState(step=10, tokens_seen=12345, samples_seen=80, skipped_steps=2)
+    loader, local = FakeLoader(epoch=3, batch_index=17), FakeLoader(epoch=9, batch_index=99)
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    manager = CheckpointManager(tmp_path, interval=10, async_mode=async_mode)
+    stateful = {"model": ModelOptimizerState(model, optimizer), "train_state": train_state, "loader": loader}
+    assert manager.save(10, stateful, rank_local={"local": local})
+    expected_weights = {key: value.clone() for key, value in model.state_dict().items()}
+    expected_optimizer = optimizer_tensors(optimizer)
+    expected_draws = rng_draws()
+    manager.wait()
+
+    fresh_model, fresh_optimizer = tiny_model_and_optimizer(seed=1)
+    fresh_state, fresh_loader, fresh_local = TrainState(), FakeLoader(), FakeLoader()
+    loaded = CheckpointManager(tmp_path, interval=10).load(
+        {"model": ModelOptimizerState(fresh_model, fresh_optimizer), "train_state": fresh_state, "loader": fresh_loader},
+        rank_local={"local": fresh_local},
+    )
+
+    assert loaded.step == 10 and loaded.rank_state_restored and loaded.saved_world_size == 1
+    for key, value in fresh_model.state_dict().items():
+        assert torch.equal(value, expected_weights[key]), key
+    restored_optimizer = optimizer_tensors(fresh_optimizer)
+    assert len(restored_optimizer) == len(expected_optimizer) > 0
+    assert all(torch.equal(a, b) for a, b in zip(restored_optimizer, expected_optimizer))
+    assert fresh_optimizer.param_groups[0]["weight_decay"] == 0.1
+    assert fresh_state == train_state
+    assert (fresh_loader.epoch, fresh_loader.batch_index) == (3, 17)
+    assert (fresh_local.epoch, fresh_local.batch_index) == (9, 99)
+    assert_rng_draws_equal(rng_draws(), expected_draws)
+
+
+def test_manifest_records_the_commit(tmp_path):
+    model, optimizer = tiny_model_and_optimizer(seed=0)
+    manager = CheckpointManager(tmp_path, interval=5, async_mode="sync", config_hash="abc123")
+    assert not manager.save(7, {"model": ModelOptimizerState(model, optimizer)})  # not due
+    assert manager.save(7, {"model": ModelOptimizerState(model, optimizer)}, force=True)
+    directory = tmp_path / "checkpoints" / "step-00000007"
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["step"] == 7 and manifest["world_size"] == 1 and manifest["config_hash"] == "abc123"
+    assert manifest["model_prefix"] == "model.model."
+    on_disk = {p.relative_to(directory).as_posix(): p.stat().st_size for p in directory.rglob("*") if p.is_file()}
+    del on_disk["manifest.json"]
+    assert manifest["files"] == on_disk and manifest["bytes"] == sum(on_disk.values())
+    assert {".metadata", "__0_0.distcp", "rank_state/rank-00000.pt"} <= set(on_disk)
+    assert manager.latest_step() == 7 and not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_load_model_weights_reads_only_the_model(tmp_path):
+    model, optimizer = tiny_model_and_optimizer(seed=0)
+    optimizer_step(model, optimizer, seed=1)
+    manager = CheckpointManager(tmp_path, interval=1, async_mode="sync")
+    manager.save(1, {"model": ModelOptimizerState(model, optimizer), "train_state": TrainState(step=1)})
+    weights = load_model_weights(find_run_checkpoint(tmp_path))
+    expected = model.state_dict()
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[key], expected[key]) for key in expected)
+
+
+def test_single_process_with_an_initialised_process_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model, optimizer = tiny_model_and_optimizer(seed=0)
+        optimizer_step(model, optimizer, seed=1)
+        manager = CheckpointManager(tmp_path / "run", interval=2, async_mode="async")
+        manager.save(2, {"model": ModelOptimizerState(model, optimizer), "train_state": TrainState(step=2)})
+        manager.close()
+        fresh_model, fresh_optimizer = tiny_model_and_optimizer(seed=3)
+        state = TrainState()
+        CheckpointManager(tmp_path / "run", interval=2).load({"model": ModelOptimizerState(fresh_model, fresh_optimizer), "train_state": state})
+    finally:
+        dist.destroy_process_group()
+    assert state.step == 2
+    assert all(torch.equal(a, b) for a, b in zip(fresh_model.state_dict().values(), model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(optimizer_tensors(fresh_optimizer), optimizer_tensors(optimizer)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Asynchronous saves
+# ----------------------------------------------------------------------------------------------
+
+
+def test_async_save_returns_before_the_write_and_snapshots_the_state(tmp_path, monkeypatch):
+    gate = threading.Event()
+    monkeypatch.setattr(ckpt, "_storage_writer", gated_writer(gate))
+    model, optimizer = tiny_model_and_optimizer(seed=0)
+    snapshot = {key: value.clone() for key, value in model.state_dict().items()}
+    manager = CheckpointManager(tmp_path, interval=10, async_mode="async")
+    try:
+        assert manager.save(10, {"model": ModelOptimizerState(model, optimizer)})
+        # save() returned while the write is held back: nothing is committed yet
+        assert manager.latest_step() is None
+        assert (tmp_path / "checkpoints" / "step-00000010.tmp").is_dir()
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(1.0)  # training continues and changes the weights in place
+    finally:
+        gate.set()
+    manager.wait()
+    assert manager.latest_step() == 10 and manager.last_blocked_s is not None and manager.last_write_s is not None
+    weights = load_model_weights(tmp_path / "checkpoints" / "step-00000010")
+    assert all(torch.equal(weights[key], snapshot[key]) for key in snapshot)
+
+
+@pytest.mark.parametrize("async_mode", ["sync", "async"])
+def test_a_failed_write_is_reported_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, async_mode):
+    state = {"weights": torch.arange(10.0)}
+    manager = CheckpointManager(tmp_path, interval=10, async_mode=async_mode)
+    manager.save(10, state)
+    manager.wait()
+    disk_full = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ckpt, "_storage_writer", gated_writer(error=disk_full))
+    tmp_dir = tmp_path / "checkpoints" / "step-00000020.tmp"
+    with pytest.raises(CheckpointWriteError) as failure:
+        manager.save(20, state)  # sync: raises here
+        manager.wait()  # async: raises when the pending save is finished
+    assert str(tmp_dir) in str(failure.value) and "No space left on device" in str(failure.value)
+    assert manager.latest_step() == 10 and not tmp_dir.exists()
+    monkeypatch.undo()
+    manager.save(30, state)  # the manager keeps working after a failure
+    manager.wait()
+    assert sorted(manager.committed()) == [10, 30]
+
+
+# ----------------------------------------------------------------------------------------------
+# Crashes, retention, verification
+# ----------------------------------------------------------------------------------------------
+
+CRASH_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, torch
+    from krea2_train.train.checkpoint import CheckpointManager
+    manager = CheckpointManager(sys.argv[1], interval=10, async_mode="async")
+    manager.save(10, {"weights": torch.arange(4.0)})
+    manager.wait()
+    manager._commit = lambda *args, **kwargs: os._exit(3)  # die after the write, before the commit
+    manager.save(20, {"weights": torch.arange(4.0) + 1})
+    manager.wait()
+    """
+)
+
+
+def test_a_crash_before_commit_leaves_the_previous_checkpoint_latest(tmp_path):
+    result = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stderr
+    checkpoints = tmp_path / "checkpoints"
+    crashed = checkpoints / "step-00000020.tmp"
+    assert (crashed / ".metadata").is_file()  # fully written, never committed
+    assert find_run_checkpoint(tmp_path).name == "step-00000010"
+    manager = CheckpointManager(tmp_path, interval=10)  # the next start cleans up
+    assert manager.latest_step() == 10 and not crashed.exists()
+    state = {"weights": torch.zeros(4)}
+    manager.load(state)
+    assert torch.equal(state["weights"], torch.arange(4.0))
+
+
+def test_retention_keeps_the_last_k_and_every_mth(tmp_path):
+    manager = CheckpointManager(tmp_path, interval=10, keep_last=2, keep_every=30, async_mode="sync")
+    for step in range(1, 101):
+        manager.save(step, {"weights": torch.full((3,), float(step))})
+    assert sorted(manager.committed()) == [30, 60, 90, 100]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step-00000030", "step-00000060", "step-00000090", "step-00000100"
+    ]  # fmt: skip
+
+
+def test_checkpoints_not_matching_their_manifest_do_not_count(tmp_path):
+    manager = CheckpointManager(tmp_path, interval=10, async_mode="sync")
+    manager.save(10, {"weights": torch.arange(5.0)})
+    manager.save(20, {"weights": torch.arange(5.0) + 1})
+    manager.save(30, {"weights": torch.arange(5.0) + 2})
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "step-00000030" / "__0_0.distcp").unlink()  # manifest points at a missing file
+    with open(checkpoints / "step-00000020" / "__0_0.distcp", "ab") as file:  # a resized file
+        file.write(b"x")
+    shutil.copytree(checkpoints / "step-00000010", checkpoints / "step-00000040")
+    (checkpoints / "step-00000040" / "manifest.json").unlink()  # no manifest: never committed
+    assert manager.latest_step() == 10
+    state = {"weights": torch.zeros(5)}
+    assert manager.load(state).step == 10 and torch.equal(state["weights"], torch.arange(5.0))
+    with pytest.raises(CheckpointVerificationError, match=r"__0_0\.distcp is missing"):
+        load_model_weights(checkpoints / "step-00000030")
+    with pytest.raises(NoCheckpointError, match="step 30"):
+        manager.load(state, step=30)
+
+
+def test_verification_of_a_written_checkpoint_names_missing_rank_files(tmp_path):
+    directory = tmp_path / "step-00000001.tmp"
+    torch.distributed.checkpoint.save({"w": torch.ones(3)}, checkpoint_id=str(directory), no_dist=True)
+    with pytest.raises(CheckpointVerificationError, match="rank 1's state"):
+        ckpt.verify_written_checkpoint(directory, world_size=2)
+
+
+def test_no_committed_checkpoint(tmp_path):
+    manager = CheckpointManager(tmp_path / "run", interval=10)
+    assert manager.latest_step() is None
+    assert manager.load({"weights": torch.zeros(2)}) is None
+    with pytest.raises(NoCheckpointError, match="step 5"):
+        manager.load({"weights": torch.zeros(2)}, step=5)
+    write_model_config(tmp_path / "run", {"num_layers": 2})
+    with pytest.raises(NoCheckpointError, match="no committed checkpoint"):
+        find_run_checkpoint(tmp_path / "run")
+    with pytest.raises(NoCheckpointError, match="neither a checkpoint"):
+        find_run_checkpoint("missing-run", runs_root=tmp_path)
+
+
+def test_find_run_checkpoint_by_name_and_direct_paths(tmp_path):
+    manager = CheckpointManager(tmp_path / "runs" / "exp1", interval=10, async_mode="sync")
+    manager.save(10, {"w": torch.ones(2)})
+    manager.save(20, {"w": torch.ones(2)})
+    newest = tmp_path / "runs" / "exp1" / "checkpoints" / "step-00000020"
+    assert find_run_checkpoint("exp1", runs_root=tmp_path / "runs") == newest
+    assert find_run_checkpoint("exp1", runs_root=tmp_path / "runs", step=10).name == "step-00000010"
+    assert find_run_checkpoint(newest) == newest
+    weights_file = tmp_path / "model.safetensors"
+    weights_file.write_bytes(b"")
+    assert find_run_checkpoint(weights_file) == weights_file
+
+
+def test_train_state_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="no fields"):
+        TrainState().load_state_dict({"step": 1, "epochs": 2})
+
+
+# ----------------------------------------------------------------------------------------------
+# Resharding with FSDP2 (torchrun, gloo)
+# ----------------------------------------------------------------------------------------------
+
+
+def torchrun(script: str, *args: str) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPTS / script), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+@pytest.mark.slow
+def test_reshard_two_fsdp_ranks_to_one_process(tmp_path):
+    torchrun("fsdp_checkpoint.py", "save", str(tmp_path / "run"), str(tmp_path / "reference.pt"))
+    reference = torch.load(tmp_path / "reference.pt")
+    model, optimizer = tiny_model_and_optimizer(seed=123)  # different weights, to be overwritten
+    state = TrainState()
+    loaded = CheckpointManager(tmp_path / "run", interval=1, seed=7).load(
+        {"model": ModelOptimizerState(model, optimizer), "train_state": state}
+    )
+    assert loaded.saved_world_size == 2 and not loaded.rank_state_restored and state.step == 3
+    draws = rng_draws()
+    reseed_rng(7, 3, 0)
+    assert_rng_draws_equal(draws, rng_draws())  # reseeded from (seed, step, rank)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, reference["model"][key]), key
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    optimizer_state = get_optimizer_state_dict(model, optimizer)["state"]
+    assert optimizer_state.keys() == reference["optimizer"].keys()
+    for key, values in reference["optimizer"].items():
+        for name, value in values.items():
+            assert torch.equal(optimizer_state[key][name], value), (key, name)
+
+
+@pytest.mark.slow
+def test_reshard_one_process_to_two_fsdp_ranks(tmp_path):
+    model, optimizer = tiny_model_and_optimizer(seed=0)
+    optimizer_step(model, optimizer, seed=1)
+    optimizer_step(model, optimizer, seed=2)
+    manager = CheckpointManager(tmp_path / "run", interval=1, async_mode="sync")
+    manager.save(2, {"model": ModelOptimizerState(model, optimizer), "train_state": TrainState(step=2)})
+    torchrun("fsdp_checkpoint.py", "load", str(tmp_path / "run"), str(tmp_path / "loaded.pt"))
+    loaded = torch.load(tmp_path / "loaded.pt")
+    assert loaded["train_step"] == 2
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded["model"][key], value), key
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    expected = get_optimizer_state_dict(model, optimizer)["state"]
+    assert expected.keys() == loaded["optimizer"].keys()
+    for key, values in expected.items():
+        for name, value in values.items():
+            assert torch.equal(loaded["optimizer"][key][name], value), (key, name)

@@ -1,0 +1,155 @@
+"""Curation: hashes, quality scores, and the decode / filters / dedup jobs on a real store."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from krea2_train.curate import jobs as curate_jobs
+from krea2_train.curate.filters import laplacian_variance, quality_scores, rgb_entropy, white_black_ratios
+from krea2_train.curate.hashing import (
+    COLORHASH_BITS,
+    PHASH_BITS,
+    color_hash,
+    dct_matrix,
+    hamming,
+    perceptual_hash,
+    phash_bands,
+)
+from krea2_train.data.ingest import ingest
+from krea2_train.data.shapes import write_shapes_dataset
+from krea2_train.store.queue import job_counts, run_worker
+
+
+def _scene(seed: int, size: int = 96) -> Image.Image:
+    """A smooth random scene: a few blurred coloured blobs."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC)
+
+
+def _jpeg_roundtrip(image: Image.Image, size: int) -> Image.Image:
+    buffer = io.BytesIO()
+    image.resize((size, size), Image.Resampling.LANCZOS).save(buffer, format="JPEG", quality=80)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def test_dct_matrix_is_orthonormal():
+    matrix = dct_matrix(48)
+    np.testing.assert_allclose(matrix @ matrix.T, np.eye(48), atol=1e-12)
+
+
+def test_perceptual_hash_survives_resize_and_jpeg_but_separates_scenes():
+    original = _scene(0)
+    copy = _jpeg_roundtrip(original, 64)
+    assert len(perceptual_hash(original)) == PHASH_BITS
+    assert hamming(perceptual_hash(original), perceptual_hash(copy)) <= curate_jobs.PHASH_MAX_DISTANCE
+    assert hamming(color_hash(original), color_hash(copy)) <= curate_jobs.COLOR_MAX_DISTANCE
+    for seed in range(1, 6):
+        assert hamming(perceptual_hash(original), perceptual_hash(_scene(seed))) > 3 * curate_jobs.PHASH_MAX_DISTANCE
+
+
+def test_colour_hash_separates_same_layout_in_other_colours():
+    layout = np.asarray(_scene(0).convert("L"), np.float64)[..., None]
+    # luminance proportional to the same layout in both, so the perceptual hash cannot tell them apart
+    original = Image.fromarray((layout * [1.0, 0.3, 0.3]).astype(np.uint8))  # reddish
+    recoloured = Image.fromarray((layout * [0.3, 0.3, 1.0]).astype(np.uint8))  # bluish
+    assert hamming(perceptual_hash(original), perceptual_hash(recoloured)) <= curate_jobs.PHASH_MAX_DISTANCE
+    assert len(color_hash(original)) == COLORHASH_BITS
+    assert hamming(color_hash(original), color_hash(recoloured)) > curate_jobs.COLOR_MAX_DISTANCE
+
+
+def test_colour_hash_distance_is_the_summed_level_difference():
+    dark, light = Image.new("RGB", (8, 8), (0, 0, 0)), Image.new("RGB", (8, 8), (64, 0, 0))
+    assert hamming(color_hash(dark), color_hash(light)) == 4 * 2  # 4 cells, red level 0 -> 2
+
+
+def test_phash_bands_find_every_pair_within_the_distance():
+    rng = random.Random(0)
+    for _ in range(200):
+        bits = [rng.choice("01") for _ in range(PHASH_BITS)]
+        other = list(bits)
+        for index in rng.sample(range(PHASH_BITS), curate_jobs.PHASH_MAX_DISTANCE):
+            other[index] = "1" if other[index] == "0" else "0"
+        a, b = "".join(bits), "".join(other)
+        assert set(phash_bands(a)) & set(phash_bands(b))
+    assert sorted(band >> 12 for band in phash_bands("0" * PHASH_BITS)) == list(range(12))
+    with pytest.raises(ValueError, match="144 bits"):
+        phash_bands("01")
+
+
+def test_quality_scores_on_known_images():
+    white = np.full((32, 32, 3), 255, np.uint8)
+    assert laplacian_variance(white) == 0.0
+    assert rgb_entropy(white) == 0.0
+    assert white_black_ratios(white) == (1.0, 0.0)
+    half = np.zeros((32, 32, 3), np.uint8)
+    half[:, :16] = 255
+    assert white_black_ratios(half) == (0.5, 0.5)
+    assert rgb_entropy(half) == pytest.approx(1.0)
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    assert rgb_entropy(noise) > 7.9
+    assert laplacian_variance(noise) > 100 * laplacian_variance(np.asarray(_scene(0)))
+    scores = quality_scores(Image.new("RGB", (2048, 1024), (0, 0, 0)))
+    assert scores == {"laplacian_var": 0.0, "rgb_entropy": 0.0, "white_ratio": 0.0, "black_ratio": 1.0}
+
+
+def test_decode_records_unreadable_files_by_name():
+    bad = curate_jobs.decode_row({"uri": "/nonexistent/x.png"})
+    assert bad["decode_ok"] is False and "/nonexistent/x.png" in bad["decode_error"]
+    with pytest.raises(ValueError, match="unsupported URI scheme 's3'"):
+        curate_jobs.open_rgb("s3://bucket/x.png")
+
+
+@pytest.fixture
+def curated_folder(tmp_path):
+    """Shapes images + an exact copy + a re-encoded near copy + a corrupt and a tiny file."""
+    folder = write_shapes_dataset(tmp_path / "shapes", 12, 64, seed=3)
+    (folder / "z_exact.png").write_bytes((folder / "000002.png").read_bytes())
+    _jpeg_roundtrip(Image.open(folder / "000005.png").convert("RGB"), 80).save(folder / "z_near.jpg", quality=90)
+    (folder / "z_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(folder / "z_tiny.png")
+    return folder
+
+
+@pytest.mark.postgres
+def test_decode_filters_dedup_pipeline(fresh_store, curated_folder):
+    ingest(fresh_store, "shapes", folder=curated_folder)
+    assert run_worker(fresh_store, curate_jobs.DEDUP).claimed == 0  # nothing decoded yet: dedup waits
+    decode = run_worker(fresh_store, curate_jobs.DECODE)
+    assert (decode.completed, decode.failed) == (16, 0)  # the corrupt file is a result, not a retry
+    run_worker(fresh_store, curate_jobs.FILTERS)
+    run_worker(fresh_store, curate_jobs.DEDUP)
+    assert job_counts(fresh_store) == {
+        "decode": {"pending": 0, "running": 0, "done": 16, "dead": 0},
+        "dedup": {"pending": 0, "running": 0, "done": 14, "dead": 0},
+        "filters": {"pending": 0, "running": 0, "done": 14, "dead": 0},
+    }
+    with fresh_store.pool.connection() as conn:
+        rows = conn.execute(
+            "SELECT i.uri, i.decode_ok, i.decode_error, i.width, i.md5, o.uri, i.rgb_entropy"
+            " FROM images i LEFT JOIN images o ON o.id = i.duplicate_of"
+        ).fetchall()
+    by_name = {uri.rsplit("/", 1)[1]: row for uri, *row in rows}
+    corrupt = by_name["z_corrupt.png"]
+    assert corrupt[0] is False and str(curated_folder / "z_corrupt.png") in corrupt[1]
+    tiny = by_name["z_tiny.png"]
+    assert tiny[0] is False and "8x8" in tiny[1] and tiny[2] == 8
+    duplicates = {name: row[4].rsplit("/", 1)[1] for name, row in by_name.items() if row[4] is not None}
+    assert duplicates == {"z_exact.png": "000002.png", "z_near.jpg": "000005.png"}
+    assert by_name["z_exact.png"][3] == by_name["000002.png"][3]
+    assert all(row[5] is not None for row in by_name.values() if row[0])
+
+
+@pytest.mark.postgres
+def test_cli_work_runs_the_decode_job(fresh_store, curated_folder, capsys):
+    from krea2_train.cli import main
+
+    ingest(fresh_store, "shapes", folder=curated_folder)
+    assert main(["data", "work", "--dsn", fresh_store.dsn, "--job", "decode", "--batch", "5"]) == 0
+    assert "'completed': 16" in capsys.readouterr().out
+    assert job_counts(fresh_store)["decode"]["done"] == 16

@@ -1,0 +1,151 @@
+"""`krea2 export | average | merge`: training checkpoints out to the diffusers and original layouts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import Krea2Transformer2DModel
+
+from krea2_train.cli import main as krea2
+from krea2_train.model import PRESETS, build_model
+from krea2_train.model import layouts
+from krea2_train.train.checkpoint import (
+    CheckpointManager,
+    ModelOptimizerState,
+    NoCheckpointError,
+    TrainState,
+    write_model_config,
+)
+from krea2_train.train.commands import normalised_weights
+
+TINY = PRESETS["tiny"]
+
+
+def random_model(seed: int, **overrides):
+    torch.manual_seed(seed)
+    model = build_model("tiny", **overrides)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(std=0.2)
+    return model
+
+
+def make_run(run_dir, seeds_by_step: dict[int, int], **overrides) -> dict[int, dict[str, torch.Tensor]]:
+    """A run directory with one committed checkpoint (model + AdamW) per step; returns the weights saved."""
+    model = random_model(0, **overrides)
+    write_model_config(run_dir, model.config)
+    optimizer = torch.optim.AdamW(model.parameters())
+    saved = {}
+    manager = CheckpointManager(run_dir, interval=1, keep_last=10, async_mode="sync")
+    for step, seed in seeds_by_step.items():
+        with torch.no_grad():
+            for key, parameter in random_model(seed, **overrides).state_dict().items():
+                model.get_parameter(key).copy_(parameter)
+        manager.save(step, {"model": ModelOptimizerState(model, optimizer), "train_state": TrainState(step=step)})
+        saved[step] = {key: value.clone() for key, value in model.state_dict().items()}
+    return saved
+
+
+def assert_same_weights(actual, expected, atol=0.0):
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=atol, rtol=0, msg=key)
+
+
+@pytest.fixture
+def run(tmp_path):
+    run_dir = tmp_path / "runs" / "exp"
+    return run_dir, make_run(run_dir, {10: 1, 20: 2, 30: 3})
+
+
+def test_export_diffusers_loads_in_diffusers_with_identical_weights(run, tmp_path):
+    run_dir, saved = run
+    out = tmp_path / "export"
+    assert krea2(["export", str(run_dir), "--layout", "diffusers", "--out", str(out)]) == 0
+    reference = Krea2Transformer2DModel.from_pretrained(out)
+    assert {key: getattr(reference.config, key) for key in ("num_layers", "attention_head_dim")} == {
+        "num_layers": TINY["num_layers"], "attention_head_dim": TINY["attention_head_dim"]
+    }  # fmt: skip
+    assert_same_weights(reference.state_dict(), saved[30])
+
+
+def test_export_original_layout_of_a_chosen_step_by_run_name(run, tmp_path):
+    run_dir, saved = run
+    out = tmp_path / "krea2.safetensors"
+    argv = ["export", "exp", "--runs-root", str(run_dir.parent), "--step", "20", "--layout", "original", "--out", str(out)]
+    assert krea2(argv) == 0
+    stored, _ = layouts.read_safetensors_header(out)
+    assert "model.diffusion_model.blocks.0.attn.wq.weight" in stored
+    weights, config = layouts.load_state_dict(out)
+    assert config == build_model("tiny").config
+    assert_same_weights(weights, saved[20])
+
+
+def test_export_casts_to_the_requested_dtype(run, tmp_path):
+    run_dir, saved = run
+    out = tmp_path / "bf16"
+    krea2(["export", str(run_dir), "--layout", "diffusers", "--dtype", "bf16", "--out", str(out)])
+    weights, _ = layouts.load_state_dict(out)
+    assert all(tensor.dtype == torch.bfloat16 for tensor in weights.values())
+    assert_same_weights(weights, {key: value.bfloat16() for key, value in saved[30].items()})
+
+
+def test_export_without_a_committed_checkpoint_fails_clearly(tmp_path):
+    write_model_config(tmp_path / "empty", build_model("tiny").config)
+    with pytest.raises(NoCheckpointError, match="no committed checkpoint"):
+        krea2(["export", str(tmp_path / "empty"), "--layout", "diffusers", "--out", str(tmp_path / "out")])
+
+
+def test_average_of_the_last_k_checkpoints_is_their_mean(run, tmp_path):
+    run_dir, saved = run
+    out = tmp_path / "pma.safetensors"
+    assert krea2(["average", str(run_dir), "--last", "2", "--layout", "original", "--out", str(out)]) == 0
+    weights, _ = layouts.load_state_dict(out)
+    expected = {key: (saved[20][key] + saved[30][key]) / 2 for key in saved[30]}
+    assert_same_weights(weights, expected, atol=1e-7)
+    with pytest.raises(NoCheckpointError, match="fewer than --last 4"):
+        krea2(["average", str(run_dir), "--last", "4", "--out", str(tmp_path / "x")])
+
+
+def test_merge_mixes_runs_and_files_of_either_layout_by_weight(run, tmp_path):
+    run_dir, saved = run
+    other = random_model(7)
+    original_file = tmp_path / "other.safetensors"
+    layouts.save_original(other.state_dict(), original_file, other.config)
+    diffusers_dir = tmp_path / "third"
+    third = random_model(8)
+    layouts.save_diffusers(third.state_dict(), diffusers_dir, third.config)
+    out = tmp_path / "merged"
+    argv = ["merge", str(run_dir), str(original_file), str(diffusers_dir), "--weights", "1", "2", "1", "--out", str(out)]
+    assert krea2(argv) == 0
+    merged, config = layouts.load_state_dict(out)
+    expected = {
+        key: 0.25 * saved[30][key] + 0.5 * other.state_dict()[key] + 0.25 * third.state_dict()[key] for key in saved[30]
+    }
+    assert_same_weights(merged, expected, atol=1e-6)
+    assert config == other.config
+
+
+def test_merge_refuses_checkpoints_of_different_configs(run, tmp_path):
+    run_dir, _ = run
+    wider = random_model(9, intermediate_size=128)
+    wider_file = tmp_path / "wider.safetensors"
+    layouts.save_original(wider.state_dict(), wider_file, wider.config)
+    with pytest.raises(layouts.CheckpointError, match="intermediate_size: 256 vs 128"):
+        krea2(["merge", str(run_dir), str(wider_file), "--out", str(tmp_path / "merged")])
+
+
+def test_merge_weights_are_validated():
+    assert normalised_weights(None, 4) == [0.25] * 4
+    assert normalised_weights([2, 6], 2) == [0.25, 0.75]
+    with pytest.raises(ValueError, match="2 weights for 3 checkpoints"):
+        normalised_weights([1, 1], 3)
+    with pytest.raises(ValueError, match="non-negative"):
+        normalised_weights([1, -1], 2)
+
+
+def test_run_config_is_recorded_as_json(tmp_path):
+    path = write_model_config(tmp_path, build_model("tiny").config)
+    assert json.loads(path.read_text())["axes_dims_rope"] == list(TINY["axes_dims_rope"])

@@ -1,0 +1,141 @@
+"""Dataset ingest: the three sources, idempotent re-runs, clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from krea2_train.cli import main
+from krea2_train.data.ingest import ingest
+from krea2_train.store import StoreError
+
+pytestmark = pytest.mark.postgres
+
+ROW_QUERY = (
+    "SELECT uri, caption_long, caption_medium, caption_short, facts, xmin::text, ingested_at"
+    " FROM images ORDER BY uri"
+)
+
+
+def _write_sample(folder, name, long_caption, meta=None, suffix=".png"):
+    Image.new("RGB", (32, 24), (10, 20, 30)).save(folder / f"{name}{suffix}")
+    (folder / f"{name}.txt").write_text(long_caption + "\n")
+    if meta is not None:
+        (folder / f"{name}.json").write_text(json.dumps(meta))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    _write_sample(root, "a", "a long caption", {"captions": {"medium": "medium a", "short": "a"}, "facts": {"n": 1}})
+    _write_sample(root, "b", "b long caption")
+    _write_sample(root / "sub", "c", "c long caption", {"captions": {"long": "ignored", "short": "c"}}, ".jpg")
+    (root / "notes.md").write_text("not an image")
+    return root
+
+
+def _rows(store):
+    with store.pool.connection() as conn:
+        return conn.execute(ROW_QUERY).fetchall()
+
+
+def test_folder_ingest_reads_captions_and_facts(fresh_store, folder):
+    report = ingest(fresh_store, "toy", folder=folder)
+    assert (report.rows, report.inserted, report.updated) == (3, 3, 0)
+    rows = {row[0]: row[1:5] for row in _rows(fresh_store)}
+    assert rows == {
+        str(folder / "a.png"): ("a long caption", "medium a", "a", {"n": 1}),
+        str(folder / "b.png"): ("b long caption", None, None, None),
+        str(folder / "sub" / "c.jpg"): ("c long caption", None, "c", None),
+    }
+
+
+def test_second_ingest_changes_nothing(fresh_store, folder):
+    ingest(fresh_store, "toy", folder=folder)
+    before = _rows(fresh_store)
+    again = ingest(fresh_store, "toy", folder=folder)
+    assert (again.inserted, again.updated, again.unchanged) == (0, 0, 3)
+    assert _rows(fresh_store) == before  # same contents, same xmin (no row version written), same ingested_at
+    with fresh_store.pool.connection() as conn:
+        assert conn.execute("SELECT count(*) FROM datasets").fetchone()[0] == 1
+
+
+def test_changed_caption_updates_only_that_row(fresh_store, folder):
+    ingest(fresh_store, "toy", folder=folder)
+    before = {row[0]: row for row in _rows(fresh_store)}
+    (folder / "b.txt").write_text("b rewritten\n")
+    report = ingest(fresh_store, "toy", folder=folder)
+    assert (report.inserted, report.updated) == (0, 1)
+    after = {row[0]: row for row in _rows(fresh_store)}
+    changed = [uri for uri in after if after[uri] != before[uri]]
+    assert changed == [str(folder / "b.png")]
+    assert after[changed[0]][1] == "b rewritten"
+    assert after[changed[0]][6] > before[changed[0]][6]
+
+
+def test_parquet_ingest(fresh_store, tmp_path):
+    table = pa.table(
+        {
+            "uri": ["x/1.png", "/abs/2.png"],
+            "caption_long": ["one", "two"],
+            "caption_short": ["1", None],
+            "facts": [json.dumps({"k": [1, 2]}), None],
+            "ignored": [1, 2],
+        }
+    )
+    path = tmp_path / "meta.parquet"
+    pq.write_table(table, path)
+    report = ingest(fresh_store, "pq", parquet=path)
+    assert report.inserted == 2
+    rows = {row[0]: row[1:5] for row in _rows(fresh_store)}
+    assert rows == {
+        str(tmp_path / "x" / "1.png"): ("one", None, "1", {"k": [1, 2]}),
+        "/abs/2.png": ("two", None, None, None),
+    }
+    assert ingest(fresh_store, "pq", parquet=path).unchanged == 2
+
+
+def test_parquet_without_uri_column_is_refused(fresh_store, tmp_path):
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"path": ["a.png"]}), path)
+    with pytest.raises(StoreError, match="no 'uri' column"):
+        ingest(fresh_store, "pq", parquet=path)
+
+
+def test_uri_list_uses_sidecars_and_refuses_duplicates(fresh_store, folder, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# two images\n{folder / 'a.png'}\n\nfile://{folder / 'b.png'}\n")
+    report = ingest(fresh_store, "listed", uris=listing)
+    assert report.inserted == 2
+    captions = sorted(row[1] for row in _rows(fresh_store))
+    assert captions == ["a long caption", "b long caption"]
+    listing.write_text(f"{folder / 'a.png'}\n{folder / 'a.png'}\n")
+    with pytest.raises(StoreError, match=r"a\.png appears twice"):
+        ingest(fresh_store, "listed", uris=listing)
+
+
+def test_invalid_sidecar_json_names_the_file(fresh_store, folder):
+    (folder / "b.json").write_text("{not json")
+    with pytest.raises(StoreError, match=r"invalid JSON in .*b\.json"):
+        ingest(fresh_store, "toy", folder=folder)
+
+
+def test_missing_folder_is_refused(fresh_store, tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        ingest(fresh_store, "toy", folder=tmp_path / "nope")
+
+
+def test_cli_ingest_twice_and_status(fresh_store, folder, capsys):
+    argv = ["data", "ingest", "--dsn", fresh_store.dsn, "--dataset", "toy", "--folder", str(folder)]
+    assert main(argv) == 0
+    assert "3 inserted" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "0 inserted, 0 updated, 3 unchanged" in capsys.readouterr().out
+    assert main(["data", "status", "--dsn", fresh_store.dsn]) == 0
+    status = capsys.readouterr().out
+    assert any(line.split()[:2] == ["toy", "3"] for line in status.splitlines())

