@@ -339,6 +339,9 @@ class FinalLayer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+AUXILIARY_PREFIX = "auxiliary."
+
+
 class Krea2DiT(nn.Module):
     """The Krea 2 DiT. Keywords and defaults are those of ``diffusers.Krea2Transformer2DModel``."""
 
@@ -407,6 +410,9 @@ class Krea2DiT(nn.Module):
             [Krea2Block(dim, intermediate_size, num_attention_heads, num_key_value_heads, norm_eps) for _ in range(num_layers)]
         )
         self.final_layer = FinalLayer(dim, in_channels, norm_eps)
+        # Training-only modules a stage attaches (e.g. the iREPA projector). Empty by default, so
+        # the state dict is exactly diffusers'; exports drop these keys (AUXILIARY_PREFIX).
+        self.auxiliary = nn.ModuleDict()
         self.init_weights()
 
     @torch.no_grad()

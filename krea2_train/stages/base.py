@@ -47,7 +47,12 @@ class StepContext:
 
 
 class Stage(Protocol):
-    """A training objective."""
+    """A training objective.
+
+    Optionally a stage defines ``prepare_model(model) -> model``, called once after the weights are
+    initialised or loaded and before parallelisation: LoRA injection, freezing, or attaching
+    training-only modules under ``model.auxiliary`` (trained, checkpointed, never exported).
+    """
 
     name: str
 

@@ -30,6 +30,8 @@ from krea2_train.train.checkpoint import (
     run_dir_of,
 )
 
+from krea2_train.model.dit import AUXILIARY_PREFIX  # noqa: E402
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LAYOUTS = ("diffusers", "original")
 
@@ -43,7 +45,8 @@ def load_checkpoint_weights(source: str | Path) -> tuple[dict[str, torch.Tensor]
             raise FileNotFoundError(
                 f"{source} is a DCP checkpoint outside a run directory, so its model config (run/model_config.json) is unknown"
             )
-        return load_model_weights(source), load_model_config(run_dir)
+        weights = {k: v for k, v in load_model_weights(source).items() if not k.startswith(AUXILIARY_PREFIX)}
+        return weights, load_model_config(run_dir)
     weights, config = layouts.load_state_dict(source)
     return weights, config if config is not None else layouts.infer_config({k: v.shape for k, v in weights.items()})
 

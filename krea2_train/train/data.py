@@ -60,7 +60,8 @@ def prepare_shapes(store, config: RunConfig, runs_root: Path, image_side: int, p
 class TrainLoader:
     """Endless batches for the trainer (epoch after epoch) with the loader's checkpoint state.
 
-    Yields dicts: ``images [b, 3, H, W]`` in [-1, 1], ``captions`` (b strings), ``sample_ids``.
+    Yields dicts: ``images [b, 3, H, W]`` in [-1, 1], ``captions`` (b strings), ``sample_ids``,
+    ``epoch`` and ``epoch_fraction`` (the part of the epoch done after this batch).
     """
 
     def __init__(self, loader: ShardLoader, store=None, lease_keeper: LeaseKeeper | None = None) -> None:
@@ -77,7 +78,13 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
             for batch in self.loader:
-                yield {"images": batch.images, "captions": batch.captions, "sample_ids": batch.sample_ids}
+                yield {
+                    "images": batch.images,
+                    "captions": batch.captions,
+                    "sample_ids": batch.sample_ids,
+                    "epoch": batch.epoch,
+                    "epoch_fraction": (batch.index + 1) / self.loader.batches_per_epoch,
+                }
 
     def close(self) -> None:
         if self.lease_keeper is not None:

