@@ -19,7 +19,7 @@ COMMAND_MODULES: dict[str, str] = {
     "export": "krea2_train.train.commands",
     "average": "krea2_train.train.commands",
     "merge": "krea2_train.train.commands",
-    "runs": "krea2_train.train.commands",
+    "runs": "krea2_train.train.runs_command",
     "lora": "krea2_train.model.lora_commands",
     "bench": "krea2_train.bench",
 }

@@ -251,3 +251,21 @@ def test_build_autoencoder(tmp_path, tiny_vae):
         build_autoencoder("qwen_image")
     with pytest.raises(ValueError, match="no weights"):
         build_autoencoder("pixel", tmp_path)
+
+
+def test_text_taps_survive_fsdp_sharding(tmp_path):
+    """The trainer shards the frozen text encoder; the taps must not change (transformers records
+    hidden states by the root's class, which FSDP2 wrapping would rename)."""
+    from krea2_train.parallel.distributed import init_distributed
+    from krea2_train.parallel.mesh import build_parallel_dims
+    from krea2_train.parallel.parallelize import shard_frozen_module
+
+    taps = Qwen3VLTextTaps.from_pretrained(
+        build_tiny_text_encoder(tmp_path / "enc"), select_layers=TINY_TEXT_SELECT_LAYERS, max_sequence_length=16
+    )
+    prompts = ["a red circle", "two blue squares above a green star"]
+    expected, expected_mask = taps.encode(prompts)
+    init_distributed()
+    shard_frozen_module(taps.text_model, build_parallel_dims(1, -1, 1, 1))
+    actual, actual_mask = taps.encode(prompts)
+    assert torch.equal(actual, expected) and torch.equal(actual_mask, expected_mask)

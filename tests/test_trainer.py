@@ -125,41 +125,36 @@ def test_exact_resume_after_sigkill_and_on_another_world_size(tmp_path, fresh_da
     """2 ranks uninterrupted vs. 2 ranks SIGKILLed after a checkpoint and restarted: identical
     losses and final weights; resuming the same checkpoint on 1 rank continues the trajectory."""
     import random
+    import shutil
 
     from krea2_train.train.checkpoint import load_model_weights
 
     steps, interval = 8, 3
-    reference_root = tmp_path / "reference"
-    reference_root.mkdir()
-    train(reference_root, fresh_database_dsn, nproc=2, steps=steps, interval=interval)
-    reference_run = reference_root / "runs" / "pretrain_256"
+    runs = tmp_path / "runs"
+    train(tmp_path, fresh_database_dsn, nproc=2, steps=steps, interval=interval, extra=["run_name=reference"])
 
     kill_step = random.Random(0).choice([4, 5, 7])
-    faulty_root = tmp_path / "faulty"
-    faulty_root.mkdir()
-    crashed = train(faulty_root, fresh_database_dsn, nproc=2, steps=steps, interval=interval,
+    crashed = train(tmp_path, fresh_database_dsn, nproc=2, steps=steps, interval=interval, extra=["run_name=faulty"],
                     env={"KREA2_FAULTS": f"kill@{kill_step}:rank=1"}, check=False)
     assert crashed.returncode != 0
-    faulty_run = faulty_root / "runs" / "pretrain_256"
-    train(faulty_root, fresh_database_dsn, nproc=2, steps=steps, interval=interval)
+    assert len(step_losses(runs / "faulty")) >= kill_step
+    train(tmp_path, fresh_database_dsn, nproc=2, steps=steps, interval=interval, extra=["run_name=faulty"])
+    resumed_at = [r["step"] for r in records(runs / "faulty") if r.get("event") == "resume"]
+    assert len(resumed_at) == 1 and resumed_at[0] in (3, 6) and resumed_at[0] <= kill_step  # newest committed
 
-    reference_losses, resumed_losses = step_losses(reference_run), step_losses(faulty_run)
+    reference_losses, resumed_losses = step_losses(runs / "reference"), step_losses(runs / "faulty")
     assert reference_losses == resumed_losses  # bit for bit, every step (re-run steps overwrite)
     final = "checkpoints/step-00000008"
-    expected, actual = load_model_weights(reference_run / final), load_model_weights(faulty_run / final)
+    expected, actual = load_model_weights(runs / "reference" / final), load_model_weights(runs / "faulty" / final)
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
 
     # resume the reference's step-6 checkpoint with one process: the same trajectory (reduction order aside)
-    single_root = tmp_path / "single"
-    (single_root / "runs" / "pretrain_256" / "checkpoints").mkdir(parents=True)
+    single = runs / "single"
+    (single / "checkpoints").mkdir(parents=True)
     for name in ("config.yaml", "model_config.json", "manifest.json"):
-        (single_root / "runs" / "pretrain_256" / name).write_bytes((reference_run / name).read_bytes())
-    import shutil
-
-    shutil.copytree(reference_run / "checkpoints" / "step-00000006", single_root / "runs" / "pretrain_256" / "checkpoints" / "step-00000006")
-    shutil.copytree(reference_run / "text_encoder", single_root / "runs" / "pretrain_256" / "text_encoder")
-    shutil.copytree(reference_root / "runs" / "_shards", single_root / "runs" / "_shards")
-    train(single_root, fresh_database_dsn, nproc=1, steps=steps, interval=interval)
-    single_losses = step_losses(single_root / "runs" / "pretrain_256")
+        shutil.copy(runs / "reference" / name, single / name)
+    shutil.copytree(runs / "reference" / "checkpoints" / "step-00000006", single / "checkpoints" / "step-00000006")
+    train(tmp_path, fresh_database_dsn, nproc=1, steps=steps, interval=interval, extra=["run_name=single"])
+    single_losses = step_losses(single)
     for step in (7, 8):
         assert single_losses[step] == pytest.approx(reference_losses[step], rel=1e-6)

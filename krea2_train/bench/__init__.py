@@ -14,6 +14,7 @@ import json
 # subcommand -> benchmark modules it runs
 BENCHES: dict[str, list[str]] = {
     "data": ["krea2_train.bench.data_store", "krea2_train.bench.data_loader"],
+    "train": ["krea2_train.bench.train"],
 }
 
 

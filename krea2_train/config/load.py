@@ -144,6 +144,60 @@ def validate(config: RunConfig) -> None:
     _require(config.checkpoint.interval > 0, "checkpoint.interval", "must be positive")
     _require(config.checkpoint.async_mode in ("async", "sync"), "checkpoint.async_mode", "accepted: async, sync")
     _require(config.logging.wandb in ("offline", "online", "disabled"), "logging.wandb", "accepted: offline, online, disabled")
+    resilience = config.resilience
+    _require(
+        0 < resilience.hang_timeout_s < config.parallel.collective_timeout_s,
+        "resilience.hang_timeout_s",
+        f"must be positive and below parallel.collective_timeout_s={config.parallel.collective_timeout_s} "
+        "(the watchdog must act before the collective times out)",
+    )
+    _require(resilience.first_step_timeout_s > 0, "resilience.first_step_timeout_s", "must be positive")
+    _require(resilience.slow_step_factor > 1, "resilience.slow_step_factor", "must be above 1")
+    _require(0 < resilience.poll_interval_s < resilience.heartbeat_stale_s, "resilience.poll_interval_s",
+             "must be positive and below resilience.heartbeat_stale_s")
+    _require(1 <= resilience.hang_exit_code <= 255, "resilience.hang_exit_code", "must be in [1, 255]")
+    _require(config.float8.backend in ("torchao", "transformer_engine"), "float8.backend", "accepted: torchao, transformer_engine")
+    _require(config.float8.recipe in ("tensorwise", "rowwise"), "float8.recipe", "accepted: tensorwise, rowwise")
+    _validate_irepa(config)
+    _validate_lora(config)
+
+
+def _validate_irepa(config: RunConfig) -> None:
+    from krea2_train.model.presets import model_config
+
+    irepa = config.irepa
+    if not irepa.enabled:
+        return
+    _require(config.stage.kind in ("pretrain", "midtrain", "sft"), "irepa.enabled", "only flow-matching stages (pretrain, midtrain, sft) use iREPA")
+    _require(
+        config.parallel.tp == 1,
+        "irepa.enabled",
+        "iREPA does not support tensor parallelism (block outputs are sequence-sharded); use parallel.tp=1 or irepa.enabled=false",
+    )
+    num_layers = model_config(config.model.preset, **config.model.overrides)["num_layers"]
+    _require(irepa.block is None or 1 <= irepa.block <= num_layers, "irepa.block", f"must be in 1..{num_layers} (the model's blocks) or null")
+    _require(irepa.weight > 0, "irepa.weight", "must be positive")
+    _require(0.0 <= irepa.spatial_norm_gamma <= 1.0, "irepa.spatial_norm_gamma", "must be in [0, 1]")
+    _require(irepa.switch_off_epochs > 0, "irepa.switch_off_epochs", "must be positive")
+    _require(irepa.kernel_size >= 1 and irepa.kernel_size % 2 == 1, "irepa.kernel_size", "must be a positive odd number")
+    _require(irepa.encoder_patches >= 0, "irepa.encoder_patches", "must be >= 0 (0: the DiT's token grid)")
+
+
+def _validate_lora(config: RunConfig) -> None:
+    """The lora section (read by the lora stage only)."""
+    import re
+
+    lora = config.lora
+    _require(lora.rank >= 1, "lora.rank", "must be >= 1")
+    _require(lora.alpha > 0, "lora.alpha", "must be positive")
+    _require(0.0 <= lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+    _require(lora.base_dtype in ("auto", "fp32", "bf16", "float8"), "lora.base_dtype", "accepted: auto, fp32, bf16, float8")
+    _require(bool(lora.targets), "lora.targets", "give at least one regular expression over module names")
+    for pattern in lora.targets:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ConfigError(f"config key 'lora.targets': {pattern!r} is not a regular expression ({error})") from None
 
 
 def load_config(config: str, overrides: list[str] | None = None) -> RunConfig:

@@ -119,6 +119,93 @@ class LoggingConfig:
 
 
 @dataclass
+class Float8Config:
+    """8-bit training of the transformer blocks' Linear layers (krea2_train.parallel.float8)."""
+
+    enabled: bool = False
+    backend: str = "torchao"  # torchao | transformer_engine
+    recipe: str = "tensorwise"  # tensorwise | rowwise (torchao's recipe names)
+    # A Linear is converted when its module path matches an include regex and no exclude regex
+    # (re.search). Default: the attention and SwiGLU projections of every transformer block.
+    include: list[str] = field(
+        default_factory=lambda: [r"^transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_gate|to_out\.0)|ff\.(gate|up|down))$"]
+    )
+    # Kept in high precision even if an include matches: first and last layers, modulation,
+    # text path, norms.
+    exclude: list[str] = field(
+        default_factory=lambda: [
+            r"(^|\.)img_in$", r"(^|\.)final_layer\.", r"(^|\.)time_embed\.", r"(^|\.)time_mod_proj$",
+            r"(^|\.)txt_in\.", r"(^|\.)text_fusion\.", r"norm",
+        ]
+    )
+    keep_first_last_blocks: bool = False  # also keep transformer blocks 0 and N-1 in high precision
+    fsdp_float8_all_gather: bool = True  # tensorwise + FSDP2 sharding: all-gather weights in float8
+    # No capable GPU (CUDA sm89+): true runs in the base precision with a warning, false refuses.
+    allow_fallback: bool = True
+
+
+@dataclass
+class IrepaConfig:
+    """iREPA (krea2_train.stages.irepa): align DiT block outputs with a frozen DINOv2/DINOv3."""
+
+    enabled: bool = False
+    # "tiny" (random tiny DINOv2 built in the run dir, for CPU runs) | a local transformers
+    # DINOv2/DINOv3 directory (real runs: irepa.encoder=/path/to/dinov2)
+    encoder: str = "tiny"
+    block: Optional[int] = None  # 1-based block whose output is aligned; None: a third of the depth
+    weight: float = 1.0  # lambda
+    spatial_norm_gamma: float = 0.6  # teacher z-score: (y - gamma * mean) / std
+    switch_off_epochs: float = 1.0  # off once epoch + epoch_fraction reaches this (1.0: after the first epoch)
+    kernel_size: int = 3  # the projector's Conv2d kernel (iREPA's published 3x3)
+    encoder_patches: int = 0  # teacher grid's longer side in patches; 0: the DiT's token grid
+
+
+@dataclass
+class ResilienceConfig:
+    """Hang detection and failure accounting (krea2_train.train.watchdog, krea2_train.train.runlog)."""
+
+    watchdog: bool = True
+    # No step finished for this long: a hang. Must stay below parallel.collective_timeout_s, so the
+    # watchdog (stacks dumped, failure recorded) acts before the collective times out.
+    hang_timeout_s: float = 300.0
+    first_step_timeout_s: float = 900.0  # the same for the first step of a start (compile, warm-up)
+    slow_step_factor: float = 10.0  # k: a step running k x the recent median step time is a hang ...
+    slow_step_min_s: float = 60.0  # ... once it has also run this long
+    poll_interval_s: float = 1.0  # the watchdog thread's period; it also writes this rank's heartbeat
+    heartbeat_stale_s: float = 30.0  # a rank whose heartbeat is older than this is named as stopped
+    heartbeat_dir: Optional[str] = None  # None: run_dir/heartbeats (every node must see it)
+    hang_exit_code: int = 75  # the watchdog's exit status (the launcher restarts the group)
+    record_sample_ids: bool = False  # run_dir/sample_ids/rank-N.jsonl: the samples of every step
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA fine-tuning (the lora stage, krea2_train.stages.lora; krea2_train.model.lora)."""
+
+    rank: int = 16
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0
+    # Regular expressions matched in full against module names; default: attention q/k/v/out/gate
+    # and the SwiGLU of every transformer block.
+    targets: list[str] = field(
+        default_factory=lambda: [
+            r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|to_gate)",
+            r"transformer_blocks\.\d+\.ff\.(gate|up|down)",
+        ]
+    )
+    base_dtype: str = "auto"  # frozen base: auto (the compute dtype) | fp32 | bf16 | float8
+    init_lora: Optional[str] = None  # a LoRA file (diffusers, ComfyUI or ai-toolkit layout) to start from
+
+
+@dataclass
+class ConditioningCacheConfig:
+    """Cache of image latents and text-encoder taps on disk (krea2_train.data.cache), for small datasets."""
+
+    enabled: bool = False
+    directory: Optional[str] = None  # None: run_dir/conditioning_cache
+
+
+@dataclass
 class RunConfig:
     run_name: str = "${stage.name}"
     runs_root: str = "runs"
@@ -132,3 +219,8 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    float8: Float8Config = field(default_factory=Float8Config)
+    irepa: IrepaConfig = field(default_factory=IrepaConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    conditioning_cache: ConditioningCacheConfig = field(default_factory=ConditioningCacheConfig)

@@ -1,6 +1,8 @@
 """Apply tensor parallelism, activation checkpointing, ``torch.compile`` and FSDP2 to a Krea2DiT.
 
-Order as in torchtitan: TP -> activation checkpointing -> compile -> FSDP2.
+Order as in torchtitan: float8 conversion -> TP -> activation checkpointing -> compile -> FSDP2.
+Float8 Linear layers (``krea2_train.parallel.float8``) take the plain TP styles below: their matmuls
+run in float8, their TP collectives in the param dtype.
 
 Tensor parallelism (Megatron style, with sequence parallelism) covers the ``transformer_blocks``,
 where nearly all parameters and FLOPs are. Between the TP regions of a block the residual stream is
@@ -50,6 +52,8 @@ from torch.distributed.tensor.parallel import (
 )
 from torchtitan.distributed import ParallelDims
 
+from krea2_train.config.schema import Float8Config
+from krea2_train.parallel.float8 import apply_float8
 from krea2_train.parallel.mesh import fsdp_mesh, tp_mesh
 
 __all__ = ["ACTIVATION_CHECKPOINT_MODES", "apply_tensor_parallel", "parallelize_dit", "shard_frozen_module"]
@@ -203,8 +207,9 @@ def parallelize_dit(
     compile: bool = False,
     param_dtype: torch.dtype = torch.float32,
     reduce_dtype: torch.dtype = torch.float32,
+    float8: Float8Config | None = None,
 ) -> nn.Module:
-    """Parallelize a Krea2DiT in place: TP (tp > 1), activation checkpointing, compile, FSDP2.
+    """Parallelize a Krea2DiT in place: float8, TP (tp > 1), activation checkpointing, compile, FSDP2.
 
     Args:
         model: a Krea2DiT with identical weights on every rank, on this rank's device.
@@ -215,6 +220,9 @@ def parallelize_dit(
             checkpointing when tp > 1: see the NotImplementedError below).
         param_dtype: compute dtype of the FSDP2 all-gathered parameters (bf16 on GPU, fp32 on CPU).
         reduce_dtype: dtype of the gradient reduce-scatter / all-reduce (fp32).
+        float8: float8 training of the transformer blocks' Linear layers (see
+            :func:`krea2_train.parallel.float8.apply_float8`: without a capable GPU it falls back to
+            ``param_dtype`` or refuses, as the config says); None or disabled: no conversion.
     Returns:
         the same model, now an ``FSDPModule`` whose parameters are DTensors (HSDP when
         dp_replicate > 1); gradients are averaged over data-parallel ranks.
@@ -231,6 +239,10 @@ def parallelize_dit(
         )
     if any(isinstance(p, DTensor) for p in model.parameters()):
         raise ValueError("model is already parallelized (it has DTensor parameters)")
+    apply_float8(
+        model, float8, tp=parallel_dims.tp, fsdp_sharded=parallel_dims.dp_shard_enabled, compile=compile,
+        base_dtype=param_dtype,
+    )
     tp_device_mesh = tp_mesh(parallel_dims)
     if tp_device_mesh is not None:
         apply_tensor_parallel(model, tp_device_mesh)
@@ -252,7 +264,13 @@ def shard_frozen_module(
     """FSDP2-shard a frozen network (the text encoder) over the data-parallel mesh, in eval mode.
 
     Every child of every ``nn.ModuleList`` named ``layers`` (a decoder's layers) becomes its own FSDP
-    unit, then the root; parameters never require grad. Use it under ``torch.no_grad()``.
+    unit, and so does every embedding table; parameters never require grad. Use it under
+    ``torch.no_grad()``.
+
+    The root module itself is not wrapped: ``fully_shard`` swaps a module's class for an FSDP
+    subclass, and transformers finds which outputs a model can record (``output_hidden_states``,
+    which the text taps need) by the root's class name. Its remaining parameters (final norm) are
+    small and stay replicated.
 
     The autoencoder is not sharded: it is small and runs replicated on every rank.
 
@@ -269,5 +287,6 @@ def shard_frozen_module(
     for layers in layer_lists:
         for layer in layers:
             fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(module, mesh=mesh, mp_policy=policy)
+    for embedding in [m for m in module.modules() if isinstance(m, nn.Embedding)]:
+        fully_shard(embedding, mesh=mesh, mp_policy=policy)
     return module

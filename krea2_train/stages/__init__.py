@@ -13,7 +13,7 @@ STAGE_KINDS: dict[str, tuple[str, str] | None] = {
     "stpo": None,
     "grpo": None,
     "tdm": None,
-    "lora": None,
+    "lora": ("krea2_train.stages.lora", "LoRAStage"),
 }
 
 

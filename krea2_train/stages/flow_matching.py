@@ -3,10 +3,15 @@
 ``x_t = (1 - t) x0 + t eps``, the DiT predicts ``v = eps - x0``; ``t`` is drawn from a shifted
 logit-normal (``krea2_train.flow.timesteps``); captions are dropped to "" with probability
 ``caption_dropout`` so the model learns the unconditional velocity used by CFG.
+
+With ``irepa.enabled`` the loss adds ``irepa.weight`` times the iREPA alignment term
+(``krea2_train.stages.irepa``) until its switch-off point; metrics report ``loss_fm`` and
+``loss_irepa`` separately.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -15,6 +20,7 @@ from krea2_train.config.schema import RunConfig
 from krea2_train.flow.timesteps import TimestepSampling, flow_matching_loss, interpolate, sample_training_times
 from krea2_train.model.patchify import position_ids
 from krea2_train.stages.base import CAPTION_DROPOUT, NOISE, TIMESTEP, StepContext
+from krea2_train.stages.irepa import IrepaAlignment
 
 
 class FlowMatchingStage:
@@ -24,6 +30,11 @@ class FlowMatchingStage:
         self.timesteps = TimestepSampling(
             loc=config.flow.loc, scale=config.flow.scale, shift=config.flow.shift, mu=config.flow.mu
         )
+        self.irepa = IrepaAlignment.from_config(config) if config.irepa.enabled else None
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Attach the iREPA projector and block hook when enabled."""
+        return model if self.irepa is None else self.irepa.attach(model)
 
     def captions(self, ctx: StepContext, captions: list[str]) -> list[str]:
         return [
@@ -46,6 +57,13 @@ class FlowMatchingStage:
         noise, t = self.noise_and_times(ctx, x0.shape, grid.num_tokens)
         x_t = interpolate(x0, noise, t)
         positions = position_ids(text_states.shape[1], grid.height, grid.width, device=ctx.device)
-        velocity = ctx.model(x_t.to(ctx.dtype), text_states.to(ctx.device, ctx.dtype), t, positions, text_mask.to(ctx.device))
-        per_sample = flow_matching_loss(velocity.float(), x0, noise)
-        return per_sample.mean(), {"t_mean": float(t.mean())}
+        irepa_on = self.irepa is not None and self.irepa.active(batch)
+        with self.irepa.armed(text_states.shape[1], grid.num_tokens) if irepa_on else nullcontext():
+            velocity = ctx.model(x_t.to(ctx.dtype), text_states.to(ctx.device, ctx.dtype), t, positions, text_mask.to(ctx.device))
+        loss_fm = flow_matching_loss(velocity.float(), x0, noise).mean()
+        metrics = {"t_mean": float(t.mean()), "loss_fm": float(loss_fm.detach())}
+        if not irepa_on:
+            return loss_fm, metrics
+        loss_irepa = self.irepa.loss(images, grid.height, grid.width, ctx.device, ctx.dtype)
+        metrics["loss_irepa"] = float(loss_irepa.detach())
+        return loss_fm + self.irepa.weight * loss_irepa, metrics

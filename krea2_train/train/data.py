@@ -12,6 +12,7 @@ progress go to PostgreSQL through a ``LeaseKeeper`` per rank; the order never de
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,8 +28,11 @@ logger = logging.getLogger("krea2_train")
 SHAPES_RENDER_MIN_SIDE = 256  # render once at least this large; packing resizes per stage
 
 
-def shapes_dataset_name(config: RunConfig, render_side: int) -> str:
-    return f"{config.data.dataset}_{render_side}px_n{config.data.num_samples}_s{config.seed}"
+def shapes_dataset_name(config: RunConfig, render_side: int, folder: Path) -> str:
+    """Registry name of a rendered shapes world: its settings plus its folder (URIs are paths, so
+    two runs roots sharing one database must not share a dataset name)."""
+    folder_key = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:8]
+    return f"{config.data.dataset}_{render_side}px_n{config.data.num_samples}_s{config.seed}_{folder_key}"
 
 
 def prepare_shapes(store, config: RunConfig, runs_root: Path, image_side: int, pixel_multiple: int) -> str:
@@ -40,8 +44,8 @@ def prepare_shapes(store, config: RunConfig, runs_root: Path, image_side: int, p
     from krea2_train.store.queue import get_job, run_worker
 
     render_side = max(SHAPES_RENDER_MIN_SIDE, image_side)
-    dataset = shapes_dataset_name(config, render_side)
-    folder = runs_root / "_datasets" / dataset
+    folder = runs_root / "_datasets" / f"{config.data.dataset}_{render_side}px_n{config.data.num_samples}_s{config.seed}"
+    dataset = shapes_dataset_name(config, render_side, folder)
     if not (folder / ".complete").exists():
         logger.info("rendering %d shapes-world images at %d px into %s", config.data.num_samples, render_side, folder)
         write_shapes_dataset(folder, config.data.num_samples, render_side, seed=config.seed, aspect_ratios=config.data.buckets)

@@ -45,6 +45,7 @@ from krea2_train.train.checkpoint import (
 )
 from krea2_train.train.faults import FaultInjector
 from krea2_train.train.metrics import MetricsLogger, peak_memory_gib
+from krea2_train.train.runlog import Supervision, start_supervision
 
 logger = logging.getLogger("krea2_train")
 
@@ -163,6 +164,7 @@ class Trainer:
         self._signal = 0
         self._consecutive_skips = 0
         self.faults = FaultInjector(self.dist.rank)
+        self.supervision: Supervision | None = None  # run log + watchdog, from the first step on
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -222,6 +224,7 @@ class Trainer:
             compile=config.parallel.compile,
             param_dtype=self.dtype,
             reduce_dtype=torch.float32,
+            float8=config.float8,
         )
 
     def _fresh_start(self) -> bool:
@@ -334,6 +337,12 @@ class Trainer:
         config = self.config
         self._install_signal_handlers()
         self.resume()
+        self.supervision = start_supervision(
+            config, self.run_dir, rank=self.dist.rank, world_size=self.dist.world_size, step=self.train_state.step,
+            dsn=getattr(getattr(self.loader, "store", None), "dsn", None),
+        )
+        if self.supervision.incarnation > 1:  # injected faults fire in a run's first start only
+            self.faults = FaultInjector(self.dist.rank, spec="")
         data = iter(self.loader)
         total = config.stage.steps
         tokens_per_image = None
@@ -366,6 +375,7 @@ class Trainer:
                 "checkpoint_blocked_s": self.checkpointer.last_blocked_s or 0.0,
             }
             self.metrics.log_step(step, metrics, step_time=step_time, print_line=step % config.logging.log_interval == 0 or step == total)
+            self.supervision.step_done(step, batch)
             self.faults.after_step(step)
             if self._consecutive_skips >= config.optim.max_consecutive_skips:
                 self.rollback()
@@ -377,13 +387,17 @@ class Trainer:
             if signal_now == CHECKPOINT_AND_EXIT:
                 self.checkpointer.wait()
                 self.metrics.event(step, "signal_exit")
+                self.supervision.stopped(step, "signal")
                 return self.run_dir
             self._signal = 0 if signal_now == CHECKPOINT_AND_CONTINUE else self._signal
             if config.logging.sample_interval and step % config.logging.sample_interval == 0 and step < total:
-                self.write_samples(step)
-        self.checkpointer.wait()
-        self.write_samples(self.train_state.step)
-        self.write_loss_curve()
+                with self.supervision.slow_section():
+                    self.write_samples(step)
+        with self.supervision.slow_section():
+            self.checkpointer.wait()
+            self.write_samples(self.train_state.step)
+            self.write_loss_curve()
+        self.supervision.stopped(self.train_state.step, "completed")
         return self.run_dir
 
     # -- outputs --------------------------------------------------------------------------------
@@ -432,6 +446,8 @@ class Trainer:
         return path
 
     def close(self) -> None:
+        if self.supervision is not None:
+            self.supervision.close()
         self.checkpointer.close()
         self.metrics.close()
         if hasattr(self.loader, "close"):
@@ -443,6 +459,10 @@ def run(config: RunConfig) -> Path:
     trainer = Trainer(config)
     try:
         return trainer.train()
+    except BaseException as error:
+        if trainer.supervision is not None:
+            trainer.supervision.failed(trainer.train_state.step, error)
+        raise
     finally:
         trainer.close()
         destroy_distributed()

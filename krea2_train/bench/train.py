@@ -1,0 +1,456 @@
+"""Training-step throughput and MFU of Krea2DiT, against diffusers' Krea2Transformer2DModel.
+
+``krea2 bench train`` times full training steps (forward, flow-matching MSE loss, backward,
+gradient clipping, AdamW step) on random inputs of the right shapes, after warm-up steps, and
+reports images/s, joint tokens/s, achieved TFLOP/s, MFU and peak memory, with a forward /
+backward / optimizer breakdown.
+
+Ours runs as the trainer runs it: ``build_model`` + ``parallelize_dit`` on a one-rank mesh (FSDP2
+with fp32 master weights and ``param_dtype`` compute; activation checkpointing and per-block
+``torch.compile`` as asked) and the trainer's own optimizer (``train.trainer.build_optimizer``:
+torchtitan's ``OptimizersContainer``, AdamW fused on CUDA, foreach on CPU, the default
+``optim`` config). ``--reference diffusers`` builds ``Krea2Transformer2DModel`` with the same
+configuration and runs it the way a diffusers training script does: fp32 weights under
+``torch.autocast`` for bf16, its own attention path (key/value heads repeated, SDPA with the
+padding mask), ``enable_gradient_checkpointing()`` whenever ours checkpoints activations,
+``compile_repeated_blocks`` when ours compiles, the same optimizer container and clipping. The
+two are built, timed and freed one after the other, so their memory never overlaps.
+
+Inputs: ``--res`` is the nominal resolution, 16 px per image token (256 -> 256 tokens); the text
+is padded to ``--text-len`` tokens (512, as the released model) of which ``--caption-tokens`` are
+real, so attention always runs with a key-padding mask, as in training.
+
+Model FLOPs come from :mod:`krea2_train.model.flops` (3x the forward's matmuls, no credit for
+recomputation). MFU is reported against the measured dense matmul rate of the device in the same
+dtype and, on known GPUs in bf16, against the data-sheet peak. Times use ``perf_counter`` around
+whole steps with one device synchronisation at the end (the step itself has no host syncs);
+the per-phase breakdown uses CUDA events on GPU.
+
+Defaults depend on the device: on CPU the ``tiny`` preset at 256 px, batch 2, fp32, 1 warm-up and
+3 timed steps; on CUDA ``bench_full_width`` at 512 px, batch 4, bf16, 5 warm-up and 20 timed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import resource
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from krea2_train.bench.gpu import measured_matmul_flops, spec_peak_flops, synchronize
+from krea2_train.model.flops import image_tokens_at, training_flops
+from krea2_train.model.patchify import position_ids
+from krea2_train.model.presets import PRESETS, build_model, count_parameters, model_config
+
+BENCH = "train"
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+FLOP_REPORT_PRESET = "krea2_medium"
+FLOP_REPORT_RESOLUTIONS = (256, 512, 1024)
+DEFAULTS = {
+    "cpu": dict(preset="tiny", res=256, batch=2, dtype="fp32", warmup=1, steps=3),
+    "cuda": dict(preset="bench_full_width", res=512, batch=4, dtype="bf16", warmup=5, steps=20),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="model preset (cpu: tiny, cuda: bench_full_width)")
+    parser.add_argument("--res", type=int, default=None, help="nominal resolution in px, 16 px per token (cpu: 256, cuda: 512)")
+    parser.add_argument("--batch", type=int, default=None, help="images per step (cpu: 2, cuda: 4)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="compute dtype (cpu: fp32, cuda: bf16)")
+    parser.add_argument("--text-len", type=int, default=512, help="padded text tokens per sample (default 512)")
+    parser.add_argument("--caption-tokens", type=int, default=128, help="real (unpadded) text tokens per sample (default 128)")
+    parser.add_argument("--ac", default="none", choices=["none", "selective", "full"], help="activation checkpointing")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    parser.add_argument("--fp8", action="store_true", help="float8 training of the block linears (CUDA, sm89+)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (cpu: 1, cuda: 5)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (cpu: 3, cuda: 20)")
+    parser.add_argument("--reference", default="diffusers", choices=["diffusers", "none"], help="also time diffusers' model")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings and inputs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    device: torch.device
+    preset: str
+    resolution: int
+    batch: int
+    dtype: str
+    text_len: int
+    caption_tokens: int
+    ac: str
+    compile: bool
+    fp8: bool
+    warmup: int
+    steps: int
+    reference: str
+    seed: int
+
+    @property
+    def image_tokens(self) -> int:
+        return image_tokens_at(self.resolution)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def describe(self) -> str:
+        return (
+            f"{self.device.type} preset={self.preset} res={self.resolution} batch={self.batch} dtype={self.dtype} "
+            f"text={self.caption_tokens}/{self.text_len} ac={self.ac} compile={self.compile} fp8={self.fp8} "
+            f"steps={self.warmup}+{self.steps}"
+        )
+
+
+def resolve_settings(args: argparse.Namespace) -> BenchSettings:
+    """Fill the device-dependent defaults and validate every size (clear errors on bad input)."""
+    device_type = args.device
+    if device_type == "auto":
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    defaults = DEFAULTS[device_type]
+    pick = lambda name: defaults[name] if getattr(args, name) is None else getattr(args, name)  # noqa: E731
+    settings = BenchSettings(
+        device=torch.device(device_type),
+        preset=pick("preset"),
+        resolution=pick("res"),
+        batch=pick("batch"),
+        dtype=pick("dtype"),
+        text_len=args.text_len,
+        caption_tokens=args.caption_tokens,
+        ac=args.ac,
+        compile=args.compile,
+        fp8=args.fp8,
+        warmup=pick("warmup"),
+        steps=pick("steps"),
+        reference=args.reference,
+        seed=args.seed,
+    )
+    image_tokens_at(settings.resolution)  # validates the resolution
+    for name in ("batch", "steps", "text_len", "caption_tokens"):
+        if getattr(settings, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
+    if settings.warmup < 0:
+        raise ValueError(f"--warmup must be at least 0, got {settings.warmup}")
+    if settings.caption_tokens > settings.text_len:
+        raise ValueError(f"--caption-tokens {settings.caption_tokens} exceeds --text-len {settings.text_len}")
+    if settings.fp8:
+        check_float8_available(settings.device)
+    return settings
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """One training batch of random data with the model's shapes.
+
+    latents, target ``[B, N, C]``; text_states ``[B, L, K, T]``; timestep ``[B]``;
+    position_ids ``[L + N, 3]``; text_mask ``[B, L]`` (the first ``caption_tokens`` are real).
+    """
+
+    latents: torch.Tensor
+    text_states: torch.Tensor
+    timestep: torch.Tensor
+    position_ids: torch.Tensor
+    text_mask: torch.Tensor
+    target: torch.Tensor
+
+
+def make_inputs(config: dict, settings: BenchSettings) -> StepInputs:
+    device, batch, text_len = settings.device, settings.batch, settings.text_len
+    side = settings.resolution // 16
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    randn = lambda *shape: torch.randn(*shape, device=device, generator=generator)  # noqa: E731
+    latent_shape = (batch, side * side, config["in_channels"])
+    text_mask = (torch.arange(text_len, device=device) < settings.caption_tokens).expand(batch, text_len)
+    return StepInputs(
+        latents=randn(*latent_shape),
+        text_states=randn(batch, text_len, config["num_text_layers"], config["text_hidden_dim"]),
+        timestep=torch.rand(batch, device=device, generator=generator),
+        position_ids=position_ids(text_len, side, side, device=device),
+        text_mask=text_mask.contiguous(),
+        target=randn(*latent_shape),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# float8
+# ---------------------------------------------------------------------------------------------
+
+
+def check_float8_available(device: torch.device) -> None:
+    """Raise a clear error unless float8 training can run here (a CUDA GPU of compute capability 8.9+)."""
+    import importlib.util
+
+    if importlib.util.find_spec("krea2_train.parallel.float8") is None:
+        raise RuntimeError("float8 training is not available in this build (krea2_train.parallel.float8 is missing)")
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise RuntimeError("float8 training needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The two models, built as their users run them
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trainee:
+    """A model ready to train: ``forward(inputs) -> velocity [B, N, C]``, its optimizer, its parameters."""
+
+    name: str
+    forward: Callable[[StepInputs], torch.Tensor]
+    optimizer: object
+    parameters: list[torch.nn.Parameter]
+    clip: Callable[[list[torch.nn.Parameter], float], torch.Tensor]
+
+
+def build_optimizer_for(model: torch.nn.Module, device: torch.device):
+    """The trainer's AdamW container with the default ``optim`` settings (the schedule is not stepped)."""
+    from krea2_train.config.schema import RunConfig
+    from krea2_train.train.trainer import build_optimizer
+
+    optimizers, _ = build_optimizer(model, RunConfig(), device)
+    return optimizers
+
+
+def build_ours(settings: BenchSettings) -> Trainee:
+    """``build_model`` + ``parallelize_dit`` on a one-rank mesh, as ``Trainer._build_model`` does."""
+    from krea2_train.parallel.grads import clip_grad_norm_
+    from krea2_train.parallel.mesh import build_parallel_dims
+    from krea2_train.parallel.parallelize import parallelize_dit
+
+    torch.manual_seed(settings.seed)
+    model = build_model(settings.preset, device=settings.device)
+    if settings.fp8:
+        from krea2_train.parallel import float8
+
+        model = float8.convert_to_float8(model)
+    model = parallelize_dit(
+        model,
+        build_parallel_dims(dp_replicate=1, dp_shard=1, tp=1, world_size=1),
+        activation_checkpoint=settings.ac,
+        compile=settings.compile,
+        param_dtype=settings.torch_dtype,
+        reduce_dtype=torch.float32,
+    )
+
+    def forward(inputs: StepInputs) -> torch.Tensor:
+        return model(inputs.latents, inputs.text_states, inputs.timestep, inputs.position_ids, inputs.text_mask)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return Trainee("ours", forward, build_optimizer_for(model, settings.device), params, clip_grad_norm_)
+
+
+def build_reference(settings: BenchSettings) -> Trainee:
+    """``diffusers.Krea2Transformer2DModel``: fp32 weights, autocast for bf16, its own attention."""
+    from diffusers import Krea2Transformer2DModel
+
+    torch.manual_seed(settings.seed)
+    with torch.device(settings.device):
+        model = Krea2Transformer2DModel(**model_config(settings.preset))
+    model.train()
+    if settings.fp8:
+        from torchao.float8 import convert_to_float8_training
+
+        convert_to_float8_training(model.transformer_blocks)
+    if settings.ac != "none":
+        model.enable_gradient_checkpointing()
+    if settings.compile:
+        model.compile_repeated_blocks(fullgraph=True)
+    autocast = (
+        torch.autocast(settings.device.type, dtype=settings.torch_dtype)
+        if settings.torch_dtype != torch.float32
+        else nullcontext()
+    )
+
+    def forward(inputs: StepInputs) -> torch.Tensor:
+        with autocast:
+            return model(
+                inputs.latents,
+                inputs.text_states,
+                inputs.timestep,
+                inputs.position_ids,
+                encoder_attention_mask=inputs.text_mask,
+                return_dict=False,
+            )[0]
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return Trainee("diffusers", forward, build_optimizer_for(model, settings.device), params, torch.nn.utils.clip_grad_norm_)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+class PhaseClock:
+    """Marks between step phases: CUDA events on GPU (no host sync), ``perf_counter`` on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.on_cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.on_cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self, start: int, end: int) -> float:
+        """Seconds between marks ``start`` and ``end`` (call after synchronising)."""
+        if self.on_cuda:
+            return self.marks[start].elapsed_time(self.marks[end]) / 1e3
+        return self.marks[end] - self.marks[start]
+
+
+def train_step(trainee: Trainee, inputs: StepInputs, clock: PhaseClock, max_grad_norm: float = 1.0) -> None:
+    """Forward, flow-matching MSE, backward, clip, AdamW step; marks the clock after each phase."""
+    clock.mark()
+    velocity = trainee.forward(inputs)
+    loss = F.mse_loss(velocity.float(), inputs.target)
+    clock.mark()
+    loss.backward()
+    clock.mark()
+    trainee.clip(trainee.parameters, max_grad_norm)
+    trainee.optimizer.step()
+    trainee.optimizer.zero_grad()
+    clock.mark()
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    seconds_per_step: float
+    forward_s: float
+    backward_s: float
+    optimizer_s: float
+    peak_memory_bytes: int
+    memory_kind: str  # "cuda_allocated" or "process_rss"
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_allocated"
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss_kib * (1 if sys.platform == "darwin" else 1024), "process_rss"
+
+
+def time_training(build: Callable[[BenchSettings], Trainee], settings: BenchSettings, inputs: StepInputs) -> StepTiming:
+    """Build a trainee, run ``warmup`` then ``steps`` timed steps, free it; return the timing."""
+    device = settings.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    trainee = build(settings)
+    for _ in range(settings.warmup):
+        train_step(trainee, inputs, PhaseClock(device))
+    clock = PhaseClock(device)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(settings.steps):
+        train_step(trainee, inputs, clock)
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    phases = [sum(clock.seconds(4 * step + phase, 4 * step + phase + 1) for step in range(settings.steps)) for phase in range(3)]
+    memory, memory_kind = peak_memory(device)
+    del trainee
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    steps = settings.steps
+    return StepTiming(elapsed / steps, phases[0] / steps, phases[1] / steps, phases[2] / steps, memory, memory_kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------------------------
+
+
+def _row(metric: str, value, unit: str, target: str | None = None, met: bool | None = None) -> dict:
+    return {"bench": BENCH, "metric": metric, "value": value, "unit": unit, "target": target, "met": met}
+
+
+def timing_rows(
+    name: str, timing: StepTiming, settings: BenchSettings, step_flops: int, matmul_flops: float, spec_flops: float | None
+) -> list[dict]:
+    achieved = step_flops / timing.seconds_per_step
+    joint_tokens = settings.batch * (settings.text_len + settings.image_tokens)
+    rows = [
+        _row(f"{name}_step_time", timing.seconds_per_step * 1e3, "ms"),
+        _row(f"{name}_forward_time", timing.forward_s * 1e3, "ms"),
+        _row(f"{name}_backward_time", timing.backward_s * 1e3, "ms"),
+        _row(f"{name}_optimizer_time", timing.optimizer_s * 1e3, "ms"),
+        _row(f"{name}_images_per_s", settings.batch / timing.seconds_per_step, "images/s"),
+        _row(f"{name}_joint_tokens_per_s", joint_tokens / timing.seconds_per_step, "tokens/s"),
+        _row(f"{name}_achieved", achieved / 1e12, "TFLOP/s"),
+        _row(f"{name}_mfu_vs_measured_matmul", achieved / matmul_flops, "fraction"),
+    ]
+    if spec_flops is not None:
+        rows.append(_row(f"{name}_mfu_vs_spec_peak", achieved / spec_flops, "fraction"))
+    rows.append(_row(f"{name}_peak_memory_{timing.memory_kind}", timing.peak_memory_bytes / 2**30, "GiB"))
+    return rows
+
+
+def flop_report_rows() -> list[dict]:
+    """Params and training FLOPs per image of the 12.9B model (built on the meta device, no memory)."""
+    config = model_config(FLOP_REPORT_PRESET)
+    params = count_parameters(build_model(FLOP_REPORT_PRESET, device="meta"))
+    rows = [_row(f"{FLOP_REPORT_PRESET}_parameters", params / 1e9, "billion")]
+    for resolution in FLOP_REPORT_RESOLUTIONS:
+        flops = training_flops(config, image_tokens_at(resolution), text_tokens=512)
+        rows.append(_row(f"{FLOP_REPORT_PRESET}_train_flops_per_image_{resolution}px_text512", flops / 1e12, "TFLOP"))
+    return rows
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    settings = resolve_settings(args)
+    config = model_config(settings.preset)
+    step_flops = training_flops(config, settings.image_tokens, settings.text_len, settings.batch)
+    matmul_flops = measured_matmul_flops(settings.device, settings.torch_dtype)
+    spec_flops = spec_peak_flops(settings.device, settings.torch_dtype)
+    rows = [
+        _row("setup", settings.describe(), ""),
+        _row("model_flops_per_step", step_flops / 1e12, "TFLOP"),
+        _row(f"measured_{settings.dtype}_matmul_rate", matmul_flops / 1e12, "TFLOP/s"),
+    ]
+    if spec_flops is not None:
+        rows.append(_row("spec_bf16_dense_peak", spec_flops / 1e12, "TFLOP/s"))
+
+    from krea2_train.parallel.distributed import init_distributed
+
+    owns_process_group = not dist.is_initialized()
+    init_distributed()
+    try:
+        inputs = make_inputs(config, settings)
+        ours = time_training(build_ours, settings, inputs)
+        rows += timing_rows("ours", ours, settings, step_flops, matmul_flops, spec_flops)
+        if settings.reference == "diffusers":
+            reference = time_training(build_reference, settings, inputs)
+            rows += timing_rows("diffusers", reference, settings, step_flops, matmul_flops, spec_flops)
+            speedup = reference.seconds_per_step / ours.seconds_per_step
+            rows.append(_row("speedup_ours_vs_diffusers", speedup, "x", ">= 1 (ours at least as fast)", speedup >= 1.0))
+    finally:
+        if owns_process_group:
+            dist.destroy_process_group()
+    return rows + flop_report_rows()
+
+
+if __name__ == "__main__":
+    from krea2_train.bench import format_table
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    print(format_table(run(parser.parse_args())))

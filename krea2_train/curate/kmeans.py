@@ -1,0 +1,247 @@
+"""Hierarchical k-means with resampling, and balanced sampling by top-down water-filling.
+
+The method of Vo et al. 2024 ("Automatic data curation for self-supervised learning", arXiv
+2405.15613), implemented from its description:
+
+- Bottom-up clustering: level 1 clusters the embeddings, level t clusters the centroids of
+  level t-1. Each level starts from k-means++ and then takes a few resampling steps: keep the
+  ``points_per_cluster`` members nearest each centroid, re-run k-means on their union (from the
+  current centroids) and reassign every item. Plain k-means spends its centroids on dense
+  regions; resampling spreads them over concepts.
+- Top-down sampling of a target size T: give the top-level clusters a share each by
+  water-filling (the largest cap x with sum(min(x, size_i)) <= T; every cluster gets
+  min(x, size_i); the remainder goes one each to random clusters larger than x), then split each
+  cluster's share among its sub-clusters the same way, down to level 1, where members are picked
+  at random or nearest the centroid.
+
+Everything is a pure function of its inputs and a seed. Numpy in, numpy out; faiss runs k-means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+LEAF_PICKS = ("random", "nearest")
+
+
+@dataclass(frozen=True)
+class KMeansSettings:
+    """How each level is clustered.
+
+    Attributes:
+        levels: clusters per level, bottom-up (level 1 first); each no larger than the one below.
+        resample_steps: resampling steps after the k-means++ run of each level.
+        points_per_cluster: members per cluster, nearest its centroid, kept by a resampling step.
+        niter: k-means iterations of each run.
+        seed: the seed of every random choice.
+    """
+
+    levels: tuple[int, ...] = (64, 8)
+    resample_steps: int = 3
+    points_per_cluster: int = 8
+    niter: int = 20
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.levels or any(k < 1 for k in self.levels):
+            raise ValueError(f"levels must be a non-empty list of positive cluster counts, got {list(self.levels)}")
+        if any(upper > lower for lower, upper in zip(self.levels, self.levels[1:])):
+            raise ValueError(f"levels are bottom-up: each must be <= the one below it, got {list(self.levels)}")
+        if self.resample_steps < 0 or self.points_per_cluster < 1 or self.niter < 1:
+            raise ValueError(
+                "resample_steps must be >= 0 and points_per_cluster, niter >= 1, got"
+                f" {self.resample_steps}, {self.points_per_cluster}, {self.niter}"
+            )
+
+    def to_json(self) -> dict:
+        return {
+            "levels": list(self.levels),
+            "resample_steps": self.resample_steps,
+            "points_per_cluster": self.points_per_cluster,
+            "niter": self.niter,
+            "seed": self.seed,
+        }
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    """A bottom-up clustering of n points.
+
+    Attributes:
+        point_clusters: [n, L] int64, the cluster of each point at each level (column 0 = level 1).
+        centroids: per level, [k_l, d] float32.
+        centroid_distances: [n] float32, squared distance of each point to its level-1 centroid.
+    """
+
+    point_clusters: np.ndarray
+    centroids: tuple[np.ndarray, ...]
+    centroid_distances: np.ndarray
+
+    @property
+    def num_levels(self) -> int:
+        return self.point_clusters.shape[1]
+
+
+def nearest_centroids(items: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact nearest centroid of each item: (squared distances [n], ids [n])."""
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(centroids)
+    distances, ids = index.search(items, 1)
+    return distances[:, 0], ids[:, 0].astype(np.int64)
+
+
+def _kmeans(items: np.ndarray, k: int, niter: int, seed: int, init: np.ndarray | None = None) -> np.ndarray:
+    """k-means centroids [k, d] of ``items`` [n, d] (k-means++ start unless ``init`` is given)."""
+    kmeans = faiss.Kmeans(
+        items.shape[1],
+        k,
+        niter=niter,
+        seed=seed,
+        init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
+        min_points_per_centroid=1,
+        max_points_per_centroid=max(256, -(-len(items) // k)),  # never subsample
+    )
+    kmeans.train(items, init_centroids=init)
+    return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
+
+
+def resampled_subset(distances: np.ndarray, assignment: np.ndarray, points_per_cluster: int) -> np.ndarray:
+    """Indices of the ``points_per_cluster`` items nearest their centroid in every cluster
+    (all of a smaller cluster's items), sorted."""
+    order = np.lexsort((np.arange(len(distances)), distances, assignment))
+    sorted_clusters = assignment[order]
+    first_of_cluster = np.searchsorted(sorted_clusters, sorted_clusters, side="left")
+    rank_in_cluster = np.arange(len(order)) - first_of_cluster
+    return np.sort(order[rank_in_cluster < points_per_cluster])
+
+
+def cluster_level(items: np.ndarray, k: int, settings: KMeansSettings, level_seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One level: k-means++ and the resampling steps.
+
+    Args:
+        items: [n, d] float32 (n >= k).
+    Returns:
+        centroids [k, d], assignment [n] and squared distances [n] to the assigned centroid.
+    """
+    centroids = _kmeans(items, k, settings.niter, level_seed)
+    distances, assignment = nearest_centroids(items, centroids)
+    for step in range(settings.resample_steps):
+        subset = resampled_subset(distances, assignment, settings.points_per_cluster)
+        if len(subset) < k:
+            break
+        centroids = _kmeans(items[subset], k, settings.niter, level_seed + 1 + step, init=centroids)
+        distances, assignment = nearest_centroids(items, centroids)
+    return centroids, assignment, distances
+
+
+def hierarchical_kmeans(embeddings: np.ndarray, settings: KMeansSettings) -> Hierarchy:
+    """Bottom-up hierarchical k-means of ``embeddings`` [n, d].
+
+    A level never asks for more clusters than it has items (a small dataset gets fewer clusters).
+    """
+    items = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if items.ndim != 2 or len(items) == 0:
+        raise ValueError(f"embeddings must be a non-empty [n, d] array, got shape {embeddings.shape}")
+    if not np.isfinite(items).all():
+        raise ValueError("embeddings contain NaN or infinite values")
+    point_clusters = np.empty((len(items), len(settings.levels)), dtype=np.int64)
+    all_centroids = []
+    point_distances = None
+    parent_of_point = np.arange(len(items))
+    for level, k in enumerate(settings.levels):
+        k = min(k, len(items))
+        centroids, assignment, distances = cluster_level(items, k, settings, settings.seed * 1000 + level * 100)
+        if point_distances is None:
+            point_distances = distances
+        parent_of_point = assignment[parent_of_point]
+        point_clusters[:, level] = parent_of_point
+        all_centroids.append(centroids)
+        items = centroids
+    return Hierarchy(point_clusters, tuple(all_centroids), point_distances.astype(np.float32))
+
+
+def water_fill(sizes: np.ndarray, target: int, rng: np.random.Generator) -> np.ndarray:
+    """Shares of ``target`` among groups of ``sizes`` [m]: min(x, size) with the largest cap x
+    that fits, plus one each for ``target - sum`` random groups larger than x.
+
+    Returns [m] int64 shares, each <= its size, summing to min(target, sum(sizes)).
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if target < 0 or (sizes < 0).any():
+        raise ValueError(f"target and sizes must be non-negative, got {target} and {sizes.tolist()}")
+    if target >= sizes.sum():
+        return sizes.copy()
+    low, high = 0, int(sizes.max())  # the cap fits at low, not at high
+    while high - low > 1:
+        middle = (low + high) // 2
+        if np.minimum(sizes, middle).sum() <= target:
+            low = middle
+        else:
+            high = middle
+    shares = np.minimum(sizes, low)
+    remainder = int(target - shares.sum())
+    larger = np.flatnonzero(sizes > low)
+    shares[rng.choice(larger, size=remainder, replace=False)] += 1
+    return shares
+
+
+def _pick_leaf(members: np.ndarray, count: int, distances: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    if distances is None:
+        return rng.choice(members, size=count, replace=False)
+    order = np.lexsort((members, distances[members]))
+    return members[order[:count]]
+
+
+def _sample_group(
+    members: np.ndarray, count: int, level: int, point_clusters: np.ndarray,
+    distances: np.ndarray | None, rng: np.random.Generator,
+) -> list[np.ndarray]:
+    if level < 0:
+        return [_pick_leaf(members, count, distances, rng)]
+    cluster_ids, inverse, sizes = np.unique(point_clusters[members, level], return_inverse=True, return_counts=True)
+    shares = water_fill(sizes, count, rng)
+    picked = []
+    for index in np.flatnonzero(shares):
+        sub_members = members[inverse == index]
+        picked += _sample_group(sub_members, int(shares[index]), level - 1, point_clusters, distances, rng)
+    return picked
+
+
+def balanced_sample(
+    point_clusters: np.ndarray,
+    target: int,
+    *,
+    seed: int = 0,
+    leaf_pick: str = "random",
+    centroid_distances: np.ndarray | None = None,
+) -> np.ndarray:
+    """Indices of ``target`` points chosen top-down by water-filling over the hierarchy.
+
+    Args:
+        point_clusters: [n, L] cluster ids per level (column 0 = level 1), as ``Hierarchy`` has them.
+        target: the sample size, 0 < target <= n.
+        leaf_pick: "random", or "nearest" (the members nearest their level-1 centroid, which
+            needs ``centroid_distances`` [n]).
+    Returns:
+        [target] sorted int64 indices into the n points.
+    """
+    point_clusters = np.asarray(point_clusters)
+    if point_clusters.ndim != 2 or point_clusters.shape[1] == 0:
+        raise ValueError(f"point_clusters must be [n, levels], got shape {point_clusters.shape}")
+    n = len(point_clusters)
+    if not 0 < target <= n:
+        raise ValueError(f"target must be in 1..{n} (the number of points), got {target}")
+    if leaf_pick not in LEAF_PICKS:
+        raise ValueError(f"leaf_pick must be one of {LEAF_PICKS}, got {leaf_pick!r}")
+    distances = None
+    if leaf_pick == "nearest":
+        if centroid_distances is None or len(centroid_distances) != n:
+            raise ValueError("leaf_pick='nearest' needs centroid_distances, one per point")
+        distances = np.asarray(centroid_distances)
+    rng = np.random.default_rng(seed)
+    top = point_clusters.shape[1] - 1
+    picked = _sample_group(np.arange(n), target, top, point_clusters, distances, rng)
+    return np.sort(np.concatenate(picked)).astype(np.int64)

@@ -1,0 +1,248 @@
+"""LoRA files in the layouts the Krea 2 community uses, read and written as safetensors.
+
+Every layout stores, for each adapted linear layer, ``<module>.lora_A.weight`` (``[r, in]``) and
+``<module>.lora_B.weight`` (``[out, r]``); the update is ``(alpha / r) B A``. They differ in
+module names, prefix and where alpha lives:
+
+- ``diffusers`` (PEFT): ``transformer.<diffusers module>`` (``transformer.transformer_blocks.0.attn.to_q``);
+  rank and alpha in the ``lora_adapter_metadata`` JSON (``transformer.r``, ``transformer.lora_alpha``,
+  ``rank_pattern``/``alpha_pattern`` when modules differ), which diffusers' ``load_lora_weights``
+  turns into the PEFT ``LoraConfig``.
+- ``comfyui`` (the original krea layout): ``diffusion_model.<original module>``
+  (``diffusion_model.blocks.0.attn.wq``).
+- ``ai-toolkit``: ``base_model.model.<original module>``.
+
+diffusers reads the last two through its Krea 2 converter, which accepts only ``lora_A``/``lora_B``
+keys (no ``.alpha`` entries) and then applies scale 1; ComfyUI applies scale 1 too when a file has
+no ``.alpha``. So those files are written with ``alpha / r`` folded into ``lora_B``, and rank and
+alpha are recorded in the ``krea2_lora`` metadata entry (:data:`METADATA_KEY`), from which
+:func:`read_lora` unfolds them again. Reading also accepts kohya-style ``lora_down``/``lora_up``
+names and ``<module>.alpha`` tensors (alpha defaults to the rank: scale 1, the PEFT convention).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from krea2_train.model import layouts
+from krea2_train.model.lora import LoRAError, LoRAPair
+
+LAYOUT_PREFIXES = {"diffusers": "transformer.", "comfyui": "diffusion_model.", "ai-toolkit": "base_model.model."}
+LAYOUTS = tuple(LAYOUT_PREFIXES)
+METADATA_KEY = "krea2_lora"
+PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+_STORED_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_down|lora_up)\.weight$")
+_PARTS = {"lora_A": "down", "lora_down": "down", "lora_B": "up", "lora_up": "up"}
+
+
+@dataclass
+class LoRAFile:
+    """A LoRA read from disk: pairs under diffusers module names, and where it came from."""
+
+    pairs: dict[str, LoRAPair]
+    layout: str
+    metadata: dict[str, str]
+
+
+# ----------------------------------------------------------------------------------------------
+# Module names
+# ----------------------------------------------------------------------------------------------
+
+
+def to_original_module(module: str) -> str:
+    """``transformer_blocks.0.attn.to_q`` -> ``blocks.0.attn.wq``."""
+    return layouts.diffusers_to_original_key(module + ".weight")[: -len(".weight")]
+
+
+def to_diffusers_module(module: str) -> str:
+    """``blocks.0.attn.wq`` -> ``transformer_blocks.0.attn.to_q``."""
+    try:
+        return layouts.original_to_diffusers_key(module + ".weight")[: -len(".weight")]
+    except layouts.CheckpointError:
+        raise LoRAError(f"LoRA module {module!r} is not a Krea 2 layer in the original layout") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+
+
+def _most_common(values: Mapping[str, float | int]) -> float | int:
+    return Counter(values.values()).most_common(1)[0][0]
+
+
+def peft_metadata(pairs: Mapping[str, LoRAPair]) -> dict:
+    """The PEFT ``LoraConfig`` keywords of ``pairs`` (rank/alpha patterns for modules that differ)."""
+    ranks = {name: pair.rank for name, pair in pairs.items()}
+    alphas = {name: pair.alpha for name, pair in pairs.items()}
+    rank, alpha = _most_common(ranks), _most_common(alphas)
+    return {
+        "r": rank,
+        "lora_alpha": alpha,
+        "rank_pattern": {name: value for name, value in ranks.items() if value != rank},
+        "alpha_pattern": {name: value for name, value in alphas.items() if value != alpha},
+        "target_modules": sorted(pairs),
+        "use_dora": False,
+        "lora_bias": False,
+    }
+
+
+def _record(pairs: Mapping[str, LoRAPair], folded: bool) -> str:
+    ranks = {pair.rank for pair in pairs.values()}
+    alphas = {pair.alpha for pair in pairs.values()}
+    record = {"alpha_folded_into_lora_B": folded}
+    if len(ranks) == 1 and len(alphas) == 1:
+        record.update(rank=ranks.pop(), alpha=alphas.pop())
+    else:
+        record.update(ranks={n: p.rank for n, p in pairs.items()}, alphas={n: p.alpha for n, p in pairs.items()})
+    return json.dumps(record, sort_keys=True)
+
+
+def lora_tensors(pairs: Mapping[str, LoRAPair], layout: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, safetensors metadata) of ``pairs`` in ``layout``."""
+    if layout not in LAYOUT_PREFIXES:
+        raise LoRAError(f"unknown LoRA layout {layout!r}; accepted: {', '.join(LAYOUTS)}")
+    if not pairs:
+        raise LoRAError("no LoRA weights to write")
+    prefix = LAYOUT_PREFIXES[layout]
+    tensors: dict[str, torch.Tensor] = {}
+    metadata = {"format": "pt"}
+    if layout == "diffusers":
+        for name, pair in pairs.items():
+            tensors[f"{prefix}{name}.lora_A.weight"] = pair.down
+            tensors[f"{prefix}{name}.lora_B.weight"] = pair.up
+        packed = {f"transformer.{key}": value for key, value in peft_metadata(pairs).items()}
+        metadata[PEFT_METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
+        metadata[METADATA_KEY] = _record(pairs, folded=False)
+    else:
+        for name, pair in pairs.items():
+            module = prefix + to_original_module(name)
+            tensors[f"{module}.lora_A.weight"] = pair.down
+            tensors[f"{module}.lora_B.weight"] = pair.up.float() * (pair.alpha / pair.rank)
+        metadata[METADATA_KEY] = _record(pairs, folded=True)
+    return tensors, metadata
+
+
+def save_lora(
+    pairs: Mapping[str, LoRAPair], path: str | os.PathLike, layout: str = "diffusers", dtype: torch.dtype | None = None
+) -> Path:
+    """Write ``pairs`` (diffusers module names) as one safetensors file in ``layout``."""
+    tensors, metadata = lora_tensors(pairs, layout)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return layouts.write_safetensors(path, {key: tensor.contiguous() for key, tensor in tensors.items()}, metadata, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+
+
+def detect_lora_layout(keys: list[str]) -> str:
+    """The layout of a LoRA state dict, from its key prefix."""
+    for layout, prefix in LAYOUT_PREFIXES.items():
+        if keys and all(key.startswith(prefix) for key in keys):
+            return layout
+    examples = ", ".join(repr(key) for key in sorted(keys)[:3]) or "none"
+    raise LoRAError(
+        f"not a Krea 2 LoRA: keys must all start with one of {sorted(LAYOUT_PREFIXES.values())} "
+        f"(diffusers, ComfyUI, ai-toolkit layouts); found {len(keys)} keys: {examples}"
+    )
+
+
+def _peft_alphas(metadata: Mapping[str, str], ranks: Mapping[str, int]) -> dict[str, float]:
+    """Per-module alpha from diffusers' ``lora_adapter_metadata``; alpha = rank without it."""
+    raw = metadata.get(PEFT_METADATA_KEY)
+    if raw is None:
+        return {name: float(rank) for name, rank in ranks.items()}
+    config = {key.removeprefix("transformer."): value for key, value in json.loads(raw).items()}
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    alphas = {}
+    for name, rank in ranks.items():
+        expected_rank = _pattern_value(rank_pattern, name, config.get("r", rank))
+        if expected_rank != rank:
+            raise LoRAError(f"LoRA metadata gives {name!r} rank {expected_rank}, its tensors have rank {rank}")
+        alphas[name] = float(_pattern_value(alpha_pattern, name, config.get("lora_alpha", rank)))
+    return alphas
+
+
+def _pattern_value(patterns: Mapping[str, float], name: str, default: float) -> float:
+    """PEFT's rule: a pattern applies when it matches the end of the module name."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return value
+    return default
+
+
+def _unfold(pairs: dict[str, LoRAPair], record: Mapping) -> None:
+    """Undo ``alpha / r`` folded into B by :func:`lora_tensors`, restoring the recorded alphas."""
+    for name, pair in pairs.items():
+        alpha = record["alphas"][name] if "alphas" in record else record["alpha"]
+        pair.up = pair.up.float() / (alpha / pair.rank)
+        pair.alpha = float(alpha)
+
+
+def lora_pairs_from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> LoRAFile:
+    """Parse a LoRA state dict in any supported layout into pairs under diffusers module names."""
+    metadata = dict(metadata or {})
+    layout = detect_lora_layout(list(tensors))
+    prefix = LAYOUT_PREFIXES[layout]
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    stored_alphas: dict[str, float] = {}
+    for key, tensor in tensors.items():
+        rest = key[len(prefix) :]
+        if rest.endswith(".alpha"):
+            stored_alphas[rest[: -len(".alpha")]] = float(tensor)
+            continue
+        match = _STORED_KEY.match(rest)
+        if match is None:
+            raise LoRAError(f"{key!r} is not a LoRA weight (expected '.lora_A.weight', '.lora_B.weight', "
+                            f"'.lora_down.weight', '.lora_up.weight' or '.alpha')")
+        parts.setdefault(match["module"], {})[_PARTS[match["part"]]] = tensor
+    pairs: dict[str, LoRAPair] = {}
+    ranks: dict[str, int] = {}
+    for module, found in parts.items():
+        if set(found) != {"down", "up"}:
+            raise LoRAError(f"LoRA for {module!r} lacks its {'B (up)' if 'up' not in found else 'A (down)'} matrix")
+        name = module if layout == "diffusers" else to_diffusers_module(module)
+        ranks[name] = found["down"].shape[0]
+        alpha = stored_alphas.get(module, float(ranks[name]))
+        pairs[name] = LoRAPair(found["down"], found["up"], alpha)
+    if layout == "diffusers" and not stored_alphas:
+        for name, alpha in _peft_alphas(metadata, ranks).items():
+            pairs[name].alpha = alpha
+    record = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else {}
+    if record.get("alpha_folded_into_lora_B"):
+        _unfold(pairs, record)
+    return LoRAFile(pairs, layout, metadata)
+
+
+def read_lora(path: str | os.PathLike) -> LoRAFile:
+    """Read a LoRA safetensors file in the diffusers, ComfyUI or ai-toolkit layout."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no LoRA file at {path}")
+    stored, metadata = layouts.read_safetensors_header(path)
+    try:
+        return lora_pairs_from_tensors(dict(layouts.read_tensors(stored)), metadata)
+    except LoRAError as error:
+        raise LoRAError(f"{path}: {error}") from None
+
+
+def parse_lora_argument(argument: str) -> tuple[Path, float]:
+    """``FILE[:SCALE]`` -> (path, strength); the strength defaults to 1."""
+    path, separator, scale = argument.rpartition(":")
+    if separator and path:
+        try:
+            return Path(path), float(scale)
+        except ValueError:
+            pass
+    return Path(argument), 1.0

@@ -1,0 +1,68 @@
+"""LoRA fine-tuning: flow matching on a frozen Krea 2 checkpoint with trained low-rank updates.
+
+The objective is :class:`~krea2_train.stages.flow_matching.FlowMatchingStage`'s; what differs is
+the model: ``stage.init_from`` (the released Raw weights in the original layout, a diffusers
+directory, or a run) is loaded by the trainer, then :meth:`LoRAStage.prepare_model` freezes it,
+casts it to ``lora.base_dtype`` and injects LoRA into the layers matching ``lora.targets``
+(optionally starting from the weights of ``lora.init_lora``). Only the LoRA parameters train;
+checkpoints hold the whole model, and ``krea2 lora export RUN`` writes the LoRA alone.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from krea2_train.config.schema import RunConfig
+from krea2_train.model.lora import LoRASpec, cast_base, freeze_base, inject_lora, load_pairs_into_model
+from krea2_train.stages.flow_matching import FlowMatchingStage
+
+logger = logging.getLogger("krea2_train")
+
+
+class LoRAStageError(ValueError):
+    """A lora-stage configuration that cannot train."""
+
+
+def resolve_base_dtype(config: RunConfig) -> str:
+    """``lora.base_dtype``, with "auto" meaning the run's compute precision (bf16 on GPU, fp32 on CPU)."""
+    if config.lora.base_dtype != "auto":
+        return config.lora.base_dtype
+    mode = config.parallel.mixed_precision
+    if mode == "auto":
+        mode = "bf16" if torch.cuda.is_available() else "fp32"
+    return mode
+
+
+class LoRAStage(FlowMatchingStage):
+    def __init__(self, config: RunConfig) -> None:
+        if config.stage.init_from is None:
+            raise LoRAStageError(
+                f"stage {config.stage.name!r} (kind lora) needs stage.init_from: the checkpoint to fine-tune, e.g. "
+                "stage.init_from=/path/krea2-raw.safetensors (original layout), a diffusers directory, or a run name"
+            )
+        if config.parallel.tp != 1:
+            raise LoRAStageError(f"the lora stage does not support tensor parallelism (parallel.tp={config.parallel.tp}); use parallel.tp=1")
+        super().__init__(config)
+        lora = config.lora
+        self.spec = LoRASpec(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=tuple(lora.targets))
+        self.base_dtype = resolve_base_dtype(config)
+        self.init_lora = lora.init_lora
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Freeze the loaded base, hold it in the base dtype, inject LoRA (B = 0: output unchanged)."""
+        names = inject_lora(model, self.spec)
+        freeze_base(model)
+        cast_base(model, self.base_dtype)
+        if self.init_lora is not None:
+            from krea2_train.model.lora_formats import read_lora
+
+            load_pairs_into_model(model, read_lora(self.init_lora).pairs)
+            logger.info("LoRA weights initialised from %s", self.init_lora)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        logger.info(
+            "LoRA rank %d alpha %g on %d layers: %.3fM trainable parameters, base frozen in %s",
+            self.spec.rank, self.spec.alpha, len(names), trainable / 1e6, self.base_dtype,
+        )
+        return model

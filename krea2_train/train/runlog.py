@@ -1,0 +1,431 @@
+"""The run log: every start, stop and failure of a run, and what each failure cost.
+
+One JSON object per line in ``run_dir/runlog.jsonl``, mirrored to PostgreSQL (table
+``run_events``, migration 0020). The file is written first and is the record; the database copy
+is sent by a background thread on rank 0, and events it could not send (server down, restarting)
+go with the next event or the next start. A database problem is logged and never stops training.
+
+Every event has ``id`` (uuid), ``time`` (unix s), ``kind``, ``incarnation`` (1 for the first
+start of the run, +1 per start), ``rank``, ``host`` and ``step``; by kind:
+
+- ``start`` (rank 0, after resuming): ``resumed_step``, ``world_size``, ``process_started``,
+  ``steps_lost`` (the previous incarnation's failure step minus ``resumed_step``), launcher ids;
+- ``first_step`` (rank 0): ``recovery_s``, from the previous incarnation's failure to this first
+  step (the MTTR sample), null on a run's first start;
+- ``stop`` (rank 0): ``reason``: ``completed`` or ``signal`` (checkpointed and left on SIGTERM);
+- ``failure`` (any rank): ``cause`` (``hang``, ``slow_step``, ``peer_hang``, ``exception``,
+  ``checkpoint_write``, or ``lost`` for a start that ended with no record at all: SIGKILL, the
+  OOM killer, a lost node), ``detail``. A ``lost`` failure is written by the next start, dated by
+  the last step any rank finished (from the heartbeats).
+
+:func:`summarize` turns the log and the step times of ``metrics.jsonl`` into MTBF, MTTR, goodput
+and the list of failures (``krea2 runs report RUN``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import statistics
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from krea2_train.train.watchdog import Watchdog, read_heartbeats
+
+logger = logging.getLogger("krea2_train")
+
+RUNLOG_NAME = "runlog.jsonl"
+SAMPLE_IDS_DIR = "sample_ids"
+DB_CONNECT_TIMEOUT_S = 3
+ENDINGS = ("stop", "failure")
+
+_INSERT = """
+INSERT INTO run_events (id, run, run_dir, incarnation, kind, rank, host, step, at, fields)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, to_timestamp(%s), %s)
+ON CONFLICT (id) DO NOTHING
+"""
+_CORE_FIELDS = ("id", "time", "kind", "incarnation", "rank", "host", "step")
+
+
+# ----------------------------------------------------------------------------------------------
+# The file
+# ----------------------------------------------------------------------------------------------
+
+
+def read_events(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The events of a run, oldest first (a line torn by a crash is skipped)."""
+    path = Path(run_dir) / RUNLOG_NAME
+    if not path.is_file():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return sorted(events, key=lambda event: event["time"])
+
+
+def append_event(run_dir: Path, event: dict[str, Any]) -> None:
+    """Append one event line (one write on an O_APPEND descriptor, then fsync)."""
+    descriptor = os.open(Path(run_dir) / RUNLOG_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(descriptor, (json.dumps(event) + "\n").encode())
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def new_event(kind: str, *, incarnation: int, rank: int, step: int | None, when: float | None = None, **fields) -> dict:
+    return {
+        "id": str(uuid.uuid4()),
+        "time": time.time() if when is None else when,
+        "kind": kind,
+        "incarnation": incarnation,
+        "rank": rank,
+        "host": socket.gethostname(),
+        "step": step,
+        **fields,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# PostgreSQL mirror
+# ----------------------------------------------------------------------------------------------
+
+
+def mirror_events(conn, run: str, run_dir: str, events: list[dict[str, Any]]) -> None:
+    """Insert events into ``run_events`` (idempotent: an event already there is skipped)."""
+    from psycopg.types.json import Jsonb
+
+    rows = [
+        (
+            event["id"], run, run_dir, event["incarnation"], event["kind"], event["rank"], event["host"], event["step"],
+            event["time"], Jsonb({k: v for k, v in event.items() if k not in _CORE_FIELDS}),
+        )
+        for event in events
+    ]  # fmt: skip
+    with conn.cursor() as cursor:
+        cursor.executemany(_INSERT, rows)
+
+
+def database_events(conn, run: str) -> list[dict[str, Any]]:
+    """The events of a run as stored in PostgreSQL, in the file's shape, oldest first."""
+    rows = conn.execute(
+        "SELECT id, extract(epoch FROM at), kind, incarnation, rank, host, step, fields FROM run_events "
+        "WHERE run = %s ORDER BY at, id",
+        (run,),
+    ).fetchall()
+    return [
+        {"id": str(i), "time": float(at), "kind": kind, "incarnation": inc, "rank": rank, "host": host, "step": step, **fields}
+        for i, at, kind, inc, rank, host, step, fields in rows
+    ]
+
+
+class RunLog:
+    """Writes a run's events; rank 0 (given a ``dsn``) also mirrors them to PostgreSQL.
+
+    Args:
+        dsn: PostgreSQL DSN for the mirror (None: the file only).
+    """
+
+    def __init__(self, run_dir: Path, run_name: str, *, rank: int, incarnation: int, dsn: str | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_name = run_name
+        self.rank = rank
+        self.incarnation = incarnation
+        self.dsn = dsn
+        self._mirrored: set[str] = set()
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="krea2-runlog") if dsn else None
+
+    def record(self, kind: str, step: int | None, **fields) -> dict[str, Any]:
+        event = new_event(kind, incarnation=self.incarnation, rank=self.rank, step=step, **fields)
+        self.write(event)
+        return event
+
+    def write(self, event: dict[str, Any]) -> None:
+        try:
+            append_event(self.run_dir, event)
+        except OSError as error:  # a full disk: say what was lost, keep going
+            logger.error("could not write %s to the run log: %s (%s)", event["kind"], error, json.dumps(event))
+        self.mirror_soon()
+
+    def mirror_soon(self) -> None:
+        if self._executor is not None:
+            self._executor.submit(self.mirror_now)
+
+    def mirror_now(self) -> bool:
+        """Send every event of the file not yet in the database; False (logged) when that failed."""
+        if self.dsn is None:
+            return False
+        import psycopg
+
+        with self._lock:
+            pending = [event for event in read_events(self.run_dir) if event["id"] not in self._mirrored]
+            if not pending:
+                return True
+            try:
+                with psycopg.connect(self.dsn, autocommit=True, connect_timeout=DB_CONNECT_TIMEOUT_S) as conn:
+                    mirror_events(conn, self.run_name, str(self.run_dir), pending)
+            except Exception as error:
+                logger.warning("run log: %d event(s) not mirrored to PostgreSQL yet (%s)", len(pending), " ".join(str(error).split()))
+                return False
+            self._mirrored.update(event["id"] for event in pending)
+            return True
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self.mirror_soon()
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Starting an incarnation, and what the training loop calls
+# ----------------------------------------------------------------------------------------------
+
+
+def first_failure(events: list[dict[str, Any]], incarnation: int) -> dict[str, Any] | None:
+    failures = [e for e in events if e["incarnation"] == incarnation and e["kind"] == "failure"]
+    return min(failures, key=lambda e: e["time"]) if failures else None
+
+
+def lost_incarnation_event(events: list[dict[str, Any]], heartbeat_dir: Path) -> dict[str, Any] | None:
+    """A ``lost`` failure for the newest incarnation when it ended with neither stop nor failure."""
+    if not events:
+        return None
+    last = max(e["incarnation"] for e in events)
+    if any(e["incarnation"] == last and e["kind"] in ENDINGS for e in events):
+        return None
+    started = min(e["time"] for e in events if e["incarnation"] == last)
+    beats = [b for b in read_heartbeats(heartbeat_dir).values() if b.beat_time >= started]
+    step = max((b.step for b in beats), default=max((e["step"] or 0) for e in events if e["incarnation"] == last))
+    when = max((b.progress_time for b in beats), default=max(e["time"] for e in events if e["incarnation"] == last))
+    first_silent = min(beats, key=lambda b: b.beat_time) if beats else None
+    detail = "the processes ended without a record (SIGKILL, the OOM killer, a lost node)"
+    if first_silent is not None:
+        detail += f"; the first heartbeat to stop was rank {first_silent.rank}'s on {first_silent.host} (pid {first_silent.pid})"
+    return new_event("failure", incarnation=last, rank=first_silent.rank if first_silent else -1, step=step, when=when,
+                     cause="lost", detail=detail)  # fmt: skip
+
+
+def _launcher_ids() -> dict[str, str]:
+    names = ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_RUN_ID")
+    return {name.lower(): os.environ[name] for name in names if name in os.environ}
+
+
+def _process_started() -> float:
+    """When this process started (unix s)."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+class Supervision:
+    """The watchdog and the run log of one rank, behind the few calls the training loop makes."""
+
+    def __init__(self, run_log: RunLog, watchdog: Watchdog | None, recovering_from: dict | None, sample_ids_path: Path | None):
+        self.run_log = run_log
+        self.watchdog = watchdog
+        self.recovering_from = recovering_from
+        self.sample_ids_path = sample_ids_path
+        self._first_step_seen = False
+
+    @property
+    def incarnation(self) -> int:
+        return self.run_log.incarnation
+
+    def step_done(self, step: int, batch: dict | None = None) -> None:
+        """After each optimizer step: heartbeat; the first step after a start is recorded."""
+        if self.watchdog is not None:
+            self.watchdog.beat(step)
+        if self.sample_ids_path is not None and batch is not None:
+            with self.sample_ids_path.open("a") as handle:
+                handle.write(json.dumps({"step": step, "epoch": int(batch["epoch"]), "ids": list(map(int, batch["sample_ids"]))}) + "\n")
+        if not self._first_step_seen:
+            self._first_step_seen = True
+            if self.run_log.rank == 0:
+                recovery = None if self.recovering_from is None else time.time() - self.recovering_from["time"]
+                self.run_log.record("first_step", step, recovery_s=recovery)
+                logger.info("first step of start %d%s", self.incarnation,
+                            "" if recovery is None else f": {recovery:.1f} s after the failure")  # fmt: skip
+
+    def slow_section(self):
+        return self.watchdog.slow_section() if self.watchdog is not None else nullcontext()
+
+    def stopped(self, step: int, reason: str) -> None:
+        if self.run_log.rank == 0:
+            self.run_log.record("stop", step, reason=reason)
+
+    def failed(self, step: int, error: BaseException) -> None:
+        from krea2_train.train.checkpoint import CheckpointWriteError
+
+        cause = "checkpoint_write" if isinstance(error, CheckpointWriteError) else "exception"
+        self.run_log.record("failure", step, cause=cause, detail=f"{type(error).__name__}: {error}")
+
+    def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        self.run_log.close()
+
+
+def start_supervision(config, run_dir: Path, *, rank: int, world_size: int, step: int, dsn: str | None) -> Supervision:
+    """Open the run log (collective: rank 0 decides the incarnation) and start the watchdog.
+
+    Rank 0 first accounts for the previous incarnation (a ``lost`` failure when it left no
+    record), then records this ``start`` with the steps the previous failure lost.
+    """
+    import torch.distributed as dist
+
+    resilience = config.resilience
+    heartbeat_dir = Path(resilience.heartbeat_dir) if resilience.heartbeat_dir else run_dir / "heartbeats"
+    decided: list[Any] = [None, None]
+    if rank == 0:
+        events = read_events(run_dir)
+        lost = lost_incarnation_event(events, heartbeat_dir)
+        if lost is not None:
+            append_event(run_dir, lost)
+            events.append(lost)
+        previous = max((e["incarnation"] for e in events), default=0)
+        decided = [previous + 1, first_failure(events, previous) if previous else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(decided, src=0)
+    incarnation, recovering_from = decided
+    run_log = RunLog(run_dir, config.run_name, rank=rank, incarnation=incarnation, dsn=dsn if rank == 0 else None)
+    if rank == 0:
+        steps_lost = None if recovering_from is None else max(0, (recovering_from["step"] or 0) - step)
+        run_log.record("start", step, resumed_step=step, world_size=world_size, process_started=_process_started(),
+                       steps_lost=steps_lost, **_launcher_ids())  # fmt: skip
+    watchdog = None
+    if resilience.watchdog:
+        watchdog = Watchdog(
+            run_dir, heartbeat_dir, rank=rank, world_size=world_size,
+            hang_timeout_s=resilience.hang_timeout_s, first_step_timeout_s=resilience.first_step_timeout_s,
+            slow_step_factor=resilience.slow_step_factor, slow_step_min_s=resilience.slow_step_min_s,
+            poll_interval_s=resilience.poll_interval_s, heartbeat_stale_s=resilience.heartbeat_stale_s,
+            exit_code=resilience.hang_exit_code,
+            on_trip=lambda cause, detail, at_step, report: run_log.record("failure", at_step, cause=cause, detail=detail, report=str(report)),
+        ).start(step)  # fmt: skip
+    sample_ids_path = None
+    if resilience.record_sample_ids:
+        sample_ids_path = run_dir / SAMPLE_IDS_DIR / f"rank-{rank:05d}.jsonl"
+        sample_ids_path.parent.mkdir(parents=True, exist_ok=True)
+    return Supervision(run_log, watchdog, recovering_from, sample_ids_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------
+
+
+def productive_step_time(step_records: list[dict[str, Any]]) -> float:
+    """Seconds spent in steps that count: the last record of each step (a step re-run after a
+    failure replaces the lost one, whose time is not productive)."""
+    final: dict[int, float] = {}
+    for record in step_records:
+        final[record["step"]] = float(record.get("step_time_s", 0.0))
+    return sum(final.values())
+
+
+def summarize(events: list[dict[str, Any]], step_records: list[dict[str, Any]], now: float | None = None) -> dict[str, Any]:
+    """MTBF, MTTR, goodput and the failures of a run.
+
+    Args:
+        events: :func:`read_events` (any order).
+        step_records: the step records of ``metrics.jsonl`` (``step``, ``time``, ``step_time_s``).
+        now: the end of a run still going without a stop record (default: its last sign of life).
+    Returns:
+        ``incarnations``, ``failures`` (one row per failed incarnation: time, cause, rank, step,
+        steps_lost, recovery_s, detail), ``wall_s``, ``uptime_s``, ``productive_s``, ``mtbf_s``
+        (uptime / failures; None without failures), ``mttr_s`` (mean recovery; None without a
+        recovery), ``goodput`` (productive step time / wall time).
+    """
+    events = sorted(events, key=lambda e: e["time"])
+    if not events:
+        raise ValueError("the run log has no events: the run never started under a trainer that records them")
+    by_incarnation: dict[int, list[dict]] = {}
+    for event in events:
+        by_incarnation.setdefault(event["incarnation"], []).append(event)
+    last_alive = max([e["time"] for e in events] + [r["time"] for r in step_records if "time" in r])
+    end_of_run = last_alive if now is None else now
+    uptime, failures = 0.0, []
+    for incarnation, group in sorted(by_incarnation.items()):
+        start = next((e for e in group if e["kind"] == "start"), group[0])
+        began = start.get("process_started") or start["time"]
+        ending = [e for e in group if e["kind"] in ENDINGS]
+        nxt = [e for e in by_incarnation.get(incarnation + 1, [])]
+        ended = min(e["time"] for e in ending) if ending else (min(e["time"] for e in nxt) if nxt else end_of_run)
+        uptime += max(0.0, ended - began)
+        failure = first_failure(group, incarnation)
+        if failure is None:
+            continue
+        next_start = next((e for e in nxt if e["kind"] == "start"), None)
+        next_first = next((e for e in nxt if e["kind"] == "first_step"), None)
+        failures.append({
+            "incarnation": incarnation,
+            "time": failure["time"],
+            "cause": failure.get("cause"),
+            "rank": failure.get("rank"),
+            "step": failure.get("step"),
+            "steps_lost": None if next_start is None else next_start.get("steps_lost"),
+            "recovery_s": None if next_first is None else next_first.get("recovery_s"),
+            "detail": failure.get("detail", ""),
+        })  # fmt: skip
+    first_began = min(e.get("process_started") or e["time"] for e in events if e["kind"] == "start") if any(
+        e["kind"] == "start" for e in events
+    ) else events[0]["time"]
+    wall = max(0.0, end_of_run - first_began)
+    productive = productive_step_time(step_records)
+    recoveries = [f["recovery_s"] for f in failures if f["recovery_s"] is not None]
+    return {
+        "incarnations": len(by_incarnation),
+        "failures": failures,
+        "wall_s": wall,
+        "uptime_s": uptime,
+        "productive_s": productive,
+        "mtbf_s": uptime / len(failures) if failures else None,
+        "mttr_s": statistics.fmean(recoveries) if recoveries else None,
+        "goodput": productive / wall if wall > 0 and step_records else None,
+        "steps_lost": sum(f["steps_lost"] or 0 for f in failures),
+    }
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} s"
+
+
+def format_report(run: str, summary: dict[str, Any]) -> str:
+    goodput = summary["goodput"]
+    lines = [
+        f"run {run}: {summary['incarnations']} start(s), {len(summary['failures'])} failure(s), "
+        f"{summary['steps_lost']} step(s) lost",
+        f"  wall time        {_seconds(summary['wall_s'])}",
+        f"  uptime           {_seconds(summary['uptime_s'])}",
+        f"  productive steps {_seconds(summary['productive_s'])}",
+        f"  goodput          {'n/a' if goodput is None else f'{100 * goodput:.1f} %'}  (productive step time / wall time)",
+        f"  MTBF             {_seconds(summary['mtbf_s'])}  (uptime / failures)",
+        f"  MTTR             {_seconds(summary['mttr_s'])}  (failure -> first step after the restart)",
+    ]
+    if summary["failures"]:
+        lines.append("failures:")
+        header = ("start", "time", "cause", "rank", "step", "lost", "recovery", "detail")
+        rows = [
+            (
+                str(f["incarnation"]), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(f["time"])), str(f["cause"]),
+                str(f["rank"]), str(f["step"]), "n/a" if f["steps_lost"] is None else str(f["steps_lost"]),
+                _seconds(f["recovery_s"]), f["detail"],
+            )
+            for f in summary["failures"]
+        ]  # fmt: skip
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+        for row in [header, *rows]:
+            lines.append("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    return "\n".join(lines)

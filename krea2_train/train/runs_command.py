@@ -1,0 +1,57 @@
+"""``krea2 runs report RUN``: a run's MTBF, MTTR, goodput and failures, from its run log."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from krea2_train.train.metrics import read_metrics
+from krea2_train.train.runlog import database_events, format_report, read_events, summarize
+
+
+def resolve_run_dir(run: str, runs_root: str) -> Path | None:
+    """The run directory for a path or a run name under ``runs_root`` (None: neither exists)."""
+    for candidate in (Path(run), Path(runs_root) / run):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def report(args: argparse.Namespace) -> int:
+    run_dir = resolve_run_dir(args.run, args.runs_root)
+    if args.from_db:
+        import psycopg
+
+        from krea2_train.store.db import resolve_dsn
+
+        dsn = resolve_dsn(args.dsn)
+        if dsn is None:
+            raise SystemExit("krea2 runs report --from-db: no DSN (--dsn or $KREA2_PG_DSN)")
+        run_name = run_dir.name if run_dir is not None else args.run
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+            events = database_events(conn, run_name)
+    elif run_dir is None:
+        raise SystemExit(f"krea2 runs report: {args.run!r} is neither a run directory nor a run under {args.runs_root}/")
+    else:
+        events = read_events(run_dir)
+    if not events:
+        raise SystemExit(f"krea2 runs report: no run log events for {args.run!r}")
+    steps = read_metrics(run_dir) if run_dir is not None else []
+    summary = summarize(events, steps)
+    print(format_report(str(run_dir or args.run), summary))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    runs = subparsers.add_parser("runs", help="run accounting: failures, MTBF, MTTR, goodput")
+    commands = runs.add_subparsers(dest="runs_command", metavar="COMMAND", required=True)
+    parser = commands.add_parser("report", help="MTBF, MTTR, goodput and the failures of a run")
+    parser.add_argument("run", help="a run directory, or a run name under --runs-root")
+    parser.add_argument("--runs-root", default="runs", help="where run names are looked up (default: runs)")
+    parser.add_argument("--from-db", action="store_true", help="read the events from PostgreSQL instead of runlog.jsonl")
+    parser.add_argument("--dsn", default=None, help="PostgreSQL DSN for --from-db (default: $KREA2_PG_DSN)")
+    parser.add_argument("--json", default=None, help="also write the summary as JSON to this path")
+    parser.set_defaults(func=report)
