@@ -35,6 +35,8 @@ from krea2_train.parallel.float8 import (
 sys.path.insert(0, str(Path(__file__).parent / "distributed"))
 import train_tiny  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore:FSDP2-wrapped module")
+
 BLOCK_LINEARS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_gate", "attn.to_out.0", "ff.gate", "ff.up", "ff.down")
 
 

@@ -21,23 +21,9 @@ from krea2_train.flow.timesteps import (
     shift_time,
     velocity_target,
 )
-from krea2_train.model import Krea2DiT
+from krea2_train.model import PRESETS, Krea2DiT
 
-TINY_DIT = dict(
-    in_channels=64,
-    num_layers=2,
-    attention_head_dim=32,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=128,
-    timestep_embed_dim=64,
-    text_hidden_dim=64,
-    num_text_layers=4,
-    text_num_attention_heads=4,
-    text_num_key_value_heads=2,
-    text_intermediate_size=128,
-    axes_dims_rope=(8, 12, 12),
-)
+TINY_DIT = PRESETS["tiny"]
 GRID_HEIGHT, GRID_WIDTH = 3, 4
 PIXELS_PER_TOKEN = 16  # VAE factor 8 x patch 2: the pipeline's height and width per token
 

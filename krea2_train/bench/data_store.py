@@ -76,7 +76,7 @@ def _upsert_writer(dsn: str, batch: int, keys: int, seed: int, ready, start, sec
     from krea2_train.store.upsert import upsert_batch
 
     rng = random.Random(seed)
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with psycopg.connect(dsn, autocommit=True, options="-c synchronous_commit=off") as conn:  # as ingest does
         dataset_id = conn.execute("SELECT id FROM datasets WHERE name = 'bench'").fetchone()[0]
         ready.put(True)
         start.wait()

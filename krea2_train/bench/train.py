@@ -13,7 +13,8 @@ torchtitan's ``OptimizersContainer``, AdamW fused on CUDA, foreach on CPU, the d
 configuration and runs it the way a diffusers training script does: fp32 weights under
 ``torch.autocast`` for bf16, its own attention path (key/value heads repeated, SDPA with the
 padding mask), ``enable_gradient_checkpointing()`` whenever ours checkpoints activations,
-``compile_repeated_blocks`` when ours compiles, the same optimizer container and clipping. The
+``compile_repeated_blocks`` when ours compiles, ``--fp8`` on the same Linear layers (through
+``parallel.float8``), the same optimizer container and clipping. The
 two are built, timed and freed one after the other, so their memory never overlaps.
 
 Inputs: ``--res`` is the nominal resolution, 16 px per image token (256 -> 256 tokens); the text
@@ -71,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ac", default="none", choices=["none", "selective", "full"], help="activation checkpointing")
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     parser.add_argument("--fp8", action="store_true", help="float8 training of the block linears (CUDA, sm89+)")
+    parser.add_argument("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"], help="torchao float8 scaling")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (cpu: 1, cuda: 5)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (cpu: 3, cuda: 20)")
     parser.add_argument("--reference", default="diffusers", choices=["diffusers", "none"], help="also time diffusers' model")
@@ -94,6 +96,7 @@ class BenchSettings:
     ac: str
     compile: bool
     fp8: bool
+    fp8_recipe: str
     warmup: int
     steps: int
     reference: str
@@ -107,10 +110,18 @@ class BenchSettings:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    @property
+    def float8(self):
+        """The trainer's float8 config for ``--fp8`` (refusing, never falling back), or None."""
+        from krea2_train.config.schema import Float8Config
+
+        return Float8Config(enabled=True, recipe=self.fp8_recipe, allow_fallback=False) if self.fp8 else None
+
     def describe(self) -> str:
         return (
             f"{self.device.type} preset={self.preset} res={self.resolution} batch={self.batch} dtype={self.dtype} "
-            f"text={self.caption_tokens}/{self.text_len} ac={self.ac} compile={self.compile} fp8={self.fp8} "
+            f"text={self.caption_tokens}/{self.text_len} ac={self.ac} compile={self.compile} "
+            f"fp8={self.fp8_recipe if self.fp8 else False} "
             f"steps={self.warmup}+{self.steps}"
         )
 
@@ -135,6 +146,7 @@ def resolve_settings(args: argparse.Namespace) -> BenchSettings:
         ac=args.ac,
         compile=args.compile,
         fp8=args.fp8,
+        fp8_recipe=args.fp8_recipe,
         warmup=pick("warmup"),
         steps=pick("steps"),
         reference=args.reference,
@@ -192,13 +204,12 @@ def make_inputs(config: dict, settings: BenchSettings) -> StepInputs:
 
 
 def check_float8_available(device: torch.device) -> None:
-    """Raise a clear error unless float8 training can run here (a CUDA GPU of compute capability 8.9+)."""
-    import importlib.util
+    """Raise before any model is built unless float8 training can run on ``device`` (CUDA sm89+)."""
+    from krea2_train.parallel.float8 import Float8UnavailableError, float8_unavailable_reason
 
-    if importlib.util.find_spec("krea2_train.parallel.float8") is None:
-        raise RuntimeError("float8 training is not available in this build (krea2_train.parallel.float8 is missing)")
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-        raise RuntimeError("float8 training needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper)")
+    reason = float8_unavailable_reason(device)
+    if reason is not None:
+        raise Float8UnavailableError(f"--fp8: {reason}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +222,7 @@ class Trainee:
     """A model ready to train: ``forward(inputs) -> velocity [B, N, C]``, its optimizer, its parameters."""
 
     name: str
+    model: torch.nn.Module
     forward: Callable[[StepInputs], torch.Tensor]
     optimizer: object
     parameters: list[torch.nn.Parameter]
@@ -234,10 +246,6 @@ def build_ours(settings: BenchSettings) -> Trainee:
 
     torch.manual_seed(settings.seed)
     model = build_model(settings.preset, device=settings.device)
-    if settings.fp8:
-        from krea2_train.parallel import float8
-
-        model = float8.convert_to_float8(model)
     model = parallelize_dit(
         model,
         build_parallel_dims(dp_replicate=1, dp_shard=1, tp=1, world_size=1),
@@ -245,13 +253,14 @@ def build_ours(settings: BenchSettings) -> Trainee:
         compile=settings.compile,
         param_dtype=settings.torch_dtype,
         reduce_dtype=torch.float32,
+        float8=settings.float8,
     )
 
     def forward(inputs: StepInputs) -> torch.Tensor:
         return model(inputs.latents, inputs.text_states, inputs.timestep, inputs.position_ids, inputs.text_mask)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    return Trainee("ours", forward, build_optimizer_for(model, settings.device), params, clip_grad_norm_)
+    return Trainee("ours", model, forward, build_optimizer_for(model, settings.device), params, clip_grad_norm_)
 
 
 def build_reference(settings: BenchSettings) -> Trainee:
@@ -262,10 +271,10 @@ def build_reference(settings: BenchSettings) -> Trainee:
     with torch.device(settings.device):
         model = Krea2Transformer2DModel(**model_config(settings.preset))
     model.train()
-    if settings.fp8:
-        from torchao.float8 import convert_to_float8_training
+    if settings.fp8:  # the same Linear layers as ours (the module paths are the same)
+        from krea2_train.parallel.float8 import convert_to_float8
 
-        convert_to_float8_training(model.transformer_blocks)
+        convert_to_float8(model, settings.float8)
     if settings.ac != "none":
         model.enable_gradient_checkpointing()
     if settings.compile:
@@ -288,7 +297,7 @@ def build_reference(settings: BenchSettings) -> Trainee:
             )[0]
 
     params = [p for p in model.parameters() if p.requires_grad]
-    return Trainee("diffusers", forward, build_optimizer_for(model, settings.device), params, torch.nn.utils.clip_grad_norm_)
+    return Trainee("diffusers", model, forward, build_optimizer_for(model, settings.device), params, torch.nn.utils.clip_grad_norm_)
 
 
 # ---------------------------------------------------------------------------------------------

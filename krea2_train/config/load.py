@@ -169,11 +169,6 @@ def _validate_irepa(config: RunConfig) -> None:
     if not irepa.enabled:
         return
     _require(config.stage.kind in ("pretrain", "midtrain", "sft"), "irepa.enabled", "only flow-matching stages (pretrain, midtrain, sft) use iREPA")
-    _require(
-        config.parallel.tp == 1,
-        "irepa.enabled",
-        "iREPA does not support tensor parallelism (block outputs are sequence-sharded); use parallel.tp=1 or irepa.enabled=false",
-    )
     num_layers = model_config(config.model.preset, **config.model.overrides)["num_layers"]
     _require(irepa.block is None or 1 <= irepa.block <= num_layers, "irepa.block", f"must be in 1..{num_layers} (the model's blocks) or null")
     _require(irepa.weight > 0, "irepa.weight", "must be positive")

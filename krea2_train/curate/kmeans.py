@@ -5,8 +5,8 @@ The method of Vo et al. 2024 ("Automatic data curation for self-supervised learn
 
 - Bottom-up clustering: level 1 clusters the embeddings, level t clusters the centroids of
   level t-1. Each level starts from k-means++ and then takes a few resampling steps: keep the
-  ``points_per_cluster`` members nearest each centroid, re-run k-means on their union (from the
-  current centroids) and reassign every item. Plain k-means spends its centroids on dense
+  ``points_per_cluster`` members nearest each centroid, re-run k-means (k-means++ again) on their
+  union and reassign every item. Plain k-means spends its centroids on dense
   regions; resampling spreads them over concepts.
 - Top-down sampling of a target size T: give the top-level clusters a share each by
   water-filling (the largest cap x with sum(min(x, size_i)) <= T; every cluster gets
@@ -93,8 +93,8 @@ def nearest_centroids(items: np.ndarray, centroids: np.ndarray) -> tuple[np.ndar
     return distances[:, 0], ids[:, 0].astype(np.int64)
 
 
-def _kmeans(items: np.ndarray, k: int, niter: int, seed: int, init: np.ndarray | None = None) -> np.ndarray:
-    """k-means centroids [k, d] of ``items`` [n, d] (k-means++ start unless ``init`` is given)."""
+def _kmeans(items: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
+    """k-means centroids [k, d] of ``items`` [n, d], from a k-means++ start."""
     kmeans = faiss.Kmeans(
         items.shape[1],
         k,
@@ -104,7 +104,7 @@ def _kmeans(items: np.ndarray, k: int, niter: int, seed: int, init: np.ndarray |
         min_points_per_centroid=1,
         max_points_per_centroid=max(256, -(-len(items) // k)),  # never subsample
     )
-    kmeans.train(items, init_centroids=init)
+    kmeans.train(items)
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
 
 
@@ -132,7 +132,7 @@ def cluster_level(items: np.ndarray, k: int, settings: KMeansSettings, level_see
         subset = resampled_subset(distances, assignment, settings.points_per_cluster)
         if len(subset) < k:
             break
-        centroids = _kmeans(items[subset], k, settings.niter, level_seed + 1 + step, init=centroids)
+        centroids = _kmeans(items[subset], k, settings.niter, level_seed + 1 + step)
         distances, assignment = nearest_centroids(items, centroids)
     return centroids, assignment, distances
 

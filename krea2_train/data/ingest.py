@@ -161,18 +161,24 @@ def ingest_records(store: Store, dataset: str, source: str, records: Iterable[Re
     seen: set[str] = set()
     rows = inserted = updated = 0
     with store.pool.connection() as conn:
-        for batch in batched(records, BATCH_ROWS):
-            values = []
-            for record in batch:
-                if record.uri in seen:
-                    raise StoreError(f"URI {record.uri} appears twice in {source}")
-                seen.add(record.uri)
-                facts = None if record.facts is None else Jsonb(record.facts)
-                values.append(
-                    (dataset_id, record.uri, record.caption_long, record.caption_medium, record.caption_short, facts)
-                )
-            added, changed = upsert_batch(conn, IMAGES_UPSERT, values, key_width=2)
-            rows, inserted, updated = rows + len(values), inserted + added, updated + changed
+        # Ingest is idempotent: a crash may lose the last few commits, and running the same ingest
+        # again restores them. Not waiting for the WAL flush on each batch doubles the write rate.
+        conn.execute("SET synchronous_commit = off")
+        try:
+            for batch in batched(records, BATCH_ROWS):
+                values = []
+                for record in batch:
+                    if record.uri in seen:
+                        raise StoreError(f"URI {record.uri} appears twice in {source}")
+                    seen.add(record.uri)
+                    facts = None if record.facts is None else Jsonb(record.facts)
+                    values.append(
+                        (dataset_id, record.uri, record.caption_long, record.caption_medium, record.caption_short, facts)
+                    )
+                added, changed = upsert_batch(conn, IMAGES_UPSERT, values, key_width=2)
+                rows, inserted, updated = rows + len(values), inserted + added, updated + changed
+        finally:
+            conn.execute("RESET synchronous_commit")  # the pooled connection goes back as it came
     return IngestReport(dataset, dataset_id, rows, inserted, updated)
 
 

@@ -424,8 +424,9 @@ def estimate_lora_training_memory(
       the attention input (``B * S * (4D + 2 Dkv) * E``), the SwiGLU gate/up/product
       (``3 * B * S * F * E``), two residual/normalised copies (``2 * B * S * D * E``) and the
       LoRA branches' rank-r inputs; attention itself uses a memory-efficient SDPA kernel
-      (no ``S x S`` matrix). Text fusion runs once per step on ``B * L`` tokens and is counted as
-      one un-checkpointed pass of its blocks. Allocator fragmentation and CUDA context are not
+      (no ``S x S`` matrix). The text fusion (frozen) saves nothing for backward unless LoRA
+      targets it; then each of its block passes (layerwise blocks run on ``K`` layers per token)
+      is counted like a block. Allocator fragmentation, the CUDA context and the text encoder are not
       included: add 1 to 2 GiB.
     """
     from krea2_train.model.presets import build_model
@@ -448,11 +449,11 @@ def estimate_lora_training_memory(
     one_block = tokens * element * ((4 * width + 2 * kv_width) + 3 * hidden + 2 * width)
     lora_branches = tokens * element * spec.rank * len(lora_modules(model)) // config["num_layers"]
     text_width = config["text_hidden_dim"]
-    text_blocks = config["num_layerwise_text_blocks"] + config["num_refiner_text_blocks"]
-    text_per_block = batch_size * text_tokens * element * (
-        config["num_text_layers"] * (6 * text_width + 3 * config["text_intermediate_size"])
-    )
-    activations = block_inputs + one_block + lora_branches + text_blocks * text_per_block
+    text_block = batch_size * text_tokens * element * (6 * text_width + 3 * config["text_intermediate_size"])
+    text_block_passes = config["num_layerwise_text_blocks"] * config["num_text_layers"] + config["num_refiner_text_blocks"]
+    adapts_text = any(name.startswith("text_fusion.") for name in lora_modules(model))
+    text_saved = text_block_passes * text_block if adapts_text else 0
+    activations = block_inputs + one_block + lora_branches + text_saved
     return MemoryEstimate(
         base_params=_tensor_bytes(base) + _tensor_bytes(scales),
         lora_params=_tensor_bytes(lora),

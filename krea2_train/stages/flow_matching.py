@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from krea2_train.config.schema import RunConfig
+from krea2_train.data.cache import ConditioningCache
 from krea2_train.flow.timesteps import TimestepSampling, flow_matching_loss, interpolate, sample_training_times
 from krea2_train.model.patchify import position_ids
 from krea2_train.stages.base import CAPTION_DROPOUT, NOISE, TIMESTEP, StepContext
@@ -31,6 +32,8 @@ class FlowMatchingStage:
             loc=config.flow.loc, scale=config.flow.scale, shift=config.flow.shift, mu=config.flow.mu
         )
         self.irepa = IrepaAlignment.from_config(config) if config.irepa.enabled else None
+        # latents and text taps read from disk after their first encoding (small datasets)
+        self.cache = ConditioningCache.for_run(config) if config.conditioning_cache.enabled else None
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Attach the iREPA projector and block hook when enabled."""
@@ -42,6 +45,15 @@ class FlowMatchingStage:
             for slot, caption in zip(ctx.slots(len(captions)), captions)
         ]
 
+    def conditioning(self, ctx: StepContext, batch: dict[str, Any], images: torch.Tensor):
+        """(image tokens, grid, text taps, text mask): encoded now, or through the conditioning cache."""
+        captions = self.captions(ctx, list(batch["captions"]))
+        if self.cache is None:
+            x0, grid = ctx.conditioner.encode_images(images)
+            return (x0, grid, *ctx.conditioner.encode_text(captions))
+        x0, grid = self.cache.image_tokens(batch["sample_ids"], images, ctx.conditioner.encode_images)
+        return (x0, grid, *self.cache.text_states(captions, ctx.conditioner.encode_text, ctx.device))
+
     def noise_and_times(self, ctx: StepContext, shape: torch.Size, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample noise ``[B, N, C]`` and times ``[B]``, keyed by global-batch slot."""
         noise, times = [], []
@@ -52,8 +64,7 @@ class FlowMatchingStage:
 
     def loss(self, ctx: StepContext, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         images = batch["images"].to(ctx.device, non_blocking=True)
-        x0, grid = ctx.conditioner.encode_images(images)  # [B, N, C]
-        text_states, text_mask = ctx.conditioner.encode_text(self.captions(ctx, list(batch["captions"])))
+        x0, grid, text_states, text_mask = self.conditioning(ctx, batch, images)  # [B, N, C], [B, L, K, T], [B, L]
         noise, t = self.noise_and_times(ctx, x0.shape, grid.num_tokens)
         x_t = interpolate(x0, noise, t)
         positions = position_ids(text_states.shape[1], grid.height, grid.width, device=ctx.device)

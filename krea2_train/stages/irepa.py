@@ -23,8 +23,11 @@ point in epochs; after it, neither the teacher nor the hook does any work.
   (inside FSDP2's root unit), never exported. A forward hook on ``model.transformer_blocks[k - 1]``
   keeps that block's image tokens for one forward when armed; it disarms after firing, so
   activation-checkpoint recomputation in backward captures nothing.
-- Tensor parallelism is refused (the blocks' outputs are sequence-sharded local tensors there);
-  :func:`krea2_train.config.load.validate` rejects ``irepa.enabled`` with ``parallel.tp > 1``.
+- Under tensor parallelism the hook (registered before parallelisation, so it runs before the TP
+  plan turns the output into a local shard) sees the block's output as a sequence-sharded DTensor
+  and all-gathers it (``full_tensor``): every TP rank projects the same full sequence and the
+  gradient returns to each rank's shard. The projector is replicated across TP ranks like the
+  model's other non-block modules.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 TEACHER_MODEL_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit")
 TINY_TEACHER_DIR = "irepa_encoder"  # under the run directory
@@ -249,10 +253,12 @@ class BlockOutputCapture:
             return
         text_len, num_image_tokens = self._expected
         self._expected = None
+        if isinstance(output, DTensor):  # a tensor-parallel block's sequence-sharded output
+            output = output.full_tensor()
         if output.shape[1] != text_len + num_image_tokens:
             raise RuntimeError(
                 f"iREPA captured a block output of {output.shape[1]} tokens, expected {text_len} text + "
-                f"{num_image_tokens} image tokens (sequence-sharded outputs under tensor parallelism are not supported)"
+                f"{num_image_tokens} image tokens"
             )
         self._image_tokens = output[:, text_len:]
 

@@ -65,4 +65,4 @@ class LoRAStage(FlowMatchingStage):
             "LoRA rank %d alpha %g on %d layers: %.3fM trainable parameters, base frozen in %s",
             self.spec.rank, self.spec.alpha, len(names), trainable / 1e6, self.base_dtype,
         )
-        return model
+        return super().prepare_model(model)

@@ -148,9 +148,15 @@ def run_merge(args: argparse.Namespace) -> int:
     sources = [find_run_checkpoint(checkpoint, args.runs_root) for checkpoint in args.checkpoints]
     mixing = normalised_weights(args.weights, len(sources))
     weights, config = weighted_average(sources, mixing)
+    if args.lora:
+        from krea2_train.model.lora_commands import bake_lora_files
+        from krea2_train.model.lora_formats import parse_lora_argument
+
+        bake_lora_files(weights, [parse_lora_argument(lora) for lora in args.lora])
     out = write_weights(weights, config, args.out, args.layout, DTYPES.get(args.dtype))
     parts = ", ".join(f"{weight:.4g} x {source}" for weight, source in zip(mixing, sources))
-    print(f"merged {parts} -> {out} ({args.layout} layout)")
+    loras = f" + LoRAs {', '.join(args.lora)}" if args.lora else ""
+    print(f"merged {parts}{loras} -> {out} ({args.layout} layout)")
     return 0
 
 
@@ -177,5 +183,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge = subparsers.add_parser("merge", help="weighted average of checkpoints of one model config")
     merge.add_argument("checkpoints", nargs="+", help="runs, DCP checkpoint dirs, diffusers dirs or safetensors files")
     merge.add_argument("--weights", type=float, nargs="+", default=None, help="one per checkpoint, normalised (default: uniform)")
+    merge.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                       help="bake a LoRA (any layout) into the merged weights at SCALE (default 1); repeatable")
     _add_output_options(merge, layout_required=False)
     merge.set_defaults(func=run_merge)

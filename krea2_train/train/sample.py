@@ -3,6 +3,10 @@
     krea2 sample --checkpoint runs/pretrain_256 --prompt "a red circle" --out samples/
     krea2 sample --checkpoint krea2-raw/ --text-encoder qwen3-vl/ --autoencoder qwen_image \\
         --autoencoder-path qwen-image-vae/ --preset raw --prompt "..."
+    krea2 sample --checkpoint krea2-turbo.safetensors --lora my_style.safetensors:0.8 --preset turbo ...
+
+``--lora FILE[:SCALE]`` (repeatable) adds LoRAs in any layout into the weights before sampling;
+a run of the lora stage samples with its own LoRA.
 
 A run (name or directory) or one of its checkpoints brings its own conditioning networks (the
 run's config); other checkpoints need --text-encoder and --autoencoder.
@@ -11,21 +15,33 @@ run's config); other checkpoints need --text-encoder and --autoencoder.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from krea2_train.model.lora_formats import parse_lora_argument
 from krea2_train.train.checkpoint import find_run_checkpoint, is_dcp_checkpoint, run_dir_of
 
 
-def load_for_sampling(checkpoint: str, runs_root: str = "runs") -> tuple[torch.nn.Module, Path | None]:
-    """(Krea2DiT in eval mode, the run directory if the checkpoint belongs to a run)."""
+def load_for_sampling(
+    checkpoint: str, runs_root: str = "runs", loras: Sequence[tuple[Path, float]] = ()
+) -> tuple[torch.nn.Module, Path | None]:
+    """(Krea2DiT in eval mode, the run directory if the checkpoint belongs to a run).
+
+    ``loras``: (LoRA file, strength) pairs baked into the weights; a lora-stage run's own LoRA
+    is baked in first.
+    """
+    from krea2_train.model.lora import bake_pairs
+    from krea2_train.model.lora_commands import bake_lora_files, split_checkpoint_lora
     from krea2_train.model.presets import build_model
     from krea2_train.train.commands import load_checkpoint_weights
 
     source = find_run_checkpoint(checkpoint, runs_root)
     weights, config = load_checkpoint_weights(source)
+    weights, own_lora = split_checkpoint_lora(weights, run_dir_of(source) if is_dcp_checkpoint(source) else None)
+    bake_lora_files(bake_pairs(weights, own_lora), loras)
     with torch.device("meta"):
         model = build_model(config)
     model.load_state_dict(weights, strict=True, assign=True)
@@ -55,7 +71,7 @@ def run_sample(args: argparse.Namespace) -> int:
     from krea2_train.flow.generate import generate, to_pil
     from krea2_train.flow.sampler import resolve_sampler_settings
 
-    model, run_dir = load_for_sampling(args.checkpoint, args.runs_root)
+    model, run_dir = load_for_sampling(args.checkpoint, args.runs_root, [parse_lora_argument(lora) for lora in args.lora])
     settings = conditioning_settings(args, run_dir)
     conditioner = build_conditioner(
         settings["autoencoder"],
@@ -88,6 +104,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", required=True, help="run name or dir, checkpoint dir, diffusers dir or safetensors file")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="a LoRA (diffusers, ComfyUI or ai-toolkit layout) applied at SCALE (default 1); repeatable")
     parser.add_argument("--out", default="samples")
     parser.add_argument("--preset", default="raw", help="sampler preset: raw (52 steps, g=3.5) or turbo (8 steps, g=0)")
     parser.add_argument("--steps", type=int, default=None)

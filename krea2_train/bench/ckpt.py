@@ -1,0 +1,102 @@
+"""Checkpoint cost: the time a save blocks training versus its full write time, and its write
+rate as a fraction of the disk's sequential write bandwidth, measured in the same run.
+
+One process saves a model with its AdamW state (one optimizer step taken, so both moments exist)
+through :class:`~krea2_train.train.checkpoint.CheckpointManager` in async mode, several times;
+the median save is reported. The disk's bandwidth is measured by writing a file of the same size
+in 64 MiB chunks to the same directory and fsyncing it, as DCP fsyncs its files.
+Targets: blocked time under 10% of the full write time; write rate at least 70% of the disk's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from krea2_train.bench.mttr import MODEL_100M
+from krea2_train.model.presets import build_model, count_parameters
+from krea2_train.train.checkpoint import CheckpointManager, ModelOptimizerState
+
+CHUNK_BYTES = 64 * 2**20
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt-dir", default=None, help="where to write (default: a temporary directory under $TMPDIR)")
+    parser.add_argument("--ckpt-saves", type=int, default=3, help="saves to time (default 3; the median is reported)")
+    parser.add_argument("--ckpt-model", default="100m", choices=["tiny", "100m"], help="model to save (default 100m)")
+
+
+def build_bench_model(name: str) -> torch.nn.Module:
+    return build_model("tiny", **(MODEL_100M if name == "100m" else {}))
+
+
+def model_with_optimizer_state(name: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = build_bench_model(name)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for parameter in model.parameters():
+        parameter.grad = torch.randn_like(parameter)
+    optimizer.step()
+    return model, optimizer
+
+
+def disk_write_bytes_per_s(directory: Path, total_bytes: int) -> float:
+    """Sequential write bandwidth: ``total_bytes`` in 64 MiB chunks, fsynced, then deleted."""
+    path = directory / "disk-bandwidth.bin"
+    chunk = os.urandom(min(CHUNK_BYTES, total_bytes))
+    started = time.perf_counter()
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        written = 0
+        while written < total_bytes:
+            written += os.write(descriptor, chunk[: total_bytes - written])
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    elapsed = time.perf_counter() - started
+    path.unlink()
+    return total_bytes / elapsed
+
+
+def time_saves(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, saves: int) -> list[dict]:
+    """Blocked and full write seconds and bytes of ``saves`` async checkpoints."""
+    results = []
+    with CheckpointManager(run_dir, interval=1, keep_last=1, async_mode="async") as manager:
+        for step in range(1, saves + 1):
+            manager.save(step, {"model_optim": ModelOptimizerState(model, optimizer)})
+            manager.wait()
+            manifest = (manager.committed()[step] / "manifest.json").read_text()
+            results.append({"blocked_s": manager.last_blocked_s, "write_s": manager.last_write_s, "bytes": json.loads(manifest)["bytes"]})
+    return results
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    model, optimizer = model_with_optimizer_state(args.ckpt_model)
+    label = f"{args.ckpt_model} ({count_parameters(model) / 1e6:.0f}M params)"
+    with tempfile.TemporaryDirectory(prefix="krea2-bench-ckpt-", dir=args.ckpt_dir) as tmp:
+        saves = time_saves(Path(tmp) / "run", model, optimizer, args.ckpt_saves)
+        size = int(statistics.median(save["bytes"] for save in saves))
+        disk_rate = disk_write_bytes_per_s(Path(tmp), size)
+    blocked = statistics.median(save["blocked_s"] for save in saves)
+    write = statistics.median(save["write_s"] for save in saves)
+    blocked_fraction = blocked / write
+    write_rate = size / write
+    rate_fraction = write_rate / disk_rate
+    return [
+        {"bench": "ckpt", "metric": f"{label} checkpoint size", "value": size / 1e6, "unit": "MB", "target": None, "met": None},
+        {"bench": "ckpt", "metric": f"{label} blocked time", "value": blocked, "unit": "s", "target": None, "met": None},
+        {"bench": "ckpt", "metric": f"{label} full write time", "value": write, "unit": "s", "target": None, "met": None},
+        {"bench": "ckpt", "metric": "blocked / full write time", "value": blocked_fraction, "unit": "fraction",
+         "target": "< 0.10", "met": blocked_fraction < 0.10},
+        {"bench": "ckpt", "metric": "checkpoint write rate", "value": write_rate / 1e6, "unit": "MB/s", "target": None, "met": None},
+        {"bench": "ckpt", "metric": "disk sequential write rate", "value": disk_rate / 1e6, "unit": "MB/s", "target": None, "met": None},
+        {"bench": "ckpt", "metric": "checkpoint / disk write rate", "value": rate_fraction, "unit": "fraction",
+         "target": ">= 0.70", "met": rate_fraction >= 0.70},
+    ]  # fmt: skip

@@ -1,0 +1,12 @@
+# shellcheck shell=bash
+# Environment shared by the launchers (sourced). Every value can be set beforehand.
+#
+# The NCCL flight recorder keeps the last collectives of each rank so that a hang can be read
+# after the fact: the watchdog dumps it next to the Python stacks (run_dir/hangs/), and NCCL dumps
+# it by itself when a collective times out.
+export TORCH_NCCL_TRACE_BUFFER_SIZE="${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}"
+export TORCH_NCCL_DUMP_ON_TIMEOUT="${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}"
+# A collective error or timeout tears the process down instead of leaving it hanging.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}"
+export PYTHONUNBUFFERED=1
+export PYTHON="${PYTHON:-python}"

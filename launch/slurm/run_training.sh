@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# The body of train_single_node.sbatch and train_multi_node.sbatch (docs/operations.md).
+#
+#   run_training.sh --config stage/NAME [key=value ...]      (inside a Slurm allocation)
+#
+# - one torchrun launcher per node (srun), rendezvous at the first node of the allocation, with
+#   --max-restarts: a failed rank restarts the whole group, which resumes from the newest
+#   checkpoint;
+# - the run directory is runs_root/run_name, fixed by the environment, so a requeued or
+#   resubmitted job continues the same run by itself;
+# - USR1 before the time limit (sbatch --signal=B:USR1@SECONDS): the trainers checkpoint and go
+#   on, and after KREA2_CHECKPOINT_GRACE_S the job requeues itself;
+# - a failure the restarts did not cure: every node is checked (node_check.sh), the nodes that
+#   fail are added to the faulty-node list, and the job is resubmitted excluding every listed node;
+# - a job that lands on a listed node resubmits itself elsewhere at once.
+#
+# Environment (defaults in brackets):
+#   KREA2_RUN_NAME (required)     the run; also the directory under KREA2_RUNS_ROOT
+#   KREA2_HOME [$SLURM_SUBMIT_DIR] the repository; KREA2_RUNS_ROOT [$KREA2_HOME/runs]
+#   KREA2_EXCLUDE_FILE [$KREA2_RUNS_ROOT/faulty_nodes.txt]  one host name per line
+#   KREA2_GPUS_PER_NODE [$SLURM_GPUS_ON_NODE or 1]  KREA2_MAX_RESTARTS [3]  KREA2_RDZV_PORT [29500]
+#   KREA2_CHECKPOINT_GRACE_S [120]  KREA2_MAX_RESUBMITS [5]  KREA2_SBATCH_SCRIPT (set by the .sbatch)
+set -euo pipefail
+
+repo="${KREA2_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}"
+# shellcheck source=launch/env.sh
+source "$repo/launch/env.sh"
+
+run_name="${KREA2_RUN_NAME:?set KREA2_RUN_NAME: requeued and resubmitted jobs continue the run of that name}"
+runs_root="${KREA2_RUNS_ROOT:-$repo/runs}"
+exclude_file="${KREA2_EXCLUDE_FILE:-$runs_root/faulty_nodes.txt}"
+gpus_per_node="${KREA2_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}"
+max_restarts="${KREA2_MAX_RESTARTS:-3}"
+rdzv_port="${KREA2_RDZV_PORT:-29500}"
+grace_s="${KREA2_CHECKPOINT_GRACE_S:-120}"
+max_resubmits="${KREA2_MAX_RESUBMITS:-5}"
+resubmits="${KREA2_RESUBMIT_COUNT:-0}"
+sbatch_script="${KREA2_SBATCH_SCRIPT:?set by the .sbatch file: the script a resubmission runs}"
+num_nodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
+train_args=("$@")
+
+log() { echo "krea2 [job ${SLURM_JOB_ID:-?} $(date '+%F %T')]: $*"; }
+
+mkdir -p "$runs_root" "$(dirname "$exclude_file")"
+touch "$exclude_file"
+mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+head_node="${nodes[0]}"
+
+excluded_list() { grep -v '^[[:space:]]*\(#\|$\)' "$exclude_file" | sort -u | paste -sd, - || true; }
+
+resubmit() {  # resubmit() REASON: a new job for the same run, excluding every listed node
+    if (( resubmits >= max_resubmits )); then
+        log "not resubmitting ($1): already resubmitted $resubmits time(s) (KREA2_MAX_RESUBMITS=$max_resubmits)"
+        return 1
+    fi
+    local excluded
+    excluded="$(excluded_list)"
+    log "resubmitting ($1), excluding: ${excluded:-none}"
+    sbatch ${excluded:+--exclude="$excluded"} --nodes="$num_nodes" --job-name="${SLURM_JOB_NAME:-krea2}" \
+        --export="ALL,KREA2_RUN_NAME=$run_name,KREA2_RUNS_ROOT=$runs_root,KREA2_RESUBMIT_COUNT=$((resubmits + 1))" \
+        "$sbatch_script" "${train_args[@]}"
+}
+
+# Slurm itself requeues a job after a node failure, possibly onto a node we listed as faulty.
+for node in "${nodes[@]}"; do
+    if grep -qx "$node" "$exclude_file"; then
+        log "allocated node $node is on the faulty-node list $exclude_file"
+        resubmit "faulty node $node in the allocation"
+        exit 0
+    fi
+done
+
+on_time_limit() {
+    log "time limit near: the trainers checkpoint, then job $SLURM_JOB_ID requeues itself in ${grace_s}s"
+    scancel --signal=USR1 "$SLURM_JOB_ID"
+    sleep "$grace_s"
+    scontrol requeue "$SLURM_JOB_ID"
+}
+trap on_time_limit USR1
+
+log "run $run_name on ${#nodes[@]} node(s) x $gpus_per_node GPU(s), rendezvous $head_node:$rdzv_port, restart count ${SLURM_RESTART_COUNT:-0}"
+# torchrun ignores USR1 (inherited by its workers as "ignored" until the trainer installs its
+# handler): the time-limit signal reaches every process of the step and must not kill the launcher.
+srun --nodes="$num_nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+    bash -c 'trap "" USR1; exec "$@"' krea2-launcher \
+    "$PYTHON" -m torch.distributed.run \
+    --nnodes="$num_nodes" --nproc-per-node="$gpus_per_node" \
+    --rdzv-backend=c10d --rdzv-endpoint="$head_node:$rdzv_port" --rdzv-id="${SLURM_JOB_ID}" \
+    --max-restarts="$max_restarts" \
+    -m krea2_train "${train_args[@]}" run_name="$run_name" runs_root="$runs_root" &
+srun_pid=$!
+
+status=0
+while true; do
+    wait "$srun_pid" && status=0 || status=$?
+    kill -0 "$srun_pid" 2>/dev/null || break  # otherwise a trap interrupted the wait
+done
+
+if (( status == 0 )); then
+    log "training step finished (exit 0)"
+    exit 0
+fi
+
+log "training failed with exit status $status after torchrun's restarts; checking every node"
+healthy="$(srun --nodes="$num_nodes" --ntasks-per-node=1 --kill-on-bad-exit=0 --time=5 \
+    bash "$repo/launch/slurm/node_check.sh" "$gpus_per_node" 2>/dev/null | sed -n 's/^krea2-node-ok //p' || true)"
+for node in "${nodes[@]}"; do
+    if ! grep -qx "$node" <<<"$healthy"; then
+        log "node $node failed its check: added to $exclude_file"
+        echo "$node" >>"$exclude_file"
+    fi
+done
+resubmit "exit status $status" || exit "$status"

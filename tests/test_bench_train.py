@@ -1,0 +1,105 @@
+"""``krea2 bench train`` on CPU: the tiny preset, a short run, ours against diffusers' model."""
+
+import argparse
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from krea2_train.bench import BENCHES
+from krea2_train.bench import train as bench_train
+from krea2_train.cli import main
+from krea2_train.model import model_config
+from krea2_train.model.flops import training_flops
+from krea2_train.parallel.distributed import destroy_distributed, init_distributed
+from krea2_train.parallel.float8 import Float8UnavailableError
+
+SHORT = ["--device", "cpu", "--preset", "tiny", "--res", "64", "--batch", "2", "--text-len", "24", "--caption-tokens", "9",
+         "--warmup", "1", "--steps", "2"]
+
+
+def _args(*extra: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench_train.add_arguments(parser)
+    return parser.parse_args([*SHORT, *extra])
+
+
+def _by_metric(rows: list[dict]) -> dict[str, dict]:
+    return {row["metric"]: row for row in rows}
+
+
+def test_cli_runs_ours_and_diffusers_and_prints_one_table(capsys):
+    assert BENCHES["train"] == ["krea2_train.bench.train"]
+    had_process_group = dist.is_initialized()
+    assert main(["bench", "train", *SHORT, "--ac", "full"]) == 0
+    table = capsys.readouterr().out
+    rows = table.splitlines()
+    assert rows[0].split()[:3] == ["bench", "metric", "value"]
+    for metric in ("ours_images_per_s", "diffusers_images_per_s", "speedup_ours_vs_diffusers", "ours_mfu_vs_measured_matmul"):
+        assert any(line.split()[1] == metric for line in rows[2:]), metric
+    assert dist.is_initialized() == had_process_group  # the bench cleans up the group it made
+
+
+def test_rows_are_consistent_with_the_formula_and_each_other():
+    rows = _by_metric(bench_train.run(_args("--reference", "diffusers")))
+    flops = training_flops(model_config("tiny"), image_tokens=16, text_tokens=24, batch=2)
+    assert rows["model_flops_per_step"]["value"] == flops / 1e12
+    for name in ("ours", "diffusers"):
+        step_s = rows[f"{name}_step_time"]["value"] / 1e3
+        assert step_s > 0 and math.isfinite(step_s)
+        assert rows[f"{name}_images_per_s"]["value"] == pytest.approx(2 / step_s)
+        assert rows[f"{name}_joint_tokens_per_s"]["value"] == pytest.approx(2 * (24 + 16) / step_s)
+        assert rows[f"{name}_achieved"]["value"] == pytest.approx(flops / step_s / 1e12)
+        phases = sum(rows[f"{name}_{phase}_time"]["value"] for phase in ("forward", "backward", "optimizer"))
+        assert 0 < phases <= rows[f"{name}_step_time"]["value"] * 1.001
+        assert rows[f"{name}_peak_memory_process_rss"]["value"] > 0
+    speedup = rows["speedup_ours_vs_diffusers"]
+    assert speedup["value"] == pytest.approx(rows["diffusers_step_time"]["value"] / rows["ours_step_time"]["value"])
+    assert speedup["met"] == (speedup["value"] >= 1.0)
+    assert rows["krea2_medium_parameters"]["value"] == pytest.approx(12.8, abs=0.1)
+    assert rows["setup"]["value"].startswith("cpu preset=tiny res=64 batch=2 dtype=fp32 text=9/24 ac=none")
+
+
+def _final_weight(model: torch.nn.Module) -> torch.Tensor:
+    weight = dict(model.named_parameters())["final_layer.linear.weight"].detach()
+    return weight.full_tensor() if isinstance(weight, DTensor) else weight.clone()
+
+
+@pytest.mark.parametrize("builder", [bench_train.build_ours, bench_train.build_reference])
+def test_a_timed_step_trains_the_model(builder):
+    """Both trainees run a real step: a zeroed output weight moves (weight decay alone cannot move it)."""
+    settings = bench_train.resolve_settings(_args())
+    inputs = bench_train.make_inputs(model_config("tiny"), settings)
+    owns = not dist.is_initialized()
+    init_distributed()
+    try:
+        trainee = builder(settings)
+        with torch.no_grad():
+            dict(trainee.model.named_parameters())["final_layer.linear.weight"].zero_()
+        bench_train.train_step(trainee, inputs, bench_train.PhaseClock(settings.device))
+        assert _final_weight(trainee.model).abs().min() > 0
+    finally:
+        if owns:
+            destroy_distributed()
+
+
+@pytest.mark.parametrize("ac, expected", [("none", False), ("selective", True), ("full", True)])
+def test_reference_checkpoints_gradients_when_ours_checkpoints_activations(ac, expected):
+    trainee = bench_train.build_reference(bench_train.resolve_settings(_args("--ac", ac)))
+    assert trainee.model.gradient_checkpointing is expected
+
+
+@pytest.mark.parametrize(
+    "extra, error, match",
+    [
+        (["--caption-tokens", "30"], ValueError, "exceeds --text-len"),
+        (["--res", "100"], ValueError, "multiple of 16"),
+        (["--steps", "0"], ValueError, "--steps must be at least 1"),
+        (["--fp8"], Float8UnavailableError, "float8 training needs a CUDA GPU"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_model_is_built(extra, error, match):
+    with pytest.raises(error, match=match):
+        bench_train.resolve_settings(_args(*extra))

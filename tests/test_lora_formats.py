@@ -1,0 +1,172 @@
+"""LoRA files: diffusers/PEFT, ComfyUI and ai-toolkit layouts load into diffusers' Krea 2 model and
+back into ours with the same function; extraction by SVD; LoRAs baked at sampling and merge time."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from krea2_train.model import build_model
+from krea2_train.model.layouts import load_state_dict, read_safetensors_header, save_model, write_safetensors
+from krea2_train.model.lora import LoRAError, LoRASpec, freeze_base, inject_lora, load_pairs_into_model, pairs_of_model
+from krea2_train.model.lora_commands import extract_lora
+from krea2_train.model.lora_formats import LAYOUTS, METADATA_KEY, parse_lora_argument, read_lora, save_lora
+from krea2_train.model.patchify import position_ids
+from krea2_train.model.presets import PRESETS
+
+
+def _random_model(seed=0):
+    torch.manual_seed(seed)
+    model = build_model("tiny")
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+def _lora_model(rank=4, alpha=2.0, seed=0):
+    """A random tiny model with a random LoRA (B != 0)."""
+    model = _random_model(seed)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    inject_lora(model, LoRASpec(rank=rank, alpha=alpha))
+    freeze_base(model)
+    g = torch.Generator().manual_seed(seed + 9)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model, base
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    return (torch.randn(2, 12, 64, generator=g), torch.randn(2, 5, 4, 64, generator=g), torch.rand(2, generator=g),
+            position_ids(5, 3, 4), mask)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(our LoRA model, its base weights, {layout: LoRA file})."""
+    model, base = _lora_model()
+    directory = tmp_path_factory.mktemp("loras")
+    files = {layout: save_lora(pairs_of_model(model), directory / f"{layout}.safetensors", layout) for layout in LAYOUTS}
+    return model, base, files
+
+
+def test_layouts_use_the_documented_keys_and_record_rank_and_alpha(trained):
+    _, _, files = trained
+    prefixes = {"diffusers": "transformer.transformer_blocks.0.attn.to_q", "comfyui": "diffusion_model.blocks.0.attn.wq",
+                "ai-toolkit": "base_model.model.blocks.0.mlp.down"}
+    for layout, path in files.items():
+        stored, metadata = read_safetensors_header(path)
+        assert any(key.startswith(prefixes[layout] + ".lora_A.weight") for key in stored), layout
+        assert all(key.endswith((".lora_A.weight", ".lora_B.weight")) for key in stored)
+        assert json.loads(metadata[METADATA_KEY])["rank"] == 4 and json.loads(metadata[METADATA_KEY])["alpha"] == 2.0
+    peft = json.loads(read_safetensors_header(files["diffusers"])[1]["lora_adapter_metadata"])
+    assert peft["transformer.r"] == 4 and peft["transformer.lora_alpha"] == 2.0
+
+
+def test_each_layout_loads_into_diffusers_with_the_same_output(trained):
+    pytest.importorskip("peft", reason="diffusers loads LoRAs through PEFT")
+    from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline, Krea2Transformer2DModel
+
+    ours, base, files = trained
+    inputs = _inputs()
+    expected = ours(*inputs)
+    for layout, path in files.items():
+        transformer = Krea2Transformer2DModel(**PRESETS["tiny"]).float()
+        transformer.load_state_dict(base)
+        pipeline = Krea2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                                 transformer=transformer)
+        plain = transformer(*inputs[:4], encoder_attention_mask=inputs[4], return_dict=False)[0]
+        pipeline.load_lora_weights(str(path))
+        adapted = transformer(*inputs[:4], encoder_attention_mask=inputs[4], return_dict=False)[0]
+        assert (plain - expected).abs().max() > 0.1, "the LoRA must change the output"
+        torch.testing.assert_close(adapted, expected, rtol=1e-4, atol=1e-4, msg=layout)
+
+
+def test_each_layout_loads_back_into_our_trainer(trained):
+    ours, base, files = trained
+    expected = ours(*_inputs())
+    for layout, path in files.items():
+        lora = read_lora(path)
+        assert lora.layout == layout and {pair.alpha for pair in lora.pairs.values()} == {2.0}
+        model, _ = _lora_model(rank=4, alpha=8.0, seed=3)  # another alpha: absorbed into B
+        model.load_state_dict(base, strict=False)
+        load_pairs_into_model(model, lora.pairs)
+        torch.testing.assert_close(model(*_inputs()), expected, rtol=1e-5, atol=1e-5, msg=layout)
+
+
+def test_kohya_style_ai_toolkit_names_and_alpha_tensors(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(2, 128, generator=g), torch.randn(256, 2, generator=g)
+    path = write_safetensors(tmp_path / "kohya.safetensors", {
+        "base_model.model.blocks.1.mlp.up.lora_down.weight": down,
+        "base_model.model.blocks.1.mlp.up.lora_up.weight": up,
+        "base_model.model.blocks.1.mlp.up.alpha": torch.tensor(1.0),
+    })
+    pair = read_lora(path).pairs["transformer_blocks.1.ff.up"]
+    torch.testing.assert_close(pair.delta(), up @ down * 0.5)
+
+
+def test_bad_lora_files_fail_clearly(tmp_path):
+    foreign = write_safetensors(tmp_path / "foreign.safetensors", {"unet.down.lora_A.weight": torch.zeros(2, 3)})
+    with pytest.raises(LoRAError, match="not a Krea 2 LoRA"):
+        read_lora(foreign)
+    half = write_safetensors(tmp_path / "half.safetensors", {"diffusion_model.blocks.0.attn.wq.lora_A.weight": torch.zeros(2, 128)})
+    with pytest.raises(LoRAError, match="lacks its B"):
+        read_lora(half)
+    model, _ = _lora_model(rank=2)
+    with pytest.raises(LoRAError, match="rank 4"):
+        load_pairs_into_model(model, pairs_of_model(_lora_model(rank=4)[0]))
+    assert parse_lora_argument("a/b:c.safetensors:0.75") == (Path("a/b:c.safetensors"), 0.75)
+    assert parse_lora_argument("x.safetensors")[1] == 1.0
+
+
+def test_extract_recovers_a_low_rank_difference_and_reports_error(tmp_path):
+    raw = _random_model(0).state_dict()
+    g = torch.Generator().manual_seed(4)
+    turbo = {key: value.clone() for key, value in raw.items()}
+    for key in raw:
+        if key.startswith("transformer_blocks.") and key.endswith(("to_q.weight", "ff.down.weight")):
+            turbo[key] += torch.randn(raw[key].shape[0], 2, generator=g) @ torch.randn(2, raw[key].shape[1], generator=g)
+    exact = extract_lora(raw, turbo, rank=2)
+    assert exact.relative_error < 1e-5 and len(exact.pairs) == 4 and exact.identical_layers == 12
+    assert exact.untargeted_fraction == 0.0
+    rough = extract_lora(raw, turbo, rank=1)
+    assert 0.05 < rough.relative_error < 1.0
+    turbo["img_in.bias"] += 1.0
+    assert extract_lora(raw, turbo, rank=2).untargeted_fraction > 0
+
+
+def test_extract_cli_then_sample_and_merge_apply_the_lora_on_another_checkpoint(tmp_path, capsys):
+    from krea2_train.cli import main
+    from krea2_train.train.sample import load_for_sampling
+
+    raw, turbo = _random_model(0), _random_model(0)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for block in turbo.transformer_blocks:
+            block.attn.to_v.weight += torch.randn(64, 3, generator=g) @ torch.randn(3, 128, generator=g) * 0.1
+    save_model(raw, tmp_path / "raw.safetensors", layout="original")
+    save_model(turbo, tmp_path / "turbo", layout="diffusers")
+    lora_path = tmp_path / "turbo_lora.safetensors"
+    assert main(["lora", "extract", "--from", str(tmp_path / "raw.safetensors"), "--to", str(tmp_path / "turbo"),
+                 "--rank", "3", "--layout", "comfyui", "--out", str(lora_path)]) == 0
+    assert "relative error" in capsys.readouterr().out
+
+    model, _ = load_for_sampling(str(tmp_path / "raw.safetensors"), loras=[(lora_path, 1.0)])
+    torch.testing.assert_close(model(*_inputs()), turbo(*_inputs()), rtol=1e-4, atol=1e-4)
+
+    merged = tmp_path / "merged.safetensors"
+    assert main(["merge", str(tmp_path / "raw.safetensors"), "--lora", f"{lora_path}:0.5", "--layout", "original",
+                 "--out", str(merged)]) == 0
+    weights, _ = load_state_dict(merged)
+    key = "transformer_blocks.1.attn.to_v.weight"
+    expected = (raw.state_dict()[key] + turbo.state_dict()[key]) / 2
+    torch.testing.assert_close(weights[key], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weights["img_in.weight"], raw.state_dict()["img_in.weight"])

@@ -1,0 +1,171 @@
+"""The run log: accounting of starts, stops and failures, the PostgreSQL mirror, the report."""
+
+import json
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from krea2_train.config.schema import ResilienceConfig
+from krea2_train.train.runlog import (
+    RunLog,
+    append_event,
+    database_events,
+    format_report,
+    lost_incarnation_event,
+    new_event,
+    productive_step_time,
+    read_events,
+    start_supervision,
+    summarize,
+)
+from krea2_train.train.watchdog import HeartbeatRecord, write_heartbeat
+
+
+def event(kind, incarnation, when, step, **fields):
+    return new_event(kind, incarnation=incarnation, rank=0, step=step, when=when, **fields)
+
+
+def two_failures_run():
+    """Start at t=0 (process up at -10), hang at 100 (step 50), restart recovers at 130 from the
+    step-40 checkpoint, SIGKILLed run at 300 (step 120), recovers at 320 from step 120, done at 400."""
+    return [
+        event("start", 1, 0.0, 0, process_started=-10.0, resumed_step=0, steps_lost=None),
+        event("first_step", 1, 5.0, 1, recovery_s=None),
+        event("failure", 1, 100.0, 50, cause="hang", detail="no step finished"),
+        event("failure", 1, 101.0, 50, cause="peer_hang", detail="another rank"),
+        event("start", 2, 125.0, 40, process_started=115.0, resumed_step=40, steps_lost=10),
+        event("first_step", 2, 130.0, 41, recovery_s=30.0),
+        event("failure", 2, 300.0, 120, cause="lost", detail="SIGKILL"),
+        event("start", 3, 318.0, 120, process_started=310.0, resumed_step=120, steps_lost=0),
+        event("first_step", 3, 320.0, 121, recovery_s=20.0),
+        event("stop", 3, 400.0, 160, reason="completed"),
+    ]
+
+
+def test_summary_mtbf_mttr_goodput_and_failures():
+    steps = [{"step": s, "time": 0.0, "step_time_s": 2.0} for s in range(1, 161)]
+    steps += [{"step": s, "time": 0.0, "step_time_s": 3.0} for s in range(41, 51)]  # re-run after the hang
+    summary = summarize(two_failures_run(), steps)
+    assert summary["incarnations"] == 3
+    assert [(f["cause"], f["step"], f["steps_lost"], f["recovery_s"]) for f in summary["failures"]] == [
+        ("hang", 50, 10, 30.0),  # the first failure of a start counts; the peer's is the same failure
+        ("lost", 120, 0, 20.0),
+    ]
+    uptime = (100 - -10) + (300 - 115) + (400 - 310)
+    assert summary["uptime_s"] == pytest.approx(uptime)
+    assert summary["mtbf_s"] == pytest.approx(uptime / 2)
+    assert summary["mttr_s"] == pytest.approx(25.0)
+    assert summary["wall_s"] == pytest.approx(410.0)
+    # productive time counts each step once, with the time of its last (kept) run
+    assert summary["productive_s"] == pytest.approx(150 * 2.0 + 10 * 3.0)
+    assert summary["goodput"] == pytest.approx(330.0 / 410.0)
+    assert summary["steps_lost"] == 10
+    text = format_report("runs/x", summary)
+    assert "MTBF             192.5 s" in text and "MTTR             25.0 s" in text and "goodput          80.5 %" in text
+    assert "hang" in text and "no step finished" in text
+
+
+def test_summary_without_failures_and_an_empty_log():
+    events = [event("start", 1, 0.0, 0, process_started=0.0), event("stop", 1, 10.0, 5, reason="completed")]
+    summary = summarize(events, [])
+    assert summary["mtbf_s"] is None and summary["mttr_s"] is None and summary["goodput"] is None
+    with pytest.raises(ValueError, match="no events"):
+        summarize([], [])
+
+
+def test_productive_time_keeps_the_last_run_of_each_step():
+    records = [{"step": 1, "step_time_s": 1.0}, {"step": 2, "step_time_s": 5.0}, {"step": 2, "step_time_s": 2.0}]
+    assert productive_step_time(records) == 3.0
+
+
+def test_a_start_that_left_no_record_is_a_lost_failure_dated_by_the_heartbeats(tmp_path):
+    heartbeats = tmp_path / "heartbeats"
+    heartbeats.mkdir()
+    events = [event("start", 1, 100.0, 0), event("first_step", 1, 110.0, 1)]
+    write_heartbeat(heartbeats, HeartbeatRecord(0, 7, 150.0, 170.0, "node-a", 11))
+    write_heartbeat(heartbeats, HeartbeatRecord(1, 7, 150.5, 151.0, "node-b", 12))
+    write_heartbeat(heartbeats, HeartbeatRecord(2, 99, 50.0, 50.0, "node-c", 13))  # from before this start
+    lost = lost_incarnation_event(events, heartbeats)
+    assert (lost["kind"], lost["cause"], lost["incarnation"], lost["step"], lost["time"]) == ("failure", "lost", 1, 7, 150.5)
+    assert "rank 1's on node-b" in lost["detail"]
+    assert lost_incarnation_event(events + [event("stop", 1, 200.0, 7, reason="completed")], heartbeats) is None
+
+
+def resilience_config(**overrides):
+    return SimpleNamespace(run_name="r", resilience=ResilienceConfig(watchdog=False, **overrides))
+
+
+def test_supervision_records_starts_failures_recovery_and_steps_lost(tmp_path):
+    config = resilience_config()
+    first = start_supervision(config, tmp_path, rank=0, world_size=1, step=0, dsn=None)
+    first.step_done(1)
+    first.step_done(2)
+    first.failed(5, RuntimeError("boom"))
+    first.close()
+    second = start_supervision(config, tmp_path, rank=0, world_size=1, step=4, dsn=None)
+    second.step_done(5)
+    second.stopped(8, "completed")
+    second.close()
+    kinds = [(e["incarnation"], e["kind"]) for e in read_events(tmp_path)]
+    assert kinds == [(1, "start"), (1, "first_step"), (1, "failure"), (2, "start"), (2, "first_step"), (2, "stop")]
+    events = read_events(tmp_path)
+    assert events[2]["cause"] == "exception" and events[2]["detail"] == "RuntimeError: boom"
+    assert events[3]["steps_lost"] == 1 and events[3]["resumed_step"] == 4
+    assert events[4]["recovery_s"] > 0
+    assert second.incarnation == 2
+
+
+def test_sample_ids_are_recorded_behind_the_flag(tmp_path):
+    import torch
+
+    supervision = start_supervision(resilience_config(record_sample_ids=True), tmp_path, rank=1, world_size=2, step=0, dsn=None)
+    supervision.step_done(1, {"epoch": 0, "sample_ids": torch.tensor([4, 9])})
+    supervision.close()
+    lines = (tmp_path / "sample_ids" / "rank-00001.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"step": 1, "epoch": 0, "ids": [4, 9]}]
+
+
+@pytest.mark.postgres
+def test_mirror_to_postgres_catches_up_after_an_outage(tmp_path, fresh_store):
+    unreachable = "postgresql://nobody@127.0.0.1:1/none"
+    log = RunLog(tmp_path, "mirror-run", rank=0, incarnation=1, dsn=unreachable)
+    log.record("start", 0, resumed_step=0)
+    log.record("failure", 3, cause="hang", detail="stuck")
+    assert log.mirror_now() is False  # logged, not raised
+    log.close()
+    log = RunLog(tmp_path, "mirror-run", rank=0, incarnation=2, dsn=fresh_store.dsn)
+    log.record("start", 2, resumed_step=2)
+    assert log.mirror_now() is True
+    log.close()
+    with fresh_store.pool.connection() as conn:
+        stored = database_events(conn, "mirror-run")
+        assert log.mirror_now() is True  # idempotent
+        assert len(database_events(conn, "mirror-run")) == 3
+    local = read_events(tmp_path)
+    assert [e["id"] for e in stored] == [e["id"] for e in local]
+    assert stored[1]["cause"] == "hang" and stored[1]["step"] == 3
+    assert stored[1]["time"] == pytest.approx(local[1]["time"], abs=1e-3)
+
+
+def test_runs_report_command(tmp_path):
+    run_dir = tmp_path / "runs" / "demo"
+    run_dir.mkdir(parents=True)
+    for item in two_failures_run():
+        append_event(run_dir, item)
+    (run_dir / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "time": time.time(), "step_time_s": 2.0}) + "\n" for s in range(1, 161))
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "krea2_train.cli", "runs", "report", "demo", "--runs-root", str(tmp_path / "runs"),
+         "--json", str(tmp_path / "report.json")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "2 failure(s)" in result.stdout and "MTTR             25.0 s" in result.stdout
+    assert json.loads((tmp_path / "report.json").read_text())["failures"][1]["cause"] == "lost"
+    missing = subprocess.run([sys.executable, "-m", "krea2_train.cli", "runs", "report", "nope", "--runs-root", str(tmp_path)],
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and "neither a run directory nor a run under" in missing.stderr
