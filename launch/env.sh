@@ -8,5 +8,8 @@ export TORCH_NCCL_TRACE_BUFFER_SIZE="${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}"
 export TORCH_NCCL_DUMP_ON_TIMEOUT="${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}"
 # A collective error or timeout tears the process down instead of leaving it hanging.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}"
+# Each restart of a torchrun group gets a fresh rendezvous store: with the agent's shared store,
+# the restarted workers read their peers' addresses from the previous attempt and never connect.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 export PYTHONUNBUFFERED=1
 export PYTHON="${PYTHON:-python}"

@@ -267,7 +267,7 @@ def test_capture_fires_once_per_arming():
         block(hidden)
         block(hidden * 2)  # e.g. a checkpointed block recomputed: ignored
     assert torch.equal(capture.take(), hidden[:, 3:])
-    with pytest.raises(RuntimeError, match="expected 11"), capture.armed(text_len=3, num_image_tokens=8):
+    with pytest.raises(RuntimeError, match=r"expected 3 text \+ 8 image tokens"), capture.armed(text_len=3, num_image_tokens=8):
         block(hidden)
 
 

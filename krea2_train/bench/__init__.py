@@ -15,6 +15,8 @@ import json
 BENCHES: dict[str, list[str]] = {
     "data": ["krea2_train.bench.data_store", "krea2_train.bench.data_loader"],
     "train": ["krea2_train.bench.train"],
+    "ckpt": ["krea2_train.bench.ckpt"],
+    "mttr": ["krea2_train.bench.mttr"],
 }
 
 

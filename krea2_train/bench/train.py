@@ -22,7 +22,8 @@ is padded to ``--text-len`` tokens (512, as the released model) of which ``--cap
 real, so attention always runs with a key-padding mask, as in training.
 
 Model FLOPs come from :mod:`krea2_train.model.flops` (3x the forward's matmuls, no credit for
-recomputation). MFU is reported against the measured dense matmul rate of the device in the same
+recomputation) on the padded sequence, which is what both models compute;
+``unpadded_share_of_model_flops`` says how much of it the real caption tokens would need. MFU is reported against the measured dense matmul rate of the device in the same
 dtype and, on known GPUs in bf16, against the data-sheet peak. Times use ``perf_counter`` around
 whole steps with one device synchronisation at the end (the step itself has no host syncs);
 the per-phase breakdown uses CUDA events on GPU.
@@ -34,6 +35,7 @@ Defaults depend on the device: on CPU the ``tiny`` preset at 256 px, batch 2, fp
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import resource
 import sys
@@ -413,10 +415,16 @@ def timing_rows(
     return rows
 
 
+@functools.cache
+def meta_parameter_count(preset: str) -> int:
+    """Parameters of a preset, counted on the meta device (no memory, no initialisation cost)."""
+    return count_parameters(build_model(preset, device="meta"))
+
+
 def flop_report_rows() -> list[dict]:
     """Params and training FLOPs per image of the 12.9B model (built on the meta device, no memory)."""
     config = model_config(FLOP_REPORT_PRESET)
-    params = count_parameters(build_model(FLOP_REPORT_PRESET, device="meta"))
+    params = meta_parameter_count(FLOP_REPORT_PRESET)
     rows = [_row(f"{FLOP_REPORT_PRESET}_parameters", params / 1e9, "billion")]
     for resolution in FLOP_REPORT_RESOLUTIONS:
         flops = training_flops(config, image_tokens_at(resolution), text_tokens=512)
@@ -430,9 +438,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     step_flops = training_flops(config, settings.image_tokens, settings.text_len, settings.batch)
     matmul_flops = measured_matmul_flops(settings.device, settings.torch_dtype)
     spec_flops = spec_peak_flops(settings.device, settings.torch_dtype)
+    unpadded_flops = training_flops(config, settings.image_tokens, settings.caption_tokens, settings.batch)
     rows = [
         _row("setup", settings.describe(), ""),
         _row("model_flops_per_step", step_flops / 1e12, "TFLOP"),
+        _row("unpadded_share_of_model_flops", unpadded_flops / step_flops, "fraction"),
         _row(f"measured_{settings.dtype}_matmul_rate", matmul_flops / 1e12, "TFLOP/s"),
     ]
     if spec_flops is not None:

@@ -127,6 +127,13 @@ def validate(config: RunConfig) -> None:
     _require(config.data.global_batch_size > 0, "data.global_batch_size", "must be positive")
     _require(set(config.data.caption_mix) <= {"long", "medium", "short"}, "data.caption_mix", "keys: long, medium, short")
     _require(abs(sum(config.data.caption_mix.values()) - 1.0) < 1e-6, "data.caption_mix", "weights must sum to 1")
+    balance, curate = config.data.balance, config.data.curate
+    _require(not (balance.enabled and curate.enabled), "data.balance", "enable one of data.balance, data.curate")
+    _require(balance.target >= 0 and 0 < balance.fraction <= 1, "data.balance", "target >= 0 and fraction in (0, 1]")
+    _require(len(balance.levels) > 0 and min(balance.levels) > 0, "data.balance.levels", "positive cluster counts, bottom-up")
+    _require(balance.leaf_pick in ("random", "nearest"), "data.balance.leaf_pick", "accepted: random, nearest")
+    _require(curate.top >= 0 and 0 < curate.fraction <= 1, "data.curate", "top >= 0 and fraction in (0, 1]")
+    _require(curate.order in (None, "asc", "desc"), "data.curate.order", "accepted: asc, desc, null")
     _require(config.flow.shift in ("resolution", "fixed", "none"), "flow.shift", "accepted: resolution, fixed, none")
     _require(config.flow.shift != "fixed" or config.flow.mu is not None, "flow.mu", "required when flow.shift=fixed")
     _require(config.flow.scale > 0, "flow.scale", "must be positive")

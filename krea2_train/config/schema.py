@@ -42,6 +42,31 @@ class ConditioningConfig:
 
 
 @dataclass
+class BalanceConfig:
+    """Train on a balanced selection of the dataset (hierarchical k-means, krea2 data balance)."""
+
+    enabled: bool = False
+    target: int = 0  # images in the selection; 0: `fraction` of the selectable images
+    fraction: float = 0.5
+    levels: list[int] = field(default_factory=lambda: [64, 8])  # clusters per level, bottom-up
+    resample_steps: int = 3
+    points_per_cluster: int = 8
+    leaf_pick: str = "random"  # random | nearest (to the level-1 centroid)
+    embedder: str = "small"  # "small" | a local SigLIP/DINOv2 transformers directory
+
+
+@dataclass
+class CurateConfig:
+    """Train on the top images of the dataset by a filter score (krea2 data curate)."""
+
+    enabled: bool = False
+    top: int = 0  # images in the selection; 0: `fraction` of the selectable images
+    fraction: float = 0.25
+    by: str = "rgb_entropy"  # a score column written by the filters job
+    order: Optional[str] = None  # asc | desc (best first); None: the score's own direction
+
+
+@dataclass
 class DataConfig:
     source: str = "shapes"  # "shapes" (generated in the run dir) | "registry" (PostgreSQL shards)
     dataset: str = "shapes"
@@ -54,6 +79,8 @@ class DataConfig:
     num_workers: int = 1
     caption_mix: dict[str, float] = field(default_factory=lambda: {"long": 0.8, "medium": 0.1, "short": 0.1})
     dsn: Optional[str] = None  # PostgreSQL; None: KREA2_PG_DSN or the embedded server
+    balance: BalanceConfig = field(default_factory=BalanceConfig)  # midtraining: a balanced selection
+    curate: CurateConfig = field(default_factory=CurateConfig)  # SFT: a curated subset
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`krea2 data ...`: ingest, work, status, shapes.
+"""`krea2 data ...`: ingest, work, status, shapes, balance, curate.
 
 Every subcommand that needs the store takes ``--dsn`` (default ``$KREA2_PG_DSN``); without one it
 starts the embedded server under ``--data-dir`` and stops it on exit.
@@ -51,6 +51,10 @@ def register(subparsers) -> None:
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--aspect-ratios", nargs="*", default=None, help="e.g. 1 4:3 16:9")
     shapes.set_defaults(func=cmd_shapes)
+
+    from krea2_train.curate.balance import add_selection_commands
+
+    add_selection_commands(commands, _store_arguments, _open)
 
 
 def _store_arguments(parser: argparse.ArgumentParser) -> None:

@@ -46,7 +46,13 @@ def load_checkpoint_weights(source: str | Path) -> tuple[dict[str, torch.Tensor]
                 f"{source} is a DCP checkpoint outside a run directory, so its model config (run/model_config.json) is unknown"
             )
         weights = {k: v for k, v in load_model_weights(source).items() if not k.startswith(AUXILIARY_PREFIX)}
-        return weights, load_model_config(run_dir)
+        # a LoRA run's checkpoint holds the frozen base plus adapters: bake them in, so every
+        # consumer (export, init_from, merge, sample) sees plain Krea2DiT weights
+        from krea2_train.model.lora import bake_pairs
+        from krea2_train.model.lora_commands import split_checkpoint_lora
+
+        base, pairs = split_checkpoint_lora(weights, run_dir)
+        return (bake_pairs(base, pairs) if pairs else base), load_model_config(run_dir)
     weights, config = layouts.load_state_dict(source)
     return weights, config if config is not None else layouts.infer_config({k: v.shape for k, v in weights.items()})
 

@@ -4,6 +4,8 @@
 ``runs_root/_datasets``, registers it (``krea2 data ingest``) and packs it at this stage's image
 size (``krea2 data work --job pack`` does the same for other datasets), all idempotent, so the
 stages of a chain share one dataset. ``data.source=registry`` trains on shards packed beforehand.
+With ``data.balance`` (midtraining) or ``data.curate`` (SFT) enabled, the stage trains on a
+selection derived from that dataset (``krea2_train.curate.balance``), packed like it.
 
 The run pins its manifest (the shard list) in ``run_dir/manifest.json``; the sample order is a
 pure function of the manifest, seed and global batch size (``krea2_train.data.plan``). Leases and
@@ -55,8 +57,62 @@ def prepare_shapes(store, config: RunConfig, runs_root: Path, image_side: int, p
     # perceptual hash would merge distinct scenes of plain shapes on plain backgrounds)
     load_jobs()
     run_worker(store, get_job("decode"))
+    if config.data.curate.enabled:
+        run_worker(store, get_job("filters"))
+    dataset = training_selection(store, config, dataset)
     settings = PackSettings(aspect_ratios=tuple(config.data.buckets), pixel_multiple=pixel_multiple, shard_size=256, seed=config.seed)
     report = pack_dataset(store, dataset, [image_side], runs_root / "_shards", settings)
+    logger.info("packed %s at %d px: %d new samples", dataset, image_side, report.num_samples)
+    return dataset
+
+
+def training_selection(store, config: RunConfig, dataset: str) -> str:
+    """The dataset a stage trains on: ``dataset``, or its balanced selection (``data.balance``,
+    midtraining) or its curated subset (``data.curate``, SFT). A selection is derived once: its
+    name is a digest of its settings and source images, and deriving it again returns it."""
+    from krea2_train.curate.balance import balance_dataset, curate_dataset, ids_digest, selectable_images, selection_name
+    from krea2_train.curate.kmeans import KMeansSettings
+
+    balance, curate = config.data.balance, config.data.curate
+    if not (balance.enabled or curate.enabled):
+        return dataset
+    _, image_ids, _ = selectable_images(store, dataset)
+    images = ids_digest(image_ids)
+    if balance.enabled:
+        target = balance.target or max(1, round(balance.fraction * len(image_ids)))
+        settings = KMeansSettings(
+            tuple(balance.levels), balance.resample_steps, balance.points_per_cluster, seed=config.seed
+        )
+        key = {"target": target, "embedder": balance.embedder, "leaf_pick": balance.leaf_pick, "images": images, **settings.to_json()}
+        report = balance_dataset(
+            store, dataset, selection_name(dataset, "balance", key), target, settings, balance.embedder, balance.leaf_pick
+        )
+    else:
+        top = curate.top or max(1, round(curate.fraction * len(image_ids)))
+        key = {"top": top, "by": curate.by, "order": curate.order, "images": images}
+        report = curate_dataset(store, dataset, selection_name(dataset, "curate", key), top, curate.by, curate.order)
+    logger.info("training on %s: %d of %d images of %s (%s)", report.name, report.num_images, len(image_ids), dataset, report.method)
+    return report.name
+
+
+def prepare_registry(store, config: RunConfig, image_side: int) -> str:
+    """``data.dataset``, or its selection packed like the dataset itself at this image size."""
+    from krea2_train.data.pack import PackSettings, pack_dataset
+    from krea2_train.store import StoreError
+
+    source = config.data.dataset
+    dataset = training_selection(store, config, source)
+    if dataset == source:
+        return dataset
+    with store.pool.connection() as conn:
+        target = conn.execute(
+            "SELECT t.out_dir, t.settings FROM pack_targets t JOIN datasets d ON d.id = t.dataset_id"
+            " WHERE d.name = %s AND t.resolution = %s",
+            (source, image_side),
+        ).fetchone()
+    if target is None:
+        raise StoreError(f"dataset {source!r} is not packed at {image_side} px: pack it first (krea2 data work --job pack)")
+    report = pack_dataset(store, dataset, [image_side], target[0], PackSettings.from_json(target[1]))
     logger.info("packed %s at %d px: %d new samples", dataset, image_side, report.num_samples)
     return dataset
 
@@ -131,9 +187,10 @@ def build_train_loader(
         store = open_store(config.data.dsn, data_dir=runs_root / "_store")
         dsn = store.dsn
         if not manifest_path.exists():
-            dataset = config.data.dataset
             if config.data.source == "shapes":
                 dataset = prepare_shapes(store, config, runs_root, image_side, pixel_multiple)
+            else:
+                dataset = prepare_registry(store, config, image_side)
             pinned_manifest(manifest_path, store, [dataset], image_side)
     dsn = _broadcast(dsn)
     barrier()

@@ -88,10 +88,11 @@ def build_optimizer(model: torch.nn.Module, config: RunConfig, device: torch.dev
 
     optim = config.optim
     adamw = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
-    groups = [
-        ParamGroupConfig(pattern=r"\.bias$", optimizer_name="AdamW", optimizer_kwargs=dict(adamw, weight_decay=0.0)),
-        ParamGroupConfig(pattern=r".*", optimizer_name="AdamW", optimizer_kwargs=dict(adamw, weight_decay=optim.weight_decay)),
-    ]
+    groups = [ParamGroupConfig(pattern=r".*", optimizer_name="AdamW", optimizer_kwargs=dict(adamw, weight_decay=optim.weight_decay))]
+    if any(name.endswith(".bias") for name, p in model.named_parameters() if p.requires_grad):
+        # torchtitan refuses a group that matches nothing (e.g. a LoRA run trains no bias)
+        no_decay = ParamGroupConfig(pattern=r"\.bias$", optimizer_name="AdamW", optimizer_kwargs=dict(adamw, weight_decay=0.0))
+        groups.insert(0, no_decay)
     implementation = "fused" if device.type == "cuda" else "foreach"
     optimizers = OptimizersContainer.Config(param_groups=groups, implementation=implementation).build(model_parts=[model])
     schedulers = LRSchedulersContainer.Config(

@@ -1,0 +1,352 @@
+"""Selections: derived datasets chosen from another dataset's images, in the store.
+
+    balance  midtraining data: embed every selectable image (``image_embeddings``), cluster them
+             by hierarchical k-means (``clusterings``, cluster ids per level in
+             ``image_clusters``), sample a target size top-down by water-filling
+    curate   SFT data: the top N images by a filter score the ``filters`` job wrote
+
+A selection is materialised as a dataset of its own (``datasets`` + ``images`` rows with the
+source rows' URIs, captions, decode and filter results, recorded in ``selections``), so pack and
+the loader read it like any dataset. Every step is idempotent: stored embeddings and clusterings
+are reused, and asking again for a selection that exists with the same settings returns it.
+Selectable images are those pack would pack (decoded, not duplicates, with a long caption).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from krea2_train.curate.embeddings import Embedder, build_embedder
+from krea2_train.curate.images import open_rgb
+from krea2_train.curate.kmeans import Hierarchy, KMeansSettings, balanced_sample, hierarchical_kmeans
+from krea2_train.data.pack import PACKABLE_SQL
+from krea2_train.store import Store, StoreError
+
+EMBED_BATCH = 64
+WRITE_BATCH = 1000
+# images columns a selection does not copy: its own key and dataset, the source's dedup links
+NOT_COPIED = ("id", "dataset_id", "duplicate_of", "ingested_at")
+# filter scores and the direction in which they are better
+CURATE_SCORES = {"rgb_entropy": "desc", "laplacian_var": "desc", "white_ratio": "asc", "black_ratio": "asc"}
+
+
+@dataclass(frozen=True)
+class SelectionReport:
+    name: str
+    dataset_id: int
+    source: str
+    method: str
+    num_images: int
+    created: bool  # False: the selection existed with the same settings
+
+
+def _dataset_id(conn, name: str) -> int:
+    row = conn.execute("SELECT id FROM datasets WHERE name = %s", (name,)).fetchone()
+    if row is None:
+        raise StoreError(f"unknown dataset {name!r}: ingest it first")
+    return row[0]
+
+
+def selectable_images(store: Store, dataset: str) -> tuple[int, list[int], list[str]]:
+    """(dataset id, image ids, URIs) of the images pack would pack, by id."""
+    with store.pool.connection() as conn:
+        dataset_id = _dataset_id(conn, dataset)
+        rows = conn.execute(
+            f"SELECT i.id, i.uri FROM images i WHERE i.dataset_id = %s AND {PACKABLE_SQL} ORDER BY i.id", (dataset_id,)
+        ).fetchall()
+    if not rows:
+        raise StoreError(f"dataset {dataset!r} has no selectable images (decoded, not duplicates, captioned): run the decode job")
+    return dataset_id, [row[0] for row in rows], [row[1] for row in rows]
+
+
+def ids_digest(image_ids: list[int]) -> str:
+    return hashlib.sha256(",".join(map(str, image_ids)).encode()).hexdigest()
+
+
+# -- embeddings ----------------------------------------------------------------------------------
+
+
+def embed_images(store: Store, image_ids: list[int], uris: list[str], embedder: Embedder, batch_size: int = EMBED_BATCH) -> int:
+    """Compute and store the embeddings that are missing; returns how many were computed."""
+    with store.pool.connection() as conn:
+        done = {row[0] for row in conn.execute(
+            "SELECT image_id FROM image_embeddings WHERE embedder = %s AND image_id = ANY(%s)", (embedder.name, image_ids)
+        )}
+    todo = [(image_id, uri) for image_id, uri in zip(image_ids, uris) if image_id not in done]
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        vectors = embedder.embed([open_rgb(uri) for _, uri in batch])
+        with store.pool.connection() as conn:
+            conn.execute(
+                "INSERT INTO image_embeddings (image_id, embedder, dim, embedding)"
+                " SELECT u.image_id, %s, %s, u.embedding FROM unnest(%s::bigint[], %s::bytea[]) AS u (image_id, embedding)"
+                " ON CONFLICT DO NOTHING",
+                (embedder.name, embedder.dim, [i for i, _ in batch], [v.astype("<f4").tobytes() for v in vectors]),
+            )
+    return len(todo)
+
+
+def load_embeddings(store: Store, image_ids: list[int], embedder_name: str) -> np.ndarray:
+    """[n, dim] float32 embeddings of ``image_ids``, in that order; a missing one is an error."""
+    with store.pool.connection() as conn:
+        rows = dict(conn.execute(
+            "SELECT image_id, embedding FROM image_embeddings WHERE embedder = %s AND image_id = ANY(%s)",
+            (embedder_name, image_ids),
+        ).fetchall())
+    missing = [i for i in image_ids if i not in rows]
+    if missing:
+        raise StoreError(f"{len(missing)} images have no {embedder_name!r} embedding (first: image id {missing[0]})")
+    return np.stack([np.frombuffer(rows[i], dtype="<f4") for i in image_ids]).astype(np.float32)
+
+
+# -- clusterings ---------------------------------------------------------------------------------
+
+
+def _store_hierarchy(conn, clustering_id: int, image_ids: list[int], hierarchy: Hierarchy) -> None:
+    cluster_ids = hierarchy.point_clusters.tolist()
+    for start in range(0, len(image_ids), WRITE_BATCH):
+        end = start + WRITE_BATCH
+        with conn.cursor() as cursor:
+            cursor.executemany(
+                "INSERT INTO image_clusters (clustering_id, image_id, cluster_ids, centroid_distance) VALUES (%s, %s, %s, %s)",
+                [(clustering_id, image_id, ids, float(distance)) for image_id, ids, distance
+                 in zip(image_ids[start:end], cluster_ids[start:end], hierarchy.centroid_distances[start:end])],
+            )
+    for level, centroids in enumerate(hierarchy.centroids):
+        sizes = np.bincount(hierarchy.point_clusters[:, level], minlength=len(centroids))
+        with conn.cursor() as cursor:
+            cursor.executemany(
+                "INSERT INTO cluster_centroids (clustering_id, level, cluster_id, num_images, centroid) VALUES (%s, %s, %s, %s, %s)",
+                [(clustering_id, level + 1, c, int(sizes[c]), centroids[c].astype("<f4").tobytes()) for c in range(len(centroids))],
+            )
+
+
+def cluster_images(
+    store: Store, dataset_id: int, image_ids: list[int], embedder_name: str, settings: KMeansSettings
+) -> int:
+    """The id of the clustering of ``image_ids`` with these settings, computing it once."""
+    key = (dataset_id, embedder_name, ids_digest(image_ids), Jsonb(settings.to_json()))
+    find = "SELECT id FROM clusterings WHERE dataset_id = %s AND embedder = %s AND images_sha256 = %s AND settings = %s"
+    with store.pool.connection() as conn:
+        row = conn.execute(find, key).fetchone()
+    if row is not None:
+        return row[0]
+    hierarchy = hierarchical_kmeans(load_embeddings(store, image_ids, embedder_name), settings)
+    with store.pool.connection() as conn, conn.transaction():
+        row = conn.execute(
+            "INSERT INTO clusterings (dataset_id, embedder, images_sha256, settings, num_levels, num_images)"
+            " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING id",
+            (*key, hierarchy.num_levels, len(image_ids)),
+        ).fetchone()
+        if row is None:  # another process stored the same clustering meanwhile
+            return conn.execute(find, key).fetchone()[0]
+        _store_hierarchy(conn, row[0], image_ids, hierarchy)
+    return row[0]
+
+
+def read_clusters(store: Store, clustering_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image ids [n], cluster ids [n, L] with column 0 = level 1, centroid distances [n]), by id."""
+    with store.pool.connection() as conn:
+        rows = conn.execute(
+            "SELECT image_id, cluster_ids, centroid_distance FROM image_clusters WHERE clustering_id = %s ORDER BY image_id",
+            (clustering_id,),
+        ).fetchall()
+    if not rows:
+        raise StoreError(f"clustering {clustering_id} has no images")
+    image_ids = np.array([row[0] for row in rows], dtype=np.int64)
+    point_clusters = np.array([row[1] for row in rows], dtype=np.int64)
+    distances = np.array([row[2] for row in rows], dtype=np.float32)
+    return image_ids, point_clusters, distances
+
+
+# -- selections ----------------------------------------------------------------------------------
+
+
+def _copied_columns(conn) -> list[str]:
+    rows = conn.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema()"
+        " AND table_name = 'images' AND is_generated = 'NEVER' ORDER BY ordinal_position"
+    ).fetchall()
+    return [name for (name,) in rows if name not in NOT_COPIED]
+
+
+def existing_selection(store: Store, name: str, source: str, method: str, settings: dict) -> SelectionReport | None:
+    """The selection ``name`` if it exists with these settings; None if there is no dataset
+    ``name``; an error naming the difference otherwise."""
+    with store.pool.connection() as conn:
+        row = conn.execute(
+            "SELECT d.id, s.method, s.settings, src.name, s.num_images FROM datasets d"
+            " LEFT JOIN selections s ON s.dataset_id = d.id LEFT JOIN datasets src ON src.id = s.source_dataset_id"
+            " WHERE d.name = %s",
+            (name,),
+        ).fetchone()
+    if row is None:
+        return None
+    dataset_id, stored_method, stored_settings, stored_source, num_images = row
+    if stored_method is None:
+        raise StoreError(f"dataset {name!r} exists and is not a selection: choose another name")
+    if (stored_method, stored_settings, stored_source) != (method, settings, source):
+        raise StoreError(
+            f"selection {name!r} exists with other settings ({stored_method} of {stored_source!r}: {stored_settings});"
+            f" asked for {method} of {source!r}: {settings}. Choose another name."
+        )
+    return SelectionReport(name, dataset_id, source, method, num_images, created=False)
+
+
+def materialise_selection(
+    store: Store, source: str, name: str, image_ids: list[int], method: str, settings: dict, clustering_id: int | None = None
+) -> SelectionReport:
+    """Create dataset ``name`` holding copies of the source rows ``image_ids`` (same URIs,
+    captions, decode and filter results; no dedup links), in one transaction."""
+    if not name or not name.strip():
+        raise StoreError("selection name must not be empty")
+    found = existing_selection(store, name, source, method, settings)
+    if found is not None:
+        return found
+    with store.pool.connection() as conn, conn.transaction():
+        source_id = _dataset_id(conn, source)
+        dataset_id = conn.execute(
+            "INSERT INTO datasets (name, source) VALUES (%s, %s) RETURNING id", (name, f"selection:{method}:{source}")
+        ).fetchone()[0]
+        columns = ", ".join(_copied_columns(conn))
+        inserted = conn.execute(
+            f"INSERT INTO images (dataset_id, {columns}) SELECT %s, {columns} FROM images"
+            " WHERE dataset_id = %s AND id = ANY(%s) ORDER BY id",
+            (dataset_id, source_id, sorted(image_ids)),
+        ).rowcount
+        if inserted != len(set(image_ids)):
+            raise StoreError(f"{len(set(image_ids)) - inserted} selected image ids are not in dataset {source!r}")
+        conn.execute(
+            "INSERT INTO selections (dataset_id, source_dataset_id, method, settings, clustering_id, num_images)"
+            " VALUES (%s, %s, %s, %s, %s, %s)",
+            (dataset_id, source_id, method, Jsonb(settings), clustering_id, inserted),
+        )
+    return SelectionReport(name, dataset_id, source, method, inserted, created=True)
+
+
+def balance_dataset(
+    store: Store,
+    dataset: str,
+    name: str,
+    target: int,
+    settings: KMeansSettings,
+    embedder: Embedder | str = "small",
+    leaf_pick: str = "random",
+) -> SelectionReport:
+    """Select ``target`` images of ``dataset`` balanced over its hierarchical k-means clusters,
+    as the dataset ``name``."""
+    dataset_id, image_ids, uris = selectable_images(store, dataset)
+    if not 0 < target <= len(image_ids):
+        raise StoreError(f"target must be in 1..{len(image_ids)} (the selectable images of {dataset!r}), got {target}")
+    embedder = build_embedder(embedder) if isinstance(embedder, str) else embedder
+    selection_settings = {
+        "target": target, "embedder": embedder.name, "leaf_pick": leaf_pick,
+        "images_sha256": ids_digest(image_ids), **settings.to_json(),
+    }
+    found = existing_selection(store, name, dataset, "balance", selection_settings)
+    if found is not None:
+        return found
+    embed_images(store, image_ids, uris, embedder)
+    clustering_id = cluster_images(store, dataset_id, image_ids, embedder.name, settings)
+    clustered_ids, point_clusters, distances = read_clusters(store, clustering_id)
+    chosen = balanced_sample(point_clusters, target, seed=settings.seed, leaf_pick=leaf_pick, centroid_distances=distances)
+    return materialise_selection(
+        store, dataset, name, clustered_ids[chosen].tolist(), "balance", selection_settings, clustering_id
+    )
+
+
+def _check_score_column(conn, by: str) -> None:
+    row = conn.execute(
+        "SELECT data_type FROM information_schema.columns WHERE table_schema = current_schema()"
+        " AND table_name = 'images' AND column_name = %s",
+        (by,),
+    ).fetchone()
+    if row is None or row[0] not in ("real", "double precision", "integer", "bigint", "smallint", "numeric"):
+        raise StoreError(f"--by {by!r} is not a numeric column of images; known scores: {sorted(CURATE_SCORES)}")
+
+
+def curate_dataset(store: Store, dataset: str, name: str, top: int, by: str, order: str | None = None) -> SelectionReport:
+    """Select the ``top`` images of ``dataset`` by the score column ``by`` (best first: ``order``
+    "desc" or "asc", by default the known direction of the score, else "desc"; ties by id), as
+    the dataset ``name``. Every selectable image must have the score."""
+    order = order or CURATE_SCORES.get(by, "desc")
+    if order not in ("asc", "desc"):
+        raise StoreError(f"order must be 'asc' or 'desc', got {order!r}")
+    dataset_id, image_ids, _ = selectable_images(store, dataset)
+    if not 0 < top <= len(image_ids):
+        raise StoreError(f"top must be in 1..{len(image_ids)} (the selectable images of {dataset!r}), got {top}")
+    with store.pool.connection() as conn:
+        _check_score_column(conn, by)
+        query = sql.SQL("SELECT id, {} FROM images WHERE id = ANY(%s)").format(sql.Identifier(by))
+        scores = dict(conn.execute(query, (image_ids,)).fetchall())
+    unscored = [i for i in image_ids if scores[i] is None]
+    if unscored:
+        raise StoreError(
+            f"{len(unscored)} images of {dataset!r} have no {by}: run its job first (krea2 data work --job filters)"
+        )
+    sign = -1.0 if order == "desc" else 1.0
+    chosen = sorted(image_ids, key=lambda i: (sign * scores[i], i))[:top]
+    settings = {"top": top, "by": by, "order": order, "images_sha256": ids_digest(image_ids)}
+    return materialise_selection(store, dataset, name, chosen, "curate", settings)
+
+
+def selection_name(source: str, method: str, settings: dict) -> str:
+    """A stable name for the selection of ``source`` by ``method`` with ``settings``."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{source}__{method}_{digest}"
+
+
+# -- `krea2 data balance | curate` ---------------------------------------------------------------
+
+
+def add_selection_commands(commands, store_arguments: Callable, open_store: Callable) -> None:
+    """Add ``balance`` and ``curate`` to the ``krea2 data`` subcommands."""
+    balance = commands.add_parser("balance", help="balanced selection by hierarchical k-means (midtraining data)")
+    store_arguments(balance)
+    balance.add_argument("--dataset", required=True, help="source dataset")
+    balance.add_argument("--target", type=int, required=True, help="images in the selection")
+    balance.add_argument("--levels", type=int, nargs="+", default=[64, 8], help="clusters per level, bottom-up (default 64 8)")
+    balance.add_argument("--name", required=True, help="name of the selection (a new dataset)")
+    balance.add_argument("--resample-steps", type=int, default=3)
+    balance.add_argument("--points-per-cluster", type=int, default=8)
+    balance.add_argument("--niter", type=int, default=20, help="k-means iterations per run")
+    balance.add_argument("--seed", type=int, default=0)
+    balance.add_argument("--embedder", default="small", help="'small' or a local SigLIP/DINOv2 transformers directory")
+    balance.add_argument("--leaf-pick", choices=("random", "nearest"), default="random")
+    balance.set_defaults(func=lambda args: _cmd_balance(args, open_store))
+
+    curate = commands.add_parser("curate", help="the top N images by a filter score (SFT data)")
+    store_arguments(curate)
+    curate.add_argument("--dataset", required=True, help="source dataset")
+    curate.add_argument("--top", type=int, required=True, help="images in the selection")
+    curate.add_argument("--by", required=True, help=f"score column of images, e.g. {', '.join(CURATE_SCORES)}")
+    curate.add_argument("--order", choices=("asc", "desc"), default=None, help="best first (default: the score's own)")
+    curate.add_argument("--name", required=True, help="name of the selection (a new dataset)")
+    curate.set_defaults(func=lambda args: _cmd_curate(args, open_store))
+
+
+def _print(report: SelectionReport) -> int:
+    state = "created" if report.created else "exists (same settings)"
+    print(f"selection {report.name} (dataset id {report.dataset_id}): {report.num_images} images, {report.method} of {report.source}, {state}")
+    return 0
+
+
+def _cmd_balance(args, open_store: Callable) -> int:
+    try:
+        settings = KMeansSettings(tuple(args.levels), args.resample_steps, args.points_per_cluster, args.niter, args.seed)
+    except ValueError as error:
+        raise SystemExit(f"krea2 data balance: {error}") from None
+    with open_store(args) as store:
+        return _print(balance_dataset(store, args.dataset, args.name, args.target, settings, args.embedder, args.leaf_pick))
+
+
+def _cmd_curate(args, open_store: Callable) -> int:
+    with open_store(args) as store:
+        return _print(curate_dataset(store, args.dataset, args.name, args.top, args.by, args.order))

@@ -1,0 +1,240 @@
+"""Selections in the store (krea2_train.curate.balance): embeddings, cluster ids per level, balanced
+and curated derived datasets, `krea2 data balance | curate`, the midtrain/SFT data wiring, and
+`krea2 merge` over SFT runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from krea2_train.cli import main as krea2
+from krea2_train.curate.balance import (
+    balance_dataset,
+    curate_dataset,
+    load_embeddings,
+    read_clusters,
+    selectable_images,
+)
+from krea2_train.curate.embeddings import SmallEmbedder, build_embedder, l2_normalise
+from krea2_train.curate.jobs import load_jobs
+from krea2_train.curate.kmeans import KMeansSettings, hierarchical_kmeans
+from krea2_train.data.ingest import ingest
+from krea2_train.data.pack import PackSettings, pack_dataset
+from krea2_train.store import StoreError
+from krea2_train.store.queue import get_job, run_worker
+
+# a long-tailed pool of flat-colour images: many reds, a few of everything else
+COLOURS = {"red": ((220, 30, 30), 24), "green": ((30, 200, 40), 6), "blue": ((30, 40, 220), 4), "yellow": ((230, 220, 40), 2), "white": ((250, 250, 250), 2)}
+SETTINGS = KMeansSettings(levels=(6, 3), resample_steps=2, points_per_cluster=3, seed=0)
+
+
+def write_pool(folder: Path) -> dict[str, str]:
+    """PNG + caption per image, each slightly different (noise); returns uri -> colour name."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    colours = {}
+    for name, (rgb, count) in COLOURS.items():
+        for index in range(count):
+            pixels = np.clip(np.array(rgb) + rng.normal(0, 12, size=(24, 24, 3)), 0, 255).astype(np.uint8)
+            pixels[: 2 + index % 5] = rng.integers(0, 255, size=3)  # a band of another colour, some texture
+            path = folder / f"{name}_{index:02d}.png"
+            Image.fromarray(pixels).save(path)
+            path.with_suffix(".txt").write_text(f"a {name} square number {index}")
+            colours[str(path.resolve())] = name
+    return colours
+
+
+@pytest.fixture
+def pool(fresh_store, tmp_path):
+    colours = write_pool(tmp_path / "pool")
+    ingest(fresh_store, "pool", folder=tmp_path / "pool")
+    load_jobs()
+    run_worker(fresh_store, get_job("decode"))
+    return fresh_store, colours
+
+
+def selection_rows(store, name):
+    with store.pool.connection() as conn:
+        return conn.execute(
+            "SELECT i.uri, i.caption_long, i.decode_ok, i.width FROM images i JOIN datasets d ON d.id = i.dataset_id"
+            " WHERE d.name = %s ORDER BY i.id",
+            (name,),
+        ).fetchall()
+
+
+def test_small_embedder_is_deterministic_unit_norm_and_colour_aware():
+    embedder = SmallEmbedder()
+    red, dark_red, blue = (Image.new("RGB", (32, 32), rgb) for rgb in ((230, 20, 20), (200, 30, 30), (20, 20, 230)))
+    vectors = embedder.embed([red, dark_red, blue])
+    assert vectors.shape == (3, embedder.dim) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(vectors, embedder.embed([red, dark_red, blue]))
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
+    assert build_embedder("small").name == embedder.name
+    with pytest.raises(ValueError, match="neither"):
+        build_embedder("/no/such/model")
+
+
+def test_transformers_embedders_return_the_pooled_image_embedding(tmp_path):
+    import transformers
+
+    tiny = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28, patch_size=14)
+    dino = tmp_path / "dino"
+    transformers.Dinov2Model(transformers.Dinov2Config(**tiny)).save_pretrained(dino)
+    transformers.BitImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(dino)
+    siglip = tmp_path / "siglip"
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=tiny)).save_pretrained(siglip)
+    transformers.SiglipImageProcessor(size={"height": 28, "width": 28}).save_pretrained(siglip)
+    images = [Image.new("RGB", (40, 30), (255, 0, 0)), Image.new("RGB", (30, 40), (0, 0, 255))]
+
+    for folder, reference in ((dino, lambda m, p: m(**p).pooler_output), (siglip, lambda m, p: m.get_image_features(**p))):
+        embedder = build_embedder(str(folder))
+        model = transformers.AutoModel.from_pretrained(folder)
+        inputs = transformers.AutoImageProcessor.from_pretrained(folder)(images=images, return_tensors="pt")
+        with torch.no_grad():
+            expected = reference(model, inputs)
+        expected = getattr(expected, "pooler_output", expected)
+        np.testing.assert_allclose(embedder.embed(images), l2_normalise(expected.numpy()), atol=1e-5)
+        assert embedder.dim == 32 and str(folder.resolve()) in embedder.name
+
+
+def test_balance_stores_cluster_ids_per_level_and_materialises_the_selection(pool, tmp_path):
+    store, colours = pool
+    report = balance_dataset(store, "pool", "pool_balanced", 12, SETTINGS)
+    assert report.created and report.num_images == 12
+
+    # the cluster ids per level read back equal a fresh clustering of the stored embeddings
+    dataset_id, image_ids, _ = selectable_images(store, "pool")
+    with store.pool.connection() as conn:
+        (clustering_id,) = conn.execute("SELECT id FROM clusterings WHERE dataset_id = %s", (dataset_id,)).fetchone()
+    stored_ids, point_clusters, _ = read_clusters(store, clustering_id)
+    assert stored_ids.tolist() == image_ids and point_clusters.shape == (len(image_ids), 2)
+    embeddings = load_embeddings(store, image_ids, SmallEmbedder().name)
+    np.testing.assert_array_equal(point_clusters, hierarchical_kmeans(embeddings, SETTINGS).point_clusters)
+
+    # the selection: same URIs and captions, decoded, and balanced over colours
+    rows = selection_rows(store, "pool_balanced")
+    assert len(rows) == 12 and all(uri in colours and caption and decoded for uri, caption, decoded, _ in rows)
+    picked = [colours[uri] for uri, *_ in rows]
+    assert picked.count("red") <= 12 * 24 / 38 / 2  # half the red share of the pool, or less
+    assert set(picked) == set(COLOURS)
+
+    # idempotent; another name with another target reuses the stored clustering
+    again = balance_dataset(store, "pool", "pool_balanced", 12, SETTINGS)
+    assert not again.created and again.dataset_id == report.dataset_id and selection_rows(store, "pool_balanced") == rows
+    balance_dataset(store, "pool", "pool_balanced_6", 6, SETTINGS)
+    with store.pool.connection() as conn:
+        assert conn.execute("SELECT count(*) FROM clusterings").fetchone()[0] == 1
+        assert conn.execute("SELECT count(*) FROM image_embeddings").fetchone()[0] == len(image_ids)
+    with pytest.raises(StoreError, match="exists with other settings"):
+        balance_dataset(store, "pool", "pool_balanced", 10, SETTINGS)
+    with pytest.raises(StoreError, match="not a selection"):
+        balance_dataset(store, "pool", "pool", 10, SETTINGS)
+    with pytest.raises(StoreError, match=r"target must be in 1\.\.38"):
+        balance_dataset(store, "pool", "too_many", 39, SETTINGS)
+
+    # pack reads the selection like any dataset
+    packed = pack_dataset(store, "pool_balanced", [16], tmp_path / "shards", PackSettings(pixel_multiple=4, shard_size=8))
+    assert packed.num_samples == 12
+
+
+def test_curate_takes_the_top_images_by_a_filter_score(pool):
+    store, _ = pool
+    with pytest.raises(StoreError, match="run its job first"):
+        curate_dataset(store, "pool", "pool_sft", 5, "rgb_entropy")
+    run_worker(store, get_job("filters"))
+    report = curate_dataset(store, "pool", "pool_sft", 5, "rgb_entropy")
+    with store.pool.connection() as conn:
+        expected = [uri for (uri,) in conn.execute(
+            "SELECT uri FROM images i JOIN datasets d ON d.id = i.dataset_id WHERE d.name = 'pool'"
+            " ORDER BY rgb_entropy DESC, i.id LIMIT 5"
+        )]
+    assert report.num_images == 5 and sorted(row[0] for row in selection_rows(store, "pool_sft")) == sorted(expected)
+    fewest_white = curate_dataset(store, "pool", "pool_dark", 3, "white_ratio")  # lower is better
+    assert fewest_white.num_images == 3
+    with pytest.raises(StoreError, match="not a numeric column"):
+        curate_dataset(store, "pool", "x", 3, "caption_long")
+    with pytest.raises(StoreError, match="unknown dataset"):
+        curate_dataset(store, "nope", "x", 3, "rgb_entropy")
+
+
+def test_data_balance_and_curate_commands(fresh_database_dsn, tmp_path, capsys):
+    write_pool(tmp_path / "pool")
+    store_args = ["--dsn", fresh_database_dsn]
+    assert krea2(["data", "ingest", *store_args, "--dataset", "pool", "--folder", str(tmp_path / "pool")]) == 0
+    assert krea2(["data", "work", *store_args, "--job", "decode"]) == 0
+    assert krea2(["data", "work", *store_args, "--job", "filters"]) == 0
+    assert krea2(["data", "balance", *store_args, "--dataset", "pool", "--target", "10", "--levels", "6", "3",
+                  "--resample-steps", "2", "--points-per-cluster", "3", "--name", "mid"]) == 0
+    out = capsys.readouterr().out
+    assert "selection mid" in out and "10 images, balance of pool, created" in out
+    assert krea2(["data", "curate", *store_args, "--dataset", "pool", "--top", "4", "--by", "rgb_entropy", "--name", "sft"]) == 0
+    assert "4 images, curate of pool, created" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="bottom-up"):
+        krea2(["data", "balance", *store_args, "--dataset", "pool", "--target", "5", "--levels", "2", "6", "--name", "bad"])
+
+
+def test_midtrain_stage_trains_on_the_balanced_selection(tmp_path, fresh_database_dsn):
+    runs = tmp_path / "runs"
+    args = [
+        f"runs_root={runs}", "stage.init_from=null", "stage.steps=2", "checkpoint.interval=2",
+        "logging.wandb=disabled", "logging.sample_steps=2", "logging.sample_prompts=[a red circle]",
+        "data.num_samples=48", "data.num_workers=0", "data.global_batch_size=4", "data.resolution=256",
+        "data.balance.levels=[8,2]",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "krea2_train", "--config", "stage/midtrain", *args],
+        cwd=tmp_path, env={**os.environ, "KREA2_PG_DSN": fresh_database_dsn}, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    shards = json.loads((runs / "midtrain" / "manifest.json").read_text())
+    assert sum(shard["num_samples"] for shard in shards) == 24  # data.balance.fraction 0.5 of 48
+    assert all("__balance_" in shard["path"] for shard in shards)
+
+
+def test_sft_selection_is_derived_once_from_the_shapes_world(tmp_path, fresh_store):
+    from krea2_train.config import load_config
+    from krea2_train.train.data import prepare_shapes
+
+    config = load_config("stage/sft", [f"runs_root={tmp_path}", "data.num_samples=16", "data.curate.top=5"])
+    dataset = prepare_shapes(fresh_store, config, tmp_path, image_side=64, pixel_multiple=4)
+    assert "__curate_" in dataset
+    assert prepare_shapes(fresh_store, config, tmp_path, image_side=64, pixel_multiple=4) == dataset
+    with fresh_store.pool.connection() as conn:
+        counts = conn.execute(
+            "SELECT count(DISTINCT ss.image_id), count(DISTINCT sel.dataset_id) FROM selections sel"
+            " JOIN shards s ON s.dataset_id = sel.dataset_id JOIN shard_samples ss ON ss.shard_id = s.id"
+        ).fetchone()
+    assert counts == (5, 1)
+
+
+def test_merge_combines_sft_runs_by_name(tmp_path):
+    from krea2_train.model import build_model, layouts
+    from krea2_train.train.checkpoint import CheckpointManager, ModelOptimizerState, TrainState, write_model_config
+
+    weights = {}
+    for seed, name in enumerate(("sft_people", "sft_text", "sft_product")):
+        torch.manual_seed(seed)
+        model = build_model("tiny")
+        run_dir = tmp_path / "runs" / name
+        write_model_config(run_dir, model.config)
+        manager = CheckpointManager(run_dir, interval=1, keep_last=1, async_mode="sync")
+        manager.save(5, {"model": ModelOptimizerState(model, torch.optim.AdamW(model.parameters())), "train_state": TrainState(step=5)})
+        weights[name] = {key: value.clone() for key, value in model.state_dict().items()}
+    out = tmp_path / "generalist"
+    argv = ["merge", "sft_people", "sft_text", "sft_product", "--weights", "2", "1", "1",
+            "--runs-root", str(tmp_path / "runs"), "--out", str(out)]
+    assert krea2(argv) == 0
+    merged, _ = layouts.load_state_dict(out)
+    for key, value in merged.items():
+        expected = 0.5 * weights["sft_people"][key] + 0.25 * weights["sft_text"][key] + 0.25 * weights["sft_product"][key]
+        torch.testing.assert_close(value, expected, atol=1e-6, rtol=0, msg=key)

@@ -1,0 +1,150 @@
+"""Hierarchical k-means with resampling and top-down water-filling (krea2_train.curate.kmeans)."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from krea2_train.curate.kmeans import (
+    KMeansSettings,
+    balanced_sample,
+    hierarchical_kmeans,
+    resampled_subset,
+    water_fill,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """The test machine's cores are shared: one OpenMP thread is faster there, and the same result."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
+def long_tailed_pool(n=20000, concepts=50, dim=32, zipf=1.3, noise=1.0, seed=0):
+    """Points around ``concepts`` Gaussian centres, concept frequencies Zipf-distributed."""
+    rng = np.random.default_rng(seed)
+    frequencies = 1.0 / np.arange(1, concepts + 1) ** zipf
+    labels = rng.choice(concepts, size=n, p=frequencies / frequencies.sum())
+    centres = rng.normal(size=(concepts, dim))
+    points = centres[labels] + noise * rng.normal(size=(n, dim))
+    return points.astype(np.float32), labels
+
+
+def largest_concept_share(labels, indices):
+    return np.bincount(labels[indices]).max() / len(indices)
+
+
+def test_balanced_sample_halves_the_largest_concepts_share():
+    points, labels = long_tailed_pool()
+    target = len(points) // 10
+    uniform = np.random.default_rng(1).choice(len(points), size=target, replace=False)
+    uniform_share = largest_concept_share(labels, uniform)
+    assert uniform_share > 0.3  # the head concept dominates a uniform sample
+
+    settings = KMeansSettings(levels=(400, 40), resample_steps=3, points_per_cluster=8, seed=0)
+    hierarchy = hierarchical_kmeans(points, settings)
+    chosen = balanced_sample(hierarchy.point_clusters, target, seed=0)
+    assert len(chosen) == target and len(np.unique(chosen)) == target
+    assert largest_concept_share(labels, chosen) <= uniform_share / 2
+    # the tail survives: more concepts are represented than in the uniform sample
+    assert len(np.unique(labels[chosen])) >= len(np.unique(labels[uniform]))
+
+
+def test_hierarchy_is_consistent_and_deterministic():
+    points, _ = long_tailed_pool(n=3000, concepts=20)
+    settings = KMeansSettings(levels=(60, 12, 3), resample_steps=2, points_per_cluster=5, seed=3)
+    hierarchy = hierarchical_kmeans(points, settings)
+    assert hierarchy.point_clusters.shape == (3000, 3)
+    assert [c.shape for c in hierarchy.centroids] == [(60, 32), (12, 32), (3, 32)]
+    # a level-1 cluster has exactly one parent at every level above
+    for level in (1, 2):
+        parents = {}
+        for child, parent in hierarchy.point_clusters[:, [level - 1, level]]:
+            assert parents.setdefault(child, parent) == parent
+    # the stored distance is the squared distance to the point's own level-1 centroid
+    own = hierarchy.centroids[0][hierarchy.point_clusters[:, 0]]
+    np.testing.assert_allclose(hierarchy.centroid_distances, ((points - own) ** 2).sum(1), rtol=1e-3, atol=1e-3)
+
+    again = hierarchical_kmeans(points, settings)
+    np.testing.assert_array_equal(again.point_clusters, hierarchy.point_clusters)
+    np.testing.assert_array_equal(
+        balanced_sample(again.point_clusters, 500, seed=4), balanced_sample(hierarchy.point_clusters, 500, seed=4)
+    )
+    assert not np.array_equal(
+        balanced_sample(hierarchy.point_clusters, 500, seed=4), balanced_sample(hierarchy.point_clusters, 500, seed=5)
+    )
+
+
+def test_small_datasets_get_at_most_one_cluster_per_item():
+    points = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    hierarchy = hierarchical_kmeans(points, KMeansSettings(levels=(64, 8)))
+    assert [len(c) for c in hierarchy.centroids] == [5, 5]
+    assert sorted(balanced_sample(hierarchy.point_clusters, 5)) == [0, 1, 2, 3, 4]
+
+
+def test_water_fill_exact_shares():
+    rng = np.random.default_rng(0)
+    assert water_fill(np.array([1, 5, 10, 20]), 20, rng).tolist() == [1, 5, 7, 7]  # cap 7 fits exactly
+    assert water_fill(np.array([1, 5, 10, 20]), 36, rng).tolist() == [1, 5, 10, 20]  # everything
+    assert water_fill(np.array([1, 5, 10, 20]), 100, rng).tolist() == [1, 5, 10, 20]
+    assert water_fill(np.array([3, 3, 3]), 0, rng).tolist() == [0, 0, 0]
+    seen = {tuple(water_fill(np.array([1, 5, 10, 20]), 21, np.random.default_rng(s))) for s in range(20)}
+    assert seen == {(1, 5, 8, 7), (1, 5, 7, 8)}  # the one left over goes to a random larger group
+
+
+def test_water_fill_caps_hold_on_random_cases():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        sizes = rng.integers(0, 50, size=rng.integers(1, 12))
+        target = int(rng.integers(0, sizes.sum() + 5))
+        shares = water_fill(sizes, target, rng)
+        assert shares.sum() == min(target, sizes.sum())
+        assert (shares <= sizes).all() and (shares >= 0).all()
+        unsaturated = shares < sizes
+        if unsaturated.any():  # every group not taken whole gets the cap or the cap + 1
+            assert shares[unsaturated].min() >= shares.max() - 1
+
+
+def test_balanced_sample_splits_evenly_top_down():
+    # two top clusters (a: 3 leaves of 100, 10, 1 points; b: 1 leaf of 500 points)
+    leaves = np.repeat([0, 1, 2, 3], [100, 10, 1, 500])
+    tops = np.repeat([0, 0, 0, 1], [100, 10, 1, 500])
+    chosen = balanced_sample(np.stack([leaves, tops], axis=1), 100, seed=0)
+    assert np.bincount(tops[chosen]).tolist() == [50, 50]
+    assert np.bincount(leaves[chosen]).tolist() == [39, 10, 1, 50]
+
+
+def test_nearest_leaf_pick_takes_points_nearest_the_centroid():
+    leaves = np.array([0, 0, 0, 1, 1, 1])
+    distances = np.array([3.0, 1.0, 2.0, 0.5, 0.1, 0.9], dtype=np.float32)
+    chosen = balanced_sample(leaves[:, None], 2, leaf_pick="nearest", centroid_distances=distances)
+    assert chosen.tolist() == [1, 4]
+
+
+def test_resampled_subset_keeps_the_nearest_members_per_cluster():
+    assignment = np.array([0, 0, 0, 1, 1, 2])
+    distances = np.array([5.0, 1.0, 3.0, 2.0, 4.0, 9.0])
+    assert resampled_subset(distances, assignment, 2).tolist() == [1, 2, 3, 4, 5]
+    assert resampled_subset(distances, assignment, 1).tolist() == [1, 3, 5]
+
+
+def test_bad_input_is_named():
+    points = np.zeros((10, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="bottom-up"):
+        KMeansSettings(levels=(4, 8))
+    with pytest.raises(ValueError, match="positive cluster counts"):
+        KMeansSettings(levels=())
+    with pytest.raises(ValueError, match="NaN"):
+        hierarchical_kmeans(np.full((4, 2), np.nan, dtype=np.float32), KMeansSettings(levels=(2,)))
+    with pytest.raises(ValueError, match=r"target must be in 1\.\.10"):
+        balanced_sample(np.zeros((10, 1), dtype=np.int64), 11)
+    with pytest.raises(ValueError, match="needs centroid_distances"):
+        balanced_sample(np.zeros((10, 1), dtype=np.int64), 3, leaf_pick="nearest")
+    with pytest.raises(ValueError, match="non-negative"):
+        water_fill(np.array([1, -1]), 1, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"\[n, d\]"):
+        hierarchical_kmeans(points[0], KMeansSettings(levels=(2,)))
