@@ -55,6 +55,8 @@ def test_rows_are_consistent_with_the_formula_and_each_other():
     rows = _by_metric(bench_train.run(_args("--reference", "diffusers")))
     flops = training_flops(model_config("tiny"), image_tokens=16, text_tokens=24, batch=2)
     assert rows["model_flops_per_step"]["value"] == flops / 1e12
+    unpadded = training_flops(model_config("tiny"), image_tokens=16, text_tokens=9, batch=2)
+    assert rows["unpadded_share_of_model_flops"]["value"] == unpadded / flops
     for name in ("ours", "diffusers"):
         step_s = rows[f"{name}_step_time"]["value"] / 1e3
         assert step_s > 0 and math.isfinite(step_s)

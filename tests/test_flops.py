@@ -100,7 +100,10 @@ def test_image_tokens_at_nominal_resolution():
         image_tokens_at(250)
 
 
-@pytest.mark.parametrize("sizes", [dict(image_tokens=0, text_tokens=4), dict(image_tokens=4, text_tokens=-1), dict(image_tokens=4, text_tokens=4, batch=0)])
+BAD_SIZES = [dict(image_tokens=0, text_tokens=4), dict(image_tokens=4, text_tokens=-1), dict(image_tokens=4, text_tokens=4, batch=0)]
+
+
+@pytest.mark.parametrize("sizes", BAD_SIZES)
 def test_bad_sizes_are_refused(sizes):
     with pytest.raises(ValueError):
         forward_flops(model_config("tiny"), **sizes)

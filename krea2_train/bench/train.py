@@ -14,8 +14,10 @@ configuration and runs it the way a diffusers training script does: fp32 weights
 ``torch.autocast`` for bf16, its own attention path (key/value heads repeated, SDPA with the
 padding mask), ``enable_gradient_checkpointing()`` whenever ours checkpoints activations,
 ``compile_repeated_blocks`` when ours compiles, ``--fp8`` on the same Linear layers (through
-``parallel.float8``), the same optimizer container and clipping. The
-two are built, timed and freed one after the other, so their memory never overlaps.
+``parallel.float8``), the same optimizer container and clipping. The two are built, timed and
+freed one after the other, so their memory never overlaps. Peak memory is the CUDA allocator's
+peak on GPU; on CPU it is the process's peak RSS so far, so the reference's (timed second)
+includes ours'.
 
 Inputs: ``--res`` is the nominal resolution, 16 px per image token (256 -> 256 tokens); the text
 is padded to ``--text-len`` tokens (512, as the released model) of which ``--caption-tokens`` are
@@ -23,10 +25,14 @@ real, so attention always runs with a key-padding mask, as in training.
 
 Model FLOPs come from :mod:`krea2_train.model.flops` (3x the forward's matmuls, no credit for
 recomputation) on the padded sequence, which is what both models compute;
-``unpadded_share_of_model_flops`` says how much of it the real caption tokens would need. MFU is reported against the measured dense matmul rate of the device in the same
-dtype and, on known GPUs in bf16, against the data-sheet peak. Times use ``perf_counter`` around
+``unpadded_share_of_model_flops`` says how much of it the real caption tokens would need. MFU is
+reported against the measured dense matmul rate of the device in the same dtype and, on known
+GPUs in bf16, against the data-sheet peak. Times use ``perf_counter`` around
 whole steps with one device synchronisation at the end (the step itself has no host syncs);
 the per-phase breakdown uses CUDA events on GPU.
+
+On a shared CPU, set ``OMP_NUM_THREADS=1``: the tiny model's small ops otherwise stall for
+milliseconds waiting on a busy second OpenMP thread, which swamps the measurement.
 
 Defaults depend on the device: on CPU the ``tiny`` preset at 256 px, batch 2, fp32, 1 warm-up and
 3 timed steps; on CUDA ``bench_full_width`` at 512 px, batch 4, bf16, 5 warm-up and 20 timed steps.
@@ -49,7 +55,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from krea2_train.bench.gpu import measured_matmul_flops, spec_peak_flops, synchronize
-from krea2_train.model.flops import image_tokens_at, training_flops
+from krea2_train.model.flops import PIXELS_PER_TOKEN, image_tokens_at, training_flops
 from krea2_train.model.patchify import position_ids
 from krea2_train.model.presets import PRESETS, build_model, count_parameters, model_config
 
@@ -65,7 +71,9 @@ DEFAULTS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
-    parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="model preset (cpu: tiny, cuda: bench_full_width)")
+    parser.add_argument(
+        "--preset", default=None, choices=sorted(PRESETS), help="model preset (cpu: tiny, cuda: bench_full_width)"
+    )
     parser.add_argument("--res", type=int, default=None, help="nominal resolution in px, 16 px per token (cpu: 256, cuda: 512)")
     parser.add_argument("--batch", type=int, default=None, help="images per step (cpu: 2, cuda: 4)")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="compute dtype (cpu: fp32, cuda: bf16)")
@@ -185,7 +193,7 @@ class StepInputs:
 
 def make_inputs(config: dict, settings: BenchSettings) -> StepInputs:
     device, batch, text_len = settings.device, settings.batch, settings.text_len
-    side = settings.resolution // 16
+    side = settings.resolution // PIXELS_PER_TOKEN
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     randn = lambda *shape: torch.randn(*shape, device=device, generator=generator)  # noqa: E731
     latent_shape = (batch, side * side, config["in_channels"])
@@ -281,14 +289,10 @@ def build_reference(settings: BenchSettings) -> Trainee:
         model.enable_gradient_checkpointing()
     if settings.compile:
         model.compile_repeated_blocks(fullgraph=True)
-    autocast = (
-        torch.autocast(settings.device.type, dtype=settings.torch_dtype)
-        if settings.torch_dtype != torch.float32
-        else nullcontext()
-    )
+    device_type, dtype = settings.device.type, settings.torch_dtype
 
     def forward(inputs: StepInputs) -> torch.Tensor:
-        with autocast:
+        with torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext():
             return model(
                 inputs.latents,
                 inputs.text_states,
@@ -299,7 +303,8 @@ def build_reference(settings: BenchSettings) -> Trainee:
             )[0]
 
     params = [p for p in model.parameters() if p.requires_grad]
-    return Trainee("diffusers", model, forward, build_optimizer_for(model, settings.device), params, torch.nn.utils.clip_grad_norm_)
+    optimizer = build_optimizer_for(model, settings.device)
+    return Trainee("diffusers", model, forward, optimizer, params, torch.nn.utils.clip_grad_norm_)
 
 
 # ---------------------------------------------------------------------------------------------

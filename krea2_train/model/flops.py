@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-__all__ = ["ForwardFlops", "forward_flops", "image_tokens_at", "training_flops"]
+__all__ = ["PIXELS_PER_TOKEN", "ForwardFlops", "forward_flops", "image_tokens_at", "training_flops"]
 
 # Qwen-Image VAE (8x downsampling) with 2x2 patches: one image token per 16x16 pixels.
 PIXELS_PER_TOKEN = 16

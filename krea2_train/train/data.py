@@ -95,15 +95,18 @@ def training_selection(store, config: RunConfig, dataset: str) -> str:
     return report.name
 
 
-def prepare_registry(store, config: RunConfig, image_side: int) -> str:
-    """``data.dataset``, or its selection packed like the dataset itself at this image size."""
+def prepare_registry(store, config: RunConfig, runs_root: Path, image_side: int, pixel_multiple: int) -> str:
+    """``data.dataset`` (or its selection) packed at this image size.
+
+    A dataset not yet packed at this size is processed first, idempotently: decode and size
+    checks, dedup, then resize-and-pack (what ``krea2 data work --job decode|dedup`` and the pack
+    job do), so ``krea2 data ingest`` followed by a training run is enough.
+    """
+    from krea2_train.curate.jobs import load_jobs
     from krea2_train.data.pack import PackSettings, pack_dataset
-    from krea2_train.store import StoreError
+    from krea2_train.store.queue import get_job, run_worker
 
     source = config.data.dataset
-    dataset = training_selection(store, config, source)
-    if dataset == source:
-        return dataset
     with store.pool.connection() as conn:
         target = conn.execute(
             "SELECT t.out_dir, t.settings FROM pack_targets t JOIN datasets d ON d.id = t.dataset_id"
@@ -111,9 +114,17 @@ def prepare_registry(store, config: RunConfig, image_side: int) -> str:
             (source, image_side),
         ).fetchone()
     if target is None:
-        raise StoreError(f"dataset {source!r} is not packed at {image_side} px: pack it first (krea2 data work --job pack)")
-    report = pack_dataset(store, dataset, [image_side], target[0], PackSettings.from_json(target[1]))
-    logger.info("packed %s at %d px: %d new samples", dataset, image_side, report.num_samples)
+        out_dir = runs_root / "_shards"
+        settings = PackSettings(aspect_ratios=tuple(config.data.buckets), pixel_multiple=pixel_multiple, seed=config.seed)
+    else:
+        out_dir, settings = Path(target[0]), PackSettings.from_json(target[1])
+    load_jobs()
+    for job in ("decode", "dedup") + (("filters",) if config.data.curate.enabled else ()):
+        run_worker(store, get_job(job))
+    dataset = training_selection(store, config, source)
+    for name in dict.fromkeys((source, dataset)):
+        report = pack_dataset(store, name, [image_side], out_dir, settings)
+        logger.info("packed %s at %d px: %d new samples", name, image_side, report.num_samples)
     return dataset
 
 
@@ -190,7 +201,7 @@ def build_train_loader(
             if config.data.source == "shapes":
                 dataset = prepare_shapes(store, config, runs_root, image_side, pixel_multiple)
             else:
-                dataset = prepare_registry(store, config, image_side)
+                dataset = prepare_registry(store, config, runs_root, image_side, pixel_multiple)
             pinned_manifest(manifest_path, store, [dataset], image_side)
     dsn = _broadcast(dsn)
     barrier()
