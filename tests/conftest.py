@@ -7,11 +7,13 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import uuid
 from pathlib import Path
 
 import psycopg
+
 import pytest
 from psycopg import conninfo, sql
 
@@ -59,3 +61,14 @@ def fresh_store(fresh_database_dsn):
     store = open_store(fresh_database_dsn)
     yield store
     store.close()
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """A single-process gloo group (no torchrun environment), torn down after the module."""
+    from krea2_train.parallel.distributed import destroy_distributed, init_distributed
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        assert key not in os.environ, f"run these tests outside torchrun ({key} is set)"
+    yield init_distributed(timeout_s=120)
+    destroy_distributed()

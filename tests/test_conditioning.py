@@ -253,10 +253,9 @@ def test_build_autoencoder(tmp_path, tiny_vae):
         build_autoencoder("pixel", tmp_path)
 
 
-def test_text_taps_survive_fsdp_sharding(tmp_path):
+def test_text_taps_survive_fsdp_sharding(tmp_path, world_of_one):
     """The trainer shards the frozen text encoder; the taps must not change (transformers records
     hidden states by the root's class, which FSDP2 wrapping would rename)."""
-    from krea2_train.parallel.distributed import init_distributed
     from krea2_train.parallel.mesh import build_parallel_dims
     from krea2_train.parallel.parallelize import shard_frozen_module
 
@@ -265,7 +264,6 @@ def test_text_taps_survive_fsdp_sharding(tmp_path):
     )
     prompts = ["a red circle", "two blue squares above a green star"]
     expected, expected_mask = taps.encode(prompts)
-    init_distributed()
     shard_frozen_module(taps.text_model, build_parallel_dims(1, -1, 1, 1))
     actual, actual_mask = taps.encode(prompts)
     assert torch.equal(actual, expected) and torch.equal(actual_mask, expected_mask)

@@ -195,5 +195,8 @@ def test_postgres_restart_mid_run_loses_and_repeats_no_sample(tmp_path, public_t
 
         with psycopg.connect(server.dsn) as conn:  # the run log reached the database after the restart
             assert {e["kind"] for e in database_events(conn, RUN)} == {"start", "first_step", "stop"}
+        report = subprocess.run([sys.executable, "-m", "krea2_train.cli", "runs", "report", RUN, "--from-db", "--dsn", server.dsn],
+                                capture_output=True, text=True, cwd=public_tmp_dir)  # fmt: skip
+        assert report.returncode == 0 and f"run {RUN}: 1 start(s), 0 failure(s)" in report.stdout, report.stderr
     finally:
         server.stop()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import types
 from collections import Counter
@@ -211,14 +210,6 @@ def test_converted_tiny_model_trains_on_cpu_with_float8_matmuls(recipe):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def world_of_one():
-    from krea2_train.parallel.distributed import destroy_distributed, init_distributed
-
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        assert key not in os.environ, f"run these tests outside torchrun ({key} is set)"
-    yield init_distributed(timeout_s=120)
-    destroy_distributed()
 
 
 def test_parallelize_dit_converts_before_sharding(world_of_one, monkeypatch):

@@ -276,14 +276,6 @@ def test_capture_fires_once_per_arming():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def world_of_one():
-    from krea2_train.parallel.distributed import destroy_distributed, init_distributed
-
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        assert key not in os.environ, f"run these tests outside torchrun ({key} is set)"
-    yield init_distributed(timeout_s=120)
-    destroy_distributed()
 
 
 @pytest.mark.parametrize("activation_checkpoint", ["none", "full"])

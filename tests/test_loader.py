@@ -3,7 +3,6 @@ corrupt and truncated shards replaced deterministically. No database here (see t
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

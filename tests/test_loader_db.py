@@ -1,7 +1,6 @@
 """Packing into registered shards, leases and progress, quarantine, and a database that goes
 away under a running loader (nothing lost, nothing repeated)."""
 
-import threading
 
 import psycopg
 import pytest

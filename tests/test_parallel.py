@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from torchtitan.distributed import ParallelDims
 
 from krea2_train.parallel import compat
-from krea2_train.parallel.distributed import destroy_distributed, init_distributed
+from krea2_train.parallel.distributed import init_distributed
 from krea2_train.parallel.grads import all_ranks_finite, clip_grad_norm_, total_grad_norm
 from krea2_train.parallel.mesh import build_parallel_dims, data_parallel_rank_size, fsdp_mesh, tp_mesh
 from krea2_train.parallel.parallelize import parallelize_dit, shard_frozen_module
@@ -39,13 +39,6 @@ def _load_script():
 train_tiny = _load_script()
 
 
-@pytest.fixture(scope="module")
-def world_of_one():
-    """A single-process gloo group (no torchrun environment), torn down after the module."""
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        assert key not in os.environ, f"run these tests outside torchrun ({key} is set)"
-    yield init_distributed(timeout_s=120)
-    destroy_distributed()
 
 
 @pytest.fixture(scope="module")
@@ -171,22 +164,27 @@ def test_shard_frozen_module_keeps_outputs_and_freezes(world_of_one):
     class TinyDecoder(nn.Module):
         def __init__(self):
             super().__init__()
-            self.embed = nn.Linear(4, 8)
+            self.embed = nn.Embedding(5, 8)
             self.layers = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2)])
+            self.norm = nn.LayerNorm(8)
 
         def forward(self, x):
-            x = self.embed(x)
+            x = self.norm(self.embed(x))
             for layer in self.layers:
                 x = layer(x)
             return x
 
     torch.manual_seed(0)
     decoder = TinyDecoder().train()
-    inputs = torch.randn(3, 4)
+    inputs = torch.tensor([[0, 3, 4], [1, 1, 2]])
     expected = decoder(inputs).detach()
+    decoder_class = type(decoder)
     shard_frozen_module(decoder, build_parallel_dims(1, -1, 1, 1))
     assert not decoder.training
-    assert all(isinstance(p, DTensor) and not p.requires_grad for p in decoder.parameters())
+    assert type(decoder) is decoder_class  # the root keeps its class (transformers keys output capture on it)
+    sharded = {name for name, p in decoder.named_parameters() if isinstance(p, DTensor)}
+    assert sharded == {name for name, _ in decoder.named_parameters() if not name.startswith("norm.")}
+    assert not any(p.requires_grad for p in decoder.parameters())
     with torch.no_grad():
         torch.testing.assert_close(decoder(inputs), expected)
     with pytest.raises(ValueError, match="no nn.ModuleList named 'layers'"):

@@ -1,6 +1,5 @@
 """Shard files: exact round trips, and corrupt or truncated files refused naming the file."""
 
-import io
 
 import numpy as np
 import pytest

@@ -3,8 +3,12 @@ rate as a fraction of the disk's sequential write bandwidth, measured in the sam
 
 One process saves a model with its AdamW state (one optimizer step taken, so both moments exist)
 through :class:`~krea2_train.train.checkpoint.CheckpointManager` in async mode, several times;
-the median save is reported. The disk's bandwidth is measured by writing a file of the same size
-in 64 MiB chunks to the same directory and fsyncing it, as DCP fsyncs its files.
+the median save is reported. A save blocks training while it snapshots the state to host memory
+(``blocked``); the full write time runs from the start of the save to the fsynced files; the
+write rate is the checkpoint's bytes over the part of the write that runs in the background (full
+minus blocked), the phase that competes with the disk. The disk's bandwidth is measured by
+writing a file of the same size in 64 MiB chunks to the same directory and fsyncing it, as DCP
+fsyncs its files.
 Targets: blocked time under 10% of the full write time; write rate at least 70% of the disk's.
 """
 
@@ -87,7 +91,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     blocked = statistics.median(save["blocked_s"] for save in saves)
     write = statistics.median(save["write_s"] for save in saves)
     blocked_fraction = blocked / write
-    write_rate = size / write
+    write_rate = size / (write - blocked)
     rate_fraction = write_rate / disk_rate
     return [
         {"bench": "ckpt", "metric": f"{label} checkpoint size", "value": size / 1e6, "unit": "MB", "target": None, "met": None},
@@ -95,7 +99,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         {"bench": "ckpt", "metric": f"{label} full write time", "value": write, "unit": "s", "target": None, "met": None},
         {"bench": "ckpt", "metric": "blocked / full write time", "value": blocked_fraction, "unit": "fraction",
          "target": "< 0.10", "met": blocked_fraction < 0.10},
-        {"bench": "ckpt", "metric": "checkpoint write rate", "value": write_rate / 1e6, "unit": "MB/s", "target": None, "met": None},
+        {"bench": "ckpt", "metric": "checkpoint write rate (background phase)", "value": write_rate / 1e6, "unit": "MB/s", "target": None, "met": None},
         {"bench": "ckpt", "metric": "disk sequential write rate", "value": disk_rate / 1e6, "unit": "MB/s", "target": None, "met": None},
         {"bench": "ckpt", "metric": "checkpoint / disk write rate", "value": rate_fraction, "unit": "fraction",
          "target": ">= 0.70", "met": rate_fraction >= 0.70},

@@ -18,7 +18,6 @@ follows the ``dedup`` job: an image is packed once dedup has judged it.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence

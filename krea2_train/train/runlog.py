@@ -144,6 +144,7 @@ class RunLog:
         self.dsn = dsn
         self._mirrored: set[str] = set()
         self._lock = threading.Lock()
+        self._queued = threading.Event()  # a mirror is waiting to run: no need for another
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="krea2-runlog") if dsn else None
 
     def record(self, kind: str, step: int | None, **fields) -> dict[str, Any]:
@@ -159,7 +160,8 @@ class RunLog:
         self.mirror_soon()
 
     def mirror_soon(self) -> None:
-        if self._executor is not None:
+        if self._executor is not None and not self._queued.is_set():
+            self._queued.set()
             self._executor.submit(self.mirror_now)
 
     def mirror_now(self) -> bool:
@@ -169,6 +171,7 @@ class RunLog:
         import psycopg
 
         with self._lock:
+            self._queued.clear()
             pending = [event for event in read_events(self.run_dir) if event["id"] not in self._mirrored]
             if not pending:
                 return True
