@@ -4,7 +4,7 @@ variable-length text taps are re-padded without changing the DiT, and a changed 
 import pytest
 import torch
 
-from krea2_train.conditioning.conditioner import build_conditioner
+from krea2_train.conditioning.conditioner import build_conditioner, text_length
 from krea2_train.conditioning.tiny import build_tiny_text_encoder
 from krea2_train.data.cache import ConditioningCache, pad_text_states
 from krea2_train.model import build_model
@@ -47,12 +47,12 @@ def test_entries_are_encoded_once_and_read_back_identically(tmp_path, conditione
     assert torch.equal(first_tokens, direct_tokens)
     _, direct_mask = conditioner.encode_text(captions)
     assert first_mask.sum(1).tolist() == direct_mask.sum(1).tolist()  # variable lengths kept
-    assert first_mask.shape[1] == int(direct_mask.sum(1).max())
+    assert first_mask.shape[1] == text_length(int(direct_mask.sum(1).max()))
 
 
 def test_repadded_text_gives_the_same_dit_output(conditioner):
     captions = ["a red circle", "", "two green squares above a large blue triangle"]
-    states, mask = conditioner.encode_text(captions)  # padding sits inside the sequence
+    states, mask = conditioner.text_taps.encode(captions)  # the template's layout: padding inside the sequence
     assert not all(m[: int(m.sum())].all() for m in mask)
     repadded, new_mask = pad_text_states([s[m] for s, m in zip(states, mask)])
     torch.manual_seed(0)

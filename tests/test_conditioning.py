@@ -267,3 +267,30 @@ def test_text_taps_survive_fsdp_sharding(tmp_path, world_of_one):
     shard_frozen_module(taps.text_model, build_parallel_dims(1, -1, 1, 1))
     actual, actual_mask = taps.encode(prompts)
     assert torch.equal(actual, expected) and torch.equal(actual_mask, expected_mask)
+
+
+def test_compacted_text_gives_the_same_velocity():
+    """Real tokens moved to the front and padding cut: the DiT's output is unchanged."""
+    from krea2_train.conditioning.conditioner import compact_text
+    from krea2_train.model import build_model
+    from krea2_train.model.patchify import position_ids
+
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    # template layout: [prompt | padding | 3-token suffix], 200 tokens, different prompt lengths
+    batch, length = 3, 200
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    for row, prompt_len in enumerate([5, 70, 1]):
+        mask[row, :prompt_len] = True
+        mask[row, -3:] = True
+    states = torch.randn(batch, length, 4, 64)
+    compacted, compact_mask = compact_text(states, mask)
+    assert compacted.shape[1] == 128 and torch.equal(compact_mask.sum(1), mask.sum(1))
+    assert torch.equal(compacted[1, :73], states[1][mask[1]])  # real tokens first, in order
+    latents, t = torch.randn(batch, 16, 64), torch.rand(batch)
+    full = model(latents, states, t, position_ids(length, 4, 4), mask)
+    short = model(latents, compacted, t, position_ids(128, 4, 4), compact_mask)
+    torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-5 * full.abs().max().item())

@@ -76,8 +76,37 @@ class Conditioner:
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompts -> (states ``[B, L, K, T]``, mask ``[B, L]`` bool)."""
-        return self.text_taps.encode([prompt.strip() for prompt in prompts])
+        """prompts -> (states ``[B, L, K, T]``, mask ``[B, L]`` bool), compacted (:func:`compact_text`)."""
+        return compact_text(*self.text_taps.encode([prompt.strip() for prompt in prompts]))
+
+
+TEXT_LENGTH_MULTIPLE = 64
+
+
+def text_length(num_real_tokens: int, multiple: int = TEXT_LENGTH_MULTIPLE) -> int:
+    """The padded text length for a batch whose longest prompt has ``num_real_tokens`` tokens."""
+    return max(multiple, -(-num_real_tokens // multiple) * multiple)
+
+
+def compact_text(states: torch.Tensor, mask: torch.Tensor, multiple: int = TEXT_LENGTH_MULTIPLE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each prompt's real tokens to the front (in order) and cut the padding to a multiple.
+
+    The Krea 2 template pads between the prompt and its suffix, to 512 tokens. Every text token
+    sits at rotary position (0, 0, 0) and padded tokens are masked out as keys, so the DiT's
+    output does not depend on where the real tokens are or how much padding follows them: only
+    the work does (training FLOPs per image of the 12.9B model at 256 px halve with 128 real
+    tokens out of 512). Lengths are rounded up to ``multiple`` to bound compiled shapes.
+
+    Args:
+        states: ``[B, L, K, T]``; mask: ``[B, L]`` bool.
+    Returns:
+        states ``[B, L', K, T]`` and mask ``[B, L']`` with ``L' = text_length(max real tokens)``.
+    """
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # real tokens first, in order
+    length = min(mask.shape[1], text_length(int(mask.sum(dim=1).max())))
+    order = order[:, :length]
+    compacted = torch.gather(states, 1, order[:, :, None, None].expand(-1, -1, *states.shape[2:]))
+    return compacted, torch.gather(mask, 1, order)
 
 
 def build_conditioner(

@@ -97,8 +97,11 @@ def caption_key(caption: str) -> str:
 
 
 def pad_text_states(states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real-token taps ``[n_i, K, T]`` -> (states ``[B, L, K, T]`` zero-padded at the end, mask ``[B, L]``)."""
-    length = max(1, max(state.shape[0] for state in states))
+    """Real-token taps ``[n_i, K, T]`` -> (states ``[B, L, K, T]`` zero-padded at the end, mask ``[B, L]``),
+    with ``L`` the length :meth:`Conditioner.encode_text` gives the same batch."""
+    from krea2_train.conditioning.conditioner import text_length
+
+    length = text_length(max(state.shape[0] for state in states))
     batch = torch.zeros(len(states), length, *states[0].shape[1:], dtype=states[0].dtype)
     mask = torch.zeros(len(states), length, dtype=torch.bool)
     for row, state in enumerate(states):

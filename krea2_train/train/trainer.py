@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import signal
 import sys
 import time
@@ -32,7 +33,7 @@ from krea2_train.config.load import to_yaml
 from krea2_train.config.schema import RunConfig
 from krea2_train.model.presets import build_model, count_parameters, model_config
 from krea2_train.parallel.distributed import DistInfo, destroy_distributed, init_distributed
-from krea2_train.parallel.grads import all_ranks_finite, clip_grad_norm_
+from krea2_train.parallel.grads import clip_grad_norm_
 from krea2_train.parallel.mesh import build_parallel_dims, data_parallel_rank_size, tp_mesh
 from krea2_train.parallel.parallelize import parallelize_dit, shard_frozen_module
 from krea2_train.stages import StepContext, build_stage
@@ -323,16 +324,19 @@ class Trainer:
             (loss / accum).backward()
             losses.append(loss.detach())
         grad_norm = clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.config.optim.grad_clip)
+        # One host sync per step: the clipped norm is already global, and after the loss's
+        # all-reduce every rank holds the same two numbers, so every rank decides alike.
         loss = torch.stack(losses).mean()
         if dist.is_initialized():
             dist.all_reduce(loss, op=dist.ReduceOp.SUM)
             loss = loss / dist.get_world_size()
-        finite = all_ranks_finite(loss) and all_ranks_finite(grad_norm)
+        loss_value, grad_norm_value = torch.stack([loss.float(), grad_norm.float().to(loss.device)]).tolist()
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
         if finite:
             self.optimizers.step()
         self.optimizers.zero_grad()
         self.lr_schedulers.step()
-        return {"loss": float(loss), "grad_norm": float(grad_norm), "finite": finite, **extra}
+        return {"loss": loss_value, "grad_norm": grad_norm_value, "finite": finite, **extra}
 
     def train(self) -> Path:
         config = self.config
