@@ -299,6 +299,27 @@ def _describe_failure(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def _reusable_stager():
+    """A DCP stager that keeps its host staging buffers from one save to the next.
+
+    The time a save blocks training is the copy of the state into host memory; into buffers
+    already allocated (and, with an accelerator, pinned) it is several times shorter than into
+    fresh ones, at the price of one host copy of the state kept between saves. None (DCP's
+    default staging) where this torch has no ``DefaultStager``.
+    """
+    try:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    except ImportError:
+        return None
+    options = StagingOptions(
+        use_pinned_memory=torch.accelerator.is_available(),
+        use_shared_memory=False,
+        use_async_staging=False,  # the copy finishes before save() returns: training may then update
+        use_non_blocking_copy=False,
+    )
+    return DefaultStager(options)
+
+
 def _storage_writer(path: Path) -> FileSystemWriter:
     """The DCP writer of one checkpoint (one file per rank, fsynced)."""
     return FileSystemWriter(str(path), single_file_per_rank=True, sync_files=True)
@@ -366,6 +387,7 @@ class CheckpointManager:
         # A group of its own: the background thread's collectives never interleave with training's.
         self._group = dist.new_group(backend="gloo") if self.distributed else None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-commit")
+        self._stager = _reusable_stager() if async_mode == "async" else None
         self._pending: Future | None = None  # the commit of the save in flight
         self.last_blocked_s: float | None = None
         self.last_write_s: float | None = None
@@ -442,7 +464,11 @@ class CheckpointManager:
         state = dict(stateful)
         if self.async_mode == "async":
             write = dcp.async_save(
-                state, storage_writer=_storage_writer(tmp_dir), process_group=self._group, no_dist=not self.distributed
+                state,
+                storage_writer=_storage_writer(tmp_dir),
+                process_group=self._group,
+                no_dist=not self.distributed,
+                async_stager=self._stager,
             )
         else:
             write = Future()

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 # stage -> steps on CPU (the 1024 stage is 4096 tokens per image: few steps)
-DEMO_STAGES = {"pretrain_256": 150, "pretrain_512": 30, "pretrain_1024": 6, "midtrain": 4, "sft": 4}
+DEMO_STAGES = {"pretrain_256": 400, "pretrain_512": 30, "pretrain_1024": 6, "midtrain": 4, "sft": 4}
 
 
 def demo_overrides(stage: str, steps: int, runs_root: str, wandb: str) -> list[str]:

@@ -442,10 +442,13 @@ class Trainer:
         from krea2_train.train.metrics import read_metrics
         from krea2_train.train.plots import plot_curve
 
+        # the stage's own objective when it reports one (the total may include auxiliary terms,
+        # e.g. iREPA's negative cosine during the first epoch)
         records = read_metrics(self.run_dir)
+        objective = "loss_fm" if records and all("loss_fm" in r for r in records) else "loss"
         path = plot_curve(
-            [r["step"] for r in records], [r["loss"] for r in records], self.run_dir / "loss.png",
-            title=f"{self.config.run_name}: flow-matching loss",
+            [r["step"] for r in records], [r[objective] for r in records], self.run_dir / "loss.png",
+            title=f"{self.config.run_name}: {'flow-matching loss' if objective == 'loss_fm' else 'loss'}",
         )
         self.metrics.log_image(self.train_state.step, "loss_curve", path)
         return path
