@@ -72,3 +72,14 @@ def world_of_one():
         assert key not in os.environ, f"run these tests outside torchrun ({key} is set)"
     yield init_distributed(timeout_s=120)
     destroy_distributed()
+
+
+@pytest.fixture
+def one_cpu_thread():
+    """Tiny ops on a shared, loaded CPU stall for milliseconds waiting on a second OpenMP thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

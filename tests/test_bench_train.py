@@ -20,13 +20,7 @@ SHORT = ["--device", "cpu", "--preset", "tiny", "--res", "64", "--batch", "2", "
          "--warmup", "1", "--steps", "2"]
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """Tiny ops on a shared, loaded CPU stall for milliseconds waiting on a second OpenMP thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def _args(*extra: str) -> argparse.Namespace:

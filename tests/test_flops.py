@@ -13,13 +13,7 @@ from krea2_train.model import build_model, model_config
 from krea2_train.model.flops import forward_flops, image_tokens_at, training_flops
 from krea2_train.model.patchify import position_ids
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """Tiny ops on a shared, loaded CPU stall for milliseconds waiting on a second OpenMP thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 CASES = {

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from krea2_train.model import build_model
 from krea2_train.model.lora import (
     LoRAError,
     LoRALinear,
@@ -17,18 +16,11 @@ from krea2_train.model.lora import (
     unmerge_all,
 )
 from krea2_train.model.patchify import position_ids
+from helpers import random_tiny_model
 
 BLOCK_LINEARS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.to_gate", "ff.gate", "ff.up", "ff.down")
 
 
-def _random_model(seed=0):
-    torch.manual_seed(seed)
-    model = build_model("tiny")
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
 
 
 def _inputs(batch=2, text_len=5, grid=(3, 4), seed=0):
@@ -49,7 +41,7 @@ def _randomise_lora(model, seed=5):
 
 
 def test_injection_targets_freezing_and_identity_at_init():
-    model = _random_model()
+    model = random_tiny_model()
     inputs = _inputs()
     before = model(*inputs)
     base_keys = set(model.state_dict())
@@ -76,11 +68,11 @@ def test_lora_forward_is_base_plus_scaled_low_rank_update():
 
 
 def test_custom_targets_and_clear_errors():
-    model = _random_model()
+    model = random_tiny_model()
     names = inject_lora(model, LoRASpec(rank=2, targets=(r"transformer_blocks\.1\.attn\.to_q", r"text_fusion\.refiner_blocks\.\d+\.ff\.up")))
     assert sorted(names) == ["text_fusion.refiner_blocks.0.ff.up", "text_fusion.refiner_blocks.1.ff.up", "transformer_blocks.1.attn.to_q"]
     with pytest.raises(LoRAError, match="no nn.Linear module name matches"):
-        inject_lora(_random_model(), LoRASpec(targets=(r"blocks\.0\.attn\.wq",)))
+        inject_lora(random_tiny_model(), LoRASpec(targets=(r"blocks\.0\.attn\.wq",)))
     with pytest.raises(LoRAError, match="rank must be >= 1"):
         LoRASpec(rank=0)
     with pytest.raises(LoRAError, match="not a regular expression"):
@@ -90,7 +82,7 @@ def test_custom_targets_and_clear_errors():
 
 
 def test_merge_and_unmerge_are_exact_inverses():
-    model = _random_model()
+    model = random_tiny_model()
     inject_lora(model, LoRASpec(rank=3, alpha=6.0))
     _randomise_lora(model)
     inputs = _inputs()
@@ -107,7 +99,7 @@ def test_merge_and_unmerge_are_exact_inverses():
 
 @pytest.mark.parametrize("base_dtype,tolerance", [("bf16", 0.03), ("float8", 0.1)])
 def test_low_precision_base_keeps_lora_fp32_and_output_close(base_dtype, tolerance):
-    model = _random_model()
+    model = random_tiny_model()
     inject_lora(model, LoRASpec(rank=3))
     _randomise_lora(model)
     freeze_base(model)
@@ -135,7 +127,7 @@ def test_gradients_under_activation_checkpointing_and_compile_match_eager():
     from krea2_train.parallel.parallelize import apply_activation_checkpointing
 
     def lora_grads(wrap):
-        model = _random_model()
+        model = random_tiny_model()
         torch.manual_seed(7)
         inject_lora(model, LoRASpec(rank=2, dropout=0.0))
         _randomise_lora(model)

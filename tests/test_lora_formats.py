@@ -7,28 +7,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from krea2_train.model import build_model
 from krea2_train.model.layouts import load_state_dict, read_safetensors_header, save_model, write_safetensors
 from krea2_train.model.lora import LoRAError, LoRASpec, freeze_base, inject_lora, load_pairs_into_model, pairs_of_model
 from krea2_train.model.lora_commands import extract_lora
 from krea2_train.model.lora_formats import LAYOUTS, METADATA_KEY, parse_lora_argument, read_lora, save_lora
 from krea2_train.model.patchify import position_ids
 from krea2_train.model.presets import PRESETS
+from helpers import random_tiny_model
 
 
-def _random_model(seed=0):
-    torch.manual_seed(seed)
-    model = build_model("tiny")
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
 
 
 def _lora_model(rank=4, alpha=2.0, seed=0):
     """A random tiny model with a random LoRA (B != 0)."""
-    model = _random_model(seed)
+    model = random_tiny_model(seed)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     inject_lora(model, LoRASpec(rank=rank, alpha=alpha))
     freeze_base(model)
@@ -128,7 +120,7 @@ def test_bad_lora_files_fail_clearly(tmp_path):
 
 
 def test_extract_recovers_a_low_rank_difference_and_reports_error(tmp_path):
-    raw = _random_model(0).state_dict()
+    raw = random_tiny_model(0).state_dict()
     g = torch.Generator().manual_seed(4)
     turbo = {key: value.clone() for key, value in raw.items()}
     for key in raw:
@@ -147,7 +139,7 @@ def test_extract_cli_then_sample_and_merge_apply_the_lora_on_another_checkpoint(
     from krea2_train.cli import main
     from krea2_train.train.sample import load_for_sampling
 
-    raw, turbo = _random_model(0), _random_model(0)
+    raw, turbo = random_tiny_model(0), random_tiny_model(0)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for block in turbo.transformer_blocks:

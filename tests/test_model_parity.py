@@ -9,6 +9,7 @@ from diffusers import Krea2Transformer2DModel
 from krea2_train.model import Krea2DiT, PRESETS, build_model, count_parameters
 from krea2_train.model.dit import DEFAULT_CONFIG
 from krea2_train.model.patchify import position_ids
+from helpers import randomise_
 
 TINY = PRESETS["tiny"]
 
@@ -35,12 +36,6 @@ def _inputs(config, batch, text_len, grid_h, grid_w, masked, seed=0):
     return hidden, text, t, position_ids(text_len, grid_h, grid_w), mask
 
 
-def _randomise(model, seed):
-    """Random values everywhere, including the zero-initialised tables and norms."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def test_constructor_matches_diffusers_keywords():
@@ -57,7 +52,7 @@ def test_forward_and_gradients_match_diffusers(case):
     config = dict(TINY, **overrides)
     torch.manual_seed(0)
     reference = Krea2Transformer2DModel(**config).float()
-    _randomise(reference, seed=1)
+    randomise_(reference, seed=1)
     ours = Krea2DiT(**config)
     ours.load_state_dict(reference.state_dict(), strict=True)
     assert set(ours.state_dict()) == set(reference.state_dict())
@@ -84,7 +79,7 @@ def test_text_padding_is_ignored():
     """Changing the states of padded text tokens must not change the output."""
     config = TINY
     model = Krea2DiT(**config)
-    _randomise(model, seed=3)
+    randomise_(model, seed=3)
     hidden, text, t, pos, mask = _inputs(config, 2, 8, 4, 4, True)
     out = model(hidden, text, t, pos, mask)
     garbage = torch.where(mask[:, :, None, None], text, torch.randn_like(text) * 10)

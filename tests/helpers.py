@@ -1,0 +1,20 @@
+"""Small helpers shared by tests (importable as ``helpers``: pytest puts tests/ on sys.path)."""
+
+import torch
+
+from krea2_train.model import build_model
+
+
+def randomise_(model: torch.nn.Module, seed: int, scale: float = 0.2) -> torch.nn.Module:
+    """Random values in every parameter, the zero-initialised tables and norms included."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    return model
+
+
+def random_tiny_model(seed: int = 0) -> torch.nn.Module:
+    """The tiny Krea2DiT with every parameter random (a fresh init predicts exactly zero)."""
+    torch.manual_seed(seed)
+    return randomise_(build_model("tiny"), seed + 1)
