@@ -37,9 +37,13 @@ def parse_faults(spec: str) -> list[Fault]:
 
 
 class FaultInjector:
-    def __init__(self, rank: int, spec: str | None = None) -> None:
+    """The faults of ``rank``. They fire in a run's first start only (``incarnation`` 1): a group
+    restarted after an injected crash replays the same steps and must not crash again."""
+
+    def __init__(self, rank: int, spec: str | None = None, incarnation: int = 1) -> None:
         spec = os.environ.get("KREA2_FAULTS", "") if spec is None else spec
-        self.faults = [f for f in parse_faults(spec) if f.rank is None or f.rank == rank]
+        faults = parse_faults(spec)  # a malformed spec is an error in every incarnation
+        self.faults = [f for f in faults if f.rank is None or f.rank == rank] if incarnation == 1 else []
 
     def poison_loss(self, step: int) -> bool:
         """Whether the loss of ``step`` (1-based, the step being computed) must become NaN."""

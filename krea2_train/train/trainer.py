@@ -165,7 +165,6 @@ class Trainer:
         )
         self._signal = 0
         self._consecutive_skips = 0
-        self.faults = FaultInjector(self.dist.rank)
         self.supervision: Supervision | None = None  # run log + watchdog, from the first step on
 
     # -- construction ---------------------------------------------------------------------------
@@ -346,8 +345,7 @@ class Trainer:
             config, self.run_dir, rank=self.dist.rank, world_size=self.dist.world_size, step=self.train_state.step,
             dsn=getattr(getattr(self.loader, "store", None), "dsn", None),
         )
-        if self.supervision.incarnation > 1:  # injected faults fire in a run's first start only
-            self.faults = FaultInjector(self.dist.rank, spec="")
+        self.faults = FaultInjector(self.dist.rank, incarnation=self.supervision.incarnation)
         data = iter(self.loader)
         total = config.stage.steps
         tokens_per_image = None
