@@ -383,3 +383,16 @@ def test_reshard_one_process_to_two_fsdp_ranks(tmp_path):
     for key, values in expected.items():
         for name, value in values.items():
             assert torch.equal(loaded["optimizer"][key][name], value), (key, name)
+
+
+def test_a_full_disk_is_named_even_when_the_writer_does_not_say_so(tmp_path, monkeypatch):
+    """torch's zip writer reports only "file write failed"; the checkpoint error must still say why."""
+    import collections
+
+    from krea2_train.train import checkpoint
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(12 * 2**20, 12 * 2**20 - 4096, 4096))
+    assert "No space left on device: 0.0 MiB free of 12.0 MiB" in checkpoint._disk_full_note(tmp_path / "step-1.tmp")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(2**40, 2**39, 2**39))
+    assert checkpoint._disk_full_note(tmp_path / "step-1.tmp") == ""

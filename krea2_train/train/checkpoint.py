@@ -299,6 +299,22 @@ def _describe_failure(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def _disk_full_note(path: Path) -> str:
+    """A note such as " (No space left on device: ...)" when ``path``'s filesystem is (nearly) full, else "".
+
+    A write that fails for lack of space does not always say so: torch's zip writer reports only
+    "file write failed". Checked before the failed attempt's files are removed.
+    """
+    try:
+        usage = shutil.disk_usage(path if path.exists() else path.parent)
+    except OSError:
+        return ""
+    full = usage.free < 2**20 or (usage.free < 2**30 and usage.free < 0.01 * usage.total)
+    if not full:
+        return ""
+    return f" (No space left on device: {usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB on {path.parent})"
+
+
 def _reusable_stager():
     """A DCP stager that keeps its host staging buffers from one save to the next.
 
@@ -503,7 +519,7 @@ class CheckpointManager:
             write.result()
             local_error = None
         except (Exception, CheckpointException) as error:
-            local_error = _describe_failure(error)
+            local_error = _describe_failure(error) + _disk_full_note(tmp_dir)
         write_s = time.perf_counter() - started
         errors = [error for error in self._all_gather(local_error) if error is not None]
         outcome = None
