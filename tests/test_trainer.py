@@ -181,3 +181,37 @@ def test_registry_dataset_trains_right_after_ingest(tmp_path, fresh_database_dsn
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert sum(shard["num_samples"] for shard in manifest) == 24
     assert sorted(step_losses(run_dir)) == [1, 2]
+
+
+@pytest.mark.postgres
+def test_sigusr1_checkpoints_and_continues_sigterm_checkpoints_and_exits(tmp_path, fresh_database_dsn):
+    import signal
+    import time
+
+    command = [sys.executable, "-m", "krea2_train", "--config", "stage/pretrain_256",
+               *overrides(tmp_path / "runs", steps=500, interval=1000, extra=["irepa.enabled=false"])]
+    process = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "KREA2_PG_DSN": fresh_database_dsn},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "runs" / "pretrain_256"
+    checkpoints = run_dir / "checkpoints"
+
+    def wait_for(condition, timeout=180):
+        deadline = time.time() + timeout
+        while not condition():
+            assert process.poll() is None and time.time() < deadline, "the run ended or stalled"
+            time.sleep(0.2)
+
+    try:
+        wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(step_losses(run_dir)) >= 2)
+        process.send_signal(signal.SIGUSR1)
+        wait_for(lambda: checkpoints.exists() and any(not p.name.endswith(".tmp") for p in checkpoints.iterdir()))
+        first = max(step_losses(run_dir))
+        wait_for(lambda: max(step_losses(run_dir)) >= first + 2)  # it went on training
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0
+    finally:
+        process.kill()
+    last = max(step_losses(run_dir))
+    assert f"step-{last:08d}" in {p.name for p in checkpoints.iterdir()}  # the exit checkpoint is the last step
+    assert [r["event"] for r in records(run_dir) if r.get("event") == "signal_exit"] == ["signal_exit"]
+    assert last < 500

@@ -289,14 +289,6 @@ class Trainer:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGUSR1, on_signal)
 
-    def _agreed_signal(self) -> int:
-        """The strongest signal any rank received (every rank acts on the same step)."""
-        if not dist.is_initialized():
-            return self._signal
-        flag = torch.tensor([self._signal], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
-
     # -- the loop -------------------------------------------------------------------------------
 
     def train_step(self, batch: dict) -> dict[str, float]:
@@ -323,19 +315,22 @@ class Trainer:
             (loss / accum).backward()
             losses.append(loss.detach())
         grad_norm = clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.config.optim.grad_clip)
-        # One host sync per step: the clipped norm is already global, and after the loss's
-        # all-reduce every rank holds the same two numbers, so every rank decides alike.
-        loss = torch.stack(losses).mean()
+        # One all-reduce and one host sync per step. The clipped norm is already global; the loss
+        # and the signals any rank received are summed, so every rank reads the same numbers and
+        # decides alike whether to step and whether to checkpoint (and exit).
+        received = [self._signal == CHECKPOINT_AND_CONTINUE, self._signal == CHECKPOINT_AND_EXIT]
+        reduced = torch.stack([torch.stack(losses).mean().float(), *(torch.tensor(float(f), device=self.device) for f in received)])
         if dist.is_initialized():
-            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
-            loss = loss / dist.get_world_size()
-        loss_value, grad_norm_value = torch.stack([loss.float(), grad_norm.float().to(loss.device)]).tolist()
+            dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+            reduced[0] = reduced[0] / dist.get_world_size()
+        loss_value, any_continue, any_exit, grad_norm_value = torch.cat([reduced, grad_norm.float().reshape(1).to(reduced.device)]).tolist()
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
         if finite:
             self.optimizers.step()
         self.optimizers.zero_grad()
         self.lr_schedulers.step()
-        return {"loss": loss_value, "grad_norm": grad_norm_value, "finite": finite, **extra}
+        agreed_signal = CHECKPOINT_AND_EXIT if any_exit else CHECKPOINT_AND_CONTINUE if any_continue else 0
+        return {"loss": loss_value, "grad_norm": grad_norm_value, "finite": finite, "signal": agreed_signal, **extra}
 
     def train(self) -> Path:
         config = self.config
@@ -359,6 +354,7 @@ class Trainer:
             self.train_state.step += 1
             self.train_state.samples_seen += config.data.global_batch_size
             self.train_state.tokens_seen += config.data.global_batch_size * tokens_per_image
+            signal_now = result.pop("signal")
             if not result.pop("finite"):
                 self.train_state.skipped_steps += 1
                 self._consecutive_skips += 1
@@ -382,7 +378,6 @@ class Trainer:
             self.faults.after_step(step)
             if self._consecutive_skips >= config.optim.max_consecutive_skips:
                 self.rollback()
-            signal_now = self._agreed_signal()
             # no periodic checkpoint inside a streak of skipped steps: rollback must reach a state
             # from before the instability
             if self._consecutive_skips == 0 or step == total or signal_now > 0:
