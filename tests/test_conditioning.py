@@ -131,6 +131,21 @@ def test_tokenize_then_encode_tokens_equals_encode(taps):
     assert torch.equal(hidden, ref_hidden) and torch.equal(mask, ref_mask)
 
 
+def test_conditioner_compacts_with_the_host_mask_like_the_device_mask(tiny_text_dir):
+    """encode_text reads the compacted length from the tokenizer's mask on the host: the same
+    states and mask as compacting the encoder's output by its own mask."""
+    from krea2_train.conditioning.autoencoder import PixelAutoencoder
+    from krea2_train.conditioning.conditioner import Conditioner, compact_text
+
+    taps = Qwen3VLTextTaps.from_pretrained(tiny_text_dir, select_layers=TINY_TEXT_SELECT_LAYERS, max_sequence_length=160)
+    prompts = ["a red circle", " a red circle and a blue square on a green background", ""]
+    states, mask = Conditioner(PixelAutoencoder(), taps).encode_text(prompts)
+    expected_states, expected_mask = compact_text(*taps.encode([p.strip() for p in prompts]))
+    assert torch.equal(mask, expected_mask) and torch.equal(states, expected_states)
+    # 64 of 160: the host count skips the template prefix, as the device mask does
+    assert mask.shape[1] == 64 and len(set(mask.sum(dim=1).tolist())) == 3
+
+
 def test_prompt_that_changes_the_prefix_tokenization_is_rejected(taps):
     # A leading newline merges with the template's final "\n" (as with Qwen's tokenizer).
     with pytest.raises(ValueError, match="#1: '\\\\nthree"):

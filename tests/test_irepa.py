@@ -212,6 +212,13 @@ def batch(epoch=0, fraction=0.5, height=24, width=40):
     }
 
 
+def as_floats(result):
+    """(loss, metrics) with the stage's 0-dim metric tensors read as floats."""
+    loss, metrics = result
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in metrics.values())
+    return loss, {name: value.item() for name, value in metrics.items()}
+
+
 def context(model, conditioner, step=0):
     return StepContext(model=model, conditioner=conditioner, device=torch.device("cpu"), seed=0, step=step, first_slot=0)
 
@@ -222,7 +229,7 @@ def test_stage_adds_weighted_term_and_reports_both_losses(tmp_path, conditioner)
     assert (tmp_path / "pretrain_256" / "irepa_encoder" / "config.json").is_file()
     block_output = {}
     model.transformer_blocks[0].register_forward_hook(lambda m, a, out: block_output.setdefault("x", out))
-    loss, metrics = stage.loss(context(model, conditioner), batch())
+    loss, metrics = as_floats(stage.loss(context(model, conditioner), batch()))
     assert set(metrics) == {"t_mean", "loss_fm", "loss_irepa"} and -1 < metrics["loss_irepa"] < 1
     assert loss.item() == pytest.approx(metrics["loss_fm"] + 0.5 * metrics["loss_irepa"], rel=1e-6)
 
@@ -243,11 +250,11 @@ def test_switch_off_gives_exactly_the_flow_matching_loss(tmp_path, conditioner):
     plain_model = copy.deepcopy(model)
     del plain_model.auxiliary["irepa"]
 
-    _, metrics = stage.loss(context(model, conditioner), batch(fraction=0.5))
+    _, metrics = as_floats(stage.loss(context(model, conditioner), batch(fraction=0.5)))
     assert "loss_irepa" in metrics and stage.irepa._teacher is not None
     model.zero_grad()
-    loss, metrics = stage.loss(context(model, conditioner, step=1), batch(fraction=0.75))
-    plain_loss, plain_metrics = plain_stage.loss(context(plain_model, conditioner, step=1), batch(fraction=0.75))
+    loss, metrics = as_floats(stage.loss(context(model, conditioner, step=1), batch(fraction=0.75)))
+    plain_loss, plain_metrics = as_floats(plain_stage.loss(context(plain_model, conditioner, step=1), batch(fraction=0.75)))
     assert set(metrics) == {"t_mean", "loss_fm"} and torch.equal(loss, plain_loss) and metrics == plain_metrics
     assert stage.irepa._teacher is None and stage.irepa.capture._image_tokens is None  # no teacher, no capture
     loss.backward()
@@ -290,9 +297,9 @@ def test_fsdp_wrapped_model_matches_plain_model(tmp_path, conditioner, world_of_
     parallelize_dit(model, build_parallel_dims(1, -1, 1, 1), activation_checkpoint=activation_checkpoint)
     assert isinstance(model.auxiliary["irepa"].conv.weight, DTensor)
 
-    loss, metrics = stage.loss(context(model, conditioner), batch())
+    loss, metrics = as_floats(stage.loss(context(model, conditioner), batch()))
     loss.backward()
-    reference_loss, reference_metrics = reference_stage.loss(context(reference, conditioner), batch())
+    reference_loss, reference_metrics = as_floats(reference_stage.loss(context(reference, conditioner), batch()))
     reference_loss.backward()
     assert metrics == pytest.approx(reference_metrics, rel=1e-6)
     grads = {name.replace("._checkpoint_wrapped_module", ""): p.grad for name, p in model.named_parameters()}

@@ -54,6 +54,19 @@ def step_losses(run_dir):
     return {r["step"]: r["loss"] for r in records(run_dir) if "event" not in r}
 
 
+def test_step_values_are_reduced_in_one_place():
+    """One process: the loss and the stage's metrics come back as floats, signals as flags."""
+    from krea2_train.train.trainer import reduce_step_values
+
+    values = reduce_step_values(
+        torch.tensor(2.5),
+        {"loss_fm": torch.tensor(2.0), "a_metric": torch.tensor([0.25])},
+        signals=(False, True),
+        grad_norm=torch.tensor(7.0),
+    )
+    assert values == {"loss": 2.5, "a_metric": 0.25, "loss_fm": 2.0, "signals": (False, True), "grad_norm": 7.0}
+
+
 def test_unimplemented_stage_refuses_before_heavy_work(tmp_path):
     from krea2_train.train.trainer import Trainer
 
@@ -144,6 +157,10 @@ def test_exact_resume_after_sigkill_and_on_another_world_size(tmp_path, fresh_da
     train(tmp_path, fresh_database_dsn, nproc=2, steps=steps, interval=interval, extra=["run_name=faulty"])
     resumed_at = [r["step"] for r in records(runs / "faulty") if r.get("event") == "resume"]
     assert len(resumed_at) == 1 and resumed_at[0] in (3, 6) and resumed_at[0] <= kill_step  # newest committed
+
+    # the stage's metrics are averaged over both ranks like the loss (iREPA weight 1 in this stage)
+    for record in (r for r in records(runs / "reference") if "event" not in r):
+        assert record["loss"] == pytest.approx(record["loss_fm"] + record["loss_irepa"], rel=1e-5, abs=1e-6)
 
     reference_losses, resumed_losses = step_losses(runs / "reference"), step_losses(runs / "faulty")
     assert reference_losses == resumed_losses  # bit for bit, every step (re-run steps overwrite)

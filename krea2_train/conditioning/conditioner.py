@@ -77,7 +77,11 @@ class Conditioner:
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """prompts -> (states ``[B, L, K, T]``, mask ``[B, L]`` bool), compacted (:func:`compact_text`)."""
-        return compact_text(*self.text_taps.encode([prompt.strip() for prompt in prompts]))
+        tokens = self.text_taps.tokenize([prompt.strip() for prompt in prompts])  # on the host
+        states, mask = self.text_taps.encode_tokens(tokens)
+        # the length is read from the host copy of the mask: no device sync before the DiT runs
+        longest = int(tokens.attention_mask[:, self.text_taps.num_prefix_tokens :].sum(dim=1).max())
+        return compact_text(states, mask, longest=longest)
 
 
 TEXT_LENGTH_MULTIPLE = 64
@@ -88,7 +92,9 @@ def text_length(num_real_tokens: int, multiple: int = TEXT_LENGTH_MULTIPLE) -> i
     return max(multiple, -(-num_real_tokens // multiple) * multiple)
 
 
-def compact_text(states: torch.Tensor, mask: torch.Tensor, multiple: int = TEXT_LENGTH_MULTIPLE) -> tuple[torch.Tensor, torch.Tensor]:
+def compact_text(
+    states: torch.Tensor, mask: torch.Tensor, multiple: int = TEXT_LENGTH_MULTIPLE, longest: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Move each prompt's real tokens to the front (in order) and cut the padding to a multiple.
 
     The Krea 2 template pads between the prompt and its suffix, to 512 tokens. Every text token
@@ -99,11 +105,15 @@ def compact_text(states: torch.Tensor, mask: torch.Tensor, multiple: int = TEXT_
 
     Args:
         states: ``[B, L, K, T]``; mask: ``[B, L]`` bool.
+        longest: the batch's most real tokens, when the caller knows it on the host (reading it
+            from a device mask would synchronise the host with the device).
     Returns:
         states ``[B, L', K, T]`` and mask ``[B, L']`` with ``L' = text_length(max real tokens)``.
     """
     order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # real tokens first, in order
-    length = min(mask.shape[1], text_length(int(mask.sum(dim=1).max())))
+    if longest is None:
+        longest = int(mask.sum(dim=1).max())
+    length = min(mask.shape[1], text_length(longest))
     order = order[:, :length]
     compacted = torch.gather(states, 1, order[:, :, None, None].expand(-1, -1, *states.shape[2:]))
     return compacted, torch.gather(mask, 1, order)

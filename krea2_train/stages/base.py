@@ -56,8 +56,10 @@ class Stage(Protocol):
 
     name: str
 
-    def loss(self, ctx: StepContext, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Mean loss over this rank's batch, and scalar metrics to log."""
+    def loss(self, ctx: StepContext, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean loss over this rank's batch, and metrics to log as 0-dim tensors (never read on
+        the host here: the trainer averages them over micro-batches and ranks in the step's one
+        all-reduce). Every rank must return the same metric names in a step."""
         ...
 
 

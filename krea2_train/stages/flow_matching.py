@@ -62,7 +62,7 @@ class FlowMatchingStage:
             times.append(sample_training_times(1, num_tokens, self.timesteps, ctx.generator(TIMESTEP, slot)))
         return torch.stack(noise).to(ctx.device), torch.cat(times).to(ctx.device)
 
-    def loss(self, ctx: StepContext, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, ctx: StepContext, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images = batch["images"].to(ctx.device, non_blocking=True)
         x0, grid, text_states, text_mask = self.conditioning(ctx, batch, images)  # [B, N, C], [B, L, K, T], [B, L]
         noise, t = self.noise_and_times(ctx, x0.shape, grid.num_tokens)
@@ -72,9 +72,9 @@ class FlowMatchingStage:
         with self.irepa.armed(text_states.shape[1], grid.num_tokens) if irepa_on else nullcontext():
             velocity = ctx.model(x_t.to(ctx.dtype), text_states.to(ctx.device, ctx.dtype), t, positions, text_mask.to(ctx.device))
         loss_fm = flow_matching_loss(velocity.float(), x0, noise).mean()
-        metrics = {"t_mean": float(t.mean()), "loss_fm": float(loss_fm.detach())}
+        metrics = {"t_mean": t.mean(), "loss_fm": loss_fm.detach()}
         if not irepa_on:
             return loss_fm, metrics
         loss_irepa = self.irepa.loss(images, grid.height, grid.width, ctx.device, ctx.dtype)
-        metrics["loss_irepa"] = float(loss_irepa.detach())
+        metrics["loss_irepa"] = loss_irepa.detach()
         return loss_fm + self.irepa.weight * loss_irepa, metrics

@@ -115,6 +115,32 @@ def load_initial_weights(config: RunConfig, runs_root: Path) -> dict[str, torch.
     return weights
 
 
+def reduce_step_values(
+    loss: torch.Tensor, metrics: dict[str, torch.Tensor], signals: tuple[bool, ...], grad_norm: torch.Tensor
+) -> dict:
+    """Every rank's step values in one all-reduce and one host sync (the step's only sync).
+
+    The loss and the stage's metrics (0-dim tensors, the same names on every rank) are averaged
+    over ranks; the signals any rank received are counted, so every rank decides alike whether to
+    step and whether to checkpoint (and exit). The clipped gradient norm is already global.
+
+    Returns ``{"loss", "grad_norm", **metrics}`` as floats and ``"signals"``: one bool per signal.
+    """
+    names = sorted(metrics)
+    device = loss.device
+    averaged = torch.stack([loss.float(), *(metrics[name].float().reshape(()).to(device) for name in names)])
+    counted = torch.tensor([float(flag) for flag in signals], device=device)
+    reduced = torch.cat([averaged, counted])
+    if dist.is_initialized():
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        reduced[: len(averaged)] /= dist.get_world_size()
+    values = torch.cat([reduced, grad_norm.float().reshape(1).to(device)]).tolist()
+    result = {"loss": values[0], **dict(zip(names, values[1 : len(averaged)]))}
+    result["signals"] = tuple(count > 0 for count in values[len(averaged) : len(averaged) + len(signals)])
+    result["grad_norm"] = values[-1]
+    return result
+
+
 class Trainer:
     def __init__(self, config: RunConfig) -> None:
         self.config = config
@@ -294,7 +320,8 @@ class Trainer:
     def train_step(self, batch: dict) -> dict[str, float]:
         accum = self.config.optim.grad_accum_steps
         micro = self.local_batch_size // accum
-        losses, extra = [], {}
+        losses: list[torch.Tensor] = []
+        metric_sums: dict[str, torch.Tensor] = {}
         for index in range(accum):
             last = index == accum - 1
             if hasattr(self.model, "set_requires_gradient_sync"):
@@ -309,28 +336,28 @@ class Trainer:
                 first_slot=self.dp_rank * self.local_batch_size + index * micro,
                 dtype=self.dtype,
             )
-            loss, extra = self.stage.loss(ctx, part)
+            loss, metrics = self.stage.loss(ctx, part)
             if self.faults.poison_loss(self.train_state.step + 1):
                 loss = loss * float("nan")
             (loss / accum).backward()
             losses.append(loss.detach())
+            for name, value in metrics.items():
+                metric_sums[name] = metric_sums.get(name, 0) + value.detach().float().to(self.device)
         grad_norm = clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.config.optim.grad_clip)
-        # One all-reduce and one host sync per step. The clipped norm is already global; the loss
-        # and the signals any rank received are summed, so every rank reads the same numbers and
-        # decides alike whether to step and whether to checkpoint (and exit).
-        received = [self._signal == CHECKPOINT_AND_CONTINUE, self._signal == CHECKPOINT_AND_EXIT]
-        reduced = torch.stack([torch.stack(losses).mean().float(), *(torch.tensor(float(f), device=self.device) for f in received)])
-        if dist.is_initialized():
-            dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-            reduced[0] = reduced[0] / dist.get_world_size()
-        loss_value, any_continue, any_exit, grad_norm_value = torch.cat([reduced, grad_norm.float().reshape(1).to(reduced.device)]).tolist()
-        finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
+        values = reduce_step_values(
+            torch.stack(losses).mean(),
+            {name: total / accum for name, total in metric_sums.items()},
+            signals=(self._signal == CHECKPOINT_AND_CONTINUE, self._signal == CHECKPOINT_AND_EXIT),
+            grad_norm=grad_norm,
+        )
+        finite = math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
         if finite:
             self.optimizers.step()
         self.optimizers.zero_grad()
         self.lr_schedulers.step()
+        any_continue, any_exit = values.pop("signals")
         agreed_signal = CHECKPOINT_AND_EXIT if any_exit else CHECKPOINT_AND_CONTINUE if any_continue else 0
-        return {"loss": loss_value, "grad_norm": grad_norm_value, "finite": finite, "signal": agreed_signal, **extra}
+        return {**values, "finite": finite, "signal": agreed_signal}
 
     def train(self) -> Path:
         config = self.config
