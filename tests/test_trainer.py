@@ -87,7 +87,8 @@ def test_cli_rejects_bad_key_and_prints_config(tmp_path):
 
 @pytest.mark.postgres
 def test_stage_runs_resumes_exports_and_samples(tmp_path, fresh_database_dsn):
-    train(tmp_path, fresh_database_dsn, steps=6, interval=3)
+    kernels = ["parallel.attention_backends=[flash,math]"]  # the SDPA choice is checked and applied
+    train(tmp_path, fresh_database_dsn, steps=6, interval=3, extra=kernels)
     run_dir = tmp_path / "runs" / "pretrain_256"
     assert sorted(step_losses(run_dir)) == [1, 2, 3, 4, 5, 6]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
@@ -96,7 +97,7 @@ def test_stage_runs_resumes_exports_and_samples(tmp_path, fresh_database_dsn):
         assert (run_dir / name).exists()
 
     # the same command with more steps resumes from step 6
-    train(tmp_path, fresh_database_dsn, steps=8, interval=3)
+    train(tmp_path, fresh_database_dsn, steps=8, interval=3, extra=kernels)
     events = [r for r in records(run_dir) if r.get("event") == "resume"]
     assert len(events) == 1 and events[0]["step"] == 6
     assert sorted(step_losses(run_dir)) == list(range(1, 9))

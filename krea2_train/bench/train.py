@@ -19,17 +19,24 @@ freed one after the other, so their memory never overlaps. Peak memory is the CU
 peak on GPU; on CPU it is the process's peak RSS so far, so the reference's (timed second)
 includes ours'.
 
-Inputs: ``--res`` is the nominal resolution, 16 px per image token (256 -> 256 tokens); the text
-is padded to ``--text-len`` tokens (512, as the released model) of which ``--caption-tokens`` are
-real, so attention always runs with a key-padding mask, as in training.
+Inputs: ``--res`` is the nominal resolution, 16 px per image token (256 -> 256 tokens). Each
+caption has ``--caption-tokens`` real tokens (128). The reference gets them padded to
+``--text-len`` tokens (512), as ``Krea2Pipeline.encode_prompt`` pads them. Ours gets what the
+trainer's ``Conditioner`` makes of the same captions (``--text compact``): real tokens first,
+padding cut to a multiple of 64 (128 tokens); ``--text padded`` gives ours the reference's
+512-token sequence instead, for an equal-work comparison. Both run with a key-padding mask.
+
+``--sdpa cudnn,efficient`` restricts ours to those SDPA kernels in that priority order
+(``parallel.attention_backends`` in the trainer); the reference keeps torch's choice.
 
 Model FLOPs come from :mod:`krea2_train.model.flops` (3x the forward's matmuls, no credit for
-recomputation) on the padded sequence, which is what both models compute;
-``unpadded_share_of_model_flops`` says how much of it the real caption tokens would need. MFU is
-reported against the measured dense matmul rate of the device in the same dtype and, on known
-GPUs in bf16, against the data-sheet peak. Times use ``perf_counter`` around
-whole steps with one device synchronisation at the end (the step itself has no host syncs);
-the per-phase breakdown uses CUDA events on GPU.
+recomputation) on the sequence each model computes, so each model's MFU is on its own work and
+the speedup is in images/s. MFU is reported against the measured dense matmul rate of the device
+in the same dtype and, on known GPUs in bf16, against the data-sheet peak. Times use
+``perf_counter`` around whole steps with one device synchronisation at the end; the per-phase
+breakdown uses CUDA events on GPU. On GPU one more step, untimed, runs under
+``torch.cuda.set_sync_debug_mode("warn")`` and ``{model}_host_syncs_per_step`` counts the host
+syncs it reported.
 
 On a shared CPU, set ``OMP_NUM_THREADS=1``: the tiny model's small ops otherwise stall for
 milliseconds waiting on a busy second OpenMP thread, which swamps the measurement.
@@ -46,6 +53,7 @@ import gc
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -55,9 +63,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from krea2_train.bench.gpu import measured_matmul_flops, spec_peak_flops, synchronize
+from krea2_train.conditioning.conditioner import text_length
 from krea2_train.model.flops import PIXELS_PER_TOKEN, image_tokens_at, training_flops
 from krea2_train.model.patchify import position_ids
 from krea2_train.model.presets import PRESETS, build_model, count_parameters, model_config
+from krea2_train.parallel.attention import SDPA_BACKENDS, attention_backends, check_attention_backends
 
 BENCH = "train"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -79,6 +89,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="compute dtype (cpu: fp32, cuda: bf16)")
     parser.add_argument("--text-len", type=int, default=512, help="padded text tokens per sample (default 512)")
     parser.add_argument("--caption-tokens", type=int, default=128, help="real (unpadded) text tokens per sample (default 128)")
+    parser.add_argument(
+        "--text", default="compact", choices=["compact", "padded"],
+        help="ours' text: compact (as the trainer's Conditioner: padding cut to a multiple of 64) or padded (--text-len, equal work)",
+    )
+    parser.add_argument(
+        "--sdpa", default=None, metavar="NAMES",
+        help=f"SDPA kernels for ours in priority order, comma-separated from {', '.join(SDPA_BACKENDS)} (default: torch's choice)",
+    )
     parser.add_argument("--ac", default="none", choices=["none", "selective", "full"], help="activation checkpointing")
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     parser.add_argument("--fp8", action="store_true", help="float8 training of the block linears (CUDA, sm89+)")
@@ -103,6 +121,8 @@ class BenchSettings:
     dtype: str
     text_len: int
     caption_tokens: int
+    text: str
+    sdpa: str | None
     ac: str
     compile: bool
     fp8: bool
@@ -120,6 +140,12 @@ class BenchSettings:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    def text_tokens(self, name: str) -> int:
+        """Text sequence length ``name`` ("ours" or "diffusers") computes."""
+        if name == "ours" and self.text == "compact":
+            return min(self.text_len, text_length(self.caption_tokens))
+        return self.text_len
+
     @property
     def float8(self):
         """The trainer's float8 config for ``--fp8`` (refusing, never falling back), or None."""
@@ -130,7 +156,8 @@ class BenchSettings:
     def describe(self) -> str:
         return (
             f"{self.device.type} preset={self.preset} res={self.resolution} batch={self.batch} dtype={self.dtype} "
-            f"text={self.caption_tokens}/{self.text_len} ac={self.ac} compile={self.compile} "
+            f"text={self.caption_tokens}/{self.text_len} ours_text={self.text} sdpa={self.sdpa or 'default'} "
+            f"ac={self.ac} compile={self.compile} "
             f"fp8={self.fp8_recipe if self.fp8 else False} "
             f"steps={self.warmup}+{self.steps}"
         )
@@ -153,6 +180,8 @@ def resolve_settings(args: argparse.Namespace) -> BenchSettings:
         dtype=pick("dtype"),
         text_len=args.text_len,
         caption_tokens=args.caption_tokens,
+        text=args.text,
+        sdpa=args.sdpa,
         ac=args.ac,
         compile=args.compile,
         fp8=args.fp8,
@@ -172,6 +201,7 @@ def resolve_settings(args: argparse.Namespace) -> BenchSettings:
         raise ValueError(f"--caption-tokens {settings.caption_tokens} exceeds --text-len {settings.text_len}")
     if settings.fp8:
         check_float8_available(settings.device)
+    check_attention_backends(settings.sdpa, settings.device, settings.torch_dtype, model_config(settings.preset))
     return settings
 
 
@@ -181,6 +211,7 @@ class StepInputs:
 
     latents, target ``[B, N, C]``; text_states ``[B, L, K, T]``; timestep ``[B]``;
     position_ids ``[L + N, 3]``; text_mask ``[B, L]`` (the first ``caption_tokens`` are real).
+    Every model sees the same numbers; only ``L`` differs (padding).
     """
 
     latents: torch.Tensor
@@ -191,16 +222,20 @@ class StepInputs:
     target: torch.Tensor
 
 
-def make_inputs(config: dict, settings: BenchSettings) -> StepInputs:
-    device, batch, text_len = settings.device, settings.batch, settings.text_len
+def make_inputs(config: dict, settings: BenchSettings, text_len: int | None = None) -> StepInputs:
+    """Inputs with the text cut (or padded) to ``text_len`` tokens (default ``--text-len``)."""
+    device, batch, full_len = settings.device, settings.batch, settings.text_len
+    text_len = full_len if text_len is None else text_len
     side = settings.resolution // PIXELS_PER_TOKEN
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     randn = lambda *shape: torch.randn(*shape, device=device, generator=generator)  # noqa: E731
     latent_shape = (batch, side * side, config["in_channels"])
+    latents = randn(*latent_shape)
+    text_states = randn(batch, full_len, config["num_text_layers"], config["text_hidden_dim"])[:, :text_len]
     text_mask = (torch.arange(text_len, device=device) < settings.caption_tokens).expand(batch, text_len)
     return StepInputs(
-        latents=randn(*latent_shape),
-        text_states=randn(batch, text_len, config["num_text_layers"], config["text_hidden_dim"]),
+        latents=latents,
+        text_states=text_states.contiguous(),
         timestep=torch.rand(batch, device=device, generator=generator),
         position_ids=position_ids(text_len, side, side, device=device),
         text_mask=text_mask.contiguous(),
@@ -356,6 +391,23 @@ class StepTiming:
     optimizer_s: float
     peak_memory_bytes: int
     memory_kind: str  # "cuda_allocated" or "process_rss"
+    host_syncs_per_step: int | None  # counted on CUDA in one untimed step; None on CPU
+
+
+def count_host_syncs(trainee: Trainee, inputs: StepInputs, device: torch.device) -> int | None:
+    """Host-device synchronisations in one training step, as CUDA's sync debug mode reports them."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_step(trainee, inputs, PhaseClock(device))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    synchronize(device)
+    return sum("synchronizing" in str(warning.message) for warning in caught)
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
@@ -382,12 +434,13 @@ def time_training(build: Callable[[BenchSettings], Trainee], settings: BenchSett
     elapsed = time.perf_counter() - start
     phases = [sum(clock.seconds(4 * step + phase, 4 * step + phase + 1) for step in range(settings.steps)) for phase in range(3)]
     memory, memory_kind = peak_memory(device)
+    host_syncs = count_host_syncs(trainee, inputs, device)
     del trainee
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     steps = settings.steps
-    return StepTiming(elapsed / steps, phases[0] / steps, phases[1] / steps, phases[2] / steps, memory, memory_kind)
+    return StepTiming(elapsed / steps, phases[0] / steps, phases[1] / steps, phases[2] / steps, memory, memory_kind, host_syncs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,12 +452,14 @@ def _row(metric: str, value, unit: str, target: str | None = None, met: bool | N
     return {"bench": BENCH, "metric": metric, "value": value, "unit": unit, "target": target, "met": met}
 
 
-def timing_rows(
-    name: str, timing: StepTiming, settings: BenchSettings, step_flops: int, matmul_flops: float, spec_flops: float | None
-) -> list[dict]:
+def timing_rows(name: str, timing: StepTiming, settings: BenchSettings, matmul_flops: float, spec_flops: float | None) -> list[dict]:
+    text_tokens = settings.text_tokens(name)
+    step_flops = training_flops(model_config(settings.preset), settings.image_tokens, text_tokens, settings.batch)
     achieved = step_flops / timing.seconds_per_step
-    joint_tokens = settings.batch * (settings.text_len + settings.image_tokens)
+    joint_tokens = settings.batch * (text_tokens + settings.image_tokens)
     rows = [
+        _row(f"{name}_text_tokens", text_tokens, "tokens"),
+        _row(f"{name}_model_flops_per_step", step_flops / 1e12, "TFLOP"),
         _row(f"{name}_step_time", timing.seconds_per_step * 1e3, "ms"),
         _row(f"{name}_forward_time", timing.forward_s * 1e3, "ms"),
         _row(f"{name}_backward_time", timing.backward_s * 1e3, "ms"),
@@ -412,12 +467,34 @@ def timing_rows(
         _row(f"{name}_images_per_s", settings.batch / timing.seconds_per_step, "images/s"),
         _row(f"{name}_joint_tokens_per_s", joint_tokens / timing.seconds_per_step, "tokens/s"),
         _row(f"{name}_achieved", achieved / 1e12, "TFLOP/s"),
-        _row(f"{name}_mfu_vs_measured_matmul", achieved / matmul_flops, "fraction"),
+        _row(f"{name}_mfu_vs_measured_matmul", achieved / matmul_flops, "fraction", *_mfu_target(name, settings, achieved / matmul_flops)),
     ]
     if spec_flops is not None:
         rows.append(_row(f"{name}_mfu_vs_spec_peak", achieved / spec_flops, "fraction"))
     rows.append(_row(f"{name}_peak_memory_{timing.memory_kind}", timing.peak_memory_bytes / 2**30, "GiB"))
+    if timing.host_syncs_per_step is not None:
+        rows.append(_row(f"{name}_host_syncs_per_step", timing.host_syncs_per_step, "syncs"))
     return rows
+
+
+def _at_target_setting(settings: BenchSettings) -> bool:
+    """Issue 7's throughput targets are set for bf16 at 1024 px on a GPU."""
+    return settings.device.type == "cuda" and settings.dtype == "bf16" and settings.resolution == 1024 and not settings.fp8
+
+
+def _mfu_target(name: str, settings: BenchSettings, mfu: float) -> tuple[str | None, bool | None]:
+    if name != "ours" or not _at_target_setting(settings):
+        return None, None
+    return ">= 0.50 of the measured matmul rate (bf16, 1024 px)", mfu >= 0.5
+
+
+def speedup_row(settings: BenchSettings, ours: StepTiming, reference: StepTiming) -> dict:
+    """Images/s of ours over the reference's (the batch is the same, so reference time / our time)."""
+    speedup = reference.seconds_per_step / ours.seconds_per_step
+    work = "ours with compacted text" if settings.text == "compact" else "equal work"
+    if _at_target_setting(settings):
+        return _row("speedup_ours_vs_diffusers", speedup, "x", f">= 1.5 (bf16, 1024 px; {work})", speedup >= 1.5)
+    return _row("speedup_ours_vs_diffusers", speedup, "x", f"none at this setting ({work})", None)
 
 
 @functools.cache
@@ -440,14 +517,10 @@ def flop_report_rows() -> list[dict]:
 def run(args: argparse.Namespace) -> list[dict]:
     settings = resolve_settings(args)
     config = model_config(settings.preset)
-    step_flops = training_flops(config, settings.image_tokens, settings.text_len, settings.batch)
     matmul_flops = measured_matmul_flops(settings.device, settings.torch_dtype)
     spec_flops = spec_peak_flops(settings.device, settings.torch_dtype)
-    unpadded_flops = training_flops(config, settings.image_tokens, settings.caption_tokens, settings.batch)
     rows = [
         _row("setup", settings.describe(), ""),
-        _row("model_flops_per_step", step_flops / 1e12, "TFLOP"),
-        _row("unpadded_share_of_model_flops", unpadded_flops / step_flops, "fraction"),
         _row(f"measured_{settings.dtype}_matmul_rate", matmul_flops / 1e12, "TFLOP/s"),
     ]
     if spec_flops is not None:
@@ -458,14 +531,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     owns_process_group = not dist.is_initialized()
     init_distributed()
     try:
-        inputs = make_inputs(config, settings)
-        ours = time_training(build_ours, settings, inputs)
-        rows += timing_rows("ours", ours, settings, step_flops, matmul_flops, spec_flops)
+        with attention_backends(settings.sdpa):  # ours only: the reference keeps torch's choice
+            ours = time_training(build_ours, settings, make_inputs(config, settings, settings.text_tokens("ours")))
+        rows += timing_rows("ours", ours, settings, matmul_flops, spec_flops)
         if settings.reference == "diffusers":
-            reference = time_training(build_reference, settings, inputs)
-            rows += timing_rows("diffusers", reference, settings, step_flops, matmul_flops, spec_flops)
-            speedup = reference.seconds_per_step / ours.seconds_per_step
-            rows.append(_row("speedup_ours_vs_diffusers", speedup, "x", ">= 1 (ours at least as fast)", speedup >= 1.0))
+            reference = time_training(build_reference, settings, make_inputs(config, settings, settings.text_tokens("diffusers")))
+            rows += timing_rows("diffusers", reference, settings, matmul_flops, spec_flops)
+            rows.append(speedup_row(settings, ours, reference))
     finally:
         if owns_process_group:
             dist.destroy_process_group()

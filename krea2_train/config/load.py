@@ -107,6 +107,7 @@ def _require(condition: bool, key: str, message: str) -> None:
 def validate(config: RunConfig) -> None:
     """Value checks the type system cannot express."""
     from krea2_train.model.presets import PRESETS, model_config
+    from krea2_train.parallel.attention import parse_backends
 
     _require(config.stage.kind in STAGE_KINDS, "stage.kind", f"{config.stage.kind!r} is not one of {STAGE_KINDS}")
     _require(config.stage.steps > 0, "stage.steps", "must be positive")
@@ -144,6 +145,10 @@ def validate(config: RunConfig) -> None:
     )
     _require(config.parallel.mixed_precision in ("auto", "bf16", "fp32"), "parallel.mixed_precision", "accepted: auto, bf16, fp32")
     _require(config.parallel.tp >= 1 and config.parallel.dp_replicate >= 1, "parallel", "tp and dp_replicate must be >= 1")
+    try:
+        parse_backends(config.parallel.attention_backends)
+    except ValueError as error:
+        _require(False, "parallel.attention_backends", str(error))
     _require(config.optim.lr > 0, "optim.lr", "must be positive")
     _require(len(config.optim.betas) == 2, "optim.betas", "two values")
     _require(config.optim.decay_type in ("linear", "sqrt", "cosine"), "optim.decay_type", "accepted: linear, sqrt, cosine")

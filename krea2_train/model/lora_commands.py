@@ -176,7 +176,7 @@ def extract_lora(
 
 def _weights_of(source: str, runs_root: str) -> dict[str, torch.Tensor]:
     from krea2_train.train.checkpoint import find_run_checkpoint
-    from krea2_train.train.commands import load_checkpoint_weights
+    from krea2_train.train.checkpoint import load_checkpoint_weights
 
     weights, _ = load_checkpoint_weights(find_run_checkpoint(source, runs_root))
     return weights

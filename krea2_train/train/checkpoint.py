@@ -791,6 +791,30 @@ def load_model_config(run_dir: str | os.PathLike) -> dict:
     return {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
 
 
+def load_checkpoint_weights(source: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Weights (diffusers keys) and Krea2DiT config of a DCP checkpoint or a safetensors checkpoint."""
+    from krea2_train.model import layouts
+    from krea2_train.model.dit import AUXILIARY_PREFIX
+
+    source = Path(source)
+    if is_dcp_checkpoint(source):
+        run_dir = run_dir_of(source)
+        if run_dir is None:
+            raise FileNotFoundError(
+                f"{source} is a DCP checkpoint outside a run directory, so its model config (run/model_config.json) is unknown"
+            )
+        weights = {k: v for k, v in load_model_weights(source).items() if not k.startswith(AUXILIARY_PREFIX)}
+        # a LoRA run's checkpoint holds the frozen base plus adapters: bake them in, so every
+        # consumer (export, init_from, merge, sample) sees plain Krea2DiT weights
+        from krea2_train.model.lora import bake_pairs
+        from krea2_train.model.lora_commands import split_checkpoint_lora
+
+        base, pairs = split_checkpoint_lora(weights, run_dir)
+        return (bake_pairs(base, pairs) if pairs else base), load_model_config(run_dir)
+    weights, config = layouts.load_state_dict(source)
+    return weights, config if config is not None else layouts.infer_config({k: v.shape for k, v in weights.items()})
+
+
 def write_model_config(run_dir: str | os.PathLike, config: Mapping) -> Path:
     """Record the Krea2DiT keywords of a run (what :func:`load_model_config` reads)."""
     path = Path(run_dir) / MODEL_CONFIG_NAME

@@ -40,10 +40,8 @@ def shapes_dataset_name(config: RunConfig, render_side: int, folder: Path) -> st
 def prepare_shapes(store, config: RunConfig, runs_root: Path, image_side: int, pixel_multiple: int) -> str:
     """Render, register and pack the shapes world for this image size; returns the dataset name."""
     from krea2_train.data.ingest import ingest
-    from krea2_train.data.pack import PackSettings, pack_dataset
+    from krea2_train.data.pack import PackSettings
     from krea2_train.data.shapes import write_shapes_dataset
-    from krea2_train.curate.jobs import load_jobs
-    from krea2_train.store.queue import get_job, run_worker
 
     render_side = max(SHAPES_RENDER_MIN_SIDE, image_side)
     folder = runs_root / "_datasets" / f"{config.data.dataset}_{render_side}px_n{config.data.num_samples}_s{config.seed}"
@@ -53,16 +51,36 @@ def prepare_shapes(store, config: RunConfig, runs_root: Path, image_side: int, p
         write_shapes_dataset(folder, config.data.num_samples, render_side, seed=config.seed, aspect_ratios=config.data.buckets)
         (folder / ".complete").touch()
     ingest(store, dataset, folder=folder)
-    # decode and size checks mark images packable; dedup is not run on the shapes world (its
-    # perceptual hash would merge distinct scenes of plain shapes on plain backgrounds)
-    load_jobs()
-    run_worker(store, get_job("decode"))
-    if config.data.curate.enabled:
-        run_worker(store, get_job("filters"))
-    dataset = training_selection(store, config, dataset)
     settings = PackSettings(aspect_ratios=tuple(config.data.buckets), pixel_multiple=pixel_multiple, shard_size=256, seed=config.seed)
-    report = pack_dataset(store, dataset, [image_side], runs_root / "_shards", settings)
-    logger.info("packed %s at %d px: %d new samples", dataset, image_side, report.num_samples)
+    # no dedup on the shapes world: its perceptual hash would merge distinct scenes of plain
+    # shapes on plain backgrounds
+    return process_select_pack(store, config, dataset, ("decode",), image_side, runs_root / "_shards", settings, pack_source=False)
+
+
+def process_select_pack(
+    store,
+    config: RunConfig,
+    source: str,
+    jobs: tuple[str, ...],
+    image_side: int,
+    out_dir: Path,
+    settings,
+    pack_source: bool,
+) -> str:
+    """Run the processing ``jobs`` (plus ``filters`` when the stage curates), derive the stage's
+    selection of ``source`` and pack it at ``image_side`` (and ``source`` too, with
+    ``pack_source``); every part is idempotent. Returns the dataset the stage trains on."""
+    from krea2_train.curate.jobs import load_jobs
+    from krea2_train.data.pack import pack_dataset
+    from krea2_train.store.queue import get_job, run_worker
+
+    load_jobs()
+    for job in jobs + (("filters",) if config.data.curate.enabled else ()):
+        run_worker(store, get_job(job))
+    dataset = training_selection(store, config, source)
+    for name in dict.fromkeys((source, dataset) if pack_source else (dataset,)):
+        report = pack_dataset(store, name, [image_side], out_dir, settings)
+        logger.info("packed %s at %d px: %d new samples", name, image_side, report.num_samples)
     return dataset
 
 
@@ -102,9 +120,7 @@ def prepare_registry(store, config: RunConfig, runs_root: Path, image_side: int,
     checks, dedup, then resize-and-pack (what ``krea2 data work --job decode|dedup`` and the pack
     job do), so ``krea2 data ingest`` followed by a training run is enough.
     """
-    from krea2_train.curate.jobs import load_jobs
-    from krea2_train.data.pack import PackSettings, pack_dataset
-    from krea2_train.store.queue import get_job, run_worker
+    from krea2_train.data.pack import PackSettings
 
     source = config.data.dataset
     with store.pool.connection() as conn:
@@ -118,14 +134,7 @@ def prepare_registry(store, config: RunConfig, runs_root: Path, image_side: int,
         settings = PackSettings(aspect_ratios=tuple(config.data.buckets), pixel_multiple=pixel_multiple, seed=config.seed)
     else:
         out_dir, settings = Path(target[0]), PackSettings.from_json(target[1])
-    load_jobs()
-    for job in ("decode", "dedup") + (("filters",) if config.data.curate.enabled else ()):
-        run_worker(store, get_job(job))
-    dataset = training_selection(store, config, source)
-    for name in dict.fromkeys((source, dataset)):
-        report = pack_dataset(store, name, [image_side], out_dir, settings)
-        logger.info("packed %s at %d px: %d new samples", name, image_side, report.num_samples)
-    return dataset
+    return process_select_pack(store, config, source, ("decode", "dedup"), image_side, out_dir, settings, pack_source=True)
 
 
 class TrainLoader:

@@ -36,7 +36,7 @@ def load_for_sampling(
     from krea2_train.model.lora import bake_pairs
     from krea2_train.model.lora_commands import bake_lora_files, split_checkpoint_lora
     from krea2_train.model.presets import build_model
-    from krea2_train.train.commands import load_checkpoint_weights
+    from krea2_train.train.checkpoint import load_checkpoint_weights
 
     source = find_run_checkpoint(checkpoint, runs_root)
     weights, config = load_checkpoint_weights(source)

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from krea2_train.config.load import to_yaml
 from krea2_train.config.schema import RunConfig
 from krea2_train.model.presets import build_model, count_parameters, model_config
+from krea2_train.parallel.attention import attention_backends, check_attention_backends
 from krea2_train.parallel.distributed import DistInfo, destroy_distributed, init_distributed
 from krea2_train.parallel.grads import clip_grad_norm_
 from krea2_train.parallel.mesh import build_parallel_dims, data_parallel_rank_size, tp_mesh
@@ -42,6 +43,7 @@ from krea2_train.train.checkpoint import (
     ModelOptimizerState,
     TrainState,
     find_run_checkpoint,
+    load_checkpoint_weights,
     write_model_config,
 )
 from krea2_train.train.faults import FaultInjector
@@ -109,8 +111,6 @@ def load_initial_weights(config: RunConfig, runs_root: Path) -> dict[str, torch.
     """The weights named by ``stage.init_from`` (a run, a checkpoint dir or a weights file)."""
     if config.stage.init_from is None:
         return None
-    from krea2_train.train.commands import load_checkpoint_weights
-
     weights, _ = load_checkpoint_weights(find_run_checkpoint(config.stage.init_from, runs_root))
     return weights
 
@@ -166,6 +166,10 @@ class Trainer:
             )
         self.local_batch_size = config.data.global_batch_size // self.dp_size
 
+        check_attention_backends(
+            config.parallel.attention_backends, self.device, self.dtype,
+            model_config(config.model.preset, **config.model.overrides),
+        )
         self.conditioner = self._build_conditioner()
         self.model = self._build_model()
         self.optimizers, self.lr_schedulers = build_optimizer(self.model, config, self.device)
@@ -360,6 +364,10 @@ class Trainer:
         return {**values, "finite": finite, "signal": agreed_signal}
 
     def train(self) -> Path:
+        with attention_backends(self.config.parallel.attention_backends):
+            return self._train()
+
+    def _train(self) -> Path:
         config = self.config
         self._install_signal_handlers()
         self.resume()
