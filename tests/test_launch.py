@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted([*REPO.glob("launch/*.sh"), *REPO.glob("launch/*/*.sh"), *REPO.glob("launch/*/*.sbatch")])
+SCRIPTS = sorted([*REPO.glob("launch/*.sh"), *REPO.glob("launch/*/*.sh"), *REPO.glob("launch/*/*.sbatch"), *REPO.glob("infra/*/*.sh")])
 
 FAKE_SRUN = """#!/usr/bin/env bash
 echo "srun $*" >>"$FAKE_LOG"

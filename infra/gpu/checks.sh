@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# The GPU checks that the CPU machines cannot make (issue 7 and the float8 checks), in parts that
+# each fit one 10-minute command of the lent GPU machine. Run from the repository root there,
+# with the wheels of infra/gpu/fetch_wheels.sh carried in .whl/:
+#
+#   bash infra/gpu/checks.sh env kernels bench-targets     # ~8 min: versions, kernels, the three targets
+#   bash infra/gpu/checks.sh bench-more                    # ~9 min: equal work, SDPA lists, 512 px
+#   bash infra/gpu/checks.sh fp8-256                       # ~8 min: fp8 vs bf16 loss curves at 256 px
+#   bash infra/gpu/checks.sh profile bench-memory          # ~9 min: profile, AC policies
+#   bash infra/gpu/checks.sh fp8-speed                     # ~9 min: fp8 step time on small and at 512 px
+#   bash infra/gpu/checks.sh fp8-512                       # ~8 min: rowwise fp8 loss curves at 512 px
+#
+# Everything lands under $OUT/<part>/ (JSON and logs); then, on any machine,
+# `python infra/gpu/summarize.py DIR` prints the markdown tables for docs/benchmarks.md.
+# A failing command is logged and the part goes on, so one failure costs no other result.
+set -uo pipefail
+cd "$(dirname "$0")/../.." || exit 1
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+if [[ -d .whl ]] && ! python3 -c "import torchtitan, diffusers, hydra, psycopg" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+# run NAME TIMEOUT_S COMMAND...: log to $OUT/$part/NAME.log, record the exit status, go on
+run() {
+    local name=$1 limit=$2
+    shift 2
+    echo "== $part/$name: $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$part/$name.log" 2>&1
+    local status=$?
+    echo "$name $status $((SECONDS - start))s" | tee -a "$OUT/$part/status.txt"
+    tail -n 5 "$OUT/$part/$name.log"
+}
+
+bench() {  # bench NAME ARGS...: krea2 bench train, rows in $OUT/$part/NAME.json
+    local name=$1
+    shift
+    run "$name" 420 python3 -m krea2_train.cli bench train --json "$OUT/$part/$name.json" "$@"
+}
+
+# `small` with its text path narrowed to the tiny CPU text encoder's 64-wide, 4-tap output
+SMALL=(model=small +model.overrides.text_hidden_dim=64 +model.overrides.num_text_layers=4
+       +model.overrides.text_num_attention_heads=4 +model.overrides.text_num_key_value_heads=2
+       +model.overrides.text_intermediate_size=128)
+COMMON=(logging.wandb=disabled data.num_samples=2048 data.num_workers=4 checkpoint.interval=100000
+        logging.sample_steps=4 parallel.mixed_precision=bf16 parallel.deterministic=false parallel.compile=true)
+
+fp8_curves() {  # fp8_curves STAGE STEPS BATCH FP8_RUN: bf16, fp8 and bf16 at another seed
+    local stage=$1 steps=$2 batch=$3 fp8_run=$4 res=${1#pretrain_} name precision seed
+    for spec in "bf16_$res float8.enabled=false seed=0" "$fp8_run float8.allow_fallback=false seed=0" \
+                "bf16_${res}_seed1 float8.enabled=false seed=1"; do
+        read -r name precision seed <<<"$spec"
+        run "$name" 300 python3 -m krea2_train --config "stage/$stage" "${SMALL[@]}" "${COMMON[@]}" \
+            "runs_root=$OUT/$part/runs" stage.init_from=null "run_name=$name" "$precision" "$seed" \
+            "stage.steps=$steps" "data.global_batch_size=$batch"
+    done
+}
+
+for part in "$@"; do
+    mkdir -p "$OUT/$part"
+    case $part in
+    env)
+        run nvidia-smi 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+        run versions 120 python3 - <<'EOF'
+import importlib, torch
+from krea2_train.parallel.float8 import float8_unavailable_reason
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+print("device", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+for name in ("torchtitan", "torchao", "diffusers", "transformers", "hydra", "psycopg"):
+    module = importlib.import_module(name)
+    print(name, getattr(module, "__version__", "?"))
+print("float8 unavailable reason:", float8_unavailable_reason(torch.device("cuda")))
+EOF
+        ;;
+    kernels)
+        run kernels 300 python3 infra/gpu/kernels.py --json "$OUT/$part/kernels.json"
+        ;;
+    bench-targets)  # 1.5x diffusers and MFU >= 0.5 at 1024 px bf16; fp8 >= 1.15x bf16 at 256 px
+        bench 1024_b1_compile --res 1024 --batch 1 --compile
+        bench 256_b8_compile_bf16 --res 256 --batch 8 --compile --reference none
+        bench 256_b8_compile_fp8tw --res 256 --batch 8 --compile --reference none --fp8 --fp8-recipe tensorwise
+        ;;
+    bench-more)
+        bench 1024_b1_compile_equal_work --res 1024 --batch 1 --compile --text padded
+        bench 1024_b1_compile_cudnn --res 1024 --batch 1 --compile --reference none --sdpa cudnn,math
+        bench 1024_b1_compile_efficient --res 1024 --batch 1 --compile --reference none --sdpa efficient,math
+        bench 512_b4_compile --res 512 --batch 4 --compile
+        ;;
+    bench-memory)
+        bench 1024_b2_sac --res 1024 --batch 2 --ac selective --compile --reference none
+        bench 1024_b2_fullac --res 1024 --batch 2 --ac full --compile --reference none
+        bench 512_b4_eager --res 512 --batch 4
+        ;;
+    fp8-speed)  # fp8 over bf16 on `small` (1536 wide) and at 512 px rowwise on full-width blocks
+        bench small_256_b64_bf16 --preset small --res 256 --batch 64 --compile --reference none
+        bench small_256_b64_fp8tw --preset small --res 256 --batch 64 --compile --reference none --fp8 --fp8-recipe tensorwise
+        bench small_512_b16_bf16 --preset small --res 512 --batch 16 --compile --reference none
+        bench small_512_b16_fp8rw --preset small --res 512 --batch 16 --compile --reference none --fp8 --fp8-recipe rowwise
+        bench 512_b4_compile_bf16 --res 512 --batch 4 --compile --reference none
+        bench 512_b4_compile_fp8rw --res 512 --batch 4 --compile --reference none --fp8 --fp8-recipe rowwise
+        ;;
+    profile)  # top kernels and Chrome traces of ours and the reference, 512 px
+        run profile 420 python3 infra/gpu/profile_step.py --out "$OUT/$part" -- --res 512 --batch 4 --compile
+        ;;
+    fp8-256)
+        fp8_curves pretrain_256 300 32 fp8tw_256
+        ;;
+    fp8-512)
+        fp8_curves pretrain_512 150 16 fp8rw_512
+        ;;
+    *)
+        echo "unknown part '$part': env kernels bench-targets bench-more bench-memory fp8-speed profile fp8-256 fp8-512" >&2
+        exit 2
+        ;;
+    esac
+done

@@ -1,0 +1,94 @@
+"""Kernel choices of the DiT's step, timed on the device: which SDPA backend runs our masked GQA
+attention fastest, and whether fusing the q/k/v/gate projections into one GEMM would pay.
+
+    python infra/gpu/kernels.py --json $OUT/kernels.json            # full-width shapes, CUDA bf16
+    python infra/gpu/kernels.py --small --device cpu                 # the same code on tiny shapes
+
+Attention: ``grouped_query_attention`` (query groups folded into the sequence, no repeated KV
+heads) forward + backward at the 512 px joint sequence, 48/12 heads of 128, under each SDPA
+backend alone, with 128 real of 512 text tokens (the padded layout the diffusers reference runs)
+and 128 of 128 (the trainer's compacted text, still with its mask).
+
+Projections: forward + backward of the four projections of one block (q 6144, k 1536, v 1536,
+gate 6144 outputs) as four GEMMs, as one GEMM on a prebuilt fused weight (a fused parameter),
+and as one GEMM on weights concatenated every step (a runtime fusion of diffusers-keyed weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.benchmark import Timer
+
+from krea2_train.model.dit import grouped_query_attention
+
+FULL = dict(batch=4, image_tokens=1024, heads=48, kv_heads=12, head_dim=128, width=6144)
+SMALL = dict(batch=2, image_tokens=64, heads=4, kv_heads=2, head_dim=16, width=64)
+
+
+def median_ms(stmt: str, scope: dict, min_run_time: float) -> float:
+    return Timer(stmt, globals=scope).blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def time_attention(shape: dict, device: torch.device, dtype: torch.dtype, min_run_time: float) -> list[dict]:
+    rows = []
+    for text_tokens, real in ((512, 128), (128, 128)):
+        seq = text_tokens + shape["image_tokens"]
+        make = lambda heads: torch.randn(shape["batch"], seq, heads, shape["head_dim"], device=device, dtype=dtype).requires_grad_()  # noqa: E731
+        q, k, v = make(shape["heads"]), make(shape["kv_heads"]), make(shape["kv_heads"])
+        mask = torch.ones(shape["batch"], seq, dtype=torch.bool, device=device)
+        mask[:, real:text_tokens] = False
+        for backend in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
+            row = {"kernel": "attention", "backend": backend, "text_tokens": text_tokens, "real_text_tokens": real}
+            try:
+                with sdpa_kernel([getattr(SDPBackend, backend)]):
+                    scope = {"attention": grouped_query_attention, "q": q, "k": k, "v": v, "mask": mask}
+                    row["ms"] = median_ms("attention(q, k, v, mask).sum().backward()", scope, min_run_time)
+            except RuntimeError as error:
+                row["unavailable"] = str(error).splitlines()[0][:200]
+            rows.append(row)
+    return rows
+
+
+def time_projections(shape: dict, device: torch.device, dtype: torch.dtype, min_run_time: float) -> list[dict]:
+    width, kv_width = shape["width"], shape["kv_heads"] * shape["head_dim"]
+    tokens = shape["batch"] * (shape["image_tokens"] + 128)
+    x = torch.randn(tokens, width, device=device, dtype=dtype).requires_grad_()
+    weights = [(torch.randn(n, width, device=device, dtype=dtype) * 0.02).requires_grad_() for n in (width, kv_width, kv_width, width)]
+    fused = torch.cat(weights).detach().requires_grad_()
+    scope = {"F": F, "torch": torch, "x": x, "weights": weights, "fused": fused}
+    cases = {
+        "four GEMMs": "sum(F.linear(x, w).sum() for w in weights).backward()",
+        "one GEMM, fused weight": "F.linear(x, fused).sum().backward()",
+        "one GEMM, weights concatenated": "F.linear(x, torch.cat(weights)).sum().backward()",
+    }
+    return [{"kernel": "projections", "case": name, "tokens": tokens, "ms": median_ms(stmt, scope, min_run_time)} for name, stmt in cases.items()]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--small", action="store_true", help="tiny shapes (a check that the script runs)")
+    parser.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement (default 2, --small 0.05)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shape = SMALL if args.small else FULL
+    min_run_time = args.min_run_time or (0.05 if args.small else 2.0)
+    rows = time_attention(shape, device, dtype, min_run_time) + time_projections(shape, device, dtype, min_run_time)
+    for row in rows:
+        print(json.dumps(row))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "shape": shape, "rows": rows}, handle, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
