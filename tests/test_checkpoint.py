@@ -396,3 +396,19 @@ def test_a_full_disk_is_named_even_when_the_writer_does_not_say_so(tmp_path, mon
     assert "No space left on device: 0.0 MiB free of 12.0 MiB" in checkpoint._disk_full_note(tmp_path / "step-1.tmp")
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(2**40, 2**39, 2**39))
     assert checkpoint._disk_full_note(tmp_path / "step-1.tmp") == ""
+
+
+def test_async_staging_works_save_after_save_and_reuses_buffers_where_torch_allows():
+    """torch 2.13 keeps a stager's host buffers between saves; 2.11 closes it after each stage
+    (a reused stager then fails), so there every save gets a fresh one."""
+    from packaging.version import Version
+
+    from krea2_train.train.checkpoint import _Staging
+
+    staging = _Staging()
+    first = staging.stager()
+    for value in range(3):
+        staged = staging.stager().stage({"weights": torch.full((3,), float(value))})
+        assert torch.equal(staged["weights"], torch.full((3,), float(value)))
+    if Version(torch.__version__.split("+")[0]) >= Version("2.13"):
+        assert staging.reuses_buffers and staging.stager() is first

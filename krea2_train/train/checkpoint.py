@@ -315,25 +315,42 @@ def _disk_full_note(path: Path) -> str:
     return f" (No space left on device: {usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB on {path.parent})"
 
 
-def _reusable_stager():
-    """A DCP stager that keeps its host staging buffers from one save to the next.
+class _Staging:
+    """The DCP stagers of async saves: one kept from save to save where this torch allows it.
 
     The time a save blocks training is the copy of the state into host memory; into buffers
     already allocated (and, with an accelerator, pinned) it is several times shorter than into
-    fresh ones, at the price of one host copy of the state kept between saves. None (DCP's
-    default staging) where this torch has no ``DefaultStager``.
+    fresh ones, at the price of one host copy of the state kept between saves. torch 2.13's
+    ``DefaultStager`` keeps its buffers; torch 2.11's closes its state-dict stager after each
+    stage (buffers freed, and a second stage fails), so there every save gets a fresh stager,
+    which is DCP's own default behaviour. A probe of two stages at start tells which.
     """
-    try:
+
+    def __init__(self) -> None:
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-    except ImportError:
-        return None
-    options = StagingOptions(
-        use_pinned_memory=torch.accelerator.is_available(),
-        use_shared_memory=False,
-        use_async_staging=False,  # the copy finishes before save() returns: training may then update
-        use_non_blocking_copy=False,
-    )
-    return DefaultStager(options)
+
+        self._new = lambda: DefaultStager(  # noqa: E731
+            StagingOptions(
+                use_pinned_memory=torch.accelerator.is_available(),
+                use_shared_memory=False,
+                use_async_staging=False,  # the copy finishes before save() returns: training may then update
+                use_non_blocking_copy=False,
+            )
+        )
+        kept = self._new()
+        try:
+            for _ in range(2):
+                kept.stage({"probe": torch.zeros(1)})
+        except Exception:  # noqa: BLE001 - any failure of the probe means: not reusable here
+            kept = None
+        self._kept = kept
+
+    @property
+    def reuses_buffers(self) -> bool:
+        return self._kept is not None
+
+    def stager(self):
+        return self._kept if self._kept is not None else self._new()
 
 
 def _storage_writer(path: Path) -> FileSystemWriter:
@@ -403,7 +420,7 @@ class CheckpointManager:
         # A group of its own: the background thread's collectives never interleave with training's.
         self._group = dist.new_group(backend="gloo") if self.distributed else None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-commit")
-        self._stager = _reusable_stager() if async_mode == "async" else None
+        self._staging = _Staging() if async_mode == "async" else None
         self._pending: Future | None = None  # the commit of the save in flight
         self.last_blocked_s: float | None = None
         self.last_write_s: float | None = None
@@ -484,7 +501,7 @@ class CheckpointManager:
                 storage_writer=_storage_writer(tmp_dir),
                 process_group=self._group,
                 no_dist=not self.distributed,
-                async_stager=self._stager,
+                async_stager=self._staging.stager(),
             )
         else:
             write = Future()
