@@ -233,3 +233,22 @@ def test_sigusr1_checkpoints_and_continues_sigterm_checkpoints_and_exits(tmp_pat
     assert f"step-{last:08d}" in {p.name for p in checkpoints.iterdir()}  # the exit checkpoint is the last step
     assert [r["event"] for r in records(run_dir) if r.get("event") == "signal_exit"] == ["signal_exit"]
     assert last < 500
+
+
+def test_host_sync_counter_counts_sync_warnings_and_passes_others_on(monkeypatch):
+    """The counter (CUDA's sync debug mode) is exercised with a stand-in mode switch on CPU."""
+    import warnings
+
+    from krea2_train.train.metrics import HostSyncCounter
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    with pytest.warns(UserWarning, match="unrelated"):
+        with HostSyncCounter(torch.device("cuda")) as syncs:
+            for _ in range(2):
+                warnings.warn("called a synchronizing CUDA operation")
+            warnings.warn("unrelated")
+    assert syncs.count == 2 and modes == ["warn", "default"]
+    with HostSyncCounter(torch.device("cuda"), enabled=False) as off, HostSyncCounter(torch.device("cpu")) as cpu:
+        pass
+    assert off.count is None and cpu.count is None and modes == ["warn", "default"]  # mode untouched

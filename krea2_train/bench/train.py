@@ -53,7 +53,6 @@ import gc
 import resource
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -68,6 +67,7 @@ from krea2_train.model.flops import PIXELS_PER_TOKEN, image_tokens_at, training_
 from krea2_train.model.patchify import position_ids
 from krea2_train.model.presets import PRESETS, build_model, count_parameters, model_config
 from krea2_train.parallel.attention import SDPA_BACKENDS, attention_backends, check_attention_backends
+from krea2_train.train.metrics import HostSyncCounter
 
 BENCH = "train"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -395,19 +395,14 @@ class StepTiming:
 
 
 def count_host_syncs(trainee: Trainee, inputs: StepInputs, device: torch.device) -> int | None:
-    """Host-device synchronisations in one training step, as CUDA's sync debug mode reports them."""
+    """Host-device synchronisations in one more, untimed training step (CUDA only; None elsewhere)."""
     if device.type != "cuda":
         return None
     synchronize(device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            train_step(trainee, inputs, PhaseClock(device))
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    with HostSyncCounter(device) as syncs:
+        train_step(trainee, inputs, PhaseClock(device))
     synchronize(device)
-    return sum("synchronizing" in str(warning.message) for warning in caught)
+    return syncs.count
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:

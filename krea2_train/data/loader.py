@@ -267,6 +267,7 @@ class ShardLoader:
         loader = DataLoader(
             dataset, batch_size=None, num_workers=workers,
             prefetch_factor=self.config.prefetch_factor if workers else None,
+            pin_memory=torch.cuda.is_available(),  # page-locked batches: the trainer's copy to the GPU is asynchronous
         )
         for item in loader:
             batch = Batch(**item)

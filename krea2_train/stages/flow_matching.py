@@ -60,7 +60,10 @@ class FlowMatchingStage:
         for slot in ctx.slots(shape[0]):
             noise.append(torch.randn(shape[1:], generator=ctx.generator(NOISE, slot)))
             times.append(sample_training_times(1, num_tokens, self.timesteps, ctx.generator(TIMESTEP, slot)))
-        return torch.stack(noise).to(ctx.device), torch.cat(times).to(ctx.device)
+        noise, times = torch.stack(noise), torch.cat(times)
+        if ctx.device.type == "cuda":  # drawn on the host (keyed RNG); copied without a host sync
+            return noise.pin_memory().to(ctx.device, non_blocking=True), times.pin_memory().to(ctx.device, non_blocking=True)
+        return noise.to(ctx.device), times.to(ctx.device)
 
     def loss(self, ctx: StepContext, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images = batch["images"].to(ctx.device, non_blocking=True)

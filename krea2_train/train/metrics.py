@@ -12,6 +12,7 @@ import os
 import resource
 import statistics
 import time
+import warnings
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,36 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class HostSyncCounter:
+    """Counts the host-device synchronisations inside a ``with`` block, as CUDA's sync debug mode
+    reports them (each one a warning). ``count`` stays None off CUDA or when not enabled; other
+    warnings raised in the block are passed on."""
+
+    SYNC_WARNING = "synchronizing CUDA operation"
+
+    def __init__(self, device: torch.device, enabled: bool = True) -> None:
+        self.active = enabled and device.type == "cuda"
+        self.count: int | None = None
+
+    def __enter__(self) -> HostSyncCounter:
+        if self.active:
+            self._catcher = warnings.catch_warnings(record=True)
+            self._caught = self._catcher.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if not self.active:
+            return
+        torch.cuda.set_sync_debug_mode("default")
+        self._catcher.__exit__(*exc_info)
+        syncs = [w for w in self._caught if self.SYNC_WARNING in str(w.message)]
+        for other in (w for w in self._caught if self.SYNC_WARNING not in str(w.message)):
+            warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
+        self.count = len(syncs)
 
 
 def format_duration(seconds: float) -> str:

@@ -47,7 +47,7 @@ from krea2_train.train.checkpoint import (
     write_model_config,
 )
 from krea2_train.train.faults import FaultInjector
-from krea2_train.train.metrics import MetricsLogger, peak_memory_gib
+from krea2_train.train.metrics import HostSyncCounter, MetricsLogger, peak_memory_gib
 from krea2_train.train.runlog import Supervision, start_supervision
 
 logger = logging.getLogger("krea2_train")
@@ -113,6 +113,9 @@ def load_initial_weights(config: RunConfig, runs_root: Path) -> dict[str, torch.
         return None
     weights, _ = load_checkpoint_weights(find_run_checkpoint(config.stage.init_from, runs_root))
     return weights
+
+
+HOST_SYNC_CHECK_STEP = 3  # the step of each start whose host syncs are counted on CUDA
 
 
 def reduce_step_values(
@@ -379,13 +382,20 @@ class Trainer:
         data = iter(self.loader)
         total = config.stage.steps
         tokens_per_image = None
+        steps_this_start = 0
         while self.train_state.step < total:
             start = time.perf_counter()
             batch = next(data)
             if tokens_per_image is None:
                 grid = self.conditioner.grid(*batch["images"].shape[-2:])
                 tokens_per_image = grid.num_tokens
-            result = self.train_step(batch)
+            steps_this_start += 1
+            # once per start, after compilation and warm-up, count the step's host syncs (CUDA)
+            with HostSyncCounter(self.device, enabled=steps_this_start == HOST_SYNC_CHECK_STEP) as syncs:
+                result = self.train_step(batch)
+            if syncs.count is not None:
+                result["host_syncs"] = syncs.count
+                logger.info("host syncs in one training step: %d (1 is the step's own read of its all-reduce)", syncs.count)
             self.train_state.step += 1
             self.train_state.samples_seen += config.data.global_batch_size
             self.train_state.tokens_seen += config.data.global_batch_size * tokens_per_image
