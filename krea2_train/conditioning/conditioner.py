@@ -80,7 +80,7 @@ class Conditioner:
         tokens = self.text_taps.tokenize([prompt.strip() for prompt in prompts])  # on the host
         states, mask = self.text_taps.encode_tokens(tokens)
         # the length is read from the host copy of the mask: no device sync before the DiT runs
-        longest = int(tokens.attention_mask[:, self.text_taps.num_prefix_tokens :].sum(dim=1).max())
+        longest = int(self.text_taps.prompt_part(tokens.attention_mask).sum(dim=1).max())
         return compact_text(states, mask, longest=longest)
 
 

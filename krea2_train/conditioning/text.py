@@ -236,7 +236,11 @@ class Qwen3VLTextTaps(nn.Module):
             use_cache=False,
         )
         taps = torch.stack([outputs.hidden_states[i] for i in self.select_layers], dim=2)
-        return taps[:, self.num_prefix_tokens :], attention_mask[:, self.num_prefix_tokens :]
+        return self.prompt_part(taps), self.prompt_part(attention_mask)
+
+    def prompt_part(self, per_token: torch.Tensor) -> torch.Tensor:
+        """``[B, P + L, ...]`` -> ``[B, L, ...]``: the template prefix dropped, as the DiT sees text."""
+        return per_token[:, self.num_prefix_tokens :]
 
     @torch.no_grad()
     def encode_tokens(self, tokens: TextTokens) -> tuple[torch.Tensor, torch.Tensor]:

@@ -156,6 +156,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
         self.runs_root = Path(config.runs_root)
         self.run_dir = self.runs_root / config.run_name
+        self.model_config = model_config(config.model.preset, **config.model.overrides)  # Krea2DiT keywords
         self._prepare_run_dir()
 
         self.parallel_dims = build_parallel_dims(
@@ -169,10 +170,7 @@ class Trainer:
             )
         self.local_batch_size = config.data.global_batch_size // self.dp_size
 
-        check_attention_backends(
-            config.parallel.attention_backends, self.device, self.dtype,
-            model_config(config.model.preset, **config.model.overrides),
-        )
+        check_attention_backends(config.parallel.attention_backends, self.device, self.dtype, self.model_config)
         self.conditioner = self._build_conditioner()
         self.model = self._build_model()
         self.optimizers, self.lr_schedulers = build_optimizer(self.model, config, self.device)
@@ -206,7 +204,7 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
-            write_model_config(self.run_dir, model_config(self.config.model.preset, **self.config.model.overrides))
+            write_model_config(self.run_dir, self.model_config)
         self._barrier()
 
     def _barrier(self) -> None:
