@@ -236,6 +236,35 @@ class ConditioningCacheConfig:
 
 
 @dataclass
+class StpoConfig:
+    """STPO preference optimisation (krea2_train.stages.preference; docs/recipe.md, "STPO")."""
+
+    beta: float = 500.0  # DPO temperature on per-element-mean velocity errors
+    # Krea's auxiliary terms against "both likelihoods go down" (our stand-in; STPO's formula is unpublished):
+    positive_weight: float = 1.0  # DPO-Positive: penalise the winner's error rising above the reference's
+    sft_weight: float = 0.1  # an SFT anchor on the winner's error
+    safeguard: bool = True  # Diffusion-SDPO: scale the loser's gradient so the winner's error cannot rise
+    safeguard_mu: float = 0.0  # the safeguard's winner-preserving margin
+    # Where the loser of each pair comes from (the winner is the dataset image):
+    #   policy: the policy's own sample for the caption (on-policy), drawn each step without grad
+    #   artifacts: the winner with synthetic high-frequency artifacts (no sampling)
+    loser: str = "policy"
+    loser_steps: int = 8  # sampler steps of an on-policy loser
+    loser_guidance: float = 0.0  # CFG scale of an on-policy loser (Krea's g; 0: off)
+    artifact_strength: float = 0.25  # amplitude of the synthetic artifacts, in [-1, 1] pixel units
+
+
+@dataclass
+class GrpoConfig:
+    """Multi-reward GRPO without CFG (krea2_train.stages.grpo)."""
+
+
+@dataclass
+class TdmConfig:
+    """TDM distillation into a few-step student (krea2_train.stages.tdm)."""
+
+
+@dataclass
 class RunConfig:
     run_name: str = "${stage.name}"
     runs_root: str = "runs"
@@ -253,4 +282,7 @@ class RunConfig:
     float8: Float8Config = field(default_factory=Float8Config)
     irepa: IrepaConfig = field(default_factory=IrepaConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    stpo: StpoConfig = field(default_factory=StpoConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    tdm: TdmConfig = field(default_factory=TdmConfig)
     conditioning_cache: ConditioningCacheConfig = field(default_factory=ConditioningCacheConfig)

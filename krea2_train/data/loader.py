@@ -66,12 +66,15 @@ class Batch:
     """One rank's batch of one training step.
 
     images: float32 [b, 3, H, W] in [-1, 1], b = global_batch_size / world_size, one bucket.
-    captions: b strings; sample_ids: int64 [b] (``images.id``); positions: int64 [b], the
-    samples' places in the epoch (global batch index * B + offset).
+    captions: b strings; facts: b dicts, the structured facts behind each image (``{}`` when the
+    dataset has none; the shapes world's are :func:`krea2_train.data.shapes.facts`);
+    sample_ids: int64 [b] (``images.id``); positions: int64 [b], the samples' places in the
+    epoch (global batch index * B + offset).
     """
 
     images: torch.Tensor
     captions: list[str]
+    facts: list[dict]
     sample_ids: torch.Tensor
     positions: torch.Tensor
     bucket: str
@@ -144,7 +147,7 @@ def _read_sample(cache: _ShardCache, shard_index: int, row: int, width: int, hei
 def load_rank_batch(plan: EpochPlan, batch: RankBatch, cache: _ShardCache, config: LoaderConfig) -> dict[str, Any]:
     """Read and decode one rank batch, replacing unreadable samples (see module docstring)."""
     images = torch.empty(len(batch.rows), 3, batch.height, batch.width)
-    captions, sample_ids, bad_shards = [], [], {}
+    captions, facts, sample_ids, bad_shards = [], [], [], {}
     for slot, (position, shard_index, row) in enumerate(zip(batch.positions.tolist(), batch.shard_indices.tolist(), batch.rows.tolist())):
         candidates = itertools.chain(
             [(shard_index, row)],
@@ -163,10 +166,12 @@ def load_rank_batch(plan: EpochPlan, batch: RankBatch, cache: _ShardCache, confi
             )
         kind = choose_caption_kind(config.seed, batch.epoch, position, config.caption_mix)
         captions.append(sample.captions.get(kind) or sample.captions["long"])
+        facts.append(sample.facts)
         sample_ids.append(sample.sample_id)
     return {
         "images": images,
         "captions": captions,
+        "facts": facts,  # the structured facts behind the image ({} when the dataset has none)
         "sample_ids": torch.tensor(sample_ids, dtype=torch.int64),
         "positions": torch.from_numpy(batch.positions.copy()),
         "bucket": batch.bucket,

@@ -10,7 +10,7 @@ resumed run, or one resumed on another world size, draws exactly the same number
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -33,6 +33,8 @@ class StepContext:
     step: int
     first_slot: int  # position of this rank's first sample in the global batch
     dtype: torch.dtype = torch.float32
+    frozen: dict[str, torch.nn.Module] = field(default_factory=dict)  # the stage's frozen_models, by name
+    micro_index: int = 0  # this micro-batch's index in the step's gradient accumulation
 
     def slots(self, batch_size: int) -> range:
         return range(self.first_slot, self.first_slot + batch_size)
@@ -49,9 +51,18 @@ class StepContext:
 class Stage(Protocol):
     """A training objective.
 
-    Optionally a stage defines ``prepare_model(model) -> model``, called once after the weights are
-    initialised or loaded and before parallelisation: LoRA injection, freezing, or attaching
-    training-only modules under ``model.auxiliary`` (trained, checkpointed, never exported).
+    Optional parts, each used by the trainer when the stage defines it:
+
+    - ``prepare_model(model) -> model``: called once after the weights are initialised or loaded
+      and before parallelisation: LoRA injection, freezing, or attaching training-only modules
+      under ``model.auxiliary`` (trained, checkpointed, never exported).
+    - ``frozen_models(initial_weights) -> {name: module}``: networks that never train (a reference
+      policy, a teacher), built on every start from ``stage.init_from``'s weights (None without
+      one); the trainer moves them to the device, shards them like the DiT and passes them as
+      ``ctx.frozen``. They are not checkpointed.
+    - ``lr_scales``: ``{parameter-name prefix: multiplier of optim.lr}``.
+    - ``state_dict()`` / ``load_state_dict(state)``: state the stage carries between steps,
+      checkpointed with the run (keep it small and the same on every rank, or keyed by rank).
     """
 
     name: str

@@ -140,7 +140,8 @@ def prepare_registry(store, config: RunConfig, runs_root: Path, image_side: int,
 class TrainLoader:
     """Endless batches for the trainer (epoch after epoch) with the loader's checkpoint state.
 
-    Yields dicts: ``images [b, 3, H, W]`` in [-1, 1], ``captions`` (b strings), ``sample_ids``,
+    Yields dicts: ``images [b, 3, H, W]`` in [-1, 1], ``captions`` (b strings), ``facts`` (b
+    dicts, see :class:`~krea2_train.data.loader.Batch`), ``sample_ids``,
     ``epoch`` and ``epoch_fraction`` (the part of the epoch done after this batch).
     """
 
@@ -161,6 +162,7 @@ class TrainLoader:
                 yield {
                     "images": batch.images,
                     "captions": batch.captions,
+                    "facts": batch.facts,
                     "sample_ids": batch.sample_ids,
                     "epoch": batch.epoch,
                     "epoch_fraction": (batch.index + 1) / self.loader.batches_per_epoch,

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import signal
 import sys
 import time
@@ -84,18 +85,27 @@ def compute_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if mode == "bf16" else torch.float32
 
 
-def build_optimizer(model: torch.nn.Module, config: RunConfig, device: torch.device):
-    """AdamW through torchtitan's container: decay on weights and norm weights, none on biases."""
+def build_optimizer(model: torch.nn.Module, config: RunConfig, device: torch.device, lr_scales: dict[str, float] | None = None):
+    """AdamW through torchtitan's container: decay on weights and norm weights, none on biases.
+
+    ``lr_scales`` maps a parameter-name prefix to a multiplier of ``optim.lr`` (e.g. TDM's fake
+    score trains 5x faster than its student); the schedule scales every group alike.
+    """
     from torchtitan.components.optimizer import OptimizersContainer, ParamGroupConfig
     from torchtitan.components.optimizer.lr_scheduler import LRSchedulersContainer
 
     optim = config.optim
-    adamw = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
-    groups = [ParamGroupConfig(pattern=r".*", optimizer_name="AdamW", optimizer_kwargs=dict(adamw, weight_decay=optim.weight_decay))]
-    if any(name.endswith(".bias") for name, p in model.named_parameters() if p.requires_grad):
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    groups = []
+    # first match wins: scaled prefixes before the rest, biases (no decay) before weights
+    for prefix, scale in [*(lr_scales or {}).items(), ("", 1.0)]:
+        adamw = dict(lr=optim.lr * scale, betas=tuple(optim.betas), eps=optim.eps)
+        head = "^" + re.escape(prefix)
         # torchtitan refuses a group that matches nothing (e.g. a LoRA run trains no bias)
-        no_decay = ParamGroupConfig(pattern=r"\.bias$", optimizer_name="AdamW", optimizer_kwargs=dict(adamw, weight_decay=0.0))
-        groups.insert(0, no_decay)
+        if any(name.startswith(prefix) and name.endswith(".bias") for name in trained):
+            groups.append(ParamGroupConfig(pattern=head + r".*\.bias$", optimizer_name="AdamW", optimizer_kwargs=dict(adamw, weight_decay=0.0)))
+        if any(name.startswith(prefix) and not name.endswith(".bias") for name in trained):
+            groups.append(ParamGroupConfig(pattern=head, optimizer_name="AdamW", optimizer_kwargs=dict(adamw, weight_decay=optim.weight_decay)))
     implementation = "fused" if device.type == "cuda" else "foreach"
     optimizers = OptimizersContainer.Config(param_groups=groups, implementation=implementation).build(model_parts=[model])
     schedulers = LRSchedulersContainer.Config(
@@ -173,7 +183,10 @@ class Trainer:
         check_attention_backends(config.parallel.attention_backends, self.device, self.dtype, self.model_config)
         self.conditioner = self._build_conditioner()
         self.model = self._build_model()
-        self.optimizers, self.lr_schedulers = build_optimizer(self.model, config, self.device)
+        self.frozen = self._build_frozen_models()
+        self.optimizers, self.lr_schedulers = build_optimizer(
+            self.model, config, self.device, lr_scales=getattr(self.stage, "lr_scales", None)
+        )
         self.train_state = TrainState()
         self.loader = self._build_loader()
         self.checkpointer = CheckpointManager(
@@ -259,6 +272,26 @@ class Trainer:
             float8=config.float8,
         )
 
+    def _build_frozen_models(self) -> dict[str, torch.nn.Module]:
+        """The stage's frozen networks (a reference policy, a teacher), built from ``stage.init_from``
+        on every start (fresh or resumed: they are never checkpointed), held on the device in the
+        compute dtype and sharded like the DiT."""
+        if not hasattr(self.stage, "frozen_models"):
+            return {}
+        if self.parallel_dims.tp_enabled:
+            raise ValueError(f"stage kind {self.config.stage.kind!r} does not support tensor parallelism (parallel.tp={self.config.parallel.tp}); use parallel.tp=1")
+        torch.manual_seed(self.config.seed)
+        frozen = self.stage.frozen_models(load_initial_weights(self.config, self.runs_root))
+        for name, module in frozen.items():
+            module.requires_grad_(False)
+            module.to(self.device)
+            frozen[name] = parallelize_dit(
+                module, self.parallel_dims, activation_checkpoint="none", compile=self.config.parallel.compile,
+                param_dtype=self.dtype, reduce_dtype=torch.float32,
+            ).eval()
+            logger.info("frozen %s: %.2fM parameters", name, count_parameters(module) / 1e6)
+        return frozen
+
     def _fresh_start(self) -> bool:
         from krea2_train.train.checkpoint import committed_checkpoints
 
@@ -289,6 +322,8 @@ class Trainer:
         }
         if with_loader:
             state["dataloader"] = self.loader
+        if hasattr(self.stage, "state_dict"):  # e.g. rollouts a stage trains on over several steps
+            state["stage"] = self.stage
         return state
 
     def resume(self) -> None:
@@ -340,6 +375,8 @@ class Trainer:
                 step=self.train_state.step,
                 first_slot=self.dp_rank * self.local_batch_size + index * micro,
                 dtype=self.dtype,
+                frozen=self.frozen,
+                micro_index=index,
             )
             loss, metrics = self.stage.loss(ctx, part)
             if self.faults.poison_loss(self.train_state.step + 1):
