@@ -33,14 +33,14 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(config), end="")
         return 0
 
-    from krea2_train.stages import StageNotImplementedError
+    from krea2_train.stages import StageConfigError
     from krea2_train.train.trainer import run
 
     try:
         run_dir = run(config)
-    except StageNotImplementedError as error:
-        print(f"krea2_train: {error}", file=sys.stderr)
-        return 3
+    except StageConfigError as error:  # raised before any heavy work
+        print(f"krea2_train: bad config: {error}", file=sys.stderr)
+        return 2
     print(f"run directory: {run_dir}")
     return 0
 

@@ -18,3 +18,17 @@ def random_tiny_model(seed: int = 0) -> torch.nn.Module:
     """The tiny Krea2DiT with every parameter random (a fresh init predicts exactly zero)."""
     torch.manual_seed(seed)
     return randomise_(build_model("tiny"), seed + 1)
+
+
+def save_perturbed_tiny_base(path, scale: float = 0.05) -> torch.nn.Module:
+    """The tiny Krea2DiT (seed 0) with Gaussian noise of ``scale`` added to every parameter, saved
+    in the original layout at ``path``: a stand-in for released weights. Returns the model."""
+    from krea2_train.model.layouts import save_model
+
+    torch.manual_seed(0)
+    base = build_model("tiny")
+    with torch.no_grad():
+        for parameter in base.parameters():
+            parameter.add_(torch.randn_like(parameter) * scale)
+    save_model(base, path, layout="original")
+    return base

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from helpers import save_perturbed_tiny_base
 
 from krea2_train.config import load_config
 from krea2_train.stages import build_stage
@@ -24,19 +25,12 @@ def test_lora_stage_requires_init_from_and_no_tensor_parallelism(tmp_path):
 @pytest.mark.postgres
 def test_lora_stage_trains_exports_and_applies(tmp_path, fresh_database_dsn):
     from krea2_train.cli import main
-    from krea2_train.model import build_model
-    from krea2_train.model.layouts import save_model
     from krea2_train.model.lora_formats import read_lora
     from krea2_train.model.patchify import position_ids
     from krea2_train.train.checkpoint import find_run_checkpoint, load_model_weights
     from krea2_train.train.sample import load_for_sampling
 
-    torch.manual_seed(0)
-    base = build_model("tiny")
-    with torch.no_grad():
-        for p in base.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    save_model(base, tmp_path / "base.safetensors", layout="original")
+    base = save_perturbed_tiny_base(tmp_path / "base.safetensors")
     command = [
         sys.executable, "-m", "krea2_train", "--config", "stage/lora", f"runs_root={tmp_path / 'runs'}",
         f"stage.init_from={tmp_path / 'base.safetensors'}", "stage.steps=3", "checkpoint.interval=3",

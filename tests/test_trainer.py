@@ -1,5 +1,5 @@
 """The trainer end to end on CPU: a stage runs, checkpoints, resumes, skips non-finite steps,
-refuses unimplemented stages, and its outputs load elsewhere."""
+refuses bad stage settings before any work, and its outputs load elsewhere."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import torch
 
 from krea2_train.config import load_config
 from krea2_train.model.dit import AUXILIARY_PREFIX
-from krea2_train.stages import StageNotImplementedError
+from krea2_train.stages import StageConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,12 +67,14 @@ def test_step_values_are_reduced_in_one_place():
     assert values == {"loss": 2.5, "a_metric": 0.25, "loss_fm": 2.0, "signals": (False, True), "grad_norm": 7.0}
 
 
-def test_unimplemented_stage_refuses_before_heavy_work(tmp_path):
+def test_bad_stage_settings_refuse_before_heavy_work(tmp_path):
+    from krea2_train.__main__ import main
     from krea2_train.train.trainer import Trainer
 
-    config = load_config("stage/grpo", [f"runs_root={tmp_path}"])
-    with pytest.raises(StageNotImplementedError, match="not implemented yet"):
+    config = load_config("stage/grpo", [f"runs_root={tmp_path}", "grpo.group_size=1"])
+    with pytest.raises(StageConfigError, match="grpo.group_size must be >= 2"):
         Trainer(config)
+    assert main(["--config", "stage/stpo", f"runs_root={tmp_path}", "stage.init_from=null"]) == 2  # "bad config", not a traceback
     assert not any(tmp_path.iterdir())
 
 

@@ -256,12 +256,52 @@ class StpoConfig:
 
 @dataclass
 class GrpoConfig:
-    """Multi-reward GRPO without CFG (krea2_train.stages.grpo)."""
+    """Multi-reward GRPO without CFG (krea2_train.stages.grpo; algorithms.md section 3).
+
+    Defaults follow Flow-GRPO (SD3.5-M) adapted to Krea's RL: no CFG anywhere, the Flow-GRPO-Fast
+    SDE window, 2 optimizer steps per rollout so that clipping acts, rubric + artifact rewards.
+    """
+
+    group_size: int = 8  # images per prompt; the per-rank micro-batch must be a multiple of it
+    num_steps: int = 10  # sampler steps of a rollout (Flow-GRPO trains with 10, evaluates with 40)
+    mu: Optional[float] = None  # the rollout sampler's time shift; None: resolution-aware (mu_for_tokens)
+    sde_type: str = "sde"  # sde (Flow-GRPO) | cps (coefficient-preserving)
+    noise_level: float = 0.7  # a: 0.7 for sde, 0.8 recommended for cps
+    sde_window_size: int = 2  # consecutive SDE (trained) steps; ODE elsewhere. 0: SDE on every step but the last
+    sde_window_range: list[int] = field(default_factory=lambda: [0, 4])  # the window's first step, drawn in [lo, hi]
+    same_initial_noise: bool = False  # the G images of a group start from the same noise (DanceGRPO init_same_noise)
+    clip_range: float = 1.0e-4  # PPO epsilon on exp(logp_new - logp_old) (per-dim-mean log-probs)
+    adv_clip_max: float = 5.0
+    std_scope: str = "global"  # advantage std: global (batch, all-reduced; flow_grpo) | group (DanceGRPO/MixGRPO)
+    beta_kl: float = 0.04  # weight of the closed-form per-step KL to the frozen init_from policy; 0: no reference
+    updates_per_rollout: int = 2  # optimizer steps (trainer steps) on one rollout buffer
+    rewards: dict[str, float] = field(default_factory=lambda: {"rubric": 1.0, "artifact": 0.5})  # name: weight
+    aggregation: str = "advantage_aggr"  # advantage_aggr (each reward normalised per group) | reward_aggr
+    # prompt re-weighting from live per-prompt statistics (krea2_train.rewards.prompt_weights)
+    reweight_prompts: bool = True
+    reweight_ema: float = 0.9
+    reweight_min_visits: int = 2
+    reweight_saturation_margin: float = 0.1  # success rates within this of 0 or 1 count as hopeless / too easy
+    reweight_min_std: float = 0.05  # group stds below this count as low-variance
+    reweight_min_weight: float = 0.1
 
 
 @dataclass
 class TdmConfig:
     """TDM distillation into a few-step student (krea2_train.stages.tdm)."""
+
+    student_steps: int = 8  # K: the student's steps (Krea 2 Turbo: 8, the "turbo" sampler preset)
+    mu: float = 1.15  # the student's fixed time shift (the turbo preset's, flow.timesteps.MAX_SHIFT)
+    guidance: float = 3.5  # the teacher's Krea CFG scale g (v = c + g (c - u)) baked into the student
+    fake_lr_scale: float = 5.0  # the fake score's lr = fake_lr_scale x optim.lr (TDM demo: lr_G = lr_fake / 5)
+    snr_clip: float = 5.0  # the fake-score loss weight min(SNR(tau), snr_clip)
+    is_clip: float = 10.0  # the importance weight w_IS is clipped at this value
+    huber_c: float = 1.0e-3  # pseudo-Huber constant of the generator loss
+    use_separate: bool = True  # tau inside the sampled step's own interval (else up to 1 - interval_margin)
+    use_randmid: bool = False  # intermediate s drawn in the step's interval (else its lower end)
+    min_sigma: float = 0.02  # the lowest s and tau (TDM: 20 of 1000 steps)
+    interval_margin: float = 0.01  # tau stays this far below the step's upper sigma (TDM: 10 of 1000)
+    min_normaliser: float = 1.0e-6  # guard of the generator loss's denominator mean|x0_k - x0_cfg|
 
 
 @dataclass

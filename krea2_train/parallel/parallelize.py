@@ -56,7 +56,9 @@ from krea2_train.config.schema import Float8Config
 from krea2_train.parallel.float8 import apply_float8
 from krea2_train.parallel.mesh import fsdp_mesh, tp_mesh
 
-__all__ = ["ACTIVATION_CHECKPOINT_MODES", "apply_tensor_parallel", "parallelize_dit", "shard_frozen_module"]
+__all__ = [
+    "ACTIVATION_CHECKPOINT_MODES", "apply_tensor_parallel", "auxiliary_dits", "parallelize_dit", "shard_frozen_module",
+]
 
 ACTIVATION_CHECKPOINT_MODES = ("none", "selective", "full")
 
@@ -183,6 +185,14 @@ def apply_compile(blocks: nn.ModuleList) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def auxiliary_dits(model: nn.Module) -> list[nn.Module]:
+    """Whole Krea2DiTs a stage attached under ``model.auxiliary`` (e.g. TDM's fake score)."""
+    from krea2_train.model.dit import Krea2DiT
+
+    auxiliary = getattr(model, "auxiliary", None)
+    return [] if auxiliary is None else [module for module in auxiliary.values() if isinstance(module, Krea2DiT)]
+
+
 def apply_fsdp(
     model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype
 ) -> None:
@@ -190,13 +200,20 @@ def apply_fsdp(
 
     Blocks and text-fusion blocks do not cast their inputs (activations arrive in ``param_dtype``
     already; the rotary tables stay fp32); the root casts the model inputs to ``param_dtype``.
+
+    A whole Krea2DiT under ``model.auxiliary`` (TDM's fake score) is sharded the same way, blocks
+    first, then itself as its own unit with the root's policy: a stage calls it directly, outside
+    the root's forward, and its own pre-forward hook then gathers its parameters (left in the
+    root's unit, they would stay sharded DTensors there). Its units share the root's lazy
+    initialisation, so the root must run forward first (FSDP2 requires it).
     """
     inner_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     root_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=True)
-    text_fusion = model.text_fusion
-    for block in [*model.transformer_blocks, *text_fusion.layerwise_blocks, *text_fusion.refiner_blocks]:
-        fully_shard(block, mesh=mesh, mp_policy=inner_policy)
-    fully_shard(model, mesh=mesh, mp_policy=root_policy)
+    for dit in [*auxiliary_dits(model), model]:
+        text_fusion = dit.text_fusion
+        for block in [*dit.transformer_blocks, *text_fusion.layerwise_blocks, *text_fusion.refiner_blocks]:
+            fully_shard(block, mesh=mesh, mp_policy=inner_policy)
+        fully_shard(dit, mesh=mesh, mp_policy=root_policy)
 
 
 def parallelize_dit(

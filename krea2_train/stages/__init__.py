@@ -1,18 +1,17 @@
-"""Every stage of the recipe, by kind. A kind mapped to None is not implemented yet."""
+"""Every stage of the recipe, by kind (``stage.kind``): the module and class of its objective."""
 
 from __future__ import annotations
 
 from krea2_train.config.schema import RunConfig
-from krea2_train.stages.base import Stage, StageNotImplementedError, StepContext
+from krea2_train.stages.base import Stage, StageConfigError, StepContext
 
-# kind -> (module, class); None: the objective is not implemented yet.
-STAGE_KINDS: dict[str, tuple[str, str] | None] = {
+STAGE_KINDS: dict[str, tuple[str, str]] = {
     "pretrain": ("krea2_train.stages.flow_matching", "FlowMatchingStage"),
     "midtrain": ("krea2_train.stages.flow_matching", "FlowMatchingStage"),
     "sft": ("krea2_train.stages.flow_matching", "FlowMatchingStage"),
-    "stpo": None,
-    "grpo": None,
-    "tdm": None,
+    "stpo": ("krea2_train.stages.preference", "PreferenceStage"),
+    "grpo": ("krea2_train.stages.grpo", "GrpoStage"),
+    "tdm": ("krea2_train.stages.tdm", "TdmStage"),
     "lora": ("krea2_train.stages.lora", "LoRAStage"),
 }
 
@@ -20,14 +19,8 @@ STAGE_KINDS: dict[str, tuple[str, str] | None] = {
 def build_stage(config: RunConfig) -> Stage:
     import importlib
 
-    entry = STAGE_KINDS[config.stage.kind]
-    if entry is None:
-        raise StageNotImplementedError(
-            f"stage {config.stage.name!r} (kind {config.stage.kind!r}) is not implemented yet: its objective has not "
-            f"landed in krea2_train.stages. Refusing to start rather than train a different objective."
-        )
-    module, cls = entry
+    module, cls = STAGE_KINDS[config.stage.kind]
     return getattr(importlib.import_module(module), cls)(config)
 
 
-__all__ = ["STAGE_KINDS", "Stage", "StageNotImplementedError", "StepContext", "build_stage"]
+__all__ = ["STAGE_KINDS", "Stage", "StageConfigError", "StepContext", "build_stage"]

@@ -74,5 +74,20 @@ class Stage(Protocol):
         ...
 
 
-class StageNotImplementedError(RuntimeError):
-    """A stage of the recipe whose objective is not implemented yet."""
+def frozen_copy_of_initial(config, initial_weights: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+    """A Krea2DiT of the run's model config holding ``stage.init_from``'s weights: a stage's frozen
+    reference or teacher (see ``Stage.frozen_models``)."""
+    from krea2_train.model.presets import build_model
+
+    if initial_weights is None:
+        raise StageConfigError(
+            f"stage {config.stage.name!r} (kind {config.stage.kind!r}) needs stage.init_from: its frozen copy of the "
+            "initial model is built from those weights"
+        )
+    model = build_model(config.model.preset, **config.model.overrides)
+    model.load_state_dict(initial_weights, strict=True)
+    return model
+
+
+class StageConfigError(ValueError):
+    """Stage settings that cannot train (the message names the key); raised before any heavy work."""

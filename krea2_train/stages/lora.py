@@ -16,12 +16,13 @@ import torch
 
 from krea2_train.config.schema import RunConfig
 from krea2_train.model.lora import LoRASpec, cast_base, freeze_base, inject_lora, load_pairs_into_model
+from krea2_train.stages.base import StageConfigError
 from krea2_train.stages.flow_matching import FlowMatchingStage
 
 logger = logging.getLogger("krea2_train")
 
 
-class LoRAStageError(ValueError):
+class LoRAStageError(StageConfigError):
     """A lora-stage configuration that cannot train."""
 
 

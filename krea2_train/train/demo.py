@@ -1,9 +1,12 @@
 """``krea2 demo``: the recipe's chain on the shapes world, on CPU, in minutes.
 
-pretrain_256 -> pretrain_512 -> pretrain_1024 -> midtrain -> sft, each stage initialised from the
-previous one (``init_from``), with the tiny model, the lossless pixel autoencoder, a tiny random
-text encoder and an embedded PostgreSQL server. Every stage writes a sample grid and a loss curve
-under ``runs/demo/<stage>``. Re-running resumes (a finished stage is not retrained).
+pretrain_256 -> pretrain_512 -> pretrain_1024 -> midtrain -> sft -> stpo -> grpo -> tdm, each
+stage initialised from the previous one (``init_from``), with the tiny model, the lossless pixel
+autoencoder, a tiny random text encoder and an embedded PostgreSQL server. The post-training
+stages run at the 256 px token grid (their own configs say 1024) so that their sampling (STPO's
+on-policy losers, GRPO's rollouts, TDM's student rollouts) stays within CPU minutes. Every stage
+writes a sample grid and a loss curve under ``runs/demo/<stage>``. Re-running resumes (a finished
+stage is not retrained).
 """
 
 from __future__ import annotations
@@ -12,7 +15,19 @@ import argparse
 from pathlib import Path
 
 # stage -> steps on CPU (the 1024 stage is 4096 tokens per image: few steps)
-DEMO_STAGES = {"pretrain_256": 400, "pretrain_512": 30, "pretrain_1024": 6, "midtrain": 4, "sft": 4}
+DEMO_STAGES = {
+    "pretrain_256": 400, "pretrain_512": 30, "pretrain_1024": 6, "midtrain": 4, "sft": 4, "stpo": 6, "grpo": 4, "tdm": 6,
+}
+
+# post-training at the 256 px grid, with batches and sampler steps sized for a CPU
+POST_TRAINING_OVERRIDES = {
+    "stpo": ["data.resolution=256", "stpo.loser_steps=6", "stpo.beta=50"],
+    "grpo": [
+        "data.resolution=256", "data.global_batch_size=8", "grpo.group_size=4", "grpo.num_steps=6",
+        "grpo.sde_window_range=[0,2]",
+    ],
+    "tdm": ["data.resolution=256", "data.global_batch_size=4"],
+}
 
 
 def demo_overrides(stage: str, steps: int, runs_root: str, wandb: str) -> list[str]:
@@ -26,6 +41,7 @@ def demo_overrides(stage: str, steps: int, runs_root: str, wandb: str) -> list[s
         "data.num_samples=512",
         "optim.warmup_steps=5",
         "optim.lr=1e-3" if stage == "pretrain_256" else f"optim.lr={3e-4 if stage.startswith('pretrain') else 1e-4}",
+        *POST_TRAINING_OVERRIDES.get(stage, []),
     ]
 
 

@@ -157,7 +157,7 @@ def reduce_step_values(
 class Trainer:
     def __init__(self, config: RunConfig) -> None:
         self.config = config
-        self.stage = build_stage(config)  # refuses unimplemented stages before any heavy work
+        self.stage = build_stage(config)  # a stage's bad settings fail before any heavy work
         self.dist: DistInfo = init_distributed(config.parallel.collective_timeout_s)
         setup_logging(self.dist.rank)
         self.device = self.dist.device
@@ -445,7 +445,7 @@ class Trainer:
             step = self.train_state.step
             metrics = {
                 **result,
-                "lr": self.lr_schedulers.schedulers[0].get_last_lr()[0],
+                "lr": self.lr_schedulers.schedulers[0].get_last_lr()[-1],  # the unscaled weights' group (built last)
                 "images_per_s": config.data.global_batch_size / step_time,
                 "tokens_per_s": config.data.global_batch_size * tokens_per_image / step_time,
                 "memory_gib": peak_memory_gib(self.device),

@@ -1,0 +1,462 @@
+"""TDM: data-free distillation of the teacher (with CFG baked in) into a few-step student (Krea 2 Turbo).
+
+Trajectory Distribution Matching (Luo et al., arXiv 2503.06674) in its flow-matching form
+(``x_sigma = (1 - sigma) x0 + sigma eps``, ``x0_hat = x - sigma v``, ``eps_hat = x + (1 - sigma) v``).
+Three networks: the frozen teacher (``stage.init_from``), the student G (the trained model, initialised
+from the teacher) and a fake score f_psi (``model.auxiliary["tdm_fake_score"]``, initialised from the
+teacher, trained, checkpointed, never exported). Only prompts are used, never images.
+
+One iteration, per sample of the batch:
+
+1. Rollout (no grad): the student runs its K-step grid ``1 = sigma_0 > ... > sigma_K = 0`` (the
+   Turbo sampler's shifted sigmas) from keyed noise with deterministic DDIM-like steps on its own
+   prediction, ``x_{k+1} = (1 - sigma_{k+1}) x0_hat_k + sigma_{k+1} eps_hat_k`` (for a flow model
+   this is exactly the Euler step, so the rollout is the Turbo sampler at guidance 0).
+2. Draw a step ``k``, an intermediate ``s`` (the interval's lower end, or uniform inside it with
+   ``use_randmid``) and ``tau ~ U[s, sigma_k - margin]`` inside the step's own interval
+   (``use_separate``; otherwise up to ``1 - margin``). Recompute ``(x0_k, eps_hat) = G(x_k)`` with grad.
+3. Deterministic re-noise ``x_s = (1 - s) sg(x0_k) + s sg(eps_hat)``, then the forward transition
+   ``s -> tau`` (``a = (1 - tau)/(1 - s)``, ``beta^2 = tau^2 - (a s)^2``)::
+
+       x_tau = a x_s + beta z,        xi = (a s eps_hat + beta z) / tau     (the post-fix xi, with s)
+
+   so that ``x_tau = (1 - tau) x0_k + tau xi`` exactly: ``xi`` is x_tau's effective noise.
+4. Fake-score loss (grads only into f_psi), its targets the student's detached ``x0_k``::
+
+       L_fake = mean_b[ min(SNR(tau), snr_clip) w_IS mean|x0_fake(x_tau, tau) - sg(x0_k)|^2 ]
+       SNR(tau) = ((1 - tau)/tau)^2,   w_IS = min(exp(-mean xi^2 / 2) / exp(-mean z^2 / 2), is_clip)
+
+5. Generator loss (grads only into G; teacher and fake score under no_grad; the teacher with Krea's
+   CFG at ``guidance`` g, ``x0_cfg = x0_c + g (x0_c - x0_u)`` with the empty prompt as ``u``, the
+   fake score without CFG)::
+
+       target = sg(x0_k + x0_cfg - x0_fake)
+       d      = max(sg(mean|x0_k - x0_cfg|), min_normaliser)                   (per sample)
+       L_G    = mean_b[ mean(sqrt((x0_k - target)^2 + c^2) - c) / d ]
+
+   so G moves along ``x0_cfg - x0_fake`` (DMD's reverse-KL direction on the student's trajectory
+   marginal inside the step's interval).
+
+Both losses are summed and take one backward and one optimizer step: the simultaneous 1:1 update
+of the fake score and the generator (TDM alternates them 1:1 with the fake score first; here both
+use the same draws and the fake score of the start of the step). The fake score learns
+``fake_lr_scale`` times faster (``lr_scales``; TDM demo: ``lr_G = lr_fake / 5``).
+
+All step math is float32; randomness is keyed by (seed, purpose, step, slot).
+
+Sharding: the fake score is a whole Krea2DiT under ``model.auxiliary``; ``parallelize_dit`` makes
+it its own FSDP2 unit (blocks first), so it can be called outside the student's forward. The
+student (the FSDP root) runs first in every step (the rollout), as FSDP2's lazy initialisation
+requires. Every rank runs the same forwards whatever its samples (the whole rollout, one student,
+one fake-score and one batched CFG teacher forward, the empty prompt padded to the prompts' text
+length), so the FSDP collectives match across ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from krea2_train.config.schema import RunConfig, TdmConfig
+from krea2_train.flow.sampler import guided_velocity
+from krea2_train.flow.timesteps import inference_sigmas
+from krea2_train.model.dit import AUXILIARY_PREFIX
+from krea2_train.stages.base import StageConfigError, StepContext, frozen_copy_of_initial
+
+# Purposes of keyed randomness (distinct from NOISE, TIMESTEP, CAPTION_DROPOUT in stages.base).
+ROLLOUT_NOISE, STEP_INDEX, INTERMEDIATE_TIME, TARGET_TIME, TRANSITION_NOISE = 30, 31, 32, 33, 34
+
+FAKE_SCORE_KEY = "tdm_fake_score"
+FAKE_SCORE_PREFIX = f"{AUXILIARY_PREFIX}{FAKE_SCORE_KEY}."
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B, ...], sigma [B]) -> velocity [B, ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# The student's step grid and per-step times
+# ---------------------------------------------------------------------------------------------
+
+
+def check_step_grid(sigmas: torch.Tensor) -> None:
+    """A student grid must start at pure noise (sigma 1), end at 0 and strictly decrease."""
+    if sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError(f"a step grid needs at least 2 sigmas in a 1-d tensor, got shape {tuple(sigmas.shape)}")
+    if float(sigmas[0]) != 1.0:
+        raise ValueError(f"a step grid must start at the terminal sigma 1 (pure noise), got {float(sigmas[0])}")
+    if float(sigmas[-1]) != 0.0:
+        raise ValueError(f"a step grid must end at sigma 0, got {float(sigmas[-1])}")
+    if not bool((sigmas[1:] < sigmas[:-1]).all()):
+        raise ValueError(f"a step grid's sigmas must strictly decrease, got {sigmas.tolist()}")
+
+
+def student_sigmas(num_steps: int, mu: float) -> torch.Tensor:
+    """The student's K-step grid ``[K + 1]`` float32, 1 -> 0: the Turbo sampler's shifted sigmas
+    (``inference_sigmas(K, mu)``), so the student trains on the grid it is sampled on."""
+    sigmas = inference_sigmas(num_steps, mu)
+    check_step_grid(sigmas)
+    return sigmas
+
+
+def check_step_intervals(sigmas: torch.Tensor, min_sigma: float, margin: float) -> None:
+    """Every step ``k`` must leave room for ``s`` and ``tau``: ``max(sigma_{k+1}, min_sigma) < sigma_k - margin``."""
+    for k in range(sigmas.numel() - 1):
+        high, low = float(sigmas[k]), max(float(sigmas[k + 1]), min_sigma)
+        if not low < high - margin:
+            raise ValueError(
+                f"step {k} of the student grid ({float(sigmas[k]):.4f} -> {float(sigmas[k + 1]):.4f}) leaves no room for tau "
+                f"with tdm.min_sigma={min_sigma} and tdm.interval_margin={margin}: use fewer tdm.student_steps or smaller values"
+            )
+
+
+def sample_step_times(
+    sigmas: torch.Tensor,
+    step: torch.Tensor,
+    u_intermediate: torch.Tensor,
+    u_target: torch.Tensor,
+    *,
+    use_separate: bool = True,
+    use_randmid: bool = False,
+    min_sigma: float = 0.02,
+    margin: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The intermediate ``s`` and target ``tau`` of each sample's step, from uniforms in [0, 1).
+
+    Step ``k`` covers ``(sigma_{k+1}, sigma_k]``. ``s`` is ``max(sigma_{k+1}, min_sigma)`` (or,
+    with ``use_randmid``, uniform between that and ``sigma_k - margin``); ``tau`` is uniform in
+    ``[s, sigma_k - margin]`` (``use_separate``) or ``[s, 1 - margin]``.
+
+    Args:
+        sigmas: the grid ``[K + 1]``; step ``[B]`` long in ``[0, K)``; u_* ``[B]`` in [0, 1).
+    Returns:
+        ``s`` and ``tau``, each ``[B]`` float32 with ``s <= tau``.
+    """
+    sigmas = sigmas.float()
+    high = sigmas[step]
+    low = sigmas[step + 1].clamp_min(min_sigma)
+    top = high - margin
+    s = low + u_intermediate.float() * (top - low) if use_randmid else low
+    ceiling = top if use_separate else torch.full_like(top, 1.0 - margin)
+    tau = s + u_target.float() * (ceiling - s)
+    return s, tau
+
+
+# ---------------------------------------------------------------------------------------------
+# Flow transition, weights and losses (pure functions of plain tensors)
+# ---------------------------------------------------------------------------------------------
+
+
+def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``[B]`` -> ``[B, 1, ..., 1]`` broadcasting against ``like`` ``[B, ...]``."""
+    return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def x0_from_velocity(x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``x0_hat = x - sigma v`` (float32); sigma ``[B]``."""
+    return x.float() - per_sample(sigma.float(), x) * velocity.float()
+
+
+def eps_from_velocity(x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``eps_hat = x + (1 - sigma) v`` (float32); sigma ``[B]``."""
+    return x.float() + (1 - per_sample(sigma.float(), x)) * velocity.float()
+
+
+def effective_noise(x_sigma: torch.Tensor, x0_hat: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The noise of ``x_sigma`` relative to ``x0_hat``: ``(x_sigma - (1 - sigma) x0_hat) / sigma``."""
+    sigma = per_sample(sigma.float(), x_sigma)
+    return (x_sigma.float() - (1 - sigma) * x0_hat.float()) / sigma
+
+
+def flow_transition(
+    x_from: torch.Tensor, eps_hat: torch.Tensor, sigma_from: torch.Tensor, sigma_to: torch.Tensor, z: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward-diffuse ``x_{sigma1}`` to the noisier ``sigma2 >= sigma1``, and its mixed noise.
+
+    ``a = (1 - sigma2) / (1 - sigma1)``, ``beta^2 = sigma2^2 - (a sigma1)^2``,
+    ``x_{sigma2} = a x_{sigma1} + beta z``, ``xi = (a sigma1 eps_hat + beta z) / sigma2``
+    (with the ``sigma1`` factor: TDM's post-2025-10-20 ``obtain_mixed_noise``). When
+    ``x_{sigma1} = (1 - sigma1) x0_hat + sigma1 eps_hat`` then ``x_{sigma2} = (1 - sigma2) x0_hat + sigma2 xi``.
+
+    Args:
+        x_from, eps_hat, z: ``[B, ...]``; sigma_from, sigma_to: ``[B]`` with ``sigma_from < 1``.
+    Returns:
+        ``(x_{sigma2}, xi)``, float32 ``[B, ...]``.
+    """
+    s1, s2 = per_sample(sigma_from.float(), x_from), per_sample(sigma_to.float(), x_from)
+    a = (1 - s2) / (1 - s1)
+    beta = (s2.square() - (a * s1).square()).clamp_min(0).sqrt()
+    x_to = a * x_from.float() + beta * z.float()
+    xi = (a * s1 * eps_hat.float() + beta * z.float()) / s2
+    return x_to, xi
+
+
+def snr_weight(sigma: torch.Tensor, clip: float) -> torch.Tensor:
+    """``min(((1 - sigma) / sigma)^2, clip)`` ``[B]``."""
+    sigma = sigma.float()
+    return ((1 - sigma) / sigma).square().clamp_max(clip)
+
+
+def importance_weight(xi: torch.Tensor, z: torch.Tensor, clip: float) -> torch.Tensor:
+    """``min(exp(-mean xi^2 / 2) / exp(-mean z^2 / 2), clip)`` per sample ``[B]`` (means over all
+    non-batch dims: TDM's tempered density ratio N(xi)/N(z), corrects for eps_hat not being N(0, I))."""
+    mean_xi = xi.float().flatten(1).square().mean(1)
+    mean_z = z.float().flatten(1).square().mean(1)
+    return torch.exp(-0.5 * (mean_xi - mean_z)).clamp_max(clip)
+
+
+def fake_score_loss(x0_fake: torch.Tensor, x0_student: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``mean_b[weight_b mean|x0_fake - sg(x0_student)|^2]``: the fake score denoises the student's samples."""
+    squared = (x0_fake.float() - x0_student.detach().float()).square().flatten(1).mean(1)
+    return (weight.detach() * squared).mean()
+
+
+def generator_loss(
+    x0_student: torch.Tensor,
+    x0_cfg: torch.Tensor,
+    x0_fake: torch.Tensor,
+    huber_c: float,
+    min_normaliser: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TDM's generator loss; its gradient moves ``x0_student`` along ``x0_cfg - x0_fake``.
+
+    ``target = sg(x0_k + x0_cfg - x0_fake)``, ``d = max(sg(mean|x0_k - x0_cfg|), min_normaliser)``
+    per sample (NaN mapped to ``min_normaliser``), loss ``mean_b[mean(sqrt((x0_k - target)^2 + c^2) - c) / d]``.
+
+    Returns:
+        (scalar loss, normaliser ``d`` ``[B]``).
+    """
+    x0_student = x0_student.float()
+    x0_cfg, x0_fake = x0_cfg.detach().float(), x0_fake.detach().float()
+    # x0_k - target, written so that it is exactly 0 when x0_cfg == x0_fake (rounding of
+    # (x0_k + x0_cfg) - x0_fake would leave a spurious gradient at equilibrium)
+    residual = (x0_student - x0_student.detach()) - (x0_cfg - x0_fake)
+    distance = (x0_student.detach() - x0_cfg).abs().flatten(1).mean(1)
+    normaliser = torch.nan_to_num(distance, nan=min_normaliser, posinf=min_normaliser).clamp_min(min_normaliser)
+    huber = (residual.square() + huber_c**2).sqrt() - huber_c
+    return (huber.flatten(1).mean(1) / normaliser).mean(), normaliser
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollout and the whole objective on velocity callables
+# ---------------------------------------------------------------------------------------------
+
+
+def rollout_states(student: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor, num_steps: int | None = None) -> torch.Tensor:
+    """The student's deterministic rollout from ``noise`` at sigma 1: the input of each step.
+
+    ``x_{k+1} = (1 - sigma_{k+1}) x0_hat_k + sigma_{k+1} eps_hat_k`` with the student's own
+    prediction at ``(x_k, sigma_k)`` (DDIM-like; equal to the Euler step of a flow model). Call it
+    under ``torch.no_grad()``.
+
+    Args:
+        student: ``(x [B, ...], sigma [B]) -> velocity``; noise ``[B, ...]``; sigmas the grid ``[K + 1]``.
+        num_steps: how many step inputs to return (default K; fewer saves the later steps).
+    Returns:
+        ``[num_steps, B, ...]`` float32: ``x_0 = noise, x_1, ...``.
+    """
+    num_steps = sigmas.numel() - 1 if num_steps is None else num_steps
+    batch = noise.shape[0]
+    x = noise.float()
+    states = [x]
+    for k in range(num_steps - 1):
+        sigma = sigmas[k].expand(batch)
+        velocity = student(x, sigma).float()
+        x0_hat, eps_hat = x0_from_velocity(x, velocity, sigma), eps_from_velocity(x, velocity, sigma)
+        x = (1 - sigmas[k + 1]) * x0_hat + sigmas[k + 1] * eps_hat
+        states.append(x)
+    return torch.stack(states)
+
+
+@dataclass
+class TdmTerms:
+    """One TDM evaluation: both losses (scalars) and per-sample diagnostics ``[B]``."""
+
+    loss_fake: torch.Tensor
+    loss_generator: torch.Tensor
+    importance: torch.Tensor
+    normaliser: torch.Tensor
+    tau: torch.Tensor
+
+
+def tdm_objective(
+    student: VelocityFn,
+    fake_score: VelocityFn,
+    teacher_cfg: VelocityFn,
+    x_k: torch.Tensor,
+    sigma_k: torch.Tensor,
+    s: torch.Tensor,
+    tau: torch.Tensor,
+    z: torch.Tensor,
+    *,
+    snr_clip: float = 5.0,
+    is_clip: float = 10.0,
+    huber_c: float = 1e-3,
+    min_normaliser: float = 1e-6,
+) -> TdmTerms:
+    """The fake-score and generator losses at the step inputs ``x_k`` (see the module docstring).
+
+    ``student`` and ``fake_score`` run with grad (each loss reaches only its own network);
+    ``teacher_cfg`` (the guided teacher) runs under no_grad.
+
+    Args:
+        x_k: ``[B, ...]`` step inputs from the rollout; sigma_k, s, tau ``[B]``; z ``[B, ...]`` N(0, I).
+    """
+    x0_k = x0_from_velocity(x_k, student(x_k, sigma_k), sigma_k)  # with grad: the generator loss
+    with torch.no_grad():
+        eps_hat = effective_noise(x_k, x0_k, sigma_k)
+        x0_detached = x0_k.detach()
+        x_s = (1 - per_sample(s, x_k)) * x0_detached + per_sample(s, x_k) * eps_hat
+        x_tau, xi = flow_transition(x_s, eps_hat, s, tau, z)
+        importance = importance_weight(xi, z, is_clip)
+        weight = snr_weight(tau, snr_clip) * importance
+    x0_fake = x0_from_velocity(x_tau, fake_score(x_tau, tau), tau)
+    loss_fake = fake_score_loss(x0_fake, x0_detached, weight)
+    with torch.no_grad():
+        x0_cfg = x0_from_velocity(x_tau, teacher_cfg(x_tau, tau), tau)
+    loss_generator, normaliser = generator_loss(x0_k, x0_cfg, x0_fake.detach(), huber_c, min_normaliser)
+    return TdmTerms(loss_fake, loss_generator, importance, normaliser, tau)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage: DiT plumbing
+# ---------------------------------------------------------------------------------------------
+
+
+def check_tdm_config(config: RunConfig) -> None:
+    """Refuse values that cannot train, naming the key."""
+    tdm: TdmConfig = config.tdm
+    if config.stage.init_from is None:
+        raise StageConfigError(
+            f"stage {config.stage.name!r} (kind tdm) needs stage.init_from: the teacher's weights (a run, checkpoint or weights file)"
+        )
+    if config.parallel.tp != 1:
+        raise StageConfigError(f"the tdm stage does not support tensor parallelism (parallel.tp={config.parallel.tp}); use parallel.tp=1")
+    checks = [
+        ("tdm.student_steps", tdm.student_steps >= 1, "must be at least 1"),
+        ("tdm.guidance", tdm.guidance >= 0, "must be >= 0 (Krea's g; 0: no CFG)"),
+        ("tdm.fake_lr_scale", tdm.fake_lr_scale > 0, "must be positive"),
+        ("tdm.snr_clip", tdm.snr_clip > 0, "must be positive"),
+        ("tdm.is_clip", tdm.is_clip > 0, "must be positive"),
+        ("tdm.huber_c", tdm.huber_c > 0, "must be positive"),
+        ("tdm.min_sigma", 0 < tdm.min_sigma < 1, "must be in (0, 1)"),
+        ("tdm.interval_margin", 0 <= tdm.interval_margin < 1, "must be in [0, 1)"),
+        ("tdm.min_normaliser", tdm.min_normaliser > 0, "must be positive"),
+    ]
+    for key, ok, requirement in checks:
+        if not ok:
+            raise StageConfigError(f"{key}={getattr(tdm, key.split('.')[1])} {requirement}")
+
+
+def pad_text(states: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad text states ``[B, L, K, T]`` and mask ``[B, L]`` with masked zero tokens to ``length``.
+
+    Text tokens all sit at rotary position 0 and masked tokens are ignored, so the DiT's output does
+    not change; with the conditional and empty prompts at one length the teacher's two CFG passes
+    always share one forward, the same collectives on every rank whatever its prompts.
+    """
+    missing = length - states.shape[1]
+    if missing <= 0:
+        return states, mask
+    states = torch.cat([states, states.new_zeros(states.shape[0], missing, *states.shape[2:])], dim=1)
+    return states, torch.cat([mask.bool(), mask.new_zeros(mask.shape[0], missing, dtype=torch.bool)], dim=1)
+
+
+class TdmStage:
+    def __init__(self, config: RunConfig) -> None:
+        check_tdm_config(config)
+        self.name = config.stage.name
+        self.config = config
+        self.tdm = config.tdm
+        self.sigmas = student_sigmas(self.tdm.student_steps, self.tdm.mu)
+        check_step_intervals(self.sigmas, self.tdm.min_sigma, self.tdm.interval_margin)
+        self.lr_scales = {FAKE_SCORE_PREFIX: self.tdm.fake_lr_scale}
+
+    # -- networks ---------------------------------------------------------------------------------
+
+    def frozen_models(self, initial_weights: dict[str, torch.Tensor] | None) -> dict[str, torch.nn.Module]:
+        """The teacher: ``stage.init_from``'s weights in the run's model config."""
+        return {"teacher": frozen_copy_of_initial(self.config, initial_weights)}
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Attach the fake score, a copy of the model (the student holds the teacher's weights on a
+        fresh start; a resumed run loads both from the checkpoint), under ``model.auxiliary``."""
+        from krea2_train.model.presets import build_model
+
+        fake_score = build_model(self.config.model.preset, **self.config.model.overrides)
+        weights = {key: value for key, value in model.state_dict().items() if not key.startswith(AUXILIARY_PREFIX)}
+        fake_score.load_state_dict(weights, strict=True)
+        model.auxiliary[FAKE_SCORE_KEY] = fake_score
+        return model
+
+    # -- the loss ---------------------------------------------------------------------------------
+
+    def draws(self, ctx: StepContext, batch_size: int, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """Keyed per-sample randomness on the host: rollout noise and transition noise ``[B, *shape]``,
+        step index ``[B]`` long, uniforms for ``s`` and ``tau`` ``[B]``."""
+        slots = ctx.slots(batch_size)
+        num_steps = self.tdm.student_steps
+        return dict(
+            noise=torch.stack([torch.randn(shape, generator=ctx.generator(ROLLOUT_NOISE, slot)) for slot in slots]),
+            z=torch.stack([torch.randn(shape, generator=ctx.generator(TRANSITION_NOISE, slot)) for slot in slots]),
+            step=torch.cat([torch.randint(num_steps, (1,), generator=ctx.generator(STEP_INDEX, slot)) for slot in slots]),
+            u_intermediate=torch.tensor([ctx.uniform(INTERMEDIATE_TIME, slot) for slot in slots], dtype=torch.float32),
+            u_target=torch.tensor([ctx.uniform(TARGET_TIME, slot) for slot in slots], dtype=torch.float32),
+        )
+
+    def loss(self, ctx: StepContext, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        captions = list(batch["captions"])
+        batch_size = len(captions)
+        grid = ctx.conditioner.grid(*batch["images"].shape[-2:])  # the image size only: data-free
+        channels = ctx.conditioner.autoencoder.latent_channels * ctx.conditioner.patch_size**2
+        text_states, text_mask = ctx.conditioner.encode_text(captions)
+        empty_states, empty_mask = ctx.conditioner.encode_text([""])
+        length = max(text_states.shape[1], empty_states.shape[1])
+        text_states, text_mask = pad_text(text_states, text_mask, length)
+        empty_states, empty_mask = pad_text(empty_states, empty_mask, length)
+        text_states, text_mask = text_states.to(ctx.device, ctx.dtype), text_mask.to(ctx.device)
+        empty_states, empty_mask = empty_states.to(ctx.device, ctx.dtype), empty_mask.to(ctx.device)
+
+        draws = self.draws(ctx, batch_size, (grid.num_tokens, channels))
+        step = draws["step"]
+        s, tau = sample_step_times(
+            self.sigmas, step, draws["u_intermediate"], draws["u_target"], use_separate=self.tdm.use_separate,
+            use_randmid=self.tdm.use_randmid, min_sigma=self.tdm.min_sigma, margin=self.tdm.interval_margin,
+        )
+        sigma_k = self.sigmas[step]
+        non_blocking = ctx.device.type == "cuda"
+        noise, z, s, tau, sigma_k = (
+            t.pin_memory().to(ctx.device, non_blocking=True) if non_blocking else t.to(ctx.device)
+            for t in (draws["noise"], draws["z"], s, tau, sigma_k)
+        )
+        step_device = step.to(ctx.device)
+
+        def velocity_of(network: torch.nn.Module, guidance: float = 0.0) -> VelocityFn:
+            def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+                return guided_velocity(
+                    network, x.to(ctx.dtype), sigma, text_states, text_mask, grid.height, grid.width,
+                    guidance_scale=guidance, negative_text_states=empty_states, negative_text_mask=empty_mask,
+                ).float()
+
+            return velocity
+
+        student = velocity_of(ctx.model)  # the FSDP root: it runs forward first (FSDP2's lazy init)
+        fake_score = velocity_of(ctx.model.auxiliary[FAKE_SCORE_KEY])
+        teacher = velocity_of(ctx.frozen["teacher"], self.tdm.guidance)
+        with torch.no_grad():  # every step, on every rank: the FSDP collectives must match across ranks
+            states = rollout_states(student, noise, self.sigmas.to(ctx.device))
+        x_k = states[step_device, torch.arange(batch_size, device=ctx.device)]
+        terms = tdm_objective(
+            student, fake_score, teacher, x_k, sigma_k, s, tau, z, snr_clip=self.tdm.snr_clip,
+            is_clip=self.tdm.is_clip, huber_c=self.tdm.huber_c, min_normaliser=self.tdm.min_normaliser,
+        )
+        metrics = {
+            "loss_fake": terms.loss_fake.detach(),
+            "loss_generator": terms.loss_generator.detach(),
+            "w_is_min": terms.importance.min(),
+            "w_is_mean": terms.importance.mean(),
+            "w_is_max": terms.importance.max(),
+            "normaliser_mean": terms.normaliser.mean(),
+            "tau_mean": terms.tau.mean(),
+        }
+        return terms.loss_fake + terms.loss_generator, metrics

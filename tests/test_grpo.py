@@ -1,0 +1,370 @@
+"""The GRPO stage (krea2_train.stages.grpo).
+
+- Pure math: the clipped surrogate's golden values and where its gradient vanishes.
+- Toy RL on the 8-mode ring GMM (algorithms.md 3e): a small MLP velocity conditioned on the mode
+  id, regressed onto the exact velocity of a label-noisy conditional mixture (the prompted mode
+  holds 9/16 of the mass), then GRPO with the stage's own pieces (SDE rollout, log-probs,
+  advantages, clipped loss): the hit rate of the prompted mode rises within 30 rollouts.
+- The stage on the tiny DiT with the real conditioner: the first update of a rollout has ratio 1
+  exactly, the next re-uses the buffer (ratio != 1, clipping active), state_dict resumes exactly.
+- End to end (slow): a short pretrain, then the grpo stage in the trainer; metrics logged and
+  finite; a run killed mid-buffer and resumed reproduces the uninterrupted one.
+"""
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from gmm_oracle import GaussianMixture
+from helpers import random_tiny_model
+
+from krea2_train.config import load_config
+from krea2_train.data import shapes
+from krea2_train.flow.sde import gaussian_kl, rollout, sde_step_mean_std, step_log_prob
+from krea2_train.rewards.advantages import aggregate_advantages
+from krea2_train.stages import build_stage
+from krea2_train.stages.base import StepContext
+from krea2_train.stages.grpo import GrpoStage, clipped_policy_loss
+
+# ------------------------------------------------------------------------------------------------
+# pure math
+
+
+def test_clipped_surrogate_golden_values_and_gradients():
+    ratio = torch.tensor([1.0, 1.5, 0.5, 1.5, 0.5, 1.00005], requires_grad=True)
+    advantages = torch.tensor([2.0, 1.0, 1.0, -1.0, -1.0, 1.0])
+    loss = clipped_policy_loss(ratio, advantages, 0.2)
+    # max(-A rho, -A clip(rho)): A > 0 caps the gain at 1 + eps, A < 0 caps it at 1 - eps
+    torch.testing.assert_close(loss.detach(), torch.tensor([-2.0, -1.2, -0.5, 1.5, 0.8, -1.00005]))
+    loss.sum().backward()
+    # clipped where the ratio already moved past the trust region in the advantage's direction
+    torch.testing.assert_close(ratio.grad, torch.tensor([-2.0, 0.0, -1.0, 1.0, 0.0, -1.0]))
+
+
+# ------------------------------------------------------------------------------------------------
+# toy RL on the GMM
+
+MODES = 8
+RING = GaussianMixture.ring(MODES, radius=2.0, std=0.15)
+
+
+def label_noisy_mixture(mode: int, keep: float = 0.5) -> GaussianMixture:
+    """What a model trained with half its labels replaced at random generates for ``mode``."""
+    weights = torch.full((MODES,), (1 - keep) / MODES, dtype=torch.float64)
+    weights[mode] += keep
+    return GaussianMixture(weights, RING.means, RING.stds)
+
+
+class ModeVelocity(torch.nn.Module):
+    def __init__(self, width: int = 128) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(MODES, 32)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(2 + 2 + 32, width), torch.nn.SiLU(), torch.nn.Linear(width, width), torch.nn.SiLU(),
+            torch.nn.Linear(width, 2),
+        )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, mode: torch.Tensor) -> torch.Tensor:
+        t = t.expand(x.shape[0]).reshape(-1, 1)
+        return self.net(torch.cat([x, torch.sin(3 * t), torch.cos(3 * t), self.embed(mode)], dim=1))
+
+
+def regress_base(steps: int = 350, per_mode: int = 32, seed: int = 0) -> ModeVelocity:
+    """Regress the MLP onto the exact velocity of each mode's label-noisy mixture."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    mixtures = [label_noisy_mixture(k) for k in range(MODES)]
+    model = ModeVelocity()
+    optimizer = torch.optim.Adam(model.parameters(), 5e-3)
+    mode = torch.arange(MODES).repeat_interleave(per_mode)
+    for _ in range(steps):
+        t = torch.rand(mode.shape[0], generator=generator) * 0.999 + 0.001
+        x0 = torch.cat([m.sample(per_mode, generator) for m in mixtures])
+        x_t = (1 - t[:, None].double()) * x0 + t[:, None].double() * torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+        parts = [slice(k * per_mode, (k + 1) * per_mode) for k in range(MODES)]
+        target = torch.cat([m.velocity(x_t[p], t[p]) for m, p in zip(mixtures, parts)]).float()
+        loss = (model(x_t.float(), t, mode) - target).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+def mode_reward(x: torch.Tensor, mode: torch.Tensor) -> torch.Tensor:
+    """1 for a sample nearest its prompted mode, minus a small distance term."""
+    distances = torch.cdist(x.double(), RING.means)
+    return (distances.argmin(1) == mode).double() - 0.05 * distances[torch.arange(mode.shape[0]), mode]
+
+
+def ode_hit_rate(model: ModeVelocity, n: int = 1024) -> float:
+    generator = torch.Generator().manual_seed(123)
+    mode = torch.arange(n) % MODES
+    with torch.no_grad():
+        final = rollout(lambda x, t: model(x, t, mode), torch.randn(n, 2, generator=generator), torch.linspace(1, 0, 11), [],
+                        generator, noise_level=0.0).final
+    return (torch.cdist(final.double(), RING.means).argmin(1) == mode).double().mean().item()
+
+
+def toy_grpo(model, reference, *, rollouts=30, updates=2, group=16, lr=3e-3, clip=1e-4, noise_level=0.7, beta_kl=0.0):
+    """GRPO on the toy with the stage's pieces; returns per-rollout mean reward, KL and first-update ratios."""
+    optimizer = torch.optim.Adam(model.parameters(), lr)
+    sigmas = torch.linspace(1.0, 0.0, 11)
+    mode = torch.arange(MODES).repeat_interleave(group)
+    size = mode.shape[0]
+    history = {"reward": [], "kl": [], "first_ratio": [], "clip_fraction": []}
+    for index in range(rollouts):
+        generator = torch.Generator().manual_seed(1000 + index)
+        with torch.no_grad():
+            sampled = rollout(lambda x, t: model(x, t, mode), torch.randn(size, 2, generator=generator), sigmas, range(9),
+                              generator, noise_level=noise_level)
+        rewards = mode_reward(sampled.final, mode)
+        result = aggregate_advantages({"hit": rewards}, {"hit": 1.0}, group, aggregation="reward_aggr")
+        history["reward"].append(rewards.mean().item())
+        x, x_next = torch.cat([s.x for s in sampled.steps]), torch.cat([s.x_next for s in sampled.steps])
+        t = torch.cat([s.t.expand(size) for s in sampled.steps])
+        t_next = torch.cat([s.t_next.expand(size) for s in sampled.steps])
+        steps = len(sampled.steps)
+        modes, advantages, valid = mode.repeat(steps), result.advantages.repeat(steps), result.valid.float().repeat(steps)
+
+        def step_terms(net):
+            mean, std = sde_step_mean_std(net(x, t, modes), x, t, t_next, noise_level=noise_level, t_cap=sampled.t_cap)
+            return step_log_prob(x_next, mean, std), mean, std
+
+        with torch.no_grad():
+            log_prob_old = step_terms(model)[0]
+            reference_mean = step_terms(reference)[1]
+        for update in range(updates):
+            log_prob, mean, std = step_terms(model)
+            ratio = torch.exp(log_prob - log_prob_old)
+            if update == 0:
+                history["first_ratio"].append(ratio.detach())
+            else:
+                history["clip_fraction"].append(((ratio - 1).abs() > clip).float().mean().item())
+            policy = (clipped_policy_loss(ratio, advantages, clip) * valid).sum() / valid.sum().clamp_min(1)
+            kl = gaussian_kl(mean, reference_mean, std).mean()
+            optimizer.zero_grad()
+            (policy + beta_kl * kl).backward()
+            optimizer.step()
+        history["kl"].append(kl.item())
+    return history
+
+
+@pytest.fixture(scope="module")
+def toy_base():
+    torch.set_num_threads(1)
+    return regress_base()
+
+
+def test_toy_grpo_raises_the_prompted_mode_hit_rate(toy_base):
+    base_rate = ode_hit_rate(toy_base)
+    assert 0.45 < base_rate < 0.7  # the label-noisy mixture's 9/16 mass on the prompted mode
+    policy = copy.deepcopy(toy_base)
+    history = toy_grpo(policy, toy_base)
+    assert all(torch.equal(r, torch.ones_like(r)) for r in history["first_ratio"])  # rho == 1 at every first update
+    assert np.mean(history["clip_fraction"]) > 0.5  # clip 1e-4 binds on the second update
+    assert np.mean(history["reward"][-5:]) > np.mean(history["reward"][:5]) + 0.2, history["reward"]
+    assert ode_hit_rate(policy) > base_rate + 0.2
+
+    # the KL to the base: bounded by beta_kl (reward still rises)
+    anchored = copy.deepcopy(toy_base)
+    anchored_history = toy_grpo(anchored, toy_base, beta_kl=0.5)
+    assert np.mean(anchored_history["reward"][-5:]) > np.mean(anchored_history["reward"][:5]) + 0.05
+    assert np.mean(anchored_history["kl"][-5:]) < np.mean(history["kl"][-5:]), (anchored_history["kl"], history["kl"])
+
+
+# ------------------------------------------------------------------------------------------------
+# the stage on the tiny DiT
+
+
+class BrightnessReward:
+    """A test reward that varies between rollouts of a random model: mean brightness in [0, 1]."""
+
+    weights = {"brightness": 1.0}
+
+    def __call__(self, images, facts):
+        return {"brightness": ((images.float().mean(dim=(1, 2, 3)) + 1) / 2).double().numpy()}
+
+
+@pytest.fixture(scope="module")
+def conditioner(tmp_path_factory):
+    from krea2_train.conditioning.conditioner import build_conditioner
+    from krea2_train.conditioning.tiny import build_tiny_text_encoder
+
+    directory = build_tiny_text_encoder(tmp_path_factory.mktemp("text_encoder"), seed=0)
+    return build_conditioner("pixel", directory, max_text_tokens=64)
+
+
+def shapes_batch(size: int, side: int = 32) -> dict:
+    samples = [shapes.make_sample(index, side, seed=0) for index in range(size)]
+    images = torch.stack([torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1 for image, _, _ in samples])
+    return {"images": images, "captions": [c["long"] for _, c, _ in samples], "facts": [f for _, _, f in samples],
+            "sample_ids": torch.arange(100, 100 + size)}
+
+
+def grpo_stage(*overrides) -> GrpoStage:
+    config = load_config("stage/grpo", ["stage.init_from=init", "data.global_batch_size=8", "grpo.group_size=4",
+                                         "grpo.num_steps=4", "grpo.sde_window_range=[0,2]", *overrides])
+    stage = build_stage(config)
+    stage.rewards = BrightnessReward()
+    return stage
+
+
+def context(model, conditioner, step, reference):
+    return StepContext(model=model, conditioner=conditioner, device=torch.device("cpu"), seed=0, step=step, first_slot=0,
+                       frozen={"reference": reference})
+
+
+def sgd_step(model, lr=0.05):
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.grad is not None:
+                parameter -= lr * parameter.grad.sign()
+                parameter.grad = None
+
+
+def test_first_update_has_ratio_one_and_the_buffer_is_reused_then_resumed(conditioner, one_cpu_thread):
+    stage = grpo_stage("grpo.updates_per_rollout=2", "grpo.clip_range=1e-3")
+    model, reference = random_tiny_model(0), random_tiny_model(0).requires_grad_(False)
+    batch = shapes_batch(8)
+
+    loss, first = stage.loss(context(model, conditioner, 0, reference), batch)
+    assert first["ratio_mean"].item() == 1.0 and first["ratio_std"].item() == 0.0 and first["clip_fraction"].item() == 0.0
+    assert first["logp_rollout_gap"].item() == 0.0 and first["kl"].item() < 1e-10 and first["update_index"].item() == 0
+    assert first["zero_std_ratio"].item() == 0.0 and first["advantage_std"].item() > 0.1
+    assert set(first) >= {"reward_mean", "reward_brightness_mean", "advantage_std", "zero_std_ratio", "ratio_mean",
+                          "ratio_std", "clip_fraction", "kl", "loss_policy", "prompt_weight_mean"}
+    assert all(value.ndim == 0 and torch.isfinite(value) for value in first.values())
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    sgd_step(model)
+    checkpoint = (stage.state_dict(), copy.deepcopy(model.state_dict()))
+
+    loss_second, second = stage.loss(context(model, conditioner, 1, reference), batch)
+    assert second["update_index"].item() == 1 and second["reward_mean"].item() == first["reward_mean"].item()
+    assert second["ratio_std"].item() > 0 and second["clip_fraction"].item() > 0 and second["kl"].item() > 0
+
+    # a fresh stage loaded from the checkpoint computes the same second update, bit for bit
+    resumed_stage, resumed_model = grpo_stage("grpo.updates_per_rollout=2", "grpo.clip_range=1e-3"), random_tiny_model(5)
+    resumed_stage.load_state_dict(checkpoint[0])
+    resumed_model.load_state_dict(checkpoint[1])
+    loss_resumed, resumed = resumed_stage.loss(context(resumed_model, conditioner, 1, reference), batch)
+    assert torch.equal(loss_resumed, loss_second)
+    assert {k: v.item() for k, v in resumed.items()} == {k: v.item() for k, v in second.items()}
+
+    # the third step rolls out again: ratio 1 again
+    _, third = stage.loss(context(model, conditioner, 2, reference), batch)
+    assert third["update_index"].item() == 0 and third["ratio_mean"].item() == 1.0
+
+
+def test_cps_policy_recomputes_to_ratio_one(conditioner, one_cpu_thread):
+    stage = grpo_stage("grpo.sde_type=cps", "grpo.noise_level=0.8", "grpo.sde_window_range=[0,1]")
+    model, reference = random_tiny_model(1), random_tiny_model(1).requires_grad_(False)
+    loss, metrics = stage.loss(context(model, conditioner, 0, reference), shapes_batch(8))
+    assert metrics["ratio_mean"].item() == 1.0 and metrics["ratio_std"].item() == 0.0 and torch.isfinite(loss)
+    assert metrics["kl"].item() < 1e-10
+
+
+def test_groups_share_prompts_and_same_initial_noise(conditioner, one_cpu_thread):
+    stage = grpo_stage("grpo.same_initial_noise=true", "grpo.beta_kl=0")
+    model = random_tiny_model(0)
+    buffer = stage.collect(context(model, conditioner, 0, None), shapes_batch(8))
+    assert buffer.captions == [shapes_batch(8)["captions"][0]] * 4 + [shapes_batch(8)["captions"][4]] * 4
+    assert buffer.prompt_ids == [100] * 4 + [104] * 4
+    first_step = buffer.window[0]
+    if first_step == 0:  # the window starts at the noise: the group's members share x_0
+        assert torch.equal(buffer.x[0, 0], buffer.x[0, 3]) and not torch.equal(buffer.x[0, 0], buffer.x[0, 4])
+    assert not torch.equal(buffer.x_next[0, 0], buffer.x_next[0, 1])  # but not their SDE noise
+
+
+def test_frozen_reference_and_config_errors():
+    weights = random_tiny_model(3).state_dict()
+    stage = build_stage(load_config("stage/grpo", ["stage.init_from=init", "data.global_batch_size=16"]))
+    reference = stage.frozen_models(weights)["reference"]
+    assert all(torch.equal(reference.state_dict()[k], v) for k, v in weights.items())
+    assert build_stage(load_config("stage/grpo", ["grpo.beta_kl=0", "stage.init_from=null"])).frozen_models(None) == {}
+
+    def error(*overrides):
+        with pytest.raises(ValueError) as raised:
+            build_stage(load_config("stage/grpo", ["stage.init_from=init", *overrides]))
+        return str(raised.value)
+
+    assert "grpo.group_size" in error("data.global_batch_size=12")
+    assert "grpo.group_size" in error("grpo.group_size=1")
+    assert "grpo.sde_type" in error("grpo.sde_type=ode")
+    assert "grpo.clip_range" in error("grpo.clip_range=0")
+    assert "grpo.sde_window" in error("grpo.sde_window_size=4", "grpo.sde_window_range=[0,8]")
+    assert "grpo.updates_per_rollout" in error("grpo.updates_per_rollout=0")
+    assert "grpo.aggregation" in error("grpo.aggregation=sum")
+    assert "grpo.rewards" in error("grpo.rewards={aesthetic: 1.0}")
+    assert "grpo.noise_level" in error("grpo.sde_type=cps", "grpo.noise_level=1.5")
+    assert "cps window" in error("grpo.sde_type=cps", "grpo.noise_level=0.8", "grpo.sde_window_range=[0,8]")
+    assert "stage.init_from" in error("stage.init_from=null")
+
+
+def test_micro_batches_must_hold_whole_groups(conditioner):
+    stage = grpo_stage()
+    batch = shapes_batch(6)
+    with pytest.raises(ValueError, match="groups of grpo.group_size=4"):
+        stage.loss(context(random_tiny_model(0), conditioner, 0, None), batch)
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end
+
+
+def records(run_dir) -> dict[int, dict]:
+    """Step records by step (a re-run step overwrites the earlier record)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if "event" not in r}
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_grpo_stage_trains_in_the_trainer_and_resumes_mid_buffer(tmp_path, fresh_database_dsn):
+    runs = tmp_path / "runs"
+    common = [f"runs_root={runs}", "logging.wandb=disabled", "logging.sample_steps=2", "logging.sample_prompts=[a red circle]",
+              "data.num_samples=16", "data.num_workers=0", "data.resolution=64", "checkpoint.async_mode=sync"]
+    env = {**os.environ, "KREA2_PG_DSN": fresh_database_dsn}
+
+    def train(stage, *extra, faults=None, check=True):
+        command = [sys.executable, "-m", "krea2_train", "--config", f"stage/{stage}", *common, *extra]
+        result = subprocess.run(command, cwd=tmp_path, env={**env, **({"KREA2_FAULTS": faults} if faults else {})},
+                                capture_output=True, text=True, timeout=600)
+        if check:
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result
+
+    train("pretrain_256", "stage.steps=10", "checkpoint.interval=10", "data.global_batch_size=8", "optim.lr=3e-3",
+          "optim.warmup_steps=0")
+    grpo = [f"stage.init_from={runs / 'pretrain_256'}", "stage.steps=5", "checkpoint.interval=3", "data.global_batch_size=4",
+            "grpo.group_size=2", "grpo.num_steps=4", "grpo.sde_window_range=[0,1]", "grpo.updates_per_rollout=2",
+            "optim.lr=1e-3"]
+    train("grpo", *grpo, "run_name=reference")
+    reference = records(runs / "reference")
+    assert sorted(reference) == [1, 2, 3, 4, 5]
+    names = {"loss", "loss_policy", "kl", "reward_mean", "reward_rubric_mean", "reward_artifact_mean", "advantage_std",
+             "zero_std_ratio", "ratio_mean", "ratio_std", "clip_fraction", "prompt_weight_mean", "update_index"}
+    for step, record in reference.items():
+        assert names <= set(record) and all(math.isfinite(record[name]) for name in names), record
+        assert record["update_index"] == (step - 1) % 2  # rollouts at steps 1, 3, 5; re-used at 2, 4
+        if record["update_index"] == 0:
+            assert record["ratio_mean"] == 1.0 and record["ratio_std"] == 0.0
+
+    # killed after step 4 (its checkpoint at step 3 holds the buffer rolled out at step 3)
+    crashed = train("grpo", *grpo, "run_name=faulty", faults="kill@4", check=False)
+    assert crashed.returncode != 0
+    train("grpo", *grpo, "run_name=faulty")
+    resumed_at = [json.loads(line)["step"] for line in (runs / "faulty" / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(line).get("event") == "resume"]
+    assert resumed_at == [3]
+    faulty = records(runs / "faulty")
+    stage_metrics = sorted(names | {"logp_rollout_gap", "sde_window_start"})
+    for step in range(1, 6):
+        assert {k: faulty[step][k] for k in stage_metrics} == {k: reference[step][k] for k in stage_metrics}, step
