@@ -86,6 +86,24 @@ def test_summary_reports_the_targets_fp8_pairs_kernels_and_curves(tmp_path):
     assert "fp8rw_512 vs bf16_512 over 20 steps" in text and "tolerance 4.00%): PASS" in text
 
 
+def test_post_training_checks_fail_when_the_reference_or_the_first_ratio_is_off(tmp_path):
+    runs = tmp_path / "post-training" / "runs"
+
+    def write(stage, records):
+        (runs / stage).mkdir(parents=True)
+        common = {"loss": 0.5, "step_time_s": 1.0, "memory_gib": 2.0, "skipped_total": 0}
+        (runs / stage / "metrics.jsonl").write_text("".join(json.dumps({**common, "step": i + 1, **r}) + "\n" for i, r in enumerate(records)))
+
+    write("stpo", [{"loss_dpo": 0.693}, {"loss_dpo": 0.69}])  # 1.5e-4 from ln 2: PASS
+    write("grpo", [{"update_index": 0, "ratio_mean": 1.0, "logp_rollout_gap": 1e-3},
+                   {"update_index": 1, "ratio_mean": 0.99, "logp_rollout_gap": 0.0},
+                   {"update_index": 0, "ratio_mean": 1.001, "logp_rollout_gap": 0.0}])  # a later rollout is off: FAIL
+    text = summarize.summarize(tmp_path)
+    assert "| stpo | 2 | yes | 1 | 2 | step-1 loss_dpo - ln 2 = 1.5e-04 (PASS) |" in text
+    assert "first-update |ratio - 1| <= 1.0e-03 (FAIL); sampling vs recomputed log p gap 1.0e-03" in text
+    assert "| tdm |" not in text  # no run, no row
+
+
 def test_fp8_run_with_skipped_steps_fails_whatever_its_loss():
     verdict = summarize.fp8_curve_verdict([1.0] * 10, [1.0] * 10, [1.0] * 10, fp8_healthy=False)
     assert verdict["gap_fp8"] == 0 and not verdict["passed"]

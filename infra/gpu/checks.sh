@@ -9,6 +9,7 @@
 #   bash infra/gpu/checks.sh profile bench-memory          # ~9 min: profile, AC policies
 #   bash infra/gpu/checks.sh fp8-speed                     # ~9 min: fp8 step time on small and at 512 px
 #   bash infra/gpu/checks.sh fp8-512                       # ~8 min: rowwise fp8 loss curves at 512 px
+#   bash infra/gpu/checks.sh post-training                 # ~8 min: pretrain -> stpo -> grpo -> tdm in bf16
 #
 # Everything lands under $OUT/<part>/ (JSON and logs); then, on any machine,
 # `python infra/gpu/summarize.py DIR` prints the markdown tables for docs/benchmarks.md.
@@ -113,8 +114,19 @@ EOF
     fp8-512)
         fp8_curves pretrain_512 150 16 fp8rw_512
         ;;
+    post-training)  # the post-training stages in bf16 on CUDA: STPO starts at ln 2, GRPO's first ratio is 1
+        POST=("${SMALL[@]}" "${COMMON[@]}" "runs_root=$OUT/$part/runs" data.num_samples=512 data.resolution=256)
+        run pretrain 300 python3 -m krea2_train --config stage/pretrain_256 "${POST[@]}" stage.init_from=null \
+            irepa.enabled=false stage.steps=60 data.global_batch_size=16 optim.lr=3e-4
+        run stpo 240 python3 -m krea2_train --config stage/stpo "${POST[@]}" stage.init_from=pretrain_256 \
+            stage.steps=10 data.global_batch_size=8 stpo.beta=50
+        run grpo 240 python3 -m krea2_train --config stage/grpo "${POST[@]}" stage.init_from=stpo \
+            stage.steps=6 data.global_batch_size=16 grpo.group_size=8
+        run tdm 240 python3 -m krea2_train --config stage/tdm "${POST[@]}" stage.init_from=grpo \
+            stage.steps=10 data.global_batch_size=8
+        ;;
     *)
-        echo "unknown part '$part': env kernels bench-targets bench-more bench-memory fp8-speed profile fp8-256 fp8-512" >&2
+        echo "unknown part '$part': env kernels bench-targets bench-more bench-memory fp8-speed profile fp8-256 fp8-512 post-training" >&2
         exit 2
         ;;
     esac

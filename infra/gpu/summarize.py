@@ -4,7 +4,8 @@
 
 Reads every ``krea2 bench train`` JSON under OUT_DIR, ``kernels.json`` and the float8 loss-curve
 runs (``<part>/runs/<run>/metrics.jsonl``), and prints: the step-time table, issue 7's three
-targets (met or not, with the numbers), the kernel timings and the float8 loss comparison.
+targets (met or not, with the numbers), the kernel timings, the float8 loss comparison and the
+post-training stages' checks (STPO's first ``loss_dpo`` is ln 2, GRPO's first update has ratio 1).
 
 Float8 curves pass when the mean flow-matching loss over the second half of the fp8 run is within
 max(2%, 2 x the bf16 seed-to-seed gap) of the bf16 run's (the tolerance argued in
@@ -172,6 +173,42 @@ def fp8_curves(root: Path) -> list[str]:
     return lines
 
 
+POST_TRAINING_STAGES = ("stpo", "grpo", "tdm")
+
+
+def post_training_table(runs_roots: list[Path]) -> list[str]:
+    """One row per post-training run (``<runs root>/{stpo,grpo,tdm}``): health, speed, memory and
+    each stage's own start-of-run check."""
+    lines = []
+    for runs in runs_roots:
+        for stage in POST_TRAINING_STAGES:
+            path = runs / stage / "metrics.jsonl"
+            if not path.exists():
+                continue
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            steps = [r for r in records if "event" not in r]
+            if not steps:
+                continue
+            healthy = all(math.isfinite(r["loss"]) for r in steps) and not any(r.get("skipped_total", 0) for r in steps)
+            if stage == "stpo":
+                gap = abs(steps[0]["loss_dpo"] - math.log(2))
+                check = f"step-1 loss_dpo - ln 2 = {gap:.1e} ({'PASS' if gap < 1e-3 else 'FAIL'})"
+            elif stage == "grpo":
+                first = [r for r in steps if r.get("update_index") == 0]
+                worst = max((abs(r["ratio_mean"] - 1) for r in first), default=float("nan"))
+                gap = max(r["logp_rollout_gap"] for r in steps)
+                check = (f"first-update |ratio - 1| <= {worst:.1e} ({'PASS' if worst < 1e-6 else 'FAIL'}); "
+                         f"sampling vs recomputed log p gap {gap:.1e}")
+            else:
+                check = f"w_IS mean {statistics.fmean(r['w_is_mean'] for r in steps):.3g}, normaliser {statistics.fmean(r['normaliser_mean'] for r in steps):.3g}"
+            step_time = statistics.median(r["step_time_s"] for r in steps[1:] or steps)
+            memory = max(r.get("memory_gib", 0.0) for r in steps)
+            lines.append(f"| {stage} | {len(steps)} | {'yes' if healthy else 'NO'} | {step_time:.3g} | {memory:.3g} | {check} |")
+    if not lines:
+        return []
+    return ["| stage | steps | finite, none skipped | median step s | peak GiB | check |", "|---|---|---|---|---|---|", *lines]
+
+
 def summarize(root: Path) -> str:
     benches = load_benches(root)
     parts = ["### Step time (`krea2 bench train`)", "", bench_table(benches), "", "### Targets (issue 7)", "", *targets(benches)]
@@ -180,6 +217,9 @@ def summarize(root: Path) -> str:
     curves = fp8_curves(root)
     if curves:
         parts += ["", "### Float8 loss curves (`small`)", "", *curves]
+    post = post_training_table(sorted(root.rglob("post-training/runs")))
+    if post:
+        parts += ["", "### Post-training stages (`small`, bf16, 256 px)", "", *post]
     for versions in sorted(root.rglob("versions.log")):
         parts += ["", "### Environment", "", "```", versions.read_text().strip(), "```"]
     return "\n".join(parts)

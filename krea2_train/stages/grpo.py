@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from krea2_train.config.schema import RunConfig
 from krea2_train.flow.sde import (
@@ -58,6 +57,7 @@ from krea2_train.flow.sde import (
 )
 from krea2_train.flow.timesteps import inference_sigmas, mu_for_tokens
 from krea2_train.model.patchify import position_ids
+from krea2_train.parallel.distributed import all_gather_objects
 from krea2_train.rewards.advantages import AGGREGATIONS, STD_SCOPES, aggregate_advantages
 from krea2_train.rewards.prompt_weights import PromptReweighting, PromptStats
 from krea2_train.rewards.registry import build_rewards
@@ -153,21 +153,6 @@ class RolloutBuffer:
             t_next=first["t_next"].to(device), t_cap=first["t_cap"], window=list(first["window"]), rewards=rewards,
             **fields,
         )
-
-
-def _world() -> tuple[bool, int]:
-    on = dist.is_available() and dist.is_initialized()
-    return on, (dist.get_world_size() if on else 1)
-
-
-def all_gather_objects(value: Any) -> list[Any]:
-    """Every rank's ``value`` (a one-element list without torch.distributed)."""
-    on, world = _world()
-    if not on or world == 1:
-        return [value]
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, value)
-    return gathered
 
 
 # ------------------------------------------------------------------------------------------------

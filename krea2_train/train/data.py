@@ -19,10 +19,10 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import torch.distributed as dist
 
 from krea2_train.config.schema import RunConfig
 from krea2_train.data.loader import LoaderConfig, ShardLoader, pinned_manifest
+from krea2_train.parallel.distributed import broadcast_object
 from krea2_train.store.leases import LeaseKeeper
 
 logger = logging.getLogger("krea2_train")
@@ -175,14 +175,6 @@ class TrainLoader:
             self.store.close()
 
 
-def _broadcast(value: Any) -> Any:
-    if not dist.is_initialized():
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
 def build_train_loader(
     config: RunConfig,
     run_dir: Path,
@@ -214,7 +206,7 @@ def build_train_loader(
             else:
                 dataset = prepare_registry(store, config, runs_root, image_side, pixel_multiple)
             pinned_manifest(manifest_path, store, [dataset], image_side)
-    dsn = _broadcast(dsn)
+    dsn = broadcast_object(dsn)
     barrier()
     from krea2_train.data.plan import Manifest
 
