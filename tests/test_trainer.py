@@ -254,3 +254,25 @@ def test_host_sync_counter_counts_sync_warnings_and_passes_others_on(monkeypatch
     with HostSyncCounter(torch.device("cuda"), enabled=False) as off, HostSyncCounter(torch.device("cpu")) as cpu:
         pass
     assert off.count is None and cpu.count is None and modes == ["warn", "default"]  # mode untouched
+
+
+def test_init_from_is_pinned_to_the_checkpoint_the_run_started_from(tmp_path):
+    """A restart rebuilds a stage's frozen reference from stage.init_from: it must be the weights
+    the run began from even after the init_from run trained on."""
+    from krea2_train.train.checkpoint import CheckpointManager
+    from krea2_train.train.trainer import INIT_FROM_RECORD, pinned_init_checkpoint
+
+    base = tmp_path / "runs" / "sft"
+    manager = CheckpointManager(base, interval=1, async_mode="sync")
+    manager.save(1, {"model": {"w": torch.zeros(2)}})
+    config = load_config("stage/stpo", [f"runs_root={tmp_path / 'runs'}", "stage.init_from=sft"])
+    run_dir = tmp_path / "runs" / "stpo"
+    run_dir.mkdir()
+    first = pinned_init_checkpoint(config, tmp_path / "runs", run_dir, is_main=True)
+    assert first.name == "step-00000001" and (run_dir / INIT_FROM_RECORD).is_file()
+    manager.save(2, {"model": {"w": torch.ones(2)}})  # the sft run trains on
+    manager.close()
+    assert pinned_init_checkpoint(config, tmp_path / "runs", run_dir, is_main=True) == first
+    fresh = tmp_path / "runs" / "stpo_fresh"
+    fresh.mkdir()
+    assert pinned_init_checkpoint(config, tmp_path / "runs", fresh, is_main=True).name == "step-00000002"

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 
 import torch
 
+from krea2_train.flow.timesteps import broadcast_times
+
 SDE_TYPES = ("sde", "cps")
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -54,16 +56,6 @@ Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 Noise = torch.Generator | Sequence[torch.Generator]
 """One generator for the whole batch, or one per sample (keyed per global-batch slot)."""
-
-
-def _per_sample(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
-    """``t`` (a float, a 0-d tensor or ``[B]``) as float32 broadcastable against ``like`` ``[B, ...]``."""
-    if not isinstance(t, torch.Tensor) or t.ndim == 0:  # a scalar broadcasts as it is (no host-device copy)
-        return torch.as_tensor(t, dtype=torch.float32)
-    t = t.to(device=like.device, dtype=torch.float32)
-    if t.ndim != 1 or t.shape[0] != like.shape[0]:
-        raise ValueError(f"times must be 0-d or [{like.shape[0]}], got shape {tuple(t.shape)}")
-    return t.reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def check_sde_type(sde_type: str) -> None:
@@ -104,7 +96,7 @@ def sde_step_mean_std(
     """
     check_sde_type(sde_type)
     v, x = velocity.float(), x_t.float()
-    t, t_next = _per_sample(t, x), _per_sample(t_next, x)
+    t, t_next = broadcast_times(t, x), broadcast_times(t_next, x)
     if sde_type == "sde":
         dt = t - t_next
         sigma = sde_sigma(t, noise_level, t_cap)
@@ -144,7 +136,7 @@ def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tensor) -
 def ode_step(velocity: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | float, t_next: torch.Tensor | float) -> torch.Tensor:
     """Euler step ``x_t' = x_t + (t' - t) v`` in float32."""
     x = x_t.float()
-    return x + (_per_sample(t_next, x) - _per_sample(t, x)) * velocity.float()
+    return x + (broadcast_times(t_next, x) - broadcast_times(t, x)) * velocity.float()
 
 
 def draw_normal(shape: torch.Size | tuple[int, ...], noise: Noise, device: torch.device | str | None = None) -> torch.Tensor:

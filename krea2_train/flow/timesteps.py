@@ -159,11 +159,14 @@ def sample_training_times(
     return t.clamp(TRAINING_TIME_MARGIN, 1 - TRAINING_TIME_MARGIN).to(torch.float32)
 
 
-def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reshape times ``[B]`` to ``[B, 1, ..., 1]`` to broadcast against ``like`` ``[B, ...]``."""
+def broadcast_times(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """Times in ``like``'s dtype, broadcastable against ``like`` ``[B, ...]``: ``[B]`` becomes
+    ``[B, 1, ..., 1]``; a float or 0-d tensor stays a scalar (no host-to-device copy)."""
+    if not isinstance(t, torch.Tensor) or t.ndim == 0:
+        return torch.as_tensor(t, dtype=like.dtype)
     if t.ndim != 1 or t.shape[0] != like.shape[0]:
-        raise ValueError(f"t must have shape [{like.shape[0]}] (one time per sample), got {tuple(t.shape)}")
-    return t.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+        raise ValueError(f"t must have shape [{like.shape[0]}] (one time per sample) or be a scalar, got {tuple(t.shape)}")
+    return t.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -178,7 +181,7 @@ def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch
     """
     if x0.shape != noise.shape:
         raise ValueError(f"x0 {tuple(x0.shape)} and noise {tuple(noise.shape)} must have the same shape")
-    t = _per_sample(t, x0)
+    t = broadcast_times(t, x0)
     return (1 - t) * x0 + t * noise.to(x0.dtype)
 
 

@@ -117,11 +117,38 @@ def build_optimizer(model: torch.nn.Module, config: RunConfig, device: torch.dev
     return optimizers, schedulers
 
 
-def load_initial_weights(config: RunConfig, runs_root: Path) -> dict[str, torch.Tensor] | None:
-    """The weights named by ``stage.init_from`` (a run, a checkpoint dir or a weights file)."""
+INIT_FROM_RECORD = "init_from.json"
+
+
+def pinned_init_checkpoint(config: RunConfig, runs_root: Path, run_dir: Path, is_main: bool) -> Path | None:
+    """The checkpoint ``stage.init_from`` stood for when this run started.
+
+    A run name resolves to that run's newest checkpoint, which moves if the run trains on. The
+    first start records what it resolved to in ``run_dir/init_from.json``, and every restart
+    reads the record, so the frozen copies a stage rebuilds on each start (a reference, a teacher)
+    are always the weights the run began from. A changed ``stage.init_from`` is resolved afresh.
+    """
     if config.stage.init_from is None:
         return None
-    weights, _ = load_checkpoint_weights(find_run_checkpoint(config.stage.init_from, runs_root))
+    record = run_dir / INIT_FROM_RECORD
+    if record.is_file():
+        pinned = json.loads(record.read_text())
+        if pinned["init_from"] == config.stage.init_from:
+            return Path(pinned["checkpoint"])
+        logger.warning("stage.init_from changed from %r to %r: resolving it again", pinned["init_from"], config.stage.init_from)
+    checkpoint = find_run_checkpoint(config.stage.init_from, runs_root).resolve()
+    if is_main:
+        partial = record.with_suffix(".tmp")
+        partial.write_text(json.dumps({"init_from": config.stage.init_from, "checkpoint": str(checkpoint)}))
+        partial.replace(record)
+    return checkpoint
+
+
+def load_initial_weights(checkpoint: Path | None) -> dict[str, torch.Tensor] | None:
+    """The weights of ``stage.init_from``'s checkpoint (see :func:`pinned_init_checkpoint`)."""
+    if checkpoint is None:
+        return None
+    weights, _ = load_checkpoint_weights(checkpoint)
     return weights
 
 
@@ -168,6 +195,9 @@ class Trainer:
         self.run_dir = self.runs_root / config.run_name
         self.model_config = model_config(config.model.preset, **config.model.overrides)  # Krea2DiT keywords
         self._prepare_run_dir()
+        # init_from's weights are read on a fresh start, and on every start by a stage with frozen copies
+        needs_init = self._fresh_start() or hasattr(self.stage, "frozen_models")
+        self.init_checkpoint = pinned_init_checkpoint(config, self.runs_root, self.run_dir, self.dist.is_main) if needs_init else None
 
         self.parallel_dims = build_parallel_dims(
             config.parallel.dp_replicate, config.parallel.dp_shard, config.parallel.tp, self.dist.world_size
@@ -254,7 +284,7 @@ class Trainer:
         config = self.config
         torch.manual_seed(config.seed)  # identical initial weights on every rank and world size
         model = build_model(config.model.preset, **config.model.overrides)
-        initial = load_initial_weights(config, self.runs_root) if self._fresh_start() else None
+        initial = load_initial_weights(self.init_checkpoint) if self._fresh_start() else None
         if initial is not None:
             model.load_state_dict(initial, strict=True)
             logger.info("initialised from %s", config.stage.init_from)
@@ -281,7 +311,7 @@ class Trainer:
         if self.parallel_dims.tp_enabled:
             raise ValueError(f"stage kind {self.config.stage.kind!r} does not support tensor parallelism (parallel.tp={self.config.parallel.tp}); use parallel.tp=1")
         torch.manual_seed(self.config.seed)
-        frozen = self.stage.frozen_models(load_initial_weights(self.config, self.runs_root))
+        frozen = self.stage.frozen_models(load_initial_weights(self.init_checkpoint))
         for name, module in frozen.items():
             module.requires_grad_(False)
             module.to(self.device)
