@@ -230,3 +230,23 @@ def test_multi_process_training_matches_one_process(tmp_path, reference_run, npr
     for name, grad in run["grads"].items():
         reference = reference_run["grads"][name]
         torch.testing.assert_close(grad, reference, rtol=0, atol=1e-5 * reference.abs().max().item(), msg=name)
+
+
+def test_each_stage_of_one_process_leaves_the_exception_hook_as_it_found_it():
+    """torch wraps sys.excepthook at every process-group init; `krea2 demo` inits one per stage."""
+    script = (
+        "import sys\n"
+        "from krea2_train.parallel.distributed import destroy_distributed, init_distributed\n"
+        "original = sys.excepthook\n"
+        "for _ in range(3):\n"
+        "    init_distributed(timeout_s=60)\n"
+        "    assert sys.excepthook is not original\n"
+        "    destroy_distributed()\n"
+        "    assert sys.excepthook is original\n"
+        "init_distributed(timeout_s=60)\n"
+        "raise RuntimeError('boom')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 1 and "[rank0]: RuntimeError: boom" in result.stderr
+    assert "[rank0]: [rank0]:" not in result.stderr

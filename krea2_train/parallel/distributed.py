@@ -8,6 +8,7 @@ failure mode, so a hang must end the job within a known time for the launcher to
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -74,6 +75,9 @@ def _pick_device(local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+_excepthook_before_init = None
+
+
 def init_distributed(timeout_s: float = 600) -> DistInfo:
     """Join (or create) the default process group and return this process's place in it.
 
@@ -90,6 +94,8 @@ def init_distributed(timeout_s: float = 600) -> DistInfo:
     rank, local_rank, world_size = _read_launch_env()
     device = _pick_device(local_rank)
     if not dist.is_initialized():
+        global _excepthook_before_init
+        _excepthook_before_init = sys.excepthook  # torch wraps it to prefix "[rankN]: " on every init
         timeout = timedelta(seconds=timeout_s)
         backend = "nccl" if device.type == "cuda" else "gloo"
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
@@ -113,9 +119,14 @@ def init_distributed(timeout_s: float = 600) -> DistInfo:
 
 
 def destroy_distributed() -> None:
-    """Tear down every process group (no-op when none exists)."""
+    """Tear down every process group (no-op when none exists), and unwrap the exception hook torch
+    wrapped at init (a process that trains several stages, like ``krea2 demo``, would otherwise
+    prefix its tracebacks once per stage)."""
+    global _excepthook_before_init
     if dist.is_initialized():
         dist.destroy_process_group()
+    if _excepthook_before_init is not None:
+        sys.excepthook, _excepthook_before_init = _excepthook_before_init, None
 
 
 def broadcast_object(value: Any) -> Any:
