@@ -65,6 +65,25 @@ def test_step_values_are_reduced_in_one_place():
         grad_norm=torch.tensor(7.0),
     )
     assert values == {"loss": 2.5, "a_metric": 0.25, "loss_fm": 2.0, "signals": (False, True), "grad_norm": 7.0}
+    extremes = reduce_step_values(
+        torch.tensor(1.0), {"w_max": torch.tensor(3.0), "w_min": torch.tensor(-0.5), "w_mean": torch.tensor(1.0)},
+        signals=(), grad_norm=torch.tensor(2.0),
+    )
+    assert extremes == {"loss": 1.0, "w_mean": 1.0, "w_max": 3.0, "w_min": -0.5, "signals": (), "grad_norm": 2.0}
+
+
+def test_extreme_metrics_take_the_extreme_over_micro_batches():
+    from krea2_train.train.trainer import accumulate_metric
+
+    total = None
+    for value in (2.0, 5.0, 1.0):
+        total = accumulate_metric("w_is_max", total, torch.tensor(value))
+    assert total.item() == 5.0
+    total = None
+    for value in (2.0, 5.0, 1.0):
+        total = accumulate_metric("w_is_min", total, torch.tensor(value))
+    assert total.item() == 1.0
+    assert accumulate_metric("loss_fm", torch.tensor(2.0), torch.tensor(5.0)).item() == 7.0  # summed, averaged later
 
 
 def test_bad_stage_settings_refuse_before_heavy_work(tmp_path):

@@ -395,7 +395,8 @@ class GrpoStage:
         metrics.update(
             loss_policy=loss_policy.detach(),
             ratio_mean=ratio.detach().mean(),
-            ratio_std=ratio.detach().std(unbiased=False),
+            ratio_min=ratio.detach().min(),  # the extremes over the global batch (the trainer's max/min reduction)
+            ratio_max=ratio.detach().max(),
             clip_fraction=clipped.float().sum() / (valid.float().sum().clamp_min(1.0)),
             update_index=ratio.new_tensor(float(ctx.step - buffer.rollout_step)),
         )
@@ -407,7 +408,7 @@ class GrpoStage:
         metrics = {
             "reward_mean": buffer.total.float().mean(),
             **{f"reward_{name}_mean": value.float().mean() for name, value in buffer.rewards.items()},
-            "advantage_std": buffer.advantages.std(unbiased=False),
+            "advantage_abs_mean": buffer.advantages.abs().mean(),  # averages exactly over ranks (a std would not)
             "zero_std_ratio": 1.0 - valid.mean(),
             "prompt_weight_mean": buffer.prompt_weights.mean(),
             "logp_rollout_gap": buffer.log_prob_gap.max(),

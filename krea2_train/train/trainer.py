@@ -155,29 +155,55 @@ def load_initial_weights(checkpoint: Path | None) -> dict[str, torch.Tensor] | N
 HOST_SYNC_CHECK_STEP = 3  # the step of each start whose host syncs are counted on CUDA
 
 
+def metric_reduction(name: str) -> str:
+    """How a stage metric combines over micro-batches and ranks: ``max`` for names ending in
+    ``_max``, ``min`` for ``_min``, else ``mean``."""
+    return "max" if name.endswith("_max") else "min" if name.endswith("_min") else "mean"
+
+
+def accumulate_metric(name: str, total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """Fold one micro-batch's metric into the step's: summed (averaged later), or the extreme."""
+    if total is None:
+        return value
+    kind = metric_reduction(name)
+    return torch.maximum(total, value) if kind == "max" else torch.minimum(total, value) if kind == "min" else total + value
+
+
 def reduce_step_values(
     loss: torch.Tensor, metrics: dict[str, torch.Tensor], signals: tuple[bool, ...], grad_norm: torch.Tensor
 ) -> dict:
-    """Every rank's step values in one all-reduce and one host sync (the step's only sync).
+    """Every rank's step values in one host sync (the step's only sync).
 
     The loss and the stage's metrics (0-dim tensors, the same names on every rank) are averaged
-    over ranks; the signals any rank received are counted, so every rank decides alike whether to
-    step and whether to checkpoint (and exit). The clipped gradient norm is already global.
+    over ranks, except ``*_max`` and ``*_min`` metrics, which take the extreme over ranks (a
+    second all-reduce, MAX, only when a stage reports one); the signals any rank received are
+    counted, so every rank decides alike whether to step and whether to checkpoint (and exit).
+    The clipped gradient norm is already global.
 
     Returns ``{"loss", "grad_norm", **metrics}`` as floats and ``"signals"``: one bool per signal.
     """
-    names = sorted(metrics)
     device = loss.device
-    averaged = torch.stack([loss.float(), *(metrics[name].float().reshape(()).to(device) for name in names)])
+    as_scalar = lambda name: metrics[name].float().reshape(()).to(device)  # noqa: E731
+    mean_names = sorted(n for n in metrics if metric_reduction(n) == "mean")
+    extreme_names = sorted(n for n in metrics if metric_reduction(n) != "mean")
+    averaged = torch.stack([loss.float(), *(as_scalar(name) for name in mean_names)])
     counted = torch.tensor([float(flag) for flag in signals], device=device)
-    reduced = torch.cat([averaged, counted])
+    summed = torch.cat([averaged, counted])
+    # min as the max of the negation: one MAX all-reduce for both
+    extremes = torch.stack([as_scalar(n) if metric_reduction(n) == "max" else -as_scalar(n) for n in extreme_names]) if extreme_names else None
     if dist.is_initialized():
-        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-        reduced[: len(averaged)] /= dist.get_world_size()
-    values = torch.cat([reduced, grad_norm.float().reshape(1).to(device)]).tolist()
-    result = {"loss": values[0], **dict(zip(names, values[1 : len(averaged)]))}
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        summed[: len(averaged)] /= dist.get_world_size()
+        if extremes is not None:
+            dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    parts = [summed, grad_norm.float().reshape(1).to(device)] + ([extremes] if extremes is not None else [])
+    values = torch.cat(parts).tolist()
+    result = {"loss": values[0], **dict(zip(mean_names, values[1 : len(averaged)]))}
     result["signals"] = tuple(count > 0 for count in values[len(averaged) : len(averaged) + len(signals)])
-    result["grad_norm"] = values[-1]
+    result["grad_norm"] = values[len(averaged) + len(signals)]
+    for index, name in enumerate(extreme_names):
+        value = values[len(averaged) + len(signals) + 1 + index]
+        result[name] = value if metric_reduction(name) == "max" else -value
     return result
 
 
@@ -414,11 +440,11 @@ class Trainer:
             (loss / accum).backward()
             losses.append(loss.detach())
             for name, value in metrics.items():
-                metric_sums[name] = metric_sums.get(name, 0) + value.detach().float().to(self.device)
+                metric_sums[name] = accumulate_metric(name, metric_sums.get(name), value.detach().float().to(self.device))
         grad_norm = clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.config.optim.grad_clip)
         values = reduce_step_values(
             torch.stack(losses).mean(),
-            {name: total / accum for name, total in metric_sums.items()},
+            {name: total / accum if metric_reduction(name) == "mean" else total for name, total in metric_sums.items()},
             signals=(self._signal == CHECKPOINT_AND_CONTINUE, self._signal == CHECKPOINT_AND_EXIT),
             grad_norm=grad_norm,
         )
