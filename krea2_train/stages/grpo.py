@@ -55,8 +55,8 @@ from krea2_train.flow.sde import (
     sde_window,
     step_log_prob,
 )
+from krea2_train.flow.sampler import guided_velocity
 from krea2_train.flow.timesteps import inference_sigmas, mu_for_tokens
-from krea2_train.model.patchify import position_ids
 from krea2_train.parallel.distributed import all_gather_objects
 from krea2_train.rewards.advantages import AGGREGATIONS, STD_SCOPES, aggregate_advantages
 from krea2_train.rewards.prompt_weights import PromptReweighting, PromptStats
@@ -254,10 +254,9 @@ class GrpoStage:
 
     @staticmethod
     def _velocity(model, ctx: StepContext, x: torch.Tensor, t: torch.Tensor, text, grid: tuple[int, int]) -> torch.Tensor:
-        """The DiT's velocity (float32) at ``x [B, N, C]``, ``t [B]``, text ``([B, L, K, T], [B, L])``."""
+        """The DiT's velocity (float32, no CFG) at ``x [B, N, C]``, ``t [B]``, text ``([B, L, K, T], [B, L])``."""
         states, mask = text
-        positions = position_ids(states.shape[1], grid[0], grid[1], device=ctx.device)
-        return model(x.to(ctx.dtype), states, t.to(ctx.device, torch.float32), positions, mask).float()
+        return guided_velocity(model, x.to(ctx.dtype), t.to(ctx.device, torch.float32), states, mask, *grid).float()
 
     def _step_log_probs(self, model, ctx: StepContext, buffer: RolloutBuffer, text) -> tuple[torch.Tensor, ...]:
         """The policy's log-probs ``[J, B]`` of the buffer's transitions, its step means and stds
@@ -318,7 +317,7 @@ class GrpoStage:
             rewards, self.rewards.weights, group, aggregation=grpo.aggregation, adv_clip_max=grpo.adv_clip_max,
             std_scope=grpo.std_scope,
         )
-        prompt_weights = self._prompt_weights(scores, prompt_ids)
+        prompt_weights = self._prompt_weights(result.total, prompt_ids)
 
         buffer = RolloutBuffer(
             rollout_step=ctx.step, slots=slots, captions=captions, prompt_ids=prompt_ids, grid=shape,
@@ -335,11 +334,11 @@ class GrpoStage:
         buffer.log_prob_gap = (sampling_log_prob - buffer.log_prob_old).abs().amax(dim=0)
         return buffer
 
-    def _prompt_weights(self, scores: dict, prompt_ids: list[int]) -> list[float]:
-        """Update the (global) per-prompt statistics with this step's groups; weights per slot."""
-        group, weights = self.group_size, self.rewards.weights
-        total = sum(weights[name] * torch.as_tensor(value, dtype=torch.float64) for name, value in scores.items())
-        means, stds = group_success_stats(total, sum(weights.values()), group)
+    def _prompt_weights(self, total: torch.Tensor, prompt_ids: list[int]) -> list[float]:
+        """Update the (global) per-prompt statistics with this step's groups (``total [B]``, the
+        weighted reward sum); weights per slot."""
+        group = self.group_size
+        means, stds = group_success_stats(total.cpu(), sum(self.rewards.weights.values()), group)
         entries = list(zip(prompt_ids[::group], means.tolist(), stds.tolist()))
         for part in all_gather_objects(entries):  # rank order: the same table on every rank
             self.prompt_stats.update(part)

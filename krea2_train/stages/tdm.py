@@ -61,7 +61,7 @@ import torch
 
 from krea2_train.config.schema import RunConfig, TdmConfig
 from krea2_train.flow.sampler import guided_velocity
-from krea2_train.flow.timesteps import inference_sigmas
+from krea2_train.flow.timesteps import broadcast_times, inference_sigmas, interpolate
 from krea2_train.model.dit import AUXILIARY_PREFIX
 from krea2_train.stages.base import StageConfigError, StepContext, frozen_copy_of_initial
 
@@ -147,24 +147,19 @@ def sample_step_times(
 # ---------------------------------------------------------------------------------------------
 
 
-def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``[B]`` -> ``[B, 1, ..., 1]`` broadcasting against ``like`` ``[B, ...]``."""
-    return values.reshape(-1, *([1] * (like.ndim - 1)))
-
-
 def x0_from_velocity(x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """``x0_hat = x - sigma v`` (float32); sigma ``[B]``."""
-    return x.float() - per_sample(sigma.float(), x) * velocity.float()
+    return x.float() - broadcast_times(sigma, x.float()) * velocity.float()
 
 
 def eps_from_velocity(x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """``eps_hat = x + (1 - sigma) v`` (float32); sigma ``[B]``."""
-    return x.float() + (1 - per_sample(sigma.float(), x)) * velocity.float()
+    return x.float() + (1 - broadcast_times(sigma, x.float())) * velocity.float()
 
 
 def effective_noise(x_sigma: torch.Tensor, x0_hat: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """The noise of ``x_sigma`` relative to ``x0_hat``: ``(x_sigma - (1 - sigma) x0_hat) / sigma``."""
-    sigma = per_sample(sigma.float(), x_sigma)
+    sigma = broadcast_times(sigma, x_sigma.float())
     return (x_sigma.float() - (1 - sigma) * x0_hat.float()) / sigma
 
 
@@ -183,7 +178,7 @@ def flow_transition(
     Returns:
         ``(x_{sigma2}, xi)``, float32 ``[B, ...]``.
     """
-    s1, s2 = per_sample(sigma_from.float(), x_from), per_sample(sigma_to.float(), x_from)
+    s1, s2 = broadcast_times(sigma_from, x_from.float()), broadcast_times(sigma_to, x_from.float())
     a = (1 - s2) / (1 - s1)
     beta = (s2.square() - (a * s1).square()).clamp_min(0).sqrt()
     x_to = a * x_from.float() + beta * z.float()
@@ -263,7 +258,7 @@ def rollout_states(student: VelocityFn, noise: torch.Tensor, sigmas: torch.Tenso
         sigma = sigmas[k].expand(batch)
         velocity = student(x, sigma).float()
         x0_hat, eps_hat = x0_from_velocity(x, velocity, sigma), eps_from_velocity(x, velocity, sigma)
-        x = (1 - sigmas[k + 1]) * x0_hat + sigmas[k + 1] * eps_hat
+        x = interpolate(x0_hat, eps_hat, sigmas[k + 1])
         states.append(x)
     return torch.stack(states)
 
@@ -306,7 +301,7 @@ def tdm_objective(
     with torch.no_grad():
         eps_hat = effective_noise(x_k, x0_k, sigma_k)
         x0_detached = x0_k.detach()
-        x_s = (1 - per_sample(s, x_k)) * x0_detached + per_sample(s, x_k) * eps_hat
+        x_s = interpolate(x0_detached, eps_hat, s)
         x_tau, xi = flow_transition(x_s, eps_hat, s, tau, z)
         importance = importance_weight(xi, z, is_clip)
         weight = snr_weight(tau, snr_clip) * importance

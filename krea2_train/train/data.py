@@ -19,7 +19,6 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-
 from krea2_train.config.schema import RunConfig
 from krea2_train.data.loader import LoaderConfig, ShardLoader, pinned_manifest
 from krea2_train.parallel.distributed import broadcast_object

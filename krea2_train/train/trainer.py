@@ -221,8 +221,9 @@ class Trainer:
         self.run_dir = self.runs_root / config.run_name
         self.model_config = model_config(config.model.preset, **config.model.overrides)  # Krea2DiT keywords
         self._prepare_run_dir()
+        self.fresh_start = self._fresh_start()
         # init_from's weights are read on a fresh start, and on every start by a stage with frozen copies
-        needs_init = self._fresh_start() or hasattr(self.stage, "frozen_models")
+        needs_init = self.fresh_start or hasattr(self.stage, "frozen_models")
         self.init_checkpoint = pinned_init_checkpoint(config, self.runs_root, self.run_dir, self.dist.is_main) if needs_init else None
 
         self.parallel_dims = build_parallel_dims(
@@ -310,7 +311,7 @@ class Trainer:
         config = self.config
         torch.manual_seed(config.seed)  # identical initial weights on every rank and world size
         model = build_model(config.model.preset, **config.model.overrides)
-        initial = load_initial_weights(self.init_checkpoint) if self._fresh_start() else None
+        initial = load_initial_weights(self.init_checkpoint) if self.fresh_start else None
         if initial is not None:
             model.load_state_dict(initial, strict=True)
             logger.info("initialised from %s", config.stage.init_from)
@@ -336,7 +337,6 @@ class Trainer:
             return {}
         if self.parallel_dims.tp_enabled:
             raise ValueError(f"stage kind {self.config.stage.kind!r} does not support tensor parallelism (parallel.tp={self.config.parallel.tp}); use parallel.tp=1")
-        torch.manual_seed(self.config.seed)
         frozen = self.stage.frozen_models(load_initial_weights(self.init_checkpoint))
         for name, module in frozen.items():
             module.requires_grad_(False)
