@@ -3,11 +3,13 @@
 # each fit one 10-minute command of the lent GPU machine. Run from the repository root there,
 # with the wheels of infra/gpu/fetch_wheels.sh carried in .whl/:
 #
-#   bash infra/gpu/checks.sh env kernels bench-targets     # ~8 min: versions, kernels, the three targets
-#   bash infra/gpu/checks.sh bench-more                    # ~9 min: equal work, SDPA lists, 512 px
-#   bash infra/gpu/checks.sh fp8-256                       # ~8 min: fp8 vs bf16 loss curves at 256 px
-#   bash infra/gpu/checks.sh profile bench-memory          # ~9 min: profile, AC policies
-#   bash infra/gpu/checks.sh fp8-speed                     # ~9 min: fp8 step time on small and at 512 px
+#   bash infra/gpu/checks.sh env kernels bench-targets     # ~4 min: versions, kernels, the three targets
+#   bash infra/gpu/checks.sh one-rank                      # ~4 min: the targets on the one-rank path (no FSDP2)
+#   bash infra/gpu/checks.sh owed                          # ~6 min: fp8 on the one-rank path, fp8 at 1024 px, eager
+#   bash infra/gpu/checks.sh bench-more                    # ~2.5 min: equal work, SDPA lists, 512 px
+#   bash infra/gpu/checks.sh fp8-256                       # ~6 min: fp8 vs bf16 loss curves at 256 px
+#   bash infra/gpu/checks.sh profile bench-memory          # ~4.5 min: profile, AC policies
+#   bash infra/gpu/checks.sh fp8-speed                     # ~4 min: fp8 step time on small and at 512 px
 #   bash infra/gpu/checks.sh fp8-512                       # ~8 min: rowwise fp8 loss curves at 512 px
 #   bash infra/gpu/checks.sh post-training                 # ~8 min: pretrain -> stpo -> grpo -> tdm in bf16
 #
@@ -86,6 +88,20 @@ EOF
         bench 256_b8_compile_bf16 --res 256 --batch 8 --compile --reference none
         bench 256_b8_compile_fp8tw --res 256 --batch 8 --compile --reference none --fp8 --fp8-recipe tensorwise
         ;;
+    one-rank)  # after one-rank runs dropped FSDP2: the targets again, and MFU at batch 2
+        bench 1024_b1_compile --res 1024 --batch 1 --compile
+        bench 1024_b2_compile --res 1024 --batch 2 --compile --reference none
+        bench 256_b8_compile_bf16 --res 256 --batch 8 --compile --reference none
+        bench 256_b8_compile_fp8tw --res 256 --batch 8 --compile --reference none --fp8 --fp8-recipe tensorwise
+        ;;
+    owed)  # what the 2026-11-23 session's device time left unmeasured (docs/benchmarks.md)
+        bench 256_b8_compile --res 256 --batch 8 --compile
+        bench 256_b8_compile_fp8tw --res 256 --batch 8 --compile --reference none --fp8 --fp8-recipe tensorwise
+        bench 1024_b1_compile_fp8tw --res 1024 --batch 1 --compile --reference none --fp8 --fp8-recipe tensorwise
+        bench 1024_b1_compile_fp8rw --res 1024 --batch 1 --compile --reference none --fp8 --fp8-recipe rowwise
+        bench 1024_b1_eager --res 1024 --batch 1
+        bench 256_b8_eager --res 256 --batch 8
+        ;;
     bench-more)
         bench 1024_b1_compile_equal_work --res 1024 --batch 1 --compile --text padded
         bench 1024_b1_compile_cudnn --res 1024 --batch 1 --compile --reference none --sdpa cudnn,math
@@ -93,6 +109,7 @@ EOF
         bench 512_b4_compile --res 512 --batch 4 --compile
         ;;
     bench-memory)
+        bench 1024_b2_compile --res 1024 --batch 2 --compile
         bench 1024_b2_sac --res 1024 --batch 2 --ac selective --compile --reference none
         bench 1024_b2_fullac --res 1024 --batch 2 --ac full --compile --reference none
         bench 512_b4_eager --res 512 --batch 4
@@ -126,8 +143,12 @@ EOF
             stage.steps=10 data.global_batch_size=8
         ;;
     *)
-        echo "unknown part '$part': env kernels bench-targets bench-more bench-memory fp8-speed profile fp8-256 fp8-512 post-training" >&2
+        echo "unknown part '$part': env kernels bench-targets one-rank owed bench-more bench-memory fp8-speed profile fp8-256 fp8-512 post-training" >&2
         exit 2
         ;;
     esac
+    # the run tool brings back at most 8 files of 16 MiB: one archive per part, without the runs'
+    # checkpoints, database, datasets and encoders (summarize.py reads the archives)
+    tar -czf "$OUT/$part.tar.gz" --exclude=checkpoints --exclude=_store --exclude=_datasets --exclude=_shards \
+        --exclude=text_encoder --exclude=irepa_encoder -C "$OUT" "$part" && rm -rf "${OUT:?}/$part"
 done

@@ -2,7 +2,8 @@
 
     python infra/gpu/summarize.py OUT_DIR
 
-Reads every ``krea2 bench train`` JSON under OUT_DIR, ``kernels.json`` and the float8 loss-curve
+Reads every ``krea2 bench train`` JSON under OUT_DIR (the ``<part>.tar.gz`` archives that
+checks.sh leaves are unpacked beside themselves first), ``kernels.json`` and the float8 loss-curve
 runs (``<part>/runs/<run>/metrics.jsonl``), and prints: the step-time table, issue 7's three
 targets (met or not, with the numbers), the kernel timings, the float8 loss comparison and the
 post-training stages' checks (STPO's first ``loss_dpo`` is ln 2, GRPO's first update has ratio 1).
@@ -19,6 +20,7 @@ import math
 import re
 import statistics
 import sys
+import tarfile
 from pathlib import Path
 
 SPEEDUP_TARGET, MFU_TARGET, FP8_TARGET = 1.5, 0.5, 1.15
@@ -209,7 +211,16 @@ def post_training_table(runs_roots: list[Path]) -> list[str]:
     return ["| stage | steps | finite, none skipped | median step s | peak GiB | check |", "|---|---|---|---|---|---|", *lines]
 
 
+def unpack_archives(root: Path) -> None:
+    """Unpack each ``<part>.tar.gz`` under ``root`` into ``<part>/`` beside it, once."""
+    for archive in sorted(root.rglob("*.tar.gz")):
+        if not (archive.parent / archive.name.removesuffix(".tar.gz")).exists():
+            with tarfile.open(archive) as tar:
+                tar.extractall(archive.parent, filter="data")
+
+
 def summarize(root: Path) -> str:
+    unpack_archives(root)
     benches = load_benches(root)
     parts = ["### Step time (`krea2 bench train`)", "", bench_table(benches), "", "### Targets (issue 7)", "", *targets(benches)]
     for path in sorted(root.rglob("kernels.json")):

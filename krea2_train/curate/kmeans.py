@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 
 LEAF_PICKS = ("random", "nearest")
@@ -87,6 +86,8 @@ class Hierarchy:
 
 def nearest_centroids(items: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Exact nearest centroid of each item: (squared distances [n], ids [n])."""
+    import faiss  # here, not at the top: training imports this module and never clusters
+
     index = faiss.IndexFlatL2(centroids.shape[1])
     index.add(centroids)
     distances, ids = index.search(items, 1)
@@ -95,6 +96,8 @@ def nearest_centroids(items: np.ndarray, centroids: np.ndarray) -> tuple[np.ndar
 
 def _kmeans(items: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
     """k-means centroids [k, d] of ``items`` [n, d], from a k-means++ start."""
+    import faiss
+
     kmeans = faiss.Kmeans(
         items.shape[1],
         k,
