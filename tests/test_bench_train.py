@@ -112,6 +112,20 @@ def test_a_timed_step_trains_the_model(builder):
             destroy_distributed()
 
 
+@pytest.mark.parametrize("extra, sharded", [((), False), (("--fsdp",), True)])
+def test_ours_runs_as_one_rank_of_the_trainer_or_fsdp_wrapped_when_asked(extra, sharded):
+    settings = bench_train.resolve_settings(_args(*extra))
+    assert f"fsdp={sharded}" in settings.describe()
+    owns = not dist.is_initialized()
+    init_distributed()
+    try:
+        trainee = bench_train.build_ours(settings)
+        assert all(isinstance(p, DTensor) == sharded for p in trainee.model.parameters())
+    finally:
+        if owns:
+            destroy_distributed()
+
+
 @pytest.mark.parametrize("ac, expected", [("none", False), ("selective", True), ("full", True)])
 def test_reference_checkpoints_gradients_when_ours_checkpoints_activations(ac, expected):
     trainee = bench_train.build_reference(bench_train.resolve_settings(_args("--ac", ac)))

@@ -234,7 +234,7 @@ def test_parallelize_dit_converts_before_sharding(world_of_one, monkeypatch):
     skip_unless_cpu_scaled_mm("rowwise")
     model = train_tiny.build_reference_model()
     with capable(monkeypatch, None):
-        parallelize_dit(model, build_parallel_dims(1, -1, 1, 1), float8=enabled(recipe="rowwise"))
+        parallelize_dit(model, build_parallel_dims(1, -1, 1, 1), float8=enabled(recipe="rowwise"), fsdp=True)
     assert float8_linears(model) == block_fqns(0, 1)
     assert all(isinstance(p, DTensor) for p in model.parameters())
     loss = train_tiny.flow_matching_loss(model, train_tiny.global_batch(0, model.config))

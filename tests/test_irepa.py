@@ -294,7 +294,7 @@ def test_fsdp_wrapped_model_matches_plain_model(tmp_path, conditioner, world_of_
 
     stage, model = prepared(stage_config(tmp_path))
     reference_stage, reference = prepared(stage_config(tmp_path))  # same seed: identical weights
-    parallelize_dit(model, build_parallel_dims(1, -1, 1, 1), activation_checkpoint=activation_checkpoint)
+    parallelize_dit(model, build_parallel_dims(1, -1, 1, 1), activation_checkpoint=activation_checkpoint, fsdp=True)
     assert isinstance(model.auxiliary["irepa"].conv.weight, DTensor)
 
     loss, metrics = as_floats(stage.loss(context(model, conditioner), batch()))

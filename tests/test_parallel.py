@@ -133,10 +133,48 @@ def test_parallelize_dit_shards_parameters_and_rejects_bad_input(world_of_one):
     tp_dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=2, pp=1, ep=1, world_size=2)
     with pytest.raises(NotImplementedError, match="compile with activation checkpointing and tensor parallelism"):
         parallelize_dit(model, tp_dims, activation_checkpoint="full", compile=True)
-    parallelize_dit(model, parallel_dims)
+    parallelize_dit(model, parallel_dims, fsdp=True)
     assert all(isinstance(p, DTensor) for p in model.parameters())
     with pytest.raises(ValueError, match="already parallelized"):
         parallelize_dit(model, parallel_dims)
+    plain = train_tiny.build_reference_model()
+    parallelize_dit(plain, parallel_dims)
+    with pytest.raises(ValueError, match="already parallelized"):
+        parallelize_dit(plain, parallel_dims)
+
+
+def test_one_rank_trains_without_fsdp_exactly_as_with_it(world_of_one, reference_run):
+    """One rank skips FSDP2 (nothing to shard, only copies): same losses, gradients and weights."""
+    model = train_tiny.build_reference_model()
+    parallelize_dit(model, build_parallel_dims(1, -1, 1, 1))
+    assert not any(isinstance(p, DTensor) for p in model.parameters())
+    sharded = train_tiny.train(fsdp=True)
+    assert sharded["losses"] == pytest.approx(reference_run["losses"], rel=1e-6)
+    for name, grad in reference_run["grads"].items():
+        torch.testing.assert_close(sharded["grads"][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    for name, weight in reference_run["weights"].items():
+        torch.testing.assert_close(sharded["weights"][name], weight, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_one_rank_low_precision_is_autocast_around_forward(world_of_one):
+    """Without FSDP2 a bf16 param dtype is ``torch.autocast``: fp32 master weights, bf16 matmuls,
+    and the context is gone after forward, also after a forward that raised."""
+    model = train_tiny.build_reference_model()
+    auxiliary = train_tiny.build_reference_model()
+    model.auxiliary = torch.nn.ModuleDict({"fake_score": auxiliary})  # a whole DiT, as TDM attaches
+    parallelize_dit(model, build_parallel_dims(1, -1, 1, 1), param_dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    batch = train_tiny.global_batch(0, model.config)
+    for dit in (model, auxiliary):
+        velocity = dit(batch["x0"], batch["text"], batch["t"], train_tiny.position_ids(), batch["text_mask"])
+        assert velocity.dtype == torch.bfloat16
+        assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(ValueError, match="position_ids has"):
+        model(batch["x0"][:, :3], batch["text"], batch["t"], train_tiny.position_ids(), batch["text_mask"])
+    assert not torch.is_autocast_enabled("cpu")
+    loss = train_tiny.flow_matching_loss(model, batch)
+    loss.backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
 
 
 @pytest.mark.parametrize("mode", ["selective", "full"])

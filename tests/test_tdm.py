@@ -401,9 +401,10 @@ def test_stage_needs_a_teacher_and_scales_the_fake_scores_lr(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def tiny_stage_setup(tmp_path, *extra):
+def tiny_stage_setup(tmp_path, *extra, fsdp=None):
     """The trainer's construction of a tdm run, by hand: student (teacher weights) + fake score,
-    FSDP2-wrapped; the teacher frozen and wrapped; the tiny conditioner; the optimizer."""
+    parallelized (FSDP2-wrapped with ``fsdp=True``); the teacher frozen and parallelized; the tiny
+    conditioner; the optimizer."""
     from helpers import random_tiny_model
 
     from krea2_train.conditioning.conditioner import build_conditioner
@@ -420,9 +421,9 @@ def tiny_stage_setup(tmp_path, *extra):
     torch.manual_seed(0)
     model = build_model("tiny")
     model.load_state_dict(teacher_weights)
-    model = parallelize_dit(stage.prepare_model(model), parallel_dims)
+    model = parallelize_dit(stage.prepare_model(model), parallel_dims, fsdp=fsdp)
     teacher = stage.frozen_models(teacher_weights)["teacher"].requires_grad_(False)
-    teacher = parallelize_dit(teacher, parallel_dims).eval()
+    teacher = parallelize_dit(teacher, parallel_dims, fsdp=fsdp).eval()
     conditioner = build_conditioner("pixel", build_tiny_text_encoder(tmp_path / "text_encoder", seed=0), max_text_tokens=64)
     optimizers, _ = build_optimizer(model, config, torch.device("cpu"), lr_scales=stage.lr_scales)
     return config, stage, model, teacher, conditioner, optimizers, teacher_weights
@@ -438,8 +439,13 @@ def tiny_context(model, teacher, conditioner, step=0):
 TINY_BATCH = {"captions": ["a red circle", "two blue squares on green"], "images": torch.zeros(2, 3, 16, 16)}
 
 
+def full(tensor):
+    """The unsharded value of a (possibly DTensor) tensor."""
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().clone()
+
+
 def full_weights(module):
-    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for name, p in module.named_parameters()}
+    return {name: full(p) for name, p in module.named_parameters()}
 
 
 def test_padding_the_text_leaves_the_dits_velocity_unchanged():
@@ -465,7 +471,7 @@ def test_padding_the_text_leaves_the_dits_velocity_unchanged():
 def test_auxiliary_fake_score_is_its_own_fsdp_unit_and_trains_with_the_student(world_of_one, tmp_path):
     from torch.distributed.fsdp import FSDPModule
 
-    config, stage, model, teacher, conditioner, optimizers, teacher_weights = tiny_stage_setup(tmp_path)
+    config, stage, model, teacher, conditioner, optimizers, teacher_weights = tiny_stage_setup(tmp_path, fsdp=True)
     fake = model.auxiliary[FAKE_SCORE_KEY]
     assert isinstance(fake, FSDPModule) and all(isinstance(block, FSDPModule) for block in fake.transformer_blocks)
     assert all(isinstance(block, FSDPModule) for block in fake.text_fusion.refiner_blocks)
@@ -517,7 +523,7 @@ def test_without_guidance_a_fake_score_equal_to_the_teacher_gives_the_student_no
         loss, metrics = tdm_stage.loss(tiny_context(model, teacher, conditioner), TINY_BATCH)
         loss.backward()
         student_gradients[name] = max(
-            float(p.grad.full_tensor().abs().max()) for key, p in model.named_parameters() if not key.startswith(FAKE_SCORE_PREFIX)
+            float(full(p.grad).abs().max()) for key, p in model.named_parameters() if not key.startswith(FAKE_SCORE_PREFIX)
         )
         student_gradients[name + "_loss"] = float(metrics["loss_generator"])
         model.zero_grad(set_to_none=True)

@@ -5,9 +5,9 @@ gradient clipping, AdamW step) on random inputs of the right shapes, after warm-
 reports images/s, joint tokens/s, achieved TFLOP/s, MFU and peak memory, with a forward /
 backward / optimizer breakdown.
 
-Ours runs as the trainer runs it: ``build_model`` + ``parallelize_dit`` on a one-rank mesh (FSDP2
-with fp32 master weights and ``param_dtype`` compute; activation checkpointing and per-block
-``torch.compile`` as asked) and the trainer's own optimizer (``train.trainer.build_optimizer``:
+Ours runs as the trainer runs it on one GPU: ``build_model`` + ``parallelize_dit`` on a one-rank
+mesh (no FSDP2 on one rank: fp32 master weights with forward under ``torch.autocast`` to
+``param_dtype``; activation checkpointing and per-block ``torch.compile`` as asked) and the trainer's own optimizer (``train.trainer.build_optimizer``:
 torchtitan's ``OptimizersContainer``, AdamW fused on CUDA, foreach on CPU, the default
 ``optim`` config). ``--reference diffusers`` builds ``Krea2Transformer2DModel`` with the same
 configuration and runs it the way a diffusers training script does: fp32 weights under
@@ -99,6 +99,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ac", default="none", choices=["none", "selective", "full"], help="activation checkpointing")
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    parser.add_argument(
+        "--fsdp", action="store_true",
+        help="wrap ours in FSDP2 on its one-rank mesh: what each rank of a sharded run computes and copies, minus the communication",
+    )
     parser.add_argument("--fp8", action="store_true", help="float8 training of the block linears (CUDA, sm89+)")
     parser.add_argument("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"], help="torchao float8 scaling")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (cpu: 1, cuda: 5)")
@@ -125,6 +129,7 @@ class BenchSettings:
     sdpa: str | None
     ac: str
     compile: bool
+    fsdp: bool
     fp8: bool
     fp8_recipe: str
     warmup: int
@@ -157,7 +162,7 @@ class BenchSettings:
         return (
             f"{self.device.type} preset={self.preset} res={self.resolution} batch={self.batch} dtype={self.dtype} "
             f"text={self.caption_tokens}/{self.text_len} ours_text={self.text} sdpa={self.sdpa or 'default'} "
-            f"ac={self.ac} compile={self.compile} "
+            f"ac={self.ac} compile={self.compile} fsdp={self.fsdp} "
             f"fp8={self.fp8_recipe if self.fp8 else False} "
             f"steps={self.warmup}+{self.steps}"
         )
@@ -184,6 +189,7 @@ def resolve_settings(args: argparse.Namespace) -> BenchSettings:
         sdpa=args.sdpa,
         ac=args.ac,
         compile=args.compile,
+        fsdp=args.fsdp,
         fp8=args.fp8,
         fp8_recipe=args.fp8_recipe,
         warmup=pick("warmup"),
@@ -284,7 +290,7 @@ def build_optimizer_for(model: torch.nn.Module, device: torch.device):
 
 
 def build_ours(settings: BenchSettings) -> Trainee:
-    """``build_model`` + ``parallelize_dit`` on a one-rank mesh, as ``Trainer._build_model`` does."""
+    """``build_model`` + ``parallelize_dit`` on a one-rank mesh, as ``Trainer._build_model`` does on one GPU."""
     from krea2_train.parallel.grads import clip_grad_norm_
     from krea2_train.parallel.mesh import build_parallel_dims
     from krea2_train.parallel.parallelize import parallelize_dit
@@ -299,6 +305,7 @@ def build_ours(settings: BenchSettings) -> Trainee:
         param_dtype=settings.torch_dtype,
         reduce_dtype=torch.float32,
         float8=settings.float8,
+        fsdp=settings.fsdp or None,
     )
 
     def forward(inputs: StepInputs) -> torch.Tensor:

@@ -57,7 +57,8 @@ from krea2_train.parallel.float8 import apply_float8
 from krea2_train.parallel.mesh import fsdp_mesh, tp_mesh
 
 __all__ = [
-    "ACTIVATION_CHECKPOINT_MODES", "apply_tensor_parallel", "auxiliary_dits", "parallelize_dit", "shard_frozen_module",
+    "ACTIVATION_CHECKPOINT_MODES", "apply_autocast", "apply_tensor_parallel", "auxiliary_dits", "parallelize_dit",
+    "shard_frozen_module",
 ]
 
 ACTIVATION_CHECKPOINT_MODES = ("none", "selective", "full")
@@ -225,8 +226,15 @@ def parallelize_dit(
     param_dtype: torch.dtype = torch.float32,
     reduce_dtype: torch.dtype = torch.float32,
     float8: Float8Config | None = None,
+    fsdp: bool | None = None,
 ) -> nn.Module:
     """Parallelize a Krea2DiT in place: float8, TP (tp > 1), activation checkpointing, compile, FSDP2.
+
+    On one rank there is nothing to shard, and FSDP2 would still copy every weight into a gather
+    buffer twice a step and every gradient through a reduce buffer (about a fifth of a full-width
+    step on an H100, docs/benchmarks.md). So by default a one-rank model is not wrapped: its weights
+    stay fp32 and a ``param_dtype`` other than fp32 is applied by ``torch.autocast`` around each
+    forward (:func:`apply_autocast`), as torchtitan does on one device.
 
     Args:
         model: a Krea2DiT with identical weights on every rank, on this rank's device.
@@ -240,9 +248,12 @@ def parallelize_dit(
         float8: float8 training of the transformer blocks' Linear layers (see
             :func:`krea2_train.parallel.float8.apply_float8`: without a capable GPU it falls back to
             ``param_dtype`` or refuses, as the config says); None or disabled: no conversion.
+        fsdp: wrap in FSDP2; None: when the run has more than one rank (True on one rank
+            exercises the sharded code path in a single process).
     Returns:
-        the same model, now an ``FSDPModule`` whose parameters are DTensors (HSDP when
-        dp_replicate > 1); gradients are averaged over data-parallel ranks.
+        the same model: with FSDP2, an ``FSDPModule`` whose parameters are DTensors (HSDP when
+        dp_replicate > 1) and whose gradients are averaged over data-parallel ranks; without it,
+        plain fp32 parameters with forward autocast to ``param_dtype``.
     """
     if activation_checkpoint not in ACTIVATION_CHECKPOINT_MODES:
         raise ValueError(
@@ -254,8 +265,9 @@ def parallelize_dit(
             "(torch 2.13 saves a DeviceMesh for backward); use compile=False, activation_checkpoint='none' "
             "or tp=1"
         )
-    if any(isinstance(p, DTensor) for p in model.parameters()):
-        raise ValueError("model is already parallelized (it has DTensor parameters)")
+    if getattr(model, "_krea2_parallelized", False) or any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ValueError("model is already parallelized (parallelize_dit ran on it, or it has DTensor parameters)")
+    model._krea2_parallelized = True
     apply_float8(
         model, float8, tp=parallel_dims.tp, fsdp_sharded=parallel_dims.dp_shard_enabled, compile=compile,
         base_dtype=param_dtype,
@@ -266,8 +278,41 @@ def parallelize_dit(
     apply_activation_checkpointing(model.transformer_blocks, activation_checkpoint)
     if compile:
         apply_compile(model.transformer_blocks)
-    apply_fsdp(model, fsdp_mesh(parallel_dims), param_dtype, reduce_dtype)
+    if fsdp is None:
+        fsdp = parallel_dims.world_size > 1
+    if fsdp:
+        apply_fsdp(model, fsdp_mesh(parallel_dims), param_dtype, reduce_dtype)
+    elif param_dtype != torch.float32:
+        for dit in [*auxiliary_dits(model), model]:
+            apply_autocast(dit, param_dtype)
     return model
+
+
+class _AutocastForward:
+    """Forward hooks that enter ``torch.autocast`` before a module's forward and leave it after."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.active: list[torch.autocast] = []
+
+    def enter(self, module: nn.Module, args: tuple) -> None:
+        device_type = next(module.parameters()).device.type
+        context = torch.autocast(device_type, dtype=self.dtype)
+        context.__enter__()
+        self.active.append(context)
+
+    def leave(self, module: nn.Module, args: tuple, output: object) -> None:
+        self.active.pop().__exit__(None, None, None)
+
+
+def apply_autocast(model: nn.Module, dtype: torch.dtype) -> None:
+    """Run ``model``'s forward under ``torch.autocast(dtype)``: fp32 master weights, matmuls in
+    ``dtype``, each weight cast once per forward (the one-rank counterpart of FSDP2's
+    ``param_dtype``). Hooks, not a wrapper module, so state-dict keys and copies are unchanged; the
+    context is left even when forward raises."""
+    hooks = _AutocastForward(dtype)
+    model.register_forward_pre_hook(hooks.enter)
+    model.register_forward_hook(hooks.leave, always_call=True)
 
 
 # ---------------------------------------------------------------------------------------------

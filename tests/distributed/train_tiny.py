@@ -93,6 +93,7 @@ def train(
     steps: int = 4,
     activation_checkpoint: str = "none",
     compile: bool = False,
+    fsdp: bool | None = None,
 ) -> dict:
     """Train and return ``{"losses", "grad_norms", "weights", "grads"}`` (grads of the first step)."""
     info = init_distributed(timeout_s=120)
@@ -101,7 +102,7 @@ def train(
     batch_mesh = parallel_dims.get_optional_mesh("batch")
     model = build_reference_model()
     config = model.config
-    parallelize_dit(model, parallel_dims, activation_checkpoint=activation_checkpoint, compile=compile)
+    parallelize_dit(model, parallel_dims, activation_checkpoint=activation_checkpoint, compile=compile, fsdp=fsdp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, foreach=True)
 
     rows = slice(dp_rank * GLOBAL_BATCH // dp_size, (dp_rank + 1) * GLOBAL_BATCH // dp_size)
