@@ -28,7 +28,8 @@ def test_overrides_apply():
     config = load_config("stage/pretrain_256", ["optim.lr=1e-3", "model.overrides.num_layers=3", "parallel=cluster"])
     assert config.optim.lr == 1e-3
     assert config.model.overrides == {"num_layers": 3}
-    assert config.parallel.tp == 2
+    assert config.parallel.tp == 1 and config.parallel.compile
+    assert config.parallel.attention_backends == ["cudnn", "efficient", "math"]
 
 
 @pytest.mark.parametrize(
@@ -38,6 +39,7 @@ def test_overrides_apply():
         (["bogus=1"], "unknown config key 'bogus'"),
         (["optim.lr=abc"], "config key 'optim.lr'"),
         (["parallel.activation_checkpoint=some"], "accepted: none, selective, full"),
+        (["parallel=cluster", "parallel.tp=2"], "'parallel.compile': compiled blocks with activation checkpointing and tp > 1"),
         (["model.overrides.hidden=3"], "unknown Krea2DiT config keys"),
         (["data.caption_mix.long=0.5"], "must sum to 1"),
         (["conditioning=qwen"], "conditioning.autoencoder_path"),

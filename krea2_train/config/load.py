@@ -145,6 +145,11 @@ def validate(config: RunConfig) -> None:
     )
     _require(config.parallel.mixed_precision in ("auto", "bf16", "fp32"), "parallel.mixed_precision", "accepted: auto, bf16, fp32")
     _require(config.parallel.tp >= 1 and config.parallel.dp_replicate >= 1, "parallel", "tp and dp_replicate must be >= 1")
+    _require(
+        not (config.parallel.compile and config.parallel.activation_checkpoint != "none" and config.parallel.tp > 1),
+        "parallel.compile",
+        "compiled blocks with activation checkpointing and tp > 1 fail in AOTAutograd; drop one of the three",
+    )
     try:
         parse_backends(config.parallel.attention_backends)
     except ValueError as error:
