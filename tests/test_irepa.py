@@ -309,6 +309,27 @@ def test_fsdp_wrapped_model_matches_plain_model(tmp_path, conditioner, world_of_
     assert grads["auxiliary.irepa.conv.weight"].full_tensor().abs().sum() > 0
 
 
+def test_one_rank_low_precision_runs_the_projector_under_autocast_too(tmp_path, conditioner, world_of_one):
+    """On one rank bf16 is autocast around forward (no FSDP2 casts the weights): the projector, called
+    by the stage outside the DiT's forward, must compute in bf16 like the blocks whose output it
+    reads, and its loss stay close to the fp32 one."""
+    from krea2_train.parallel.mesh import build_parallel_dims
+    from krea2_train.parallel.parallelize import parallelize_dit
+
+    stage, model = prepared(stage_config(tmp_path))
+    reference_stage, reference = prepared(stage_config(tmp_path))
+    parallelize_dit(model, build_parallel_dims(1, -1, 1, 1), param_dtype=torch.bfloat16)
+    projected = {}
+    model.auxiliary["irepa"].register_forward_hook(lambda module, args, output: projected.update(dtype=output.dtype))
+    loss, metrics = as_floats(stage.loss(context(model, conditioner), batch()))
+    loss.backward()
+    assert projected["dtype"] == torch.bfloat16
+    _, reference_metrics = as_floats(reference_stage.loss(context(reference, conditioner), batch()))
+    assert metrics == pytest.approx(reference_metrics, rel=0.05, abs=0.02)
+    projector_grad = model.auxiliary["irepa"].conv.weight.grad
+    assert projector_grad.dtype == torch.float32 and projector_grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------

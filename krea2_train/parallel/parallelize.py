@@ -282,9 +282,9 @@ def parallelize_dit(
         fsdp = parallel_dims.world_size > 1
     if fsdp:
         apply_fsdp(model, fsdp_mesh(parallel_dims), param_dtype, reduce_dtype)
-    elif param_dtype != torch.float32:
-        for dit in [*auxiliary_dits(model), model]:
-            apply_autocast(dit, param_dtype)
+    elif param_dtype != torch.float32:  # the root and whatever a stage calls outside its forward
+        for module in [*getattr(model, "auxiliary", {}).values(), model]:
+            apply_autocast(module, param_dtype)
     return model
 
 
