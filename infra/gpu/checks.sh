@@ -5,7 +5,7 @@
 #
 #   bash infra/gpu/checks.sh env kernels bench-targets     # ~4 min: versions, kernels, the three targets
 #   bash infra/gpu/checks.sh one-rank                      # ~4 min: the targets on the one-rank path (no FSDP2)
-#   bash infra/gpu/checks.sh owed                          # ~6 min: fp8 on the one-rank path, fp8 at 1024 px, eager
+#   bash infra/gpu/checks.sh owed                          # ~7 min: fp8 on the one-rank path and at 512 and 1024 px, eager
 #   bash infra/gpu/checks.sh bench-more                    # ~2.5 min: equal work, SDPA lists, 512 px
 #   bash infra/gpu/checks.sh fp8-256                       # ~6 min: fp8 vs bf16 loss curves at 256 px
 #   bash infra/gpu/checks.sh profile bench-memory          # ~4.5 min: profile, AC policies
@@ -99,6 +99,7 @@ EOF
         bench 256_b8_compile_fp8tw --res 256 --batch 8 --compile --reference none --fp8 --fp8-recipe tensorwise
         bench 1024_b1_compile_fp8tw --res 1024 --batch 1 --compile --reference none --fp8 --fp8-recipe tensorwise
         bench 1024_b1_compile_fp8rw --res 1024 --batch 1 --compile --reference none --fp8 --fp8-recipe rowwise
+        bench 512_b4_compile_fp8tw --res 512 --batch 4 --compile --reference none --fp8 --fp8-recipe tensorwise
         bench 1024_b1_eager --res 1024 --batch 1
         bench 256_b8_eager --res 256 --batch 8
         ;;
