@@ -1,6 +1,7 @@
 """Apply tensor parallelism, activation checkpointing, ``torch.compile`` and FSDP2 to a Krea2DiT.
 
-Order as in torchtitan: float8 conversion -> TP -> activation checkpointing -> compile -> FSDP2.
+Order as in torchtitan: float8 conversion -> TP -> activation checkpointing -> compile -> FSDP2
+(with more than one rank; one rank keeps fp32 weights and autocasts its forward instead).
 Float8 Linear layers (``krea2_train.parallel.float8``) take the plain TP styles below: their matmuls
 run in float8, their TP collectives in the param dtype.
 

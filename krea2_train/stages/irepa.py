@@ -20,9 +20,10 @@ point in epochs; after it, neither the teacher nor the hook does any work.
 - Token order is row-major on both sides: token ``n`` sits at ``(n // grid_w, n % grid_w)``;
   non-square grids work.
 - The projector lives under ``model.auxiliary["irepa"]``: trained and checkpointed with the model
-  (inside FSDP2's root unit), never exported. A forward hook on ``model.transformer_blocks[k - 1]``
-  keeps that block's image tokens for one forward when armed; it disarms after firing, so
-  activation-checkpoint recomputation in backward captures nothing.
+  (inside FSDP2's root unit; on one rank under its own autocast hooks), never exported. A forward
+  hook on ``model.transformer_blocks[k - 1]`` keeps that block's image tokens for one forward when
+  armed; it disarms after firing, so activation-checkpoint recomputation in backward captures
+  nothing.
 - Under tensor parallelism the hook (registered before parallelisation, so it runs before the TP
   plan turns the output into a local shard) sees the block's output as a sequence-sharded DTensor
   and all-gathers it (``full_tensor``): every TP rank projects the same full sequence and the

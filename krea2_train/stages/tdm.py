@@ -44,8 +44,9 @@ use the same draws and the fake score of the start of the step). The fake score 
 
 All step math is float32; randomness is keyed by (seed, purpose, step, slot).
 
-Sharding: the fake score is a whole Krea2DiT under ``model.auxiliary``; ``parallelize_dit`` makes
-it its own FSDP2 unit (blocks first), so it can be called outside the student's forward. The
+Sharding: the fake score is a whole Krea2DiT under ``model.auxiliary``; with more than one rank
+``parallelize_dit`` makes it its own FSDP2 unit (blocks first), so it can be called outside the
+student's forward (on one rank it gets its own autocast hooks instead). The
 student (the FSDP root) runs first in every step (the rollout), as FSDP2's lazy initialisation
 requires. Every rank runs the same forwards whatever its samples (the whole rollout, one student,
 one fake-score and one batched CFG teacher forward, the empty prompt padded to the prompts' text
