@@ -60,6 +60,10 @@ def test_rows_are_consistent_with_the_formula_and_each_other(text, ours_text_tok
         assert rows[f"{name}_achieved"]["value"] == pytest.approx(flops / step_s / 1e12)
         phases = sum(rows[f"{name}_{phase}_time"]["value"] for phase in ("forward", "backward", "optimizer"))
         assert 0 < phases <= rows[f"{name}_step_time"]["value"] * 1.001
+        compute_s = (rows[f"{name}_forward_time"]["value"] + rows[f"{name}_backward_time"]["value"]) / 1e3
+        matmul_rate = rows[f"{name}_achieved"]["value"] / rows[f"{name}_mfu_vs_measured_matmul"]["value"]
+        assert rows[f"{name}_mfu_forward_backward_vs_measured_matmul"]["value"] == pytest.approx(flops / compute_s / 1e12 / matmul_rate)
+        assert rows[f"{name}_mfu_forward_backward_vs_measured_matmul"]["value"] > rows[f"{name}_mfu_vs_measured_matmul"]["value"]
         assert rows[f"{name}_peak_memory_process_rss"]["value"] > 0
         assert f"{name}_host_syncs_per_step" not in rows  # counted on CUDA only
     speedup = rows["speedup_ours_vs_diffusers"]

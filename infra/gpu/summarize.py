@@ -55,8 +55,8 @@ def _fmt(value, digits: int = 3) -> str:
 def bench_table(benches: dict[str, dict[str, dict]]) -> str:
     lines = [
         "| run | setup | ours img/s | diffusers img/s | speedup | ours TFLOP/s | ours MFU (measured matmul / spec) "
-        "| ours peak GiB | diffusers peak GiB | host syncs ours / diffusers |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| ours MFU forward+backward | ours peak GiB | diffusers peak GiB | host syncs ours / diffusers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rows in benches.items():
         memory = lambda who: next((r["value"] for m, r in rows.items() if m.startswith(f"{who}_peak_memory")), None)  # noqa: E731
@@ -69,6 +69,7 @@ def bench_table(benches: dict[str, dict[str, dict]]) -> str:
                 _fmt(_value(rows, "speedup_ours_vs_diffusers")),
                 _fmt(_value(rows, "ours_achieved")),
                 f"{_fmt(_value(rows, 'ours_mfu_vs_measured_matmul'))} / {_fmt(_value(rows, 'ours_mfu_vs_spec_peak'))}",
+                _fmt(_value(rows, "ours_mfu_forward_backward_vs_measured_matmul")),
                 _fmt(memory("ours")),
                 _fmt(memory("diffusers")),
                 f"{_fmt(_value(rows, 'ours_host_syncs_per_step'))} / {_fmt(_value(rows, 'diffusers_host_syncs_per_step'))}",
