@@ -86,9 +86,26 @@ def test_summary_reports_the_targets_fp8_pairs_kernels_and_curves(tmp_path):
     assert "fp8 / bf16 (bench-targets/256_fp8.json over bench-targets/256_bf16.json): 1.12x, target >= 1.15x: NOT met" in text
     assert text.count("| bench-targets/") == 3  # one table row per bench JSON, the other JSON ignored
     assert "| attention | FLASH_ATTENTION, text 128 real of 512 |" in text and "one GEMM, fused weight" in text
+    assert "| block | float32 (288 tokens) |" in text and "| block | tensorwise (288 tokens) | unavailable |" in text
     assert "fp8tw_256 vs bf16_256 over 20 steps: second-half loss gap 3.00%" in text and "tolerance 2.00%): FAIL" in text
     assert "worst 10-step window 3.00%" in text
     assert "fp8rw_512 vs bf16_512 over 20 steps" in text and "tolerance 4.00%): PASS" in text
+
+
+def test_float8_block_rows_read_as_ratios_to_the_unconverted_block(tmp_path):
+    rows = [
+        {"kernel": "block", "case": "bfloat16", "tokens": 3072, "compiled": True, "ms": 10.0},
+        {"kernel": "block", "case": "tensorwise", "tokens": 3072, "compiled": True, "ms": 8.0},
+        {"kernel": "block", "case": "rowwise", "tokens": 3072, "compiled": True, "ms": 12.5},
+        {"kernel": "block", "case": "bfloat16", "tokens": 4224, "compiled": True, "ms": 20.0},
+        {"kernel": "block", "case": "tensorwise", "tokens": 4224, "compiled": True, "unavailable": "no"},
+    ]
+    path = tmp_path / "kernels.json"
+    path.write_text(json.dumps({"device": "H100", "rows": rows}))
+    table = summarize.kernels_table(path)
+    assert "| block | tensorwise (3072 tokens): 1.25x the unconverted block | 8 |" in table
+    assert "| block | rowwise (3072 tokens): 0.80x the unconverted block | 12.5 |" in table
+    assert "| block | tensorwise (4224 tokens) | unavailable |" in table
 
 
 def test_post_training_checks_fail_when_the_reference_or_the_first_ratio_is_off(tmp_path):

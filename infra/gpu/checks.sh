@@ -3,7 +3,7 @@
 # each fit one 10-minute command of the lent GPU machine. Run from the repository root there,
 # with the wheels of infra/gpu/fetch_wheels.sh carried in .whl/:
 #
-#   bash infra/gpu/checks.sh env kernels bench-targets     # ~4 min: versions, kernels, the three targets
+#   bash infra/gpu/checks.sh env kernels bench-targets     # ~6 min: versions, kernels, the three targets
 #   bash infra/gpu/checks.sh one-rank                      # ~4 min: the targets on the one-rank path (no FSDP2)
 #   bash infra/gpu/checks.sh owed                          # ~7 min: fp8 on the one-rank path and at 512 and 1024 px, eager
 #   bash infra/gpu/checks.sh bench-more                    # ~2.5 min: equal work, SDPA lists, 512 px

@@ -12,6 +12,12 @@ and 128 of 128 (the trainer's compacted text, still with its mask).
 Projections: forward + backward of the four projections of one block (q 6144, k 1536, v 1536,
 gate 6144 outputs) as four GEMMs, as one GEMM on a prebuilt fused weight (a fused parameter),
 and as one GEMM on weights concatenated every step (a runtime fusion of diffusers-keyed weights).
+
+Block: forward + backward of one full-width ``Krea2Block`` (compiled on CUDA) at 256 px batch 8
+and 1024 px batch 1 with 128 text tokens, in the compute dtype and with its eight projections in
+float8 (torchao tensorwise, rowwise). Blocks are 89% of the 12.9B model's FLOPs at 256 px (text
+fusion most of the rest), but only 55% of ``bench_full_width``'s, whose step also carries the
+whole AdamW update: this is float8's gain on what the real model is made of.
 """
 
 from __future__ import annotations
@@ -27,8 +33,11 @@ from torch.utils.benchmark import Timer
 
 from krea2_train.model.dit import grouped_query_attention
 
-FULL = dict(batch=4, image_tokens=1024, heads=48, kv_heads=12, head_dim=128, width=6144)
-SMALL = dict(batch=2, image_tokens=64, heads=4, kv_heads=2, head_dim=16, width=64)
+FULL = dict(batch=4, image_tokens=1024, heads=48, kv_heads=12, head_dim=128, width=6144, mlp=16384,
+            rope=(32, 48, 48), blocks=((8, 16), (1, 64)))  # blocks: (batch, image grid side) = 256, 1024 px
+SMALL = dict(batch=2, image_tokens=64, heads=4, kv_heads=2, head_dim=16, width=64, mlp=128, rope=(4, 6, 6),
+             blocks=((2, 4),))
+BLOCK_TEXT_TOKENS = 128
 
 
 def median_ms(stmt: str, scope: dict, min_run_time: float) -> float:
@@ -70,6 +79,47 @@ def time_projections(shape: dict, device: torch.device, dtype: torch.dtype, min_
     return [{"kernel": "projections", "case": name, "tokens": tokens, "ms": median_ms(stmt, scope, min_run_time)} for name, stmt in cases.items()]
 
 
+def time_block_float8(shape: dict, device: torch.device, dtype: torch.dtype, min_run_time: float) -> list[dict]:
+    from torch import nn
+
+    from krea2_train.config.schema import Float8Config
+    from krea2_train.model.dit import Krea2Block, rotary_cos_sin
+    from krea2_train.model.patchify import position_ids
+    from krea2_train.parallel.float8 import convert_to_float8, float8_unavailable_reason
+
+    compiled = device.type == "cuda"  # inductor's CPU build takes minutes: eager there
+    rows = []
+    for batch, side in shape["blocks"]:
+        seq = BLOCK_TEXT_TOKENS + side * side
+        cos, sin = rotary_cos_sin(position_ids(BLOCK_TEXT_TOKENS, side, side, device=device), shape["rope"], 1000.0)
+        x = torch.randn(batch, seq, shape["width"], device=device, dtype=dtype).requires_grad_()
+        modulation = 0.1 * torch.randn(batch, 1, 6 * shape["width"], device=device, dtype=dtype)
+        mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
+        grad = torch.randn_like(x)
+        for recipe in (None, "tensorwise", "rowwise"):
+            row = {"kernel": "block", "case": recipe or str(dtype).removeprefix("torch."), "tokens": batch * seq,
+                   "compiled": compiled}
+            reason = float8_unavailable_reason(device) if recipe else None
+            if reason:
+                row["unavailable"] = reason
+                rows.append(row)
+                continue
+            torch.manual_seed(0)
+            holder = nn.Module()  # the block at the path the float8 filters expect
+            holder.transformer_blocks = nn.ModuleList(
+                [Krea2Block(shape["width"], shape["mlp"], shape["heads"], shape["kv_heads"], 1e-6)]
+            )
+            holder.to(device=device, dtype=dtype)
+            if recipe:
+                convert_to_float8(holder, Float8Config(enabled=True, recipe=recipe))
+            block = holder.transformer_blocks[0]
+            run = torch.compile(block) if compiled else block
+            scope = {"run": run, "x": x, "modulation": modulation, "cos": cos, "sin": sin, "mask": mask, "grad": grad}
+            row["ms"] = median_ms("run(x, modulation, cos, sin, mask).backward(grad)", scope, min_run_time)
+            rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -82,6 +132,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     shape = SMALL if args.small else FULL
     min_run_time = args.min_run_time or (0.05 if args.small else 2.0)
     rows = time_attention(shape, device, dtype, min_run_time) + time_projections(shape, device, dtype, min_run_time)
+    rows += time_block_float8(shape, device, dtype, min_run_time)
     for row in rows:
         print(json.dumps(row))
     if args.json:

@@ -125,9 +125,13 @@ def kernels_table(path: Path) -> str:
     data = json.loads(path.read_text())
     lines = [f"Kernels on {data['device']} (`{path.name}`), forward + backward, median ms:", ""]
     lines += ["| kernel | case | ms |", "|---|---|---|"]
+    plain_block_ms = {row["tokens"]: row["ms"] for row in data["rows"]
+                      if row["kernel"] == "block" and row["case"] not in ("tensorwise", "rowwise") and "ms" in row}
     for row in data["rows"]:
         case = (f"{row['backend']}, text {row['real_text_tokens']} real of {row['text_tokens']}"
                 if row["kernel"] == "attention" else f"{row['case']} ({row['tokens']} tokens)")
+        if row["kernel"] == "block" and row["case"] in ("tensorwise", "rowwise") and "ms" in row and row["tokens"] in plain_block_ms:
+            case += f": {plain_block_ms[row['tokens']] / row['ms']:.2f}x the unconverted block"
         lines.append(f"| {row['kernel']} | {case} | {_fmt(row.get('ms')) if 'ms' in row else 'unavailable'} |")
     return "\n".join(lines)
 
