@@ -3,9 +3,8 @@
 # each fit one 10-minute command of the lent GPU machine. Run from the repository root there,
 # with the wheels of infra/gpu/fetch_wheels.sh carried in .whl/:
 #
-#   bash infra/gpu/checks.sh env kernels bench-targets     # ~6 min: versions, kernels, the three targets
-#   bash infra/gpu/checks.sh one-rank                      # ~4 min: the targets on the one-rank path (no FSDP2)
-#   bash infra/gpu/checks.sh owed                          # ~7 min: fp8 on the one-rank path and at 512 and 1024 px, eager
+#   bash infra/gpu/checks.sh env kernels bench-targets     # ~7 min: versions, kernels, the three targets
+#   bash infra/gpu/checks.sh owed                          # ~6 min: fp8 at 512 and 1024 px, eager, 256 px vs diffusers
 #   bash infra/gpu/checks.sh bench-more                    # ~2.5 min: equal work, SDPA lists, 512 px
 #   bash infra/gpu/checks.sh fp8-256                       # ~6 min: fp8 vs bf16 loss curves at 256 px
 #   bash infra/gpu/checks.sh profile bench-memory          # ~4.5 min: profile, AC policies
@@ -83,12 +82,7 @@ EOF
     kernels)
         run kernels 300 python3 infra/gpu/kernels.py --json "$OUT/$part/kernels.json"
         ;;
-    bench-targets)  # 1.5x diffusers and MFU >= 0.5 at 1024 px bf16; fp8 >= 1.15x bf16 at 256 px
-        bench 1024_b1_compile --res 1024 --batch 1 --compile
-        bench 256_b8_compile_bf16 --res 256 --batch 8 --compile --reference none
-        bench 256_b8_compile_fp8tw --res 256 --batch 8 --compile --reference none --fp8 --fp8-recipe tensorwise
-        ;;
-    one-rank)  # after one-rank runs dropped FSDP2: the targets again, and MFU at batch 2
+    bench-targets)  # 1.5x diffusers and MFU >= 0.5 at 1024 px bf16 (batch 1 and 2); fp8 >= 1.15x bf16 at 256 px
         bench 1024_b1_compile --res 1024 --batch 1 --compile
         bench 1024_b2_compile --res 1024 --batch 2 --compile --reference none
         bench 256_b8_compile_bf16 --res 256 --batch 8 --compile --reference none
@@ -96,7 +90,6 @@ EOF
         ;;
     owed)  # what the 2026-11-23 session's device time left unmeasured (docs/benchmarks.md)
         bench 256_b8_compile --res 256 --batch 8 --compile
-        bench 256_b8_compile_fp8tw --res 256 --batch 8 --compile --reference none --fp8 --fp8-recipe tensorwise
         bench 1024_b1_compile_fp8tw --res 1024 --batch 1 --compile --reference none --fp8 --fp8-recipe tensorwise
         bench 1024_b1_compile_fp8rw --res 1024 --batch 1 --compile --reference none --fp8 --fp8-recipe rowwise
         bench 512_b4_compile_fp8tw --res 512 --batch 4 --compile --reference none --fp8 --fp8-recipe tensorwise
@@ -144,7 +137,7 @@ EOF
             stage.steps=10 data.global_batch_size=8
         ;;
     *)
-        echo "unknown part '$part': env kernels bench-targets one-rank owed bench-more bench-memory fp8-speed profile fp8-256 fp8-512 post-training" >&2
+        echo "unknown part '$part': env kernels bench-targets owed bench-more bench-memory fp8-speed profile fp8-256 fp8-512 post-training" >&2
         exit 2
         ;;
     esac

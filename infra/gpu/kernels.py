@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.benchmark import Timer
 
-from krea2_train.model.dit import grouped_query_attention
+from krea2_train.model.dit import DEFAULT_CONFIG, grouped_query_attention
 
-FULL = dict(batch=4, image_tokens=1024, heads=48, kv_heads=12, head_dim=128, width=6144, mlp=16384,
-            rope=(32, 48, 48), blocks=((8, 16), (1, 64)))  # blocks: (batch, image grid side) = 256, 1024 px
+FULL = dict(batch=4, image_tokens=1024, heads=48, kv_heads=12, head_dim=128, width=6144,
+            mlp=DEFAULT_CONFIG["intermediate_size"], rope=DEFAULT_CONFIG["axes_dims_rope"],
+            blocks=((8, 16), (1, 64)))  # blocks: (batch, image grid side) = 256, 1024 px
 SMALL = dict(batch=2, image_tokens=64, heads=4, kv_heads=2, head_dim=16, width=64, mlp=128, rope=(4, 6, 6),
              blocks=((2, 4),))
 BLOCK_TEXT_TOKENS = 128
@@ -85,18 +86,18 @@ def time_block_float8(shape: dict, device: torch.device, dtype: torch.dtype, min
     from krea2_train.config.schema import Float8Config
     from krea2_train.model.dit import Krea2Block, rotary_cos_sin
     from krea2_train.model.patchify import position_ids
-    from krea2_train.parallel.float8 import convert_to_float8, float8_unavailable_reason
+    from krea2_train.parallel.float8 import FLOAT8_RECIPES, convert_to_float8, float8_unavailable_reason
 
     compiled = device.type == "cuda"  # inductor's CPU build takes minutes: eager there
     rows = []
     for batch, side in shape["blocks"]:
         seq = BLOCK_TEXT_TOKENS + side * side
-        cos, sin = rotary_cos_sin(position_ids(BLOCK_TEXT_TOKENS, side, side, device=device), shape["rope"], 1000.0)
+        cos, sin = rotary_cos_sin(position_ids(BLOCK_TEXT_TOKENS, side, side, device=device), shape["rope"], DEFAULT_CONFIG["rope_theta"])
         x = torch.randn(batch, seq, shape["width"], device=device, dtype=dtype).requires_grad_()
         modulation = 0.1 * torch.randn(batch, 1, 6 * shape["width"], device=device, dtype=dtype)
         mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
         grad = torch.randn_like(x)
-        for recipe in (None, "tensorwise", "rowwise"):
+        for recipe in (None, *FLOAT8_RECIPES):
             row = {"kernel": "block", "case": recipe or str(dtype).removeprefix("torch."), "tokens": batch * seq,
                    "compiled": compiled}
             reason = float8_unavailable_reason(device) if recipe else None
@@ -107,7 +108,7 @@ def time_block_float8(shape: dict, device: torch.device, dtype: torch.dtype, min
             torch.manual_seed(0)
             holder = nn.Module()  # the block at the path the float8 filters expect
             holder.transformer_blocks = nn.ModuleList(
-                [Krea2Block(shape["width"], shape["mlp"], shape["heads"], shape["kv_heads"], 1e-6)]
+                [Krea2Block(shape["width"], shape["mlp"], shape["heads"], shape["kv_heads"], DEFAULT_CONFIG["norm_eps"])]
             )
             holder.to(device=device, dtype=dtype)
             if recipe:

@@ -471,9 +471,8 @@ def timing_rows(name: str, timing: StepTiming, settings: BenchSettings, matmul_f
         _row(f"{name}_achieved", achieved / 1e12, "TFLOP/s"),
         _row(f"{name}_mfu_vs_measured_matmul", achieved / matmul_flops, "fraction", *_mfu_target(name, settings, achieved / matmul_flops)),
     ]
-    compute_s = timing.forward_s + timing.backward_s
-    if compute_s > 0:  # without the optimizer step, which a sharded run divides over its ranks
-        rows.append(_row(f"{name}_mfu_forward_backward_vs_measured_matmul", step_flops / compute_s / matmul_flops, "fraction"))
+    compute_flops = step_flops / (timing.forward_s + timing.backward_s)  # without the optimizer, which a sharded run divides
+    rows.append(_row(f"{name}_mfu_forward_backward_vs_measured_matmul", compute_flops / matmul_flops, "fraction"))
     if spec_flops is not None:
         rows.append(_row(f"{name}_mfu_vs_spec_peak", achieved / spec_flops, "fraction"))
     rows.append(_row(f"{name}_peak_memory_{timing.memory_kind}", timing.peak_memory_bytes / 2**30, "GiB"))

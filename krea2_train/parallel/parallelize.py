@@ -292,13 +292,12 @@ def parallelize_dit(
 class _AutocastForward:
     """Forward hooks that enter ``torch.autocast`` before a module's forward and leave it after."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
+    def __init__(self, device_type: str, dtype: torch.dtype) -> None:
+        self.device_type, self.dtype = device_type, dtype
         self.active: list[torch.autocast] = []
 
     def enter(self, module: nn.Module, args: tuple) -> None:
-        device_type = next(module.parameters()).device.type
-        context = torch.autocast(device_type, dtype=self.dtype)
+        context = torch.autocast(self.device_type, dtype=self.dtype)
         context.__enter__()
         self.active.append(context)
 
@@ -310,8 +309,8 @@ def apply_autocast(model: nn.Module, dtype: torch.dtype) -> None:
     """Run ``model``'s forward under ``torch.autocast(dtype)``: fp32 master weights, matmuls in
     ``dtype``, each weight cast once per forward (the one-rank counterpart of FSDP2's
     ``param_dtype``). Hooks, not a wrapper module, so state-dict keys and copies are unchanged; the
-    context is left even when forward raises."""
-    hooks = _AutocastForward(dtype)
+    context is left even when forward raises. ``model`` must already be on its device."""
+    hooks = _AutocastForward(next(model.parameters()).device.type, dtype)
     model.register_forward_pre_hook(hooks.enter)
     model.register_forward_hook(hooks.leave, always_call=True)
 
