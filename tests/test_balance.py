@@ -19,6 +19,7 @@ from krea2_train.cli import main as krea2
 from krea2_train.curate.balance import (
     balance_dataset,
     curate_dataset,
+    embed_images,
     load_embeddings,
     read_clusters,
     selectable_images,
@@ -145,6 +146,19 @@ def test_balance_stores_cluster_ids_per_level_and_materialises_the_selection(poo
     # pack reads the selection like any dataset
     packed = pack_dataset(store, "pool_balanced", [16], tmp_path / "shards", PackSettings(pixel_multiple=4, shard_size=8))
     assert packed.num_samples == 12
+
+
+def test_an_image_that_changed_since_decode_fails_balance_naming_it_and_keeps_the_embeddings_before_it(pool):
+    store, colours = pool
+    _, image_ids, uris = selectable_images(store, "pool")
+    Path(uris[-1]).write_bytes(b"not an image any more")
+    with pytest.raises(ValueError, match=f"{uris[-1]} was decoded but cannot be read now: UnidentifiedImageError"):
+        balance_dataset(store, "pool", "pool_balanced", 12, SETTINGS)
+    with pytest.raises(ValueError, match=f"{uris[-1]} was decoded"):
+        embed_images(store, image_ids, uris, SmallEmbedder(), batch_size=16)
+    with store.pool.connection() as conn:
+        embedded = conn.execute("SELECT count(*) FROM image_embeddings").fetchone()[0]
+    assert len(image_ids) == 38 and embedded == 32  # the two batches before the bad file's are stored
 
 
 def test_curate_takes_the_top_images_by_a_filter_score(pool):

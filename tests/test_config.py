@@ -55,3 +55,10 @@ def test_unknown_stage_lists_the_stages():
     with pytest.raises(ConfigError, match="stage configs: grpo"):
         load_config("stage/pretrain_2048")
     assert (CONFIG_DIR / "config.yaml").exists()
+
+
+def test_the_config_accepts_exactly_the_stage_kinds_that_have_a_class():
+    from krea2_train.config.schema import STAGE_KINDS
+    from krea2_train.stages import STAGE_KINDS as STAGE_CLASSES
+
+    assert tuple(STAGE_CLASSES) == STAGE_KINDS

@@ -5,6 +5,7 @@ away under a running loader (nothing lost, nothing repeated)."""
 import psycopg
 import pytest
 
+from krea2_train.curate.images import open_rgb
 from krea2_train.curate.jobs import DECODE, DEDUP
 from krea2_train.data.ingest import ingest
 from krea2_train.data.loader import LoaderConfig, ShardLoader, make_plan, pinned_manifest, query_manifest
@@ -71,6 +72,47 @@ def test_pack_dataset_registers_preshuffled_shards_once(fresh_store, tmp_path):
         assert conn.execute("SELECT sum(num_samples) FROM shards WHERE resolution = 16").fetchone() == (30,)
         manifest = pinned_manifest(tmp_path / "run" / "manifest.json", fresh_store, ["shapes"], 16)
     assert manifest.num_samples == 30 and (tmp_path / "run" / "manifest.json").exists()
+    # a target added after the job finished every image: the job packs them again, at it only
+    add_pack_target(fresh_store, "shapes", 24, tmp_path / "packed", settings)
+    stats = run_worker(fresh_store, PACK_JOB)
+    assert stats.completed == 30 and stats.failed == 0
+    with fresh_store.pool.connection() as conn:
+        per_resolution = conn.execute("SELECT resolution, count(*) FROM shard_samples GROUP BY 1 ORDER BY 1").fetchall()
+    assert per_resolution == [(16, 30), (24, 30), (32, 30)]
+
+
+def test_an_image_unreadable_at_one_resolution_is_packed_at_the_next_and_registered_row_by_row(fresh_store, tmp_path, monkeypatch):
+    from krea2_train.data import pack
+
+    folder = write_shapes_dataset(tmp_path / "shapes", 6, 48, seed=3)
+    ingest(fresh_store, "shapes", folder=folder)
+    run_worker(fresh_store, DECODE)
+    run_worker(fresh_store, DEDUP)
+    flaky_uri = str(sorted(folder.glob("*.png"))[1].resolve())
+    failures = []
+
+    def open_once_failing(uri):
+        if uri == flaky_uri and not failures:
+            failures.append(uri)
+            raise OSError("transient read error")
+        return open_rgb(uri)
+
+    monkeypatch.setattr(pack, "open_rgb", open_once_failing)
+    report = pack_dataset(fresh_store, "shapes", [32, 48], tmp_path / "packed", PackSettings(pixel_multiple=16, shard_size=100))
+    assert list(report.unreadable.values()) == [f"{flaky_uri}: OSError: transient read error"]
+    with fresh_store.pool.connection() as conn:
+        registered = conn.execute(
+            'SELECT h.resolution, h.path, s."row", s.image_id FROM shard_samples s JOIN shards h ON h.id = s.shard_id'
+            ' ORDER BY h.resolution, h.path, s."row"'
+        ).fetchall()
+    in_files = []
+    for path in sorted({(res, path) for res, path, _, _ in registered}):
+        with ShardReader(path[1]) as reader:
+            in_files += [(path[0], path[1], row, reader.read(row).sample_id) for row in range(reader.num_samples)]
+    assert registered == in_files  # every row of every shard, and nothing else
+    assert [sum(res == r for r, *_ in registered) for res in (32, 48)] == [5, 6]
+    again = pack_dataset(fresh_store, "shapes", [32, 48], tmp_path / "packed", PackSettings(pixel_multiple=16, shard_size=100))
+    assert again.num_samples == 1 and not again.unreadable  # only the one that failed, at 32
 
 
 def test_progress_is_one_query_and_leases_end_done(fresh_store, tmp_path):

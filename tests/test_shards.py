@@ -75,6 +75,15 @@ def test_flipped_byte_fails_the_checksum_and_the_row_crc(tmp_path):
     assert info.value.row == 3 and info.value.path == str(written.path)
 
 
+def test_a_failure_while_closing_raises_itself_and_leaves_no_shard(tmp_path):
+    (tmp_path / "c.arrow.sha256").mkdir()  # the sidecar cannot be written
+    with pytest.raises(IsADirectoryError):
+        _write(tmp_path / "c.arrow", n=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.arrow.sha256"]
+    written = _write(tmp_path / "d.arrow", n=3)
+    assert written.sample_ids == (100, 101, 102)
+
+
 def test_missing_sidecar_and_bad_inputs_are_clear_errors(tmp_path):
     written = _write(tmp_path / "m.arrow", n=1)
     sidecar_path(written.path).unlink()

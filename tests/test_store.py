@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from krea2_train.store import StoreError, StoreUnavailable, open_store
-from krea2_train.store.db import DSN_ENV
+from krea2_train.store.db import DSN_ENV, STORE_DIR_ENV, default_store_dir
 from krea2_train.store.migrations import MIGRATION_NAME, migration_files
 
 pytestmark = pytest.mark.postgres
@@ -94,6 +94,17 @@ def _closed_loopback_port() -> int:
 
 
 @pytest.mark.timeout(30)
+def test_krea2_data_and_the_trainer_default_to_the_same_embedded_store(monkeypatch):
+    from krea2_train.cli import build_parser
+
+    monkeypatch.delenv(STORE_DIR_ENV, raising=False)
+    parse = lambda: build_parser("data").parse_args(["data", "status"]).data_dir  # noqa: E731
+    assert parse() == default_store_dir() == Path("runs/_store")  # the trainer: <runs_root>/_store
+    assert default_store_dir("/scratch/runs") == Path("/scratch/runs/_store")
+    monkeypatch.setenv(STORE_DIR_ENV, "/shared/krea2_store")
+    assert parse() == default_store_dir("/scratch/runs") == Path("/shared/krea2_store")
+
+
 def test_refused_connection_names_the_host():
     port = _closed_loopback_port()
     with pytest.raises(StoreUnavailable, match=rf"127\.0\.0\.1:{port}/krea2"):

@@ -82,7 +82,7 @@ def embed_images(store: Store, image_ids: list[int], uris: list[str], embedder: 
     todo = [(image_id, uri) for image_id, uri in zip(image_ids, uris) if image_id not in done]
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
-        vectors = embedder.embed([open_rgb(uri) for _, uri in batch])
+        vectors = embedder.embed([_open_decoded(uri) for _, uri in batch])
         with store.pool.connection() as conn:
             conn.execute(
                 "INSERT INTO image_embeddings (image_id, embedder, dim, embedding)"
@@ -91,6 +91,15 @@ def embed_images(store: Store, image_ids: list[int], uris: list[str], embedder: 
                 (embedder.name, embedder.dim, [i for i, _ in batch], [v.astype("<f4").tobytes() for v in vectors]),
             )
     return len(todo)
+
+
+def _open_decoded(uri: str):
+    """An image the decode job accepted, read again; an error names the file (the embeddings of
+    earlier batches are stored, so a rerun after fixing or removing it goes on from there)."""
+    try:
+        return open_rgb(uri)
+    except Exception as error:
+        raise ValueError(f"{uri} was decoded but cannot be read now: {type(error).__name__}: {error}") from error
 
 
 def load_embeddings(store: Store, image_ids: list[int], embedder_name: str) -> np.ndarray:

@@ -15,8 +15,7 @@ import threading
 from dataclasses import asdict
 from pathlib import Path
 
-DEFAULT_DATA_DIR_ENV = "KREA2_DATA_DIR"
-
+from krea2_train.store.db import STORE_DIR_ENV, default_store_dir
 
 def register(subparsers) -> None:
     data = subparsers.add_parser("data", help="dataset registry, processing jobs, the shapes world")
@@ -62,8 +61,9 @@ def _store_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
         type=Path,
-        default=Path(os.environ.get(DEFAULT_DATA_DIR_ENV, "krea2_store")),
-        help=f"embedded server's directory when no DSN is set (default ${DEFAULT_DATA_DIR_ENV} or ./krea2_store)",
+        default=default_store_dir(),
+        help=f"embedded server's directory when no DSN is set (default ${STORE_DIR_ENV} or runs/_store, "
+        "where training runs under the default runs_root find it)",
     )
 
 

@@ -32,6 +32,7 @@ from krea2_train.store import Store, StoreError
 from krea2_train.store.queue import Done, Failed, Job, JobContext, Outcome, register_job
 
 IMAGE_COLUMNS = ("id", "dataset_id", "uri", "width", "height", "caption_long", "caption_medium", "caption_short", "facts")
+PACK_JOB_NAME = "pack"
 PACKABLE_SQL = "i.decode_ok AND i.duplicate_of IS NULL AND coalesce(i.caption_long, '') <> ''"
 
 
@@ -72,16 +73,26 @@ class PackReport:
 
 
 def add_pack_target(store: Store, dataset: str, resolution: int, out_dir: str | Path, settings: PackSettings) -> int:
-    """Record that ``dataset`` is packed at ``resolution`` into ``out_dir``; returns the dataset id."""
-    with store.pool.connection() as conn:
+    """Record that ``dataset`` is packed at ``resolution`` into ``out_dir``; returns the dataset id.
+
+    A new target sends the dataset's images that the ``pack`` job has finished back to pending,
+    so the job packs them at the new resolution too (it skips what is packed already)."""
+    with store.pool.connection() as conn, conn.transaction():
         row = conn.execute("SELECT id FROM datasets WHERE name = %s", (dataset,)).fetchone()
         if row is None:
             raise StoreError(f"unknown dataset {dataset!r}: ingest it first")
-        conn.execute(
+        (inserted,) = conn.execute(
             "INSERT INTO pack_targets (dataset_id, resolution, out_dir, settings) VALUES (%s, %s, %s, %s)"
-            " ON CONFLICT (dataset_id, resolution) DO UPDATE SET out_dir = excluded.out_dir, settings = excluded.settings",
+            " ON CONFLICT (dataset_id, resolution) DO UPDATE SET out_dir = excluded.out_dir, settings = excluded.settings"
+            " RETURNING xmax = 0",
             (row[0], resolution, str(Path(out_dir).resolve()), Jsonb(settings.to_json())),
-        )
+        ).fetchone()
+        if inserted:
+            conn.execute(
+                "UPDATE job_runs j SET state = 'pending', attempt = 0, updated_at = now() FROM images i"
+                " WHERE j.job = %s AND j.state = 'done' AND j.image_id = i.id AND i.dataset_id = %s",
+                (PACK_JOB_NAME, row[0]),
+            )
     return row[0]
 
 
@@ -133,7 +144,7 @@ def pack_rows(
         for start in range(0, len(shuffled), settings.shard_size):
             chunk = shuffled[start : start + settings.shard_size]
             written = _write_shard(dataset, chunk, resolution, bucket, out_dir, settings, report)
-            if written is not None and _register(store, dataset_id, resolution, written, [r["id"] for r in chunk if r["id"] not in report.unreadable]):
+            if written is not None and _register(store, dataset_id, resolution, written):
                 report.shards.append(written)
 
 
@@ -157,14 +168,15 @@ def _write_shard(dataset, chunk, resolution, bucket, out_dir, settings, report) 
                 continue
             captions = {"long": row["caption_long"], "medium": row["caption_medium"], "short": row["caption_short"]}
             writer.write(row["id"], image, captions, row["facts"])
-        if all(row["id"] in report.unreadable for row in chunk):
+        if not writer.sample_ids:
             writer.abort()
             return None
         return writer.close()
 
 
-def _register(store: Store, dataset_id: int, resolution: int, shard: WrittenShard, image_ids: list[int]) -> bool:
-    """Insert the shard and its samples in one transaction; False if the path was registered."""
+def _register(store: Store, dataset_id: int, resolution: int, shard: WrittenShard) -> bool:
+    """Insert the shard and its samples (``shard.sample_ids``, row by row) in one transaction;
+    False if the path was registered."""
     with store.pool.connection() as conn, conn.transaction():
         row = conn.execute(
             "INSERT INTO shards (dataset_id, resolution, bucket, width, height, path, num_samples, sha256, image_format)"
@@ -177,7 +189,7 @@ def _register(store: Store, dataset_id: int, resolution: int, shard: WrittenShar
         conn.execute(
             'INSERT INTO shard_samples (resolution, image_id, shard_id, "row")'
             " SELECT %s, u.image_id, %s, u.ord - 1 FROM unnest(%s::bigint[]) WITH ORDINALITY AS u (image_id, ord)",
-            (resolution, row[0], image_ids),
+            (resolution, row[0], list(shard.sample_ids)),
         )
     return True
 
@@ -205,7 +217,7 @@ def pack_job_handler(rows: list[dict], ctx: JobContext) -> list[Outcome]:
 
 PACK_JOB = register_job(
     Job(
-        "pack",
+        PACK_JOB_NAME,
         f"{PACKABLE_SQL} AND EXISTS (SELECT 1 FROM pack_targets t WHERE t.dataset_id = i.dataset_id)"
         " AND EXISTS (SELECT 1 FROM job_runs d WHERE d.job = 'dedup' AND d.image_id = i.id AND d.state = 'done')",
         pack_job_handler,

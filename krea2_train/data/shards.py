@@ -94,6 +94,7 @@ class WrittenShard:
     sha256: str
     size_bytes: int
     header: ShardHeader
+    sample_ids: tuple[int, ...]  # row by row
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -158,7 +159,8 @@ class ShardWriter:
         self._quality = quality
         self._rows_per_batch = rows_per_batch
         self._pending: list[dict[str, Any]] = []
-        self._num_samples = 0
+        self.sample_ids: list[int] = []  # written so far, row by row
+        self._closed = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp_path = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
         metadata = {METADATA_KEY: json.dumps({"version": FORMAT_VERSION, **self.header.__dict__}).encode()}
@@ -188,7 +190,7 @@ class ShardWriter:
                 "facts": json.dumps(facts or {}, sort_keys=True),
             }
         )
-        self._num_samples += 1
+        self.sample_ids.append(int(sample_id))
         if len(self._pending) >= self._rows_per_batch:
             self._flush()
 
@@ -198,22 +200,39 @@ class ShardWriter:
             self._pending = []
 
     def close(self) -> WrittenShard:
-        if self._num_samples == 0:
+        """Finish the file and move it into place: the sidecar first (itself written to a temporary
+        name and renamed), then the shard, so a shard under its final name always has its sidecar.
+        On any error the temporary files are removed and the error propagates."""
+        if not self.sample_ids:
             self.abort()
             raise ValueError(f"shard {self.path}: no samples written")
-        self._flush()
-        self._writer.close()
-        self._sink.close()
-        sha256 = file_sha256(self._tmp_path)
-        os.replace(self._tmp_path, self.path)
-        sidecar_path(self.path).write_text(f"{sha256}  {self.path.name}\n")
-        return WrittenShard(self.path, self._num_samples, sha256, self.path.stat().st_size, self.header)
+        sidecar = sidecar_path(self.path)
+        sidecar_tmp = sidecar.with_name(sidecar.name + f".tmp-{os.getpid()}")
+        try:
+            self._flush()
+            self._close_files()
+            sha256 = file_sha256(self._tmp_path)
+            sidecar_tmp.write_text(f"{sha256}  {self.path.name}\n")
+            os.replace(sidecar_tmp, sidecar)
+            os.replace(self._tmp_path, self.path)
+        except BaseException:
+            self.abort()
+            sidecar_tmp.unlink(missing_ok=True)
+            raise
+        return WrittenShard(self.path, len(self.sample_ids), sha256, self.path.stat().st_size, self.header, tuple(self.sample_ids))
 
     def abort(self) -> None:
-        """Discard the shard being written."""
-        self._writer.close()
-        self._sink.close()
+        """Discard the shard being written (safe to call more than once, and after close)."""
+        self._close_files()
         self._tmp_path.unlink(missing_ok=True)
+
+    def _close_files(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self._writer.close()
+            finally:
+                self._sink.close()
 
     def __enter__(self) -> ShardWriter:
         return self

@@ -4,7 +4,7 @@ Imports no torch. ``open_store`` is the entry point; ``krea2_train.store.queue``
 processing-queue API.
 """
 
-from krea2_train.store.db import Store, open_store
+from krea2_train.store.db import Store, default_store_dir, open_store
 from krea2_train.store.errors import StoreError, StoreUnavailable
 
-__all__ = ["Store", "StoreError", "StoreUnavailable", "open_store"]
+__all__ = ["Store", "StoreError", "StoreUnavailable", "default_store_dir", "open_store"]

@@ -14,6 +14,7 @@ from krea2_train.store.errors import StoreError, StoreUnavailable
 from krea2_train.store.migrations import apply_migrations
 
 DSN_ENV = "KREA2_PG_DSN"
+STORE_DIR_ENV = "KREA2_DATA_DIR"
 
 # libpq keepalives: notice a server that vanished without a FIN (ignored on Unix sockets).
 CLIENT_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
@@ -51,6 +52,13 @@ class Store:
 def resolve_dsn(dsn: str | None) -> str | None:
     """The DSN to use: the argument, else ``$KREA2_PG_DSN``, else None (embedded server)."""
     return dsn or os.environ.get(DSN_ENV) or None
+
+
+def default_store_dir(runs_root: str | Path = "runs") -> Path:
+    """Where the embedded server keeps its data when no DSN is set: ``$KREA2_DATA_DIR``, else
+    ``<runs_root>/_store``. The trainer and ``krea2 data`` both use it, so what one ingests the
+    other trains on."""
+    return Path(os.environ.get(STORE_DIR_ENV) or Path(runs_root) / "_store")
 
 
 def describe_target(dsn: str) -> str:

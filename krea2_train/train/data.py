@@ -191,13 +191,13 @@ def build_train_loader(
     ``holds_lease``: this process records the rank's leases (one process per data-parallel rank:
     tensor-parallel peers read the same samples and do not).
     """
-    from krea2_train.store import open_store
+    from krea2_train.store import default_store_dir, open_store
 
     runs_root = Path(config.runs_root)
     manifest_path = run_dir / "manifest.json"
     store = dsn = None
     if is_main:
-        store = open_store(config.data.dsn, data_dir=runs_root / "_store")
+        store = open_store(config.data.dsn, data_dir=default_store_dir(runs_root))
         dsn = store.dsn
         if not manifest_path.exists():
             if config.data.source == "shapes":
