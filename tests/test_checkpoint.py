@@ -164,11 +164,16 @@ def test_load_model_weights_reads_only_the_model(tmp_path):
 
 
 def test_single_process_with_an_initialised_process_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    from datetime import timedelta
+
+    timeout = timedelta(seconds=77)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1, timeout=timeout)
     try:
         model, optimizer = tiny_model_and_optimizer(seed=0)
         optimizer_step(model, optimizer, seed=1)
         manager = CheckpointManager(tmp_path / "run", interval=2, async_mode="async")
+        # its own group keeps the run's collective timeout (not gloo's default 30 minutes)
+        assert manager._group._get_backend(torch.device("cpu")).options._timeout == timeout
         manager.save(2, {"model": ModelOptimizerState(model, optimizer), "train_state": TrainState(step=2)})
         manager.close()
         fresh_model, fresh_optimizer = tiny_model_and_optimizer(seed=3)

@@ -117,9 +117,9 @@ def test_post_training_checks_fail_when_the_reference_or_the_first_ratio_is_off(
         (runs / stage / "metrics.jsonl").write_text("".join(json.dumps({**common, "step": i + 1, **r}) + "\n" for i, r in enumerate(records)))
 
     write("stpo", [{"loss_dpo": 0.693}, {"loss_dpo": 0.69}])  # 1.5e-4 from ln 2: PASS
-    write("grpo", [{"update_index": 0, "ratio_mean": 1.0, "logp_rollout_gap": 1e-3},
-                   {"update_index": 1, "ratio_mean": 0.99, "logp_rollout_gap": 0.0},
-                   {"update_index": 0, "ratio_mean": 1.001, "logp_rollout_gap": 0.0}])  # a later rollout is off: FAIL
+    write("grpo", [{"update_index": 0, "ratio_mean": 1.0, "logp_rollout_gap_max": 1e-3},
+                   {"update_index": 1, "ratio_mean": 0.99, "logp_rollout_gap_max": 0.0},
+                   {"update_index": 0, "ratio_mean": 1.001, "logp_rollout_gap_max": 0.0}])  # a later rollout is off: FAIL
     text = summarize.summarize(tmp_path)
     assert "| stpo | 2 | yes | 1 | 2 | step-1 loss_dpo - ln 2 = 1.5e-04 (PASS) |" in text
     assert "first-update |ratio - 1| <= 1.0e-03 (FAIL); sampling vs recomputed log p gap 1.0e-03" in text

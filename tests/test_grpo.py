@@ -235,7 +235,7 @@ def test_first_update_has_ratio_one_and_the_buffer_is_reused_then_resumed(condit
 
     loss, first = stage.loss(context(model, conditioner, 0, reference), batch)
     assert first["ratio_mean"].item() == 1.0 and first["ratio_min"].item() == first["ratio_max"].item() == 1.0 and first["clip_fraction"].item() == 0.0
-    assert first["logp_rollout_gap"].item() == 0.0 and first["kl"].item() < 1e-10 and first["update_index"].item() == 0
+    assert first["logp_rollout_gap_max"].item() == 0.0 and first["kl"].item() < 1e-10 and first["update_index"].item() == 0
     assert first["zero_std_ratio"].item() == 0.0 and first["advantage_abs_mean"].item() > 0.1
     assert set(first) >= {"reward_mean", "reward_brightness_mean", "advantage_abs_mean", "zero_std_ratio", "ratio_mean",
                           "ratio_min", "ratio_max", "clip_fraction", "kl", "loss_policy", "prompt_weight_mean"}
@@ -366,7 +366,7 @@ def test_grpo_stage_trains_in_the_trainer_and_resumes_mid_buffer(tmp_path, fresh
                   if json.loads(line).get("event") == "resume"]
     assert resumed_at == [3]
     faulty = records(runs / "faulty")
-    stage_metrics = sorted(names | {"logp_rollout_gap", "sde_window_start"})
+    stage_metrics = sorted(names | {"logp_rollout_gap_max", "sde_window_start"})
     for step in range(1, 6):
         assert {k: faulty[step][k] for k in stage_metrics} == {k: reference[step][k] for k in stage_metrics}, step
 

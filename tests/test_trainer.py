@@ -14,6 +14,8 @@ from krea2_train.config import load_config
 from krea2_train.model.dit import AUXILIARY_PREFIX
 from krea2_train.stages import StageConfigError
 
+from helpers import random_tiny_model
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -122,6 +124,26 @@ def test_stage_runs_resumes_exports_and_samples(tmp_path, fresh_database_dsn):
     events = [r for r in records(run_dir) if r.get("event") == "resume"]
     assert len(events) == 1 and events[0]["step"] == 6
     assert sorted(step_losses(run_dir)) == list(range(1, 9))
+    assert [r["step"] for r in records(run_dir) if r.get("event") == "checkpoint"] == [3, 6, 8]
+
+    # the logged lr is the one each step trained with: the first start's schedule (6 steps), read
+    # from the optimizer before each scheduler step
+    from krea2_train.train.trainer import build_optimizer
+
+    first_start = load_config("stage/pretrain_256", overrides(tmp_path / "runs", steps=6, interval=3, extra=kernels))
+    optimizers, schedulers = build_optimizer(random_tiny_model(), first_start, torch.device("cpu"))
+    used = []
+    for _ in range(6):
+        used.append(optimizers.optimizers[0].param_groups[-1]["lr"])
+        schedulers.step()
+    logged = {r["step"]: r["lr"] for r in records(run_dir) if "event" not in r}
+    assert [logged[step] for step in range(1, 7)] == pytest.approx(used) and used[0] < used[1]
+
+    # a restart with another model refuses, naming the setting, and leaves the run's record alone
+    recorded = (run_dir / "model_config.json").read_text()
+    changed = train(tmp_path, fresh_database_dsn, steps=10, interval=3, extra=[*kernels, "+model.overrides.num_layers=3"], check=False)
+    assert changed.returncode != 0 and "different model config" in changed.stderr and "num_layers: 2 vs 3" in changed.stderr
+    assert (run_dir / "model_config.json").read_text() == recorded
 
     # export loads in diffusers; sample writes a PNG from the run
     from diffusers import Krea2Transformer2DModel
@@ -278,7 +300,7 @@ def test_host_sync_counter_counts_sync_warnings_and_passes_others_on(monkeypatch
 def test_init_from_is_pinned_to_the_checkpoint_the_run_started_from(tmp_path):
     """A restart rebuilds a stage's frozen reference from stage.init_from: it must be the weights
     the run began from even after the init_from run trained on."""
-    from krea2_train.train.checkpoint import CheckpointManager
+    from krea2_train.train.checkpoint import CheckpointManager, NoCheckpointError, find_run_checkpoint
     from krea2_train.train.trainer import INIT_FROM_RECORD, pinned_init_checkpoint
 
     base = tmp_path / "runs" / "sft"
@@ -295,3 +317,12 @@ def test_init_from_is_pinned_to_the_checkpoint_the_run_started_from(tmp_path):
     fresh = tmp_path / "runs" / "stpo_fresh"
     fresh.mkdir()
     assert pinned_init_checkpoint(config, tmp_path / "runs", fresh, is_main=True).name == "step-00000002"
+    # the sft run's retention pruned the pinned checkpoint: the restart says so instead of a bare "not found"
+    import shutil
+
+    shutil.rmtree(first)
+    with pytest.raises(NoCheckpointError, match="the checkpoint this run started from .* no longer exists.*keep_last"):
+        pinned_init_checkpoint(config, tmp_path / "runs", run_dir, is_main=True)
+    # a checkpoint path with a step: the step needs a run
+    with pytest.raises(NoCheckpointError, match="is a checkpoint itself: a step \\(1\\) picks a checkpoint of a run"):
+        find_run_checkpoint(base / "checkpoints" / "step-00000002", step=1)

@@ -203,7 +203,7 @@ def post_training_table(runs_roots: list[Path]) -> list[str]:
             elif stage == "grpo":
                 first = [r for r in steps if r.get("update_index") == 0]
                 worst = max((abs(r["ratio_mean"] - 1) for r in first), default=float("nan"))
-                gap = max(r["logp_rollout_gap"] for r in steps)
+                gap = max(r["logp_rollout_gap_max"] for r in steps)
                 check = (f"first-update |ratio - 1| <= {worst:.1e} ({'PASS' if worst < 1e-6 else 'FAIL'}); "
                          f"sampling vs recomputed log p gap {gap:.1e}")
             else:

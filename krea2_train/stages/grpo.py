@@ -23,7 +23,7 @@ samples of non-constant groups. The reference is a frozen copy of ``stage.init_f
 ``log p_old`` is the policy's log-prob recomputed right after the rollout with the exact
 computation the loss uses (same batch layout, train mode, float32 step math), so the first update
 of every rollout has ``rho == 1`` exactly and clipping acts only from the second update on (with
-one update per rollout GRPO is group-baseline REINFORCE). ``logp_rollout_gap`` logs how far the
+one update per rollout GRPO is group-baseline REINFORCE). ``logp_rollout_gap_max`` logs how far the
 sampling pass's own log-probs were from it (eval vs train mode, batch layout).
 
 Randomness is keyed (``StepContext.generator``): the initial noise (purpose INITIAL_NOISE, per
@@ -410,7 +410,7 @@ class GrpoStage:
             "advantage_abs_mean": buffer.advantages.abs().mean(),  # averages exactly over ranks (a std would not)
             "zero_std_ratio": 1.0 - valid.mean(),
             "prompt_weight_mean": buffer.prompt_weights.mean(),
-            "logp_rollout_gap": buffer.log_prob_gap.max(),
+            "logp_rollout_gap_max": buffer.log_prob_gap.max(),
             "sde_window_start": buffer.t.new_tensor(float(buffer.window[0])),
         }
         return {name: value.detach().float() for name, value in metrics.items()}

@@ -57,6 +57,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from krea2_train.parallel.compat import world_collective_timeout
+
 logger = logging.getLogger(__name__)
 # One process without a process group is a supported mode here, not an accident worth a warning.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized", category=UserWarning)
@@ -418,7 +420,7 @@ class CheckpointManager:
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
         # A group of its own: the background thread's collectives never interleave with training's.
-        self._group = dist.new_group(backend="gloo") if self.distributed else None
+        self._group = dist.new_group(backend="gloo", timeout=world_collective_timeout()) if self.distributed else None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-commit")
         self._staging = _Staging() if async_mode == "async" else None
         self._pending: Future | None = None  # the commit of the save in flight
@@ -726,6 +728,8 @@ def find_run_checkpoint(
         NoCheckpointError: nothing found, or the run has no committed checkpoint (or not ``step``).
     """
     path = Path(run_dir_or_name)
+    if step is not None and (path.is_file() or (path.is_dir() and (is_dcp_checkpoint(path) or _is_diffusers_directory(path)))):
+        raise NoCheckpointError(f"{path} is a checkpoint itself: a step ({step}) picks a checkpoint of a run, give the run")
     if step is None:
         if path.is_file() and path.suffix == ".safetensors":
             return path
@@ -837,5 +841,17 @@ def write_model_config(run_dir: str | os.PathLike, config: Mapping) -> Path:
     path = Path(run_dir) / MODEL_CONFIG_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     values = {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
-    path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    partial.replace(path)
     return path
+
+
+def check_same_model_config(config: Mapping, reference: Mapping, name: str, reference_name: str) -> None:
+    """Raise ``CheckpointError`` naming every Krea2DiT keyword on which ``config`` and ``reference`` differ."""
+    from krea2_train.model.layouts import CheckpointError
+
+    differing = sorted(key for key in set(config) | set(reference) if config.get(key) != reference.get(key))
+    if differing:
+        details = ", ".join(f"{key}: {reference.get(key)!r} vs {config.get(key)!r}" for key in differing)
+        raise CheckpointError(f"{name} has a different model config than {reference_name} ({details}); refusing to mix them")

@@ -22,6 +22,7 @@ from krea2_train.model import layouts
 from krea2_train.train.checkpoint import (
     CHECKPOINTS_DIR,
     NoCheckpointError,
+    check_same_model_config,
     committed_checkpoints,
     find_run_checkpoint,
     is_dcp_checkpoint,
@@ -58,13 +59,6 @@ def normalised_weights(weights: Sequence[float] | None, count: int) -> list[floa
     return [weight / total for weight in weights]
 
 
-def _check_same_config(config: Mapping, reference: Mapping, name: str, reference_name: str) -> None:
-    differing = sorted(key for key in set(config) | set(reference) if config.get(key) != reference.get(key))
-    if differing:
-        details = ", ".join(f"{key}: {reference.get(key)!r} vs {config.get(key)!r}" for key in differing)
-        raise layouts.CheckpointError(f"{name} has a different model config than {reference_name} ({details}); refusing to mix them")
-
-
 def weighted_average(sources: Sequence[Path], weights: Sequence[float]) -> tuple[dict[str, torch.Tensor], dict]:
     """``sum_i weights[i] * checkpoint_i``, loading one checkpoint at a time.
 
@@ -82,7 +76,7 @@ def weighted_average(sources: Sequence[Path], weights: Sequence[float]) -> tuple
             reference_config = config
             dtypes = {key: tensor.dtype for key, tensor in state_dict.items()}
             accumulated = {key: torch.zeros(tensor.shape, dtype=torch.float32) for key, tensor in state_dict.items()}
-        _check_same_config(config, reference_config, str(source), str(sources[0]))
+        check_same_model_config(config, reference_config, str(source), str(sources[0]))
         if set(state_dict) != set(accumulated):
             raise layouts.CheckpointError(f"{source} has other tensors than {sources[0]} despite the same config")
         for key, tensor in state_dict.items():

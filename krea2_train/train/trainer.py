@@ -34,17 +34,22 @@ from krea2_train.config.load import to_yaml
 from krea2_train.config.schema import RunConfig
 from krea2_train.model.presets import build_model, count_parameters, model_config
 from krea2_train.parallel.attention import attention_backends, check_attention_backends
-from krea2_train.parallel.distributed import DistInfo, destroy_distributed, init_distributed
+from krea2_train.parallel.distributed import DistInfo, broadcast_object, destroy_distributed, init_distributed
 from krea2_train.parallel.grads import clip_grad_norm_
 from krea2_train.parallel.mesh import build_parallel_dims, data_parallel_rank_size, tp_mesh
 from krea2_train.parallel.parallelize import parallelize_dit, shard_frozen_module
 from krea2_train.stages import StepContext, build_stage
 from krea2_train.train.checkpoint import (
+    MODEL_CONFIG_NAME,
     CheckpointManager,
     ModelOptimizerState,
+    NoCheckpointError,
     TrainState,
+    check_same_model_config,
+    committed_checkpoints,
     find_run_checkpoint,
     load_checkpoint_weights,
+    load_model_config,
     write_model_config,
 )
 from krea2_train.train.faults import FaultInjector
@@ -127,20 +132,40 @@ def pinned_init_checkpoint(config: RunConfig, runs_root: Path, run_dir: Path, is
     first start records what it resolved to in ``run_dir/init_from.json``, and every restart
     reads the record, so the frozen copies a stage rebuilds on each start (a reference, a teacher)
     are always the weights the run began from. A changed ``stage.init_from`` is resolved afresh.
+    Rank 0 resolves and every rank takes its answer (or its error), so a checkpoint the source
+    run commits meanwhile cannot give ranks different weights.
     """
     if config.stage.init_from is None:
         return None
-    record = run_dir / INIT_FROM_RECORD
+    checkpoint = error = None
+    if is_main:
+        try:
+            checkpoint = _resolve_and_record_init_from(config.stage.init_from, runs_root, run_dir / INIT_FROM_RECORD)
+        except Exception as raised:  # every rank must reach the broadcast
+            error = raised
+    checkpoint, error = broadcast_object((checkpoint, error))
+    if error is not None:
+        raise error
+    return checkpoint
+
+
+def _resolve_and_record_init_from(init_from: str, runs_root: Path, record: Path) -> Path:
     if record.is_file():
         pinned = json.loads(record.read_text())
-        if pinned["init_from"] == config.stage.init_from:
-            return Path(pinned["checkpoint"])
-        logger.warning("stage.init_from changed from %r to %r: resolving it again", pinned["init_from"], config.stage.init_from)
-    checkpoint = find_run_checkpoint(config.stage.init_from, runs_root).resolve()
-    if is_main:
-        partial = record.with_suffix(".tmp")
-        partial.write_text(json.dumps({"init_from": config.stage.init_from, "checkpoint": str(checkpoint)}))
-        partial.replace(record)
+        if pinned["init_from"] == init_from:
+            checkpoint = Path(pinned["checkpoint"])
+            if not checkpoint.exists():
+                raise NoCheckpointError(
+                    f"{checkpoint}, the checkpoint this run started from (stage.init_from={init_from!r}, pinned in "
+                    f"{record}), no longer exists: its run's retention (checkpoint.keep_last / keep_every) may have "
+                    "pruned it. Restore it, or set stage.init_from to the path of the checkpoint to use instead"
+                )
+            return checkpoint
+        logger.warning("stage.init_from changed from %r to %r: resolving it again", pinned["init_from"], init_from)
+    checkpoint = find_run_checkpoint(init_from, runs_root).resolve()
+    partial = record.with_suffix(".tmp")
+    partial.write_text(json.dumps({"init_from": init_from, "checkpoint": str(checkpoint)}))
+    partial.replace(record)
     return checkpoint
 
 
@@ -220,8 +245,8 @@ class Trainer:
         self.runs_root = Path(config.runs_root)
         self.run_dir = self.runs_root / config.run_name
         self.model_config = model_config(config.model.preset, **config.model.overrides)  # Krea2DiT keywords
+        self.fresh_start = not committed_checkpoints(self.run_dir / "checkpoints")
         self._prepare_run_dir()
-        self.fresh_start = self._fresh_start()
         # init_from's weights are read on a fresh start, and on every start by a stage with frozen copies
         needs_init = self.fresh_start or hasattr(self.stage, "frozen_models")
         self.init_checkpoint = pinned_init_checkpoint(config, self.runs_root, self.run_dir, self.dist.is_main) if needs_init else None
@@ -271,6 +296,14 @@ class Trainer:
     # -- construction ---------------------------------------------------------------------------
 
     def _prepare_run_dir(self) -> None:
+        """Write the run's config and model config. A restart must build the model its checkpoints
+        hold: every rank compares the recorded model config first (the run directory is shared),
+        so a changed ``model`` setting fails naming the keys instead of loading a partial model."""
+        if not self.fresh_start and (self.run_dir / MODEL_CONFIG_NAME).is_file():
+            check_same_model_config(
+                self.model_config, load_model_config(self.run_dir), "this start's model",
+                f"the checkpoints of {self.run_dir} (start a new run_name to train another model)",
+            )
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
@@ -347,11 +380,6 @@ class Trainer:
             ).eval()
             logger.info("frozen %s: %.2fM parameters", name, count_parameters(module) / 1e6)
         return frozen
-
-    def _fresh_start(self) -> bool:
-        from krea2_train.train.checkpoint import committed_checkpoints
-
-        return not committed_checkpoints(self.run_dir / "checkpoints")
 
     def _build_loader(self):
         from krea2_train.train.data import build_train_loader
@@ -449,6 +477,7 @@ class Trainer:
             grad_norm=grad_norm,
         )
         finite = math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
+        values["lr"] = self.lr_schedulers.schedulers[0].get_last_lr()[-1]  # this step's, of the unscaled weights' group (built last)
         if finite:
             self.optimizers.step()
         self.optimizers.zero_grad()
@@ -472,14 +501,11 @@ class Trainer:
         self.faults = FaultInjector(self.dist.rank, incarnation=self.supervision.incarnation)
         data = iter(self.loader)
         total = config.stage.steps
-        tokens_per_image = None
         steps_this_start = 0
         while self.train_state.step < total:
             start = time.perf_counter()
             batch = next(data)
-            if tokens_per_image is None:
-                grid = self.conditioner.grid(*batch["images"].shape[-2:])
-                tokens_per_image = grid.num_tokens
+            tokens_per_image = self.conditioner.grid(*batch["images"].shape[-2:]).num_tokens  # the step's bucket
             steps_this_start += 1
             # once per start, after compilation and warm-up, count the step's host syncs (CUDA)
             with HostSyncCounter(self.device, enabled=steps_this_start == HOST_SYNC_CHECK_STEP) as syncs:
@@ -501,13 +527,11 @@ class Trainer:
             step = self.train_state.step
             metrics = {
                 **result,
-                "lr": self.lr_schedulers.schedulers[0].get_last_lr()[-1],  # the unscaled weights' group (built last)
                 "images_per_s": config.data.global_batch_size / step_time,
                 "tokens_per_s": config.data.global_batch_size * tokens_per_image / step_time,
                 "memory_gib": peak_memory_gib(self.device),
                 "skipped": int(self._consecutive_skips > 0),
                 "skipped_total": self.train_state.skipped_steps,
-                "checkpoint_blocked_s": self.checkpointer.last_blocked_s or 0.0,
             }
             self.metrics.log_step(step, metrics, step_time=step_time, print_line=step % config.logging.log_interval == 0 or step == total)
             self.supervision.step_done(step, batch)
@@ -517,13 +541,15 @@ class Trainer:
             # no periodic checkpoint inside a streak of skipped steps: rollback must reach a state
             # from before the instability
             if self._consecutive_skips == 0 or step == total or signal_now > 0:
-                self.checkpointer.save(step, self.checkpoint_state(), force=step == total or signal_now > 0)
+                if self.checkpointer.save(step, self.checkpoint_state(), force=step == total or signal_now > 0):
+                    self.metrics.event(step, "checkpoint", blocked_s=round(self.checkpointer.last_blocked_s, 4))
             if signal_now == CHECKPOINT_AND_EXIT:
                 self.checkpointer.wait()
                 self.metrics.event(step, "signal_exit")
                 self.supervision.stopped(step, "signal")
                 return self.run_dir
-            self._signal = 0 if signal_now == CHECKPOINT_AND_CONTINUE else self._signal
+            if signal_now == CHECKPOINT_AND_CONTINUE and self._signal == CHECKPOINT_AND_CONTINUE:
+                self._signal = 0  # handled; a SIGTERM that came during the save stays for the next step
             if config.logging.sample_interval and step % config.logging.sample_interval == 0 and step < total:
                 with self.supervision.slow_section():
                     self.write_samples(step)
