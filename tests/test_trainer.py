@@ -278,6 +278,38 @@ def test_sigusr1_checkpoints_and_continues_sigterm_checkpoints_and_exits(tmp_pat
     assert last < 500
 
 
+@pytest.mark.postgres
+def test_a_start_fenced_by_a_newer_one_stops_without_writing_to_the_run(tmp_path, fresh_database_dsn):
+    """A leftover process of an older start (a requeued job whose node kept running) must not write
+    checkpoints beside the newer start: the newer start's lease claim fences it within a step."""
+    import psycopg
+    import time
+
+    command = [sys.executable, "-m", "krea2_train", "--config", "stage/pretrain_256",
+               *overrides(tmp_path / "runs", steps=500, interval=1000, extra=["irepa.enabled=false"])]
+    process = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "KREA2_PG_DSN": fresh_database_dsn},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = tmp_path / "runs" / "pretrain_256"
+    try:
+        deadline = time.time() + 180
+        while not ((run_dir / "metrics.jsonl").exists() and len(step_losses(run_dir)) >= 2):
+            assert process.poll() is None and time.time() < deadline, "the run ended or stalled"
+            time.sleep(0.2)
+        with psycopg.connect(fresh_database_dsn, autocommit=True) as conn:  # what a newer start's claim does
+            claimed = conn.execute("UPDATE loader_ranks SET owner = 'a-newer-start', attempt = attempt + 1").rowcount
+        assert claimed == 1
+        output, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output[-3000:]
+    assert "holds its data lease: this process is a leftover of an older start" in output
+    fenced = [r for r in records(run_dir) if r.get("event") == "fenced"]
+    assert len(fenced) == 1 and max(step_losses(run_dir)) < fenced[0]["step"] < 60
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+    runlog = [json.loads(line) for line in (run_dir / "runlog.jsonl").read_text().splitlines()]
+    assert [e.get("reason") for e in runlog if e["kind"] == "stop"] == ["fenced"]
+
+
 def test_host_sync_counter_counts_sync_warnings_and_passes_others_on(monkeypatch):
     """The counter (CUDA's sync debug mode) is exercised with a stand-in mode switch on CPU."""
     import warnings

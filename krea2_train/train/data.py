@@ -149,6 +149,13 @@ class TrainLoader:
         self.store = store
         self.lease_keeper = lease_keeper
 
+    @property
+    def fenced(self) -> bool:
+        """A newer start of the same run took this rank's lease: this process is a leftover (an
+        old job still running after its requeue, a second job on the same run name) and must stop
+        without writing to the run."""
+        return self.lease_keeper is not None and self.lease_keeper.lost
+
     def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict()
 

@@ -12,7 +12,8 @@ start of the run, +1 per start), ``rank``, ``host`` and ``step``; by kind:
   ``steps_lost`` (the previous incarnation's failure step minus ``resumed_step``), launcher ids;
 - ``first_step`` (rank 0): ``recovery_s``, from the previous incarnation's failure to this first
   step (the MTTR sample), null on a run's first start;
-- ``stop`` (rank 0): ``reason``: ``completed`` or ``signal`` (checkpointed and left on SIGTERM);
+- ``stop`` (rank 0): ``reason``: ``completed``, ``signal`` (checkpointed and left on SIGTERM) or
+  ``fenced`` (a newer start holds the run's data leases; left without checkpointing);
 - ``failure`` (any rank): ``cause`` (``hang``, ``slow_step``, ``peer_hang``, ``exception``,
   ``checkpoint_write``, or ``lost`` for a start that ended with no record at all: SIGKILL, the
   OOM killer, a lost node), ``detail``. A ``lost`` failure is written by the next start, dated by

@@ -473,7 +473,10 @@ class Trainer:
         values = reduce_step_values(
             torch.stack(losses).mean(),
             {name: total / accum if metric_reduction(name) == "mean" else total for name, total in metric_sums.items()},
-            signals=(self._signal == CHECKPOINT_AND_CONTINUE, self._signal == CHECKPOINT_AND_EXIT),
+            signals=(
+                self._signal == CHECKPOINT_AND_CONTINUE, self._signal == CHECKPOINT_AND_EXIT,
+                bool(getattr(self.loader, "fenced", False)),
+            ),
             grad_norm=grad_norm,
         )
         finite = math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
@@ -482,9 +485,9 @@ class Trainer:
             self.optimizers.step()
         self.optimizers.zero_grad()
         self.lr_schedulers.step()
-        any_continue, any_exit = values.pop("signals")
+        any_continue, any_exit, any_fenced = values.pop("signals")
         agreed_signal = CHECKPOINT_AND_EXIT if any_exit else CHECKPOINT_AND_CONTINUE if any_continue else 0
-        return {**values, "finite": finite, "signal": agreed_signal}
+        return {**values, "finite": finite, "signal": agreed_signal, "fenced": any_fenced}
 
     def train(self) -> Path:
         with attention_backends(self.config.parallel.attention_backends):
@@ -513,6 +516,14 @@ class Trainer:
             if syncs.count is not None:
                 result["host_syncs"] = syncs.count
                 logger.info("host syncs in one training step: %d (1 is the step's own read of its all-reduce)", syncs.count)
+            if result.pop("fenced"):  # every rank agrees: stop at once, write nothing (the newer start owns the run)
+                logger.error(
+                    "a newer start of run %s holds its data lease: this process is a leftover of an older "
+                    "start and stops without checkpointing (step %d)", config.run_name, self.train_state.step + 1,
+                )
+                self.metrics.event(self.train_state.step + 1, "fenced")
+                self.supervision.stopped(self.train_state.step, "fenced")
+                return self.run_dir
             self.train_state.step += 1
             self.train_state.samples_seen += config.data.global_batch_size
             self.train_state.tokens_seen += config.data.global_batch_size * tokens_per_image
@@ -599,7 +610,8 @@ class Trainer:
 
         # the stage's own objective when it reports one (the total may include auxiliary terms,
         # e.g. iREPA's negative cosine during the first epoch)
-        records = read_metrics(self.run_dir)
+        # steps run again after a restart or a rollback: the last run of each step is the run's history
+        records = sorted({r["step"]: r for r in read_metrics(self.run_dir)}.values(), key=lambda r: r["step"])
         objective = "loss_fm" if records and all("loss_fm" in r for r in records) else "loss"
         path = plot_curve(
             [r["step"] for r in records], [r[objective] for r in records], self.run_dir / "loss.png",
