@@ -146,6 +146,16 @@ def test_decode_filters_dedup_pipeline(fresh_store, curated_folder):
 
 
 @pytest.mark.postgres
+def test_a_decode_row_that_died_does_not_hold_back_dedup_of_its_dataset(fresh_store, curated_folder):
+    ingest(fresh_store, "shapes", folder=curated_folder)
+    with fresh_store.pool.connection() as conn:  # as after its workers crashed on it max_attempts times
+        conn.execute("INSERT INTO job_runs (job, image_id, state, attempt) SELECT 'decode', id, 'dead', 3"
+                     " FROM images WHERE uri LIKE '%%/000003.png'")
+    assert run_worker(fresh_store, curate_jobs.DECODE).completed == 15
+    assert run_worker(fresh_store, curate_jobs.DEDUP).completed == 13  # 14 decodable, less the dead one
+
+
+@pytest.mark.postgres
 def test_cli_work_runs_the_decode_job(fresh_store, curated_folder, capsys):
     from krea2_train.cli import main
 

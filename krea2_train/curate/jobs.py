@@ -2,7 +2,8 @@
 
     decode   every image: read, decode, size checks, md5, perceptual and colour hashes
     filters  decoded images: Laplacian variance, RGB entropy, white/black pixel ratios
-    dedup    decoded images, once no image of their dataset is still undecoded:
+    dedup    decoded images, once no image of their dataset is still undecoded (decode rows that
+             died excepted):
              duplicate_of = the oldest earlier image with the same md5, or with a perceptual
              hash within PHASH_MAX_DISTANCE bits and a colour hash within COLOR_MAX_DISTANCE
     pack     (krea2_train.data.pack) resize and pack into shards
@@ -117,7 +118,10 @@ FILTERS = register_job(
 DEDUP = register_job(
     Job(
         "dedup",
-        "i.decode_ok AND NOT EXISTS (SELECT 1 FROM images u WHERE u.dataset_id = i.dataset_id AND u.decode_ok IS NULL)",
+        # every image of the dataset decoded, or given up on (a decode row that died, e.g. a file
+        # that crashed its workers each time, never gets decode_ok and must not block the rest)
+        "i.decode_ok AND NOT EXISTS (SELECT 1 FROM images u WHERE u.dataset_id = i.dataset_id AND u.decode_ok IS NULL"
+        " AND NOT EXISTS (SELECT 1 FROM job_runs d WHERE d.job = 'decode' AND d.image_id = u.id AND d.state = 'dead'))",
         dedup_batch,
         batch_size=256,
         image_columns=("id", "dataset_id"),
