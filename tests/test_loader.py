@@ -131,6 +131,16 @@ def test_worker_processes_give_the_same_order_and_resume(manifest, reference):
     assert first + global_steps([resumed]) + global_steps([resumed]) == reference
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iterating_leaves_the_global_rng_alone(manifest, workers):
+    """A resumed run restores the global RNG and then starts the loader: the loader must not draw
+    from it, or CPU dropout after a resume differs from the uninterrupted run."""
+    before = torch.get_rng_state()
+    loader = ShardLoader(manifest, config(num_workers=workers, prefetch_factor=1))
+    next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_state_from_another_manifest_or_seed_is_refused(manifest, tmp_path):
     state = ShardLoader(manifest, config()).state_dict()
     with pytest.raises(ValueError, match="seed"):

@@ -273,6 +273,10 @@ class ShardLoader:
             dataset, batch_size=None, num_workers=workers,
             prefetch_factor=self.config.prefetch_factor if workers else None,
             pin_memory=torch.cuda.is_available(),  # page-locked batches: the trainer's copy to the GPU is asynchronous
+            # its own generator: starting an iterator draws a base seed, which must not advance the
+            # global RNG that a checkpoint restores (CPU dropout would not resume exactly); the
+            # batches are keyed by (seed, epoch, position) and never use it
+            generator=torch.Generator(),
         )
         for item in loader:
             batch = Batch(**item)
