@@ -215,6 +215,36 @@ def test_worker_drains_the_queue_and_a_rerun_does_nothing(fresh_store):
     assert run_worker(fresh_store, _job()).claimed == 0
 
 
+def test_worker_waits_out_a_database_outage_and_gives_up_after_outage_s(fresh_store, monkeypatch):
+    import psycopg
+
+    from krea2_train.store import StoreUnavailable
+
+    ids = _add_images(fresh_store, 6)
+    real_claim, real_finish = Queue.claim, Queue.finish
+    outage = {"claim": 2, "finish": 1}  # calls that fail, as while the server restarts
+
+    def failing(name, real):
+        def call(self, *args, **kwargs):
+            if outage[name]:
+                outage[name] -= 1
+                raise psycopg.OperationalError("server closed the connection unexpectedly")
+            return real(self, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(Queue, "claim", failing("claim", real_claim))
+    monkeypatch.setattr(Queue, "finish", failing("finish", real_finish))
+    job = _job(lease_s=0.6)  # the batch whose outcomes were lost comes back one lease later
+    stats = run_worker(fresh_store, job, poll_s=0.05)
+    assert stats.database_errors == 3 and stats.completed == 6
+    with fresh_store.pool.connection() as conn:
+        assert conn.execute("SELECT id, width FROM images ORDER BY id").fetchall() == [(i, 10 * i) for i in ids]
+
+    outage["claim"] = 10**6  # a server that does not come back
+    with pytest.raises(StoreUnavailable, match="unreachable for over 1s: server closed the connection"):
+        run_worker(fresh_store, job, outage_s=1.0)
+
+
 def test_handler_exception_fails_the_batch_with_its_message(fresh_store):
     def explode(rows, ctx):
         raise RuntimeError("disk on fire")

@@ -20,6 +20,7 @@ idempotent and fenced, so losing the last commits in a server crash only re-runs
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import socket
@@ -36,7 +37,9 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from krea2_train.store.db import Store, connection_kwargs
-from krea2_train.store.errors import StoreError
+from krea2_train.store.errors import StoreError, StoreUnavailable
+
+logger = logging.getLogger(__name__)
 
 STATES = ("pending", "running", "done", "dead")
 SEED_CHUNK = 5000
@@ -424,6 +427,7 @@ class WorkerStats:
     lost: int = 0
     reaped: int = 0
     dead: int = 0
+    database_errors: int = 0  # operations retried after the database went away
 
 
 def run_worker(
@@ -435,12 +439,16 @@ def run_worker(
     poll_s: float = 0.5,
     seed_every_s: float = 30.0,
     stop: threading.Event | None = None,
+    outage_s: float = 300.0,
 ) -> WorkerStats:
     """Claim, process and finish batches until no row of the job is pending or running and a
     fresh seed adds none.
 
     While others still hold rows (or always, with ``follow``), it polls with jitter and seeds
-    at most every ``seed_every_s``; ``follow`` runs until ``stop`` is set.
+    at most every ``seed_every_s``; ``follow`` runs until ``stop`` is set. A database that goes
+    away (a restart, a failover) is waited for with backoff for up to ``outage_s``, then
+    ``StoreUnavailable`` is raised; a batch whose outcomes could not be written is claimed
+    again when its lease expires (handlers are idempotent).
     """
     stop = stop or threading.Event()
     stats = WorkerStats()
@@ -448,30 +456,47 @@ def run_worker(
     ctx = JobContext(store=store, owner=queue.owner)
     reap_every = job.lease_s / 3
     next_reap = next_seed = 0.0
+    failing_since: float | None = None
+    backoff_s = 0.1
     try:
         while not stop.is_set():
-            if time.monotonic() >= next_reap:
-                returned, dead = queue.reap()
-                stats.reaped, stats.dead = stats.reaped + returned, stats.dead + dead
-                next_reap = time.monotonic() + reap_every * random.uniform(0.5, 1.5)
-            claims = queue.claim(batch_size)
-            if not claims:
-                idle = not follow and queue.unfinished() == 0
-                if idle or time.monotonic() >= next_seed:
-                    added = queue.seed()
-                    next_seed = time.monotonic() + seed_every_s
-                    if added:
-                        continue
-                    if idle and added == 0:
-                        break
-                stop.wait(poll_s * random.uniform(0.5, 1.5))
-                continue
-            stats.claimed += len(claims)
-            with Heartbeat(queue, claims):
-                outcomes = run_handler(job, claims, ctx)
-            completed, failed = queue.finish(claims, outcomes)
-            stats.completed, stats.failed = stats.completed + completed, stats.failed + failed
-            stats.lost += len(claims) - completed - failed
+            try:
+                if time.monotonic() >= next_reap:
+                    returned, dead = queue.reap()
+                    stats.reaped, stats.dead = stats.reaped + returned, stats.dead + dead
+                    next_reap = time.monotonic() + reap_every * random.uniform(0.5, 1.5)
+                claims = queue.claim(batch_size)
+                if not claims:
+                    idle = not follow and queue.unfinished() == 0
+                    if idle or time.monotonic() >= next_seed:
+                        added = queue.seed()
+                        next_seed = time.monotonic() + seed_every_s
+                        if added:
+                            continue
+                        if idle and added == 0:
+                            break
+                    failing_since, backoff_s = None, 0.1
+                    stop.wait(poll_s * random.uniform(0.5, 1.5))
+                    continue
+                stats.claimed += len(claims)
+                with Heartbeat(queue, claims):
+                    outcomes = run_handler(job, claims, ctx)
+                completed, failed = queue.finish(claims, outcomes)
+                stats.completed, stats.failed = stats.completed + completed, stats.failed + failed
+                stats.lost += len(claims) - completed - failed
+                failing_since, backoff_s = None, 0.1
+            except psycopg.OperationalError as error:  # the server or the connection went away
+                now = time.monotonic()
+                failing_since = failing_since or now
+                reason = " ".join(str(error).split())
+                if now - failing_since > outage_s:
+                    raise StoreUnavailable(
+                        f"job {job.name}: the database has been unreachable for over {outage_s:.0f}s: {reason}"
+                    ) from error
+                stats.database_errors += 1
+                logger.warning("job %s: database error, retrying in about %.1fs: %s", job.name, backoff_s, reason)
+                stop.wait(backoff_s * random.uniform(0.5, 1.5))
+                backoff_s = min(5.0, 2 * backoff_s)
     finally:
         queue.close()
     return stats
