@@ -264,6 +264,7 @@ class Trainer:
 
         check_attention_backends(config.parallel.attention_backends, self.device, self.dtype, self.model_config)
         self.conditioner = self._build_conditioner()
+        self._open_conditioning_cache()
         self.model = self._build_model()
         self.frozen = self._build_frozen_models()
         self.optimizers, self.lr_schedulers = build_optimizer(
@@ -309,6 +310,17 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
             write_model_config(self.run_dir, self.model_config)
         self._barrier()
+
+    def _open_conditioning_cache(self) -> None:
+        """Rank 0 checks the stage's conditioning cache first (and empties it if what produced it
+        changed); the others open it after, so no rank clears entries another is writing."""
+        cache = getattr(self.stage, "cache", None)
+        if cache is None:
+            return
+        if self.dist.is_main:
+            cache.open()
+        self._barrier()
+        cache.open()
 
     def _barrier(self) -> None:
         if dist.is_initialized():
