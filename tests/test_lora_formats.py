@@ -62,6 +62,22 @@ def test_layouts_use_the_documented_keys_and_record_rank_and_alpha(trained):
     assert peft["transformer.r"] == 4 and peft["transformer.lora_alpha"] == 2.0
 
 
+def test_a_bf16_lora_stays_one_dtype_in_every_layout(tmp_path):
+    """Folding alpha / r into B (ComfyUI, ai-toolkit) is done in fp32 but stored in B's dtype."""
+    from dataclasses import replace
+
+    model, _ = _lora_model()
+    pairs = {name: replace(pair, down=pair.down.bfloat16(), up=pair.up.bfloat16()) for name, pair in pairs_of_model(model).items()}
+    for layout in LAYOUTS:
+        path = save_lora(pairs, tmp_path / f"{layout}.safetensors", layout)
+        stored, _ = read_safetensors_header(path)
+        assert {tensor.dtype for tensor in stored.values()} == {torch.bfloat16}, layout
+        read = read_lora(path).pairs
+        assert {t.dtype for pair in read.values() for t in (pair.down, pair.up)} == {torch.bfloat16}, layout
+        torch.testing.assert_close(read["transformer_blocks.0.attn.to_q"].up, pairs["transformer_blocks.0.attn.to_q"].up,
+                                   rtol=1e-2, atol=0)
+
+
 def test_each_layout_loads_into_diffusers_with_the_same_output(trained):
     pytest.importorskip("peft", reason="diffusers loads LoRAs through PEFT")
     from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline, Krea2Transformer2DModel

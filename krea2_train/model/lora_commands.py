@@ -234,7 +234,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument("--out", required=True, help="the LoRA .safetensors file to write")
         parser.add_argument("--layout", choices=LAYOUTS, default="diffusers",
                             help="diffusers (PEFT, transformer.*), comfyui (diffusion_model.*) or ai-toolkit (base_model.model.*)")
-        parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the LoRA weights (default: fp32)")
+        parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the LoRA weights (default: as stored; a lora-stage run trains them in fp32)")
         parser.add_argument("--runs-root", default="runs")
 
     export = commands.add_parser("export", help="the LoRA of a lora-stage run's checkpoint, as a LoRA file")

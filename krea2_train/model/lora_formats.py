@@ -126,7 +126,7 @@ def lora_tensors(pairs: Mapping[str, LoRAPair], layout: str) -> tuple[dict[str, 
         for name, pair in pairs.items():
             module = prefix + to_original_module(name)
             tensors[f"{module}.lora_A.weight"] = pair.down
-            tensors[f"{module}.lora_B.weight"] = pair.up.float() * (pair.alpha / pair.rank)
+            tensors[f"{module}.lora_B.weight"] = (pair.up.float() * (pair.alpha / pair.rank)).to(pair.up.dtype)  # folded in fp32
         metadata[METADATA_KEY] = _record(pairs, folded=True)
     return tensors, metadata
 
@@ -186,7 +186,7 @@ def _unfold(pairs: dict[str, LoRAPair], record: Mapping) -> None:
     """Undo ``alpha / r`` folded into B by :func:`lora_tensors`, restoring the recorded alphas."""
     for name, pair in pairs.items():
         alpha = record["alphas"][name] if "alphas" in record else record["alpha"]
-        pair.up = pair.up.float() / (alpha / pair.rank)
+        pair.up = (pair.up.float() / (alpha / pair.rank)).to(pair.up.dtype)
         pair.alpha = float(alpha)
 
 
