@@ -17,6 +17,7 @@ from pathlib import Path
 
 from krea2_train.store.db import STORE_DIR_ENV, default_store_dir
 
+
 def register(subparsers) -> None:
     data = subparsers.add_parser("data", help="dataset registry, processing jobs, the shapes world")
     commands = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")

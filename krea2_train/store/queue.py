@@ -466,6 +466,7 @@ def run_worker(
                     stats.reaped, stats.dead = stats.reaped + returned, stats.dead + dead
                     next_reap = time.monotonic() + reap_every * random.uniform(0.5, 1.5)
                 claims = queue.claim(batch_size)
+                failing_since, backoff_s = None, 0.1  # the database answers
                 if not claims:
                     idle = not follow and queue.unfinished() == 0
                     if idle or time.monotonic() >= next_seed:
@@ -475,7 +476,6 @@ def run_worker(
                             continue
                         if idle and added == 0:
                             break
-                    failing_since, backoff_s = None, 0.1
                     stop.wait(poll_s * random.uniform(0.5, 1.5))
                     continue
                 stats.claimed += len(claims)
@@ -484,7 +484,6 @@ def run_worker(
                 completed, failed = queue.finish(claims, outcomes)
                 stats.completed, stats.failed = stats.completed + completed, stats.failed + failed
                 stats.lost += len(claims) - completed - failed
-                failing_since, backoff_s = None, 0.1
             except psycopg.OperationalError as error:  # the server or the connection went away
                 now = time.monotonic()
                 failing_since = failing_since or now

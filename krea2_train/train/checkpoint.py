@@ -728,19 +728,16 @@ def find_run_checkpoint(
         NoCheckpointError: nothing found, or the run has no committed checkpoint (or not ``step``).
     """
     path = Path(run_dir_or_name)
-    if step is not None and (path.is_file() or (path.is_dir() and (is_dcp_checkpoint(path) or _is_diffusers_directory(path)))):
-        raise NoCheckpointError(f"{path} is a checkpoint itself: a step ({step}) picks a checkpoint of a run, give the run")
-    if step is None:
-        if path.is_file() and path.suffix == ".safetensors":
-            return path
-        if path.is_dir() and is_dcp_checkpoint(path):
+    is_dcp = path.is_dir() and is_dcp_checkpoint(path)
+    if is_dcp or (path.is_file() and path.suffix == ".safetensors") or (path.is_dir() and _is_diffusers_directory(path)):
+        if step is not None:
+            raise NoCheckpointError(f"{path} is a checkpoint itself: a step ({step}) picks a checkpoint of a run, give the run")
+        if is_dcp:
             if path.name.endswith(TMP_SUFFIX):
                 raise NoCheckpointError(f"{path} is an unfinished checkpoint (never committed)")
             if run_dir_of(path) is not None or (path / MANIFEST_NAME).is_file():
                 read_manifest(path)  # inside a run, only committed checkpoints count
-            return path
-        if path.is_dir() and _is_diffusers_directory(path):
-            return path
+        return path
     run_dir = _resolve_run_dir(run_dir_or_name, runs_root)
     if run_dir is None:
         raise NoCheckpointError(

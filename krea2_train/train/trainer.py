@@ -40,6 +40,7 @@ from krea2_train.parallel.mesh import build_parallel_dims, data_parallel_rank_si
 from krea2_train.parallel.parallelize import parallelize_dit, shard_frozen_module
 from krea2_train.stages import StepContext, build_stage
 from krea2_train.train.checkpoint import (
+    CHECKPOINTS_DIR,
     MODEL_CONFIG_NAME,
     CheckpointManager,
     ModelOptimizerState,
@@ -245,7 +246,7 @@ class Trainer:
         self.runs_root = Path(config.runs_root)
         self.run_dir = self.runs_root / config.run_name
         self.model_config = model_config(config.model.preset, **config.model.overrides)  # Krea2DiT keywords
-        self.fresh_start = not committed_checkpoints(self.run_dir / "checkpoints")
+        self.fresh_start = not committed_checkpoints(self.run_dir / CHECKPOINTS_DIR)
         self._prepare_run_dir()
         # init_from's weights are read on a fresh start, and on every start by a stage with frozen copies
         needs_init = self.fresh_start or hasattr(self.stage, "frozen_models")
@@ -487,7 +488,7 @@ class Trainer:
             {name: total / accum if metric_reduction(name) == "mean" else total for name, total in metric_sums.items()},
             signals=(
                 self._signal == CHECKPOINT_AND_CONTINUE, self._signal == CHECKPOINT_AND_EXIT,
-                bool(getattr(self.loader, "fenced", False)),
+                self.loader.fenced,
             ),
             grad_norm=grad_norm,
         )
