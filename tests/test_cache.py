@@ -50,6 +50,25 @@ def test_entries_are_encoded_once_and_read_back_identically(tmp_path, conditione
     assert first_mask.shape[1] == text_length(int(direct_mask.sum(1).max()))
 
 
+def test_an_entry_cut_short_by_a_crash_is_recomputed(tmp_path, conditioner):
+    """Entries are published without fsync; one left empty or short by a node crash is a miss."""
+    cache = ConditioningCache(tmp_path / "cache", _identity())
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    encode_images, encode_text = Counting(conditioner.encode_images), Counting(conditioner.encode_text)
+    first_tokens, grid = cache.image_tokens(torch.tensor([1, 2]), images, encode_images)
+    first_text, _ = cache.text_states(["a red circle", "a blue square"], encode_text, torch.device("cpu"))
+    latents = sorted((tmp_path / "cache" / "latents").iterdir())
+    texts = sorted((tmp_path / "cache" / "text").iterdir())
+    latents[1].write_bytes(latents[1].read_bytes()[:50])  # short
+    texts[0].write_bytes(b"")  # empty
+    again_tokens, again_grid = cache.image_tokens(torch.tensor([1, 2]), images, encode_images)
+    again_text, _ = cache.text_states(["a red circle", "a blue square"], encode_text, torch.device("cpu"))
+    assert (encode_images.calls, encode_text.calls) == (3, 3)  # the two broken entries, once each
+    assert again_grid == grid and torch.equal(again_tokens, first_tokens)
+    assert torch.equal(again_text, first_text)
+    assert latents[1].stat().st_size == latents[0].stat().st_size  # rewritten whole
+
+
 def test_repadded_text_gives_the_same_dit_output(conditioner):
     captions = ["a red circle", "", "two green squares above a large blue triangle"]
     states, mask = conditioner.text_taps.encode(captions)  # the template's layout: padding inside the sequence

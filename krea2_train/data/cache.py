@@ -15,14 +15,17 @@ the patch size, the compute dtype, the nominal resolution and the dataset (sampl
 row ids). Opening the cache under another
 identity empties it, so a changed encoder or resolution never serves stale entries.
 
-Files are written under a temporary name and renamed, so ranks that write the same entry at
-once, or a process killed mid-write, leave only complete entries.
+Files are written under a temporary name and renamed (:mod:`krea2_train.files`), so ranks that
+write the same entry at once, or a process killed mid-write, leave only complete entries. Entries
+skip the fsync (there are many, and each can be recomputed): one cut short by a node crash is read
+as a miss, recomputed and written again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -31,9 +34,12 @@ from typing import Any
 
 import torch
 
-from krea2_train.model.layouts import read_safetensors_header, read_tensors, write_safetensors
+from krea2_train.files import write_text
+from krea2_train.model.layouts import CheckpointError, read_safetensors_header, read_tensors, write_safetensors
 
 IDENTITY_FILE = "identity.json"
+
+logger = logging.getLogger(__name__)
 
 
 def file_fingerprint(path: str | os.PathLike | None) -> list | None:
@@ -81,15 +87,21 @@ def conditioning_identity(
     }
 
 
-def _atomic_write(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    write_safetensors(temporary, tensors, metadata)
-    os.replace(temporary, path)
+def _write_entry(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    write_safetensors(path, tensors, metadata, durable=False)
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    stored, metadata = read_safetensors_header(path)
-    return dict(read_tensors(stored)), metadata
+def _read_entry(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """An entry's tensors and metadata; None when it is absent or unreadable (cut short by a crash),
+    so the caller recomputes and rewrites it."""
+    if not path.is_file():
+        return None
+    try:
+        stored, metadata = read_safetensors_header(path)
+        return dict(read_tensors(stored)), metadata
+    except CheckpointError as error:
+        logger.warning("conditioning cache: recomputing an unreadable entry: %s", error)
+        return None
 
 
 def caption_key(caption: str) -> str:
@@ -161,9 +173,7 @@ class ConditioningCache:
             for name in ("latents", "text"):
                 shutil.rmtree(self.directory / name, ignore_errors=True)
             self.directory.mkdir(parents=True, exist_ok=True)
-            temporary = identity_path.with_name(f"{IDENTITY_FILE}.{os.getpid()}.tmp")
-            temporary.write_text(encoded)
-            os.replace(temporary, identity_path)
+            write_text(identity_path, encoded)
         (self.directory / "latents").mkdir(exist_ok=True)
         (self.directory / "text").mkdir(exist_ok=True)
         self._opened = True
@@ -186,19 +196,17 @@ class ConditioningCache:
         self.open()
         height, width = images.shape[-2:]
         paths = [self.directory / "latents" / f"{int(sample_id)}-{height}x{width}.safetensors" for sample_id in sample_ids]
-        missing = [row for row, path in enumerate(paths) if not path.is_file()]
-        tokens: list[torch.Tensor | None] = [None] * len(paths)
+        entries = [_read_entry(path) for path in paths]
+        missing = [row for row, entry in enumerate(entries) if entry is None]
+        tokens: list[torch.Tensor | None] = [None if entry is None else entry[0]["tokens"] for entry in entries]
         grid = None
         if missing:
             encoded, grid = encode(images[missing])
             for row, sample_tokens in zip(missing, encoded):
                 tokens[row] = sample_tokens
-                _atomic_write(paths[row], {"tokens": sample_tokens}, {"grid": json.dumps([grid.height, grid.width])})
-        for row, path in enumerate(paths):
-            if tokens[row] is None:
-                stored, metadata = _read(path)
-                tokens[row] = stored["tokens"].to(images.device)
-                grid = grid or _grid(json.loads(metadata["grid"]))
+                _write_entry(paths[row], {"tokens": sample_tokens}, {"grid": json.dumps([grid.height, grid.width])})
+        else:
+            grid = _grid(json.loads(entries[0][1]["grid"]))
         self.hits += len(paths) - len(missing)
         self.misses += len(missing)
         return torch.stack([t.to(images.device) for t in tokens]), grid
@@ -209,17 +217,15 @@ class ConditioningCache:
         """Taps ``[B, L, K, T]`` and mask ``[B, L]`` of ``captions``; ``encode`` runs on the misses only."""
         self.open()
         paths = [self.directory / "text" / f"{caption_key(caption)}.safetensors" for caption in captions]
-        missing = [row for row, path in enumerate(paths) if not path.is_file()]
-        states: list[torch.Tensor | None] = [None] * len(paths)
+        entries = [_read_entry(path) for path in paths]
+        missing = [row for row, entry in enumerate(entries) if entry is None]
+        states: list[torch.Tensor | None] = [None if entry is None else entry[0]["states"] for entry in entries]
         if missing:
             encoded, mask = encode([captions[row] for row in missing])
             for row, sample_states, sample_mask in zip(missing, encoded, mask):
                 real = sample_states[sample_mask.to(sample_states.device)].cpu()  # [n, K, T]
                 states[row] = real
-                _atomic_write(paths[row], {"states": real})
-        for row, path in enumerate(paths):
-            if states[row] is None:
-                states[row] = _read(path)[0]["states"]
+                _write_entry(paths[row], {"states": real})
         self.hits += len(paths) - len(missing)
         self.misses += len(missing)
         padded, mask = pad_text_states(states)

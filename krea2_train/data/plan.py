@@ -39,6 +39,8 @@ from typing import Sequence
 
 import numpy as np
 
+from krea2_train.files import write_text
+
 _MASK64 = (1 << 64) - 1
 # Stream tags keep the hash streams of different decisions independent.
 TAG_SHARD_ORDER = 1
@@ -134,9 +136,7 @@ class Manifest:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_path = path.with_name(path.name + ".tmp")
-        tmp_path.write_text(self.to_json())
-        tmp_path.replace(path)
+        write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> Manifest:

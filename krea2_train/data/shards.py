@@ -27,7 +27,6 @@ import bisect
 import hashlib
 import io
 import json
-import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ import pyarrow as pa
 from PIL import Image
 
 from krea2_train.data.buckets import Bucket
+from krea2_train.files import publish, temporary_path
 
 FORMAT_VERSION = 1
 METADATA_KEY = b"krea2.shard"
@@ -162,7 +162,7 @@ class ShardWriter:
         self.sample_ids: list[int] = []  # written so far, row by row
         self._closed = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp_path = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
+        self._tmp_path = temporary_path(self.path)
         metadata = {METADATA_KEY: json.dumps({"version": FORMAT_VERSION, **self.header.__dict__}).encode()}
         self._schema = SHARD_SCHEMA.with_metadata(metadata)
         self._sink = pa.OSFile(str(self._tmp_path), "wb")
@@ -200,21 +200,22 @@ class ShardWriter:
             self._pending = []
 
     def close(self) -> WrittenShard:
-        """Finish the file and move it into place: the sidecar first (itself written to a temporary
-        name and renamed), then the shard, so a shard under its final name always has its sidecar.
-        On any error the temporary files are removed and the error propagates."""
+        """Finish the file and publish it durably (:mod:`krea2_train.files`): the sidecar first, then
+        the shard, so a shard under its final name always has its sidecar, and both survive a crash
+        once their rows are registered. On any error the temporary files are removed and the error
+        propagates."""
         if not self.sample_ids:
             self.abort()
             raise ValueError(f"shard {self.path}: no samples written")
         sidecar = sidecar_path(self.path)
-        sidecar_tmp = sidecar.with_name(sidecar.name + f".tmp-{os.getpid()}")
+        sidecar_tmp = temporary_path(sidecar)
         try:
             self._flush()
             self._close_files()
             sha256 = file_sha256(self._tmp_path)
             sidecar_tmp.write_text(f"{sha256}  {self.path.name}\n")
-            os.replace(sidecar_tmp, sidecar)
-            os.replace(self._tmp_path, self.path)
+            publish(sidecar_tmp, sidecar)
+            publish(self._tmp_path, self.path)
         except BaseException:
             self.abort()
             sidecar_tmp.unlink(missing_ok=True)

@@ -34,6 +34,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from krea2_train.files import publish, temporary_path, write_text
 from krea2_train.model.dit import DEFAULT_CONFIG, Krea2DiT
 from krea2_train.model.presets import build_model
 
@@ -303,11 +304,13 @@ def write_safetensors(
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
     dtype: torch.dtype | None = None,
+    *,
+    durable: bool = True,
 ) -> Path:
     """Write a safetensors file tensor by tensor (extra memory: one converted tensor).
 
     Tensors may live on any device; floating tensors are cast to ``dtype`` when given. The file
-    appears atomically (written under a temporary name, then renamed).
+    is published atomically, and fsynced when ``durable`` (:func:`krea2_train.files.publish`).
     """
     path = Path(path)
     # Widest dtypes first, so every tensor starts at an offset aligned to its element size.
@@ -329,15 +332,18 @@ def write_safetensors(
     header["__metadata__"] = dict(metadata or {})
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % _HEADER_ALIGNMENT)
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as file:
-        file.write(struct.pack("<Q", len(header_bytes)))
-        file.write(header_bytes)
-        for name in names:
-            tensor = tensors[name].detach().to(device="cpu", dtype=_stored_dtype(tensors[name], dtype))
-            file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-    os.replace(partial, path)
-    return path
+    partial = temporary_path(path)
+    try:
+        with open(partial, "wb") as file:
+            file.write(struct.pack("<Q", len(header_bytes)))
+            file.write(header_bytes)
+            for name in names:
+                tensor = tensors[name].detach().to(device="cpu", dtype=_stored_dtype(tensors[name], dtype))
+                file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        return publish(partial, path, durable=durable)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,7 +429,7 @@ def save_diffusers(
             weight_map.update({key: name for key in keys})
         total_bytes = sum(_stored_nbytes(tensor, dtype) for tensor in state_dict.values())
         index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (directory / DIFFUSERS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        write_text(directory / DIFFUSERS_INDEX_NAME, json.dumps(index, indent=2) + "\n")
     index_files = [directory / DIFFUSERS_INDEX_NAME] if len(shards) > 1 else []
     _remove_stale_weights(directory, keep=[*files, *index_files])
     diffusers_config = {
@@ -431,7 +437,7 @@ def save_diffusers(
         "_diffusers_version": version("diffusers"),
         **_json_config(config),
     }
-    (directory / DIFFUSERS_CONFIG_NAME).write_text(json.dumps(diffusers_config, indent=2, sort_keys=True) + "\n")
+    write_text(directory / DIFFUSERS_CONFIG_NAME, json.dumps(diffusers_config, indent=2, sort_keys=True) + "\n")
     return files
 
 

@@ -57,6 +57,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from krea2_train.files import fsync_path, write_text
 from krea2_train.parallel.compat import world_collective_timeout
 
 logger = logging.getLogger(__name__)
@@ -282,14 +283,6 @@ def retained_steps(steps: Iterable[int], keep_last: int, keep_every: int) -> set
     if keep_every > 0:
         kept.update(step for step in ordered if step % keep_every == 0)
     return kept
-
-
-def _fsync_path(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _describe_failure(error: BaseException) -> str:
@@ -580,7 +573,7 @@ class CheckpointManager:
         if final_dir.exists():  # an uncommitted leftover of the same step (failed verification)
             shutil.rmtree(final_dir)
         os.rename(tmp_dir, final_dir)
-        _fsync_path(self.checkpoints_dir)
+        fsync_path(self.checkpoints_dir)
         logger.info(
             "checkpoint step %d committed: %s, %.1f MB, blocked %.3f s, written in %.3f s",
             step, final_dir, manifest["bytes"] / 1e6, blocked_s, write_s,
@@ -838,10 +831,7 @@ def write_model_config(run_dir: str | os.PathLike, config: Mapping) -> Path:
     path = Path(run_dir) / MODEL_CONFIG_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     values = {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
-    partial = path.with_suffix(".tmp")
-    partial.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
-    partial.replace(path)
-    return path
+    return write_text(path, json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 def check_same_model_config(config: Mapping, reference: Mapping, name: str, reference_name: str) -> None:

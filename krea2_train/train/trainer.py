@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from krea2_train.config.load import to_yaml
 from krea2_train.config.schema import RunConfig
+from krea2_train.files import write_text
 from krea2_train.model.presets import build_model, count_parameters, model_config
 from krea2_train.parallel.attention import attention_backends, check_attention_backends
 from krea2_train.parallel.distributed import DistInfo, broadcast_object, destroy_distributed, init_distributed
@@ -164,9 +165,7 @@ def _resolve_and_record_init_from(init_from: str, runs_root: Path, record: Path)
             return checkpoint
         logger.warning("stage.init_from changed from %r to %r: resolving it again", pinned["init_from"], init_from)
     checkpoint = find_run_checkpoint(init_from, runs_root).resolve()
-    partial = record.with_suffix(".tmp")
-    partial.write_text(json.dumps({"init_from": init_from, "checkpoint": str(checkpoint)}))
-    partial.replace(record)
+    write_text(record, json.dumps({"init_from": init_from, "checkpoint": str(checkpoint)}))
     return checkpoint
 
 
@@ -308,7 +307,7 @@ class Trainer:
             )
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
+            write_text(self.run_dir / "config.yaml", to_yaml(self.config))
             write_model_config(self.run_dir, self.model_config)
         self._barrier()
 

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from krea2_train.files import write_text
+
 logger = logging.getLogger("krea2_train")
 
 HANG_MARKER = "HANG"
@@ -65,9 +67,7 @@ def heartbeat_path(directory: Path, rank: int) -> Path:
 def write_heartbeat(directory: Path, record: HeartbeatRecord) -> None:
     """Replace the rank's heartbeat file atomically (readers never see half a line)."""
     path = heartbeat_path(directory, record.rank)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{record.step} {record.progress_time:.3f} {record.beat_time:.3f} {record.host} {record.pid}\n")
-    os.replace(tmp, path)
+    write_text(path, f"{record.step} {record.progress_time:.3f} {record.beat_time:.3f} {record.host} {record.pid}\n", durable=False)
 
 
 def read_heartbeats(directory: str | os.PathLike) -> dict[int, HeartbeatRecord]:
@@ -77,7 +77,7 @@ def read_heartbeats(directory: str | os.PathLike) -> dict[int, HeartbeatRecord]:
     if not directory.is_dir():
         return records
     for path in directory.glob(f"{_HEARTBEAT_PREFIX}[0-9]*"):
-        if path.name.endswith(".tmp"):
+        if not path.name[len(_HEARTBEAT_PREFIX) :].isdigit():  # a heartbeat being written
             continue
         try:
             step, progress, beat, host, pid = path.read_text().split()

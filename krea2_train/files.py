@@ -1,0 +1,58 @@
+"""Publishing a file: write it under a temporary name, then rename it into place.
+
+The rename is atomic, so a reader never finds half a file under the final name. A durable publish
+also fsyncs the file before the rename and its directory after it, so a file that was renamed into
+place still holds its bytes after a power loss or a node crash (without the fsyncs, a journaling
+file system may commit the rename before the data, leaving an empty or short file under the final
+name). Durable is the default; files a reader can recompute and that are written often (heartbeats,
+conditioning-cache entries) skip the fsyncs.
+
+Every writer of shards, manifests, exports and run records publishes through this module; the
+checkpoint commit (a directory rename, ``train/checkpoint.py``) uses :func:`fsync_path` the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["fsync_path", "publish", "temporary_path", "write_text"]
+
+
+def temporary_path(path: str | os.PathLike) -> Path:
+    """The name ``path`` is written under before it is published: a sibling unique to this process,
+    so ranks or workers writing the same file never share one."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's data, or a directory's entries, to stable storage."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def publish(temporary: str | os.PathLike, path: str | os.PathLike, *, durable: bool = True) -> Path:
+    """Rename the finished ``temporary`` to ``path`` (replacing what is there), fsyncing the data
+    first and the directory after when ``durable``."""
+    path = Path(path)
+    if durable:
+        fsync_path(temporary)
+    os.replace(temporary, path)
+    if durable:
+        fsync_path(path.parent)
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str, *, durable: bool = True) -> Path:
+    """Publish ``text`` as the file ``path`` (UTF-8); nothing is left behind on failure."""
+    temporary = temporary_path(path)
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        return publish(temporary, path, durable=durable)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
