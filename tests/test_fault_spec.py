@@ -6,10 +6,11 @@ from krea2_train.train.faults import Fault, FaultInjector, parse_faults
 
 
 def test_spec_parses_actions_steps_and_ranks():
-    assert parse_faults("kill@5:rank=1, nan@3 ,stop@4:rank=0") == [
+    assert parse_faults("kill@5:rank=1, nan@3 ,stop@4:rank=0,term@7") == [
         Fault("kill", 5, 1),
         Fault("nan", 3, None),
         Fault("stop", 4, 0),
+        Fault("term", 7, None),
     ]
     assert parse_faults("") == []
 

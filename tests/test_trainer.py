@@ -279,6 +279,19 @@ def test_sigusr1_checkpoints_and_continues_sigterm_checkpoints_and_exits(tmp_pat
 
 
 @pytest.mark.postgres
+def test_a_sigterm_during_a_sigusr1_checkpoint_is_kept(tmp_path, fresh_database_dsn):
+    """SIGUSR1 after step 3 makes step 4 checkpoint and go on; a SIGTERM that arrives between step
+    4's signal agreement and the end of its checkpoint must still stop the run at step 5."""
+    train(tmp_path, fresh_database_dsn, steps=10, interval=1000, env={"KREA2_FAULTS": "usr1@3,term@4"},
+          extra=["irepa.enabled=false"])
+    run_dir = tmp_path / "runs" / "pretrain_256"
+    assert max(step_losses(run_dir)) == 5
+    events = [(r["event"], r["step"]) for r in records(run_dir) if r.get("event") in ("checkpoint", "signal_exit")]
+    assert events == [("checkpoint", 4), ("checkpoint", 5), ("signal_exit", 5)]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000004", "step-00000005"]
+
+
+@pytest.mark.postgres
 def test_a_start_fenced_by_a_newer_one_stops_without_writing_to_the_run(tmp_path, fresh_database_dsn):
     """A leftover process of an older start (a requeued job whose node kept running) must not write
     checkpoints beside the newer start: the newer start's lease claim fences it within a step."""

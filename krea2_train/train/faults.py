@@ -4,7 +4,10 @@ A comma-separated list of ``ACTION@STEP[:rank=R]``:
 
 - ``kill@5:rank=1``: rank 1 SIGKILLs itself after step 5 (a crashed node);
 - ``stop@4:rank=0``: rank 0 SIGSTOPs itself after step 4 (a silent hang);
-- ``nan@3``: the loss of step 3 becomes NaN on every rank (a numerical blow-up).
+- ``nan@3``: the loss of step 3 becomes NaN on every rank (a numerical blow-up);
+- ``usr1@6`` / ``term@6``: every rank sends itself SIGUSR1 / SIGTERM after step 6 (Slurm's
+  warning before the time limit, a preemption), at an exact point of the step: after the step's
+  signals were agreed, before its checkpoint.
 
 With the variable unset nothing here does anything.
 """
@@ -15,7 +18,8 @@ import os
 import signal
 from dataclasses import dataclass
 
-ACTIONS = ("kill", "stop", "nan")
+ACTIONS = ("kill", "stop", "nan", "usr1", "term")
+_SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "usr1": signal.SIGUSR1, "term": signal.SIGTERM}
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,5 @@ class FaultInjector:
 
     def after_step(self, step: int) -> None:
         for fault in self.faults:
-            if fault.step == step and fault.action == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            if fault.step == step and fault.action == "stop":
-                os.kill(os.getpid(), signal.SIGSTOP)
+            if fault.step == step and fault.action in _SIGNALS:
+                os.kill(os.getpid(), _SIGNALS[fault.action])
