@@ -272,15 +272,63 @@ def test_cps_policy_recomputes_to_ratio_one(conditioner, one_cpu_thread):
 
 
 def test_groups_share_prompts_and_same_initial_noise(conditioner, one_cpu_thread):
-    stage = grpo_stage("grpo.same_initial_noise=true", "grpo.beta_kl=0")
     model = random_tiny_model(0)
-    buffer = stage.collect(context(model, conditioner, 0, None), shapes_batch(8))
+    stage = grpo_stage("grpo.same_initial_noise=true", "grpo.beta_kl=0")
+    (buffer,) = stage.collect([(context(model, conditioner, 0, None), shapes_batch(8))])
     assert buffer.captions == [shapes_batch(8)["captions"][0]] * 4 + [shapes_batch(8)["captions"][4]] * 4
     assert buffer.prompt_ids == [100] * 4 + [104] * 4
-    first_step = buffer.window[0]
-    if first_step == 0:  # the window starts at the noise: the group's members share x_0
-        assert torch.equal(buffer.x[0, 0], buffer.x[0, 3]) and not torch.equal(buffer.x[0, 0], buffer.x[0, 4])
+    # the group's members share x_0, so (ODE steps being deterministic) the window's first state
+    assert torch.equal(buffer.x[0, 0], buffer.x[0, 3]) and not torch.equal(buffer.x[0, 0], buffer.x[0, 4])
     assert not torch.equal(buffer.x_next[0, 0], buffer.x_next[0, 1])  # but not their SDE noise
+    (independent,) = grpo_stage("grpo.same_initial_noise=false", "grpo.beta_kl=0").collect(
+        [(context(model, conditioner, 0, None), shapes_batch(8))]
+    )
+    assert not torch.equal(independent.x[0, 0], independent.x[0, 3])
+
+
+class OneConstantGroup(BrightnessReward):
+    """Brightness, except the first prompt's group, which always scores 0.5 (a masked group)."""
+
+    def __init__(self, first_facts):
+        super().__init__()
+        self.first_facts = first_facts
+
+    def __call__(self, images, facts):
+        scores = super().__call__(images, facts)["brightness"]
+        return {"brightness": np.where([f == self.first_facts for f in facts], 0.5, scores)}
+
+
+def test_gradient_accumulation_does_not_change_the_rollout_or_the_update(conditioner, one_cpu_thread):
+    """Two micro-batches rolled out through begin_step give the advantages (global std), the
+    masked-group normalisation and the gradient of one micro-batch holding the whole batch."""
+    batch = shapes_batch(8)
+    options = ("grpo.group_size=2", "grpo.beta_kl=0", "grpo.reweight_prompts=false")
+    gradients, advantages, losses = [], [], []
+    for accum in (1, 2):
+        stage = grpo_stage(*options, f"optim.grad_accum_steps={accum}")
+        stage.rewards = OneConstantGroup(batch["facts"][0])
+        model = random_tiny_model(0)
+        micro = 8 // accum
+        micro_steps = [
+            (StepContext(model=model, conditioner=conditioner, device=torch.device("cpu"), seed=0, step=0,
+                         first_slot=index * micro, micro_index=index),
+             {k: v[index * micro : (index + 1) * micro] for k, v in batch.items()})
+            for index in range(accum)
+        ]
+        stage.begin_step(micro_steps)
+        total = 0.0
+        for ctx, part in micro_steps:
+            loss, _ = stage.loss(ctx, part)
+            (loss / accum).backward()
+            total += loss.item() / accum
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        advantages.append(torch.cat([stage.buffers[index].advantages for index in range(accum)]))
+        losses.append(total)
+    assert advantages[0][:2].abs().max() == 0 and advantages[0][2:].abs().min() > 0  # the constant group is masked
+    # a batch of 4 and a batch of 8 sample images that differ in the last float bits
+    torch.testing.assert_close(advantages[1], advantages[0], rtol=1e-3, atol=1e-5)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3, abs=1e-6)
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-3, atol=1e-6)
 
 
 def test_frozen_reference_and_config_errors():
@@ -304,6 +352,8 @@ def test_frozen_reference_and_config_errors():
     assert "grpo.aggregation" in error("grpo.aggregation=sum")
     assert "grpo.rewards" in error("grpo.rewards={aesthetic: 1.0}")
     assert "grpo.noise_level" in error("grpo.sde_type=cps", "grpo.noise_level=1.5")
+    assert "grpo.noise_level" in error("grpo.noise_level=0")
+    assert "parallel.tp" in error("parallel.tp=2")
     assert "cps window" in error("grpo.sde_type=cps", "grpo.noise_level=0.8", "grpo.sde_window_range=[0,8]")
     assert "stage.init_from" in error("stage.init_from=null")
 

@@ -196,6 +196,9 @@ def test_the_stage_refuses_bad_settings(tmp_path):
         build_stage(stpo_config(tmp_path, "stpo.loser=random"))
     with pytest.raises(PreferenceStageError, match="stpo.beta"):
         build_stage(stpo_config(tmp_path, "stpo.beta=0"))
+    for bad in ("stpo.positive_weight=-2", "stpo.sft_weight=-0.1", "stpo.loser_guidance=-1", "stpo.artifact_strength=0"):
+        with pytest.raises(PreferenceStageError, match=bad.split("=")[0].replace(".", r"\.")):
+            build_stage(stpo_config(tmp_path, bad))
 
 
 @pytest.mark.parametrize("loser", ["policy", "artifacts"])

@@ -105,7 +105,8 @@ def test_transition_reproduces_x_sigma2_from_x0_hat_and_xi():
     torch.testing.assert_close(xi, (a * s)[:, None, None] / tau[:, None, None] * eps_hat + (beta / tau)[:, None, None] * z)
     # s == tau: no fresh noise, xi is eps_hat
     same, xi_same = flow_transition(x_s, eps_hat, s, s, z)
-    torch.testing.assert_close(same, x_s) and torch.testing.assert_close(xi_same, eps_hat, rtol=0, atol=1e-5)
+    torch.testing.assert_close(same, x_s)
+    torch.testing.assert_close(xi_same, eps_hat, rtol=0, atol=1e-5)
     # the pre-fix mixed noise (without the s factor) breaks the identity
     prefix_xi = (a[:, None, None] * eps_hat + beta[:, None, None] * z) / tau[:, None, None]
     assert not torch.allclose((1 - tau[:, None, None]) * x0_hat + tau[:, None, None] * prefix_xi, x_tau, atol=1e-3)

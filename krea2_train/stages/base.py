@@ -61,6 +61,8 @@ class Stage(Protocol):
       one); the trainer moves them to the device, shards them like the DiT and passes them as
       ``ctx.frozen``. They are not checkpointed.
     - ``lr_scales``: ``{parameter-name prefix: multiplier of optim.lr}``.
+    - ``begin_step(micro_steps)``: called once per step, before any loss, with every micro-batch
+      of the step as ``[(StepContext, batch)]`` (GRPO rolls out and scores the whole step here).
     - ``state_dict()`` / ``load_state_dict(state)``: state the stage carries between steps,
       checkpointed with the run (keep it small and the same on every rank, or keyed by rank).
     """

@@ -18,7 +18,14 @@ on (one optimizer step each). Per trained step ``j`` and sample ``i``::
     L        = L_policy + beta_kl * L_KL
 
 ``w_i`` is 0 in constant-reward groups and the prompt weight otherwise; ``#valid`` counts the
-samples of non-constant groups. The reference is a frozen copy of ``stage.init_from``'s policy.
+samples of non-constant groups in the global batch. The reference is a frozen copy of
+``stage.init_from``'s policy.
+
+A rollout covers the whole step: the trainer calls ``begin_step`` with every micro-batch before
+the first, and the stage rolls all of them out and scores them together, so the advantages' std,
+``#valid`` and the prompt statistics are those of the global batch whatever ``grad_accum_steps``
+and the number of ranks (each rank's micro-batch loss carries the share
+``#valid / (ranks * grad_accum_steps)`` that the trainer's averaging turns back into ``#valid``).
 
 ``log p_old`` is the policy's log-prob recomputed right after the rollout with the exact
 computation the loss uses (same batch layout, train mode, float32 step math), so the first update
@@ -44,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from krea2_train.config.schema import RunConfig
 from krea2_train.flow.sde import (
@@ -116,6 +124,7 @@ class RolloutBuffer:
     rewards: dict[str, torch.Tensor]  # name -> [B]
     total: torch.Tensor  # [B] weighted reward sum
     log_prob_gap: torch.Tensor  # [B] max over steps |log p (sampling pass) - log p_old|
+    valid_global: int  # samples of non-constant groups in the rollout's global batch (#valid)
     text: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # not checkpointed
 
     SAMPLE_FIELDS = ("x", "x_next", "log_prob_old")  # [J, B, ...]: split on dim 1
@@ -129,6 +138,7 @@ class RolloutBuffer:
                 "rollout_step": self.rollout_step, "caption": self.captions[index], "prompt_id": self.prompt_ids[index],
                 "grid": self.grid, "t": self.t.cpu(), "t_next": self.t_next.cpu(), "t_cap": self.t_cap,
                 "window": list(self.window), "rewards": {k: v[index].cpu() for k, v in self.rewards.items()},
+                "valid_global": self.valid_global,
             }
             record.update({name: getattr(self, name)[:, index].cpu() for name in self.SAMPLE_FIELDS})
             record.update({name: getattr(self, name)[index].cpu() for name in self.VECTOR_FIELDS})
@@ -151,7 +161,7 @@ class RolloutBuffer:
             rollout_step=first["rollout_step"], slots=list(slots), captions=[r["caption"] for r in chosen],
             prompt_ids=[r["prompt_id"] for r in chosen], grid=tuple(first["grid"]), t=first["t"].to(device),
             t_next=first["t_next"].to(device), t_cap=first["t_cap"], window=list(first["window"]), rewards=rewards,
-            **fields,
+            valid_global=first["valid_global"], **fields,
         )
 
 
@@ -174,8 +184,10 @@ def validate_config(config: RunConfig) -> None:
     if grpo.sde_type not in SDE_TYPES:
         raise StageConfigError(f"grpo.sde_type must be one of {SDE_TYPES}, got {grpo.sde_type!r}")
     high = 1.0 if grpo.sde_type == "cps" else float("inf")
-    if not 0 <= grpo.noise_level <= high:
-        raise StageConfigError(f"grpo.noise_level={grpo.noise_level} must lie in [0, {high}] for sde_type={grpo.sde_type!r}")
+    if not 0 < grpo.noise_level <= high:  # 0: a deterministic policy, whose log-probs are NaN (sde) or constant (cps)
+        raise StageConfigError(f"grpo.noise_level={grpo.noise_level} must lie in (0, {high}] for sde_type={grpo.sde_type!r}")
+    if config.parallel.tp != 1:  # the rollout's gathers run over every rank; TP ranks share their samples
+        raise StageConfigError(f"the grpo stage does not support tensor parallelism (parallel.tp={config.parallel.tp}); use parallel.tp=1")
     if grpo.sde_window_size < 0 or len(grpo.sde_window_range) != 2:
         raise StageConfigError(f"grpo.sde_window_size must be >= 0 and grpo.sde_window_range a [lo, hi] pair, got "
                          f"{grpo.sde_window_size} and {grpo.sde_window_range}")
@@ -280,10 +292,44 @@ class GrpoStage:
 
     # -- rollout ----------------------------------------------------------------------------------
 
-    def collect(self, ctx: StepContext, batch: dict[str, Any]) -> RolloutBuffer:
-        """Roll out this micro-batch's groups with the policy, score them and fill a buffer."""
+    def begin_step(self, micro_steps: list[tuple[StepContext, dict[str, Any]]]) -> None:
+        """The trainer's hook before a step's micro-batches: when their buffers are spent, roll out
+        and score all of them together (see the module docstring)."""
+        if any(self._current_buffer(ctx, batch) is None for ctx, batch in micro_steps):
+            self.collect(micro_steps)
+
+    def collect(self, micro_steps: list[tuple[StepContext, dict[str, Any]]]) -> list[RolloutBuffer]:
+        """Roll out the groups of every micro-batch with the policy, score them together and fill
+        one buffer per micro-batch (kept by micro index)."""
+        rolled = [self._roll_out(ctx, batch) for ctx, batch in micro_steps]
+        buffers = [buffer for buffer, _ in rolled]
+        rewards = {name: torch.cat([buffer.rewards[name] for buffer in buffers]) for name in buffers[0].rewards}
+        result = aggregate_advantages(  # the std over every rank's samples of every micro-batch
+            rewards, self.rewards.weights, self.group_size, aggregation=self.config.aggregation,
+            adv_clip_max=self.config.adv_clip_max, std_scope=self.config.std_scope,
+        )
+        prompt_weights = self._prompt_weights(result.total, [prompt for buffer in buffers for prompt in buffer.prompt_ids])
+        valid_global = sum(all_gather_objects(int(result.valid.sum())))  # host: the rewards were on the host already
+        start = 0
+        for (ctx, _), (buffer, sampling_log_prob) in zip(micro_steps, rolled):
+            rows = slice(start, start + len(buffer.slots))
+            start = rows.stop
+            buffer.advantages, buffer.valid, buffer.total = result.advantages[rows], result.valid[rows], result.total[rows]
+            buffer.prompt_weights = torch.tensor(prompt_weights[rows], dtype=torch.float32).to(ctx.device)
+            buffer.valid_global = valid_global
+            with torch.no_grad():  # log p_old: the loss's own computation, so the first update has rho == 1
+                buffer.log_prob_old = self._step_log_probs(ctx.model, ctx, buffer, buffer.text)[0]
+            buffer.log_prob_gap = (sampling_log_prob - buffer.log_prob_old).abs().amax(dim=0)
+            self.buffers[ctx.micro_index] = buffer
+        return buffers
+
+    def _roll_out(self, ctx: StepContext, batch: dict[str, Any]) -> tuple[RolloutBuffer, torch.Tensor]:
+        """Sample and score one micro-batch: its buffer without advantages, weights or ``log p_old``
+        (``collect`` fills them), and the sampling pass's log-probs ``[J, B]``."""
         grpo, group = self.config, self.group_size
         size = len(batch["captions"])
+        if size % group:
+            raise ValueError(f"grpo: a micro-batch of {size} samples does not split into groups of grpo.group_size={group}")
         rows = [row - row % group for row in range(size)]  # each slot's prompt: its group's first entry
         captions = [batch["captions"][row] for row in rows]
         facts = [batch["facts"][row] for row in rows]
@@ -313,26 +359,16 @@ class GrpoStage:
         images = ctx.conditioner.decode_tokens(sampled.final, grid)
         scores = self.rewards(images.float().cpu(), facts)  # host: the detectors are numpy
         rewards = {name: torch.as_tensor(value, dtype=torch.float64).to(ctx.device) for name, value in scores.items()}
-        result = aggregate_advantages(
-            rewards, self.rewards.weights, group, aggregation=grpo.aggregation, adv_clip_max=grpo.adv_clip_max,
-            std_scope=grpo.std_scope,
-        )
-        prompt_weights = self._prompt_weights(result.total, prompt_ids)
-
+        unset = torch.empty(0)
         buffer = RolloutBuffer(
             rollout_step=ctx.step, slots=slots, captions=captions, prompt_ids=prompt_ids, grid=shape,
             x=torch.stack([s.x for s in sampled.steps]), x_next=torch.stack([s.x_next for s in sampled.steps]),
             t=torch.stack([s.t for s in sampled.steps]).to(ctx.device),
             t_next=torch.stack([s.t_next for s in sampled.steps]).to(ctx.device), t_cap=sampled.t_cap,
-            window=list(window), log_prob_old=torch.empty(0), advantages=result.advantages, valid=result.valid,
-            prompt_weights=torch.tensor(prompt_weights, dtype=torch.float32).to(ctx.device), rewards=rewards,
-            total=result.total, log_prob_gap=torch.empty(0), text=text,
+            window=list(window), log_prob_old=unset, advantages=unset, valid=unset, prompt_weights=unset, rewards=rewards,
+            total=unset, log_prob_gap=unset, valid_global=0, text=text,
         )
-        with torch.no_grad():  # log p_old: the loss's own computation, so the first update has rho == 1
-            buffer.log_prob_old = self._step_log_probs(ctx.model, ctx, buffer, text)[0]
-        sampling_log_prob = torch.stack([s.log_prob for s in sampled.steps])
-        buffer.log_prob_gap = (sampling_log_prob - buffer.log_prob_old).abs().amax(dim=0)
-        return buffer
+        return buffer, torch.stack([s.log_prob for s in sampled.steps])
 
     def _prompt_weights(self, total: torch.Tensor, prompt_ids: list[int]) -> list[float]:
         """Update the (global) per-prompt statistics with this step's groups (``total [B]``, the
@@ -344,37 +380,40 @@ class GrpoStage:
             self.prompt_stats.update(part)
         return self.prompt_stats.weights(prompt_ids)
 
-    def _buffer_for(self, ctx: StepContext, batch: dict[str, Any]) -> RolloutBuffer:
-        """The micro-batch's buffer if it is still being re-used, else a fresh rollout."""
+    def _current_buffer(self, ctx: StepContext, batch: dict[str, Any]) -> RolloutBuffer | None:
+        """The micro-batch's buffer (kept, or restored from a checkpoint) while it is still being
+        re-used; None when a new rollout is due."""
         index = ctx.micro_index
         slots = list(ctx.slots(len(batch["captions"])))
         buffer = self.buffers.get(index)
         if buffer is None and index in self._restored:
             buffer = RolloutBuffer.from_slots(self._restored.pop(index), slots, ctx.device)
-        if buffer is not None and buffer.slots == slots and 0 < ctx.step - buffer.rollout_step < self.config.updates_per_rollout:
-            return buffer
-        if buffer is not None and ctx.step - buffer.rollout_step < self.config.updates_per_rollout:
+            if buffer is not None:
+                self.buffers[index] = buffer
+        if buffer is None or not 0 <= ctx.step - buffer.rollout_step < self.config.updates_per_rollout:
+            return None
+        if buffer.slots != slots:
             logger.warning("grpo: the rollout buffer of step %d does not fit step %d; rolling out again", buffer.rollout_step, ctx.step)
-        buffer = self.collect(ctx, batch)
-        self.buffers[index] = buffer
+            return None
         return buffer
 
     # -- loss -------------------------------------------------------------------------------------
 
     def loss(self, ctx: StepContext, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        size = len(batch["captions"])
-        if size % self.group_size:
-            raise ValueError(f"grpo: a micro-batch of {size} samples does not split into groups of grpo.group_size={self.group_size}")
-        buffer = self._buffer_for(ctx, batch)
+        """The micro-batch's loss on its buffer (rolled out here when the trainer's ``begin_step``
+        did not: then this micro-batch alone is the rollout's batch on this rank)."""
+        buffer = self._current_buffer(ctx, batch) or self.collect([(ctx, batch)])[0]
         text = buffer.text if buffer.text is not None and buffer.rollout_step == ctx.step else self._encode(ctx, buffer.captions)
         log_prob, mean, std, repeated, (x, t, t_next) = self._step_log_probs(ctx.model, ctx, buffer, text)
         steps = log_prob.shape[0]
+        # this micro-batch's share of #valid: the trainer averages over micro-batches and ranks
+        ranks = dist.get_world_size() if dist.is_initialized() else 1
+        valid_share = max(buffer.valid_global, 1) / (ranks * self.run_config.optim.grad_accum_steps)
 
         ratio = torch.exp(log_prob - buffer.log_prob_old)  # [J, B]
         per_element = clipped_policy_loss(ratio, buffer.advantages[None], self.config.clip_range)
         sample_weights = buffer.valid.float() * buffer.prompt_weights  # [B]
-        valid_count = buffer.valid.float().sum().clamp_min(1.0)
-        loss_policy = (per_element * sample_weights[None]).sum() / (steps * valid_count)
+        loss_policy = (per_element * sample_weights[None]).sum() / (steps * valid_share)
 
         metrics = self._rollout_metrics(buffer)
         if self.config.beta_kl > 0:
@@ -396,7 +435,7 @@ class GrpoStage:
             ratio_mean=ratio.detach().mean(),
             ratio_min=ratio.detach().min(),  # the extremes over the global batch (the trainer's max/min reduction)
             ratio_max=ratio.detach().max(),
-            clip_fraction=clipped.float().sum() / (valid.float().sum().clamp_min(1.0)),
+            clip_fraction=clipped.float().sum() / (steps * valid_share),  # of the global batch's valid elements
             update_index=ratio.new_tensor(float(ctx.step - buffer.rollout_step)),
         )
         return loss, metrics

@@ -160,6 +160,11 @@ class PreferenceStage(FlowMatchingStage):
             raise PreferenceStageError(f"stpo.beta must be > 0, got {stpo.beta}")
         if stpo.loser_steps < 1:
             raise PreferenceStageError(f"stpo.loser_steps must be >= 1, got {stpo.loser_steps}")
+        for key in ("positive_weight", "sft_weight", "loser_guidance"):  # a negative weight rewards the drift it should stop
+            if getattr(stpo, key) < 0:
+                raise PreferenceStageError(f"stpo.{key} must be >= 0, got {getattr(stpo, key)}")
+        if stpo.artifact_strength <= 0:
+            raise PreferenceStageError(f"stpo.artifact_strength must be > 0 (0 makes the loser the winner), got {stpo.artifact_strength}")
         if not 0.0 <= stpo.safeguard_mu < 1.0:
             raise PreferenceStageError(f"stpo.safeguard_mu must be in [0, 1), got {stpo.safeguard_mu}")
         if config.irepa.enabled:

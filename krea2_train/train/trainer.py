@@ -458,22 +458,29 @@ class Trainer:
         micro = self.local_batch_size // accum
         losses: list[torch.Tensor] = []
         metric_sums: dict[str, torch.Tensor] = {}
-        for index in range(accum):
+        micro_steps = [
+            (
+                StepContext(
+                    model=self.model,
+                    conditioner=self.conditioner,
+                    device=self.device,
+                    seed=self.config.seed,
+                    step=self.train_state.step,
+                    first_slot=self.dp_rank * self.local_batch_size + index * micro,
+                    dtype=self.dtype,
+                    frozen=self.frozen,
+                    micro_index=index,
+                ),
+                {k: v[index * micro : (index + 1) * micro] if isinstance(v, (torch.Tensor, list)) else v for k, v in batch.items()},
+            )
+            for index in range(accum)
+        ]
+        if hasattr(self.stage, "begin_step"):
+            self.stage.begin_step(micro_steps)
+        for index, (ctx, part) in enumerate(micro_steps):
             last = index == accum - 1
             if hasattr(self.model, "set_requires_gradient_sync"):
                 self.model.set_requires_gradient_sync(last)
-            part = {k: v[index * micro : (index + 1) * micro] if isinstance(v, (torch.Tensor, list)) else v for k, v in batch.items()}
-            ctx = StepContext(
-                model=self.model,
-                conditioner=self.conditioner,
-                device=self.device,
-                seed=self.config.seed,
-                step=self.train_state.step,
-                first_slot=self.dp_rank * self.local_batch_size + index * micro,
-                dtype=self.dtype,
-                frozen=self.frozen,
-                micro_index=index,
-            )
             loss, metrics = self.stage.loss(ctx, part)
             if self.faults.poison_loss(self.train_state.step + 1):
                 loss = loss * float("nan")
