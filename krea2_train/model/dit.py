@@ -24,7 +24,7 @@ model predicts the velocity ``eps - x0``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -413,6 +413,10 @@ class Krea2DiT(nn.Module):
         # Training-only modules a stage attaches (e.g. the iREPA projector). Empty by default, so
         # the state dict is exactly diffusers'; exports drop these keys (AUXILIARY_PREFIX).
         self.auxiliary = nn.ModuleDict()
+        # Observers of a block's output ``[B, L + N, D]``, by block index (e.g. iREPA's capture).
+        # They run in this loop, outside the blocks, so compiled and checkpointed blocks never
+        # trace them.
+        self.block_output_taps: dict[int, Callable[[torch.Tensor], None]] = {}
         self.init_weights()
 
     @torch.no_grad()
@@ -483,7 +487,9 @@ class Krea2DiT(nn.Module):
         x = torch.cat([text, self.img_in(hidden_states)], dim=1)  # [B, S, D]
         rotary_cos, rotary_sin = rotary_cos_sin(position_ids, self.axes_dims_rope, self.rope_theta)
 
-        for block in self.transformer_blocks:
+        for index, block in enumerate(self.transformer_blocks):
             x = block(x, time_modulation, rotary_cos, rotary_sin, joint_mask)
+            if index in self.block_output_taps:
+                self.block_output_taps[index](x)
 
         return self.final_layer(x[:, text_len:], temb)

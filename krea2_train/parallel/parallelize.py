@@ -142,6 +142,16 @@ def apply_tensor_parallel(model: nn.Module, tp_device_mesh: DeviceMesh) -> None:
         parallelize_module(block, tp_device_mesh, _ReplicateOwnParameters())
         parallelize_module(block, tp_device_mesh, plan)
     blocks[0].register_forward_pre_hook(partial(_check_sequence_divisible, tp), prepend=True)
+    # Between blocks the stream is this rank's sequence shard: a tap sees the whole sequence.
+    taps = getattr(model, "block_output_taps", {})
+    for index, tap in list(taps.items()):
+        if index != len(blocks) - 1:  # the last block's output is already replicated
+            taps[index] = partial(_tap_full_sequence, tap, tp_device_mesh)
+
+
+def _tap_full_sequence(tap, mesh: DeviceMesh, local_stream: torch.Tensor) -> None:
+    """Call ``tap`` with the full ``[B, S, D]`` of a block's sequence-sharded output (differentiable)."""
+    tap(DTensor.from_local(local_stream, mesh, [Shard(1)]).full_tensor())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,15 +20,14 @@ point in epochs; after it, neither the teacher nor the hook does any work.
 - Token order is row-major on both sides: token ``n`` sits at ``(n // grid_w, n % grid_w)``;
   non-square grids work.
 - The projector lives under ``model.auxiliary["irepa"]``: trained and checkpointed with the model
-  (inside FSDP2's root unit; on one rank under its own autocast hooks), never exported. A forward
-  hook on ``model.transformer_blocks[k - 1]`` keeps that block's image tokens for one forward when
-  armed; it disarms after firing, so activation-checkpoint recomputation in backward captures
-  nothing.
-- Under tensor parallelism the hook (registered before parallelisation, so it runs before the TP
-  plan turns the output into a local shard) sees the block's output as a sequence-sharded DTensor
-  and all-gathers it (``full_tensor``): every TP rank projects the same full sequence and the
-  gradient returns to each rank's shard. The projector is replicated across TP ranks like the
-  model's other non-block modules.
+  (inside FSDP2's root unit; on one rank under its own autocast hooks), never exported. A tap
+  (``Krea2DiT.block_output_taps[k - 1]``) keeps block k's image tokens for one forward when armed.
+  Taps run in the model's block loop, outside the blocks, so compiled and activation-checkpointed
+  blocks (``parallel=cluster``) never trace them and recomputation in backward captures nothing.
+- Under tensor parallelism the block stream is sequence-sharded; the TP plan wraps the tap so it
+  sees the all-gathered sequence (``full_tensor``): every TP rank projects the same full sequence
+  and the gradient returns to each rank's shard. The projector is replicated across TP ranks like
+  the model's other non-block modules.
 """
 
 from __future__ import annotations
@@ -44,7 +43,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 TEACHER_MODEL_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit")
 TINY_TEACHER_DIR = "irepa_encoder"  # under the run directory
@@ -239,23 +237,22 @@ class VisionTeacher:
 
 
 class BlockOutputCapture:
-    """A forward hook that keeps the image tokens of a block's output ``[B, L + N, D]`` once armed.
+    """A tap (``Krea2DiT.block_output_taps``) that keeps the image tokens of a block's output
+    ``[B, L + N, D]`` once armed.
 
-    It fires at most once per arming (then disarms itself), so a block recomputed in backward by
-    activation checkpointing, or a forward outside :meth:`armed` (sampling), does nothing.
+    It fires at most once per arming (then disarms itself); a forward outside :meth:`armed`
+    (sampling) does nothing.
     """
 
     def __init__(self) -> None:
         self._expected: tuple[int, int] | None = None  # (text_len, num_image_tokens) while armed
         self._image_tokens: torch.Tensor | None = None
 
-    def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+    def __call__(self, output: torch.Tensor) -> None:
         if self._expected is None:
             return
         text_len, num_image_tokens = self._expected
         self._expected = None
-        if isinstance(output, DTensor):  # a tensor-parallel block's sequence-sharded output
-            output = output.full_tensor()
         if output.shape[1] != text_len + num_image_tokens:
             raise RuntimeError(
                 f"iREPA captured a block output of {output.shape[1]} tokens, expected {text_len} text + "
@@ -343,8 +340,8 @@ class IrepaAlignment:
         )
 
     def attach(self, model: nn.Module) -> nn.Module:
-        """Add the projector as ``model.auxiliary["irepa"]`` and hook the aligned block (before
-        parallelisation)."""
+        """Add the projector as ``model.auxiliary["irepa"]`` and tap the aligned block's output
+        (before parallelisation)."""
         if self.tiny_seed is not None:
             ensure_tiny_dinov2(self.encoder, self.tiny_seed)
         blocks = model.transformer_blocks
@@ -354,7 +351,7 @@ class IrepaAlignment:
         teacher_channels = int(load_teacher_config(self.encoder).hidden_size)
         self._projector = ConvProjector(model.hidden_size, teacher_channels, self.kernel_size)
         model.auxiliary["irepa"] = self._projector
-        blocks[block - 1].register_forward_hook(self.capture)
+        model.block_output_taps[block - 1] = self.capture
         self.block = block
         return model
 
