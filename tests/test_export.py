@@ -92,6 +92,25 @@ def test_export_casts_to_the_requested_dtype(run, tmp_path):
     assert_same_weights(weights, {key: value.bfloat16() for key, value in saved[30].items()})
 
 
+def test_a_bf16_export_samples_in_the_chosen_dtype(run, tmp_path):
+    """Released weights are bf16: `krea2 sample` casts the DiT to its compute dtype (fp32 on CPU)."""
+    import numpy as np
+    from PIL import Image
+
+    from krea2_train.conditioning.tiny import build_tiny_text_encoder
+
+    run_dir, _ = run
+    out = tmp_path / "released.safetensors"
+    krea2(["export", str(run_dir), "--layout", "original", "--dtype", "bf16", "--out", str(out)])
+    text_encoder = build_tiny_text_encoder(tmp_path / "text_encoder", seed=0)
+    common = ["sample", "--checkpoint", str(out), "--prompt", "a red circle", "--steps", "2", "--resolution", "64",
+              "--autoencoder", "pixel", "--text-encoder", str(text_encoder), "--max-text-tokens", "16"]
+    for dtype in ("fp32", "bf16"):
+        assert krea2([*common, "--dtype", dtype, "--out", str(tmp_path / dtype)]) == 0
+    for dtype in ("fp32", "bf16"):  # 64 px nominal: 16 px with the pixel autoencoder
+        assert np.asarray(Image.open(tmp_path / dtype / "sample-000.png")).shape == (16, 16, 3)
+
+
 def test_export_without_a_committed_checkpoint_fails_clearly(tmp_path):
     write_model_config(tmp_path / "empty", build_model("tiny").config)
     with pytest.raises(NoCheckpointError, match="no committed checkpoint"):

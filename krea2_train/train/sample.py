@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from krea2_train.model.lora_formats import parse_lora_argument
 from krea2_train.train.checkpoint import find_run_checkpoint, is_dcp_checkpoint, run_dir_of
+from krea2_train.train.commands import DTYPES
 
 
 def load_for_sampling(
@@ -51,7 +52,9 @@ def load_for_sampling(
 
 def conditioning_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
     """Conditioning networks: the run's, overridden by what the command line gives."""
-    settings = dict(autoencoder=None, autoencoder_path=None, text_encoder=None, max_text_tokens=512, text_select_layers=None)
+    settings = dict(
+        autoencoder=None, autoencoder_path=None, text_encoder=None, max_text_tokens=512, text_select_layers=None, patch_size=2
+    )
     if run_dir is not None and (run_dir / "config.yaml").exists():
         run_conditioning = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml").conditioning)
         settings.update({key: run_conditioning[key] for key in settings})
@@ -79,7 +82,11 @@ def run_sample(args: argparse.Namespace) -> int:
         autoencoder_path=settings["autoencoder_path"],
         text_select_layers=settings["text_select_layers"],
         max_text_tokens=settings["max_text_tokens"],
+        patch_size=settings["patch_size"],
     )
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    model.to(device=device, dtype=dtype)  # whatever dtype the weights were stored in
     unit = conditioner.pixels_per_token
     height = args.height or conditioner.image_side(args.resolution)
     width = args.width or conditioner.image_side(args.resolution)
@@ -88,7 +95,10 @@ def run_sample(args: argparse.Namespace) -> int:
     grid = conditioner.grid(height, width)
     sampler = resolve_sampler_settings(args.preset, grid.num_tokens, num_steps=args.steps, guidance_scale=args.guidance)
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
-    images = generate(model, conditioner, prompts, height, width, sampler, seed=args.seed, negative_prompt=args.negative_prompt)
+    images = generate(
+        model, conditioner, prompts, height, width, sampler, seed=args.seed, negative_prompt=args.negative_prompt,
+        device=device, dtype=dtype,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(to_pil(images)):
@@ -120,4 +130,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--autoencoder", default=None, choices=["pixel", "qwen_image"])
     parser.add_argument("--autoencoder-path", default=None)
     parser.add_argument("--max-text-tokens", type=int, default=None)
+    parser.add_argument("--device", default=None, help="where the DiT runs (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="the DiT's compute dtype, whatever the stored one (default: bf16 on cuda, fp32 on cpu)")
     parser.set_defaults(func=run_sample)
