@@ -44,6 +44,14 @@ def test_overrides_apply():
         (["data.caption_mix.long=0.5"], "must sum to 1"),
         (["conditioning=qwen"], "conditioning.autoencoder_path"),
         (["model=huge"], "model/huge"),
+        (["conditioning=qwen", "conditioning.autoencoder_path=/x"], "config keys 'conditioning.text_encoder' are required"),
+        (["flow.mu=1.0"], "'flow.mu': only used with flow.shift=fixed"),
+        (["optim.betas=[0.9,1.5]"], "'optim.betas': two values in"),
+        (["conditioning.patch_size=3"], "'conditioning.patch_size'"),
+        (["model.overrides.num_layers=0", "irepa.enabled=false"], "num_layers must be >= 1"),
+        (["logging.sample_preset=bogus"], "unknown sampler preset 'bogus'"),
+        (["logging.sample_steps=0"], "num_steps must be at least 1"),
+        (["conditioning.text_encoder=/models/qwen3-vl-4b"], "'irepa.encoder': 'tiny' is a random tiny DINOv2"),
     ],
 )
 def test_bad_input_names_the_key(overrides, message):

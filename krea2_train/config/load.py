@@ -77,6 +77,9 @@ def _groups() -> set[str]:
 def to_run_config(composed: DictConfig) -> RunConfig:
     """Merge a composed config into the typed schema: unknown keys and wrong types fail here."""
     schema = OmegaConf.structured(RunConfig)
+    missing = sorted(OmegaConf.missing_keys(composed))  # "???" in a config group: the merge would keep the default
+    if missing:
+        raise ConfigError(f"config keys {', '.join(repr(key) for key in missing)} are required by the chosen config groups and not set")
     try:
         merged = OmegaConf.merge(schema, composed)
         OmegaConf.resolve(merged)
@@ -106,6 +109,7 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 def validate(config: RunConfig) -> None:
     """Value checks the type system cannot express."""
+    from krea2_train.flow.sampler import resolve_sampler_settings
     from krea2_train.model.presets import PRESETS, model_config
     from krea2_train.parallel.attention import parse_backends
 
@@ -113,9 +117,16 @@ def validate(config: RunConfig) -> None:
     _require(config.stage.steps > 0, "stage.steps", "must be positive")
     _require(config.model.preset in PRESETS, "model.preset", f"{config.model.preset!r}; accepted: {sorted(PRESETS)}")
     try:
-        model_config(config.model.preset, **config.model.overrides)
+        model_keywords = model_config(config.model.preset, **config.model.overrides)
     except ValueError as error:
         raise ConfigError(f"config key 'model.overrides': {error}") from None
+    _require(model_keywords["num_layers"] >= 1, "model.overrides", "num_layers must be >= 1")
+    patch_area = config.conditioning.patch_size**2
+    _require(
+        model_keywords["in_channels"] % patch_area == 0,
+        "conditioning.patch_size",
+        f"the model's in_channels={model_keywords['in_channels']} must be the latent channels x patch_size^2 (patch_size={config.conditioning.patch_size})",
+    )
     _require(config.conditioning.autoencoder in ("pixel", "qwen_image"), "conditioning.autoencoder", "accepted: pixel, qwen_image")
     _require(
         config.conditioning.autoencoder != "qwen_image" or config.conditioning.autoencoder_path is not None,
@@ -137,6 +148,7 @@ def validate(config: RunConfig) -> None:
     _require(curate.order in (None, "asc", "desc"), "data.curate.order", "accepted: asc, desc, null")
     _require(config.flow.shift in ("resolution", "fixed", "none"), "flow.shift", "accepted: resolution, fixed, none")
     _require(config.flow.shift != "fixed" or config.flow.mu is not None, "flow.mu", "required when flow.shift=fixed")
+    _require(config.flow.shift == "fixed" or config.flow.mu is None, "flow.mu", f"only used with flow.shift=fixed (flow.shift={config.flow.shift})")
     _require(config.flow.scale > 0, "flow.scale", "must be positive")
     _require(
         config.parallel.activation_checkpoint in ("none", "selective", "full"),
@@ -155,12 +167,18 @@ def validate(config: RunConfig) -> None:
     except ValueError as error:
         _require(False, "parallel.attention_backends", str(error))
     _require(config.optim.lr > 0, "optim.lr", "must be positive")
-    _require(len(config.optim.betas) == 2, "optim.betas", "two values")
+    _require(len(config.optim.betas) == 2 and all(0 <= beta < 1 for beta in config.optim.betas), "optim.betas", "two values in [0, 1)")
     _require(config.optim.decay_type in ("linear", "sqrt", "cosine"), "optim.decay_type", "accepted: linear, sqrt, cosine")
     _require(config.optim.grad_accum_steps >= 1, "optim.grad_accum_steps", "must be >= 1")
     _require(config.checkpoint.interval > 0, "checkpoint.interval", "must be positive")
     _require(config.checkpoint.async_mode in ("async", "sync"), "checkpoint.async_mode", "accepted: async, sync")
     _require(config.logging.wandb in ("offline", "online", "disabled"), "logging.wandb", "accepted: offline, online, disabled")
+    try:  # the sample grids come after training steps: a bad setting must not wait for them
+        resolve_sampler_settings(
+            config.logging.sample_preset, 256, num_steps=config.logging.sample_steps, guidance_scale=config.logging.sample_guidance
+        )
+    except ValueError as error:
+        _require(False, "logging.sample_preset / sample_steps / sample_guidance", str(error))
     resilience = config.resilience
     _require(
         0 < resilience.hang_timeout_s < config.parallel.collective_timeout_s,
@@ -188,6 +206,13 @@ def _validate_irepa(config: RunConfig) -> None:
     _require(config.stage.kind in ("pretrain", "midtrain", "sft"), "irepa.enabled", "only flow-matching stages (pretrain, midtrain, sft) use iREPA")
     num_layers = model_config(config.model.preset, **config.model.overrides)["num_layers"]
     _require(irepa.block is None or 1 <= irepa.block <= num_layers, "irepa.block", f"must be in 1..{num_layers} (the model's blocks) or null")
+    _require(
+        irepa.encoder != "tiny" or config.conditioning.text_encoder == "tiny",
+        "irepa.encoder",
+        "'tiny' is a random tiny DINOv2 for smoke runs; with a real text encoder "
+        f"(conditioning.text_encoder={config.conditioning.text_encoder}) point it at a local DINOv2/DINOv3 directory, "
+        "or set irepa.enabled=false",
+    )
     _require(irepa.weight > 0, "irepa.weight", "must be positive")
     _require(0.0 <= irepa.spatial_norm_gamma <= 1.0, "irepa.spatial_norm_gamma", "must be in [0, 1]")
     _require(irepa.switch_off_epochs > 0, "irepa.switch_off_epochs", "must be positive")

@@ -39,7 +39,7 @@ from krea2_train.parallel.distributed import DistInfo, broadcast_object, destroy
 from krea2_train.parallel.grads import clip_grad_norm_
 from krea2_train.parallel.mesh import build_parallel_dims, data_parallel_rank_size, tp_mesh
 from krea2_train.parallel.parallelize import parallelize_dit, shard_frozen_module
-from krea2_train.stages import StepContext, build_stage
+from krea2_train.stages import StageConfigError, StepContext, build_stage
 from krea2_train.train.checkpoint import (
     CHECKPOINTS_DIR,
     MODEL_CONFIG_NAME,
@@ -348,6 +348,13 @@ class Trainer:
             device=self.device,
             dtype=self.dtype if self.device.type == "cuda" else None,
         )
+        in_channels = model_config(self.config.model.preset, **self.config.model.overrides)["in_channels"]
+        if conditioner.autoencoder.latent_channels * cond.patch_size**2 != in_channels:
+            raise StageConfigError(
+                f"conditioning.autoencoder={cond.autoencoder} gives {conditioner.autoencoder.latent_channels} latent channels: "
+                f"with conditioning.patch_size={cond.patch_size} the model needs in_channels="
+                f"{conditioner.autoencoder.latent_channels * cond.patch_size**2}, model.preset={self.config.model.preset} has {in_channels}"
+            )
         if self.dist.world_size > 1 and self.dp_size > 1:
             shard_frozen_module(conditioner.text_taps.text_model, self.parallel_dims)
         return conditioner
