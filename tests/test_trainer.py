@@ -2,6 +2,7 @@
 refuses bad stage settings before any work, and its outputs load elsewhere."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -86,6 +87,28 @@ def test_extreme_metrics_take_the_extreme_over_micro_batches():
         total = accumulate_metric("w_is_min", total, torch.tensor(value))
     assert total.item() == 1.0
     assert accumulate_metric("loss_fm", torch.tensor(2.0), torch.tensor(5.0)).item() == 7.0  # summed, averaged later
+
+
+def test_each_network_is_clipped_on_its_own():
+    """TDM's fake score (an lr_scales prefix) must not shrink the student's step, nor the reverse."""
+    from torch import nn
+
+    from krea2_train.train.trainer import clip_networks
+
+    def model_with_gradients():
+        model = nn.ModuleDict({"student": nn.Linear(2, 2, bias=False), "auxiliary": nn.ModuleDict({"fake": nn.Linear(2, 2, bias=False)})})
+        model.student.weight.grad = torch.full((2, 2), 0.25)  # norm 0.5
+        model.auxiliary.fake.weight.grad = torch.full((2, 2), 5.0)  # norm 10
+        return model
+
+    model = model_with_gradients()
+    norm = clip_networks(model, 1.0, {"auxiliary.fake": 5.0})
+    assert norm.item() == pytest.approx(math.sqrt(0.5**2 + 10**2))
+    assert model.student.weight.grad.norm().item() == pytest.approx(0.5)  # under the limit: untouched
+    assert model.auxiliary.fake.weight.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
+    joint = model_with_gradients()
+    clip_networks(joint, 1.0)  # one network: one norm for everything
+    assert joint.student.weight.grad.norm().item() == pytest.approx(0.5 / math.sqrt(0.5**2 + 10**2), rel=1e-5)
 
 
 def test_bad_stage_settings_refuse_before_heavy_work(tmp_path):

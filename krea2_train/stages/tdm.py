@@ -40,7 +40,8 @@ One iteration, per sample of the batch:
 Both losses are summed and take one backward and one optimizer step: the simultaneous 1:1 update
 of the fake score and the generator (TDM alternates them 1:1 with the fake score first; here both
 use the same draws and the fake score of the start of the step). The fake score learns
-``fake_lr_scale`` times faster (``lr_scales``; TDM demo: ``lr_G = lr_fake / 5``).
+``fake_lr_scale`` times faster (``lr_scales``; TDM demo: ``lr_G = lr_fake / 5``), and its
+gradients are clipped apart from the student's, as two optimizers would.
 
 All step math is float32; randomness is keyed by (seed, purpose, step, slot).
 

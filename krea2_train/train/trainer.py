@@ -92,6 +92,22 @@ def compute_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if mode == "bf16" else torch.float32
 
 
+def clip_networks(model: torch.nn.Module, max_norm: float, lr_scales: dict[str, float] | None = None) -> torch.Tensor:
+    """Clip the gradients of each network of ``model`` to ``max_norm`` on its own; return the norm
+    of all of them together (before clipping).
+
+    Every ``lr_scales`` prefix is a network of its own (e.g. TDM's fake score), so a large gradient
+    of one never shrinks another's step; the rest of the trained parameters are the model.
+    """
+    prefixes = list(lr_scales or {})
+    networks: dict[str, list[torch.Tensor]] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            networks.setdefault(next((prefix for prefix in prefixes if name.startswith(prefix)), ""), []).append(parameter)
+    norms = [clip_grad_norm_(parameters, max_norm) for parameters in networks.values()]
+    return norms[0] if len(norms) == 1 else torch.stack([norm.float() for norm in norms]).square().sum().sqrt()
+
+
 def build_optimizer(model: torch.nn.Module, config: RunConfig, device: torch.device, lr_scales: dict[str, float] | None = None):
     """AdamW through torchtitan's container: decay on weights and norm weights, none on biases.
 
@@ -495,7 +511,7 @@ class Trainer:
             losses.append(loss.detach())
             for name, value in metrics.items():
                 metric_sums[name] = accumulate_metric(name, metric_sums.get(name), value.detach().float().to(self.device))
-        grad_norm = clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.config.optim.grad_clip)
+        grad_norm = clip_networks(self.model, self.config.optim.grad_clip, getattr(self.stage, "lr_scales", None))
         values = reduce_step_values(
             torch.stack(losses).mean(),
             {name: total / accum if metric_reduction(name) == "mean" else total for name, total in metric_sums.items()},
