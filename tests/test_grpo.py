@@ -17,6 +17,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -363,6 +364,30 @@ def test_micro_batches_must_hold_whole_groups(conditioner):
     batch = shapes_batch(6)
     with pytest.raises(ValueError, match="groups of grpo.group_size=4"):
         stage.loss(context(random_tiny_model(0), conditioner, 0, None), batch)
+
+
+@pytest.mark.slow
+def test_one_and_two_ranks_compute_the_same_update(tmp_path):
+    """The masked-group count that normalises the loss is the global batch's: with the constant
+    group on rank 0 only, per-rank counts (2 vs 4 valid samples) gave a different update."""
+    from krea2_train.conditioning.tiny import build_tiny_text_encoder
+
+    text_encoder = build_tiny_text_encoder(tmp_path / "text_encoder", seed=0)
+    script = Path(__file__).parent / "distributed" / "grpo_ranks.py"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")} | {"OMP_NUM_THREADS": "1"}
+    results = []
+    for nproc in (1, 2):
+        out = tmp_path / f"ranks-{nproc}.pt"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
+                   "--text-encoder", str(text_encoder), "--out", str(out)]
+        completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert completed.returncode == 0, completed.stderr[-4000:]
+        results.append(torch.load(out))
+    one, two = results
+    assert one["advantages"][:2].abs().max() == 0 and one["advantages"][2:].abs().min() > 0
+    torch.testing.assert_close(two["advantages"], one["advantages"], rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(two["loss"], one["loss"], rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(two["gradient"], one["gradient"], rtol=1e-3, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
