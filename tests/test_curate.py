@@ -98,6 +98,31 @@ def test_quality_scores_on_known_images():
     assert scores == {"laplacian_var": 0.0, "rgb_entropy": 0.0, "white_ratio": 0.0, "black_ratio": 1.0}
 
 
+def test_the_pixel_limit_is_the_documented_one():
+    """2^28 pixels: Pillow's smaller default (an error above about 179 M) no longer applies first."""
+    from krea2_train.curate.images import MAX_IMAGE_PIXELS, decode_bytes
+
+    def png(side):
+        buffer = io.BytesIO()
+        Image.new("1", (side, side)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    with Image.open(io.BytesIO(png(15_000))) as image:  # 225 M pixels: within the limit
+        assert image.size == (15_000, 15_000)
+    with pytest.raises(ValueError, match=f"exceeds {MAX_IMAGE_PIXELS} pixels"):
+        decode_bytes(png(17_000))  # 289 M: ours refuses before decoding
+    with pytest.raises(ValueError, match=f"the limit is {MAX_IMAGE_PIXELS} pixels"):
+        decode_bytes(png(23_200))  # 538 M: Pillow's bomb check, with our limit named
+
+
+def test_a_score_with_two_bad_ends_needs_an_order():
+    from krea2_train.curate.balance import curate_dataset
+    from krea2_train.store import StoreError
+
+    with pytest.raises(StoreError, match="laplacian_var has no better direction"):
+        curate_dataset(None, "images", "sharpest", 10, "laplacian_var")
+
+
 def test_decode_records_unreadable_files_by_name():
     bad = curate_jobs.decode_row({"uri": "/nonexistent/x.png"})
     assert bad["decode_ok"] is False and "/nonexistent/x.png" in bad["decode_error"]

@@ -14,11 +14,13 @@ from krea2_train.stages import build_stage
 from krea2_train.stages.lora import LoRAStageError
 
 
-def test_lora_stage_requires_init_from_and_no_tensor_parallelism(tmp_path):
+def test_lora_stage_requires_init_from_and_refuses_tensor_parallelism_and_float8_training(tmp_path):
     with pytest.raises(LoRAStageError, match="needs stage.init_from"):
         build_stage(load_config("stage/lora", [f"runs_root={tmp_path}"]))
     with pytest.raises(LoRAStageError, match="tensor parallelism"):
         build_stage(load_config("stage/lora", ["stage.init_from=x.safetensors", "parallel.tp=2"]))
+    with pytest.raises(LoRAStageError, match="float8 training"):  # it would replace every adapted layer
+        build_stage(load_config("stage/lora", ["stage.init_from=x.safetensors", "float8.enabled=true"]))
 
 
 @pytest.mark.slow

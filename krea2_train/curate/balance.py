@@ -33,8 +33,9 @@ EMBED_BATCH = 64
 WRITE_BATCH = 1000
 # images columns a selection does not copy: its own key and dataset, the source's dedup links
 NOT_COPIED = ("id", "dataset_id", "duplicate_of", "ingested_at")
-# filter scores and the direction in which they are better
-CURATE_SCORES = {"rgb_entropy": "desc", "laplacian_var": "desc", "white_ratio": "asc", "black_ratio": "asc"}
+# filter scores and the direction in which they are better (None: both ends are bad, so curating by
+# the score needs an explicit order: a low Laplacian variance is blur, a very high one noise)
+CURATE_SCORES = {"rgb_entropy": "desc", "laplacian_var": None, "white_ratio": "asc", "black_ratio": "asc"}
 
 
 @dataclass(frozen=True)
@@ -286,6 +287,8 @@ def curate_dataset(store: Store, dataset: str, name: str, top: int, by: str, ord
     "desc" or "asc", by default the known direction of the score, else "desc"; ties by id), as
     the dataset ``name``. Every selectable image must have the score."""
     order = order or CURATE_SCORES.get(by, "desc")
+    if order is None:
+        raise StoreError(f"{by} has no better direction (both ends are bad: low is blur, high is noise); give the order (asc or desc)")
     if order not in ("asc", "desc"):
         raise StoreError(f"order must be 'asc' or 'desc', got {order!r}")
     dataset_id, image_ids, _ = selectable_images(store, dataset)

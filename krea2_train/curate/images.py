@@ -9,6 +9,9 @@ from urllib.parse import unquote, urlparse
 from PIL import Image
 
 MAX_IMAGE_PIXELS = 1 << 28  # larger files are refused (decompression bombs)
+# Pillow's own check (error above 2 x its limit, about 179 M pixels by default) runs inside
+# Image.open, before ours: set its limit to ours so ours is the one that applies.
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
 def uri_path(uri: str) -> Path:
@@ -25,7 +28,11 @@ def read_uri(uri: str) -> bytes:
 
 def decode_bytes(data: bytes) -> Image.Image:
     """Fully decoded RGB image; raises on corrupt, truncated or oversized data."""
-    with Image.open(io.BytesIO(data)) as image:
+    try:
+        opened = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:  # above 2 x MAX_IMAGE_PIXELS
+        raise ValueError(f"{error}; the limit is {MAX_IMAGE_PIXELS} pixels") from None
+    with opened as image:
         if image.width * image.height > MAX_IMAGE_PIXELS:
             raise ValueError(f"{image.width}x{image.height} exceeds {MAX_IMAGE_PIXELS} pixels")
         image.load()

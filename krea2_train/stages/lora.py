@@ -45,6 +45,11 @@ class LoRAStage(FlowMatchingStage):
             )
         if config.parallel.tp != 1:
             raise LoRAStageError(f"the lora stage does not support tensor parallelism (parallel.tp={config.parallel.tp}); use parallel.tp=1")
+        if config.float8.enabled:  # the conversion would swap each LoRALinear for a plain Float8Linear, adapters and all
+            raise LoRAStageError(
+                "the lora stage does not support float8 training (float8.enabled=true); use float8.enabled=false "
+                "(lora.base_dtype=float8 stores the frozen base in 8 bits)"
+            )
         super().__init__(config)
         lora = config.lora
         self.spec = LoRASpec(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=tuple(lora.targets))
