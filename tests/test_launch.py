@@ -23,11 +23,13 @@ fi
 case "$FAKE_SRUN_MODE" in
     exit:*) exit "${FAKE_SRUN_MODE#exit:}" ;;
     wait) echo $$ >"$FAKE_DIR/srun.pid"; while true; do sleep 0.05; done ;;
+    wait-then-exit:*) trap 'exit "${FAKE_SRUN_MODE#wait-then-exit:}"' TERM; echo $$ >"$FAKE_DIR/srun.pid"; while true; do sleep 0.05; done ;;
 esac
 """
 FAKE_SCONTROL = """#!/usr/bin/env bash
 if [[ "$1 $2" == "show hostnames" ]]; then tr ',' '\\n' <<<"$3"; exit 0; fi
 echo "scontrol $*" >>"$FAKE_LOG"
+if [[ "$1" == requeue && -n "${FAKE_REQUEUE_FAILS:-}" ]]; then exit 1; fi  # slurmctld timing out
 if [[ "$1" == requeue ]]; then  # as Slurm does: end the running job
     kill "$(cat "$FAKE_DIR/srun.pid")" 2>/dev/null
     kill -TERM "$PPID"
@@ -35,6 +37,9 @@ fi
 """
 FAKE_RECORDER = """#!/usr/bin/env bash
 echo "$(basename "$0") $*" >>"$FAKE_LOG"
+"""
+FAKE_SCANCEL = FAKE_RECORDER + """if [[ "$1" == --signal=USR1 && -n "${FAKE_STEP_ENDS_ON_USR1:-}" ]]; then kill -TERM "$(cat "$FAKE_DIR/srun.pid")"; fi
+if [[ -n "${FAKE_SCANCEL_FAILS:-}" ]]; then exit 1; fi
 """
 
 
@@ -50,7 +55,7 @@ def test_shellcheck(script):
 def fake_cluster(tmp_path, nodes="node1,node2", srun_mode="exit:0", healthy="node1 node2", extra_env=None):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for name, text in {"srun": FAKE_SRUN, "scontrol": FAKE_SCONTROL, "scancel": FAKE_RECORDER, "sbatch": FAKE_RECORDER}.items():
+    for name, text in {"srun": FAKE_SRUN, "scontrol": FAKE_SCONTROL, "scancel": FAKE_SCANCEL, "sbatch": FAKE_RECORDER}.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     env = {
@@ -123,11 +128,11 @@ def test_slurm_gives_up_after_max_resubmits(tmp_path):
 def test_slurm_job_on_a_listed_node_resubmits_itself_elsewhere(tmp_path):
     env = fake_cluster(tmp_path)
     (tmp_path / "runs").mkdir()
-    (tmp_path / "runs" / "faulty_nodes.txt").write_text("# bad ECC\nnode2\n")
+    (tmp_path / "runs" / "faulty_nodes.txt").write_text("# the faulty nodes\nnode2  # bad ECC\n  node9\t# dead PSU\n\n")
     result = sbatch(env)
     assert result.returncode == 0, result.stdout + result.stderr
     (only,) = calls(tmp_path)
-    assert only.startswith("sbatch --exclude=node2 ")
+    assert only.startswith("sbatch --exclude=node2,node9 --nodes=2 ")
 
 
 def test_slurm_time_limit_signal_checkpoints_then_requeues(tmp_path):
@@ -142,6 +147,40 @@ def test_slurm_time_limit_signal_checkpoints_then_requeues(tmp_path):
     recorded = calls(tmp_path)
     assert recorded[1:] == ["scancel --signal=USR1 4242", "scontrol requeue 4242"], output
     assert job.returncode != 0 and "time limit near" in output  # ended by the requeue, as Slurm does
+
+
+def _time_limit(tmp_path, **extra_env):
+    """Run a job whose step waits, send it the time-limit USR1, return (exit status, output)."""
+    env = fake_cluster(tmp_path, srun_mode=extra_env.pop("srun_mode", "wait"), extra_env=extra_env)
+    job = subprocess.Popen(["bash", str(REPO / "launch/slurm/train_single_node.sbatch"), "--config", "stage/sft"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "srun.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)
+    output, _ = job.communicate(timeout=60)
+    return job.returncode, output
+
+
+def test_slurm_a_failed_requeue_resubmits_the_run(tmp_path):
+    """set -e must not end the job inside the time-limit handler: no requeue and no resubmission
+    would leave the run stopped. The step ends during the grace (exit 0): no node is blamed."""
+    status, output = _time_limit(tmp_path, srun_mode="wait-then-exit:0", FAKE_STEP_ENDS_ON_USR1="1", FAKE_REQUEUE_FAILS="1")
+    recorded = calls(tmp_path)
+    assert status == 0, output
+    assert recorded[1:3] == ["scancel --signal=USR1 4242", "scontrol requeue 4242"], output
+    (resubmission,) = [line for line in recorded if line.startswith("sbatch")]
+    assert "KREA2_RESUBMIT_COUNT=1" in resubmission and "requeue failed" in output
+    assert not [line for line in recorded if "node_check" in line]
+
+
+def test_slurm_a_step_that_ends_during_the_grace_keeps_its_own_status(tmp_path):
+    """The wait the trap interrupted returns 138; the step's own status (3) decides, and neither
+    a failed scancel nor requeue ends the handler."""
+    status, output = _time_limit(tmp_path, srun_mode="wait-then-exit:3", FAKE_STEP_ENDS_ON_USR1="1", FAKE_REQUEUE_FAILS="1",
+                                 FAKE_SCANCEL_FAILS="1", KREA2_RESUBMIT_COUNT="5")
+    assert status == 3, output
+    assert "training failed with exit status 3" in output and "138" not in output
 
 
 def test_local_launcher_runs_torchrun_with_restarts(tmp_path):

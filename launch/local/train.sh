@@ -6,8 +6,9 @@
 # torchrun starts KREA2_NPROC processes (default: one per visible GPU, else 1). When any of them
 # fails (a crash, a SIGKILL, the hang watchdog's exit), torchrun stops the group and starts it
 # again, up to KREA2_MAX_RESTARTS times (default 3); the trainer resumes from the run's newest
-# checkpoint by itself. Exit status: 0 when training finished (or checkpointed and left on
-# SIGTERM), otherwise the failure's.
+# checkpoint by itself. Exit status: 0 when training finished, otherwise torchrun's. A SIGTERM
+# to this script reaches torchrun, which forwards it to the trainers (they checkpoint and leave
+# within torchrun's 30 s) and then exits non-zero; the checkpoint is committed all the same.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

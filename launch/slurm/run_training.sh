@@ -17,7 +17,7 @@
 # Environment (defaults in brackets):
 #   KREA2_RUN_NAME (required)     the run; also the directory under KREA2_RUNS_ROOT
 #   KREA2_HOME [$SLURM_SUBMIT_DIR] the repository; KREA2_RUNS_ROOT [$KREA2_HOME/runs]
-#   KREA2_EXCLUDE_FILE [$KREA2_RUNS_ROOT/faulty_nodes.txt]  one host name per line
+#   KREA2_EXCLUDE_FILE [$KREA2_RUNS_ROOT/faulty_nodes.txt]  one host name per line, # comments
 #   KREA2_GPUS_PER_NODE [$SLURM_GPUS_ON_NODE or 1]  KREA2_MAX_RESTARTS [3]  KREA2_RDZV_PORT [29500]
 #   KREA2_CHECKPOINT_GRACE_S [120]  KREA2_MAX_RESUBMITS [5]  KREA2_SBATCH_SCRIPT (set by the .sbatch)
 set -euo pipefail
@@ -46,7 +46,10 @@ touch "$exclude_file"
 mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 head_node="${nodes[0]}"
 
-excluded_list() { grep -v '^[[:space:]]*\(#\|$\)' "$exclude_file" | sort -u | paste -sd, - || true; }
+listed_nodes() {  # the faulty-node list: one host per line, without comments and blanks
+    sed -e 's/#.*//' -e 's/[[:space:]]//g' "$exclude_file" | grep -v '^$' || true
+}
+excluded_list() { listed_nodes | sort -u | paste -sd, - || true; }
 
 resubmit() {  # resubmit() REASON: a new job for the same run, excluding every listed node
     if (( resubmits >= max_resubmits )); then
@@ -63,18 +66,26 @@ resubmit() {  # resubmit() REASON: a new job for the same run, excluding every l
 
 # Slurm itself requeues a job after a node failure, possibly onto a node we listed as faulty.
 for node in "${nodes[@]}"; do
-    if grep -qx "$node" "$exclude_file"; then
+    if grep -qxF "$node" <<<"$(listed_nodes)"; then
         log "allocated node $node is on the faulty-node list $exclude_file"
         resubmit "faulty node $node in the allocation"
         exit 0
     fi
 done
 
-on_time_limit() {
+trapped=0
+requeued=0
+on_time_limit() {  # no command may end the script here (set -e): the job must requeue or resubmit
+    trapped=1
     log "time limit near: the trainers checkpoint, then job $SLURM_JOB_ID requeues itself in ${grace_s}s"
-    scancel --signal=USR1 "$SLURM_JOB_ID"
+    scancel --signal=USR1 "$SLURM_JOB_ID" || log "scancel --signal=USR1 failed: the trainers were not told to checkpoint"
     sleep "$grace_s"
-    scontrol requeue "$SLURM_JOB_ID"
+    if scontrol requeue "$SLURM_JOB_ID"; then
+        requeued=1
+    else
+        log "scontrol requeue failed"
+        resubmit "time limit, requeue failed" && requeued=1 || true
+    fi
 }
 trap on_time_limit USR1
 
@@ -92,10 +103,19 @@ srun_pid=$!
 
 status=0
 while true; do
+    trapped=0
     wait "$srun_pid" && status=0 || status=$?
-    kill -0 "$srun_pid" 2>/dev/null || break  # otherwise a trap interrupted the wait
+    kill -0 "$srun_pid" 2>/dev/null && continue  # a trap interrupted the wait; the step runs on
+    if (( trapped )); then  # it ended during the trap: the interrupted wait's status is not its own
+        wait "$srun_pid" && status=0 || status=$?
+    fi
+    break
 done
 
+if (( requeued )); then
+    log "training step ended (exit $status) after the time-limit requeue: the next job continues the run"
+    exit 0
+fi
 if (( status == 0 )); then
     log "training step finished (exit 0)"
     exit 0
