@@ -9,14 +9,17 @@ conditioning-cache entries) skip the fsyncs.
 
 Every writer of shards, manifests, exports and run records publishes through this module; the
 checkpoint commit (a directory rename, ``train/checkpoint.py``) uses :func:`fsync_path` the same way.
+The appended logs (``metrics.jsonl``, the run log) are read back with :func:`read_json_lines`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
-__all__ = ["fsync_path", "publish", "temporary_path", "write_text"]
+__all__ = ["fsync_path", "publish", "read_json_lines", "temporary_path", "write_text"]
 
 
 def temporary_path(path: str | os.PathLike) -> Path:
@@ -56,3 +59,18 @@ def write_text(path: str | os.PathLike, text: str, *, durable: bool = True) -> P
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def read_json_lines(path: str | os.PathLike) -> list[Any]:
+    """The records of a JSON-lines log (``[]`` when there is none); a line torn by a crash or a
+    full disk is skipped, so a report on a run that died mid-write still reads."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records

@@ -52,6 +52,7 @@ def test_overrides_apply():
         (["logging.sample_preset=bogus"], "unknown sampler preset 'bogus'"),
         (["logging.sample_steps=0"], "num_steps must be at least 1"),
         (["conditioning.text_encoder=/models/qwen3-vl-4b"], "'irepa.encoder': 'tiny' is a random tiny DINOv2"),
+        (["parallel.collective_timeout_s=600"], "'resilience.first_step_timeout_s': must be positive and below"),
     ],
 )
 def test_bad_input_names_the_key(overrides, message):

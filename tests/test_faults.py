@@ -29,7 +29,7 @@ def overrides(root: Path, steps=STEPS, hang_timeout_s=30, extra=()):
         f"runs_root={root / 'runs'}", f"stage.steps={steps}", f"checkpoint.interval={INTERVAL}",
         "logging.wandb=disabled", "logging.sample_steps=2", "logging.sample_prompts=[a red circle]",
         "data.num_samples=48", "data.num_workers=0", "data.global_batch_size=4",
-        "parallel.collective_timeout_s=120", f"resilience.hang_timeout_s={hang_timeout_s}",
+        "parallel.collective_timeout_s=120", f"resilience.hang_timeout_s={hang_timeout_s}", "resilience.first_step_timeout_s=100",
         "resilience.poll_interval_s=0.5", "resilience.heartbeat_stale_s=3",
         *extra,
     ]  # fmt: skip

@@ -118,6 +118,41 @@ def test_supervision_records_starts_failures_recovery_and_steps_lost(tmp_path):
     assert second.incarnation == 2
 
 
+def test_a_restart_that_fails_before_its_first_step_does_not_end_the_repair(tmp_path):
+    """Failure at step 5, a restart that dies in start-up, then one that trains: the recovery is
+    measured from the first failure, and each start's steps_lost from the failure just before it."""
+    config = resilience_config()
+    first = start_supervision(config, tmp_path, rank=0, world_size=1, step=0, dsn=None)
+    first.step_done(1)
+    first.failed(5, RuntimeError("boom"))
+    first.close()
+    failed_at = read_events(tmp_path)[-1]["time"]
+    second = start_supervision(config, tmp_path, rank=0, world_size=1, step=4, dsn=None)
+    second.failed(4, RuntimeError("NCCL init"))  # before any step
+    second.close()
+    time.sleep(0.05)
+    third = start_supervision(config, tmp_path, rank=0, world_size=1, step=4, dsn=None)
+    third.step_done(5)
+    third.close()
+    events = read_events(tmp_path)
+    starts = [e for e in events if e["kind"] == "start"]
+    assert [e["steps_lost"] for e in starts] == [None, 1, 0]
+    (recovered,) = [e for e in events if e["kind"] == "first_step" and e["incarnation"] == 3]
+    assert recovered["recovery_s"] >= recovered["time"] - failed_at - 1e-3  # from the first failure, not the second
+
+
+def test_logs_torn_by_a_crash_still_read(tmp_path):
+    """A full disk or a crash can leave half a line at the end of metrics.jsonl or the run log."""
+    from krea2_train.train.metrics import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"event": "checkpoint", "step": 1}\n{"step": 2, "lo')
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 0.5}]
+    append_event(tmp_path, event("start", 1, 0.0, 0))
+    with open(tmp_path / "runlog.jsonl", "a") as handle:
+        handle.write('{"kind": "first_st')
+    assert [e["kind"] for e in read_events(tmp_path)] == ["start"]
+
+
 def test_sample_ids_are_recorded_behind_the_flag(tmp_path):
     import torch
 

@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from krea2_train.train.metrics import read_metrics
 from krea2_train.train.runlog import read_events
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,8 +58,7 @@ def measure_mttr(root: Path, model: str, kill_step: int) -> dict:
     if result.returncode != 0:
         raise RuntimeError(f"the MTTR run of {model} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     run_dir = root / "runs" / f"mttr_{model}"
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    killed_at = min(r["time"] for r in records if r.get("step") == kill_step and "event" not in r)
+    killed_at = min(r["time"] for r in read_metrics(run_dir) if r["step"] == kill_step)
     events = read_events(run_dir)
     first_step = next(e for e in events if e["kind"] == "first_step" and e["incarnation"] == 2)
     return {"mttr_s": first_step["time"] - killed_at, "runlog_recovery_s": first_step["recovery_s"]}

@@ -99,7 +99,7 @@ class ParallelConfig:
     activation_checkpoint: str = "none"  # none | selective | full
     compile: bool = False
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    collective_timeout_s: float = 600.0
+    collective_timeout_s: float = 1200.0
     deterministic: bool = True  # deterministic algorithms (CPU resume tests need it)
     # SDPA kernels for the DiT's attention, in priority order (cudnn, flash, efficient, math);
     # null: torch's own choice. See krea2_train/parallel/attention.py and docs/benchmarks.md.

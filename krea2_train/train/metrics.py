@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from krea2_train.files import read_json_lines
+
 logger = logging.getLogger("krea2_train")
 
 
@@ -161,8 +163,4 @@ def _wandb_id(run_dir: Path, run_name: str) -> str:
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The step records of a run's metrics.jsonl (events excluded)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if "event" not in r]
+    return [record for record in read_json_lines(Path(run_dir) / "metrics.jsonl") if "event" not in record]

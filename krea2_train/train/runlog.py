@@ -10,8 +10,9 @@ start of the run, +1 per start), ``rank``, ``host`` and ``step``; by kind:
 
 - ``start`` (rank 0, after resuming): ``resumed_step``, ``world_size``, ``process_started``,
   ``steps_lost`` (the previous incarnation's failure step minus ``resumed_step``), launcher ids;
-- ``first_step`` (rank 0): ``recovery_s``, from the previous incarnation's failure to this first
-  step (the MTTR sample), null on a run's first start;
+- ``first_step`` (rank 0): ``recovery_s``, from the failure this start recovers from to this
+  first step (the MTTR sample; after a start that failed before its first step, from the earlier
+  failure: the repair was not over), null on a run's first start;
 - ``stop`` (rank 0): ``reason``: ``completed``, ``signal`` (checkpointed and left on SIGTERM) or
   ``fenced`` (a newer start holds the run's data leases; left without checkpointing);
 - ``failure`` (any rank): ``cause`` (``hang``, ``slow_step``, ``peer_hang``, ``exception``,
@@ -38,6 +39,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from krea2_train.files import read_json_lines
 from krea2_train.train.watchdog import Watchdog, read_heartbeats
 
 logger = logging.getLogger("krea2_train")
@@ -62,16 +64,7 @@ _CORE_FIELDS = ("id", "time", "kind", "incarnation", "rank", "host", "step")
 
 def read_events(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The events of a run, oldest first (a line torn by a crash is skipped)."""
-    path = Path(run_dir) / RUNLOG_NAME
-    if not path.is_file():
-        return []
-    events = []
-    for line in path.read_text().splitlines():
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue
-    return sorted(events, key=lambda event: event["time"])
+    return sorted(read_json_lines(Path(run_dir) / RUNLOG_NAME), key=lambda event: event["time"])
 
 
 def append_event(run_dir: Path, event: dict[str, Any]) -> None:
@@ -202,6 +195,22 @@ def first_failure(events: list[dict[str, Any]], incarnation: int) -> dict[str, A
     return min(failures, key=lambda e: e["time"]) if failures else None
 
 
+def unrecovered_failure(events: list[dict[str, Any]], incarnation: int) -> dict[str, Any] | None:
+    """The failure a start after ``incarnation`` recovers from, for MTTR: ``incarnation``'s own, or,
+    when that start failed before its first step (the repair was not over), the earliest failure
+    since the last start that reached a step."""
+    failure = None
+    while incarnation >= 1:
+        found = first_failure(events, incarnation)
+        if found is None:
+            break
+        failure = found
+        if any(e["incarnation"] == incarnation and e["kind"] == "first_step" for e in events):
+            break
+        incarnation -= 1
+    return failure
+
+
 def lost_incarnation_event(events: list[dict[str, Any]], heartbeat_dir: Path) -> dict[str, Any] | None:
     """A ``lost`` failure for the newest incarnation when it ended with neither stop nor failure."""
     if not events:
@@ -291,7 +300,7 @@ def start_supervision(config, run_dir: Path, *, rank: int, world_size: int, step
 
     resilience = config.resilience
     heartbeat_dir = Path(resilience.heartbeat_dir) if resilience.heartbeat_dir else run_dir / "heartbeats"
-    decided: list[Any] = [None, None]
+    decided: list[Any] = [None, None, None]
     if rank == 0:
         events = read_events(run_dir)
         lost = lost_incarnation_event(events, heartbeat_dir)
@@ -299,13 +308,13 @@ def start_supervision(config, run_dir: Path, *, rank: int, world_size: int, step
             append_event(run_dir, lost)
             events.append(lost)
         previous = max((e["incarnation"] for e in events), default=0)
-        decided = [previous + 1, first_failure(events, previous) if previous else None]
+        decided = [previous + 1, first_failure(events, previous), unrecovered_failure(events, previous)]
     if dist.is_initialized():
         dist.broadcast_object_list(decided, src=0)
-    incarnation, recovering_from = decided
+    incarnation, previous_failure, recovering_from = decided
     run_log = RunLog(run_dir, config.run_name, rank=rank, incarnation=incarnation, dsn=dsn if rank == 0 else None)
     if rank == 0:
-        steps_lost = None if recovering_from is None else max(0, (recovering_from["step"] or 0) - step)
+        steps_lost = None if previous_failure is None else max(0, (previous_failure["step"] or 0) - step)
         run_log.record("start", step, resumed_step=step, world_size=world_size, process_started=_process_started(),
                        steps_lost=steps_lost, **_launcher_ids())  # fmt: skip
     watchdog = None

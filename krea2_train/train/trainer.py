@@ -589,15 +589,19 @@ class Trainer:
             self.metrics.log_step(step, metrics, step_time=step_time, print_line=step % config.logging.log_interval == 0 or step == total)
             self.supervision.step_done(step, batch)
             self.faults.after_step(step)
-            if self._consecutive_skips >= config.optim.max_consecutive_skips:
-                self.rollback()
-            # no periodic checkpoint inside a streak of skipped steps: rollback must reach a state
-            # from before the instability
-            if self._consecutive_skips == 0 or step == total or signal_now > 0:
-                if self.checkpointer.save(step, self.checkpoint_state(), force=step == total or signal_now > 0):
-                    self.metrics.event(step, "checkpoint", blocked_s=round(self.checkpointer.last_blocked_s, 4))
+            # a rollback, a save that blocks (sync mode, or the previous write still going) and the
+            # exit's wait are not a slow next step for the watchdog (its no-progress rule still holds)
+            with self.supervision.slow_section():
+                if self._consecutive_skips >= config.optim.max_consecutive_skips:
+                    self.rollback()
+                # no periodic checkpoint inside a streak of skipped steps: rollback must reach a
+                # state from before the instability
+                if self._consecutive_skips == 0 or step == total or signal_now > 0:
+                    if self.checkpointer.save(step, self.checkpoint_state(), force=step == total or signal_now > 0):
+                        self.metrics.event(step, "checkpoint", blocked_s=round(self.checkpointer.last_blocked_s, 4))
+                if signal_now == CHECKPOINT_AND_EXIT:
+                    self.checkpointer.wait()
             if signal_now == CHECKPOINT_AND_EXIT:
-                self.checkpointer.wait()
                 self.metrics.event(step, "signal_exit")
                 self.supervision.stopped(step, "signal")
                 return self.run_dir
