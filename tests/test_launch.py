@@ -90,10 +90,10 @@ def sbatch(env, script="train_multi_node.sbatch", args=("--config", "stage/pretr
 
 
 def test_slurm_launch_one_torchrun_per_node_with_rendezvous_and_restarts(tmp_path):
-    result = sbatch(fake_cluster(tmp_path))
+    result = sbatch(fake_cluster(tmp_path, extra_env={"SLURM_CPUS_PER_TASK": "96"}))
     assert result.returncode == 0, result.stdout + result.stderr
     (train,) = calls(tmp_path)
-    assert train.startswith("srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 ")
+    assert train.startswith("srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=96 ")  # not inherited since 22.05
     for part in ("--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=node1:29500",
                  "--rdzv-id=4242", "--max-restarts=3", "-m krea2_train --config stage/pretrain_256 optim.lr=1e-4",
                  f"run_name=pt-a runs_root={tmp_path / 'runs'}"):  # fmt: skip

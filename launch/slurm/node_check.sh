@@ -25,4 +25,4 @@ if torch.cuda.is_available() and expected > 0:
         torch.cuda.synchronize(index)
         assert torch.isfinite(x @ x).all()
 PY
-echo "krea2-node-ok $(hostname)"
+echo "krea2-node-ok ${SLURMD_NODENAME:-$(hostname)}"  # the name Slurm lists the node under

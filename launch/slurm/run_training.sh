@@ -92,7 +92,9 @@ trap on_time_limit USR1
 log "run $run_name on ${#nodes[@]} node(s) x $gpus_per_node GPU(s), rendezvous $head_node:$rdzv_port, restart count ${SLURM_RESTART_COUNT:-0}"
 # torchrun ignores USR1 (inherited by its workers as "ignored" until the trainer installs its
 # handler): the time-limit signal reaches every process of the step and must not kill the launcher.
-srun --nodes="$num_nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+# srun does not inherit the job's --cpus-per-task since Slurm 22.05: pass it, or every worker of a
+# node would share one CPU.
+srun --nodes="$num_nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
     bash -c 'trap "" USR1; exec "$@"' krea2-launcher \
     "$PYTHON" -m torch.distributed.run \
     --nnodes="$num_nodes" --nproc-per-node="$gpus_per_node" \
