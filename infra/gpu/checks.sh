@@ -129,10 +129,11 @@ EOF
     fp8-512)
         fp8_curves pretrain_512 150 16 fp8rw_512
         ;;
-    post-training)  # the post-training stages in bf16 on CUDA: STPO starts at ln 2, GRPO's first ratio is 1
+    post-training)  # the post-training stages in bf16 on CUDA: STPO starts at ln 2, GRPO's first ratio is 1;
+        # the pretrain runs iREPA in compiled, selectively checkpointed blocks (parallel=cluster's setting)
         POST=("${SMALL[@]}" "${COMMON[@]}" "runs_root=$OUT/$part/runs" data.num_samples=512 data.resolution=256)
         run pretrain 300 python3 -m krea2_train --config stage/pretrain_256 "${POST[@]}" stage.init_from=null \
-            irepa.enabled=false stage.steps=60 data.global_batch_size=16 optim.lr=3e-4
+            parallel.activation_checkpoint=selective stage.steps=60 data.global_batch_size=16 optim.lr=3e-4
         run stpo 240 python3 -m krea2_train --config stage/stpo "${POST[@]}" stage.init_from=pretrain_256 \
             stage.steps=10 data.global_batch_size=8 stpo.beta=50
         run grpo 240 python3 -m krea2_train --config stage/grpo "${POST[@]}" stage.init_from=stpo \
