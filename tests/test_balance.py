@@ -181,6 +181,53 @@ def test_curate_takes_the_top_images_by_a_filter_score(pool):
         curate_dataset(store, "nope", "x", 3, "rgb_entropy")
 
 
+def test_quality_filter_keeps_the_images_within_every_bound(pool):
+    from krea2_train.curate.balance import filter_dataset
+
+    store, _ = pool
+    with pytest.raises(StoreError, match="run its job first"):
+        filter_dataset(store, "pool", "pool_clean", {"rgb_entropy": 1.0}, {})
+    run_worker(store, get_job("filters"))
+    with store.pool.connection() as conn:
+        scores = conn.execute(
+            "SELECT i.uri, rgb_entropy, white_ratio FROM images i JOIN datasets d ON d.id = i.dataset_id WHERE d.name = 'pool'"
+        ).fetchall()
+    entropies = sorted(entropy for _, entropy, _ in scores)
+    low, high = entropies[5], entropies[-5]  # bounds that drop a few images at each end
+    report = filter_dataset(store, "pool", "pool_clean", {"rgb_entropy": low}, {"rgb_entropy": high, "white_ratio": 0.5})
+    expected = sorted(uri for uri, entropy, white in scores if low <= entropy <= high and white <= 0.5)
+    assert 0 < report.num_images == len(expected) < len(scores)
+    assert sorted(row[0] for row in selection_rows(store, "pool_clean")) == expected
+    again = filter_dataset(store, "pool", "pool_clean", {"rgb_entropy": low}, {"rgb_entropy": high, "white_ratio": 0.5})
+    assert not again.created and again.num_images == report.num_images  # derived once
+    with pytest.raises(StoreError, match="no image of 'pool' passes the quality filter"):
+        filter_dataset(store, "pool", "pool_none", {"rgb_entropy": entropies[-1] + 1}, {})
+    with pytest.raises(StoreError, match="bounds of white_ratio are empty"):
+        filter_dataset(store, "pool", "pool_x", {"white_ratio": 0.9}, {"white_ratio": 0.1})
+    with pytest.raises(StoreError, match="not a numeric column"):
+        filter_dataset(store, "pool", "pool_x", {"caption_long": 1.0}, {})
+
+
+def test_a_stage_filters_before_it_curates(pool):
+    """data.quality drops the extremes first; data.curate then picks from what is left."""
+    from krea2_train.config import load_config
+    from krea2_train.train.data import training_selection
+
+    store, _ = pool
+    run_worker(store, get_job("filters"))
+    config = load_config("stage/sft", ["data.quality.enabled=true", "data.quality.maximum.white_ratio=0.5", "data.curate.top=3"])
+    chosen = training_selection(store, config, "pool")
+    with store.pool.connection() as conn:
+        (filtered,) = conn.execute(
+            "SELECT src.name FROM selections s JOIN datasets d ON d.id = s.dataset_id JOIN datasets src ON src.id = s.source_dataset_id"
+            " WHERE d.name = %s", (chosen,)
+        ).fetchone()
+        method = conn.execute("SELECT method FROM selections s JOIN datasets d ON d.id = s.dataset_id WHERE d.name = %s", (filtered,)).fetchone()[0]
+    assert filtered.startswith("pool__filter_") and method == "filter" and chosen.startswith(f"{filtered}__curate_")
+    assert all(row[0] is not None for row in selection_rows(store, chosen)) and len(selection_rows(store, chosen)) == 3
+    assert training_selection(store, config, "pool") == chosen  # derived once
+
+
 def test_data_balance_and_curate_commands(fresh_database_dsn, tmp_path, capsys):
     write_pool(tmp_path / "pool")
     store_args = ["--dsn", fresh_database_dsn]
@@ -193,6 +240,11 @@ def test_data_balance_and_curate_commands(fresh_database_dsn, tmp_path, capsys):
     assert "selection mid" in out and "10 images, balance of pool, created" in out
     assert krea2(["data", "curate", *store_args, "--dataset", "pool", "--top", "4", "--by", "rgb_entropy", "--name", "sft"]) == 0
     assert "4 images, curate of pool, created" in capsys.readouterr().out
+    assert krea2(["data", "filter", *store_args, "--dataset", "pool", "--min", "rgb_entropy=0.5", "--max", "white_ratio=0.99",
+                  "--name", "clean"]) == 0
+    assert "filter of pool, created" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--min 'rgb_entropy' is not SCORE=VALUE"):
+        krea2(["data", "filter", *store_args, "--dataset", "pool", "--min", "rgb_entropy", "--name", "bad"])
     with pytest.raises(SystemExit, match="bottom-up"):
         krea2(["data", "balance", *store_args, "--dataset", "pool", "--target", "5", "--levels", "2", "6", "--name", "bad"])
 

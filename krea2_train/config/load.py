@@ -146,6 +146,10 @@ def validate(config: RunConfig) -> None:
     _require(balance.leaf_pick in ("random", "nearest"), "data.balance.leaf_pick", "accepted: random, nearest")
     _require(curate.top >= 0 and 0 < curate.fraction <= 1, "data.curate", "top >= 0 and fraction in (0, 1]")
     _require(curate.order in (None, "asc", "desc"), "data.curate.order", "accepted: asc, desc, null")
+    quality = config.data.quality
+    _require(not quality.enabled or quality.minimum or quality.maximum, "data.quality", "enabled without a bound (minimum or maximum)")
+    for score in set(quality.minimum) & set(quality.maximum):
+        _require(quality.minimum[score] <= quality.maximum[score], f"data.quality.minimum.{score}", "above its maximum")
     _require(config.flow.shift in ("resolution", "fixed", "none"), "flow.shift", "accepted: resolution, fixed, none")
     _require(config.flow.shift != "fixed" or config.flow.mu is not None, "flow.mu", "required when flow.shift=fixed")
     _require(config.flow.shift == "fixed" or config.flow.mu is None, "flow.mu", f"only used with flow.shift=fixed (flow.shift={config.flow.shift})")

@@ -67,6 +67,16 @@ class CurateConfig:
 
 
 @dataclass
+class QualityConfig:
+    """Drop extreme images before training (krea2 data filter): bounds on the filter scores,
+    inclusive; applied before data.balance / data.curate."""
+
+    enabled: bool = False
+    minimum: dict[str, float] = field(default_factory=dict)  # score -> lowest kept value, e.g. rgb_entropy: 1.0
+    maximum: dict[str, float] = field(default_factory=dict)  # score -> highest kept value, e.g. white_ratio: 0.95
+
+
+@dataclass
 class DataConfig:
     source: str = "shapes"  # "shapes" (generated in the run dir) | "registry" (PostgreSQL shards)
     dataset: str = "shapes"
@@ -81,6 +91,7 @@ class DataConfig:
     dsn: Optional[str] = None  # PostgreSQL; None: KREA2_PG_DSN or the embedded server
     balance: BalanceConfig = field(default_factory=BalanceConfig)  # midtraining: a balanced selection
     curate: CurateConfig = field(default_factory=CurateConfig)  # SFT: a curated subset
+    quality: QualityConfig = field(default_factory=QualityConfig)  # any stage: extremes dropped
 
 
 @dataclass

@@ -4,6 +4,7 @@
              by hierarchical k-means (``clusterings``, cluster ids per level in
              ``image_clusters``), sample a target size top-down by water-filling
     curate   SFT data: the top N images by a filter score the ``filters`` job wrote
+    filter   any stage: the images whose filter scores lie within bounds (drop extremes only)
 
 A selection is materialised as a dataset of its own (``datasets`` + ``images`` rows with the
 source rows' URIs, captions, decode and filter results, recorded in ``selections``), so pack and
@@ -16,6 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,6 +32,8 @@ from krea2_train.curate.images import open_rgb
 from krea2_train.curate.kmeans import Hierarchy, KMeansSettings, balanced_sample, hierarchical_kmeans
 from krea2_train.data.pack import PACKABLE_SQL
 from krea2_train.store import Store, StoreError
+
+logger = logging.getLogger(__name__)
 
 EMBED_BATCH = 64
 WRITE_BATCH = 1000
@@ -309,6 +315,44 @@ def curate_dataset(store: Store, dataset: str, name: str, top: int, by: str, ord
     return materialise_selection(store, dataset, name, chosen, "curate", settings)
 
 
+def filter_dataset(
+    store: Store, dataset: str, name: str, minimum: Mapping[str, float], maximum: Mapping[str, float]
+) -> SelectionReport:
+    """Keep the images of ``dataset`` whose score columns lie within the bounds (``minimum`` and
+    ``maximum``: column -> lowest / highest kept value, inclusive), as the dataset ``name``: the
+    recipe's "drop only extremely poor images". Every selectable image must have the scores."""
+    columns = sorted({*minimum, *maximum})
+    if not columns:
+        raise StoreError("a quality filter needs at least one bound (minimum or maximum of a score)")
+    for column in set(minimum) & set(maximum):
+        if minimum[column] > maximum[column]:
+            raise StoreError(f"the bounds of {column} are empty: minimum {minimum[column]} > maximum {maximum[column]}")
+    dataset_id, image_ids, _ = selectable_images(store, dataset)
+    with store.pool.connection() as conn:
+        for column in columns:
+            _check_score_column(conn, column)
+        query = sql.SQL("SELECT id, {} FROM images WHERE id = ANY(%s)").format(sql.SQL(", ").join(map(sql.Identifier, columns)))
+        scores = {row[0]: dict(zip(columns, row[1:])) for row in conn.execute(query, (image_ids,))}
+    unscored = [i for i in image_ids if any(value is None for value in scores[i].values())]
+    if unscored:
+        raise StoreError(
+            f"{len(unscored)} images of {dataset!r} lack a score of {columns}: run its job first (krea2 data work --job filters)"
+        )
+    dropped = {column: 0 for column in columns}
+    chosen = []
+    for image_id in image_ids:
+        failing = [c for c in columns if scores[image_id][c] < minimum.get(c, -math.inf) or scores[image_id][c] > maximum.get(c, math.inf)]
+        for column in failing:
+            dropped[column] += 1
+        if not failing:
+            chosen.append(image_id)
+    if not chosen:
+        raise StoreError(f"no image of {dataset!r} passes the quality filter (images outside each bound: {dropped})")
+    logger.info("quality filter of %s: %d of %d images kept; outside each bound: %s", dataset, len(chosen), len(image_ids), dropped)
+    settings = {"minimum": dict(minimum), "maximum": dict(maximum), "images_sha256": ids_digest(image_ids)}
+    return materialise_selection(store, dataset, name, chosen, "filter", settings)
+
+
 def selection_name(source: str, method: str, settings: dict) -> str:
     """A stable name for the selection of ``source`` by ``method`` with ``settings``."""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
@@ -319,7 +363,7 @@ def selection_name(source: str, method: str, settings: dict) -> str:
 
 
 def add_selection_commands(commands, store_arguments: Callable, open_store: Callable) -> None:
-    """Add ``balance`` and ``curate`` to the ``krea2 data`` subcommands."""
+    """Add ``balance``, ``curate`` and ``filter`` to the ``krea2 data`` subcommands."""
     balance = commands.add_parser("balance", help="balanced selection by hierarchical k-means (midtraining data)")
     store_arguments(balance)
     balance.add_argument("--dataset", required=True, help="source dataset")
@@ -343,6 +387,15 @@ def add_selection_commands(commands, store_arguments: Callable, open_store: Call
     curate.add_argument("--name", required=True, help="name of the selection (a new dataset)")
     curate.set_defaults(func=lambda args: _cmd_curate(args, open_store))
 
+    quality = commands.add_parser("filter", help="drop extreme images: keep those whose scores lie within bounds")
+    store_arguments(quality)
+    quality.add_argument("--dataset", required=True, help="source dataset")
+    quality.add_argument("--min", action="append", default=[], metavar="SCORE=VALUE",
+                         help=f"lowest kept value of a score column (repeatable), e.g. rgb_entropy=1.0; scores: {', '.join(CURATE_SCORES)}")
+    quality.add_argument("--max", action="append", default=[], metavar="SCORE=VALUE", help="highest kept value, e.g. white_ratio=0.95")
+    quality.add_argument("--name", required=True, help="name of the selection (a new dataset)")
+    quality.set_defaults(func=lambda args: _cmd_filter(args, open_store))
+
 
 def _print(report: SelectionReport) -> int:
     state = "created" if report.created else "exists (same settings)"
@@ -362,3 +415,20 @@ def _cmd_balance(args, open_store: Callable) -> int:
 def _cmd_curate(args, open_store: Callable) -> int:
     with open_store(args) as store:
         return _print(curate_dataset(store, args.dataset, args.name, args.top, args.by, args.order))
+
+
+def _score_bounds(items: list[str], flag: str) -> dict[str, float]:
+    bounds = {}
+    for item in items:
+        column, _, value = item.partition("=")
+        try:
+            bounds[column] = float(value)
+        except ValueError:
+            raise SystemExit(f"krea2 data filter: {flag} {item!r} is not SCORE=VALUE") from None
+    return bounds
+
+
+def _cmd_filter(args, open_store: Callable) -> int:
+    minimum, maximum = _score_bounds(args.min, "--min"), _score_bounds(args.max, "--max")
+    with open_store(args) as store:
+        return _print(filter_dataset(store, args.dataset, args.name, minimum, maximum))

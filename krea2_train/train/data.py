@@ -66,7 +66,7 @@ def process_select_pack(
     settings,
     pack_source: bool,
 ) -> str:
-    """Run the processing ``jobs`` (plus ``filters`` when the stage curates), derive the stage's
+    """Run the processing ``jobs`` (plus ``filters`` when the stage curates or filters), derive the stage's
     selection of ``source`` and pack it at ``image_side`` (and ``source`` too, with
     ``pack_source``); every part is idempotent. Returns the dataset the stage trains on."""
     from krea2_train.curate.jobs import load_jobs
@@ -74,7 +74,7 @@ def process_select_pack(
     from krea2_train.store.queue import get_job, run_worker
 
     load_jobs()
-    for job in jobs + (("filters",) if config.data.curate.enabled else ()):
+    for job in jobs + (("filters",) if config.data.curate.enabled or config.data.quality.enabled else ()):
         run_worker(store, get_job(job))
     dataset = training_selection(store, config, source)
     for name in dict.fromkeys((source, dataset) if pack_source else (dataset,)):
@@ -84,13 +84,28 @@ def process_select_pack(
 
 
 def training_selection(store, config: RunConfig, dataset: str) -> str:
-    """The dataset a stage trains on: ``dataset``, or its balanced selection (``data.balance``,
-    midtraining) or its curated subset (``data.curate``, SFT). A selection is derived once: its
-    name is a digest of its settings and source images, and deriving it again returns it."""
-    from krea2_train.curate.balance import balance_dataset, curate_dataset, ids_digest, selectable_images, selection_name
+    """The dataset a stage trains on: ``dataset``, without its extreme images (``data.quality``),
+    then its balanced selection (``data.balance``, midtraining) or its curated subset
+    (``data.curate``, SFT). A selection is derived once: its name is a digest of its settings and
+    source images, and deriving it again returns it."""
+    from krea2_train.curate.balance import (
+        balance_dataset,
+        curate_dataset,
+        filter_dataset,
+        ids_digest,
+        selectable_images,
+        selection_name,
+    )
     from krea2_train.curate.kmeans import KMeansSettings
 
-    balance, curate = config.data.balance, config.data.curate
+    balance, curate, quality = config.data.balance, config.data.curate, config.data.quality
+    if quality.enabled:
+        _, image_ids, _ = selectable_images(store, dataset)
+        minimum, maximum = dict(quality.minimum), dict(quality.maximum)
+        key = {"minimum": minimum, "maximum": maximum, "images": ids_digest(image_ids)}
+        report = filter_dataset(store, dataset, selection_name(dataset, "filter", key), minimum, maximum)
+        logger.info("quality filter: %d of %d images of %s kept (%s)", report.num_images, len(image_ids), dataset, report.name)
+        dataset = report.name
     if not (balance.enabled or curate.enabled):
         return dataset
     _, image_ids, _ = selectable_images(store, dataset)
