@@ -20,6 +20,7 @@ if [[ "$*" == *node_check.sh* ]]; then
     for node in $FAKE_HEALTHY_NODES; do echo "krea2-node-ok $node"; done
     exit 0
 fi
+if [[ -n "${FAKE_NEW_CHECKPOINT:-}" ]]; then mkdir -p "$FAKE_NEW_CHECKPOINT"; fi  # the step committed one
 case "$FAKE_SRUN_MODE" in
     exit:*) exit "${FAKE_SRUN_MODE#exit:}" ;;
     wait) echo $$ >"$FAKE_DIR/srun.pid"; while true; do sleep 0.05; done ;;
@@ -123,6 +124,30 @@ def test_slurm_gives_up_after_max_resubmits(tmp_path):
     assert result.returncode == 3
     assert not [line for line in calls(tmp_path) if line.startswith("sbatch")]
     assert "already resubmitted 5 time(s)" in result.stdout
+
+
+def test_slurm_a_job_that_moved_the_run_on_resets_the_resubmission_count(tmp_path):
+    """Nodes die daily: a long run must not stop at its 5th node failure if it progressed."""
+    checkpoints = tmp_path / "runs" / "pt-a" / "checkpoints"
+    (checkpoints / "step-00000010").mkdir(parents=True)
+    (checkpoints / "step-00000030.tmp").mkdir()  # uncommitted: not progress
+    env = fake_cluster(tmp_path, srun_mode="exit:1", extra_env={"KREA2_RESUBMIT_COUNT": "5"})
+    assert sbatch(env).returncode == 1  # no progress: the budget is spent
+    env = fake_cluster(tmp_path, srun_mode="exit:1", extra_env={"KREA2_RESUBMIT_COUNT": "5",
+                                                                 "FAKE_NEW_CHECKPOINT": str(checkpoints / "step-00000020")})
+    result = sbatch(env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (resubmission,) = [line for line in calls(tmp_path) if line.startswith("sbatch")]
+    assert "KREA2_RESUBMIT_COUNT=1" in resubmission and "from checkpoint step 10 to 20" in result.stdout
+
+
+def test_slurm_a_node_check_that_nobody_answers_lists_no_node(tmp_path):
+    env = fake_cluster(tmp_path, nodes="node1,node2,node3", srun_mode="exit:1", healthy="")
+    result = sbatch(env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not (tmp_path / "runs" / "faulty_nodes.txt").read_text().strip()
+    (resubmission,) = [line for line in calls(tmp_path) if line.startswith("sbatch")]
+    assert "--exclude" not in resubmission and "the check itself failed" in result.stdout
 
 
 def test_slurm_job_on_a_listed_node_resubmits_itself_elsewhere(tmp_path):

@@ -19,7 +19,9 @@
 #   KREA2_HOME [$SLURM_SUBMIT_DIR] the repository; KREA2_RUNS_ROOT [$KREA2_HOME/runs]
 #   KREA2_EXCLUDE_FILE [$KREA2_RUNS_ROOT/faulty_nodes.txt]  one host name per line, # comments
 #   KREA2_GPUS_PER_NODE [$SLURM_GPUS_ON_NODE or 1]  KREA2_MAX_RESTARTS [3]  KREA2_RDZV_PORT [29500]
-#   KREA2_CHECKPOINT_GRACE_S [120]  KREA2_MAX_RESUBMITS [5]  KREA2_SBATCH_SCRIPT (set by the .sbatch)
+#   KREA2_CHECKPOINT_GRACE_S [120]  KREA2_SBATCH_SCRIPT (set by the .sbatch)
+#   KREA2_MAX_RESUBMITS [5]  resubmissions in a row without progress (a job that committed a newer
+#                            checkpoint than it started from resets the count)
 set -euo pipefail
 
 repo="${KREA2_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}"
@@ -50,6 +52,15 @@ listed_nodes() {  # the faulty-node list: one host per line, without comments an
     sed -e 's/#.*//' -e 's/[[:space:]]//g' "$exclude_file" | grep -v '^$' || true
 }
 excluded_list() { listed_nodes | sort -u | paste -sd, - || true; }
+
+latest_step() {  # the step of the run's newest committed checkpoint (0 without one)
+    local dir step=0
+    for dir in "$runs_root/$run_name"/checkpoints/step-[0-9]*; do  # zero-padded: the last is the newest
+        [[ -d "$dir" && "$dir" != *.tmp ]] && step=$((10#${dir##*/step-}))
+    done
+    echo "$step"
+}
+start_step="$(latest_step)"
 
 resubmit() {  # resubmit() REASON: a new job for the same run, excluding every listed node
     if (( resubmits >= max_resubmits )); then
@@ -126,10 +137,19 @@ fi
 log "training failed with exit status $status after torchrun's restarts; checking every node"
 healthy="$(srun --nodes="$num_nodes" --ntasks-per-node=1 --kill-on-bad-exit=0 --time=5 \
     bash "$repo/launch/slurm/node_check.sh" "$gpus_per_node" 2>/dev/null | sed -n 's/^krea2-node-ok //p' || true)"
-for node in "${nodes[@]}"; do
-    if ! grep -qx "$node" <<<"$healthy"; then
-        log "node $node failed its check: added to $exclude_file"
-        echo "$node" >>"$exclude_file"
-    fi
-done
+if [[ -z "$healthy" ]] && (( ${#nodes[@]} > 1 )); then
+    log "no node of ${#nodes[@]} answered the check: the check itself failed, no node is listed"
+else
+    for node in "${nodes[@]}"; do
+        if ! grep -qxF "$node" <<<"$healthy"; then
+            log "node $node failed its check: added to $exclude_file"
+            echo "$node" >>"$exclude_file"
+        fi
+    done
+fi
+end_step="$(latest_step)"
+if (( end_step > start_step )); then
+    log "the run advanced from checkpoint step $start_step to $end_step in this job: the resubmission count starts again"
+    resubmits=0
+fi
 resubmit "exit status $status" || exit "$status"
