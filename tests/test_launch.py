@@ -37,7 +37,7 @@ if [[ "$1" == requeue ]]; then  # as Slurm does: end the running job
 fi
 """
 FAKE_RECORDER = """#!/usr/bin/env bash
-echo "$(basename "$0") $*" >>"$FAKE_LOG"
+echo "$(basename "$0") $*${SLURM_RESTART_COUNT:+ (SLURM_RESTART_COUNT=$SLURM_RESTART_COUNT)}" >>"$FAKE_LOG"
 """
 FAKE_SCANCEL = FAKE_RECORDER + """if [[ "$1" == --signal=USR1 && -n "${FAKE_STEP_ENDS_ON_USR1:-}" ]]; then kill -TERM "$(cat "$FAKE_DIR/srun.pid")"; fi
 if [[ -n "${FAKE_SCANCEL_FAILS:-}" ]]; then exit 1; fi
@@ -102,7 +102,8 @@ def test_slurm_launch_one_torchrun_per_node_with_rendezvous_and_restarts(tmp_pat
 
 
 def test_slurm_failure_checks_nodes_lists_the_faulty_one_and_resubmits_excluding_it(tmp_path):
-    env = fake_cluster(tmp_path, nodes="node1,node2,node3", srun_mode="exit:1", healthy="node1 node3")
+    env = fake_cluster(tmp_path, nodes="node1,node2,node3", srun_mode="exit:1", healthy="node1 node3",
+                       extra_env={"SLURM_RESTART_COUNT": "2"})  # this job was requeued twice; its resubmission is new
     exclude_file = tmp_path / "runs" / "faulty_nodes.txt"
     exclude_file.parent.mkdir(parents=True)
     exclude_file.write_text("node9\n")
@@ -114,7 +115,7 @@ def test_slurm_failure_checks_nodes_lists_the_faulty_one_and_resubmits_excluding
     (resubmission,) = [line for line in recorded if line.startswith("sbatch")]
     assert "--exclude=node2,node9" in resubmission and "--nodes=3" in resubmission
     assert "KREA2_RUN_NAME=pt-a" in resubmission and "KREA2_RESUBMIT_COUNT=1" in resubmission
-    assert resubmission.endswith("launch/slurm/train_multi_node.sbatch --config stage/pretrain_256 optim.lr=1e-4")
+    assert resubmission.endswith("launch/slurm/train_multi_node.sbatch --config stage/pretrain_256 optim.lr=1e-4")  # no restart count
     assert "node node2 failed its check" in result.stdout
 
 

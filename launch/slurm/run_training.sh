@@ -70,7 +70,8 @@ resubmit() {  # resubmit() REASON: a new job for the same run, excluding every l
     local excluded
     excluded="$(excluded_list)"
     log "resubmitting ($1), excluding: ${excluded:-none}"
-    sbatch ${excluded:+--exclude="$excluded"} --nodes="$num_nodes" --job-name="${SLURM_JOB_NAME:-krea2}" \
+    # a new job, not a requeue: this job's restart count must not travel with --export=ALL
+    env -u SLURM_RESTART_COUNT sbatch ${excluded:+--exclude="$excluded"} --nodes="$num_nodes" --job-name="${SLURM_JOB_NAME:-krea2}" \
         --export="ALL,KREA2_RUN_NAME=$run_name,KREA2_RUNS_ROOT=$runs_root,KREA2_RESUBMIT_COUNT=$((resubmits + 1))" \
         "$sbatch_script" "${train_args[@]}"
 }
