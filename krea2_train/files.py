@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fsync_path", "publish", "read_json_lines", "temporary_path", "write_text"]
+__all__ = ["fsync_path", "publish", "published", "read_json_lines", "temporary_path", "write_text"]
 
 
 def temporary_path(path: str | os.PathLike) -> Path:
@@ -50,15 +52,24 @@ def publish(temporary: str | os.PathLike, path: str | os.PathLike, *, durable: b
     return path
 
 
-def write_text(path: str | os.PathLike, text: str, *, durable: bool = True) -> Path:
-    """Publish ``text`` as the file ``path`` (UTF-8); nothing is left behind on failure."""
+@contextmanager
+def published(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Path]:
+    """Write the file ``path`` under the temporary name this yields; it is published when the
+    block ends, and removed instead if the block raises (nothing is left behind)."""
     temporary = temporary_path(path)
     try:
-        temporary.write_text(text, encoding="utf-8")
-        return publish(temporary, path, durable=durable)
+        yield temporary
+        publish(temporary, path, durable=durable)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def write_text(path: str | os.PathLike, text: str, *, durable: bool = True) -> Path:
+    """Publish ``text`` as the file ``path`` (UTF-8)."""
+    with published(path, durable=durable) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def read_json_lines(path: str | os.PathLike) -> list[Any]:

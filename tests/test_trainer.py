@@ -93,7 +93,7 @@ def test_each_network_is_clipped_on_its_own():
     """TDM's fake score (an lr_scales prefix) must not shrink the student's step, nor the reverse."""
     from torch import nn
 
-    from krea2_train.train.trainer import clip_networks
+    from krea2_train.train.trainer import clip_networks, trained_networks
 
     def model_with_gradients():
         model = nn.ModuleDict({"student": nn.Linear(2, 2, bias=False), "auxiliary": nn.ModuleDict({"fake": nn.Linear(2, 2, bias=False)})})
@@ -102,12 +102,12 @@ def test_each_network_is_clipped_on_its_own():
         return model
 
     model = model_with_gradients()
-    norm = clip_networks(model, 1.0, {"auxiliary.fake": 5.0})
+    norm = clip_networks(trained_networks(model, {"auxiliary.fake": 5.0}), 1.0)
     assert norm.item() == pytest.approx(math.sqrt(0.5**2 + 10**2))
     assert model.student.weight.grad.norm().item() == pytest.approx(0.5)  # under the limit: untouched
     assert model.auxiliary.fake.weight.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
     joint = model_with_gradients()
-    clip_networks(joint, 1.0)  # one network: one norm for everything
+    clip_networks(trained_networks(joint), 1.0)  # one network: one norm for everything
     assert joint.student.weight.grad.norm().item() == pytest.approx(0.5 / math.sqrt(0.5**2 + 10**2), rel=1e-5)
 
 

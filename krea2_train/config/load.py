@@ -202,18 +202,15 @@ def validate(config: RunConfig) -> None:
     _require(1 <= resilience.hang_exit_code <= 255, "resilience.hang_exit_code", "must be in [1, 255]")
     _require(config.float8.backend in ("torchao", "transformer_engine"), "float8.backend", "accepted: torchao, transformer_engine")
     _require(config.float8.recipe in ("tensorwise", "rowwise"), "float8.recipe", "accepted: tensorwise, rowwise")
-    _validate_irepa(config)
+    _validate_irepa(config, model_keywords["num_layers"])
     _validate_lora(config)
 
 
-def _validate_irepa(config: RunConfig) -> None:
-    from krea2_train.model.presets import model_config
-
+def _validate_irepa(config: RunConfig, num_layers: int) -> None:
     irepa = config.irepa
     if not irepa.enabled:
         return
     _require(config.stage.kind in ("pretrain", "midtrain", "sft"), "irepa.enabled", "only flow-matching stages (pretrain, midtrain, sft) use iREPA")
-    num_layers = model_config(config.model.preset, **config.model.overrides)["num_layers"]
     _require(irepa.block is None or 1 <= irepa.block <= num_layers, "irepa.block", f"must be in 1..{num_layers} (the model's blocks) or null")
     _require(
         irepa.encoder != "tiny" or config.conditioning.text_encoder == "tiny",

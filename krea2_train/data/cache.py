@@ -87,10 +87,6 @@ def conditioning_identity(
     }
 
 
-def _write_entry(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
-    write_safetensors(path, tensors, metadata, durable=False)
-
-
 def _read_entry(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
     """An entry's tensors and metadata; None when it is absent or unreadable (cut short by a crash),
     so the caller recomputes and rewrites it."""
@@ -204,7 +200,7 @@ class ConditioningCache:
             encoded, grid = encode(images[missing])
             for row, sample_tokens in zip(missing, encoded):
                 tokens[row] = sample_tokens
-                _write_entry(paths[row], {"tokens": sample_tokens}, {"grid": json.dumps([grid.height, grid.width])})
+                write_safetensors(paths[row], {"tokens": sample_tokens}, {"grid": json.dumps([grid.height, grid.width])}, durable=False)
         else:
             grid = _grid(json.loads(entries[0][1]["grid"]))
         self.hits += len(paths) - len(missing)
@@ -225,7 +221,7 @@ class ConditioningCache:
             for row, sample_states, sample_mask in zip(missing, encoded, mask):
                 real = sample_states[sample_mask.to(sample_states.device)].cpu()  # [n, K, T]
                 states[row] = real
-                _write_entry(paths[row], {"states": real})
+                write_safetensors(paths[row], {"states": real}, durable=False)
         self.hits += len(paths) - len(missing)
         self.misses += len(missing)
         padded, mask = pad_text_states(states)

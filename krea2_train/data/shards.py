@@ -36,7 +36,7 @@ import pyarrow as pa
 from PIL import Image
 
 from krea2_train.data.buckets import Bucket
-from krea2_train.files import publish, temporary_path
+from krea2_train.files import publish, temporary_path, write_text
 
 FORMAT_VERSION = 1
 METADATA_KEY = b"krea2.shard"
@@ -207,18 +207,14 @@ class ShardWriter:
         if not self.sample_ids:
             self.abort()
             raise ValueError(f"shard {self.path}: no samples written")
-        sidecar = sidecar_path(self.path)
-        sidecar_tmp = temporary_path(sidecar)
         try:
             self._flush()
             self._close_files()
             sha256 = file_sha256(self._tmp_path)
-            sidecar_tmp.write_text(f"{sha256}  {self.path.name}\n")
-            publish(sidecar_tmp, sidecar)
+            write_text(sidecar_path(self.path), f"{sha256}  {self.path.name}\n")
             publish(self._tmp_path, self.path)
         except BaseException:
             self.abort()
-            sidecar_tmp.unlink(missing_ok=True)
             raise
         return WrittenShard(self.path, len(self.sample_ids), sha256, self.path.stat().st_size, self.header, tuple(self.sample_ids))
 

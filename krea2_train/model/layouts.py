@@ -34,7 +34,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from krea2_train.files import publish, temporary_path, write_text
+from krea2_train.files import published, write_text
 from krea2_train.model.dit import DEFAULT_CONFIG, Krea2DiT
 from krea2_train.model.presets import build_model
 
@@ -310,7 +310,7 @@ def write_safetensors(
     """Write a safetensors file tensor by tensor (extra memory: one converted tensor).
 
     Tensors may live on any device; floating tensors are cast to ``dtype`` when given. The file
-    is published atomically, and fsynced when ``durable`` (:func:`krea2_train.files.publish`).
+    is published atomically, and fsynced when ``durable`` (:func:`krea2_train.files.published`).
     """
     path = Path(path)
     # Widest dtypes first, so every tensor starts at an offset aligned to its element size.
@@ -332,18 +332,13 @@ def write_safetensors(
     header["__metadata__"] = dict(metadata or {})
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % _HEADER_ALIGNMENT)
-    partial = temporary_path(path)
-    try:
-        with open(partial, "wb") as file:
-            file.write(struct.pack("<Q", len(header_bytes)))
-            file.write(header_bytes)
-            for name in names:
-                tensor = tensors[name].detach().to(device="cpu", dtype=_stored_dtype(tensors[name], dtype))
-                file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-        return publish(partial, path, durable=durable)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    with published(path, durable=durable) as partial, open(partial, "wb") as file:
+        file.write(struct.pack("<Q", len(header_bytes)))
+        file.write(header_bytes)
+        for name in names:
+            tensor = tensors[name].detach().to(device="cpu", dtype=_stored_dtype(tensors[name], dtype))
+            file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return path
 
 
 # ----------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ class Stage(Protocol):
       one); the trainer moves them to the device, shards them like the DiT and passes them as
       ``ctx.frozen``. They are not checkpointed.
     - ``lr_scales``: ``{parameter-name prefix: multiplier of optim.lr}``; each prefix is also a
-      network whose gradients are clipped on their own (``train.trainer.clip_networks``).
+      network whose gradients are clipped on their own (``train.trainer.trained_networks``).
     - ``begin_step(micro_steps)``: called once per step, before any loss, with every micro-batch
       of the step as ``[(StepContext, batch)]`` (GRPO rolls out and scores the whole step here).
     - ``state_dict()`` / ``load_state_dict(state)``: state the stage carries between steps,

@@ -92,19 +92,22 @@ def compute_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if mode == "bf16" else torch.float32
 
 
-def clip_networks(model: torch.nn.Module, max_norm: float, lr_scales: dict[str, float] | None = None) -> torch.Tensor:
-    """Clip the gradients of each network of ``model`` to ``max_norm`` on its own; return the norm
-    of all of them together (before clipping).
-
-    Every ``lr_scales`` prefix is a network of its own (e.g. TDM's fake score), so a large gradient
-    of one never shrinks another's step; the rest of the trained parameters are the model.
-    """
+def trained_networks(model: torch.nn.Module, lr_scales: dict[str, float] | None = None) -> list[list[torch.Tensor]]:
+    """The trained parameters of ``model``, one list per network: every ``lr_scales`` prefix is a
+    network of its own (e.g. TDM's fake score), the rest is the model."""
     prefixes = list(lr_scales or {})
     networks: dict[str, list[torch.Tensor]] = {}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             networks.setdefault(next((prefix for prefix in prefixes if name.startswith(prefix)), ""), []).append(parameter)
-    norms = [clip_grad_norm_(parameters, max_norm) for parameters in networks.values()]
+    return list(networks.values())
+
+
+def clip_networks(networks: list[list[torch.Tensor]], max_norm: float) -> torch.Tensor:
+    """Clip the gradients of each network (:func:`trained_networks`) to ``max_norm`` on its own, so
+    a large gradient of one never shrinks another's step; return the norm of all of them together
+    (before clipping)."""
+    norms = [clip_grad_norm_(parameters, max_norm) for parameters in networks]
     return norms[0] if len(norms) == 1 else torch.stack([norm.float() for norm in norms]).square().sum().sqrt()
 
 
@@ -283,9 +286,9 @@ class Trainer:
         self._open_conditioning_cache()
         self.model = self._build_model()
         self.frozen = self._build_frozen_models()
-        self.optimizers, self.lr_schedulers = build_optimizer(
-            self.model, config, self.device, lr_scales=getattr(self.stage, "lr_scales", None)
-        )
+        lr_scales = getattr(self.stage, "lr_scales", None)
+        self.optimizers, self.lr_schedulers = build_optimizer(self.model, config, self.device, lr_scales=lr_scales)
+        self.networks = trained_networks(self.model, lr_scales)  # clipped apart, every step
         self.train_state = TrainState()
         self.loader = self._build_loader()
         self.checkpointer = CheckpointManager(
@@ -364,7 +367,7 @@ class Trainer:
             device=self.device,
             dtype=self.dtype if self.device.type == "cuda" else None,
         )
-        in_channels = model_config(self.config.model.preset, **self.config.model.overrides)["in_channels"]
+        in_channels = self.model_config["in_channels"]
         if conditioner.autoencoder.latent_channels * cond.patch_size**2 != in_channels:
             raise StageConfigError(
                 f"conditioning.autoencoder={cond.autoencoder} gives {conditioner.autoencoder.latent_channels} latent channels: "
@@ -511,7 +514,7 @@ class Trainer:
             losses.append(loss.detach())
             for name, value in metrics.items():
                 metric_sums[name] = accumulate_metric(name, metric_sums.get(name), value.detach().float().to(self.device))
-        grad_norm = clip_networks(self.model, self.config.optim.grad_clip, getattr(self.stage, "lr_scales", None))
+        grad_norm = clip_networks(self.networks, self.config.optim.grad_clip)
         values = reduce_step_values(
             torch.stack(losses).mean(),
             {name: total / accum if metric_reduction(name) == "mean" else total for name, total in metric_sums.items()},

@@ -77,8 +77,9 @@ resubmit() {  # resubmit() REASON: a new job for the same run, excluding every l
 }
 
 # Slurm itself requeues a job after a node failure, possibly onto a node we listed as faulty.
+listed="$(listed_nodes)"
 for node in "${nodes[@]}"; do
-    if grep -qxF "$node" <<<"$(listed_nodes)"; then
+    if grep -qxF "$node" <<<"$listed"; then
         log "allocated node $node is on the faulty-node list $exclude_file"
         resubmit "faulty node $node in the allocation"
         exit 0
