@@ -27,7 +27,7 @@ from helpers import random_tiny_model
 
 from krea2_train.config import load_config
 from krea2_train.data import shapes
-from krea2_train.flow.sde import gaussian_kl, rollout, sde_step_mean_std, step_log_prob
+from krea2_train.flow.sde import policy_kl, rollout, sde_step_mean_std, step_log_prob
 from krea2_train.rewards.advantages import aggregate_advantages
 from krea2_train.stages import build_stage
 from krea2_train.stages.base import StepContext
@@ -148,7 +148,7 @@ def toy_grpo(model, reference, *, rollouts=30, updates=2, group=16, lr=3e-3, cli
             else:
                 history["clip_fraction"].append(((ratio - 1).abs() > clip).float().mean().item())
             policy = (clipped_policy_loss(ratio, advantages, clip) * valid).sum() / valid.sum().clamp_min(1)
-            kl = gaussian_kl(mean, reference_mean, std).mean()
+            kl = policy_kl(mean, reference_mean, std, t, t_next).mean()
             optimizer.zero_grad()
             (policy + beta_kl * kl).backward()
             optimizer.step()
@@ -174,7 +174,7 @@ def test_toy_grpo_raises_the_prompted_mode_hit_rate(toy_base):
 
     # the KL to the base: bounded by beta_kl (reward still rises)
     anchored = copy.deepcopy(toy_base)
-    anchored_history = toy_grpo(anchored, toy_base, beta_kl=0.5)
+    anchored_history = toy_grpo(anchored, toy_base, beta_kl=5.0)  # 0.5 of the exact KL (dt = 0.1)
     assert np.mean(anchored_history["reward"][-5:]) > np.mean(anchored_history["reward"][:5]) + 0.05
     assert np.mean(anchored_history["kl"][-5:]) < np.mean(history["kl"][-5:]), (anchored_history["kl"], history["kl"])
 
@@ -210,7 +210,7 @@ def shapes_batch(size: int, side: int = 32) -> dict:
 
 def grpo_stage(*overrides) -> GrpoStage:
     config = load_config("stage/grpo", ["stage.init_from=init", "data.global_batch_size=8", "grpo.group_size=4",
-                                         "grpo.num_steps=4", "grpo.sde_window_range=[0,2]", *overrides])
+                                         "grpo.num_steps=4", "grpo.sde_window_range=[0,1]", *overrides])
     stage = build_stage(config)
     stage.rewards = BrightnessReward()
     return stage
@@ -332,6 +332,31 @@ def test_gradient_accumulation_does_not_change_the_rollout_or_the_update(conditi
     torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-3, atol=1e-6)
 
 
+def test_the_loss_weights_each_sample_by_its_prompt_weight(conditioner, one_cpu_thread):
+    """The policy gradient is linear in the prompt weights: a prompt weighted 0 contributes
+    nothing, and the halves' gradients add up to the whole batch's (with the weights dropped,
+    each half would give the whole batch's gradient)."""
+    stage = grpo_stage("grpo.beta_kl=0")
+    model, batch = random_tiny_model(0), shapes_batch(8)
+    ctx = context(model, conditioner, 0, None)
+    stage.begin_step([(ctx, batch)])
+    buffer = stage.buffers[0]
+    assert buffer.valid.all()
+
+    def gradient(weights):
+        buffer.prompt_weights = torch.tensor(weights)
+        model.zero_grad()
+        loss, _ = stage.loss(ctx, batch)
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    whole = gradient([1.0] * 8)
+    first, second = gradient([1.0] * 4 + [0.0] * 4), gradient([0.0] * 4 + [1.0] * 4)
+    assert first.abs().max() > 0 and second.abs().max() > 0
+    torch.testing.assert_close(first + second, whole, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(gradient([0.5] * 4 + [2.0] * 4), 0.5 * first + 2.0 * second, rtol=1e-4, atol=1e-7)
+
+
 def test_frozen_reference_and_config_errors():
     weights = random_tiny_model(3).state_dict()
     stage = build_stage(load_config("stage/grpo", ["stage.init_from=init", "data.global_batch_size=16"]))
@@ -355,7 +380,8 @@ def test_frozen_reference_and_config_errors():
     assert "grpo.noise_level" in error("grpo.sde_type=cps", "grpo.noise_level=1.5")
     assert "grpo.noise_level" in error("grpo.noise_level=0")
     assert "parallel.tp" in error("parallel.tp=2")
-    assert "cps window" in error("grpo.sde_type=cps", "grpo.noise_level=0.8", "grpo.sde_window_range=[0,8]")
+    for sde_type in ("sde", "cps"):  # a window reaching the step to t = 0 (steps 8-9 of 10)
+        assert "last step" in error(f"grpo.sde_type={sde_type}", "grpo.noise_level=0.8", "grpo.sde_window_range=[0,8]")
     assert "stage.init_from" in error("stage.init_from=null")
 
 

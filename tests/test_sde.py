@@ -14,6 +14,7 @@ from gmm_oracle import GaussianMixture
 from krea2_train.flow.sde import (
     draw_normal,
     gaussian_kl,
+    policy_kl,
     mean_gaussian_log_prob,
     ode_step,
     rollout,
@@ -168,6 +169,22 @@ def test_closed_form_kl_matches_monte_carlo():
     torch.testing.assert_close(gaussian_kl(mean_p, mean_p, std), torch.zeros(2))
 
 
+def test_policy_kl_has_flow_grpos_scale():
+    """The GRPO penalty divides by the diffusion coefficient sigma_t^2 (sde), not by the step's
+    variance sigma_t^2 dt: it is dt times the exact KL; for cps the step's std is flow_grpo's."""
+    generator = torch.Generator().manual_seed(5)
+    mean_p, mean_q = torch.randn(2, 6, generator=generator), torch.randn(2, 6, generator=generator)
+    t, t_next = torch.tensor(0.6), torch.tensor(0.45)
+    v, x = torch.randn(2, 6, generator=generator), torch.randn(2, 6, generator=generator)
+    _, std = sde_step_mean_std(v, x, t, t_next, noise_level=0.7)
+    sigma = 0.7 * math.sqrt(0.6 / 0.4)
+    expected = (mean_p - mean_q).square().mean(dim=1) / (2 * sigma**2)
+    torch.testing.assert_close(policy_kl(mean_p, mean_q, std, t, t_next), expected)
+    torch.testing.assert_close(policy_kl(mean_p, mean_q, std, t, t_next), 0.15 * gaussian_kl(mean_p, mean_q, std))
+    _, cps_std = sde_step_mean_std(v, x, t, t_next, noise_level=0.8, sde_type="cps")
+    torch.testing.assert_close(policy_kl(mean_p, mean_q, cps_std, t, t_next, "cps"), gaussian_kl(mean_p, mean_q, cps_std))
+
+
 def test_sde_step_samples_its_own_gaussian():
     generator = torch.Generator().manual_seed(4)
     x, v = torch.randn(1, 1).expand(100_000, 1), torch.randn(1, 1).expand(100_000, 1)
@@ -182,5 +199,8 @@ def test_sde_window():
     assert sde_window(10, 2, (0, 4), 0.0) == [0, 1]
     assert sde_window(10, 2, (0, 4), 0.999) == [4, 5]
     assert {sde_window(10, 2, (2, 3), u)[0] for u in (0.0, 0.49, 0.5, 0.99)} == {2, 3}
+    assert sde_window(10, 2, (0, 7), 0.999) == [7, 8]  # the latest window ends one step before t = 0
+    with pytest.raises(ValueError, match="last step"):
+        sde_window(10, 2, (0, 8), 0.0)  # [8, 9] would leave step 9's noise in the final sample
     with pytest.raises(ValueError, match="does not fit"):
         sde_window(10, 3, (0, 8), 0.0)

@@ -17,7 +17,7 @@ from torch import nn
 from gmm_oracle import GaussianMixture, energy_distance
 from helpers import save_perturbed_tiny_base
 from krea2_train.config import load_config
-from krea2_train.flow.sampler import resolve_sampler_settings
+from krea2_train.flow.sampler import SamplerSettings, resolve_sampler_settings
 from krea2_train.flow.timesteps import inference_sigmas
 from krea2_train.stages import build_stage
 from krea2_train.stages.tdm import (
@@ -393,7 +393,10 @@ def test_stage_needs_a_teacher_and_scales_the_fake_scores_lr(tmp_path):
     config = tdm_config(tmp_path)
     stage = build_stage(config)
     assert isinstance(stage, TdmStage) and stage.lr_scales == {"auxiliary.tdm_fake_score.": 5.0}
-    assert config.logging.sample_preset == "turbo" and config.logging.sample_steps is None  # 8 student steps
+    # the sample grids show the student on its own grid, whatever logging.sample_* say
+    assert stage.sample_settings(4096) == resolve_sampler_settings("turbo", 4096)
+    fewer = build_stage(tdm_config(tmp_path, "tdm.student_steps=4", "tdm.mu=0.9", "logging.sample_steps=12"))
+    assert fewer.sample_settings(256) == SamplerSettings(num_steps=4, guidance_scale=0.0, mu=0.9)
     assert torch.equal(stage.sigmas, student_sigmas(8, resolve_sampler_settings("turbo", 4096).mu))
 
 

@@ -279,12 +279,12 @@ class GrpoConfig:
     sde_type: str = "sde"  # sde (Flow-GRPO) | cps (coefficient-preserving)
     noise_level: float = 0.7  # a: 0.7 for sde, 0.8 recommended for cps
     sde_window_size: int = 2  # consecutive SDE (trained) steps; ODE elsewhere. 0: SDE on every step but the last
-    sde_window_range: list[int] = field(default_factory=lambda: [0, 4])  # the window's first step, drawn in [lo, hi]
+    sde_window_range: list[int] = field(default_factory=lambda: [0, 4])  # first step, drawn in [lo, hi]; hi + size < num_steps
     same_initial_noise: bool = False  # the G images of a group start from the same noise (DanceGRPO init_same_noise)
     clip_range: float = 1.0e-4  # PPO epsilon on exp(logp_new - logp_old) (per-dim-mean log-probs)
     adv_clip_max: float = 5.0
     std_scope: str = "global"  # advantage std: global (batch, all-reduced; flow_grpo) | group (DanceGRPO/MixGRPO)
-    beta_kl: float = 0.04  # weight of the closed-form per-step KL to the frozen init_from policy; 0: no reference
+    beta_kl: float = 0.04  # weight of the per-step KL to the frozen init_from policy (flow_grpo's scale: sde.policy_kl); 0: none
     updates_per_rollout: int = 2  # optimizer steps (trainer steps) on one rollout buffer
     rewards: dict[str, float] = field(default_factory=lambda: {"rubric": 1.0, "artifact": 0.5})  # name: weight
     aggregation: str = "advantage_aggr"  # advantage_aggr (each reward normalised per group) | reward_aggr

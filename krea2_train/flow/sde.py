@@ -26,9 +26,12 @@ The log-probabilities are per-dimension MEANS, not sums (flow_grpo's scale): the
 ``exp(logp_new - logp_old)`` is the geometric mean of the per-dimension ratios, which is why
 clip ranges like 1e-4 make sense. ``a = 0`` makes ``sde`` the deterministic Euler ODE step.
 
-The KL between the policy and a reference at one step (same std, different means) is closed-form::
-
-    KL = mean over dims (mean_p - mean_q)^2 / (2 std^2)
+The KL penalty between the policy and a reference at one step (same std, different means) is
+the closed-form Gaussian KL ``mean over dims (mean_p - mean_q)^2 / (2 s^2)``, with ``s`` as
+Flow-GRPO's training loop has it (:func:`policy_kl`): the diffusion coefficient ``sigma_t`` for
+``sde`` (not the step's ``std = sigma_t sqrt(dt)``: that exact KL is ``1 / dt`` times larger, 10-25x
+on a 10-step grid, and its weight would change from step to step), the step's ``std`` for ``cps``.
+Flow-GRPO's ``beta_kl`` values are calibrated on this scale.
 
 A rollout (:func:`rollout`) integrates from noise to data over the sampler's grid
 (:func:`~krea2_train.flow.timesteps.inference_sigmas`), taking SDE steps only at the chosen step
@@ -133,6 +136,28 @@ def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tensor) -
     return kl.expand_as(mean_p).reshape(mean_p.shape[0], -1).mean(dim=1)
 
 
+def policy_kl(
+    mean_p: torch.Tensor,
+    mean_q: torch.Tensor,
+    std: torch.Tensor,
+    t: torch.Tensor | float,
+    t_next: torch.Tensor | float,
+    sde_type: str = "sde",
+) -> torch.Tensor:
+    """The per-step KL penalty of GRPO (module docstring): ``[B, ...] -> [B]``.
+
+    Args:
+        mean_p, mean_q: the policy's and the reference's step means ``[B, ...]``.
+        std: the step's std from :func:`sde_step_mean_std` (broadcastable).
+        t, t_next: the step's times (0-d or ``[B]``).
+    """
+    check_sde_type(sde_type)
+    if sde_type == "sde":  # sigma_t = std / sqrt(dt)
+        x = mean_p.float()
+        std = torch.as_tensor(std, dtype=torch.float32) / (broadcast_times(t, x) - broadcast_times(t_next, x)).sqrt()
+    return gaussian_kl(mean_p, mean_q, std)
+
+
 def ode_step(velocity: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | float, t_next: torch.Tensor | float) -> torch.Tensor:
     """Euler step ``x_t' = x_t + (t' - t) v`` in float32."""
     x = x_t.float()
@@ -201,14 +226,17 @@ def sde_window(num_steps: int, window_size: int, window_range: tuple[int, int], 
     """The step indices of an SDE window (Flow-GRPO-Fast): ``window_size`` consecutive steps
     starting at a step drawn uniformly (by ``u`` in [0, 1)) from ``[window_range[0], window_range[1]]``.
 
-    ``window_size = 0`` means every step but the last one (the step to ``t = 0``).
+    ``window_size = 0`` means every step but the last one. No window reaches the last step (the
+    step to ``t = 0``): its noise would stay in the scored sample (``sde``; no later step removes
+    it) or have zero std (``cps``).
     """
     if window_size == 0:
         return list(range(num_steps - 1)) if num_steps > 1 else [0]
     low, high = window_range
-    if not (0 <= low <= high and high + window_size <= num_steps):
+    if not (0 <= low <= high and high + window_size <= num_steps - 1):
         raise ValueError(
-            f"SDE window of {window_size} steps starting in [{low}, {high}] does not fit in {num_steps} steps"
+            f"SDE window of {window_size} steps starting in [{low}, {high}] does not fit in the first {num_steps - 1} "
+            f"of {num_steps} steps (the last step, to t = 0, is never stochastic)"
         )
     start = low + min(int(u * (high - low + 1)), high - low)
     return list(range(start, start + window_size))

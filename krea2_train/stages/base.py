@@ -62,6 +62,8 @@ class Stage(Protocol):
       ``ctx.frozen``. They are not checkpointed.
     - ``lr_scales``: ``{parameter-name prefix: multiplier of optim.lr}``; each prefix is also a
       network whose gradients are clipped on their own (``train.trainer.trained_networks``).
+    - ``sample_settings(num_image_tokens) -> SamplerSettings``: the sampler of the run's sample
+      grids, in place of ``logging.sample_*`` (a distilled student samples on its own grid).
     - ``begin_step(micro_steps)``: called once per step, before any loss, with every micro-batch
       of the step as ``[(StepContext, batch)]`` (GRPO rolls out and scores the whole step here).
     - ``state_dict()`` / ``load_state_dict(state)``: state the stage carries between steps,

@@ -14,7 +14,8 @@ on (one optimizer step each). Per trained step ``j`` and sample ``i``::
 
     rho      = exp(log p_theta(x_{j+1} | x_j) - log p_old)          (per-dim-mean log-probs, fp32)
     L_policy = sum_{i,j} w_i max(-A_i rho, -A_i clip(rho, 1 - eps, 1 + eps)) / (J * #valid)
-    L_KL     = mean_{i,j} KL(p_theta(.|x_j) || p_ref(.|x_j)) = mean_{i,j} mean_dims (mu_theta - mu_ref)^2 / (2 std_j^2)
+    L_KL     = mean_{i,j} mean_dims (mu_theta - mu_ref)^2 / (2 s_j^2)   (s_j = sigma_t for sde, std_j for cps;
+                                                                        flow_grpo's scale: sde.policy_kl)
     L        = L_policy + beta_kl * L_KL
 
 ``w_i`` is 0 in constant-reward groups and the prompt weight otherwise; ``#valid`` counts the
@@ -57,7 +58,7 @@ from krea2_train.config.schema import RunConfig
 from krea2_train.flow.sde import (
     SDE_TYPES,
     draw_normal,
-    gaussian_kl,
+    policy_kl,
     rollout,
     sde_step_mean_std,
     sde_window,
@@ -209,8 +210,6 @@ def validate_config(config: RunConfig) -> None:
         raise StageConfigError(f"grpo.aggregation must be one of {AGGREGATIONS}, got {grpo.aggregation!r}")
     if grpo.std_scope not in STD_SCOPES:
         raise StageConfigError(f"grpo.std_scope must be one of {STD_SCOPES}, got {grpo.std_scope!r}")
-    if grpo.sde_type == "cps" and grpo.sde_window_size and grpo.sde_window_range[1] + grpo.sde_window_size >= grpo.num_steps:
-        raise StageConfigError("grpo.sde_window_range: a cps window must not reach the last step (its std is 0 at t = 0)")
 
 
 class GrpoStage:
@@ -423,7 +422,7 @@ class GrpoStage:
                 reference_velocity, x, t, t_next, noise_level=self.config.noise_level, sde_type=self.config.sde_type,
                 t_cap=buffer.t_cap,
             )
-            kl = gaussian_kl(mean, reference_mean, std).mean()
+            kl = policy_kl(mean, reference_mean, std, t, t_next, self.config.sde_type).mean()
             loss = loss_policy + self.config.beta_kl * kl
             metrics["kl"] = kl.detach()
         else:

@@ -62,7 +62,7 @@ from typing import Any, Callable
 import torch
 
 from krea2_train.config.schema import RunConfig, TdmConfig
-from krea2_train.flow.sampler import guided_velocity
+from krea2_train.flow.sampler import SamplerSettings, guided_velocity
 from krea2_train.flow.timesteps import broadcast_times, inference_sigmas, interpolate
 from krea2_train.model.dit import AUXILIARY_PREFIX
 from krea2_train.stages.base import StageConfigError, StepContext, frozen_copy_of_initial
@@ -368,6 +368,11 @@ class TdmStage:
         self.sigmas = student_sigmas(self.tdm.student_steps, self.tdm.mu)
         check_step_intervals(self.sigmas, self.tdm.min_sigma, self.tdm.interval_margin)
         self.lr_scales = {FAKE_SCORE_PREFIX: self.tdm.fake_lr_scale}
+
+    def sample_settings(self, num_image_tokens: int) -> SamplerSettings:
+        """Sample grids show the student on its own grid: ``student_steps`` Euler steps shifted by
+        ``tdm.mu``, no guidance (the CFG is baked in); ``logging.sample_*`` do not apply."""
+        return SamplerSettings(num_steps=self.tdm.student_steps, guidance_scale=0.0, mu=self.tdm.mu)
 
     # -- networks ---------------------------------------------------------------------------------
 

@@ -630,12 +630,15 @@ class Trainer:
         logging_config = self.config.logging
         side = self.conditioner.image_side(self.config.data.resolution)
         grid = self.conditioner.grid(side, side)
-        settings = resolve_sampler_settings(
-            logging_config.sample_preset,
-            grid.num_tokens,
-            num_steps=logging_config.sample_steps,
-            guidance_scale=logging_config.sample_guidance,
-        )
+        if hasattr(self.stage, "sample_settings"):
+            settings = self.stage.sample_settings(grid.num_tokens)
+        else:
+            settings = resolve_sampler_settings(
+                logging_config.sample_preset,
+                grid.num_tokens,
+                num_steps=logging_config.sample_steps,
+                guidance_scale=logging_config.sample_guidance,
+            )
         self.model.eval()
         images = generate(
             self.model, self.conditioner, list(logging_config.sample_prompts), side, side, settings,
