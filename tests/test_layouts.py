@@ -241,12 +241,34 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path, state_dict):
     damaged = dict(state_dict)
     del damaged["transformer_blocks.1.attn.to_gate.weight"]
     damaged["transformer_blocks.1.attn.to_extra.weight"] = torch.zeros(2)
-    path = layouts.save_original(damaged, tmp_path / "krea2.safetensors", TINY, prefix="")
+    path = layouts.save_original(damaged, tmp_path / "krea2.safetensors", prefix="")  # no config: not checked
     with pytest.raises(layouts.CheckpointError) as error:
-        layouts.load_model(path)
+        layouts.load_model(path, config=TINY)
     message = str(error.value)
     assert "missing keys: 'transformer_blocks.1.attn.to_gate.weight'" in message
     assert "unexpected keys: 'transformer_blocks.1.attn.to_extra.weight'" in message
+
+
+def test_writers_refuse_weights_that_are_not_their_configs_model(tmp_path, state_dict):
+    """save_diffusers / save_original with a config write exactly that model's parameters: an
+    extra key (a LoRA or training-only tensor) or a wrong shape is named, and nothing is written."""
+    extra = dict(state_dict, **{"transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 128)})
+    with pytest.raises(layouts.CheckpointError, match="unexpected keys: 'transformer_blocks.0.attn.to_q.lora_A.weight'"):
+        layouts.save_diffusers(extra, tmp_path / "out", TINY)
+    with pytest.raises(layouts.CheckpointError, match="shape mismatch for 'transformer_blocks.0.ff.gate.weight'"):
+        layouts.save_original(state_dict, tmp_path / "out.safetensors", dict(TINY, intermediate_size=128))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.safetensors").exists()
+
+
+def test_save_model_leaves_training_only_modules_out(tmp_path, model):
+    """An iREPA projector or TDM fake score under model.auxiliary is not part of an export."""
+    with_auxiliary = build_model("tiny")
+    with_auxiliary.load_state_dict(model.state_dict())
+    with_auxiliary.auxiliary["irepa"] = torch.nn.Linear(4, 4)
+    for layout, path in (("diffusers", tmp_path / "export"), ("original", tmp_path / "export.safetensors")):
+        layouts.save_model(with_auxiliary, path, layout=layout)
+        loaded = layouts.load_model(path)
+        assert_same_tensors(loaded.state_dict(), model.state_dict())
 
 
 def test_parse_size():

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from krea2_train.model.layouts import load_state_dict, read_safetensors_header, save_model, write_safetensors
-from krea2_train.model.lora import LoRAError, LoRASpec, freeze_base, inject_lora, load_pairs_into_model, pairs_of_model
+from krea2_train.model.layouts import load_state_dict, read_safetensors_header, read_tensors, save_model, write_safetensors
+from krea2_train.model.lora import LoRAError, LoRASpec, bake_pairs, freeze_base, inject_lora, load_pairs_into_model, pairs_of_model
 from krea2_train.model.lora_commands import extract_lora
 from krea2_train.model.lora_formats import LAYOUTS, METADATA_KEY, parse_lora_argument, read_lora, save_lora
 from krea2_train.model.patchify import position_ids
@@ -133,6 +133,75 @@ def test_bad_lora_files_fail_clearly(tmp_path):
         load_pairs_into_model(model, pairs_of_model(_lora_model(rank=4)[0]))
     assert parse_lora_argument("a/b:c.safetensors:0.75") == (Path("a/b:c.safetensors"), 0.75)
     assert parse_lora_argument("x.safetensors")[1] == 1.0
+
+
+def test_a_peft_rslora_lora_reads_at_peft_scale(tmp_path):
+    """diffusers/PEFT with use_rslora scale by alpha / sqrt(r); our pairs give the same delta.
+    Options the pair cannot express (DoRA, a LoRA bias) are refused, not read as plain LoRA."""
+    pytest.importorskip("peft")
+    from diffusers import Krea2Pipeline, Krea2Transformer2DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    base = random_tiny_model(0).state_dict()
+    transformer = Krea2Transformer2DModel(**PRESETS["tiny"]).float()
+    transformer.load_state_dict(base)
+    config = LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["to_q", "to_v"], init_lora_weights=False)
+    transformer.add_adapter(config)
+    expected = transformer(*_inputs()[:4], encoder_attention_mask=_inputs()[4], return_dict=False)[0]
+    Krea2Pipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                    transformer_lora_adapter_metadata=config.to_dict())
+    lora = read_lora(tmp_path / "pytorch_lora_weights.safetensors")
+    pair = lora.pairs["transformer_blocks.0.attn.to_q"]
+    assert pair.alpha / pair.rank == pytest.approx(8 / 2)  # alpha / sqrt(r), not alpha / r = 2
+    model = random_tiny_model(0)
+    model.load_state_dict(bake_pairs({k: v.clone() for k, v in base.items()}, lora.pairs))
+    torch.testing.assert_close(model(*_inputs()), expected, rtol=1e-4, atol=1e-4)
+
+    stored, metadata = read_safetensors_header(tmp_path / "pytorch_lora_weights.safetensors")
+    tensors = dict(read_tensors(stored))
+    for option in ("use_dora", "lora_bias"):
+        peft = json.loads(metadata["lora_adapter_metadata"]) | {f"transformer.{option}": True}
+        path = write_safetensors(tmp_path / f"{option}.safetensors", tensors, {"lora_adapter_metadata": json.dumps(peft)})
+        with pytest.raises(LoRAError, match="cannot express"):
+            read_lora(path)
+
+
+def test_loras_of_other_architectures_are_refused_by_module_name(tmp_path):
+    """Names that only share a prefix with Krea 2's (another DiT's blocks, a fused qkv) are
+    refused on reading, so `krea2 lora convert` cannot turn them into 'Krea 2' files."""
+    down, up = torch.zeros(2, 128), torch.zeros(128, 2)
+    for key in ("diffusion_model.blocks.0.self_attn.q", "transformer.transformer_blocks.0.attn.qkv",
+                "transformer.transformer_blocks.0.attn.to_q.lora_magnitude"):
+        path = write_safetensors(tmp_path / "foreign.safetensors", {f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up})
+        with pytest.raises(LoRAError, match="not linear layers of the Krea 2 DiT"):
+            read_lora(path)
+    from krea2_train.cli import main
+
+    with pytest.raises(LoRAError, match="self_attn"):
+        path = write_safetensors(tmp_path / "wan.safetensors", {"diffusion_model.blocks.0.self_attn.q.lora_A.weight": down,
+                                                                "diffusion_model.blocks.0.self_attn.q.lora_B.weight": up})
+        main(["lora", "convert", str(path), "--layout", "diffusers", "--out", str(tmp_path / "out.safetensors")])
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_sampling_in_fp32_keeps_a_small_lora_on_a_bf16_checkpoint(tmp_path):
+    """Baking in the checkpoint's bf16 rounds a small LoRA away; sampling in fp32 bakes in fp32."""
+    from krea2_train.train.sample import load_for_sampling
+
+    model, base = _lora_model(rank=2, alpha=2.0)
+    pairs = pairs_of_model(model)
+    for pair in pairs.values():
+        pair.up = pair.up * 0.01  # ||delta|| ~ 0.5% of ||W||
+    save_model(random_tiny_model(0).bfloat16(), tmp_path / "base.safetensors", layout="original")
+    lora = save_lora(pairs, tmp_path / "small.safetensors", "comfyui")
+    key, name = "transformer_blocks.0.attn.to_q.weight", "transformer_blocks.0.attn.to_q"
+    bf16_base = base[key].bfloat16().float()
+    sampled, _ = load_for_sampling(str(tmp_path / "base.safetensors"), loras=[(lora, 1.0)], dtype=torch.float32)
+    torch.testing.assert_close(sampled.state_dict()[key], bf16_base + pairs[name].delta(), rtol=1e-6, atol=1e-6)
+    rounded, _ = load_for_sampling(str(tmp_path / "base.safetensors"), loras=[(lora, 1.0)])  # in the checkpoint's dtype
+    lost = (rounded.state_dict()[key].float() - bf16_base - pairs[name].delta()).norm() / pairs[name].delta().norm()
+    assert lost > 0.1  # what fp32 sampling no longer loses
 
 
 def test_extract_recovers_a_low_rank_difference_and_reports_error(tmp_path):

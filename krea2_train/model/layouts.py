@@ -35,7 +35,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from krea2_train.files import published, write_text
-from krea2_train.model.dit import DEFAULT_CONFIG, Krea2DiT
+from krea2_train.model.dit import AUXILIARY_PREFIX, DEFAULT_CONFIG, Krea2DiT
 from krea2_train.model.presets import build_model
 
 DIFFUSERS_CLASS_NAME = "Krea2Transformer2DModel"
@@ -410,6 +410,7 @@ def save_diffusers(
     """
     if detect_layout(state_dict.keys()).kind != "diffusers":
         raise CheckpointError("save_diffusers needs a diffusers-keyed state dict, got the original layout")
+    check_fits_config(state_dict, config, f"save_diffusers to {directory}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt"}
@@ -450,6 +451,7 @@ def save_original(
         raise CheckpointError("save_original needs a diffusers-keyed state dict, got the original layout")
     metadata = {"format": "pt"}
     if config is not None:
+        check_fits_config(state_dict, config, f"save_original to {path}")
         metadata[CONFIG_METADATA_KEY] = json.dumps(_json_config(config), sort_keys=True)
     return write_safetensors(path, diffusers_to_original(state_dict, prefix), metadata, dtype)
 
@@ -457,11 +459,16 @@ def save_original(
 def save_model(
     model: Krea2DiT, path: str | os.PathLike, *, layout: Literal["diffusers", "original"] = "diffusers", **options
 ) -> list[Path] | Path:
-    """Write ``model`` in ``layout``; ``options`` go to :func:`save_diffusers` or :func:`save_original`."""
+    """Write ``model`` in ``layout``; ``options`` go to :func:`save_diffusers` or :func:`save_original`.
+
+    Training-only modules (``model.auxiliary``) are left out; a model with LoRA layers injected
+    is refused (bake the LoRA, or write it with ``krea2_train.model.lora_formats``).
+    """
+    state_dict = {key: value for key, value in model.state_dict().items() if not key.startswith(AUXILIARY_PREFIX)}
     if layout == "diffusers":
-        return save_diffusers(model.state_dict(), path, model.config, **options)
+        return save_diffusers(state_dict, path, model.config, **options)
     if layout == "original":
-        return save_original(model.state_dict(), path, model.config, **options)
+        return save_original(state_dict, path, model.config, **options)
     raise ValueError(f"unknown checkpoint layout {layout!r}; expected 'diffusers' or 'original'")
 
 
@@ -581,27 +588,42 @@ def _stored_name(checkpoint: CheckpointIndex, key: str) -> str:
 
 def check_compatible(checkpoint: CheckpointIndex, expected_shapes: Mapping[str, Sequence[int]]) -> None:
     """Raise :class:`CheckpointError` unless the checkpoint has exactly the expected keys and shapes."""
-    missing = set(expected_shapes) - set(checkpoint.shapes)
-    unexpected = (set(checkpoint.shapes) - set(expected_shapes)) | set(checkpoint.unknown_keys)
+    problems = _fit_problems(checkpoint.shapes, checkpoint.unknown_keys, expected_shapes, lambda key: _stored_name(checkpoint, key))
+    if problems:
+        raise CheckpointError(f"{checkpoint.source} does not fit the model config: " + "; ".join(problems))
+
+
+def check_fits_config(state_dict: Mapping[str, torch.Tensor], config: Mapping, what: str) -> None:
+    """Raise :class:`CheckpointError` unless diffusers-keyed ``state_dict`` holds exactly the
+    parameters of the Krea2DiT that ``config`` builds (no training-only or LoRA keys)."""
+    expected = build_model(dict(config), device="meta").state_dict()
+    shapes = {key: tuple(tensor.shape) for key, tensor in state_dict.items()}
+    problems = _fit_problems(shapes, (), {key: tuple(tensor.shape) for key, tensor in expected.items()})
+    if problems:
+        raise CheckpointError(f"{what}: the weights are not those of the Krea 2 DiT their config builds: " + "; ".join(problems))
+
+
+def _fit_problems(
+    shapes: Mapping[str, Sequence[int]],
+    unknown_keys: Iterable[str],
+    expected_shapes: Mapping[str, Sequence[int]],
+    stored_name=lambda key: "",
+) -> list[str]:
+    missing = set(expected_shapes) - set(shapes)
+    unexpected = (set(shapes) - set(expected_shapes)) | set(unknown_keys)
     problems = []
     if missing:
         problems.append(f"missing keys: {_few(missing)}")
     if unexpected:
         problems.append(f"unexpected keys: {_few(unexpected)}")
-    mismatched = [
-        key
-        for key, shape in expected_shapes.items()
-        if key in checkpoint.shapes and tuple(checkpoint.shapes[key]) != tuple(shape)
-    ]
+    mismatched = [key for key, shape in expected_shapes.items() if key in shapes and tuple(shapes[key]) != tuple(shape)]
     for key in mismatched[:5]:
         problems.append(
-            f"shape mismatch for {key!r}{_stored_name(checkpoint, key)}: checkpoint {tuple(checkpoint.shapes[key])}, "
-            f"model {tuple(expected_shapes[key])}"
+            f"shape mismatch for {key!r}{stored_name(key)}: checkpoint {tuple(shapes[key])}, model {tuple(expected_shapes[key])}"
         )
     if len(mismatched) > 5:
         problems.append(f"... {len(mismatched)} shape mismatches in all")
-    if problems:
-        raise CheckpointError(f"{checkpoint.source} does not fit the model config: " + "; ".join(problems))
+    return problems
 
 
 def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:

@@ -354,17 +354,21 @@ def load_pairs_into_model(model: nn.Module, pairs: Mapping[str, LoRAPair]) -> No
 
 
 @torch.no_grad()
-def bake_pairs(weights: dict[str, torch.Tensor], pairs: Mapping[str, LoRAPair], strength: float = 1.0) -> dict[str, torch.Tensor]:
+def bake_pairs(
+    weights: dict[str, torch.Tensor], pairs: Mapping[str, LoRAPair], strength: float = 1.0, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """``W += strength * (alpha / r) B A`` for every pair, on a diffusers-keyed state dict (in place).
 
-    The sum is formed in fp32 and stored back in each weight's dtype.
+    The sum is formed in fp32 and stored in ``dtype``, or back in each weight's dtype (a small
+    LoRA baked into bf16 weights loses much of its effect to rounding: sampling in fp32 from a
+    bf16 checkpoint passes ``dtype=float32``).
     """
     for name, pair in pairs.items():
         key = f"{name}.weight"
         if key not in weights:
             raise LoRAError(f"LoRA targets {name!r}, which is not a linear layer of this checkpoint")
         _check_pair_fits(name, pair, weights[key].shape)
-        weights[key] = (weights[key].float() + strength * pair.delta()).to(weights[key].dtype)
+        weights[key] = (weights[key].float() + strength * pair.delta()).to(dtype or weights[key].dtype)
     return weights
 
 

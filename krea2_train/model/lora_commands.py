@@ -86,12 +86,15 @@ def read_run_lora(run: str, runs_root: str = "runs", step: int | None = None) ->
     return pairs_from_state_dict({key[len(prefix) :]: tensor for key, tensor in buffers.items()}, alpha)
 
 
-def bake_lora_files(weights: dict[str, torch.Tensor], loras: Sequence[tuple[Path, float]]) -> dict[str, torch.Tensor]:
-    """Add each LoRA file, at its strength, into diffusers-keyed weights (in place)."""
+def bake_lora_files(
+    weights: dict[str, torch.Tensor], loras: Sequence[tuple[Path, float]], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Add each LoRA file, at its strength, into diffusers-keyed weights (in place; the targeted
+    weights are stored in ``dtype`` when given, see :func:`~krea2_train.model.lora.bake_pairs`)."""
     from krea2_train.model.lora import bake_pairs
 
     for path, strength in loras:
-        bake_pairs(weights, read_lora(path).pairs, strength)
+        bake_pairs(weights, read_lora(path).pairs, strength, dtype)
     return weights
 
 

@@ -17,16 +17,20 @@ keys (no ``.alpha`` entries) and then applies scale 1; ComfyUI applies scale 1 t
 no ``.alpha``. So those files are written with ``alpha / r`` folded into ``lora_B``, and rank and
 alpha are recorded in the ``krea2_lora`` metadata entry (:data:`METADATA_KEY`), from which
 :func:`read_lora` unfolds them again. Reading also accepts kohya-style ``lora_down``/``lora_up``
-names and ``<module>.alpha`` tensors (alpha defaults to the rank: scale 1, the PEFT convention).
+names under those prefixes (not kohya's flattened ``lora_unet_...`` names) and ``<module>.alpha``
+tensors (alpha defaults to the rank: scale 1, the PEFT convention), and PEFT's rsLoRA scaling.
+Every module must be a linear layer of Krea 2 (:func:`check_krea2_modules`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,20 +162,57 @@ def detect_lora_layout(keys: list[str]) -> str:
     )
 
 
+# PEFT LoraConfig switches that change what the pair computes: read as (alpha / r) B A they would
+# give another model, so such a file is refused.
+_UNSUPPORTED_PEFT_OPTIONS = {"use_dora": "DoRA", "lora_bias": "a LoRA bias", "fan_in_fan_out": "fan_in_fan_out weights"}
+
+
 def _peft_alphas(metadata: Mapping[str, str], ranks: Mapping[str, int]) -> dict[str, float]:
-    """Per-module alpha from diffusers' ``lora_adapter_metadata``; alpha = rank without it."""
+    """Per-module alpha from diffusers' ``lora_adapter_metadata``; alpha = rank without it.
+
+    rsLoRA (``use_rslora``) scales by ``alpha / sqrt(r)``: returned as the alpha that gives that
+    scale under ``alpha / r``, ``alpha * sqrt(r)``.
+    """
     raw = metadata.get(PEFT_METADATA_KEY)
     if raw is None:
         return {name: float(rank) for name, rank in ranks.items()}
     config = {key.removeprefix("transformer."): value for key, value in json.loads(raw).items()}
+    unsupported = [label for option, label in _UNSUPPORTED_PEFT_OPTIONS.items() if config.get(option)]
+    if unsupported:
+        raise LoRAError(f"the PEFT LoRA uses {', '.join(unsupported)}, which Krea 2 LoRAs (alpha / r) B A cannot express")
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     alphas = {}
     for name, rank in ranks.items():
         expected_rank = _pattern_value(rank_pattern, name, config.get("r", rank))
         if expected_rank != rank:
             raise LoRAError(f"LoRA metadata gives {name!r} rank {expected_rank}, its tensors have rank {rank}")
-        alphas[name] = float(_pattern_value(alpha_pattern, name, config.get("lora_alpha", rank)))
+        alpha = float(_pattern_value(alpha_pattern, name, config.get("lora_alpha", rank)))
+        alphas[name] = alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
     return alphas
+
+
+@functools.cache
+def _krea2_linear_modules() -> frozenset[str]:
+    """Every linear layer of the Krea 2 DiT (diffusers names, block indices as ``N``)."""
+    from krea2_train.model.presets import build_model
+
+    model = build_model("tiny", device="meta")  # every kind of layer the architecture has
+    return frozenset(_without_indices(name) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear))
+
+
+def _without_indices(module: str) -> str:
+    return re.sub(r"\.\d+\.", ".N.", module)
+
+
+def check_krea2_modules(names: Iterable[str]) -> None:
+    """Refuse LoRA module names (diffusers layout) that are not linear layers of Krea 2: another
+    model's LoRA, a fused projection or a typo would otherwise convert into a meaningless file."""
+    foreign = sorted(name for name in names if _without_indices(name) not in _krea2_linear_modules())
+    if foreign:
+        raise LoRAError(
+            f"not a Krea 2 LoRA: {len(foreign)} module(s) are not linear layers of the Krea 2 DiT, e.g. "
+            f"{', '.join(repr(name) for name in foreign[:3])} (expected names like 'transformer_blocks.0.attn.to_q')"
+        )
 
 
 def _pattern_value(patterns: Mapping[str, float], name: str, default: float) -> float:
@@ -216,6 +257,7 @@ def lora_pairs_from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mappi
         ranks[name] = found["down"].shape[0]
         alpha = stored_alphas.get(module, float(ranks[name]))
         pairs[name] = LoRAPair(found["down"], found["up"], alpha)
+    check_krea2_modules(pairs)
     if layout == "diffusers" and not stored_alphas:
         for name, alpha in _peft_alphas(metadata, ranks).items():
             pairs[name].alpha = alpha

@@ -27,12 +27,13 @@ from krea2_train.train.commands import DTYPES
 
 
 def load_for_sampling(
-    checkpoint: str, runs_root: str = "runs", loras: Sequence[tuple[Path, float]] = ()
+    checkpoint: str, runs_root: str = "runs", loras: Sequence[tuple[Path, float]] = (), dtype: torch.dtype | None = None
 ) -> tuple[torch.nn.Module, Path | None]:
     """(Krea2DiT in eval mode, the run directory if the checkpoint belongs to a run).
 
     ``loras``: (LoRA file, strength) pairs baked into the weights; a lora-stage run's own LoRA
-    is baked in first.
+    is baked in first. ``dtype``: the sampling dtype, in which the LoRA-targeted weights are
+    baked (not the checkpoint's: fp32 sampling of a bf16 checkpoint keeps a small LoRA whole).
     """
     from krea2_train.model.lora import bake_pairs
     from krea2_train.model.lora_commands import bake_lora_files, split_checkpoint_lora
@@ -42,7 +43,7 @@ def load_for_sampling(
     source = find_run_checkpoint(checkpoint, runs_root)
     weights, config = load_checkpoint_weights(source)
     weights, own_lora = split_checkpoint_lora(weights, run_dir_of(source) if is_dcp_checkpoint(source) else None)
-    bake_lora_files(bake_pairs(weights, own_lora), loras)
+    bake_lora_files(bake_pairs(weights, own_lora, dtype=dtype), loras, dtype)
     with torch.device("meta"):
         model = build_model(config)
     model.load_state_dict(weights, strict=True, assign=True)
@@ -74,7 +75,10 @@ def run_sample(args: argparse.Namespace) -> int:
     from krea2_train.flow.generate import generate, to_pil
     from krea2_train.flow.sampler import resolve_sampler_settings
 
-    model, run_dir = load_for_sampling(args.checkpoint, args.runs_root, [parse_lora_argument(lora) for lora in args.lora])
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    loras = [parse_lora_argument(lora) for lora in args.lora]
+    model, run_dir = load_for_sampling(args.checkpoint, args.runs_root, loras, dtype)
     settings = conditioning_settings(args, run_dir)
     conditioner = build_conditioner(
         settings["autoencoder"],
@@ -84,8 +88,6 @@ def run_sample(args: argparse.Namespace) -> int:
         max_text_tokens=settings["max_text_tokens"],
         patch_size=settings["patch_size"],
     )
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     model.to(device=device, dtype=dtype)  # whatever dtype the weights were stored in
     unit = conditioner.pixels_per_token
     height = args.height or conditioner.image_side(args.resolution)
