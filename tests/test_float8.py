@@ -191,9 +191,16 @@ class Float8MatmulCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def fp32_reference() -> tuple[nn.Module, dict, torch.Tensor]:
-    """The tiny reference model after an fp32 forward and backward on batch 0: model, batch, loss."""
+def fp32_reference(bf16_inputs: bool = False) -> tuple[nn.Module, dict, torch.Tensor]:
+    """The tiny reference model after an fp32 forward and backward on batch 0: model, batch, loss.
+
+    ``bf16_inputs``: the DiT's float inputs rounded to bf16 first, as a bf16 run's DiT gets them.
+    """
     reference = train_tiny.build_reference_model()
+    if bf16_inputs:
+        reference.register_forward_pre_hook(
+            lambda module, args: tuple(a.bfloat16().float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+        )
     batch = train_tiny.global_batch(0, reference.config)
     reference_loss = train_tiny.flow_matching_loss(reference, batch)
     reference_loss.backward()
@@ -262,7 +269,7 @@ def test_one_rank_float8_under_autocast_keeps_fp32_master_weights_and_gradients(
     from krea2_train.parallel.parallelize import parallelize_dit
 
     skip_unless_cpu_scaled_mm(recipe)
-    reference, batch, reference_loss = fp32_reference()
+    reference, batch, reference_loss = fp32_reference(bf16_inputs=True)
 
     model = train_tiny.build_reference_model()
     with capable(monkeypatch, None):

@@ -109,6 +109,18 @@ def test_clip_grad_norm_matches_torch_on_plain_tensors(norm_type):
     torch.testing.assert_close(total_grad_norm(ours, norm_type), torch.tensor(0.5), rtol=1e-5, atol=0)
 
 
+def test_a_network_without_gradients_has_a_zero_norm_on_its_own_device():
+    """clip_networks stacks the networks' norms: a network that got no gradient this step must not
+    give a CPU zero next to CUDA norms (the meta device stands in for CUDA here)."""
+    from krea2_train.train.trainer import clip_networks
+
+    trained = torch.nn.Parameter(torch.ones(3, device="meta"))
+    trained.grad = torch.ones(3, device="meta")
+    idle = torch.nn.Parameter(torch.ones(3, device="meta"))
+    assert total_grad_norm([idle]).device.type == "meta"
+    assert clip_networks([[trained], [idle]], 1.0).device.type == "meta"
+
+
 def test_all_ranks_finite():
     assert all_ranks_finite(torch.tensor(3.0))
     assert not all_ranks_finite(torch.tensor(float("nan")))
@@ -175,6 +187,20 @@ def test_one_rank_low_precision_is_autocast_around_forward(world_of_one):
     loss = train_tiny.flow_matching_loss(model, batch)
     loss.backward()
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+
+
+def test_one_rank_and_fsdp_give_the_time_embedding_the_same_timestep(world_of_one):
+    """FSDP2's root casts the DiT's float inputs to the param dtype; the one-rank path does the
+    same, so both (and the samplers, which pass t in the model dtype) embed a bf16-rounded t."""
+    seen = {}
+    for fsdp in (False, True):
+        model = train_tiny.build_reference_model()
+        model.time_embed.register_forward_pre_hook(lambda module, args, fsdp=fsdp: seen.update({fsdp: args[0].dtype}))
+        parallelize_dit(model, build_parallel_dims(1, -1, 1, 1), param_dtype=torch.bfloat16, fsdp=fsdp)
+        batch = train_tiny.global_batch(0, model.config)
+        assert batch["t"].dtype == torch.float32
+        model(batch["x0"], batch["text"], batch["t"], train_tiny.position_ids(), batch["text_mask"])
+    assert seen == {False: torch.bfloat16, True: torch.bfloat16}
 
 
 @pytest.mark.parametrize("mode", ["selective", "full"])

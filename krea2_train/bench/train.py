@@ -19,7 +19,9 @@ freed one after the other, so their memory never overlaps. Peak memory is the CU
 peak on GPU; on CPU it is the process's peak RSS so far, so the reference's (timed second)
 includes ours'.
 
-Inputs: ``--res`` is the nominal resolution, 16 px per image token (256 -> 256 tokens). Each
+Inputs: latents and text states in the compute dtype (the trainer's stages cast them, as
+diffusers' training scripts cast ``model_input`` to ``weight_dtype``), the timestep and the loss
+target in fp32. ``--res`` is the nominal resolution, 16 px per image token (256 -> 256 tokens). Each
 caption has ``--caption-tokens`` real tokens (128). The reference gets them padded to
 ``--text-len`` tokens (512), as ``Krea2Pipeline.encode_prompt`` pads them. Ours gets what the
 trainer's ``Conditioner`` makes of the same captions (``--text compact``): real tokens first,
@@ -239,9 +241,9 @@ def make_inputs(config: dict, settings: BenchSettings, text_len: int | None = No
     latents = randn(*latent_shape)
     text_states = randn(batch, full_len, config["num_text_layers"], config["text_hidden_dim"])[:, :text_len]
     text_mask = (torch.arange(text_len, device=device) < settings.caption_tokens).expand(batch, text_len)
-    return StepInputs(
-        latents=latents,
-        text_states=text_states.contiguous(),
+    return StepInputs(  # latents and text in the compute dtype, as the trainer's stages and diffusers' scripts pass them
+        latents=latents.to(settings.torch_dtype),
+        text_states=text_states.to(settings.torch_dtype).contiguous(),
         timestep=torch.rand(batch, device=device, generator=generator),
         position_ids=position_ids(text_len, side, side, device=device),
         text_mask=text_mask.contiguous(),

@@ -37,9 +37,10 @@ def _group_norm(params: list[torch.Tensor], norm_type: float) -> torch.Tensor:
 @torch.no_grad()
 def total_grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
     """The ``norm_type``-norm of all gradients as one vector: a plain 0-d fp32 tensor, equal on every rank."""
+    parameters = list(parameters)
     norms = [_group_norm(group, norm_type) for group in _params_by_mesh(parameters)]
-    if not norms:
-        return torch.zeros(())
+    if not norms:  # no gradient this step: a zero on the parameters' device (callers stack norms)
+        return torch.zeros((), device=parameters[0].device if parameters else None)
     stacked = torch.stack([n.to(norms[0].device) for n in norms])
     if math.isinf(norm_type):
         return stacked.max()
@@ -55,8 +56,9 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_ty
     """
     if not max_norm > 0:
         raise ValueError(f"max_norm must be positive, got {max_norm}")
+    parameters = list(parameters)
     groups = _params_by_mesh(parameters)
-    total_norm = total_grad_norm([p for group in groups for p in group], norm_type)
+    total_norm = total_grad_norm(parameters, norm_type)
     for group in groups:
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total_norm)
     return total_norm

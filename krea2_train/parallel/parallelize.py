@@ -294,34 +294,44 @@ def parallelize_dit(
     if fsdp:
         apply_fsdp(model, fsdp_mesh(parallel_dims), param_dtype, reduce_dtype)
     elif param_dtype != torch.float32:  # the root and whatever a stage calls outside its forward
+        dits = [*auxiliary_dits(model), model]
         for module in [*getattr(model, "auxiliary", {}).values(), model]:
-            apply_autocast(module, param_dtype)
+            apply_autocast(module, param_dtype, cast_inputs=any(module is dit for dit in dits))
     return model
 
 
 class _AutocastForward:
     """Forward hooks that enter ``torch.autocast`` before a module's forward and leave it after."""
 
-    def __init__(self, device_type: str, dtype: torch.dtype) -> None:
-        self.device_type, self.dtype = device_type, dtype
+    def __init__(self, device_type: str, dtype: torch.dtype, cast_inputs: bool) -> None:
+        self.device_type, self.dtype, self.cast_inputs = device_type, dtype, cast_inputs
         self.active: list[torch.autocast] = []
 
-    def enter(self, module: nn.Module, args: tuple) -> None:
+    def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         context = torch.autocast(self.device_type, dtype=self.dtype)
         context.__enter__()
         self.active.append(context)
+        if not self.cast_inputs:
+            return None
+        cast = lambda value: value.to(self.dtype) if torch.is_tensor(value) and value.is_floating_point() else value  # noqa: E731
+        return tuple(cast(value) for value in args), {name: cast(value) for name, value in kwargs.items()}
 
     def leave(self, module: nn.Module, args: tuple, output: object) -> None:
         self.active.pop().__exit__(None, None, None)
 
 
-def apply_autocast(model: nn.Module, dtype: torch.dtype) -> None:
+def apply_autocast(model: nn.Module, dtype: torch.dtype, *, cast_inputs: bool = False) -> None:
     """Run ``model``'s forward under ``torch.autocast(dtype)``: fp32 master weights, matmuls in
     ``dtype``, each weight cast once per forward (the one-rank counterpart of FSDP2's
     ``param_dtype``). Hooks, not a wrapper module, so state-dict keys and copies are unchanged; the
-    context is left even when forward raises. ``model`` must already be on its device."""
-    hooks = _AutocastForward(next(model.parameters()).device.type, dtype)
-    model.register_forward_pre_hook(hooks.enter)
+    context is left even when forward raises. ``model`` must already be on its device.
+
+    ``cast_inputs``: cast the floating-point tensor arguments to ``dtype`` first, as FSDP2's root
+    policy (``cast_forward_inputs``) does for a DiT: the timestep then reaches the time embedding
+    rounded to ``dtype`` on one rank as on many, and as the samplers (ours and diffusers') give it.
+    """
+    hooks = _AutocastForward(next(model.parameters()).device.type, dtype, cast_inputs)
+    model.register_forward_pre_hook(hooks.enter, with_kwargs=True)
     model.register_forward_hook(hooks.leave, always_call=True)
 
 
