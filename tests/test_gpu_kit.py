@@ -139,3 +139,16 @@ def test_profile_writes_kernel_tables_and_traces_of_both_models(tmp_path):
         table = (tmp_path / f"{name}_kernels.txt").read_text()
         assert "aten::mm" in table and "ours_text=compact" in table
         assert json.loads((tmp_path / f"{name}_trace.json").read_text())["traceEvents"]
+
+
+def test_checks_keep_within_the_device_calls_time_budget(tmp_path):
+    """A command that cannot finish within the budget is skipped and recorded, and the part is
+    still archived (a call killed at the device's limit would bring nothing back)."""
+    env = dict(os.environ, OUT=str(tmp_path), KREA2_GPU_BUDGET_S="30",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # python3: this environment's
+    completed = subprocess.run(["bash", str(REPO / "infra" / "gpu" / "checks.sh"), "kernels"], env=env, capture_output=True,
+                               text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    with tarfile.open(tmp_path / "kernels.tar.gz") as tar:
+        status = tar.extractfile("kernels/status.txt").read().decode()
+    assert status.startswith("kernels skipped-out-of-time")

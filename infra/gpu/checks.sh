@@ -15,6 +15,10 @@
 # Everything lands under $OUT/<part>/ (JSON and logs); then, on any machine,
 # `python infra/gpu/summarize.py DIR` prints the markdown tables for docs/benchmarks.md.
 # A failing command is logged and the part goes on, so one failure costs no other result.
+# The whole call keeps within KREA2_GPU_BUDGET_S seconds (default 540: the device allows 600 a
+# command, and the archives must still be written): a command gets at most what is left less a
+# margin, and one that cannot start in time is recorded as skipped, so parts that do not fit
+# one call leave their results instead of being killed before the archive.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 OUT=${OUT:-$PWD/gpu-out}
@@ -27,11 +31,20 @@ if [[ -d .whl ]] && ! python3 -c "import torchtitan, diffusers, hydra, psycopg" 
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
+BUDGET_S=${KREA2_GPU_BUDGET_S:-540}
+MARGIN_S=20  # for the archive after the command
+
 # run NAME TIMEOUT_S COMMAND...: log to $OUT/$part/NAME.log, record the exit status, go on
 run() {
     local name=$1 limit=$2
     shift 2
-    echo "== $part/$name: $*"
+    local left=$((BUDGET_S - SECONDS - MARGIN_S))
+    if ((left < 30)); then
+        echo "$name skipped-out-of-time 0s" | tee -a "$OUT/$part/status.txt"
+        return
+    fi
+    ((limit > left)) && limit=$left
+    echo "== $part/$name (at most ${limit}s): $*"
     local start=$SECONDS
     timeout "$limit" "$@" >"$OUT/$part/$name.log" 2>&1
     local status=$?
