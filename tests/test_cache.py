@@ -109,3 +109,24 @@ def test_run_identity_follows_text_encoder_files(tmp_path):
     assert len(ConditioningCache.for_run(config)) == 1
     (encoder / "config.json").write_text('{"changed": true}')
     assert len(ConditioningCache.for_run(config)) == 0
+
+
+@pytest.mark.slow
+def test_ranks_sharing_a_sharded_text_encoder_encode_misses_together(tmp_path):
+    """One rank hits, the other misses: with the encoder sharded over both, the miss is encoded
+    with every rank taking part. Without that, the missing rank waits in an all-gather the other
+    never joins (a hang on NCCL; here gloo's timeout)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    text_encoder = build_tiny_text_encoder(tmp_path / "text_encoder", seed=0)
+    script = Path(__file__).parent / "distributed" / "cache_ranks.py"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")} | {"OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ok"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               "--text-encoder", str(text_encoder), "--cache", str(tmp_path / "cache"), "--out", str(out)]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert (tmp_path / "ok.0").exists() and (tmp_path / "ok.1").exists()

@@ -71,3 +71,18 @@ def test_the_config_accepts_exactly_the_stage_kinds_that_have_a_class():
     from krea2_train.stages import STAGE_KINDS as STAGE_CLASSES
 
     assert tuple(STAGE_CLASSES) == STAGE_KINDS
+
+
+def test_deterministic_algorithms_default_to_cpu_only():
+    """null (the default) keeps CPU runs bit-exact and leaves CUDA runs fast; true or false wins."""
+    import torch
+
+    from krea2_train.train.trainer import uses_deterministic_algorithms
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    default = load_config("stage/pretrain_256")
+    assert default.parallel.deterministic is None
+    assert uses_deterministic_algorithms(default, cpu) and not uses_deterministic_algorithms(default, cuda)
+    assert uses_deterministic_algorithms(load_config("stage/pretrain_256", ["parallel.deterministic=true"]), cuda)
+    assert not uses_deterministic_algorithms(load_config("stage/pretrain_256", ["parallel.deterministic=false"]), cpu)
+    assert load_config("stage/pretrain_256", ["parallel=cluster"]).parallel.deterministic is False

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from krea2_train.devices import to_device
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -51,7 +53,7 @@ class TextTokens:
     attention_mask: torch.Tensor
 
     def to(self, device: torch.device | str) -> TextTokens:
-        return TextTokens(self.input_ids.to(device), self.attention_mask.to(device))
+        return TextTokens(to_device(self.input_ids, device), to_device(self.attention_mask, device))
 
 
 def real_token_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -111,7 +111,10 @@ class ParallelConfig:
     compile: bool = False
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     collective_timeout_s: float = 1200.0
-    deterministic: bool = True  # deterministic algorithms (CPU resume tests need it)
+    # deterministic algorithms; null: on for CPU (bit-exact resume), off on CUDA, where
+    # torch.use_deterministic_algorithms slows every step (fills each new allocation, no Inductor
+    # autotuning) and cannot make SDPA's backward deterministic. true on CUDA also pins cuBLAS's workspace.
+    deterministic: Optional[bool] = None
     # SDPA kernels for the DiT's attention, in priority order (cudnn, flash, efficient, math);
     # null: torch's own choice. See krea2_train/parallel/attention.py and docs/benchmarks.md.
     attention_backends: Optional[list[str]] = None

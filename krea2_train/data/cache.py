@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from krea2_train.devices import to_device
 from krea2_train.files import write_text
 from krea2_train.model.layouts import CheckpointError, read_safetensors_header, read_tensors, write_safetensors
 
@@ -133,6 +134,9 @@ class ConditioningCache:
         self._opened = False
         self.hits = 0
         self.misses = 0
+        # Set when the text encoder's forward is collective (FSDP-sharded over the ranks): given
+        # whether this rank misses, whether any rank does (parallel.distributed.any_rank_on_host).
+        self.any_rank_misses: Callable[[bool], bool] | None = None
 
     @classmethod
     def for_run(cls, config) -> ConditioningCache:
@@ -210,14 +214,20 @@ class ConditioningCache:
     def text_states(
         self, captions: Sequence[str], encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]], device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Taps ``[B, L, K, T]`` and mask ``[B, L]`` of ``captions``; ``encode`` runs on the misses only."""
+        """Taps ``[B, L, K, T]`` and mask ``[B, L]`` of ``captions``; ``encode`` runs on the misses only.
+
+        With a collective encoder (``any_rank_misses`` set) every rank runs it when any rank
+        misses: a rank without misses encodes its first caption and drops the result, so the
+        sharded layers' all-gathers match on every rank.
+        """
         self.open()
         paths = [self.directory / "text" / f"{caption_key(caption)}.safetensors" for caption in captions]
         entries = [_read_entry(path) for path in paths]
         missing = [row for row, entry in enumerate(entries) if entry is None]
         states: list[torch.Tensor | None] = [None if entry is None else entry[0]["states"] for entry in entries]
-        if missing:
-            encoded, mask = encode([captions[row] for row in missing])
+        collective = self.any_rank_misses is not None and self.any_rank_misses(bool(missing))
+        if missing or collective:
+            encoded, mask = encode([captions[row] for row in missing or [0]])
             for row, sample_states, sample_mask in zip(missing, encoded, mask):
                 real = sample_states[sample_mask.to(sample_states.device)].cpu()  # [n, K, T]
                 states[row] = real
@@ -225,7 +235,7 @@ class ConditioningCache:
         self.hits += len(paths) - len(missing)
         self.misses += len(missing)
         padded, mask = pad_text_states(states)
-        return padded.to(device), mask.to(device)
+        return to_device(padded, device), to_device(mask, device)
 
 
 def _grid(height_width: Sequence[int]):

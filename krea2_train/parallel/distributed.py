@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -145,3 +146,17 @@ def all_gather_objects(value: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def any_rank_on_host(timeout_s: float) -> Callable[[bool], bool]:
+    """A function ``flag -> whether any rank's flag is true``, reduced over a gloo group on the
+    host (no device sync in the step). Collective: every rank creates it at the same point and
+    calls it the same number of times."""
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+    def any_rank(flag: bool) -> bool:
+        value = torch.tensor([int(flag)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+        return bool(value.item())
+
+    return any_rank

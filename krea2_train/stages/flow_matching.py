@@ -18,6 +18,7 @@ import torch
 
 from krea2_train.config.schema import RunConfig
 from krea2_train.data.cache import ConditioningCache
+from krea2_train.devices import to_device
 from krea2_train.flow.timesteps import TimestepSampling, flow_matching_loss, interpolate, sample_training_times
 from krea2_train.model.patchify import position_ids
 from krea2_train.stages.base import CAPTION_DROPOUT, NOISE, TIMESTEP, StepContext
@@ -60,10 +61,8 @@ class FlowMatchingStage:
         for slot in ctx.slots(shape[0]):
             noise.append(torch.randn(shape[1:], generator=ctx.generator(NOISE, slot)))
             times.append(sample_training_times(1, num_tokens, self.timesteps, ctx.generator(TIMESTEP, slot)))
-        noise, times = torch.stack(noise), torch.cat(times)
-        if ctx.device.type == "cuda":  # drawn on the host (keyed RNG); copied without a host sync
-            return noise.pin_memory().to(ctx.device, non_blocking=True), times.pin_memory().to(ctx.device, non_blocking=True)
-        return noise.to(ctx.device), times.to(ctx.device)
+        # drawn on the host (keyed RNG); copied without a host sync
+        return to_device(torch.stack(noise), ctx.device), to_device(torch.cat(times), ctx.device)
 
     def loss(self, ctx: StepContext, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images = batch["images"].to(ctx.device, non_blocking=True)

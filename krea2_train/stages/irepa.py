@@ -223,7 +223,9 @@ class VisionTeacher:
         pixels = (images.to(device, torch.float32) + 1.0) / 2.0
         if tuple(pixels.shape[-2:]) != size:
             pixels = F.interpolate(pixels, size=size, mode="bicubic", align_corners=False, antialias=True)
-        pixels = (pixels - self.pixel_mean.to(device)) / self.pixel_std.to(device)
+        if self.pixel_mean.device != device:  # once: a host copy every step would sync
+            self.pixel_mean, self.pixel_std = self.pixel_mean.to(device), self.pixel_std.to(device)
+        pixels = (pixels - self.pixel_mean) / self.pixel_std
         hidden = self.model(pixel_values=pixels.to(dtype)).last_hidden_state
         patches = hidden[:, self.num_prefix_tokens :]
         if patches.shape[1] != grid_h * grid_w:

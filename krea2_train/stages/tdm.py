@@ -62,6 +62,7 @@ from typing import Any, Callable
 import torch
 
 from krea2_train.config.schema import RunConfig, TdmConfig
+from krea2_train.devices import to_device
 from krea2_train.flow.sampler import SamplerSettings, guided_velocity
 from krea2_train.flow.timesteps import broadcast_times, inference_sigmas, interpolate
 from krea2_train.model.dit import AUXILIARY_PREFIX
@@ -426,12 +427,9 @@ class TdmStage:
             use_randmid=self.tdm.use_randmid, min_sigma=self.tdm.min_sigma, margin=self.tdm.interval_margin,
         )
         sigma_k = self.sigmas[step]
-        non_blocking = ctx.device.type == "cuda"
-        noise, z, s, tau, sigma_k = (
-            t.pin_memory().to(ctx.device, non_blocking=True) if non_blocking else t.to(ctx.device)
-            for t in (draws["noise"], draws["z"], s, tau, sigma_k)
+        noise, z, s, tau, sigma_k, step_device, sigmas = (
+            to_device(t, ctx.device) for t in (draws["noise"], draws["z"], s, tau, sigma_k, step, self.sigmas)
         )
-        step_device = step.to(ctx.device)
 
         def velocity_of(network: torch.nn.Module, guidance: float = 0.0) -> VelocityFn:
             def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -446,7 +444,7 @@ class TdmStage:
         fake_score = velocity_of(ctx.model.auxiliary[FAKE_SCORE_KEY])
         teacher = velocity_of(ctx.frozen["teacher"], self.tdm.guidance)
         with torch.no_grad():  # every step, on every rank: the FSDP collectives must match across ranks
-            states = rollout_states(student, noise, self.sigmas.to(ctx.device))
+            states = rollout_states(student, noise, sigmas)
         x_k = states[step_device, torch.arange(batch_size, device=ctx.device)]
         terms = tdm_objective(
             student, fake_score, teacher, x_k, sigma_k, s, tau, z, snr_clip=self.tdm.snr_clip,

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import signal
 import sys
@@ -32,10 +33,17 @@ import torch.distributed as dist
 
 from krea2_train.config.load import to_yaml
 from krea2_train.config.schema import RunConfig
+from krea2_train.devices import to_device
 from krea2_train.files import write_text
 from krea2_train.model.presets import build_model, count_parameters, model_config
 from krea2_train.parallel.attention import attention_backends, check_attention_backends
-from krea2_train.parallel.distributed import DistInfo, broadcast_object, destroy_distributed, init_distributed
+from krea2_train.parallel.distributed import (
+    DistInfo,
+    any_rank_on_host,
+    broadcast_object,
+    destroy_distributed,
+    init_distributed,
+)
 from krea2_train.parallel.grads import clip_grad_norm_
 from krea2_train.parallel.mesh import build_parallel_dims, data_parallel_rank_size, tp_mesh
 from krea2_train.parallel.parallelize import parallelize_dit, shard_frozen_module
@@ -90,6 +98,12 @@ def compute_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
     if mode == "auto":
         mode = "bf16" if device.type == "cuda" else "fp32"
     return torch.bfloat16 if mode == "bf16" else torch.float32
+
+
+def uses_deterministic_algorithms(config: RunConfig, device: torch.device) -> bool:
+    """``parallel.deterministic``, where null means on for CPU and off on CUDA (see the schema)."""
+    setting = config.parallel.deterministic
+    return device.type != "cuda" if setting is None else bool(setting)
 
 
 def trained_networks(model: torch.nn.Module, lr_scales: dict[str, float] | None = None) -> list[list[torch.Tensor]]:
@@ -231,7 +245,7 @@ def reduce_step_values(
     mean_names = sorted(n for n in metrics if metric_reduction(n) == "mean")
     extreme_names = sorted(n for n in metrics if metric_reduction(n) != "mean")
     averaged = torch.stack([loss.float(), *(as_scalar(name) for name in mean_names)])
-    counted = torch.tensor([float(flag) for flag in signals], device=device)
+    counted = to_device(torch.tensor([float(flag) for flag in signals]), device)
     summed = torch.cat([averaged, counted])
     # min as the max of the negation: one MAX all-reduce for both
     extremes = torch.stack([as_scalar(n) if metric_reduction(n) == "max" else -as_scalar(n) for n in extreme_names]) if extreme_names else None
@@ -259,7 +273,9 @@ class Trainer:
         setup_logging(self.dist.rank)
         self.device = self.dist.device
         self.dtype = compute_dtype(config, self.device)
-        if config.parallel.deterministic:
+        if uses_deterministic_algorithms(config, self.device):
+            if self.device.type == "cuda":  # cuBLAS is deterministic only with a fixed workspace
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
         self.runs_root = Path(config.runs_root)
         self.run_dir = self.runs_root / config.run_name
@@ -376,6 +392,9 @@ class Trainer:
             )
         if self.dist.world_size > 1 and self.dp_size > 1:
             shard_frozen_module(conditioner.text_taps.text_model, self.parallel_dims)
+            cache = getattr(self.stage, "cache", None)
+            if cache is not None:  # the sharded encoder's forward is collective: ranks miss together
+                cache.any_rank_misses = any_rank_on_host(self.config.parallel.collective_timeout_s)
         return conditioner
 
     def _build_model(self) -> torch.nn.Module:
