@@ -537,6 +537,21 @@ def test_without_guidance_a_fake_score_equal_to_the_teacher_gives_the_student_no
 
 # ---------------------------------------------------------------------------------------------
 # The trainer end to end (tiny model, CPU)
+def test_krea2_sample_defaults_a_tdm_run_to_its_student_grid(tmp_path):
+    """`krea2 sample --checkpoint <tdm run>` samples as the run's grids do (no CFG on top of the
+    baked-in CFG); other runs keep the raw preset."""
+    from krea2_train.config import to_yaml
+    from krea2_train.train.sample import run_sampler
+
+    for stage, overrides, expected in (("tdm", ["tdm.student_steps=4", "tdm.mu=0.9"], ("turbo", 4, 0.9)),
+                                       ("sft", [], ("raw", None, None))):
+        run_dir = tmp_path / stage
+        run_dir.mkdir()
+        (run_dir / "config.yaml").write_text(to_yaml(load_config(f"stage/{stage}", overrides)))
+        assert run_sampler(run_dir) == expected
+    assert run_sampler(None) == ("raw", None, None)
+
+
 # ---------------------------------------------------------------------------------------------
 
 

@@ -51,6 +51,17 @@ def load_for_sampling(
     return model.eval(), run_dir
 
 
+def run_sampler(run_dir: Path | None) -> tuple[str, int | None, float | None]:
+    """The sampler a run's checkpoints default to: (preset, steps, mu). A TDM run's student
+    samples on its own grid (``tdm.student_steps`` steps shifted by ``tdm.mu``, no guidance: the
+    CFG is baked in); anything else with the ``raw`` preset."""
+    if run_dir is not None and (run_dir / "config.yaml").exists():
+        run_config = OmegaConf.load(run_dir / "config.yaml")
+        if OmegaConf.select(run_config, "stage.kind") == "tdm":
+            return "turbo", int(run_config.tdm.student_steps), float(run_config.tdm.mu)
+    return "raw", None, None
+
+
 def conditioning_settings(args: argparse.Namespace, run_dir: Path | None) -> dict:
     """Conditioning networks: the run's, overridden by what the command line gives."""
     settings = dict(
@@ -95,7 +106,9 @@ def run_sample(args: argparse.Namespace) -> int:
     if height % unit or width % unit:
         raise SystemExit(f"krea2 sample: --height/--width must be multiples of {unit} px with this autoencoder")
     grid = conditioner.grid(height, width)
-    sampler = resolve_sampler_settings(args.preset, grid.num_tokens, num_steps=args.steps, guidance_scale=args.guidance)
+    preset, steps, mu = (args.preset, None, None) if args.preset else run_sampler(run_dir)
+    sampler = resolve_sampler_settings(preset, grid.num_tokens, num_steps=args.steps or steps, guidance_scale=args.guidance, mu=mu)
+    print(f"sampler: {preset} preset, {sampler.num_steps} steps, guidance {sampler.guidance_scale}, mu {sampler.mu:.3f}")
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     images = generate(
         model, conditioner, prompts, height, width, sampler, seed=args.seed, negative_prompt=args.negative_prompt,
@@ -119,7 +132,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="a LoRA (diffusers, ComfyUI or ai-toolkit layout) applied at SCALE (default 1); repeatable")
     parser.add_argument("--out", default="samples")
-    parser.add_argument("--preset", default="raw", help="sampler preset: raw (52 steps, g=3.5) or turbo (8 steps, g=0)")
+    parser.add_argument("--preset", default=None, help="sampler preset: raw (52 steps, g=3.5) or turbo (8 steps, g=0); "
+                        "default: a TDM run's own student grid, else raw")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--resolution", type=int, default=256, help="nominal resolution (Qwen-VAE pixels; 16 px per token)")
