@@ -86,3 +86,16 @@ def test_deterministic_algorithms_default_to_cpu_only():
     assert uses_deterministic_algorithms(load_config("stage/pretrain_256", ["parallel.deterministic=true"]), cuda)
     assert not uses_deterministic_algorithms(load_config("stage/pretrain_256", ["parallel.deterministic=false"]), cpu)
     assert load_config("stage/pretrain_256", ["parallel=cluster"]).parallel.deterministic is False
+
+
+def test_a_list_override_of_the_model_matches_its_recorded_config(tmp_path):
+    """A Hydra override gives a list; model_config.json reads back a tuple: a resume must not see
+    a different model (it refused every restart of such a run)."""
+    from krea2_train.model.presets import model_config
+    from krea2_train.train.checkpoint import check_same_model_config, load_model_config, write_model_config
+
+    config = load_config("stage/pretrain_256", ["++model.overrides.axes_dims_rope=[16,24,24]", "++model.overrides.attention_head_dim=64"])
+    resolved = model_config(config.model.preset, **config.model.overrides)
+    write_model_config(tmp_path, resolved)
+    check_same_model_config(resolved, load_model_config(tmp_path), "this start's model", "the checkpoints")
+    assert resolved["axes_dims_rope"] == (16, 24, 24)

@@ -61,7 +61,9 @@ def model_config(preset: str | Mapping, **overrides) -> dict:
     unknown = sorted(set(config) - set(DEFAULT_CONFIG))
     if unknown:
         raise ValueError(f"unknown Krea2DiT config keys {unknown}; accepted: {sorted(DEFAULT_CONFIG)}")
-    return config
+    # sequences as tuples, as a run's recorded model_config.json reads back (a Hydra override
+    # gives a list, and [16, 24, 24] != (16, 24, 24) refused every resume of such a run)
+    return {key: tuple(value) if isinstance(value, (list, tuple)) else value for key, value in config.items()}
 
 
 def build_model(
