@@ -294,9 +294,10 @@ def parallelize_dit(
     if fsdp:
         apply_fsdp(model, fsdp_mesh(parallel_dims), param_dtype, reduce_dtype)
     elif param_dtype != torch.float32:  # the root and whatever a stage calls outside its forward
-        dits = [*auxiliary_dits(model), model]
-        for module in [*getattr(model, "auxiliary", {}).values(), model]:
-            apply_autocast(module, param_dtype, cast_inputs=any(module is dit for dit in dits))
+        from krea2_train.model.dit import Krea2DiT
+
+        for module in [*getattr(model, "auxiliary", {}).values(), model]:  # a DiT casts its inputs, as FSDP2's root
+            apply_autocast(module, param_dtype, cast_inputs=isinstance(module, Krea2DiT))
     return model
 
 

@@ -94,6 +94,12 @@ def check_step_grid(sigmas: torch.Tensor) -> None:
         raise ValueError(f"a step grid's sigmas must strictly decrease, got {sigmas.tolist()}")
 
 
+def student_sampler(tdm: TdmConfig) -> SamplerSettings:
+    """The student's sampler: ``student_steps`` Euler steps shifted by ``tdm.mu``, no guidance
+    (the CFG is baked in). Its sample grids and ``krea2 sample`` of a TDM run use it."""
+    return SamplerSettings(num_steps=int(tdm.student_steps), guidance_scale=0.0, mu=float(tdm.mu))
+
+
 def student_sigmas(num_steps: int, mu: float) -> torch.Tensor:
     """The student's K-step grid ``[K + 1]`` float32, 1 -> 0: the Turbo sampler's shifted sigmas
     (``inference_sigmas(K, mu)``), so the student trains on the grid it is sampled on."""
@@ -371,9 +377,8 @@ class TdmStage:
         self.lr_scales = {FAKE_SCORE_PREFIX: self.tdm.fake_lr_scale}
 
     def sample_settings(self, num_image_tokens: int) -> SamplerSettings:
-        """Sample grids show the student on its own grid: ``student_steps`` Euler steps shifted by
-        ``tdm.mu``, no guidance (the CFG is baked in); ``logging.sample_*`` do not apply."""
-        return SamplerSettings(num_steps=self.tdm.student_steps, guidance_scale=0.0, mu=self.tdm.mu)
+        """Sample grids show the student on its own grid (:func:`student_sampler`); ``logging.sample_*`` do not apply."""
+        return student_sampler(self.tdm)
 
     # -- networks ---------------------------------------------------------------------------------
 

@@ -55,10 +55,13 @@ def run_sampler(run_dir: Path | None) -> tuple[str, int | None, float | None]:
     """The sampler a run's checkpoints default to: (preset, steps, mu). A TDM run's student
     samples on its own grid (``tdm.student_steps`` steps shifted by ``tdm.mu``, no guidance: the
     CFG is baked in); anything else with the ``raw`` preset."""
+    from krea2_train.stages.tdm import student_sampler
+
     if run_dir is not None and (run_dir / "config.yaml").exists():
         run_config = OmegaConf.load(run_dir / "config.yaml")
         if OmegaConf.select(run_config, "stage.kind") == "tdm":
-            return "turbo", int(run_config.tdm.student_steps), float(run_config.tdm.mu)
+            student = student_sampler(run_config.tdm)
+            return "turbo", student.num_steps, student.mu
     return "raw", None, None
 
 
