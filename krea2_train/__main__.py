@@ -33,16 +33,20 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(config), end="")
         return 0
 
+    from krea2_train.errors import report_user_errors
     from krea2_train.stages import StageConfigError
     from krea2_train.train.trainer import run
 
-    try:
-        run_dir = run(config)
-    except StageConfigError as error:  # raised before any heavy work
-        print(f"krea2_train: bad config: {error}", file=sys.stderr)
-        return 2
-    print(f"run directory: {run_dir}")
-    return 0
+    def train() -> int:
+        try:
+            run_dir = run(config)
+        except StageConfigError as error:  # raised before any heavy work
+            print(f"krea2_train: bad config: {error}", file=sys.stderr)
+            return 2
+        print(f"run directory: {run_dir}")
+        return 0
+
+    return report_user_errors("krea2_train", train)  # a corrupt checkpoint, a full disk: a message, not a traceback
 
 
 if __name__ == "__main__":

@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    from krea2_train.errors import report_user_errors
+
+    return report_user_errors("krea2", lambda: int(args.func(args) or 0))
 
 
 if __name__ == "__main__":

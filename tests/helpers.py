@@ -32,3 +32,15 @@ def save_perturbed_tiny_base(path, scale: float = 0.05) -> torch.nn.Module:
             parameter.add_(torch.randn_like(parameter) * scale)
     save_model(base, path, layout="original")
     return base
+
+
+def krea2_error(argv: list[str], capsys) -> str:
+    """Run ``krea2 ARGV``, which must fail with a user error (exit 1, one ``krea2: error:``
+    message, no traceback); returns the message."""
+    from krea2_train.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 1
+    printed = capsys.readouterr().err
+    assert printed.startswith("krea2: error: ") and "Traceback" not in printed, printed
+    return printed

@@ -14,11 +14,12 @@ from krea2_train.model import layouts
 from krea2_train.train.checkpoint import (
     CheckpointManager,
     ModelOptimizerState,
-    NoCheckpointError,
     TrainState,
     write_model_config,
 )
 from krea2_train.train.commands import normalised_weights
+
+from helpers import krea2_error
 
 TINY = PRESETS["tiny"]
 
@@ -111,21 +112,19 @@ def test_a_bf16_export_samples_in_the_chosen_dtype(run, tmp_path):
         assert np.asarray(Image.open(tmp_path / dtype / "sample-000.png")).shape == (16, 16, 3)
 
 
-def test_export_without_a_committed_checkpoint_fails_clearly(tmp_path):
+def test_export_without_a_committed_checkpoint_fails_clearly(tmp_path, capsys):
     write_model_config(tmp_path / "empty", build_model("tiny").config)
-    with pytest.raises(NoCheckpointError, match="no committed checkpoint"):
-        krea2(["export", str(tmp_path / "empty"), "--layout", "diffusers", "--out", str(tmp_path / "out")])
+    assert "no committed checkpoint" in krea2_error(["export", str(tmp_path / "empty"), "--layout", "diffusers", "--out", str(tmp_path / "out")], capsys)
 
 
-def test_average_of_the_last_k_checkpoints_is_their_mean(run, tmp_path):
+def test_average_of_the_last_k_checkpoints_is_their_mean(run, tmp_path, capsys):
     run_dir, saved = run
     out = tmp_path / "pma.safetensors"
     assert krea2(["average", str(run_dir), "--last", "2", "--layout", "original", "--out", str(out)]) == 0
     weights, _ = layouts.load_state_dict(out)
     expected = {key: (saved[20][key] + saved[30][key]) / 2 for key in saved[30]}
     assert_same_weights(weights, expected, atol=1e-7)
-    with pytest.raises(NoCheckpointError, match="fewer than --last 4"):
-        krea2(["average", str(run_dir), "--last", "4", "--out", str(tmp_path / "x")])
+    assert "fewer than --last 4" in krea2_error(["average", str(run_dir), "--last", "4", "--out", str(tmp_path / "x")], capsys)
 
 
 def test_merge_mixes_runs_and_files_of_either_layout_by_weight(run, tmp_path):
@@ -147,13 +146,12 @@ def test_merge_mixes_runs_and_files_of_either_layout_by_weight(run, tmp_path):
     assert config == other.config
 
 
-def test_merge_refuses_checkpoints_of_different_configs(run, tmp_path):
+def test_merge_refuses_checkpoints_of_different_configs(run, tmp_path, capsys):
     run_dir, _ = run
     wider = random_model(9, intermediate_size=128)
     wider_file = tmp_path / "wider.safetensors"
     layouts.save_original(wider.state_dict(), wider_file, wider.config)
-    with pytest.raises(layouts.CheckpointError, match="intermediate_size: 256 vs 128"):
-        krea2(["merge", str(run_dir), str(wider_file), "--out", str(tmp_path / "merged")])
+    assert "intermediate_size: 256 vs 128" in krea2_error(["merge", str(run_dir), str(wider_file), "--out", str(tmp_path / "merged")], capsys)
 
 
 def test_merge_weights_are_validated():

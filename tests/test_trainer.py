@@ -13,6 +13,7 @@ import torch
 
 from krea2_train.config import load_config
 from krea2_train.model.dit import AUXILIARY_PREFIX
+from krea2_train.model.presets import build_model, model_config
 from krea2_train.stages import StageConfigError
 
 from helpers import random_tiny_model
@@ -394,3 +395,18 @@ def test_init_from_is_pinned_to_the_checkpoint_the_run_started_from(tmp_path):
     # a checkpoint path with a step: the step needs a run
     with pytest.raises(NoCheckpointError, match="is a checkpoint itself: a step \\(1\\) picks a checkpoint of a run"):
         find_run_checkpoint(base / "checkpoints" / "step-00000002", step=1)
+
+
+def test_init_from_another_model_is_refused_naming_what_differs(tmp_path):
+    """stage.init_from pointing at another model's checkpoint is refused before any weight is
+    loaded, naming the differing keywords (not PyTorch's size-mismatch dump); keywords no shape
+    shows (rope_theta) may change between the checkpoint and the run."""
+    from krea2_train.model import layouts
+    from krea2_train.model.layouts import CheckpointError
+    from krea2_train.train.trainer import load_initial_weights
+
+    path = layouts.save_model(build_model("tiny", num_layers=2), tmp_path / "two_layers.safetensors", layout="original")
+    with pytest.raises(CheckpointError, match=r"stage.init_from's checkpoint .*two_layers.safetensors.*num_layers: 3 vs 2"):
+        load_initial_weights(path, model_config("tiny", num_layers=3))
+    weights = load_initial_weights(path, model_config("tiny", num_layers=2, rope_theta=1e5))
+    build_model("tiny", num_layers=2).load_state_dict(weights, strict=True)

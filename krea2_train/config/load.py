@@ -14,11 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from krea2_train.config.schema import STAGE_KINDS, RunConfig
+from krea2_train.errors import Krea2Error
 
 CONFIG_DIR = Path(os.environ.get("KREA2_CONFIG_DIR", Path(__file__).resolve().parents[2] / "configs"))
 
 
-class ConfigError(ValueError):
+class ConfigError(Krea2Error, ValueError):
     """A configuration that cannot be used; the message names the key."""
 
 

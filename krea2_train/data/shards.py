@@ -36,6 +36,7 @@ import pyarrow as pa
 from PIL import Image
 
 from krea2_train.data.buckets import Bucket
+from krea2_train.errors import Krea2Error
 from krea2_train.files import publish, temporary_path, write_text
 
 FORMAT_VERSION = 1
@@ -56,7 +57,7 @@ SHARD_SCHEMA = pa.schema(
 )
 
 
-class ShardError(Exception):
+class ShardError(Krea2Error):
     """A shard that cannot be read; ``path`` names the file, ``row`` the row when one is at fault."""
 
     def __init__(self, path: str | Path, message: str, row: int | None = None):

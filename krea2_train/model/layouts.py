@@ -34,6 +34,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from krea2_train.errors import Krea2Error
 from krea2_train.files import published, write_text
 from krea2_train.model.dit import AUXILIARY_PREFIX, DEFAULT_CONFIG, Krea2DiT
 from krea2_train.model.presets import build_model
@@ -46,7 +47,7 @@ ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 CONFIG_METADATA_KEY = "krea2_config"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(Krea2Error, ValueError):
     """A checkpoint that cannot be read as a Krea 2 DiT: corrupt, foreign or mismatched."""
 
 
@@ -641,6 +642,9 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return state_dict, checkpoint.config
 
 
+SHAPELESS_KEYS = ("axes_dims_rope", "rope_theta", "norm_eps")  # Krea2DiT keywords no weight's shape shows
+
+
 def infer_config(shapes: Mapping[str, Sequence[int]]) -> dict:
     """Recover Krea2DiT keywords from diffusers-keyed tensor shapes.
 
@@ -683,7 +687,7 @@ def infer_config(shapes: Mapping[str, Sequence[int]]) -> dict:
             f"the checkpoint records no config and its head dim {head_dim} is not Krea 2's "
             f"{DEFAULT_CONFIG['attention_head_dim']}, so the rotary split axes_dims_rope is unknown; pass config="
         )
-    return {**config, **{key: DEFAULT_CONFIG[key] for key in ("axes_dims_rope", "rope_theta", "norm_eps")}}
+    return {**config, **{key: DEFAULT_CONFIG[key] for key in SHAPELESS_KEYS}}
 
 
 def load_model(

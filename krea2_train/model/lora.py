@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from krea2_train.errors import Krea2Error
+
 # Attention q/k/v/out/gate and the SwiGLU of every transformer block.
 DEFAULT_TARGETS: tuple[str, ...] = (
     r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|to_gate)",
@@ -42,7 +44,7 @@ LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 _FLOAT8_MAX = torch.finfo(torch.float8_e4m3fn).max
 
 
-class LoRAError(ValueError):
+class LoRAError(Krea2Error, ValueError):
     """A LoRA that does not fit a model, or a LoRA setting that cannot work."""
 
 

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from krea2_train.config.schema import Float8Config
+from krea2_train.errors import Krea2Error
 
 __all__ = [
     "FLOAT8_BACKENDS",
@@ -68,7 +69,7 @@ FLOAT8_DIM_MULTIPLE = 16
 TRANSFORMER_ENGINE_RECIPES = {"tensorwise": "Float8CurrentScaling", "rowwise": "Float8BlockScaling"}
 
 
-class Float8UnavailableError(RuntimeError):
+class Float8UnavailableError(Krea2Error, RuntimeError):
     """Float8 training was requested where it cannot run, and the config forbids the fallback."""
 
 

@@ -17,6 +17,7 @@ import torch
 
 from krea2_train.conditioning.conditioner import Conditioner
 from krea2_train.data.plan import hash_u64, unit_interval
+from krea2_train.errors import Krea2Error
 
 # Purposes of keyed randomness (distinct streams per purpose).
 NOISE, TIMESTEP, CAPTION_DROPOUT = 11, 12, 13
@@ -94,5 +95,5 @@ def frozen_copy_of_initial(config, initial_weights: dict[str, torch.Tensor] | No
     return model
 
 
-class StageConfigError(ValueError):
+class StageConfigError(Krea2Error, ValueError):
     """Stage settings that cannot train (the message names the key); raised before any heavy work."""

@@ -1,7 +1,9 @@
 """Store exceptions."""
 
+from krea2_train.errors import Krea2Error
 
-class StoreError(RuntimeError):
+
+class StoreError(Krea2Error, RuntimeError):
     """A store-level failure with an explanation (bad migration, bad input)."""
 
 

@@ -57,6 +57,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from krea2_train.errors import Krea2Error
 from krea2_train.files import fsync_path, write_text
 from krea2_train.parallel.compat import world_collective_timeout
 
@@ -73,15 +74,15 @@ TMP_SUFFIX = ".tmp"
 _STEP_PREFIX = "step-"
 
 
-class NoCheckpointError(FileNotFoundError):
+class NoCheckpointError(Krea2Error, FileNotFoundError):
     """A run (or a requested step) has no committed checkpoint."""
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(Krea2Error, RuntimeError):
     """Writing or committing a checkpoint failed; the previous checkpoint stays the latest."""
 
 
-class CheckpointVerificationError(RuntimeError):
+class CheckpointVerificationError(Krea2Error, RuntimeError):
     """A checkpoint directory does not hold the files its metadata or manifest promise."""
 
 

@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -202,11 +203,20 @@ def _resolve_and_record_init_from(init_from: str, runs_root: Path, record: Path)
     return checkpoint
 
 
-def load_initial_weights(checkpoint: Path | None) -> dict[str, torch.Tensor] | None:
-    """The weights of ``stage.init_from``'s checkpoint (see :func:`pinned_init_checkpoint`)."""
+def load_initial_weights(checkpoint: Path | None, model_config: Mapping) -> dict[str, torch.Tensor] | None:
+    """The weights of ``stage.init_from``'s checkpoint (see :func:`pinned_init_checkpoint`).
+
+    Raises:
+        CheckpointError: the checkpoint is another model: its weights' shapes differ from the
+            run's ``model_config`` (the keywords no shape shows, such as ``rope_theta``, may change).
+    """
     if checkpoint is None:
         return None
-    weights, _ = load_checkpoint_weights(checkpoint)
+    from krea2_train.model.layouts import SHAPELESS_KEYS
+
+    weights, checkpoint_config = load_checkpoint_weights(checkpoint)
+    shaped = lambda config: {key: value for key, value in config.items() if key not in SHAPELESS_KEYS}  # noqa: E731
+    check_same_model_config(shaped(checkpoint_config), shaped(model_config), f"stage.init_from's checkpoint {checkpoint}", "this run's model")
     return weights
 
 
@@ -401,7 +411,7 @@ class Trainer:
         config = self.config
         torch.manual_seed(config.seed)  # identical initial weights on every rank and world size
         model = build_model(config.model.preset, **config.model.overrides)
-        initial = load_initial_weights(self.init_checkpoint) if self.fresh_start else None
+        initial = load_initial_weights(self.init_checkpoint, self.model_config) if self.fresh_start else None
         if initial is not None:
             model.load_state_dict(initial, strict=True)
             logger.info("initialised from %s", config.stage.init_from)
@@ -427,7 +437,7 @@ class Trainer:
             return {}
         if self.parallel_dims.tp_enabled:
             raise ValueError(f"stage kind {self.config.stage.kind!r} does not support tensor parallelism (parallel.tp={self.config.parallel.tp}); use parallel.tp=1")
-        frozen = self.stage.frozen_models(load_initial_weights(self.init_checkpoint))
+        frozen = self.stage.frozen_models(load_initial_weights(self.init_checkpoint, self.model_config))
         for name, module in frozen.items():
             module.requires_grad_(False)
             module.to(self.device)

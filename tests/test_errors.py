@@ -1,0 +1,57 @@
+"""User errors reach the command line as one message and exit 1; bugs keep their traceback."""
+
+import errno
+import subprocess
+import sys
+
+import pytest
+
+from krea2_train.errors import EXIT_USER_ERROR, report_user_errors
+from krea2_train.model.layouts import CheckpointError
+from krea2_train.store.errors import StoreUnavailable
+from krea2_train.train.checkpoint import CheckpointWriteError, NoCheckpointError
+
+
+@pytest.mark.parametrize("error", [
+    CheckpointError("checkpoint.safetensors is another model"),
+    NoCheckpointError("run x has no committed checkpoint"),
+    StoreUnavailable("cannot reach PostgreSQL at localhost:5432"),
+    CheckpointWriteError("disk full while writing step-00000010"),
+    OSError(errno.ENOSPC, "No space left on device", "runs/x/checkpoints/step-00000010"),
+])
+def test_user_errors_print_one_line_and_exit_1(error, capsys):
+    def fail() -> int:
+        raise error
+
+    assert report_user_errors("krea2", fail) == EXIT_USER_ERROR
+    printed = capsys.readouterr().err
+    assert printed.startswith("krea2: error: ") and str(error) in printed and "Traceback" not in printed
+
+
+@pytest.mark.parametrize("error", [KeyError("model.weight"), OSError(errno.EIO, "I/O error"), RuntimeError("CUDA error")])
+def test_bugs_and_unexplained_errors_keep_their_traceback(error):
+    def fail() -> int:
+        raise error
+
+    with pytest.raises(type(error)):
+        report_user_errors("krea2", fail)
+
+
+def test_krea2_traceback_shows_every_traceback(monkeypatch):
+    monkeypatch.setenv("KREA2_TRACEBACK", "1")
+
+    def fail() -> int:
+        raise CheckpointError("corrupt")
+
+    with pytest.raises(CheckpointError):
+        report_user_errors("krea2", fail)
+
+
+def test_krea2_command_reports_a_corrupt_checkpoint_without_a_traceback(tmp_path):
+    corrupt = tmp_path / "model.safetensors"
+    corrupt.write_bytes(b"garbage")
+    export = [sys.executable, "-m", "krea2_train.cli", "export", str(corrupt), "--layout", "diffusers", "--out", str(tmp_path / "out")]
+    done = subprocess.run(export, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("krea2: error: ") and "truncated or not a safetensors file" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
