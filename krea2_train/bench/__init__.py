@@ -2,7 +2,9 @@
 
 A benchmark module defines ``add_arguments(parser)`` and ``run(args) -> list[dict]``, each row
 ``{"bench", "metric", "value", "unit", "target", "met"}``. ``krea2 bench all`` runs every CPU
-benchmark with its defaults.
+benchmark with its defaults (the train benchmark on the CPU even where a GPU exists), prints each
+one's rows as it finishes, goes on past a benchmark that fails, and ends with one table of every
+result and the failures, if any (exit status 1).
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import sys
+import traceback
+from types import ModuleType
 
 # subcommand -> benchmark modules it runs
 BENCHES: dict[str, list[str]] = {
@@ -18,6 +23,8 @@ BENCHES: dict[str, list[str]] = {
     "ckpt": ["krea2_train.bench.ckpt"],
     "mttr": ["krea2_train.bench.mttr"],
 }
+# the command-line options `krea2 bench all` gives a benchmark module, on top of its defaults
+ALL_OPTIONS: dict[str, list[str]] = {"krea2_train.bench.train": ["--device", "cpu"]}
 
 
 def format_table(rows: list[dict]) -> str:
@@ -43,21 +50,45 @@ def _modules(name: str) -> list:
     return [importlib.import_module(module) for module in BENCHES[name]]
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    names = list(BENCHES) if args.bench == "all" else [args.bench]
-    rows: list[dict] = []
-    for name in names:
-        for module in _modules(name):
-            module_args = args
-            if args.bench == "all":
-                parser = argparse.ArgumentParser()
-                module.add_arguments(parser)
-                module_args = parser.parse_args([])
-            rows.extend(module.run(module_args))
-    print(format_table(rows))
-    if args.json:
-        with open(args.json, "w") as handle:
+def _write_json(rows: list[dict], path: str | None) -> None:
+    if path:
+        with open(path, "w") as handle:
             json.dump(rows, handle, indent=2)
+
+
+def all_suite_args(module: ModuleType) -> argparse.Namespace:
+    """A benchmark module's defaults, plus what ``ALL_OPTIONS`` sets for it."""
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser.parse_args(ALL_OPTIONS.get(module.__name__, []))
+
+
+def run_all(args: argparse.Namespace) -> int:
+    """Every benchmark module in turn; a failure is reported and the next one runs. 1 if any failed."""
+    rows: list[dict] = []
+    failures: list[tuple[str, BaseException]] = []
+    for module in (module for name in BENCHES for module in _modules(name)):
+        try:
+            module_rows = module.run(all_suite_args(module))
+        except Exception as error:
+            traceback.print_exc()  # now, with the traceback; the summary at the end names it again
+            failures.append((module.__name__, error))
+            continue
+        print(format_table(module_rows), end="\n\n", flush=True)
+        rows.extend(module_rows)
+    print(format_table(rows))
+    _write_json(rows, args.json)
+    for name, error in failures:
+        print(f"FAILED {name}: {type(error).__name__}: {error}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.bench == "all":
+        return run_all(args)
+    rows = [row for module in _modules(args.bench) for row in module.run(args)]
+    print(format_table(rows))
+    _write_json(rows, args.json)
     return 0
 
 
@@ -70,6 +101,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         for module in _modules(name):
             module.add_arguments(sub)
         sub.set_defaults(func=run_bench)
-    everything = benches.add_parser("all", help="every CPU benchmark with its defaults, one table")
+    everything = benches.add_parser("all", help="every CPU benchmark with its defaults, one table; exit status 1 if any failed")
     everything.add_argument("--json", default=None)
     everything.set_defaults(func=run_bench)

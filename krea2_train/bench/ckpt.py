@@ -4,7 +4,10 @@ rate as a fraction of the disk's sequential write bandwidth, measured in the sam
 One process saves a model with its AdamW state (one optimizer step taken, so both moments exist)
 through :class:`~krea2_train.train.checkpoint.CheckpointManager` in async mode, several times;
 the median save is reported. A save blocks training while it snapshots the state to host memory
-(``blocked``); the full write time runs from the start of the save to the fsynced files; the
+(``blocked``: the ``save()`` call); the full write time runs from the start of the save to the
+committed checkpoint: files fsynced, verified, ``manifest.json`` written and the directory renamed
+to ``step-N`` and fsynced, the point from which a restart finds it. The previous checkpoint is
+deleted before each save, so the retention pass inside the timed write has nothing to delete. The
 write rate is the checkpoint's bytes over the part of the write that runs in the background (full
 minus blocked), the phase that competes with the disk. The disk's bandwidth is measured by
 writing a file of the same size in 64 MiB chunks to the same directory and fsyncing it, as DCP
@@ -17,9 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -69,15 +74,33 @@ def disk_write_bytes_per_s(directory: Path, total_bytes: int) -> float:
     return total_bytes / elapsed
 
 
-def time_saves(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, saves: int) -> list[dict]:
-    """Blocked and full write seconds and bytes of ``saves`` async checkpoints."""
+def remove_checkpoints(manager: CheckpointManager) -> None:
+    for path in manager.committed().values():
+        shutil.rmtree(path)
+
+
+def time_saves(
+    run_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    saves: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[dict]:
+    """Blocked and full write seconds (to the committed checkpoint) and bytes of ``saves`` async checkpoints.
+
+    The last checkpoint stays in ``run_dir``.
+    """
     results = []
     with CheckpointManager(run_dir, interval=1, keep_last=1, async_mode="async") as manager:
         for step in range(1, saves + 1):
+            remove_checkpoints(manager)
+            started = clock()
             manager.save(step, {"model_optim": ModelOptimizerState(model, optimizer)})
-            manager.wait()
+            blocked_s = clock() - started
+            manager.wait()  # the background write and the commit
+            write_s = clock() - started
             manifest = (manager.committed()[step] / "manifest.json").read_text()
-            results.append({"blocked_s": manager.last_blocked_s, "write_s": manager.last_write_s, "bytes": json.loads(manifest)["bytes"]})
+            results.append({"blocked_s": blocked_s, "write_s": write_s, "bytes": json.loads(manifest)["bytes"]})
     return results
 
 

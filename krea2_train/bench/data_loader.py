@@ -42,14 +42,20 @@ def write_bench_shards(out_dir: Path, resolution: int, samples: int, image_forma
     return Manifest(shards)
 
 
-def loader_samples_per_s(manifest: Manifest, batch: int, workers: int) -> float:
+def time_epoch_after_first_batch(manifest: Manifest, batch: int, workers: int) -> tuple[int, float]:
+    """Samples read after the first batch to the end of the epoch, and the seconds they took."""
     loader = ShardLoader(manifest, LoaderConfig(global_batch_size=batch, num_workers=workers))
     iterator = iter(loader)
     next(iterator)
     count, start = 0, time.perf_counter()
     for item in iterator:
         count += item.images.shape[0]
-    return count / (time.perf_counter() - start)
+    return count, time.perf_counter() - start
+
+
+def loader_samples_per_s(manifest: Manifest, batch: int, workers: int) -> float:
+    count, seconds = time_epoch_after_first_batch(manifest, batch, workers)
+    return count / seconds
 
 
 def run(args: argparse.Namespace) -> list[dict]:

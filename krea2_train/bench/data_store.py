@@ -12,6 +12,7 @@ Targets (2 cores): >= 10,000 claimed rows/s, >= 40,000 upserted rows/s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import random
 import tempfile
@@ -153,30 +154,38 @@ def _record(bench: str, metric: str, value: float, unit: str, target: float) -> 
     }
 
 
-def run(args) -> list[dict]:
+@contextlib.contextmanager
+def seeded_database(server_dsn: str, queue_rows: int):
+    """A scratch database, migrated, with ``queue_rows`` pending jobs; dropped on exit. Each
+    timed phase gets its own, so a phase never runs short of the rows an earlier one consumed."""
     from krea2_train.store import open_store
+
+    name, dsn = _scratch_database(server_dsn)
+    try:
+        open_store(dsn).close()  # migrations
+        _seed_queue(dsn, queue_rows)
+        yield dsn
+    finally:
+        _drop_database(server_dsn, name)
+
+
+def run(args) -> list[dict]:
     from krea2_train.store.embedded import EmbeddedServer
 
     with tempfile.TemporaryDirectory(prefix="krea2-bench-") as scratch:
         embedded = None if args.dsn else EmbeddedServer(scratch)
         server_dsn = args.dsn or embedded.dsn
-        name, dsn = _scratch_database(server_dsn)
         try:
-            open_store(dsn).close()  # migrations
-            _seed_queue(dsn, args.queue_rows)
-            cycle_rate = _run_processes(
-                _queue_worker, [(dsn, args.queue_batch, True)] * args.queue_workers, args.seconds
-            )
-            claim_rate = _run_processes(
-                _queue_worker, [(dsn, args.queue_batch, False)] * args.queue_workers, args.seconds
-            )
-            upsert_rate = _run_processes(
-                _upsert_writer,
-                [(dsn, args.upsert_batch, args.upsert_keys, seed) for seed in range(args.upsert_writers)],
-                args.seconds,
-            )
+            with seeded_database(server_dsn, args.queue_rows) as dsn:
+                cycle_rate = _run_processes(_queue_worker, [(dsn, args.queue_batch, True)] * args.queue_workers, args.seconds)
+            with seeded_database(server_dsn, args.queue_rows) as dsn:
+                claim_rate = _run_processes(_queue_worker, [(dsn, args.queue_batch, False)] * args.queue_workers, args.seconds)
+                upsert_rate = _run_processes(
+                    _upsert_writer,
+                    [(dsn, args.upsert_batch, args.upsert_keys, seed) for seed in range(args.upsert_writers)],
+                    args.seconds,
+                )
         finally:
-            _drop_database(server_dsn, name)
             if embedded is not None:
                 embedded.stop()
     queue_setup = f"{args.queue_workers} workers, batch {args.queue_batch}"

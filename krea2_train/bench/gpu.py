@@ -14,13 +14,16 @@ import torch
 
 __all__ = ["measured_matmul_flops", "spec_peak_flops", "synchronize"]
 
-# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from the vendors' data sheets.
+# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from the vendors' data sheets (half the
+# "with sparsity" figure). A device name matches its longest key, so a variant ("H200 NVL") is
+# found before its family ("H200", the SXM part).
 SPEC_BF16_DENSE_FLOPS: dict[str, float] = {
     "H100 SXM": 989.4e12,
     "H100 80GB HBM3": 989.4e12,
     "H100 NVL": 835.5e12,
     "H100 PCIe": 756.5e12,
     "H200": 989.4e12,
+    "H200 NVL": 835.5e12,
     "GH200": 989.4e12,
     "A100": 312e12,
 }

@@ -1,0 +1,24 @@
+"""``krea2 bench mttr`` on the tiny model: a rank is killed, torchrun restarts the group, and the
+bench reports the recovery it measured and the run log's (no speed is asserted)."""
+
+import argparse
+import math
+
+import pytest
+
+from krea2_train.bench import mttr as bench_mttr
+
+
+@pytest.mark.slow
+def test_mttr_bench_measures_a_real_restart(public_tmp_dir):
+    parser = argparse.ArgumentParser()
+    bench_mttr.add_arguments(parser)
+    args = parser.parse_args(["--mttr-models", "tiny", "--mttr-kill-step", "3", "--mttr-dir", str(public_tmp_dir)])
+    measured, logged = bench_mttr.run(args)
+    assert measured["metric"] == "tiny: SIGKILL -> first step after restart"
+    assert logged["metric"] == "tiny: recovery in the run log"
+    for row in (measured, logged):
+        assert row["bench"] == "mttr" and row["unit"] == "s"
+        assert row["value"] > 0 and math.isfinite(row["value"])
+    assert measured["met"] == (measured["value"] < bench_mttr.TINY_TARGET_S)
+    assert list(public_tmp_dir.iterdir()) == []  # its runs are removed
