@@ -32,6 +32,8 @@ from krea2_train.data.pack import PackSettings, pack_dataset
 from krea2_train.store import StoreError
 from krea2_train.store.queue import get_job, run_worker
 
+from helpers import krea2_error
+
 # a long-tailed pool of flat-colour images: many reds, a few of everything else
 COLOURS = {"red": ((220, 30, 30), 24), "green": ((30, 200, 40), 6), "blue": ((30, 40, 220), 4), "yellow": ((230, 220, 40), 2), "white": ((250, 250, 250), 2)}
 SETTINGS = KMeansSettings(levels=(6, 3), resample_steps=2, points_per_cluster=3, seed=0)
@@ -247,6 +249,8 @@ def test_data_balance_and_curate_commands(fresh_database_dsn, tmp_path, capsys):
         krea2(["data", "filter", *store_args, "--dataset", "pool", "--min", "rgb_entropy", "--name", "bad"])
     with pytest.raises(SystemExit, match="bottom-up"):
         krea2(["data", "balance", *store_args, "--dataset", "pool", "--target", "5", "--levels", "2", "6", "--name", "bad"])
+    assert "--min/--max 'uri' is not a numeric column" in krea2_error(
+        ["data", "filter", *store_args, "--dataset", "pool", "--min", "uri=0.5", "--name", "bad"], capsys)
 
 
 def test_midtrain_stage_trains_on_the_balanced_selection(tmp_path, fresh_database_dsn):

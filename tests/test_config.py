@@ -99,3 +99,16 @@ def test_a_list_override_of_the_model_matches_its_recorded_config(tmp_path):
     write_model_config(tmp_path, resolved)
     check_same_model_config(resolved, load_model_config(tmp_path), "this start's model", "the checkpoints")
     assert resolved["axes_dims_rope"] == (16, 24, 24)
+
+
+def test_a_dsn_password_is_never_written_or_printed():
+    """runs/<run>/config.yaml and --print-config show data.dsn without its password; the run
+    itself keeps the real DSN."""
+    from krea2_train.config import to_yaml
+
+    config = load_config("stage/pretrain_256", ["data.dsn=postgresql://krea2:s3cret@db.internal:5433/krea2"])
+    written = to_yaml(config)
+    assert "s3cret" not in written and "password=***" in written and "host=db.internal" in written
+    assert config.data.dsn == "postgresql://krea2:s3cret@db.internal:5433/krea2"
+    passwordless = load_config("stage/pretrain_256", ["data.dsn=postgresql://krea2@db.internal/krea2"])
+    assert "dsn: postgresql://krea2@db.internal/krea2" in to_yaml(passwordless)

@@ -15,6 +15,7 @@ from krea2_train.train.checkpoint import (
     CheckpointManager,
     ModelOptimizerState,
     TrainState,
+    find_run_checkpoint,
     write_model_config,
 )
 from krea2_train.train.commands import normalised_weights
@@ -166,3 +167,16 @@ def test_merge_weights_are_validated():
 def test_run_config_is_recorded_as_json(tmp_path):
     path = write_model_config(tmp_path, build_model("tiny").config)
     assert json.loads(path.read_text())["axes_dims_rope"] == list(TINY["axes_dims_rope"])
+
+
+def test_a_run_directory_stays_the_run_after_an_export_into_it(run, tmp_path, capsys):
+    """An export is refused as --out of a run directory; a diffusers export placed there anyway
+    does not shadow the run: the run's newest checkpoint is still what its path stands for."""
+    run_dir, saved = run
+    assert "is a run directory" in krea2_error(["export", str(run_dir), "--layout", "diffusers", "--out", str(run_dir)], capsys)
+    assert not (run_dir / "config.json").exists()
+    layouts.save_diffusers(random_model(5).state_dict(), run_dir, TINY)  # copied in by hand
+    assert find_run_checkpoint(run_dir).name == "step-00000030"
+    out = tmp_path / "exported.safetensors"
+    assert krea2(["export", str(run_dir), "--layout", "original", "--out", str(out)]) == 0
+    assert_same_weights(layouts.load_state_dict(out)[0], saved[30], atol=0)

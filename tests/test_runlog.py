@@ -204,3 +204,14 @@ def test_runs_report_command(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "krea2_train.cli", "runs", "report", "nope", "--runs-root", str(tmp_path)],
                              capture_output=True, text=True)
     assert missing.returncode != 0 and "neither a run directory nor a run under" in missing.stderr
+    # a directory of the same name in the working directory that is not a run does not shadow it
+    (tmp_path / "demo").mkdir()
+    shadowed = subprocess.run([sys.executable, "-m", "krea2_train.cli", "runs", "report", "demo", "--runs-root", "runs"],
+                              capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert shadowed.returncode == 0 and "2 failure(s)" in shadowed.stdout, shadowed.stderr
+    # an unreachable database is named in one line, not a traceback
+    unreachable = subprocess.run([sys.executable, "-m", "krea2_train.cli", "runs", "report", "demo", "--runs-root", "runs",
+                                  "--from-db", "--dsn", "postgresql://krea2:secret@127.0.0.1:9/runs"],
+                                 capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert unreachable.returncode == 1 and "krea2: error: cannot reach PostgreSQL at 127.0.0.1:9/runs" in unreachable.stderr
+    assert "Traceback" not in unreachable.stderr and "secret" not in unreachable.stderr

@@ -33,8 +33,8 @@ def compose(config: str, overrides: list[str] | None = None) -> DictConfig:
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
 
-    overrides = list(overrides or [])
-    overrides = [_check_override_key(override) for override in overrides]
+    given = list(overrides or [])
+    overrides = [_check_override_key(override) for override in given]
     group, _, option = config.partition("/")
     if not option:
         raise ConfigError(f"--config must look like GROUP/NAME (e.g. stage/pretrain_256), got {config!r}")
@@ -44,7 +44,7 @@ def compose(config: str, overrides: list[str] | None = None) -> DictConfig:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             return hydra_compose(config_name="config", overrides=[f"{group}={option}", *overrides])
     except HydraException as error:
-        raise ConfigError(f"cannot compose {config!r} with overrides {overrides}: {error}") from None
+        raise ConfigError(f"cannot compose {config!r} with overrides {given}: {error}") from None
 
 
 def _check_override_key(override: str) -> str:
@@ -249,4 +249,11 @@ def load_config(config: str, overrides: list[str] | None = None) -> RunConfig:
 
 
 def to_yaml(config: RunConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(config))
+    """The config as YAML, as a run records it (``runs/<run>/config.yaml``) and ``--print-config``
+    shows it: a password in ``data.dsn`` is written as ``***``."""
+    structured = OmegaConf.structured(config)
+    if config.data.dsn:
+        from krea2_train.store.db import redact_dsn
+
+        structured.data.dsn = redact_dsn(config.data.dsn)
+    return OmegaConf.to_yaml(structured)

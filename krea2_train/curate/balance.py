@@ -278,14 +278,14 @@ def balance_dataset(
     )
 
 
-def _check_score_column(conn, by: str) -> None:
+def _check_score_column(conn, by: str, option: str = "--by") -> None:
     row = conn.execute(
         "SELECT data_type FROM information_schema.columns WHERE table_schema = current_schema()"
         " AND table_name = 'images' AND column_name = %s",
         (by,),
     ).fetchone()
     if row is None or row[0] not in ("real", "double precision", "integer", "bigint", "smallint", "numeric"):
-        raise StoreError(f"--by {by!r} is not a numeric column of images; known scores: {sorted(CURATE_SCORES)}")
+        raise StoreError(f"{option} {by!r} is not a numeric column of images; known scores: {sorted(CURATE_SCORES)}")
 
 
 def curate_dataset(store: Store, dataset: str, name: str, top: int, by: str, order: str | None = None) -> SelectionReport:
@@ -330,7 +330,7 @@ def filter_dataset(
     dataset_id, image_ids, _ = selectable_images(store, dataset)
     with store.pool.connection() as conn:
         for column in columns:
-            _check_score_column(conn, column)
+            _check_score_column(conn, column, "--min/--max")
         query = sql.SQL("SELECT id, {} FROM images WHERE id = ANY(%s)").format(sql.SQL(", ").join(map(sql.Identifier, columns)))
         scores = {row[0]: dict(zip(columns, row[1:])) for row in conn.execute(query, (image_ids,))}
     unscored = [i for i in image_ids if any(value is None for value in scores[i].values())]

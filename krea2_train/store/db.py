@@ -71,6 +71,17 @@ def describe_target(dsn: str) -> str:
     return f"{host}:{params.get('port') or 5432}/{params.get('dbname') or ''}"
 
 
+def redact_dsn(dsn: str) -> str:
+    """``dsn`` with its password replaced by ``***`` (key=value form), for files and logs."""
+    try:
+        params = conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "*** (an unparsable DSN)"
+    if "password" not in params:
+        return dsn
+    return conninfo.make_conninfo(**{**params, "password": "***"})
+
+
 def connection_kwargs(connect_timeout_s: float) -> dict:
     """Keyword arguments for every connection the store opens."""
     return {"autocommit": True, "connect_timeout": max(2, round(connect_timeout_s)), **CLIENT_KEEPALIVES}

@@ -60,6 +60,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from krea2_train.errors import Krea2Error
 from krea2_train.files import fsync_path, write_text
 from krea2_train.parallel.compat import world_collective_timeout
+from krea2_train.train.runlog import RUNLOG_NAME
 
 logger = logging.getLogger(__name__)
 # One process without a process group is a supported mode here, not an accident worth a warning.
@@ -703,9 +704,16 @@ def _is_diffusers_directory(path: Path) -> bool:
     return any((path / name).is_file() for name in ("config.json", "model_index.json"))
 
 
-def _resolve_run_dir(run_dir_or_name: str | os.PathLike, runs_root: str | os.PathLike) -> Path | None:
+def is_run_directory(path: str | os.PathLike) -> bool:
+    """A run's directory: it holds ``checkpoints/``, the run's ``model_config.json`` or its run log."""
+    return any((Path(path) / name).exists() for name in (CHECKPOINTS_DIR, MODEL_CONFIG_NAME, RUNLOG_NAME))
+
+
+def resolve_run_dir(run_dir_or_name: str | os.PathLike, runs_root: str | os.PathLike) -> Path | None:
+    """The run directory a path or a run name under ``runs_root`` stands for (None: neither is a
+    run); a directory that is not a run (``./NAME`` in the working directory) does not shadow one."""
     for candidate in (Path(run_dir_or_name), Path(runs_root) / run_dir_or_name):
-        if (candidate / CHECKPOINTS_DIR).is_dir() or (candidate / MODEL_CONFIG_NAME).is_file():
+        if is_run_directory(candidate):
             return candidate
     return None
 
@@ -723,7 +731,8 @@ def find_run_checkpoint(
     """
     path = Path(run_dir_or_name)
     is_dcp = path.is_dir() and is_dcp_checkpoint(path)
-    if is_dcp or (path.is_file() and path.suffix == ".safetensors") or (path.is_dir() and _is_diffusers_directory(path)):
+    is_diffusers = path.is_dir() and _is_diffusers_directory(path) and not is_run_directory(path)  # a run wins over an export in it
+    if is_dcp or (path.is_file() and path.suffix == ".safetensors") or is_diffusers:
         if step is not None:
             raise NoCheckpointError(f"{path} is a checkpoint itself: a step ({step}) picks a checkpoint of a run, give the run")
         if is_dcp:
@@ -732,7 +741,7 @@ def find_run_checkpoint(
             if run_dir_of(path) is not None or (path / MANIFEST_NAME).is_file():
                 read_manifest(path)  # inside a run, only committed checkpoints count
         return path
-    run_dir = _resolve_run_dir(run_dir_or_name, runs_root)
+    run_dir = resolve_run_dir(run_dir_or_name, runs_root)
     if run_dir is None:
         raise NoCheckpointError(
             f"{run_dir_or_name!r} is neither a checkpoint (safetensors file, diffusers directory, DCP directory) "

@@ -21,11 +21,13 @@ import torch
 from krea2_train.model import layouts
 from krea2_train.train.checkpoint import (
     CHECKPOINTS_DIR,
+    CheckpointWriteError,
     NoCheckpointError,
     check_same_model_config,
     committed_checkpoints,
     find_run_checkpoint,
     is_dcp_checkpoint,
+    is_run_directory,
     load_checkpoint_weights,
 )
 
@@ -36,7 +38,13 @@ LAYOUTS = ("diffusers", "original")
 def write_weights(
     weights: Mapping[str, torch.Tensor], config: Mapping, out: str | Path, layout: str, dtype: torch.dtype | None = None
 ) -> Path:
-    """Write diffusers-keyed weights: a diffusers directory, or one original-layout safetensors file."""
+    """Write diffusers-keyed weights: a diffusers directory, or one original-layout safetensors file.
+
+    Raises:
+        CheckpointWriteError: ``out`` is a run's directory (an export there would mix with the run's files).
+    """
+    if is_run_directory(out):
+        raise CheckpointWriteError(f"--out {out} is a run directory; write the export elsewhere (e.g. {Path(out) / 'export'})")
     if layout == "diffusers":
         layouts.save_diffusers(weights, out, config, dtype=dtype)
     elif layout == "original":

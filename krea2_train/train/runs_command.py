@@ -6,30 +6,22 @@ import argparse
 import json
 from pathlib import Path
 
+from krea2_train.train.checkpoint import resolve_run_dir
 from krea2_train.train.metrics import read_metrics
 from krea2_train.train.runlog import database_events, format_report, read_events, summarize
-
-
-def resolve_run_dir(run: str, runs_root: str) -> Path | None:
-    """The run directory for a path or a run name under ``runs_root`` (None: neither exists)."""
-    for candidate in (Path(run), Path(runs_root) / run):
-        if candidate.is_dir():
-            return candidate
-    return None
 
 
 def report(args: argparse.Namespace) -> int:
     run_dir = resolve_run_dir(args.run, args.runs_root)
     if args.from_db:
-        import psycopg
+        from krea2_train.store import open_store
+        from krea2_train.store.db import default_store_dir, resolve_dsn
 
-        from krea2_train.store.db import resolve_dsn
-
-        dsn = resolve_dsn(args.dsn)
-        if dsn is None:
-            raise SystemExit("krea2 runs report --from-db: no DSN (--dsn or $KREA2_PG_DSN)")
+        dsn, store_dir = resolve_dsn(args.dsn), default_store_dir(args.runs_root)
+        if dsn is None and not store_dir.is_dir():
+            raise SystemExit(f"krea2 runs report --from-db: no DSN (--dsn or $KREA2_PG_DSN) and no embedded store at {store_dir}")
         run_name = run_dir.name if run_dir is not None else args.run
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+        with open_store(dsn, store_dir) as store, store.pool.connection() as conn:  # unreachable: StoreUnavailable
             events = database_events(conn, run_name)
     elif run_dir is None:
         raise SystemExit(f"krea2 runs report: {args.run!r} is neither a run directory nor a run under {args.runs_root}/")
