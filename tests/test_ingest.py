@@ -139,3 +139,46 @@ def test_cli_ingest_twice_and_status(fresh_store, folder, capsys):
     assert main(["data", "status", "--dsn", fresh_store.dsn]) == 0
     status = capsys.readouterr().out
     assert any(line.split()[:2] == ["toy", "3"] for line in status.splitlines())
+
+
+def _datasets(store):
+    with store.pool.connection() as conn:
+        return conn.execute("SELECT name FROM datasets").fetchall()
+
+
+def test_empty_folder_is_refused_naming_it(fresh_store, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("a caption without an image")
+    argv = ["data", "ingest", "--dsn", fresh_store.dsn, "--dataset", "toy", "--folder", str(empty)]
+    assert main(argv) == 1
+    assert f"krea2: error: image folder {empty} holds no images" in capsys.readouterr().err
+    assert _datasets(fresh_store) == []
+
+
+def test_empty_uri_list_is_refused(fresh_store, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("# nothing yet\n")
+    with pytest.raises(StoreError, match=f"no images in uris:{listing}"):
+        ingest(fresh_store, "listed", uris=listing)
+    assert _datasets(fresh_store) == []
+
+
+def test_uri_list_naming_missing_files_is_refused_and_nothing_is_inserted(fresh_store, folder, tmp_path, capsys):
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{folder / 'a.png'}\n{folder / 'gone.png'}\nfile://{folder / 'lost.png'}\nhttps://host/x.png\n")
+    argv = ["data", "ingest", "--dsn", fresh_store.dsn, "--dataset", "listed", "--uris", str(listing)]
+    assert main(argv) == 1
+    error = capsys.readouterr().err
+    assert f"names 2 file(s) that do not exist, nothing was ingested: {folder / 'gone.png'}, {folder / 'lost.png'}" in error
+    assert _rows(fresh_store) == [] and _datasets(fresh_store) == []
+
+
+def test_images_without_a_caption_are_counted_and_reported(fresh_store, folder, capsys):
+    (folder / "b.txt").unlink()
+    Image.new("RGB", (32, 24)).save(folder / "d.png")
+    report = ingest(fresh_store, "toy", folder=folder)
+    assert (report.rows, report.uncaptioned, report.uncaptioned_example) == (4, 2, str(folder / "b.png"))
+    assert main(["data", "ingest", "--dsn", fresh_store.dsn, "--dataset", "toy", "--folder", str(folder)]) == 0
+    warning = capsys.readouterr().err
+    assert "2 of 4 images have no long caption" in warning and str(folder / "b.png") in warning and "never packed" in warning

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from krea2_train.data.buckets import Bucket
-from krea2_train.data.loader import LoaderConfig, ShardLoader
+from krea2_train.data.loader import CorruptShardsError, LoaderConfig, ShardLoader
 from krea2_train.data.plan import Manifest, ShardInfo
 from krea2_train.data.shards import ShardWriter, encode_image
 
@@ -191,3 +191,31 @@ def test_truncated_shard_is_replaced_and_the_run_continues(tmp_path, reference):
     assert {reference[s][3][k] for s, k in replaced} <= lost_ids and len(replaced) > 0
     assert not lost_ids & {i for s in steps for i in s[3]}
     assert run_epochs(manifest, config(), world_size=4) == steps
+
+
+def test_an_unreadable_shard_is_logged_once_and_counted(tmp_path, caplog):
+    manifest = write_toy_shards(tmp_path)
+    path = Path(manifest.shards[4].path)
+    path.write_bytes(path.read_bytes()[:200])
+    loader = ShardLoader(manifest, config(num_workers=2))
+    first_found = []
+    with caplog.at_level("WARNING", logger="krea2_train.data.loader"):
+        for epoch in range(2):
+            first_found += [batch.new_bad_shards for batch in loader if batch.new_bad_shards]
+    assert list(loader.quarantined) == [5] and "truncated or corrupt" in loader.quarantined[5]
+    assert first_found == [{5: loader.quarantined[5]}]  # reported in one batch, though read in many
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "truncated or corrupt" in warnings[0]
+
+
+def test_a_bucket_of_corrupt_shards_stops_the_loader_naming_them_after_quarantining_them(tmp_path):
+    manifest = write_toy_shards(tmp_path)
+    for shard in manifest.shards:
+        Path(shard.path).write_bytes(Path(shard.path).read_bytes()[:200])
+    loader = ShardLoader(manifest, config(num_workers=1))
+    with pytest.raises(CorruptShardsError, match="all 3 shards of the bucket are corrupt") as raised:
+        next(iter(loader))
+    (bucket,) = {shard.bucket for shard in manifest.shards if shard.shard_id in loader.quarantined}
+    in_bucket = [shard for shard in manifest.shards if shard.bucket == bucket]
+    assert set(loader.quarantined) == {shard.shard_id for shard in in_bucket} and len(in_bucket) == 3
+    assert f"bucket {bucket!r}" in str(raised.value) and all(shard.path in str(raised.value) for shard in in_bucket)

@@ -1,6 +1,7 @@
 """Packing into registered shards, leases and progress, quarantine, and a database that goes
 away under a running loader (nothing lost, nothing repeated)."""
 
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from krea2_train.curate.images import open_rgb
 from krea2_train.curate.jobs import DECODE, DEDUP
 from krea2_train.data.ingest import ingest
-from krea2_train.data.loader import LoaderConfig, ShardLoader, make_plan, pinned_manifest, query_manifest
+from krea2_train.data.loader import CorruptShardsError, LoaderConfig, ShardLoader, make_plan, pinned_manifest, query_manifest
 from krea2_train.data.pack import PACK_JOB, PackSettings, add_pack_target, pack_dataset
 from krea2_train.data.shapes import write_shapes_dataset
 from krea2_train.data.shards import ShardReader, file_sha256
@@ -176,6 +177,110 @@ def test_unreadable_shard_is_quarantined_and_the_run_continues(fresh_store, tmp_
     assert set(quarantined) == {2, 5}
     assert "shard1.arrow row 3" in quarantined[2] and truncated in quarantined[5]
     assert {s.shard_id for s in fresh.shards} == {s.shard_id for s in manifest.shards} - {2, 5}
+
+
+def test_a_bucket_of_corrupt_shards_is_quarantined_before_the_loader_stops(fresh_store, tmp_path):
+    manifest = register_toy_shards(fresh_store, tmp_path)
+    for shard in manifest.shards:
+        with open(shard.path, "r+b") as handle:
+            handle.truncate(300)
+    loader = ShardLoader(manifest, CONFIG)
+    loader.lease_keeper = keeper_for(fresh_store, loader)
+    with pytest.raises(CorruptShardsError, match="all 3 shards of the bucket are corrupt"):
+        next(iter(loader))
+    with fresh_store.pool.connection() as conn:  # before the keeper closes: the loader waited for it
+        quarantined = {row[0] for row in conn.execute("SELECT id FROM shards WHERE state = 'quarantined'")}
+    loader.lease_keeper.close()
+    assert len(quarantined) == 3 and quarantined == set(loader.quarantined)
+
+
+def _pack_one_shard(store, tmp_path, n=6):
+    """``n`` decoded shapes images and PackSettings that pack them into one shard at 32 px."""
+    folder = write_shapes_dataset(tmp_path / "shapes", n, 48, seed=3)
+    ingest(store, "shapes", folder=folder)
+    run_worker(store, DECODE)
+    run_worker(store, DEDUP)
+    return PackSettings(pixel_multiple=16, shard_size=100)
+
+
+def _quarantine(store, manifest, shard_id):
+    loader = ShardLoader(manifest, LoaderConfig(global_batch_size=1, num_workers=0))
+    keeper = keeper_for(store, loader)
+    keeper.quarantine(shard_id, "test: unreadable")
+    keeper.close()
+
+
+def _ready_samples(store, resolution):
+    """(image ids, shard_samples rows) of the ready shards at ``resolution``, read from the files."""
+    with store.pool.connection() as conn:
+        shards = conn.execute("SELECT path, sha256 FROM shards WHERE state = 'ready' AND resolution = %s", (resolution,)).fetchall()
+        rows = conn.execute(
+            "SELECT count(*) FROM shard_samples s JOIN shards h ON h.id = s.shard_id WHERE h.state = 'ready'"
+        ).fetchone()[0]
+    ids = []
+    for path, sha256 in shards:
+        with ShardReader(path, sha256) as reader:
+            ids += [reader.read(row).sample_id for row in range(reader.num_samples)]
+    return sorted(ids), rows
+
+
+def test_pack_dataset_repacks_the_images_of_a_quarantined_shard(fresh_store, tmp_path):
+    settings = _pack_one_shard(fresh_store, tmp_path)
+    assert pack_dataset(fresh_store, "shapes", [32], tmp_path / "packed", settings).num_samples == 6
+    manifest = pinned_manifest(tmp_path / "run" / "manifest.json", fresh_store, ["shapes"], 32)
+    (shard,) = manifest.shards
+    with open(shard.path, "r+b") as handle:
+        handle.truncate(300)
+    loader = ShardLoader(manifest, CONFIG)
+    loader.lease_keeper = keeper_for(fresh_store, loader)
+    with pytest.raises(CorruptShardsError):
+        next(iter(loader))
+    loader.lease_keeper.close()
+    report = pack_dataset(fresh_store, "shapes", [32], tmp_path / "packed", settings)
+    # the same images in the same order: the digest names the quarantined file, the new one is -1
+    assert [s.path.name for s in report.shards] == [Path(shard.path).stem + "-1.arrow"]
+    assert _ready_samples(fresh_store, 32) == (list(range(1, 7)), 6)
+    assert pack_dataset(fresh_store, "shapes", [32], tmp_path / "packed", settings).shards == []
+    with fresh_store.pool.connection() as conn:
+        assert conn.execute("SELECT state FROM shards WHERE id = %s", (shard.shard_id,)).fetchone() == ("quarantined",)
+
+
+def test_the_pack_job_repacks_the_images_of_a_quarantined_shard(fresh_store, tmp_path):
+    settings = _pack_one_shard(fresh_store, tmp_path)
+    add_pack_target(fresh_store, "shapes", 32, tmp_path / "packed", settings)
+    assert run_worker(fresh_store, PACK_JOB).completed == 6
+    with fresh_store.pool.connection() as conn:
+        manifest = query_manifest(conn, ["shapes"], 32)
+    _quarantine(fresh_store, manifest, manifest.shards[0].shard_id)
+    stats = run_worker(fresh_store, PACK_JOB)
+    assert (stats.completed, stats.failed) == (6, 0)
+    assert _ready_samples(fresh_store, 32) == (list(range(1, 7)), 6)
+
+
+@pytest.mark.slow
+def test_a_run_on_truncated_shards_names_each_in_its_log_and_metrics(fresh_store, tmp_path):
+    """The audit's case, 4 of 5 shards truncated: the run trains on its good samples and reports
+    every shard it quarantines (a warning line, a ``quarantine`` event in metrics.jsonl)."""
+    from test_trainer import records, train
+
+    folder = write_shapes_dataset(tmp_path / "shapes", 40, 64, seed=3)
+    ingest(fresh_store, "shapes", folder=folder)
+    run_worker(fresh_store, DECODE)
+    pack_dataset(fresh_store, "shapes", [64], tmp_path / "packed", PackSettings(aspect_ratios=("1:1",), pixel_multiple=4, shard_size=8))
+    run_dir = tmp_path / "runs" / "pretrain_256"
+    manifest = pinned_manifest(run_dir / "manifest.json", fresh_store, ["shapes"], 64)
+    truncated = manifest.shards[:4]
+    for shard in truncated:
+        with open(shard.path, "r+b") as handle:
+            handle.truncate(300)
+    result = train(tmp_path, fresh_store.dsn, steps=2, interval=2, extra=["data=registry", "data.dataset=shapes", "data.buckets=[1:1]"])
+    events = [r for r in records(run_dir) if r.get("event") == "quarantine"]
+    assert sorted(e["shard_id"] for e in events) == [s.shard_id for s in truncated]
+    assert {e["total"] for e in events} == {4}  # found in one batch: the count after it
+    warnings = [line for line in result.stdout.splitlines() if "unreadable shard" in line]
+    assert len(warnings) == 4 and all(any(f"{s.path}: checksum mismatch" in w for w in warnings) for s in truncated)
+    with fresh_store.pool.connection() as conn:
+        assert {row[0] for row in conn.execute("SELECT id FROM shards WHERE state = 'quarantined'")} == {s.shard_id for s in truncated}
 
 
 def _terminate_other_backends(dsn: str) -> int:

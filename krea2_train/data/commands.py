@@ -83,6 +83,13 @@ def cmd_ingest(args) -> int:
         f"dataset {report.dataset} (id {report.dataset_id}): {report.rows} rows, {report.inserted} inserted,"
         f" {report.updated} updated, {report.unchanged} unchanged"
     )
+    if report.uncaptioned:
+        print(
+            f"krea2: warning: {report.uncaptioned} of {report.rows} images have no long caption (no NAME.txt, no"
+            f" captions.long in NAME.json, no caption_long column), e.g. {report.uncaptioned_example}: they are"
+            " registered but never packed, so no training run reads them",
+            file=sys.stderr,
+        )
     return 0
 
 

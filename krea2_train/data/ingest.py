@@ -9,11 +9,14 @@ Sources:
              sidecar .txt/.json files next to local images when present
 
 Rows are written by batched, key-sorted unnest upserts; a row whose values did not change is not
-rewritten, so ingesting the same source twice changes nothing.
+rewritten, so ingesting the same source twice changes nothing. A source with no images, or a URI
+list naming local files that do not exist, is refused before anything is written. Images without
+a long caption are registered but never packed; the report counts them.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ from krea2_train.store.upsert import batched, upsert_batch, upsert_statement
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 BATCH_ROWS = 500
+LISTED_MISSING = 5  # how many missing files an error message names
 IMAGE_COLUMNS = {
     "dataset_id": "int",
     "uri": "text",
@@ -54,6 +58,8 @@ class IngestReport:
     rows: int
     inserted: int
     updated: int
+    uncaptioned: int = 0  # rows without a long caption: registered, never packed
+    uncaptioned_example: str | None = None  # the first such URI
 
     @property
     def unchanged(self) -> int:
@@ -82,9 +88,11 @@ def read_sidecars(image_path: Path) -> Record:
 def folder_records(folder: Path) -> Iterator[Record]:
     if not folder.is_dir():
         raise StoreError(f"image folder {folder} does not exist")
-    for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-            yield read_sidecars(path)
+    images = [path for path in sorted(folder.rglob("*")) if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
+    if not images:
+        raise StoreError(f"image folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}, searched recursively)")
+    for path in images:
+        yield read_sidecars(path)
 
 
 def _facts_value(value, where: str) -> dict | None:
@@ -130,16 +138,26 @@ def uri_list_records(uri_file: Path) -> Iterator[Record]:
     captions); other URIs are kept as given."""
     if not uri_file.is_file():
         raise StoreError(f"URI list {uri_file} does not exist")
+    uris = list(listed_uris(uri_file))
+    missing = [uri for uri in uris if "://" not in uri and not Path(uri).is_file()]
+    if missing:
+        raise StoreError(
+            f"URI list {uri_file} names {len(missing)} file(s) that do not exist, nothing was ingested: "
+            + ", ".join(missing[:LISTED_MISSING]) + (", ..." if len(missing) > LISTED_MISSING else "")
+        )
+    for uri in uris:
+        yield Record(uri) if "://" in uri else read_sidecars(Path(uri))
+
+
+def listed_uris(uri_file: Path) -> Iterator[str]:
+    """The URIs of a URI list: local paths and file:// URIs as absolute paths, others as given."""
     for line in uri_file.read_text(encoding="utf-8").splitlines():
         uri = line.strip()
         if not uri or uri.startswith("#"):
             continue
         if uri.startswith("file://"):
             uri = unquote(urlparse(uri).path)
-        if "://" in uri:
-            yield Record(uri)
-        else:
-            yield read_sidecars(Path(_resolve_uri(uri, uri_file.parent)))
+        yield uri if "://" in uri else _resolve_uri(uri, uri_file.parent)
 
 
 def ensure_dataset(store: Store, name: str, source: str) -> int:
@@ -156,21 +174,30 @@ def ensure_dataset(store: Store, name: str, source: str) -> int:
 
 
 def ingest_records(store: Store, dataset: str, source: str, records: Iterable[Record]) -> IngestReport:
-    """Upsert ``records`` into ``images`` in batches; a URI given twice is an error naming it."""
+    """Upsert ``records`` into ``images`` in batches; a URI given twice is an error naming it, and
+    no record at all is an error naming ``source`` (the dataset is not created)."""
+    records = iter(records)
+    first = next(records, None)
+    if first is None:
+        raise StoreError(f"no images in {source}: nothing to ingest")
     dataset_id = ensure_dataset(store, dataset, source)
     seen: set[str] = set()
+    uncaptioned, uncaptioned_example = 0, None
     rows = inserted = updated = 0
     with store.pool.connection() as conn:
         # Ingest is idempotent: a crash may lose the last few commits, and running the same ingest
         # again restores them. Not waiting for the WAL flush on each batch doubles the write rate.
         conn.execute("SET synchronous_commit = off")
         try:
-            for batch in batched(records, BATCH_ROWS):
+            for batch in batched(itertools.chain([first], records), BATCH_ROWS):
                 values = []
                 for record in batch:
                     if record.uri in seen:
                         raise StoreError(f"URI {record.uri} appears twice in {source}")
                     seen.add(record.uri)
+                    if not record.caption_long:
+                        uncaptioned += 1
+                        uncaptioned_example = uncaptioned_example or record.uri
                     facts = None if record.facts is None else Jsonb(record.facts)
                     values.append(
                         (dataset_id, record.uri, record.caption_long, record.caption_medium, record.caption_short, facts)
@@ -179,7 +206,7 @@ def ingest_records(store: Store, dataset: str, source: str, records: Iterable[Re
                 rows, inserted, updated = rows + len(values), inserted + added, updated + changed
         finally:
             conn.execute("RESET synchronous_commit")  # the pooled connection goes back as it came
-    return IngestReport(dataset, dataset_id, rows, inserted, updated)
+    return IngestReport(dataset, dataset_id, rows, inserted, updated, uncaptioned, uncaptioned_example)
 
 
 def ingest(

@@ -11,15 +11,20 @@ fails its CRC, decoding or size check, is replaced by the first readable candida
 ``EpochPlan.replacement(bucket, position, attempt)``, attempt = 0, 1, ... : a uniform draw from
 the same bucket keyed by (seed, epoch, position, attempt). The batch keeps its shape on every
 rank, and since a corrupt file stays corrupt, a replayed or resumed run makes the same choice.
-The loader reports the shard (error text names the file) to the ``LeaseKeeper``, which marks it
+The loader logs a warning naming each unreadable shard and why (once per shard), counts it
+(``ShardLoader.quarantined``; ``Batch.new_bad_shards`` holds the ones first found in a batch, for
+the trainer's ``quarantine`` events) and reports it to the ``LeaseKeeper``, which marks it
 quarantined in the ``shards`` table; the run itself keeps using the pinned manifest, so its order
-never depends on when or whether the database heard about it.
+never depends on when or whether the database heard about it. A batch slot that no replacement
+draw can fill (every shard of its bucket unreadable) stops the loader with
+``CorruptShardsError``, after the shards found are quarantined.
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,7 +35,17 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from krea2_train.data.plan import EpochPlan, Manifest, RankBatch, ShardInfo, choose_caption_kind
 from krea2_train.data.shards import ShardError, ShardReader, decode_image
+from krea2_train.errors import Krea2Error
 from krea2_train.store.leases import LeaseKeeper, RunInfo, Span
+
+logger = logging.getLogger(__name__)
+
+QUARANTINE_FLUSH_TIMEOUT_S = 10.0  # how long a failing loader waits for its quarantine writes
+LISTED_SHARDS = 3  # how many unreadable shards an error message names
+
+
+class CorruptShardsError(Krea2Error, RuntimeError):
+    """A batch slot that no replacement draw could fill: the bucket's shards are unreadable."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,18 @@ class Batch:
     epoch: int
     index: int
     bad_shards: dict[int, str] = field(default_factory=dict)  # shard id -> error, found in this batch
+    new_bad_shards: dict[int, str] = field(default_factory=dict)  # those of bad_shards the loader had not seen
+
+
+@dataclass(frozen=True)
+class UnreadableBatch:
+    """What a worker returns instead of a batch when a slot had no readable candidate."""
+
+    epoch: int
+    index: int
+    bucket: str
+    attempts: int
+    bad_shards: dict[int, str]
 
 
 def pil_to_tensor(image) -> torch.Tensor:
@@ -144,8 +171,11 @@ def _read_sample(cache: _ShardCache, shard_index: int, row: int, width: int, hei
     return sample, pil_to_tensor(image)
 
 
-def load_rank_batch(plan: EpochPlan, batch: RankBatch, cache: _ShardCache, config: LoaderConfig) -> dict[str, Any]:
-    """Read and decode one rank batch, replacing unreadable samples (see module docstring)."""
+def load_rank_batch(
+    plan: EpochPlan, batch: RankBatch, cache: _ShardCache, config: LoaderConfig
+) -> dict[str, Any] | UnreadableBatch:
+    """Read and decode one rank batch, replacing unreadable samples (see module docstring); an
+    ``UnreadableBatch`` when a slot has no readable candidate (the loader quarantines, then raises)."""
     images = torch.empty(len(batch.rows), 3, batch.height, batch.width)
     captions, facts, sample_ids, bad_shards = [], [], [], {}
     for slot, (position, shard_index, row) in enumerate(zip(batch.positions.tolist(), batch.shard_indices.tolist(), batch.rows.tolist())):
@@ -160,10 +190,7 @@ def load_rank_batch(plan: EpochPlan, batch: RankBatch, cache: _ShardCache, confi
             except ShardError as error:
                 bad_shards.setdefault(plan.manifest.shards[candidate_shard].shard_id, str(error))
         else:
-            raise RuntimeError(
-                f"epoch {batch.epoch} batch {batch.index}: no readable sample of bucket {batch.bucket!r} in "
-                f"{config.max_replacement_attempts} replacement draws; errors: {bad_shards}"
-            )
+            return UnreadableBatch(batch.epoch, batch.index, batch.bucket, config.max_replacement_attempts, bad_shards)
         kind = choose_caption_kind(config.seed, batch.epoch, position, config.caption_mix)
         captions.append(sample.captions.get(kind) or sample.captions["long"])
         facts.append(sample.facts)
@@ -232,6 +259,7 @@ class ShardLoader:
         self.lease_keeper = lease_keeper
         self.epoch = 0
         self.batch_index = 0
+        self.quarantined: dict[int, str] = {}  # shard id -> error, every unreadable shard found so far
         plan = make_plan(manifest, config, 0)
         plan.slice_bounds(rank, world_size)  # validates divisibility with a clear error
         self.batches_per_epoch = plan.num_batches
@@ -279,15 +307,44 @@ class ShardLoader:
             generator=torch.Generator(),
         )
         for item in loader:
+            if isinstance(item, UnreadableBatch):
+                self._quarantine(item.bad_shards)
+                if self.lease_keeper is not None:
+                    self.lease_keeper.flush(QUARANTINE_FLUSH_TIMEOUT_S)
+                raise CorruptShardsError(self._unreadable_message(item))
             batch = Batch(**item)
+            batch.new_bad_shards = self._quarantine(batch.bad_shards)
             self.batch_index = batch.index + 1
             if self.lease_keeper is not None:
-                for shard_id, error in batch.bad_shards.items():
-                    self.lease_keeper.quarantine(shard_id, error)
                 self.lease_keeper.advance(self.batch_index)
             yield batch
         if self.batch_index >= self.batches_per_epoch:
             self.epoch, self.batch_index = epoch + 1, 0
+
+    def _quarantine(self, bad_shards: dict[int, str]) -> dict[int, str]:
+        """Log, count and report (to the lease keeper) the shards of ``bad_shards`` not seen
+        before; returns them."""
+        new = {shard_id: error for shard_id, error in bad_shards.items() if shard_id not in self.quarantined}
+        for shard_id, error in new.items():
+            self.quarantined[shard_id] = error
+            logger.warning(
+                "unreadable shard (id %d) quarantined, %d of the manifest's %d so far; its samples are replaced "
+                "by others of its bucket: %s", shard_id, len(self.quarantined), len(self.manifest.shards), error,
+            )
+            if self.lease_keeper is not None:
+                self.lease_keeper.quarantine(shard_id, error)
+        return new
+
+    def _unreadable_message(self, item: UnreadableBatch) -> str:
+        in_bucket = [shard.shard_id for shard in self.manifest.shards if shard.bucket == item.bucket]
+        corrupt = [shard_id for shard_id in in_bucket if shard_id in self.quarantined]
+        how_many = f"all {len(in_bucket)}" if len(corrupt) == len(in_bucket) else f"{len(corrupt)} of the {len(in_bucket)}"
+        listed = [self.quarantined[shard_id] for shard_id in corrupt[:LISTED_SHARDS]]
+        return (
+            f"epoch {item.epoch} batch {item.index}: no readable sample of bucket {item.bucket!r} in "
+            f"{item.attempts} replacement draws: {how_many} shards of the bucket are corrupt (quarantined): "
+            + "; ".join(listed) + ("; ..." if len(corrupt) > LISTED_SHARDS else "")
+        )
 
     def _spans(self, epoch: int) -> list[Span]:
         plan = make_plan(self.manifest, self.config, epoch)

@@ -9,6 +9,11 @@ transaction. Re-running packs only what is new, so it never duplicates a shard o
 A shard's file name is a digest of its sample ids, so a shard written but not registered (a
 crash between the two) is simply rewritten under the same name.
 
+An image whose shard at a resolution was quarantined (the loader found it unreadable) counts as
+not packed there: the next pack writes it into a new shard (named ``DIGEST-N.arrow`` when a
+quarantined shard holds ``DIGEST.arrow``, the same images) and moves its ``shard_samples`` row
+from the quarantined shard to the new one.
+
 Two entry points: ``pack_dataset(store, dataset, resolutions, out_dir)``, and the ``pack`` job
 (``krea2 data work --job pack``), which packs each claimed batch of images for every
 ``pack_targets`` row of its dataset (``add_pack_target`` or ``pack_dataset`` adds them). The job
@@ -18,6 +23,7 @@ follows the ``dedup`` job: an image is packed once dedup has judged it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -34,6 +40,8 @@ from krea2_train.store.queue import Done, Failed, Job, JobContext, Outcome, regi
 IMAGE_COLUMNS = ("id", "dataset_id", "uri", "width", "height", "caption_long", "caption_medium", "caption_short", "facts")
 PACK_JOB_NAME = "pack"
 PACKABLE_SQL = "i.decode_ok AND i.duplicate_of IS NULL AND coalesce(i.caption_long, '') <> ''"
+# the shard_samples rows (alias s) of shards that were not quarantined
+LIVE_SHARD_SAMPLES_SQL = "shard_samples s JOIN shards h ON h.id = s.shard_id AND h.state <> 'quarantined'"
 
 
 @dataclass(frozen=True)
@@ -113,7 +121,7 @@ def pack_dataset(
             cursor = conn.execute(
                 f"SELECT {', '.join('i.' + c for c in IMAGE_COLUMNS)} FROM images i"
                 f" WHERE i.dataset_id = %s AND {PACKABLE_SQL}"
-                " AND NOT EXISTS (SELECT 1 FROM shard_samples s WHERE s.image_id = i.id AND s.resolution = %s)"
+                f" AND NOT EXISTS (SELECT 1 FROM {LIVE_SHARD_SAMPLES_SQL} WHERE s.image_id = i.id AND s.resolution = %s)"
                 " ORDER BY i.id",
                 (dataset_id, resolution),
             )
@@ -143,7 +151,7 @@ def pack_rows(
         shuffled = [members[i] for i in order]
         for start in range(0, len(shuffled), settings.shard_size):
             chunk = shuffled[start : start + settings.shard_size]
-            written = _write_shard(dataset, chunk, resolution, bucket, out_dir, settings, report)
+            written = _write_shard(store, dataset, chunk, resolution, bucket, out_dir, settings, report)
             if written is not None and _register(store, dataset_id, resolution, written):
                 report.shards.append(written)
 
@@ -153,8 +161,21 @@ def shard_path(out_dir: Path, dataset: str, resolution: int, bucket: Bucket, ima
     return out_dir / dataset / f"r{resolution}" / bucket.name.replace(":", "x") / f"{digest}.arrow"
 
 
-def _write_shard(dataset, chunk, resolution, bucket, out_dir, settings, report) -> WrittenShard | None:
-    path = shard_path(out_dir, dataset, resolution, bucket, [row["id"] for row in chunk])
+def unquarantined_path(store: Store, path: Path) -> Path:
+    """``path``, or when a quarantined shard is registered under it (a repack of the same
+    images), the first ``STEM-N.arrow`` (N = 1, 2, ...) that none is."""
+    with store.pool.connection() as conn:
+        for generation in itertools.count():
+            candidate = path if generation == 0 else path.with_name(f"{path.stem}-{generation}{path.suffix}")
+            quarantined = conn.execute(
+                "SELECT 1 FROM shards WHERE path = %s AND state = 'quarantined'", (str(candidate.resolve()),)
+            ).fetchone()
+            if quarantined is None:
+                return candidate
+
+
+def _write_shard(store, dataset, chunk, resolution, bucket, out_dir, settings, report) -> WrittenShard | None:
+    path = unquarantined_path(store, shard_path(out_dir, dataset, resolution, bucket, [row["id"] for row in chunk]))
     writer = ShardWriter(
         path, resolution=resolution, bucket=bucket, image_format=settings.image_format,
         quality=settings.quality, dataset=dataset,
@@ -175,8 +196,8 @@ def _write_shard(dataset, chunk, resolution, bucket, out_dir, settings, report) 
 
 
 def _register(store: Store, dataset_id: int, resolution: int, shard: WrittenShard) -> bool:
-    """Insert the shard and its samples (``shard.sample_ids``, row by row) in one transaction;
-    False if the path was registered."""
+    """Insert the shard and its samples (``shard.sample_ids``, row by row) in one transaction,
+    taking over the samples' rows of quarantined shards; False if the path was registered."""
     with store.pool.connection() as conn, conn.transaction():
         row = conn.execute(
             "INSERT INTO shards (dataset_id, resolution, bucket, width, height, path, num_samples, sha256, image_format)"
@@ -186,6 +207,11 @@ def _register(store: Store, dataset_id: int, resolution: int, shard: WrittenShar
         ).fetchone()
         if row is None:
             return False
+        conn.execute(
+            "DELETE FROM shard_samples s USING shards h WHERE h.id = s.shard_id AND h.state = 'quarantined'"
+            " AND s.resolution = %s AND s.image_id = ANY(%s)",
+            (resolution, list(shard.sample_ids)),
+        )
         conn.execute(
             'INSERT INTO shard_samples (resolution, image_id, shard_id, "row")'
             " SELECT %s, u.image_id, %s, u.ord - 1 FROM unnest(%s::bigint[]) WITH ORDINALITY AS u (image_id, ord)",
@@ -205,7 +231,7 @@ def pack_job_handler(rows: list[dict], ctx: JobContext) -> list[Outcome]:
             (sorted({row["dataset_id"] for row in rows}),),
         ).fetchall()
         packed = set(conn.execute(
-            "SELECT resolution, image_id FROM shard_samples WHERE image_id = ANY(%s)", (image_ids,)
+            f"SELECT s.resolution, s.image_id FROM {LIVE_SHARD_SAMPLES_SQL} WHERE s.image_id = ANY(%s)", (image_ids,)
         ).fetchall())
     for dataset_id, dataset, resolution, out_dir, settings in targets:
         todo = [r for r in sorted(rows, key=lambda r: r["id"]) if r["dataset_id"] == dataset_id and (resolution, r["id"]) not in packed]

@@ -52,6 +52,15 @@ SELECT r.rank,
 """
 
 
+# A newly quarantined shard's images that the ``pack`` job had finished go back to pending, so the
+# job packs them again (krea2_train.data.pack counts an image of a quarantined shard as unpacked).
+REQUEUE_PACK_SQL = """
+UPDATE job_runs j SET state = 'pending', attempt = 0, updated_at = now()
+  FROM shard_samples s
+ WHERE s.shard_id = %s AND j.image_id = s.image_id AND j.job = 'pack' AND j.state = 'done'
+"""
+
+
 def run_progress(conn: psycopg.Connection, run_id: str) -> list[dict]:
     """The rows of ``RUN_PROGRESS_SQL`` for ``run_id`` as dicts (empty for an unknown run)."""
     cursor = conn.execute(RUN_PROGRESS_SQL, {"run_id": run_id})
@@ -216,11 +225,13 @@ class LeaseKeeper:
                     self._write_leases(conn, epoch, spans, state, attempt)
                     changed += [(span, state) for span in spans]
             for shard_id, error in sorted(quarantine.items()):
-                conn.execute(
+                cursor = conn.execute(
                     "UPDATE shards SET state = 'quarantined', error = %s, quarantined_at = now()"
                     " WHERE id = %s AND state = 'ready'",
                     (error, shard_id),
                 )
+                if cursor.rowcount == 1:
+                    conn.execute(REQUEUE_PACK_SQL, (shard_id,))
         self.attempt = attempt
         self.lost = self.lost or not alive
         with self._changed:

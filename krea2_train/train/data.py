@@ -156,7 +156,9 @@ class TrainLoader:
 
     Yields dicts: ``images [b, 3, H, W]`` in [-1, 1], ``captions`` (b strings), ``facts`` (b
     dicts, see :class:`~krea2_train.data.loader.Batch`), ``sample_ids``,
-    ``epoch`` and ``epoch_fraction`` (the part of the epoch done after this batch).
+    ``epoch`` and ``epoch_fraction`` (the part of the epoch done after this batch),
+    ``new_bad_shards`` (shard id -> error: the unreadable shards first found in this batch, now
+    quarantined) and ``bad_shards_total`` (how many this rank has found so far).
     """
 
     def __init__(self, loader: ShardLoader, store=None, lease_keeper: LeaseKeeper | None = None) -> None:
@@ -187,6 +189,8 @@ class TrainLoader:
                     "sample_ids": batch.sample_ids,
                     "epoch": batch.epoch,
                     "epoch_fraction": (batch.index + 1) / self.loader.batches_per_epoch,
+                    "new_bad_shards": batch.new_bad_shards,
+                    "bad_shards_total": len(self.loader.quarantined),
                 }
 
     def close(self) -> None:

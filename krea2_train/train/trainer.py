@@ -582,6 +582,8 @@ class Trainer:
         while self.train_state.step < total:
             start = time.perf_counter()
             batch = next(data)
+            for shard_id, error in batch["new_bad_shards"].items():
+                self.metrics.event(self.train_state.step + 1, "quarantine", shard_id=shard_id, error=error, total=batch["bad_shards_total"])
             tokens_per_image = self.conditioner.grid(*batch["images"].shape[-2:]).num_tokens  # the step's bucket
             steps_this_start += 1
             # once per start, after compilation and warm-up, count the step's host syncs (CUDA)
