@@ -33,15 +33,21 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(config), end="")
         return 0
 
-    from krea2_train.errors import report_user_errors
+    from pathlib import Path
+
+    from krea2_train.errors import is_user_error, record_user_error, report_user_errors
     from krea2_train.stages import StageConfigError
     from krea2_train.train.trainer import run
 
     def train() -> int:
         try:
             run_dir = run(config)
-        except StageConfigError as error:  # raised before any heavy work
-            print(f"krea2_train: bad config: {error}", file=sys.stderr)
+        except Exception as error:
+            if is_user_error(error):  # a restart would fail alike: tell the launcher
+                record_user_error(Path(config.runs_root) / config.run_name, error)
+            if not isinstance(error, StageConfigError):
+                raise
+            print(f"krea2_train: bad config: {error}", file=sys.stderr)  # raised before any heavy work
             return 2
         print(f"run directory: {run_dir}")
         return 0

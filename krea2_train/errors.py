@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,22 @@ def is_user_error(error: BaseException) -> bool:
     if isinstance(error, Krea2Error):
         return True
     return isinstance(error, OSError) and error.errno in USER_FILE_ERRNOS and error.filename is not None
+
+
+USER_ERROR_RECORD = "user_error.txt"  # in the run directory: the launchers do not restart what fails this way again
+
+
+def record_user_error(run_dir: str | os.PathLike, error: BaseException) -> None:
+    """Write ``run_dir/user_error.txt``: the run stopped on an error that a restart would meet
+    again (a foreign checkpoint, a bad setting), so ``launch/slurm/run_training.sh`` does not
+    resubmit it. Best effort: the error itself may be that the run directory cannot be written."""
+    from krea2_train.files import write_text
+
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        write_text(Path(run_dir) / USER_ERROR_RECORD, f"{type(error).__name__}: {error}\n")
+    except OSError:
+        logger.warning("could not record the error in %s", run_dir, exc_info=True)
 
 
 def report_user_errors(prog: str, func: Callable[[], int]) -> int:

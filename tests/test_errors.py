@@ -55,3 +55,27 @@ def test_krea2_command_reports_a_corrupt_checkpoint_without_a_traceback(tmp_path
     assert done.returncode == 1, done.stderr
     assert done.stderr.startswith("krea2: error: ") and "truncated or not a safetensors file" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_the_trainer_records_a_user_error_for_the_launcher(tmp_path, monkeypatch, capsys):
+    """python -m krea2_train on an error a restart meets again: one message, exit 1, and
+    runs/<run>/user_error.txt, which launch/slurm/run_training.sh reads to not resubmit."""
+    import krea2_train.train.trainer as trainer
+    from krea2_train.__main__ import main
+    from krea2_train.errors import USER_ERROR_RECORD
+
+    def foreign_checkpoint(config):
+        raise CheckpointError("stage.init_from's checkpoint x.safetensors has a different model config")
+
+    monkeypatch.setattr(trainer, "run", foreign_checkpoint)
+    assert main(["--config", "stage/pretrain_256", f"runs_root={tmp_path}", "run_name=pt"]) == 1
+    assert capsys.readouterr().err.startswith("krea2_train: error: stage.init_from's checkpoint")
+    assert (tmp_path / "pt" / USER_ERROR_RECORD).read_text().startswith("CheckpointError: stage.init_from's checkpoint")
+
+    def bug(config):
+        raise KeyError("model.weight")
+
+    monkeypatch.setattr(trainer, "run", bug)
+    with pytest.raises(KeyError):
+        main(["--config", "stage/pretrain_256", f"runs_root={tmp_path}", "run_name=other"])
+    assert not (tmp_path / "other").exists()  # a bug may go away on a restart: no record

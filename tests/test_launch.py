@@ -21,6 +21,7 @@ if [[ "$*" == *node_check.sh* ]]; then
     exit 0
 fi
 if [[ -n "${FAKE_NEW_CHECKPOINT:-}" ]]; then mkdir -p "$FAKE_NEW_CHECKPOINT"; fi  # the step committed one
+if [[ -n "${FAKE_USER_ERROR:-}" ]]; then mkdir -p "$(dirname "$FAKE_USER_ERROR")"; echo "CheckpointError: not this model" >"$FAKE_USER_ERROR"; fi
 case "$FAKE_SRUN_MODE" in
     exit:*) exit "${FAKE_SRUN_MODE#exit:}" ;;
     wait) echo $$ >"$FAKE_DIR/srun.pid"; while true; do sleep 0.05; done ;;
@@ -125,6 +126,21 @@ def test_slurm_gives_up_after_max_resubmits(tmp_path):
     assert result.returncode == 3
     assert not [line for line in calls(tmp_path) if line.startswith("sbatch")]
     assert "already resubmitted 5 time(s)" in result.stdout
+
+
+def test_slurm_does_not_resubmit_a_run_that_stopped_on_a_user_error(tmp_path):
+    """A foreign init_from checkpoint fails every restart alike: the job ends with the trainer's
+    message instead of resubmitting; a record left by an earlier job does not count."""
+    record = tmp_path / "runs" / "pt-a" / "user_error.txt"
+    env = fake_cluster(tmp_path, srun_mode="exit:1", extra_env={"FAKE_USER_ERROR": str(record)})
+    result = sbatch(env)
+    assert result.returncode == 1
+    assert "not resubmitting: CheckpointError: not this model" in result.stdout
+    assert not [line for line in calls(tmp_path) if line.startswith("sbatch") or "node_check" in line]
+    os.utime(record, (time.time() - 3600, time.time() - 3600))  # from an earlier job
+    (tmp_path / "calls.log").unlink()
+    result = sbatch(fake_cluster(tmp_path, srun_mode="exit:1"))
+    assert result.returncode == 0 and [line for line in calls(tmp_path) if line.startswith("sbatch")]
 
 
 def test_slurm_a_job_that_moved_the_run_on_resets_the_resubmission_count(tmp_path):

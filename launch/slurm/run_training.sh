@@ -12,7 +12,10 @@
 #   on, and after KREA2_CHECKPOINT_GRACE_S the job requeues itself;
 # - a failure the restarts did not cure: every node is checked (node_check.sh), the nodes that
 #   fail are added to the faulty-node list, and the job is resubmitted excluding every listed node;
-# - a job that lands on a listed node resubmits itself elsewhere at once.
+# - a job that lands on a listed node resubmits itself elsewhere at once;
+# - a run that stopped on an error a restart meets again (the trainer wrote
+#   runs_root/run_name/user_error.txt during this job: a foreign checkpoint, a bad setting) is not
+#   resubmitted: the job ends with the message.
 #
 # Environment (defaults in brackets):
 #   KREA2_RUN_NAME (required)     the run; also the directory under KREA2_RUNS_ROOT
@@ -102,6 +105,7 @@ on_time_limit() {  # no command may end the script here (set -e): the job must r
 }
 trap on_time_limit USR1
 
+job_started="$(date +%s)"
 log "run $run_name on ${#nodes[@]} node(s) x $gpus_per_node GPU(s), rendezvous $head_node:$rdzv_port, restart count ${SLURM_RESTART_COUNT:-0}"
 # torchrun ignores USR1 (inherited by its workers as "ignored" until the trainer installs its
 # handler): the time-limit signal reaches every process of the step and must not kill the launcher.
@@ -136,6 +140,11 @@ if (( status == 0 )); then
     exit 0
 fi
 
+user_error="$runs_root/$run_name/user_error.txt"
+if [[ -f "$user_error" ]] && (( $(stat -c %Y "$user_error") >= job_started )); then
+    log "training stopped on an error a restart would meet again, not resubmitting: $(tail -n 1 "$user_error")"
+    exit "$status"
+fi
 log "training failed with exit status $status after torchrun's restarts; checking every node"
 healthy="$(srun --nodes="$num_nodes" --ntasks-per-node=1 --kill-on-bad-exit=0 --time=5 \
     bash "$repo/launch/slurm/node_check.sh" "$gpus_per_node" 2>/dev/null | sed -n 's/^krea2-node-ok //p' || true)"
