@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pathlib import Path
 
-    from krea2_train.errors import is_user_error, record_user_error, report_user_errors
+    from krea2_train.errors import is_lasting_error, record_user_error, report_user_errors
     from krea2_train.stages import StageConfigError
     from krea2_train.train.trainer import run
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run_dir = run(config)
         except Exception as error:
-            if is_user_error(error):  # a restart would fail alike: tell the launcher
+            if is_lasting_error(error):  # a restart would fail alike: tell the launcher
                 record_user_error(Path(config.runs_root) / config.run_name, error)
             if not isinstance(error, StageConfigError):
                 raise

@@ -23,7 +23,18 @@ USER_FILE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EAC
 
 
 class Krea2Error(Exception):
-    """An error whose message tells the user what is wrong and what to do."""
+    """An error whose message tells the user what is wrong and what to do.
+
+    ``retryable``: whether a restart may succeed without the user's help (a database that comes
+    back); False for what every restart meets again (a foreign checkpoint, a bad setting).
+    """
+
+    retryable = False
+
+
+def is_lasting_error(error: BaseException) -> bool:
+    """A user error that a restart would meet again (see :func:`record_user_error`)."""
+    return isinstance(error, Krea2Error) and not error.retryable
 
 
 def is_user_error(error: BaseException) -> bool:

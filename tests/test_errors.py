@@ -79,3 +79,10 @@ def test_the_trainer_records_a_user_error_for_the_launcher(tmp_path, monkeypatch
     with pytest.raises(KeyError):
         main(["--config", "stage/pretrain_256", f"runs_root={tmp_path}", "run_name=other"])
     assert not (tmp_path / "other").exists()  # a bug may go away on a restart: no record
+
+    def database_down(config):
+        raise StoreUnavailable("cannot reach PostgreSQL at db:5432/krea2")
+
+    monkeypatch.setattr(trainer, "run", database_down)
+    assert main(["--config", "stage/pretrain_256", f"runs_root={tmp_path}", "run_name=third"]) == 1
+    assert not (tmp_path / "third").exists()  # the database may be back by the next start

@@ -9,3 +9,5 @@ class StoreError(Krea2Error, RuntimeError):
 
 class StoreUnavailable(StoreError):
     """The PostgreSQL server could not be reached within the connect timeout."""
+
+    retryable = True  # the server may be back by the next start

@@ -82,6 +82,8 @@ class NoCheckpointError(Krea2Error, FileNotFoundError):
 class CheckpointWriteError(Krea2Error, RuntimeError):
     """Writing or committing a checkpoint failed; the previous checkpoint stays the latest."""
 
+    retryable = True  # a flaky or full shared disk may be fine by the next start
+
 
 class CheckpointVerificationError(Krea2Error, RuntimeError):
     """A checkpoint directory does not hold the files its metadata or manifest promise."""
