@@ -182,3 +182,26 @@ def test_images_without_a_caption_are_counted_and_reported(fresh_store, folder, 
     assert main(["data", "ingest", "--dsn", fresh_store.dsn, "--dataset", "toy", "--folder", str(folder)]) == 0
     warning = capsys.readouterr().err
     assert "2 of 4 images have no long caption" in warning and str(folder / "b.png") in warning and "never packed" in warning
+
+
+def test_dataset_counts_say_why_images_are_left_out(fresh_store, folder, capsys):
+    """What `krea2 data status` prints and a run logs before training: each image counted once,
+    under the first reason it is not packed."""
+    from krea2_train.data.pack import dataset_counts
+
+    (folder / "b.txt").unlink()
+    for name in ("d", "e", "f"):
+        Image.new("RGB", (32, 24)).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(f"{name} long caption")
+    ingest(fresh_store, "toy", folder=folder)
+    (counts,) = dataset_counts(fresh_store, "toy")
+    assert (counts.images, counts.unchecked, counts.packable) == (6, 6, 0)
+    with fresh_store.pool.connection() as conn:  # what the decode and dedup jobs would record
+        conn.execute("UPDATE images SET decode_ok = uri NOT LIKE '%%/c.jpg'")
+        conn.execute("UPDATE images SET duplicate_of = (SELECT id FROM images WHERE uri LIKE '%%/d.png') WHERE uri LIKE '%%/e.png'")
+        conn.execute("UPDATE images SET decode_ok = NULL WHERE uri LIKE '%%/f.png'")
+    (counts,) = dataset_counts(fresh_store, "toy")
+    assert (counts.packable, counts.unchecked, counts.undecodable, counts.duplicates, counts.uncaptioned) == (2, 1, 1, 1, 1)
+    assert counts.left_out() == "1 not yet decoded, 1 undecodable, 1 duplicates, 1 without a long caption"
+    assert main(["data", "status", "--dsn", fresh_store.dsn]) == 0
+    assert ["toy", "6", "2", "1", "1", "1", "1"] in [line.split() for line in capsys.readouterr().out.splitlines()]

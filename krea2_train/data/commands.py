@@ -149,18 +149,17 @@ def cmd_work(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from krea2_train.data.pack import dataset_counts
     from krea2_train.store.queue import STATES, job_counts
 
     with _open(args) as store:
-        with store.pool.connection() as conn:
-            datasets = conn.execute(
-                "SELECT d.name, count(i.id), count(i.duplicate_of), count(*) FILTER (WHERE i.decode_ok = false)"
-                " FROM datasets d LEFT JOIN images i ON i.dataset_id = d.id GROUP BY d.name ORDER BY d.name"
-            ).fetchall()
+        datasets = dataset_counts(store)
         counts = job_counts(store)
-    print(f"{'dataset':24} {'images':>10} {'duplicates':>10} {'undecodable':>11}")
-    for name, images, duplicates, bad in datasets:
-        print(f"{name:24} {images:>10} {duplicates:>10} {bad:>11}")
+    columns = ("images", "packable", "undecoded", "undecodable", "duplicates", "no caption")
+    print(f"{'dataset':24} " + " ".join(f"{column:>11}" for column in columns))
+    for d in datasets:
+        values = (d.images, d.packable, d.unchecked, d.undecodable, d.duplicates, d.uncaptioned)
+        print(f"{d.name:24} " + " ".join(f"{value:>11}" for value in values))
     print()
     print(f"{'job':24} " + " ".join(f"{state:>10}" for state in STATES))
     for job, by_state in counts.items():

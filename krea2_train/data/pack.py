@@ -45,6 +45,45 @@ LIVE_SHARD_SAMPLES_SQL = "shard_samples s JOIN shards h ON h.id = s.shard_id AND
 
 
 @dataclass(frozen=True)
+class DatasetCounts:
+    """A dataset's images by what packing makes of them: ``packable`` ones go into shards; the
+    others are left out as ``unchecked`` (the decode job has not seen them), ``undecodable``,
+    ``duplicates`` (dedup kept another copy) or ``uncaptioned`` (no long caption)."""
+
+    name: str
+    images: int
+    packable: int
+    unchecked: int
+    undecodable: int
+    duplicates: int
+    uncaptioned: int
+
+    def left_out(self) -> str:
+        """'12 undecodable, 3 duplicates' (the non-zero reasons), or 'none'."""
+        reasons = {"not yet decoded": self.unchecked, "undecodable": self.undecodable,
+                   "duplicates": self.duplicates, "without a long caption": self.uncaptioned}  # fmt: skip
+        return ", ".join(f"{count} {reason}" for reason, count in reasons.items() if count) or "none"
+
+
+def dataset_counts(store: Store, dataset: str | None = None) -> list[DatasetCounts]:
+    """:class:`DatasetCounts` of ``dataset`` (every dataset when None), by name. An image is
+    counted under its first reason, in the order of the fields."""
+    with store.pool.connection() as conn:
+        rows = conn.execute(
+            "SELECT d.name, count(i.id),"
+            f" count(*) FILTER (WHERE {PACKABLE_SQL}),"
+            " count(*) FILTER (WHERE i.id IS NOT NULL AND i.decode_ok IS NULL),"
+            " count(*) FILTER (WHERE i.decode_ok = false),"
+            " count(*) FILTER (WHERE i.decode_ok AND i.duplicate_of IS NOT NULL),"
+            " count(*) FILTER (WHERE i.decode_ok AND i.duplicate_of IS NULL AND coalesce(i.caption_long, '') = '')"
+            " FROM datasets d LEFT JOIN images i ON i.dataset_id = d.id"
+            " WHERE %(name)s::text IS NULL OR d.name = %(name)s GROUP BY d.name ORDER BY d.name",
+            {"name": dataset},
+        ).fetchall()
+    return [DatasetCounts(*row) for row in rows]
+
+
+@dataclass(frozen=True)
 class PackSettings:
     """How images are packed. ``pixel_multiple``: 16 for the Qwen-Image VAE with patch 2, 4 for
     the pixel AE with patch 2. ``quality`` applies to JPEG (PNG and WebP are lossless)."""
