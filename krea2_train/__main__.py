@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -19,25 +20,38 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def run_dir_of_overrides(overrides: list[str]) -> Path | None:
+    """``runs_root/run_name`` as the overrides set them (the Slurm launcher always does), for a
+    config that does not compose; None unless both are given."""
+    values = dict(override.lstrip("+").split("=", 1) for override in overrides if "=" in override)
+    if "runs_root" not in values or "run_name" not in values:
+        return None
+    return Path(values["runs_root"]) / values["run_name"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from krea2_train.config import ConfigError, load_config, to_yaml
+    from krea2_train.errors import clear_user_error, is_lasting_error, record_user_error, report_user_errors
 
+    is_main = int(os.environ.get("RANK", "0")) == 0
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as error:
+        if is_main and (run_dir := run_dir_of_overrides(args.overrides)) is not None:
+            record_user_error(run_dir, error)  # every restart would fail alike
         print(f"krea2_train: bad config: {error}", file=sys.stderr)
         return 2
     if args.print_config:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_main:
             print(to_yaml(config), end="")
         return 0
 
-    from pathlib import Path
-
-    from krea2_train.errors import is_lasting_error, record_user_error, report_user_errors
     from krea2_train.stages import StageConfigError
     from krea2_train.train.trainer import run
+
+    if is_main:  # this start decides afresh whether the run's error is lasting
+        clear_user_error(Path(config.runs_root) / config.run_name)
 
     def train() -> int:
         try:

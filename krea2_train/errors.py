@@ -60,6 +60,11 @@ def record_user_error(run_dir: str | os.PathLike, error: BaseException) -> None:
         logger.warning("could not record the error in %s", run_dir, exc_info=True)
 
 
+def clear_user_error(run_dir: str | os.PathLike) -> None:
+    """Remove the record of an earlier start's error (each start decides afresh)."""
+    (Path(run_dir) / USER_ERROR_RECORD).unlink(missing_ok=True)
+
+
 def report_user_errors(prog: str, func: Callable[[], int]) -> int:
     """Run ``func``; a user error is printed as ``PROG: error: MESSAGE`` and gives exit code 1."""
     try:

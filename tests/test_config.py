@@ -102,13 +102,15 @@ def test_a_list_override_of_the_model_matches_its_recorded_config(tmp_path):
 
 
 def test_a_dsn_password_is_never_written_or_printed():
-    """runs/<run>/config.yaml and --print-config show data.dsn without its password; the run
-    itself keeps the real DSN."""
+    """runs/<run>/config.yaml, wandb's config and --print-config show data.dsn without its
+    password; the run itself keeps the real DSN."""
     from krea2_train.config import to_yaml
+    from krea2_train.config.load import to_record
 
     config = load_config("stage/pretrain_256", ["data.dsn=postgresql://krea2:s3cret@db.internal:5433/krea2"])
     written = to_yaml(config)
     assert "s3cret" not in written and "password=***" in written and "host=db.internal" in written
+    assert "s3cret" not in str(to_record(config))  # what wandb is given
     assert config.data.dsn == "postgresql://krea2:s3cret@db.internal:5433/krea2"
     passwordless = load_config("stage/pretrain_256", ["data.dsn=postgresql://krea2@db.internal/krea2"])
     assert "dsn: postgresql://krea2@db.internal/krea2" in to_yaml(passwordless)

@@ -86,3 +86,22 @@ def test_the_trainer_records_a_user_error_for_the_launcher(tmp_path, monkeypatch
     monkeypatch.setattr(trainer, "run", database_down)
     assert main(["--config", "stage/pretrain_256", f"runs_root={tmp_path}", "run_name=third"]) == 1
     assert not (tmp_path / "third").exists()  # the database may be back by the next start
+
+
+def test_a_bad_override_is_recorded_and_a_new_start_clears_the_record(tmp_path, monkeypatch):
+    """The Slurm launcher passes run_name= and runs_root=: a config that does not compose is
+    recorded there too (a typo would fail every restart); the next start removes a stale record."""
+    import krea2_train.train.trainer as trainer
+    from krea2_train.__main__ import main
+    from krea2_train.errors import USER_ERROR_RECORD
+
+    record = tmp_path / "pt" / USER_ERROR_RECORD
+    assert main(["--config", "stage/pretrain_256", "optim.lrr=1e-4", f"runs_root={tmp_path}", "run_name=pt"]) == 2
+    assert "unknown config key 'optim.lrr'" in record.read_text()
+
+    def database_down(config):
+        raise StoreUnavailable("cannot reach PostgreSQL at db:5432/krea2")
+
+    monkeypatch.setattr(trainer, "run", database_down)  # the typo fixed, the database away: retryable
+    assert main(["--config", "stage/pretrain_256", f"runs_root={tmp_path}", "run_name=pt"]) == 1
+    assert not record.exists()

@@ -219,3 +219,24 @@ def test_a_bucket_of_corrupt_shards_stops_the_loader_naming_them_after_quarantin
     in_bucket = [shard for shard in manifest.shards if shard.bucket == bucket]
     assert set(loader.quarantined) == {shard.shard_id for shard in in_bucket} and len(in_bucket) == 3
     assert f"bucket {bucket!r}" in str(raised.value) and all(shard.path in str(raised.value) for shard in in_bucket)
+    assert not raised.value.retryable  # corrupt content stays corrupt: the launcher need not resubmit
+
+
+def test_a_shard_that_does_not_open_is_replaced_but_not_quarantined(tmp_path, caplog):
+    """A missing file (an unmounted file system, a failing disk) is a storage problem, not bad
+    content: its samples are replaced, it is logged, and it is never quarantined (that would
+    repack healthy data); a bucket of them stops the loader with a retryable error."""
+    manifest = write_toy_shards(tmp_path)
+    Path(manifest.shards[4].path).unlink()
+    loader = ShardLoader(manifest, config(num_workers=1))
+    with caplog.at_level("WARNING", logger="krea2_train.data.loader"):
+        batches = list(loader)
+    assert loader.quarantined == {} and all(not batch.new_bad_shards for batch in batches)
+    assert list(loader.unavailable) == [5] and "cannot open" in loader.unavailable[5]
+    assert [r.getMessage() for r in caplog.records if "not quarantined" in r.getMessage()] != []
+    for shard in manifest.shards:
+        Path(shard.path).unlink(missing_ok=True)
+    loader = ShardLoader(manifest, config(num_workers=1))
+    with pytest.raises(CorruptShardsError, match="did not open .*not quarantined") as raised:
+        next(iter(loader))
+    assert raised.value.retryable and loader.quarantined == {}

@@ -264,8 +264,9 @@ def test_wrong_number_of_outcomes_fails_the_batch(fresh_store):
 
 def test_missing_result_column_is_an_error(fresh_store):
     ids = _add_images(fresh_store, 1)
-    with fresh_store.pool.connection() as conn, pytest.raises(StoreError, match=r"lacks column\(s\) \['height'\]"):
+    with fresh_store.pool.connection() as conn, pytest.raises(RuntimeError, match=r"lacks column\(s\) \['height'\]") as raised:
         write_image_columns(conn, {"width": "int", "height": "int"}, [(ids[0], {"width": 1})])
+    assert not isinstance(raised.value, StoreError)  # a job's bug keeps its traceback (not a user error)
 
 
 def test_registry_refuses_a_different_job_under_a_taken_name():

@@ -248,12 +248,17 @@ def load_config(config: str, overrides: list[str] | None = None) -> RunConfig:
     return to_run_config(compose(config, overrides))
 
 
-def to_yaml(config: RunConfig) -> str:
-    """The config as YAML, as a run records it (``runs/<run>/config.yaml``) and ``--print-config``
-    shows it: a password in ``data.dsn`` is written as ``***``."""
+def to_record(config: RunConfig) -> dict:
+    """The config as plain containers, as a run records it (``runs/<run>/config.yaml``, wandb)
+    and ``--print-config`` shows it: a password in ``data.dsn`` is written as ``***``."""
     structured = OmegaConf.structured(config)
     if config.data.dsn:
         from krea2_train.store.db import redact_dsn
 
         structured.data.dsn = redact_dsn(config.data.dsn)
-    return OmegaConf.to_yaml(structured)
+    return OmegaConf.to_container(structured, enum_to_str=True)
+
+
+def to_yaml(config: RunConfig) -> str:
+    """:func:`to_record` as YAML."""
+    return OmegaConf.to_yaml(to_record(config))

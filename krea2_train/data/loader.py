@@ -15,9 +15,13 @@ The loader logs a warning naming each unreadable shard and why (once per shard),
 (``ShardLoader.quarantined``; ``Batch.new_bad_shards`` holds the ones first found in a batch, for
 the trainer's ``quarantine`` events) and reports it to the ``LeaseKeeper``, which marks it
 quarantined in the ``shards`` table; the run itself keeps using the pinned manifest, so its order
-never depends on when or whether the database heard about it. A batch slot that no replacement
-draw can fill (every shard of its bucket unreadable) stops the loader with
-``CorruptShardsError``, after the shards found are quarantined.
+never depends on when or whether the database heard about it. A shard file (or its checksum
+sidecar) that does not open at all is a storage problem more often than bad content (a missing
+mount, a failing disk): its samples are replaced the same way, but it is logged as unavailable
+(``ShardLoader.unavailable``) and not quarantined. A batch slot that no replacement draw can fill
+(every shard of its bucket unreadable) stops the loader with ``CorruptShardsError``, after the
+corrupt shards found are quarantined; it is retryable (``user_error.txt`` is not written, so the
+Slurm launcher checks the nodes and resubmits) when some of them did not open.
 """
 
 from __future__ import annotations
@@ -45,7 +49,14 @@ LISTED_SHARDS = 3  # how many unreadable shards an error message names
 
 
 class CorruptShardsError(Krea2Error, RuntimeError):
-    """A batch slot that no replacement draw could fill: the bucket's shards are unreadable."""
+    """A batch slot that no replacement draw could fill: the bucket's shards are unreadable.
+
+    Retryable when some of them did not open at all (a storage problem may be gone on another
+    node); lasting when every one is corrupt."""
+
+    def __init__(self, message: str, *, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass(frozen=True)
@@ -95,8 +106,9 @@ class Batch:
     bucket: str
     epoch: int
     index: int
-    bad_shards: dict[int, str] = field(default_factory=dict)  # shard id -> error, found in this batch
+    bad_shards: dict[int, str] = field(default_factory=dict)  # shard id -> error, corrupt shards found in this batch
     new_bad_shards: dict[int, str] = field(default_factory=dict)  # those of bad_shards the loader had not seen
+    unavailable_shards: dict[int, str] = field(default_factory=dict)  # shard id -> error, files that did not open
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,7 @@ class UnreadableBatch:
     bucket: str
     attempts: int
     bad_shards: dict[int, str]
+    unavailable_shards: dict[int, str]
 
 
 def pil_to_tensor(image) -> torch.Tensor:
@@ -124,11 +137,11 @@ class _ShardCache:
         self.capacity = capacity
         self.verify = verify
         self.readers: collections.OrderedDict[int, ShardReader] = collections.OrderedDict()
-        self.bad: dict[int, str] = {}
+        self.bad: dict[int, ShardError] = {}
 
     def reader(self, shard_index: int) -> ShardReader:
         if shard_index in self.bad:
-            raise ShardError(self.manifest.shards[shard_index].path, self.bad[shard_index])
+            raise self.bad[shard_index]
         if shard_index in self.readers:
             self.readers.move_to_end(shard_index)
             return self.readers[shard_index]
@@ -137,7 +150,7 @@ class _ShardCache:
             reader = ShardReader(shard.path, shard.sha256, verify=self.verify)
             _check_header(reader, shard)
         except ShardError as error:
-            self.bad[shard_index] = error.message
+            self.bad[shard_index] = error
             raise
         self.readers[shard_index] = reader
         if len(self.readers) > self.capacity:
@@ -177,7 +190,7 @@ def load_rank_batch(
     """Read and decode one rank batch, replacing unreadable samples (see module docstring); an
     ``UnreadableBatch`` when a slot has no readable candidate (the loader quarantines, then raises)."""
     images = torch.empty(len(batch.rows), 3, batch.height, batch.width)
-    captions, facts, sample_ids, bad_shards = [], [], [], {}
+    captions, facts, sample_ids, bad_shards, unavailable_shards = [], [], [], {}, {}
     for slot, (position, shard_index, row) in enumerate(zip(batch.positions.tolist(), batch.shard_indices.tolist(), batch.rows.tolist())):
         candidates = itertools.chain(
             [(shard_index, row)],
@@ -188,9 +201,12 @@ def load_rank_batch(
                 sample, images[slot] = _read_sample(cache, candidate_shard, candidate_row, batch.width, batch.height)
                 break
             except ShardError as error:
-                bad_shards.setdefault(plan.manifest.shards[candidate_shard].shard_id, str(error))
+                found = unavailable_shards if error.unavailable else bad_shards
+                found.setdefault(plan.manifest.shards[candidate_shard].shard_id, str(error))
         else:
-            return UnreadableBatch(batch.epoch, batch.index, batch.bucket, config.max_replacement_attempts, bad_shards)
+            return UnreadableBatch(
+                batch.epoch, batch.index, batch.bucket, config.max_replacement_attempts, bad_shards, unavailable_shards
+            )
         kind = choose_caption_kind(config.seed, batch.epoch, position, config.caption_mix)
         captions.append(sample.captions.get(kind) or sample.captions["long"])
         facts.append(sample.facts)
@@ -205,6 +221,7 @@ def load_rank_batch(
         "epoch": batch.epoch,
         "index": batch.index,
         "bad_shards": bad_shards,
+        "unavailable_shards": unavailable_shards,
     }
 
 
@@ -259,7 +276,8 @@ class ShardLoader:
         self.lease_keeper = lease_keeper
         self.epoch = 0
         self.batch_index = 0
-        self.quarantined: dict[int, str] = {}  # shard id -> error, every unreadable shard found so far
+        self.quarantined: dict[int, str] = {}  # shard id -> error, every corrupt shard found so far
+        self.unavailable: dict[int, str] = {}  # shard id -> error, every shard that did not open
         plan = make_plan(manifest, config, 0)
         plan.slice_bounds(rank, world_size)  # validates divisibility with a clear error
         self.batches_per_epoch = plan.num_batches
@@ -309,11 +327,13 @@ class ShardLoader:
         for item in loader:
             if isinstance(item, UnreadableBatch):
                 self._quarantine(item.bad_shards)
+                self._note_unavailable(item.unavailable_shards)
                 if self.lease_keeper is not None:
                     self.lease_keeper.flush(QUARANTINE_FLUSH_TIMEOUT_S)
-                raise CorruptShardsError(self._unreadable_message(item))
+                raise CorruptShardsError(self._unreadable_message(item), retryable=bool(item.unavailable_shards))
             batch = Batch(**item)
             batch.new_bad_shards = self._quarantine(batch.bad_shards)
+            self._note_unavailable(batch.unavailable_shards)
             self.batch_index = batch.index + 1
             if self.lease_keeper is not None:
                 self.lease_keeper.advance(self.batch_index)
@@ -335,16 +355,30 @@ class ShardLoader:
                 self.lease_keeper.quarantine(shard_id, error)
         return new
 
+    def _note_unavailable(self, unavailable_shards: dict[int, str]) -> None:
+        """Log the shards of ``unavailable_shards`` not seen before. They are not quarantined: a
+        file that did not open (missing, an unmounted or failing file system) may read on
+        another node or after a repair."""
+        for shard_id, error in unavailable_shards.items():
+            if shard_id not in self.unavailable:
+                self.unavailable[shard_id] = error
+                logger.warning(
+                    "shard (id %d) did not open, %d so far: not quarantined (check the storage); its samples "
+                    "are replaced by others of its bucket: %s", shard_id, len(self.unavailable), error,
+                )
+
     def _unreadable_message(self, item: UnreadableBatch) -> str:
         in_bucket = [shard.shard_id for shard in self.manifest.shards if shard.bucket == item.bucket]
         corrupt = [shard_id for shard_id in in_bucket if shard_id in self.quarantined]
-        how_many = f"all {len(in_bucket)}" if len(corrupt) == len(in_bucket) else f"{len(corrupt)} of the {len(in_bucket)}"
-        listed = [self.quarantined[shard_id] for shard_id in corrupt[:LISTED_SHARDS]]
-        return (
-            f"epoch {item.epoch} batch {item.index}: no readable sample of bucket {item.bucket!r} in "
-            f"{item.attempts} replacement draws: {how_many} shards of the bucket are corrupt (quarantined): "
-            + "; ".join(listed) + ("; ..." if len(corrupt) > LISTED_SHARDS else "")
-        )
+        unavailable = [shard_id for shard_id in in_bucket if shard_id in self.unavailable]
+        message = f"epoch {item.epoch} batch {item.index}: no readable sample of bucket {item.bucket!r} in {item.attempts} replacement draws"
+        for found, what, errors in ((corrupt, "are corrupt (quarantined)", self.quarantined),
+                                    (unavailable, "did not open (missing files or a storage problem; not quarantined)", self.unavailable)):  # fmt: skip
+            if found:
+                how_many = f"all {len(in_bucket)}" if len(found) == len(in_bucket) else f"{len(found)} of the {len(in_bucket)}"
+                listed = "; ".join(errors[shard_id] for shard_id in found[:LISTED_SHARDS])
+                message += f": {how_many} shards of the bucket {what}: {listed}" + ("; ..." if len(found) > LISTED_SHARDS else "")
+        return message
 
     def _spans(self, epoch: int) -> list[Span]:
         plan = make_plan(self.manifest, self.config, epoch)

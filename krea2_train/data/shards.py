@@ -58,12 +58,18 @@ SHARD_SCHEMA = pa.schema(
 
 
 class ShardError(Krea2Error):
-    """A shard that cannot be read; ``path`` names the file, ``row`` the row when one is at fault."""
+    """A shard that cannot be read; ``path`` names the file, ``row`` the row when one is at fault.
 
-    def __init__(self, path: str | Path, message: str, row: int | None = None):
+    ``unavailable``: the file (or its checksum sidecar) could not be opened at all: missing, or a
+    storage problem (an unmounted or failing file system) rather than bad content, so it may read
+    on another node or later; otherwise the content is corrupt and stays so.
+    """
+
+    def __init__(self, path: str | Path, message: str, row: int | None = None, *, unavailable: bool = False):
         self.path = str(path)
         self.message = message
         self.row = row
+        self.unavailable = unavailable
         where = f"shard {self.path}" + (f" row {row}" if row is not None else "")
         super().__init__(f"{where}: {message}")
 
@@ -249,8 +255,10 @@ def _expected_sha256(path: Path) -> str:
     sidecar = sidecar_path(path)
     try:
         return sidecar.read_text().split()[0]
-    except (OSError, IndexError):
-        raise ShardError(path, f"no checksum given and its sidecar {sidecar} is missing or empty") from None
+    except OSError as error:
+        raise ShardError(path, f"no checksum given and its sidecar {sidecar} cannot be read: {error.strerror or error}", unavailable=True) from None
+    except IndexError:
+        raise ShardError(path, f"no checksum given and its sidecar {sidecar} is empty") from None
 
 
 def verify_shard(path: str | Path, sha256: str | None = None) -> None:
@@ -260,7 +268,7 @@ def verify_shard(path: str | Path, sha256: str | None = None) -> None:
     try:
         stat = path.stat()
     except OSError as error:
-        raise ShardError(path, f"cannot open: {error.strerror or error}") from None
+        raise ShardError(path, f"cannot open: {error.strerror or error}", unavailable=True) from None
     key = (str(path), stat.st_size, stat.st_mtime_ns, expected)
     if key in _VERIFIED:
         return

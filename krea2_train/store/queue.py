@@ -257,11 +257,11 @@ class Queue:
     def finish(self, claims: Sequence[Claim], outcomes: Sequence[Outcome]) -> tuple[int, int]:
         """Record outcomes (fenced); returns (rows completed, rows failed) actually written."""
         if len(outcomes) != len(claims):
-            raise StoreError(f"job {self.job.name!r}: {len(outcomes)} outcomes for {len(claims)} rows")
+            raise RuntimeError(f"job {self.job.name!r}: {len(outcomes)} outcomes for {len(claims)} rows")
         done = [(c, o) for c, o in zip(claims, outcomes) if isinstance(o, Done)]
         failed = [(c, o) for c, o in zip(claims, outcomes) if isinstance(o, Failed)]
         if len(done) + len(failed) != len(claims):
-            raise StoreError(f"job {self.job.name!r}: handler returned something other than Done/Failed")
+            raise RuntimeError(f"job {self.job.name!r}: handler returned something other than Done/Failed")
         # one statement commits on its own; several (or a hook) share one transaction
         several = bool(done and failed) or bool(done and (self.job.result_columns or self.job.on_done))
         with self.pool.connection() as conn, (conn.transaction() if several else nullcontext()):
@@ -346,7 +346,7 @@ def write_image_columns(conn: psycopg.Connection, columns: Mapping[str, str], re
     names = list(columns)
     missing = sorted({name for name in names for _, result in results if name not in result})
     if missing:
-        raise StoreError(f"job result lacks column(s) {missing}")
+        raise RuntimeError(f"job result lacks column(s) {missing}")
     ident = sql.Identifier
 
     def carried_type(name: str) -> sql.SQL:

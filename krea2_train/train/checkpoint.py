@@ -814,10 +814,10 @@ def load_model_config(run_dir: str | os.PathLike) -> dict:
     return {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
 
 
-def load_checkpoint_weights(source: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Weights (diffusers keys) and Krea2DiT config of a DCP checkpoint or a safetensors checkpoint."""
+def read_checkpoint_config(source: str | Path) -> dict:
+    """The Krea2DiT config of a DCP checkpoint (its run's ``model_config.json``) or a safetensors
+    checkpoint (recorded, else inferred from the tensor shapes), without reading any weight."""
     from krea2_train.model import layouts
-    from krea2_train.model.dit import AUXILIARY_PREFIX
 
     source = Path(source)
     if is_dcp_checkpoint(source):
@@ -826,6 +826,20 @@ def load_checkpoint_weights(source: str | Path) -> tuple[dict[str, torch.Tensor]
             raise FileNotFoundError(
                 f"{source} is a DCP checkpoint outside a run directory, so its model config (run/model_config.json) is unknown"
             )
+        return load_model_config(run_dir)
+    index = layouts.index_checkpoint(source)
+    return index.config if index.config is not None else layouts.infer_config(index.shapes)
+
+
+def load_checkpoint_weights(source: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Weights (diffusers keys) and Krea2DiT config of a DCP checkpoint or a safetensors checkpoint."""
+    from krea2_train.model import layouts
+    from krea2_train.model.dit import AUXILIARY_PREFIX
+
+    source = Path(source)
+    if is_dcp_checkpoint(source):
+        config = read_checkpoint_config(source)  # refuses a DCP checkpoint outside a run
+        run_dir = run_dir_of(source)
         weights = {k: v for k, v in load_model_weights(source).items() if not k.startswith(AUXILIARY_PREFIX)}
         # a LoRA run's checkpoint holds the frozen base plus adapters: bake them in, so every
         # consumer (export, init_from, merge, sample) sees plain Krea2DiT weights
@@ -833,7 +847,7 @@ def load_checkpoint_weights(source: str | Path) -> tuple[dict[str, torch.Tensor]
         from krea2_train.model.lora_commands import split_checkpoint_lora
 
         base, pairs = split_checkpoint_lora(weights, run_dir)
-        return (bake_pairs(base, pairs) if pairs else base), load_model_config(run_dir)
+        return (bake_pairs(base, pairs) if pairs else base), config
     weights, config = layouts.load_state_dict(source)
     return weights, config if config is not None else layouts.infer_config({k: v.shape for k, v in weights.items()})
 

@@ -11,18 +11,31 @@ from krea2_train.train.metrics import read_metrics
 from krea2_train.train.runlog import database_events, format_report, read_events, summarize
 
 
+def events_from_database(dsn: str | None, runs_root: str, run_name: str) -> list[dict]:
+    """The run's events from PostgreSQL: the server ``dsn`` names (read only: no migration, so a
+    read-only role can report), else the embedded store under ``runs_root``."""
+    from krea2_train.store.db import check_reachable, connection_kwargs, default_store_dir, resolve_dsn
+
+    dsn, store_dir = resolve_dsn(dsn), default_store_dir(runs_root)
+    if dsn is not None:
+        import psycopg
+
+        check_reachable(dsn, connect_timeout_s=5)  # StoreUnavailable names the server
+        with psycopg.connect(dsn, **connection_kwargs(5)) as conn:
+            return database_events(conn, run_name)
+    if not store_dir.is_dir():
+        raise SystemExit(f"krea2 runs report --from-db: no DSN (--dsn or $KREA2_PG_DSN) and no embedded store at {store_dir}")
+    from krea2_train.store import open_store
+
+    with open_store(None, store_dir) as store, store.pool.connection() as conn:
+        return database_events(conn, run_name)
+
+
 def report(args: argparse.Namespace) -> int:
     run_dir = resolve_run_dir(args.run, args.runs_root)
     if args.from_db:
-        from krea2_train.store import open_store
-        from krea2_train.store.db import default_store_dir, resolve_dsn
-
-        dsn, store_dir = resolve_dsn(args.dsn), default_store_dir(args.runs_root)
-        if dsn is None and not store_dir.is_dir():
-            raise SystemExit(f"krea2 runs report --from-db: no DSN (--dsn or $KREA2_PG_DSN) and no embedded store at {store_dir}")
         run_name = run_dir.name if run_dir is not None else args.run
-        with open_store(dsn, store_dir) as store, store.pool.connection() as conn:  # unreachable: StoreUnavailable
-            events = database_events(conn, run_name)
+        events = events_from_database(args.dsn, args.runs_root, run_name)
     elif run_dir is None:
         raise SystemExit(f"krea2 runs report: {args.run!r} is neither a run directory nor a run under {args.runs_root}/")
     else:

@@ -26,13 +26,12 @@ import sys
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from krea2_train.config.load import to_yaml
+from krea2_train.config.load import to_record, to_yaml
 from krea2_train.config.schema import RunConfig
 from krea2_train.devices import to_device
 from krea2_train.files import write_text
@@ -60,6 +59,7 @@ from krea2_train.train.checkpoint import (
     committed_checkpoints,
     find_run_checkpoint,
     load_checkpoint_weights,
+    read_checkpoint_config,
     load_model_config,
     write_model_config,
 )
@@ -214,9 +214,10 @@ def load_initial_weights(checkpoint: Path | None, model_config: Mapping) -> dict
         return None
     from krea2_train.model.layouts import SHAPELESS_KEYS
 
-    weights, checkpoint_config = load_checkpoint_weights(checkpoint)
     shaped = lambda config: {key: value for key, value in config.items() if key not in SHAPELESS_KEYS}  # noqa: E731
+    checkpoint_config = read_checkpoint_config(checkpoint)  # before reading any weight
     check_same_model_config(shaped(checkpoint_config), shaped(model_config), f"stage.init_from's checkpoint {checkpoint}", "this run's model")
+    weights, _ = load_checkpoint_weights(checkpoint)
     return weights
 
 
@@ -333,7 +334,7 @@ class Trainer:
             wandb_mode=config.logging.wandb,
             wandb_project=config.logging.wandb_project,
             run_name=config.run_name,
-            config=json.loads(json.dumps(asdict(config))),
+            config=to_record(config),
         )
         self._signal = 0
         self._consecutive_skips = 0
