@@ -50,15 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     from krea2_train.stages import StageConfigError
     from krea2_train.train.trainer import run
 
+    run_dir = Path(config.runs_root) / config.run_name
     if is_main:  # this start decides afresh whether the run's error is lasting
-        clear_user_error(Path(config.runs_root) / config.run_name)
+        clear_user_error(run_dir)
 
     def train() -> int:
         try:
-            run_dir = run(config)
+            run(config)
         except Exception as error:
             if is_lasting_error(error):  # a restart would fail alike: tell the launcher
-                record_user_error(Path(config.runs_root) / config.run_name, error)
+                record_user_error(run_dir, error)
             if not isinstance(error, StageConfigError):
                 raise
             print(f"krea2_train: bad config: {error}", file=sys.stderr)  # raised before any heavy work

@@ -35,11 +35,12 @@ from krea2_train.data.buckets import DEFAULT_ASPECT_RATIOS, Bucket, assign_bucke
 from krea2_train.data.plan import bucket_key, keyed_permutation
 from krea2_train.data.shards import ShardWriter, WrittenShard
 from krea2_train.store import Store, StoreError
-from krea2_train.store.queue import Done, Failed, Job, JobContext, Outcome, register_job
+from krea2_train.store.queue import Done, Failed, Job, JobContext, Outcome, register_job, requeue_done
 
 IMAGE_COLUMNS = ("id", "dataset_id", "uri", "width", "height", "caption_long", "caption_medium", "caption_short", "facts")
 PACK_JOB_NAME = "pack"
-PACKABLE_SQL = "i.decode_ok AND i.duplicate_of IS NULL AND coalesce(i.caption_long, '') <> ''"
+UNCAPTIONED_SQL = "coalesce(i.caption_long, '') = ''"
+PACKABLE_SQL = f"i.decode_ok AND i.duplicate_of IS NULL AND NOT {UNCAPTIONED_SQL}"
 # the shard_samples rows (alias s) of shards that were not quarantined
 LIVE_SHARD_SAMPLES_SQL = "shard_samples s JOIN shards h ON h.id = s.shard_id AND h.state <> 'quarantined'"
 
@@ -75,7 +76,7 @@ def dataset_counts(store: Store, dataset: str | None = None) -> list[DatasetCoun
             " count(*) FILTER (WHERE i.id IS NOT NULL AND i.decode_ok IS NULL),"
             " count(*) FILTER (WHERE i.decode_ok = false),"
             " count(*) FILTER (WHERE i.decode_ok AND i.duplicate_of IS NOT NULL),"
-            " count(*) FILTER (WHERE i.decode_ok AND i.duplicate_of IS NULL AND coalesce(i.caption_long, '') = '')"
+            f" count(*) FILTER (WHERE i.decode_ok AND i.duplicate_of IS NULL AND {UNCAPTIONED_SQL})"
             " FROM datasets d LEFT JOIN images i ON i.dataset_id = d.id"
             " WHERE %(name)s::text IS NULL OR d.name = %(name)s GROUP BY d.name ORDER BY d.name",
             {"name": dataset},
@@ -135,11 +136,7 @@ def add_pack_target(store: Store, dataset: str, resolution: int, out_dir: str | 
             (row[0], resolution, str(Path(out_dir).resolve()), Jsonb(settings.to_json())),
         ).fetchone()
         if inserted:
-            conn.execute(
-                "UPDATE job_runs j SET state = 'pending', attempt = 0, updated_at = now() FROM images i"
-                " WHERE j.job = %s AND j.state = 'done' AND j.image_id = i.id AND i.dataset_id = %s",
-                (PACK_JOB_NAME, row[0]),
-            )
+            requeue_done(conn, PACK_JOB_NAME, "SELECT id FROM images WHERE dataset_id = %s", (row[0],))
     return row[0]
 
 

@@ -489,6 +489,10 @@ class CheckpointIndex:
     unknown_keys: list[str]  # stored keys (within the layout's prefix) with no diffusers name
     config: dict | None  # Krea2DiT keywords when the checkpoint records them
 
+    def model_config(self) -> dict:
+        """The Krea2DiT keywords: recorded, else inferred from the shapes (:func:`infer_config`)."""
+        return self.config if self.config is not None else infer_config(self.shapes)
+
 
 def _config_from_json(values: Mapping) -> dict:
     """Drop diffusers' bookkeeping (``_class_name`` ...) and turn JSON lists back into tuples."""
@@ -707,7 +711,7 @@ def load_model(
         dtype: parameter dtype; defaults to the dtypes :func:`build_model` gives.
     """
     checkpoint = index_checkpoint(path)
-    config = dict(config) if config is not None else checkpoint.config or infer_config(checkpoint.shapes)
+    config = dict(config) if config is not None else checkpoint.model_config()
     model = build_model(config, device="meta", dtype=dtype)
     expected = model.state_dict()
     check_compatible(checkpoint, {key: tensor.shape for key, tensor in expected.items()})

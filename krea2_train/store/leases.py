@@ -26,7 +26,7 @@ from typing import Sequence
 import psycopg
 
 from krea2_train.store.db import connection_kwargs
-from krea2_train.store.queue import new_owner_id
+from krea2_train.store.queue import new_owner_id, requeue_done
 
 # One query for a run's progress: a row per rank of the run's current world size.
 RUN_PROGRESS_SQL = """
@@ -49,15 +49,6 @@ SELECT r.rank,
  WHERE run.run_id = %(run_id)s
  GROUP BY r.rank, r.epoch, r.batch_index, run.batches_per_epoch, r.owner, r.attempt, r.expires_at, r.heartbeat_at
  ORDER BY r.rank
-"""
-
-
-# A newly quarantined shard's images that the ``pack`` job had finished go back to pending, so the
-# job packs them again (krea2_train.data.pack counts an image of a quarantined shard as unpacked).
-REQUEUE_PACK_SQL = """
-UPDATE job_runs j SET state = 'pending', attempt = 0, updated_at = now()
-  FROM shard_samples s
- WHERE s.shard_id = %s AND j.image_id = s.image_id AND j.job = 'pack' AND j.state = 'done'
 """
 
 
@@ -230,8 +221,10 @@ class LeaseKeeper:
                     " WHERE id = %s AND state = 'ready'",
                     (error, shard_id),
                 )
-                if cursor.rowcount == 1:
-                    conn.execute(REQUEUE_PACK_SQL, (shard_id,))
+                if cursor.rowcount == 1:  # the pack job packs its images again (as unpacked: see data.pack)
+                    from krea2_train.data.pack import PACK_JOB_NAME  # pack builds on the store: not a top import
+
+                    requeue_done(conn, PACK_JOB_NAME, "SELECT image_id FROM shard_samples WHERE shard_id = %s", (shard_id,))
         self.attempt = attempt
         self.lost = self.lost or not alive
         with self._changed:

@@ -370,6 +370,16 @@ def write_image_columns(conn: psycopg.Connection, columns: Mapping[str, str], re
     conn.execute(statement, arrays)
 
 
+def requeue_done(conn: psycopg.Connection, job: str, image_ids_sql: str, params: Sequence) -> None:
+    """Send ``job``'s finished rows of the images ``image_ids_sql`` selects (a ``SELECT`` of ids
+    taking ``params``) back to pending, so workers run them again."""
+    conn.execute(
+        "UPDATE job_runs SET state = 'pending', attempt = 0, updated_at = now()"
+        f" WHERE job = %s AND state = 'done' AND image_id IN ({image_ids_sql})",
+        (job, *params),
+    )
+
+
 def job_counts(store: Store) -> dict[str, dict[str, int]]:
     """{job: {state: count}} over job_runs, every state present (0 when none)."""
     with store.pool.connection() as conn:

@@ -827,8 +827,7 @@ def read_checkpoint_config(source: str | Path) -> dict:
                 f"{source} is a DCP checkpoint outside a run directory, so its model config (run/model_config.json) is unknown"
             )
         return load_model_config(run_dir)
-    index = layouts.index_checkpoint(source)
-    return index.config if index.config is not None else layouts.infer_config(index.shapes)
+    return layouts.index_checkpoint(source).model_config()
 
 
 def load_checkpoint_weights(source: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -848,8 +847,8 @@ def load_checkpoint_weights(source: str | Path) -> tuple[dict[str, torch.Tensor]
 
         base, pairs = split_checkpoint_lora(weights, run_dir)
         return (bake_pairs(base, pairs) if pairs else base), config
-    weights, config = layouts.load_state_dict(source)
-    return weights, config if config is not None else layouts.infer_config({k: v.shape for k, v in weights.items()})
+    weights, _ = layouts.load_state_dict(source)
+    return weights, read_checkpoint_config(source)
 
 
 def write_model_config(run_dir: str | os.PathLike, config: Mapping) -> Path:

@@ -59,8 +59,8 @@ from krea2_train.train.checkpoint import (
     committed_checkpoints,
     find_run_checkpoint,
     load_checkpoint_weights,
-    read_checkpoint_config,
     load_model_config,
+    read_checkpoint_config,
     write_model_config,
 )
 from krea2_train.train.faults import FaultInjector
