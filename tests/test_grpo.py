@@ -299,6 +299,31 @@ class OneConstantGroup(BrightnessReward):
         return {"brightness": np.where([f == self.first_facts for f in facts], 0.5, scores)}
 
 
+class ConstantBrightness(BrightnessReward):
+    """Every image scores 0.5: every group is masked."""
+
+    def __call__(self, images, facts):
+        return {"brightness": np.full(len(facts), 0.5)}
+
+
+def test_the_kl_term_leaves_out_masked_groups_like_the_policy_term(conditioner, one_cpu_thread):
+    """Groups whose rewards are all equal train nothing: with every group constant the loss is 0
+    and no gradient flows although the policy is far from the reference (KL > 0 when scored)."""
+    model, reference = random_tiny_model(0), random_tiny_model(1).requires_grad_(False)
+    batch = shapes_batch(8)
+    scored = grpo_stage("grpo.beta_kl=1.0")
+    _, metrics = scored.loss(context(model, conditioner, 0, reference), batch)
+    assert metrics["kl"].item() > 1e-3 and metrics["zero_std_ratio"].item() == 0.0
+
+    constant = grpo_stage("grpo.beta_kl=1.0")
+    constant.rewards = ConstantBrightness()
+    model.zero_grad(set_to_none=True)
+    loss, masked = constant.loss(context(model, conditioner, 0, reference), batch)
+    assert masked["zero_std_ratio"].item() == 1.0 and masked["kl"].item() == 0.0 and loss.item() == 0.0
+    loss.backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.parameters())
+
+
 def test_gradient_accumulation_does_not_change_the_rollout_or_the_update(conditioner, one_cpu_thread):
     """Two micro-batches rolled out through begin_step give the advantages (global std), the
     masked-group normalisation and the gradient of one micro-batch holding the whole batch."""

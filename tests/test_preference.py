@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from gmm_oracle import GaussianMixture, euler_sample
 from helpers import randomise_
 
@@ -31,11 +32,13 @@ def random_pair_tensors(seed, batch=4, shape=(6, 5)):
     return [torch.randn(batch, *shape, generator=g) for _ in range(6)]  # v_w, v_l, ref_w, ref_l, target_w, target_l
 
 
-def test_at_the_reference_the_loss_is_ln2_and_its_gradient_is_the_closed_form():
+@pytest.mark.parametrize("positive_weight", [0.0, 1.0])  # max(0, gap_w) adds no gradient at gap_w == 0
+def test_at_the_reference_the_loss_is_ln2_and_its_gradient_is_the_closed_form(positive_weight):
     v_w, v_l, _, _, target_w, target_l = random_pair_tensors(0)
     v_w.requires_grad_(True), v_l.requires_grad_(True)
     beta = 50.0
-    loss, metrics = stpo_loss(StpoObjective(beta=beta), v_w, v_l, v_w.detach(), v_l.detach(), target_w, target_l)
+    objective = StpoObjective(beta=beta, positive_weight=positive_weight)
+    loss, metrics = stpo_loss(objective, v_w, v_l, v_w.detach(), v_l.detach(), target_w, target_l)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
     assert metrics["implicit_acc"].item() == 0.0  # strictly positive inside only
     loss.backward()
@@ -64,6 +67,19 @@ def test_swapping_winner_and_loser_negates_the_margin_and_identical_members_give
     loss.backward()
     assert loss.item() == pytest.approx(math.log(2)) and metrics["winner_gap"] == metrics["loser_gap"]
     assert same.grad.abs().max().item() < 1e-7
+
+
+def test_implicit_accuracy_counts_the_dpo_margin_not_the_positive_penalty():
+    """errors e_θ(w) = 2 vs e_ref(w) = 1 and e_θ(l) = 4 vs e_ref(l) = 1: Δ = −2, the policy prefers the
+    winner (accuracy 1) though the DPO-Positive penalty of the risen winner error makes inside < 0."""
+    def velocity(error):  # per-element-mean squared error ``error`` against a zero target
+        return torch.full((1, 4), math.sqrt(error))
+
+    zero = torch.zeros(1, 4)
+    objective = StpoObjective(beta=1.0, positive_weight=5.0)
+    loss, metrics = stpo_loss(objective, velocity(2.0), velocity(4.0), velocity(1.0), velocity(1.0), zero, zero)
+    assert metrics["implicit_acc"].item() == 1.0
+    assert loss.item() == pytest.approx(-F.logsigmoid(torch.tensor(-0.5 * (-2.0 + 5.0 * 1.0))).item(), rel=1e-5)  # inside < 0
 
 
 def test_velocity_beta_equals_noise_beta_over_one_minus_t_squared():

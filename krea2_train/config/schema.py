@@ -196,7 +196,7 @@ class IrepaConfig:
     # "tiny" (random tiny DINOv2 built in the run dir, for CPU runs) | a local transformers
     # DINOv2/DINOv3 directory (real runs: irepa.encoder=/path/to/dinov2)
     encoder: str = "tiny"
-    block: Optional[int] = None  # 1-based block whose output is aligned; None: a third of the depth
+    block: Optional[int] = None  # 1-based block whose output is aligned; None: a third of the depth, at most 8
     weight: float = 1.0  # lambda
     spatial_norm_gamma: float = 0.6  # teacher z-score: (y - gamma * mean) / std
     switch_off_epochs: float = 1.0  # off once epoch + epoch_fraction reaches this (1.0: after the first epoch)

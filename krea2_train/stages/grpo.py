@@ -422,7 +422,9 @@ class GrpoStage:
                 reference_velocity, x, t, t_next, noise_level=self.config.noise_level, sde_type=self.config.sde_type,
                 t_cap=buffer.t_cap,
             )
-            kl = policy_kl(mean, reference_mean, std, t, t_next, self.config.sde_type).mean()
+            kl_per_sample = policy_kl(mean, reference_mean, std, t, t_next, self.config.sde_type).reshape(steps, -1)  # [J, B]
+            # over the valid samples only, as the policy term: a constant-reward group trains nothing
+            kl = (kl_per_sample * buffer.valid.float()[None]).sum() / (steps * valid_share)
             loss = loss_policy + self.config.beta_kl * kl
             metrics["kl"] = kl.detach()
         else:

@@ -51,8 +51,9 @@ SPATIAL_NORM_EPS = 1e-6
 
 def default_block(num_layers: int) -> int:
     """The block (1-based) whose output is aligned when the config leaves it unset: a third of the
-    depth, as REPA's ablations suggest (8 of 24-28 blocks for SiT-L/XL, 4 of 12 for SiT-B)."""
-    return max(1, num_layers // 3)
+    depth, at most 8, as REPA's ablations suggest (8 of 24 or 28 blocks for SiT-L/XL and Krea 2's 28,
+    4 of 12 for SiT-B)."""
+    return min(8, max(1, num_layers // 3))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ mostly have one on-policy member), or the winner with synthetic high-frequency a
 and exactly the failure to push away from). β depends on the error's scale (mean, not sum;
 velocity, not noise: an ε-space β equals a v-space β / (1 − t)²), so never copy β across setups.
 
-Metrics: ``loss_dpo``, ``loss_sft``, ``implicit_acc`` (pairs with ``inside > 0``),
+Metrics: ``loss_dpo``, ``loss_sft``, ``implicit_acc`` (pairs whose DPO margin ``-(β/2) Δ`` is > 0),
 ``winner_gap``/``loser_gap`` (mean ``e_θ − e_ref`` of each branch; a winner gap that stays
 positive is the drift alarm), ``safeguard_scale`` (mean λ).
 """
@@ -119,14 +119,16 @@ def stpo_loss(
         scale = safeguard_scale(velocity_winner - target_winner, velocity_loser - target_loser, objective.safeguard_mu)
         error_l = error_l.detach() + scale * (error_l - error_l.detach())
     gap_w, gap_l = error_w - reference_error_w, error_l - reference_error_l
-    inside = -0.5 * objective.beta * (gap_w - gap_l + objective.positive_weight * gap_w.clamp_min(0))
+    margin = -0.5 * objective.beta * (gap_w - gap_l)  # the DPO margin: > 0 when the policy prefers the winner
+    # relu, not clamp_min: no gradient at gap_w == 0 (the first step, policy == reference)
+    inside = margin - 0.5 * objective.beta * objective.positive_weight * F.relu(gap_w)
     loss_dpo = -F.logsigmoid(inside).mean()  # per pair, then the mean (not logsigmoid of the mean)
     loss_sft = error_w.mean()
     loss = loss_dpo + objective.sft_weight * loss_sft if objective.sft_weight else loss_dpo
     metrics = {
         "loss_dpo": loss_dpo.detach(),
         "loss_sft": loss_sft.detach(),
-        "implicit_acc": (inside.detach() > 0).float().mean(),
+        "implicit_acc": (margin.detach() > 0).float().mean(),  # of the DPO margin, without the penalty
         "winner_gap": gap_w.detach().mean(),
         "loser_gap": gap_l.detach().mean(),
         "safeguard_scale": scale.mean(),
