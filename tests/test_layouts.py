@@ -219,6 +219,17 @@ def test_truncated_file_is_reported(tmp_path, state_dict, keep_fraction):
         layouts.load_model(path)
 
 
+@pytest.mark.parametrize("damage", ["truncated config", "truncated index", "index without weight_map"])
+def test_a_damaged_json_file_of_a_diffusers_directory_is_named(tmp_path, model, state_dict, damage):
+    layouts.save_diffusers(state_dict, tmp_path, model.config, max_shard_size=200_000)
+    name = "config.json" if damage == "truncated config" else "diffusion_pytorch_model.safetensors.index.json"
+    text = (tmp_path / name).read_text()
+    (tmp_path / name).write_text('{"metadata": {}}' if damage == "index without weight_map" else text[: len(text) // 2])
+    expected = "is not valid JSON" if damage.startswith("truncated") else "lacks weight_map"
+    with pytest.raises(layouts.CheckpointError, match=f"{name} {expected}"):
+        layouts.load_model(tmp_path)
+
+
 def test_non_safetensors_file_is_reported(tmp_path):
     path = tmp_path / "notes.safetensors"
     path.write_text("this is a text file, not a checkpoint\n")

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from krea2_train.model.layouts import load_state_dict, read_safetensors_header, read_tensors, save_model, write_safetensors
-from krea2_train.model.lora import LoRAError, LoRASpec, bake_pairs, freeze_base, inject_lora, load_pairs_into_model, pairs_of_model
+from krea2_train.model.lora import LoRAError, LoRAPair, LoRASpec, bake_pairs, freeze_base, inject_lora, load_pairs_into_model, pairs_of_model
 from krea2_train.model.lora_commands import extract_lora
-from krea2_train.model.lora_formats import LAYOUTS, METADATA_KEY, parse_lora_argument, read_lora, save_lora
+from krea2_train.model.lora_formats import LAYOUTS, METADATA_KEY, PEFT_METADATA_KEY, parse_lora_argument, read_lora, save_lora
 from krea2_train.model.patchify import position_ids
 from krea2_train.model.presets import PRESETS
 from helpers import krea2_error, random_tiny_model
@@ -109,6 +109,30 @@ def test_each_layout_loads_back_into_our_trainer(trained):
         torch.testing.assert_close(model(*_inputs()), expected, rtol=1e-5, atol=1e-5, msg=layout)
 
 
+def test_peft_own_files_read_as_diffusers_names(trained, tmp_path):
+    """PEFT's ``save_pretrained`` (``base_model.model.`` over diffusers names, alpha in the
+    ``adapter_config.json`` beside it) and a bare ``get_peft_model_state_dict`` (no prefix, with
+    diffusers' metadata) read as the same pairs as the diffusers layout (alpha 2, rank 4)."""
+    _, _, files = trained
+    expected = read_lora(files["diffusers"])
+    tensors, metadata = read_tensors_and_metadata(files["diffusers"])
+    peft_config = {key.removeprefix("transformer."): value for key, value in json.loads(metadata[PEFT_METADATA_KEY]).items()}
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(peft_config))
+    for prefix, path, stored_metadata in (("base_model.model.", tmp_path / "peft" / "adapter_model.safetensors", None),
+                                          ("", tmp_path / "bare.safetensors", metadata)):
+        renamed = {prefix + key.removeprefix("transformer."): tensor for key, tensor in tensors.items()}
+        lora = read_lora(write_safetensors(path, renamed, stored_metadata))
+        assert lora.pairs.keys() == expected.pairs.keys(), prefix
+        for name, pair in lora.pairs.items():
+            torch.testing.assert_close(pair.delta(), expected.pairs[name].delta(), msg=f"{prefix}{name}")
+
+
+def read_tensors_and_metadata(path):
+    stored, metadata = read_safetensors_header(path)
+    return dict(read_tensors(stored)), metadata
+
+
 def test_kohya_style_ai_toolkit_names_and_alpha_tensors(tmp_path):
     g = torch.Generator().manual_seed(0)
     down, up = torch.randn(2, 128, generator=g), torch.randn(256, 2, generator=g)
@@ -128,6 +152,20 @@ def test_bad_lora_files_fail_clearly(tmp_path):
     half = write_safetensors(tmp_path / "half.safetensors", {"diffusion_model.blocks.0.attn.wq.lora_A.weight": torch.zeros(2, 128)})
     with pytest.raises(LoRAError, match="lacks its B"):
         read_lora(half)
+    orphan = write_safetensors(tmp_path / "orphan.safetensors", {"diffusion_model.blocks.0.attn.wq.lora_A.weight": torch.zeros(2, 128),
+                                                                  "diffusion_model.blocks.0.attn.wq.lora_B.weight": torch.zeros(64, 2),
+                                                                  "diffusion_model.blocks.0.attn.qw.alpha": torch.tensor(1.0)})
+    with pytest.raises(LoRAError, match="'.alpha' of 'blocks.0.attn.qw' has no LoRA A/B"):
+        read_lora(orphan)
+    twice = write_safetensors(tmp_path / "twice.safetensors", {"diffusion_model.blocks.0.attn.wq.lora_A.weight": torch.zeros(2, 128),
+                                                                "diffusion_model.blocks.0.attn.wq.lora_down.weight": torch.ones(2, 128),
+                                                                "diffusion_model.blocks.0.attn.wq.lora_B.weight": torch.zeros(64, 2)})
+    with pytest.raises(LoRAError, match="'blocks.0.attn.wq' stores its A \\(down\\) matrix twice"):
+        read_lora(twice)
+    ranks = write_safetensors(tmp_path / "ranks.safetensors", {"diffusion_model.blocks.0.attn.wq.lora_A.weight": torch.zeros(2, 128),
+                                                                "diffusion_model.blocks.0.attn.wq.lora_B.weight": torch.zeros(64, 3)})
+    with pytest.raises(LoRAError, match="ranks.safetensors: LoRA for 'blocks.0.attn.wq': LoRA A \\(2, 128\\) and B \\(64, 3\\)"):
+        read_lora(ranks)
     model, _ = _lora_model(rank=2)
     with pytest.raises(LoRAError, match="rank 4"):
         load_pairs_into_model(model, pairs_of_model(_lora_model(rank=4)[0]))
@@ -201,6 +239,52 @@ def test_sampling_in_fp32_keeps_a_small_lora_on_a_bf16_checkpoint(tmp_path):
     assert lost > 0.1  # what fp32 sampling no longer loses
 
 
+def test_a_lora_run_with_a_bf16_base_keeps_its_small_lora_in_fp32_sample_export_and_merge(tmp_path, capsys):
+    """A lora-stage run holds a bf16 base and fp32 adapters: asked for fp32, sampling, export and
+    merge bake the adapters in fp32 (rounding them into the bf16 base first would lose most of a
+    small update); so does ``merge --lora`` on a bf16 checkpoint."""
+    from krea2_train.cli import main
+    from krea2_train.model.lora import cast_base
+    from krea2_train.train.checkpoint import CheckpointManager, ModelOptimizerState, TrainState, write_model_config
+    from krea2_train.train.sample import load_for_sampling
+
+    model, _ = _lora_model(rank=4, alpha=8.0)
+    cast_base(model, "bf16")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(0.01)  # ||delta|| ~ 0.2% of ||W||: below bf16's resolution
+    run_dir = tmp_path / "runs" / "lora"
+    write_model_config(run_dir, model.config)
+    (run_dir / "config.yaml").write_text("lora:\n  rank: 4\n  alpha: 8.0\n")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    CheckpointManager(run_dir, interval=1, async_mode="sync").save(3, {"model": ModelOptimizerState(model, optimizer), "train_state": TrainState(step=3)})
+
+    key, name = "transformer_blocks.0.attn.to_q.weight", "transformer_blocks.0.attn.to_q"
+    pair = pairs_of_model(model)[name]
+    bf16_base = model.state_dict()[key].float()
+    exact = bf16_base + pair.delta()
+
+    def lost(weight):  # the share of the LoRA's update missing from a baked weight
+        return ((weight.float() - exact).norm() / pair.delta().norm()).item()
+
+    sampled, _ = load_for_sampling(str(run_dir), runs_root=str(tmp_path / "runs"), dtype=torch.float32)
+    assert sampled.state_dict()[key].dtype == torch.float32 and lost(sampled.state_dict()[key]) < 1e-6
+    rounded, _ = load_for_sampling(str(run_dir), runs_root=str(tmp_path / "runs"))  # the checkpoint's bf16
+    assert lost(rounded.state_dict()[key]) > 0.1  # what asking for fp32 keeps
+    for command, out in (("export", tmp_path / "export"), ("merge", tmp_path / "merged")):
+        assert main([command, str(run_dir), "--layout", "diffusers", "--dtype", "fp32", "--out", str(out)]) == 0
+        assert lost(load_state_dict(out)[0][key]) < 1e-6, command
+
+    save_model(sampled.to(torch.bfloat16), tmp_path / "bf16.safetensors", layout="original")  # a plain bf16 checkpoint
+    lora = save_lora({name: pair}, tmp_path / "small.safetensors", "comfyui")
+    baked_twice = tmp_path / "twice.safetensors"
+    assert main(["merge", str(tmp_path / "bf16.safetensors"), "--lora", str(lora), "--dtype", "fp32", "--layout", "original",
+                 "--out", str(baked_twice)]) == 0
+    expected = sampled.state_dict()[key].bfloat16().float() + pair.delta()
+    torch.testing.assert_close(load_state_dict(baked_twice)[0][key], expected, rtol=1e-6, atol=1e-6)
+
+
 def test_extract_recovers_a_low_rank_difference_and_reports_error(tmp_path):
     raw = random_tiny_model(0).state_dict()
     g = torch.Generator().manual_seed(4)
@@ -244,3 +328,10 @@ def test_extract_cli_then_sample_and_merge_apply_the_lora_on_another_checkpoint(
     expected = (raw.state_dict()[key] + turbo.state_dict()[key]) / 2
     torch.testing.assert_close(weights[key], expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(weights["img_in.weight"], raw.state_dict()["img_in.weight"])
+
+    # of several --lora files, the one that does not fit the checkpoint is named
+    wide = save_lora({"transformer_blocks.0.attn.to_q": LoRAPair(torch.zeros(2, 256), torch.zeros(64, 2), 2.0)},
+                     tmp_path / "wide.safetensors", "comfyui")
+    message = krea2_error(["merge", str(tmp_path / "raw.safetensors"), "--lora", str(lora_path), "--lora", str(wide),
+                           "--layout", "original", "--out", str(tmp_path / "never.safetensors")], capsys)
+    assert "wide.safetensors: " in message and "turbo_lora" not in message and not (tmp_path / "never.safetensors").exists()

@@ -510,11 +510,29 @@ def _diffusers_directory(path: Path) -> Path:
     return path
 
 
+def read_checkpoint_json(path: Path, *required: str) -> dict:
+    """A checkpoint's JSON file (a config, an index) as a dict holding ``required`` keys.
+
+    Raises:
+        CheckpointError: the file is not valid JSON (truncated, say) or lacks a required key.
+    """
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON (truncated or corrupt?): {error}") from None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(values).__name__}, not an object")
+    missing = [key for key in required if key not in values]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}")
+    return values
+
+
 def _read_diffusers_config(directory: Path) -> dict | None:
     config_path = directory / DIFFUSERS_CONFIG_NAME
     if not config_path.is_file():
         return None
-    values = json.loads(config_path.read_text())
+    values = read_checkpoint_json(config_path)
     class_name = values.get("_class_name", DIFFUSERS_CLASS_NAME)
     if class_name != DIFFUSERS_CLASS_NAME:
         raise CheckpointError(
@@ -526,7 +544,7 @@ def _read_diffusers_config(directory: Path) -> dict | None:
 def _stored_tensors_of_directory(directory: Path) -> dict[str, StoredTensor]:
     index_path = directory / DIFFUSERS_INDEX_NAME
     if index_path.is_file():
-        weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+        weight_map: dict[str, str] = read_checkpoint_json(index_path, "weight_map")["weight_map"]
         stored = {}
         for file_name in sorted(set(weight_map.values())):
             shard_path = directory / file_name

@@ -94,7 +94,11 @@ def bake_lora_files(
     from krea2_train.model.lora import bake_pairs
 
     for path, strength in loras:
-        bake_pairs(weights, read_lora(path).pairs, strength, dtype)
+        pairs = read_lora(path).pairs  # its errors name the file already
+        try:
+            bake_pairs(weights, pairs, strength, dtype)
+        except LoRAError as error:  # which of several --lora files does not fit
+            raise LoRAError(f"{path}: {error}") from None
     return weights
 
 
@@ -181,7 +185,8 @@ def _weights_of(source: str, runs_root: str) -> dict[str, torch.Tensor]:
     from krea2_train.train.checkpoint import find_run_checkpoint
     from krea2_train.train.checkpoint import load_checkpoint_weights
 
-    weights, _ = load_checkpoint_weights(find_run_checkpoint(source, runs_root))
+    # a LoRA run's adapters in fp32: the difference extracted may be as small as the LoRA
+    weights, _ = load_checkpoint_weights(find_run_checkpoint(source, runs_root), lora_dtype=torch.float32)
     return weights
 
 

@@ -18,7 +18,9 @@ no ``.alpha``. So those files are written with ``alpha / r`` folded into ``lora_
 alpha are recorded in the ``krea2_lora`` metadata entry (:data:`METADATA_KEY`), from which
 :func:`read_lora` unfolds them again. Reading also accepts kohya-style ``lora_down``/``lora_up``
 names under those prefixes (not kohya's flattened ``lora_unet_...`` names) and ``<module>.alpha``
-tensors (alpha defaults to the rank: scale 1, the PEFT convention), and PEFT's rsLoRA scaling.
+tensors (alpha defaults to the rank: scale 1, the PEFT convention), PEFT's own files (diffusers
+names under ``base_model.model.`` or no prefix; rank and alpha from an ``adapter_config.json``
+beside the file) and PEFT's rsLoRA scaling.
 Every module must be a linear layer of Krea 2 (:func:`check_krea2_modules`).
 """
 
@@ -43,6 +45,7 @@ LAYOUT_PREFIXES = {"diffusers": "transformer.", "comfyui": "diffusion_model.", "
 LAYOUTS = tuple(LAYOUT_PREFIXES)
 METADATA_KEY = "krea2_lora"
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+PEFT_CONFIG_NAME = "adapter_config.json"  # what PEFT's save_pretrained writes beside adapter_model.safetensors
 _STORED_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_down|lora_up)\.weight$")
 _PARTS = {"lora_A": "down", "lora_down": "down", "lora_B": "up", "lora_up": "up"}
 
@@ -150,11 +153,22 @@ def save_lora(
 # ----------------------------------------------------------------------------------------------
 
 
-def detect_lora_layout(keys: list[str]) -> str:
-    """The layout of a LoRA state dict, from its key prefix."""
+def _stored_module(key: str) -> str | None:
+    """The module a LoRA key belongs to (``<module>.lora_A.weight``, ``<module>.alpha`` ...)."""
+    if key.endswith(".alpha"):
+        return key[: -len(".alpha")]
+    match = _STORED_KEY.match(key)
+    return match["module"] if match else None
+
+
+def detect_lora_layout(keys: list[str]) -> tuple[str, str]:
+    """(layout, key prefix) of a LoRA state dict, from its key prefix. A PEFT state dict without
+    prefix (``get_peft_model_state_dict``) under diffusers module names reads as ``diffusers``."""
     for layout, prefix in LAYOUT_PREFIXES.items():
         if keys and all(key.startswith(prefix) for key in keys):
-            return layout
+            return layout, prefix
+    if keys and all((module := _stored_module(key)) is not None and is_diffusers_module(module) for key in keys):
+        return "diffusers", ""
     examples = ", ".join(repr(key) for key in sorted(keys)[:3]) or "none"
     raise LoRAError(
         f"not a Krea 2 LoRA: keys must all start with one of {sorted(LAYOUT_PREFIXES.values())} "
@@ -204,10 +218,16 @@ def _without_indices(module: str) -> str:
     return re.sub(r"\.\d+\.", ".N.", module)
 
 
+def is_diffusers_module(module: str) -> bool:
+    """Whether ``module`` names a linear layer of Krea 2 under diffusers' names (no original-layout
+    name is also a diffusers name, so names tell the two apart)."""
+    return _without_indices(module) in _krea2_linear_modules()
+
+
 def check_krea2_modules(names: Iterable[str]) -> None:
     """Refuse LoRA module names (diffusers layout) that are not linear layers of Krea 2: another
     model's LoRA, a fused projection or a typo would otherwise convert into a meaningless file."""
-    foreign = sorted(name for name in names if _without_indices(name) not in _krea2_linear_modules())
+    foreign = sorted(name for name in names if not is_diffusers_module(name))
     if foreign:
         raise LoRAError(
             f"not a Krea 2 LoRA: {len(foreign)} module(s) are not linear layers of the Krea 2 DiT, e.g. "
@@ -234,8 +254,7 @@ def _unfold(pairs: dict[str, LoRAPair], record: Mapping) -> None:
 def lora_pairs_from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> LoRAFile:
     """Parse a LoRA state dict in any supported layout into pairs under diffusers module names."""
     metadata = dict(metadata or {})
-    layout = detect_lora_layout(list(tensors))
-    prefix = LAYOUT_PREFIXES[layout]
+    layout, prefix = detect_lora_layout(list(tensors))
     parts: dict[str, dict[str, torch.Tensor]] = {}
     stored_alphas: dict[str, float] = {}
     for key, tensor in tensors.items():
@@ -247,18 +266,30 @@ def lora_pairs_from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mappi
         if match is None:
             raise LoRAError(f"{key!r} is not a LoRA weight (expected '.lora_A.weight', '.lora_B.weight', "
                             f"'.lora_down.weight', '.lora_up.weight' or '.alpha')")
-        parts.setdefault(match["module"], {})[_PARTS[match["part"]]] = tensor
+        found = parts.setdefault(match["module"], {})
+        part = _PARTS[match["part"]]
+        if part in found:
+            raise LoRAError(f"LoRA for {match['module']!r} stores its {'B (up)' if part == 'up' else 'A (down)'} matrix twice "
+                            f"(both lora_A/lora_B and lora_down/lora_up names)")
+        found[part] = tensor
+    orphans = sorted(set(stored_alphas) - set(parts))
+    if orphans:
+        raise LoRAError(f"'.alpha' of {', '.join(repr(module) for module in orphans[:3])} has no LoRA A/B matrices (a misspelt module?)")
     pairs: dict[str, LoRAPair] = {}
     ranks: dict[str, int] = {}
     for module, found in parts.items():
         if set(found) != {"down", "up"}:
             raise LoRAError(f"LoRA for {module!r} lacks its {'B (up)' if 'up' not in found else 'A (down)'} matrix")
-        name = module if layout == "diffusers" else to_diffusers_module(module)
+        # PEFT's save_pretrained writes diffusers names under ai-toolkit's prefix
+        name = module if layout == "diffusers" or is_diffusers_module(module) else to_diffusers_module(module)
         ranks[name] = found["down"].shape[0]
         alpha = stored_alphas.get(module, float(ranks[name]))
-        pairs[name] = LoRAPair(found["down"], found["up"], alpha)
+        try:
+            pairs[name] = LoRAPair(found["down"], found["up"], alpha)
+        except LoRAError as error:
+            raise LoRAError(f"LoRA for {module!r}: {error}") from None
     check_krea2_modules(pairs)
-    if layout == "diffusers" and not stored_alphas:
+    if not stored_alphas:  # PEFT metadata (diffusers' files, PEFT's own); alpha = rank without it
         for name, alpha in _peft_alphas(metadata, ranks).items():
             pairs[name].alpha = alpha
     record = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else {}
@@ -273,6 +304,9 @@ def read_lora(path: str | os.PathLike) -> LoRAFile:
     if not path.is_file():
         raise FileNotFoundError(f"no LoRA file at {path}")
     stored, metadata = layouts.read_safetensors_header(path)
+    peft_config = path.parent / PEFT_CONFIG_NAME
+    if PEFT_METADATA_KEY not in metadata and peft_config.is_file():  # PEFT's save_pretrained directory
+        metadata[PEFT_METADATA_KEY] = peft_config.read_text()
     try:
         return lora_pairs_from_tensors(dict(layouts.read_tensors(stored)), metadata)
     except LoRAError as error:

@@ -763,7 +763,9 @@ def _model_prefix(checkpoint_dir: Path, keys: Iterable[str]) -> str:
     """Where the model's tensors live among the DCP keys: the manifest says, else the keys do."""
     manifest_path = checkpoint_dir / MANIFEST_NAME
     if manifest_path.is_file():
-        recorded = json.loads(manifest_path.read_text()).get("model_prefix")
+        from krea2_train.model.layouts import read_checkpoint_json
+
+        recorded = read_checkpoint_json(manifest_path).get("model_prefix")
         if recorded:
             return recorded
     marker = "img_in.weight"
@@ -810,7 +812,9 @@ def load_model_config(run_dir: str | os.PathLike) -> dict:
     path = Path(run_dir) / MODEL_CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no {MODEL_CONFIG_NAME} (the trainer writes it when a run starts)")
-    values = json.loads(path.read_text())
+    from krea2_train.model.layouts import read_checkpoint_json
+
+    values = read_checkpoint_json(path)
     return {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
 
 
@@ -830,8 +834,13 @@ def read_checkpoint_config(source: str | Path) -> dict:
     return layouts.index_checkpoint(source).model_config()
 
 
-def load_checkpoint_weights(source: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Weights (diffusers keys) and Krea2DiT config of a DCP checkpoint or a safetensors checkpoint."""
+def load_checkpoint_weights(source: str | Path, lora_dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Weights (diffusers keys) and Krea2DiT config of a DCP checkpoint or a safetensors checkpoint.
+
+    ``lora_dtype``: the dtype a LoRA run's adapters are baked into (default: the base weight's).
+    Pass the dtype the weights are used in: a small LoRA baked into bf16 weights is mostly
+    rounded away (see :func:`~krea2_train.model.lora.bake_pairs`).
+    """
     from krea2_train.model import layouts
     from krea2_train.model.dit import AUXILIARY_PREFIX
 
@@ -846,7 +855,7 @@ def load_checkpoint_weights(source: str | Path) -> tuple[dict[str, torch.Tensor]
         from krea2_train.model.lora_commands import split_checkpoint_lora
 
         base, pairs = split_checkpoint_lora(weights, run_dir)
-        return (bake_pairs(base, pairs) if pairs else base), config
+        return (bake_pairs(base, pairs, dtype=lora_dtype) if pairs else base), config
     weights, _ = layouts.load_state_dict(source)
     return weights, read_checkpoint_config(source)
 

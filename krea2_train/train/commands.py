@@ -67,11 +67,14 @@ def normalised_weights(weights: Sequence[float] | None, count: int) -> list[floa
     return [weight / total for weight in weights]
 
 
-def weighted_average(sources: Sequence[Path], weights: Sequence[float]) -> tuple[dict[str, torch.Tensor], dict]:
-    """``sum_i weights[i] * checkpoint_i``, loading one checkpoint at a time.
+def weighted_average(
+    sources: Sequence[Path], weights: Sequence[float], dtype: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """``sum_i weights[i] * checkpoint_i``, loading one checkpoint at a time (summed in fp32).
 
     Returns:
-        (averaged weights in the first checkpoint's dtypes, the shared config).
+        (averaged weights in ``dtype``, default the first checkpoint's dtypes; the shared config).
+        A LoRA run's adapters are baked in ``dtype`` too.
     Raises:
         CheckpointError: the checkpoints have different configs or keys.
     """
@@ -79,7 +82,7 @@ def weighted_average(sources: Sequence[Path], weights: Sequence[float]) -> tuple
     dtypes: dict[str, torch.dtype] = {}
     reference_config: dict | None = None
     for index, (source, weight) in enumerate(zip(sources, weights)):
-        state_dict, config = load_checkpoint_weights(source)
+        state_dict, config = load_checkpoint_weights(source, lora_dtype=dtype)
         if reference_config is None:
             reference_config = config
             dtypes = {key: tensor.dtype for key, tensor in state_dict.items()}
@@ -90,7 +93,7 @@ def weighted_average(sources: Sequence[Path], weights: Sequence[float]) -> tuple
         for key, tensor in state_dict.items():
             accumulated[key].add_(tensor.float(), alpha=weight)
         del state_dict
-    return {key: tensor.to(dtypes[key]) for key, tensor in accumulated.items()}, reference_config
+    return {key: tensor.to(dtype or dtypes[key]) for key, tensor in accumulated.items()}, reference_config
 
 
 def last_checkpoints(run: str, count: int, runs_root: str) -> list[Path]:
@@ -113,7 +116,7 @@ def last_checkpoints(run: str, count: int, runs_root: str) -> list[Path]:
 
 def run_export(args: argparse.Namespace) -> int:
     source = find_run_checkpoint(args.run, args.runs_root, step=args.step)
-    weights, config = load_checkpoint_weights(source)
+    weights, config = load_checkpoint_weights(source, lora_dtype=DTYPES.get(args.dtype))
     out = write_weights(weights, config, args.out, args.layout, DTYPES.get(args.dtype))
     print(f"exported {source} -> {out} ({args.layout} layout)")
     return 0
@@ -121,7 +124,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_average(args: argparse.Namespace) -> int:
     sources = last_checkpoints(args.run, args.last, args.runs_root)
-    weights, config = weighted_average(sources, normalised_weights(None, len(sources)))
+    weights, config = weighted_average(sources, normalised_weights(None, len(sources)), DTYPES.get(args.dtype))
     out = write_weights(weights, config, args.out, args.layout, DTYPES.get(args.dtype))
     print(f"averaged {len(sources)} checkpoints ({', '.join(path.name for path in sources)}) -> {out} ({args.layout} layout)")
     return 0
@@ -130,12 +133,12 @@ def run_average(args: argparse.Namespace) -> int:
 def run_merge(args: argparse.Namespace) -> int:
     sources = [find_run_checkpoint(checkpoint, args.runs_root) for checkpoint in args.checkpoints]
     mixing = normalised_weights(args.weights, len(sources))
-    weights, config = weighted_average(sources, mixing)
-    if args.lora:
+    weights, config = weighted_average(sources, mixing, DTYPES.get(args.dtype))
+    if args.lora:  # baked in the output dtype: a small LoRA would round away in bf16 before an fp32 cast
         from krea2_train.model.lora_commands import bake_lora_files
         from krea2_train.model.lora_formats import parse_lora_argument
 
-        bake_lora_files(weights, [parse_lora_argument(lora) for lora in args.lora])
+        bake_lora_files(weights, [parse_lora_argument(lora) for lora in args.lora], DTYPES.get(args.dtype))
     out = write_weights(weights, config, args.out, args.layout, DTYPES.get(args.dtype))
     parts = ", ".join(f"{weight:.4g} x {source}" for weight, source in zip(mixing, sources))
     loras = f" + LoRAs {', '.join(args.lora)}" if args.lora else ""

@@ -35,15 +35,13 @@ def load_for_sampling(
     is baked in first. ``dtype``: the sampling dtype, in which the LoRA-targeted weights are
     baked (not the checkpoint's: fp32 sampling of a bf16 checkpoint keeps a small LoRA whole).
     """
-    from krea2_train.model.lora import bake_pairs
-    from krea2_train.model.lora_commands import bake_lora_files, split_checkpoint_lora
+    from krea2_train.model.lora_commands import bake_lora_files
     from krea2_train.model.presets import build_model
     from krea2_train.train.checkpoint import load_checkpoint_weights
 
     source = find_run_checkpoint(checkpoint, runs_root)
-    weights, config = load_checkpoint_weights(source)
-    weights, own_lora = split_checkpoint_lora(weights, run_dir_of(source) if is_dcp_checkpoint(source) else None)
-    bake_lora_files(bake_pairs(weights, own_lora, dtype=dtype), loras, dtype)
+    weights, config = load_checkpoint_weights(source, lora_dtype=dtype)
+    bake_lora_files(weights, loras, dtype)
     with torch.device("meta"):
         model = build_model(config)
     model.load_state_dict(weights, strict=True, assign=True)
