@@ -124,6 +124,18 @@ def test_bad_stage_settings_refuse_before_heavy_work(tmp_path):
     assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == ["stpo", "stpo/user_error.txt"]
 
 
+def test_a_text_encoder_that_does_not_fit_the_model_is_refused_before_the_model_is_built(tmp_path, monkeypatch):
+    from krea2_train.train.trainer import Trainer
+
+    def never(self):
+        raise AssertionError("the DiT was built")
+
+    monkeypatch.setattr(Trainer, "_build_model", never)
+    config = load_config("stage/pretrain_256", [f"runs_root={tmp_path}", "model.overrides={num_text_layers: 6}"])
+    with pytest.raises(StageConfigError, match="gives 4 tapped layers of width 64; model.preset=tiny reads 6 of width 64"):
+        Trainer(config)
+
+
 def test_cli_rejects_bad_key_and_prints_config(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "krea2_train", "--config", "stage/pretrain_256", "optim.lrr=1"],
                          capture_output=True, text=True, cwd=tmp_path)

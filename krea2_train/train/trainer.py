@@ -217,7 +217,7 @@ def load_initial_weights(checkpoint: Path | None, model_config: Mapping) -> dict
     shaped = lambda config: {key: value for key, value in config.items() if key not in SHAPELESS_KEYS}  # noqa: E731
     checkpoint_config = read_checkpoint_config(checkpoint)  # before reading any weight
     check_same_model_config(shaped(checkpoint_config), shaped(model_config), f"stage.init_from's checkpoint {checkpoint}", "this run's model")
-    weights, _ = load_checkpoint_weights(checkpoint)
+    weights, _ = load_checkpoint_weights(checkpoint, lora_dtype=torch.float32)  # a LoRA run's adapters: whole in the fp32 master weights
     return weights
 
 
@@ -400,6 +400,14 @@ class Trainer:
                 f"conditioning.autoencoder={cond.autoencoder} gives {conditioner.autoencoder.latent_channels} latent channels: "
                 f"with conditioning.patch_size={cond.patch_size} the model needs in_channels="
                 f"{conditioner.autoencoder.latent_channels * cond.patch_size**2}, model.preset={self.config.model.preset} has {in_channels}"
+            )
+        taps = conditioner.text_taps
+        wanted = (self.model_config["num_text_layers"], self.model_config["text_hidden_dim"])
+        if (taps.num_taps, taps.hidden_size) != wanted:  # before the DiT is built: a 12.9B model would fail only at its first forward
+            raise StageConfigError(
+                f"conditioning.text_encoder={cond.text_encoder} gives {taps.num_taps} tapped layers of width {taps.hidden_size}; "
+                f"model.preset={self.config.model.preset} reads {wanted[0]} of width {wanted[1]} "
+                f"(for the krea2 presets use conditioning=qwen with a Qwen3-VL-4B text encoder)"
             )
         if self.dist.world_size > 1 and self.dp_size > 1:
             shard_frozen_module(conditioner.text_taps.text_model, self.parallel_dims)
