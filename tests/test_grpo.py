@@ -405,6 +405,8 @@ def test_frozen_reference_and_config_errors():
     assert "grpo.noise_level" in error("grpo.sde_type=cps", "grpo.noise_level=1.5")
     assert "grpo.noise_level" in error("grpo.noise_level=0")
     assert "parallel.tp" in error("parallel.tp=2")
+    assert "float8.enabled is not supported with grpo.beta_kl > 0" in error("float8.enabled=true")
+    build_stage(load_config("stage/grpo", ["stage.init_from=init", "grpo.beta_kl=0", "float8.enabled=true"]))  # no reference: allowed
     for sde_type in ("sde", "cps"):  # a window reaching the step to t = 0 (steps 8-9 of 10)
         assert "last step" in error(f"grpo.sde_type={sde_type}", "grpo.noise_level=0.8", "grpo.sde_window_range=[0,8]")
     assert "stage.init_from" in error("stage.init_from=null")

@@ -15,7 +15,7 @@ from helpers import randomise_
 
 from krea2_train.config import load_config
 from krea2_train.model import build_model
-from krea2_train.stages import build_stage
+from krea2_train.stages import StageConfigError, build_stage
 from krea2_train.stages.base import StepContext
 from krea2_train.stages.preference import (
     PreferenceStage,
@@ -80,6 +80,17 @@ def test_implicit_accuracy_counts_the_dpo_margin_not_the_positive_penalty():
     loss, metrics = stpo_loss(objective, velocity(2.0), velocity(4.0), velocity(1.0), velocity(1.0), zero, zero)
     assert metrics["implicit_acc"].item() == 1.0
     assert loss.item() == pytest.approx(-F.logsigmoid(torch.tensor(-0.5 * (-2.0 + 5.0 * 1.0))).item(), rel=1e-5)  # inside < 0
+
+
+def test_the_drift_alarm_fires_after_a_streak_of_positive_winner_gaps():
+    from krea2_train.stages.preference import DRIFT_ALARM_STEPS
+
+    stage = build_stage(load_config("stage/stpo", ["stage.init_from=sft"]))
+    gaps = [0.1] * (DRIFT_ALARM_STEPS - 1) + [-0.1] + [0.2] * (2 * DRIFT_ALARM_STEPS)  # a negative step resets the streak
+    alarms = {step: stage.end_step(step, {"winner_gap": gap}) for step, gap in enumerate(gaps, start=1)}
+    fired = {step: messages for step, messages in alarms.items() if messages}
+    assert sorted(fired) == [2 * DRIFT_ALARM_STEPS, 3 * DRIFT_ALARM_STEPS]
+    assert f"winner_gap > 0 for {DRIFT_ALARM_STEPS} steps in a row (now 0.2)" in fired[2 * DRIFT_ALARM_STEPS][0]
 
 
 def test_velocity_beta_equals_noise_beta_over_one_minus_t_squared():
@@ -212,6 +223,8 @@ def test_the_stage_refuses_bad_settings(tmp_path):
         build_stage(stpo_config(tmp_path, "stpo.loser=random"))
     with pytest.raises(PreferenceStageError, match="stpo.beta"):
         build_stage(stpo_config(tmp_path, "stpo.beta=0"))
+    with pytest.raises(StageConfigError, match="float8.enabled is not supported with the stpo stage"):
+        build_stage(stpo_config(tmp_path, "float8.enabled=true"))
     for bad in ("stpo.positive_weight=-2", "stpo.sft_weight=-0.1", "stpo.loser_guidance=-1", "stpo.artifact_strength=0"):
         with pytest.raises(PreferenceStageError, match=bad.split("=")[0].replace(".", r"\.")):
             build_stage(stpo_config(tmp_path, bad))

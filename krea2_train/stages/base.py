@@ -97,3 +97,14 @@ def frozen_copy_of_initial(config, initial_weights: dict[str, torch.Tensor] | No
 
 class StageConfigError(Krea2Error, ValueError):
     """Stage settings that cannot train (the message names the key); raised before any heavy work."""
+
+
+def refuse_float8_against_a_reference(config, what: str) -> None:
+    """A frozen reference is the initial policy in the compute dtype (never float8): a float8
+    policy would differ from it before any update (STPO's first loss would not be ln 2, GRPO's KL
+    would not start at 0). The recipe trains in float8 only in low-resolution pretraining."""
+    if config.float8.enabled:
+        raise StageConfigError(
+            f"float8.enabled is not supported with {what}: the frozen reference runs in the compute dtype (bf16), so a float8 policy "
+            "would differ from it before any update; post-train in bf16 (float8.enabled=false)"
+        )

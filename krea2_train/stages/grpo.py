@@ -70,7 +70,7 @@ from krea2_train.parallel.distributed import all_gather_objects
 from krea2_train.rewards.advantages import AGGREGATIONS, STD_SCOPES, aggregate_advantages
 from krea2_train.rewards.prompt_weights import PromptReweighting, PromptStats
 from krea2_train.rewards.registry import build_rewards
-from krea2_train.stages.base import StageConfigError, StepContext, frozen_copy_of_initial
+from krea2_train.stages.base import StageConfigError, StepContext, frozen_copy_of_initial, refuse_float8_against_a_reference
 
 logger = logging.getLogger("krea2_train")
 
@@ -204,6 +204,8 @@ def validate_config(config: RunConfig) -> None:
         raise StageConfigError(f"grpo.beta_kl must be >= 0, got {grpo.beta_kl}")
     if grpo.beta_kl > 0 and config.stage.init_from is None:
         raise StageConfigError("grpo.beta_kl > 0 needs stage.init_from: the KL reference is the policy the stage starts from")
+    if grpo.beta_kl > 0:
+        refuse_float8_against_a_reference(config, "grpo.beta_kl > 0")
     if grpo.updates_per_rollout < 1:
         raise StageConfigError(f"grpo.updates_per_rollout must be >= 1, got {grpo.updates_per_rollout}")
     if grpo.aggregation not in AGGREGATIONS:

@@ -34,7 +34,7 @@ velocity, not noise: an ε-space β equals a v-space β / (1 − t)²), so never
 
 Metrics: ``loss_dpo``, ``loss_sft``, ``implicit_acc`` (pairs whose DPO margin ``-(β/2) Δ`` is > 0),
 ``winner_gap``/``loser_gap`` (mean ``e_θ − e_ref`` of each branch; a winner gap that stays
-positive is the drift alarm), ``safeguard_scale`` (mean λ).
+positive is the drift: :meth:`PreferenceStage.end_step` raises the alarm), ``safeguard_scale`` (mean λ).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from krea2_train.config.schema import RunConfig
 from krea2_train.flow.sampler import resolve_sampler_settings, sample
 from krea2_train.flow.timesteps import interpolate, velocity_target
 from krea2_train.model.patchify import position_ids
-from krea2_train.stages.base import StageConfigError, StepContext, frozen_copy_of_initial
+from krea2_train.stages.base import StageConfigError, StepContext, frozen_copy_of_initial, refuse_float8_against_a_reference
 from krea2_train.stages.flow_matching import FlowMatchingStage
 
 # keyed-randomness purposes (see stages/base.py)
@@ -146,6 +146,9 @@ def add_artifacts(images: torch.Tensor, strength: float, generators: list[torch.
     return (images + strength * (2.0 * signs.to(images.dtype) - 1.0)).clamp(-1.0, 1.0)
 
 
+DRIFT_ALARM_STEPS = 50  # steps in a row with winner_gap > 0 before the drift alarm (and every as many after)
+
+
 class PreferenceStage(FlowMatchingStage):
     """STPO on (dataset winner, policy-sample or artifact loser) pairs against a frozen reference."""
 
@@ -171,6 +174,7 @@ class PreferenceStage(FlowMatchingStage):
             raise PreferenceStageError(f"stpo.safeguard_mu must be in [0, 1), got {stpo.safeguard_mu}")
         if config.irepa.enabled:
             raise PreferenceStageError("irepa.enabled is not supported by the stpo stage (iREPA belongs to pretraining)")
+        refuse_float8_against_a_reference(config, "the stpo stage")
         super().__init__(config)
         self.config = config
         self.objective = StpoObjective(
@@ -180,6 +184,18 @@ class PreferenceStage(FlowMatchingStage):
         self.loser = stpo.loser
         self.loser_steps, self.loser_guidance = stpo.loser_steps, stpo.loser_guidance
         self.artifact_strength = stpo.artifact_strength
+        self.winner_gap_streak = 0  # steps in a row whose (global) winner_gap was > 0
+
+    def end_step(self, step: int, values: dict[str, float]) -> list[str]:
+        """The drift alarm: ``winner_gap > 0`` (the policy fits the dataset winners worse than the
+        reference) for :data:`DRIFT_ALARM_STEPS` steps in a row, the failure STPO guards against."""
+        self.winner_gap_streak = self.winner_gap_streak + 1 if values["winner_gap"] > 0 else 0
+        if self.winner_gap_streak == 0 or self.winner_gap_streak % DRIFT_ALARM_STEPS:
+            return []
+        return [
+            f"stpo drift: winner_gap > 0 for {self.winner_gap_streak} steps in a row (now {values['winner_gap']:.3g}): the "
+            "policy fits the dataset winners worse than its reference; raise stpo.positive_weight or stpo.sft_weight, or lower optim.lr"
+        ]
 
     def frozen_models(self, initial_weights: dict[str, torch.Tensor] | None) -> dict[str, torch.nn.Module]:
         """The reference: the initial policy, exactly (else the first loss is not ln 2)."""

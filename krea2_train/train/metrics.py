@@ -137,13 +137,14 @@ class MetricsLogger:
 
             self.wandb_run.log({key: wandb.Image(str(path))}, step=step)
 
-    def event(self, step: int, kind: str, **fields: Any) -> None:
-        """A non-metric event (resume, skip, rollback, checkpoint) in the JSONL and the log."""
+    def event(self, step: int, kind: str, warn: bool = False, **fields: Any) -> None:
+        """A non-metric event (resume, skip, rollback, checkpoint) in the JSONL and the log (as a
+        warning when ``warn``)."""
         if not self.is_writer:
             return
         with self.jsonl_path.open("a") as handle:
             handle.write(json.dumps({"step": step, "time": time.time(), "event": kind, **fields}) + "\n")
-        logger.info("[%s] step %d %s", kind, step, " ".join(f"{k}={v}" for k, v in fields.items()))
+        logger.log(logging.WARNING if warn else logging.INFO, "[%s] step %d %s", kind, step, " ".join(f"{k}={v}" for k, v in fields.items()))
 
     def close(self) -> None:
         if self.wandb_run is not None:

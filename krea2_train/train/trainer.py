@@ -630,6 +630,9 @@ class Trainer:
                 "skipped_total": self.train_state.skipped_steps,
             }
             self.metrics.log_step(step, metrics, step_time=step_time, print_line=step % config.logging.log_interval == 0 or step == total)
+            if hasattr(self.stage, "end_step"):  # alarms a stage raises on the step's reduced metrics
+                for message in self.stage.end_step(step, metrics):
+                    self.metrics.event(step, "alarm", warn=True, message=message)
             self.supervision.step_done(step, batch)
             self.faults.after_step(step)
             # a rollback, a save that blocks (sync mode, or the previous write still going) and the
