@@ -240,3 +240,21 @@ def test_a_shard_that_does_not_open_is_replaced_but_not_quarantined(tmp_path, ca
     with pytest.raises(CorruptShardsError, match="did not open .*not quarantined") as raised:
         next(iter(loader))
     assert raised.value.retryable and loader.quarantined == {}
+
+
+def test_buckets_too_small_for_a_batch_are_named_and_a_batch_no_bucket_holds_is_refused(caplog):
+    from krea2_train.stages import StageConfigError
+    from krea2_train.train.data import check_bucket_sizes
+
+    manifest = Manifest([ShardInfo(1, "/s/1.arrow", "1:1", 8, 8, 6, "0" * 64), ShardInfo(2, "/s/2.arrow", "2:3", 8, 12, 4, "0" * 64),
+                         ShardInfo(3, "/s/3.arrow", "3:2", 12, 8, 3, "0" * 64)])
+    with caplog.at_level("WARNING", logger="krea2_train"):
+        check_bucket_sizes(manifest, 4)
+    assert "3 images in aspect buckets smaller than data.global_batch_size=4 never train (3:2: 3)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="krea2_train"):
+        check_bucket_sizes(manifest, 3)
+    assert caplog.text == ""
+    with pytest.raises(StageConfigError, match=r"data.global_batch_size=256 is larger than every aspect bucket of the data "
+                                                r"\(1:1: 6, 2:3: 4, 3:2: 3 images\): lower data.global_batch_size \(at most 6\)"):
+        check_bucket_sizes(manifest, 256)

@@ -62,20 +62,34 @@ def test_rank_slices_are_contiguous_pieces_of_the_global_batch():
             assert {p.bucket for p in pieces} == {plan.batch(index).bucket}
 
 
-def test_reads_are_sequential_within_shards_and_partitions_are_local():
+def test_each_shard_is_read_in_one_stretch_and_partitions_are_local():
     manifest = _manifest(counts=(64,) * 12)
     plan = EpochPlan(manifest, seed=1, epoch=0, global_batch_size=8, num_partitions=2)
     for rank in range(2):
-        rows_by_shard: dict[int, list[int]] = {}
+        batches_by_shard: dict[int, list[int]] = {}
         for index in range(plan.num_batches):
-            for shard, row in _refs(plan.batch(index, rank, 2)):
-                rows_by_shard.setdefault(shard, []).append(row)
-        for rows in rows_by_shard.values():
-            assert rows == list(range(rows[0], rows[0] + len(rows)))  # consecutive rows, in order
+            batch = plan.batch(index, rank, 2)
+            for shard in set(batch.shard_indices.tolist()):
+                batches_by_shard.setdefault(shard, []).append(int(np.flatnonzero(plan.batches_of_bucket[plan.batch_buckets[index]] == index)[0]))
+        for bucket_batches in batches_by_shard.values():  # a shard is open for consecutive batches of its bucket
+            assert bucket_batches == list(range(bucket_batches[0], bucket_batches[0] + len(bucket_batches)))
         if rank == 0:
-            rank0_shards = set(rows_by_shard)
+            rank0_shards = set(batches_by_shard)
     # with world size == partitions, the two ranks read (almost) disjoint shard sets
-    assert len(rank0_shards & set(rows_by_shard)) <= len(SHAPES)
+    assert len(rank0_shards & set(batches_by_shard)) <= len(SHAPES)
+
+
+def test_a_one_shard_bucket_composes_new_batches_every_epoch_and_drops_other_samples():
+    """10 samples in one shard, batches of 4: each epoch 2 batches and 2 samples dropped; the rows
+    are shuffled per epoch, so batches differ and, over a few epochs, every sample trains."""
+    manifest = Manifest([ShardInfo(7, "/s/7.arrow", "1:1", 8, 8, 10, "0" * 64)])
+    epochs = []
+    for epoch in range(6):
+        plan = EpochPlan(manifest, seed=3, epoch=epoch, global_batch_size=4)
+        epochs.append([frozenset(plan.batch(index).rows.tolist()) for index in range(plan.num_batches)])
+    assert all(len(batches) == 2 for batches in epochs)
+    assert len({frozenset(batches) for batches in epochs}) == 6  # six different pairs of batches
+    assert set().union(*(rows for batches in epochs for rows in batches)) == set(range(10))
 
 
 @pytest.mark.parametrize("partitions", [1, 2, 4])

@@ -9,15 +9,17 @@ the same global order after resuming on another world size.
 How an epoch is laid out, per bucket b (buckets are never mixed inside a batch):
 
 1. The bucket's shards (sorted by shard id) are permuted with a key of (seed, epoch, bucket), and
-   their rows concatenated in stored order (shards are shuffled when packed): the bucket stream,
-   N_b samples long. Rows of one shard are adjacent in the stream, so reads are sequential.
+   their rows concatenated, each shard's rows permuted with a key of (seed, epoch, shard id): the
+   bucket stream, N_b samples long. Rows of one shard are adjacent in the stream, so a reader
+   holds few shards open at a time (random access inside a memory-mapped shard is cheap), and
+   batches are composed afresh every epoch, even in a bucket of one shard.
 2. The stream is cut into P contiguous partitions of N_b // P or N_b // P + 1 samples.
 3. The bucket contributes n_b = N_b // B full batches. Bucket batch j takes, from every partition
    p, the B / P samples at partition offsets [j * B / P, (j + 1) * B / P), partition 0 first.
    With P equal to the number of nodes, each node reads only its own partition's shards.
 4. The N_b - n_b * B samples left at the partitions' tails are dropped for this epoch (fewer
-   than B per bucket). The shard order changes every epoch, so different samples are dropped
-   each time.
+   than B per bucket). The shard and row orders change every epoch, so different samples are
+   dropped each time. A bucket of fewer than B samples gives no batch at all.
 
 The epoch is the sequence of all buckets' batches, interleaved by a permutation keyed by
 (seed, epoch) that keeps every bucket's batches in order j = 0, 1, ... Rank r of world size w
@@ -47,6 +49,7 @@ TAG_SHARD_ORDER = 1
 TAG_BATCH_ORDER = 2
 TAG_REPLACEMENT = 3
 TAG_CAPTION = 4
+TAG_ROW_ORDER = 5
 
 
 def hash_u64(key: Sequence[int], index: np.ndarray | int) -> np.ndarray:
@@ -122,6 +125,11 @@ class Manifest:
     def num_samples(self) -> int:
         return sum(shard.num_samples for shard in self.shards)
 
+    @property
+    def bucket_sizes(self) -> dict[str, int]:
+        """Samples per bucket, in bucket order."""
+        return {name: sum(s.num_samples for s in self.shards if s.bucket == name) for name in self.buckets}
+
     @cached_property
     def fingerprint(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()
@@ -171,18 +179,28 @@ class ShardSpan:
 
 
 class _BucketStream:
-    """One bucket's stream for one epoch: shards in shuffled order, rows concatenated."""
+    """One bucket's stream for one epoch: shards in shuffled order, each one's rows shuffled."""
 
-    def __init__(self, shard_indices: np.ndarray, counts: np.ndarray, num_partitions: int):
+    def __init__(self, shard_indices: np.ndarray, shard_ids: np.ndarray, counts: np.ndarray, num_partitions: int,
+                 row_key: tuple[int, ...]):
         self.shard_indices = shard_indices  # manifest indices in stream order
+        self.shard_ids = shard_ids  # their shard ids (the row order's key)
+        self.counts = counts
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.length = int(self.starts[-1])
         self.partition_starts = (np.arange(num_partitions, dtype=np.int64) * self.length) // num_partitions
+        self.row_key = row_key  # (seed, epoch, TAG_ROW_ORDER)
 
     def locate(self, stream_positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(manifest shard index, row) of each stream position."""
         local = np.searchsorted(self.starts, stream_positions, side="right") - 1
-        return self.shard_indices[local], stream_positions - self.starts[local]
+        offsets = stream_positions - self.starts[local]
+        rows = np.empty_like(offsets)
+        for shard in np.unique(local):  # a batch spans one or a few shards
+            here = local == shard
+            order = keyed_permutation(int(self.counts[shard]), (*self.row_key, int(self.shard_ids[shard])))
+            rows[here] = order[offsets[here]]
+        return self.shard_indices[local], rows
 
 
 class EpochPlan:
@@ -224,7 +242,8 @@ class EpochPlan:
         indices = np.array([i for i, shard in enumerate(self.manifest.shards) if shard.bucket == name], dtype=np.int64)
         order = indices[keyed_permutation(len(indices), (self.seed, self.epoch, TAG_SHARD_ORDER, bucket_key(name)))]
         counts = np.array([self.manifest.shards[i].num_samples for i in order], dtype=np.int64)
-        return _BucketStream(order, counts, self.num_partitions)
+        shard_ids = np.array([self.manifest.shards[i].shard_id for i in order], dtype=np.int64)
+        return _BucketStream(order, shard_ids, counts, self.num_partitions, (self.seed, self.epoch, TAG_ROW_ORDER))
 
     def slice_bounds(self, rank: int, world_size: int) -> tuple[int, int]:
         """Offsets [start, stop) of rank ``rank``'s slice inside every global batch."""

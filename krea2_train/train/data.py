@@ -202,6 +202,31 @@ class TrainLoader:
             self.store.close()
 
 
+def check_bucket_sizes(manifest, global_batch_size: int, warn: bool = True) -> None:
+    """Refuse a global batch larger than every aspect bucket; warn about buckets too small for one
+    batch (their images never train: the plan never mixes buckets in a batch).
+
+    Raises:
+        StageConfigError: no bucket holds ``global_batch_size`` samples.
+    """
+    from krea2_train.stages.base import StageConfigError
+
+    sizes = manifest.bucket_sizes
+    listed = ", ".join(f"{name}: {count}" for name, count in sizes.items())
+    if max(sizes.values()) < global_batch_size:
+        raise StageConfigError(
+            f"data.global_batch_size={global_batch_size} is larger than every aspect bucket of the data ({listed} images): "
+            f"lower data.global_batch_size (at most {max(sizes.values())}) or use fewer aspect buckets (data.buckets)"
+        )
+    small = {name: count for name, count in sizes.items() if count < global_batch_size}
+    if small and warn:
+        logger.warning(
+            "%d images in aspect buckets smaller than data.global_batch_size=%d never train (%s): use fewer aspect "
+            "buckets (data.buckets) or a smaller batch", sum(small.values()), global_batch_size,
+            ", ".join(f"{name}: {count}" for name, count in small.items()),
+        )
+
+
 def build_train_loader(
     config: RunConfig,
     run_dir: Path,
@@ -238,6 +263,7 @@ def build_train_loader(
     from krea2_train.data.plan import Manifest
 
     manifest = Manifest.load(manifest_path)
+    check_bucket_sizes(manifest, config.data.global_batch_size, warn=is_main)
     loader_config = LoaderConfig(
         global_batch_size=config.data.global_batch_size,
         seed=config.seed,
