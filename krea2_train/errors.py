@@ -32,6 +32,10 @@ class Krea2Error(Exception):
     retryable = False
 
 
+class UsageError(Krea2Error):
+    """A command-line argument that cannot work (a bad value, a missing option): the message names it."""
+
+
 def is_lasting_error(error: BaseException) -> bool:
     """A user error that a restart would meet again (see :func:`record_user_error`)."""
     return isinstance(error, Krea2Error) and not error.retryable

@@ -311,8 +311,11 @@ def test_no_committed_checkpoint(tmp_path):
     write_model_config(tmp_path / "run", {"num_layers": 2})
     with pytest.raises(NoCheckpointError, match="no committed checkpoint"):
         find_run_checkpoint(tmp_path / "run")
-    with pytest.raises(NoCheckpointError, match="neither a checkpoint"):
+    with pytest.raises(NoCheckpointError, match="'missing-run' does not exist"):
         find_run_checkpoint("missing-run", runs_root=tmp_path)
+    (tmp_path / "notes").mkdir()  # there, but neither a run nor a checkpoint
+    with pytest.raises(NoCheckpointError, match="neither a checkpoint"):
+        find_run_checkpoint(tmp_path / "notes", runs_root=tmp_path)
 
 
 def test_find_run_checkpoint_by_name_and_direct_paths(tmp_path):

@@ -188,3 +188,26 @@ def test_cli_work_runs_the_decode_job(fresh_store, curated_folder, capsys):
     assert main(["data", "work", "--dsn", fresh_store.dsn, "--job", "decode", "--batch", "5"]) == 0
     assert "'completed': 16" in capsys.readouterr().out
     assert job_counts(fresh_store)["decode"]["done"] == 16
+
+
+@pytest.mark.postgres
+def test_cli_pack_target_then_the_pack_job_packs_the_dataset(fresh_store, curated_folder, tmp_path, capsys):
+    from krea2_train.cli import main
+    from krea2_train.data.pack import dataset_counts
+
+    store_args = ["--dsn", fresh_store.dsn]
+    ingest(fresh_store, "shapes", folder=curated_folder)
+    for job in ("decode", "dedup"):
+        assert main(["data", "work", *store_args, "--job", job]) == 0
+    capsys.readouterr()
+    assert main(["data", "work", *store_args, "--job", "pack"]) == 0  # nothing to pack yet: says why
+    printed = capsys.readouterr()
+    assert "'completed': 0" in printed.out and "no pack target yet: `krea2 data pack-target" in printed.err
+    assert main(["data", "pack-target", *store_args, "--dataset", "shapes", "--resolution", "32", "--out", str(tmp_path / "shards"),
+                 "--buckets", "1:1", "--pixel-multiple", "4"]) == 0
+    assert "pack target: shapes at 32 px" in capsys.readouterr().out
+    assert main(["data", "work", *store_args, "--job", "pack"]) == 0
+    with fresh_store.pool.connection() as conn:
+        packed = conn.execute("SELECT count(*) FROM shard_samples s JOIN shards h ON h.id = s.shard_id WHERE h.resolution = 32").fetchone()[0]
+    (counts,) = dataset_counts(fresh_store, "shapes")
+    assert counts.packable > 0 and packed == counts.packable and list((tmp_path / "shards").rglob("*.arrow"))

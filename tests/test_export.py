@@ -94,7 +94,7 @@ def test_export_casts_to_the_requested_dtype(run, tmp_path):
     assert_same_weights(weights, {key: value.bfloat16() for key, value in saved[30].items()})
 
 
-def test_a_bf16_export_samples_in_the_chosen_dtype(run, tmp_path):
+def test_a_bf16_export_samples_in_the_chosen_dtype(run, tmp_path, capsys):
     """Released weights are bf16: `krea2 sample` casts the DiT to its compute dtype (fp32 on CPU)."""
     import numpy as np
     from PIL import Image
@@ -111,6 +111,16 @@ def test_a_bf16_export_samples_in_the_chosen_dtype(run, tmp_path):
         assert krea2([*common, "--dtype", dtype, "--out", str(tmp_path / dtype)]) == 0
     for dtype in ("fp32", "bf16"):  # 64 px nominal: 16 px with the pixel autoencoder
         assert np.asarray(Image.open(tmp_path / dtype / "sample-000.png")).shape == (16, 16, 3)
+
+    # arguments that cannot work: named, no traceback
+    for bad, expected in ((["--resolution", "250"], "250 is not a positive multiple of 16"), (["--preset", "fast"], "invalid choice: 'fast'")):
+        with pytest.raises(SystemExit) as exited:  # argparse: exit 2 with the message
+            krea2([*common, *bad])
+        assert exited.value.code == 2 and expected in capsys.readouterr().err
+    assert krea2([*common, "--height", "30", "--width", "30"]) == 1  # found once the autoencoder is known
+    assert "krea2: error: --height/--width gives 30x30 px: this autoencoder needs multiples of 4 px" in capsys.readouterr().err
+    assert "[Errno 2] no LoRA file: 'nothere.safetensors'" in krea2_error([*common, "--lora", "nothere.safetensors"], capsys)
+    assert "'abc' is not a strength" in krea2_error([*common, "--lora", "nothere.safetensors:abc"], capsys)
 
 
 def test_export_without_a_committed_checkpoint_fails_clearly(tmp_path, capsys):

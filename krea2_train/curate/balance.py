@@ -31,7 +31,9 @@ from krea2_train.curate.embeddings import Embedder, build_embedder
 from krea2_train.curate.images import open_rgb
 from krea2_train.curate.kmeans import Hierarchy, KMeansSettings, balanced_sample, hierarchical_kmeans
 from krea2_train.data.pack import PACKABLE_SQL
+from krea2_train.errors import UsageError
 from krea2_train.store import Store, StoreError
+from krea2_train.store.db import find_dataset_id
 
 logger = logging.getLogger(__name__)
 
@@ -54,23 +56,16 @@ class SelectionReport:
     created: bool  # False: the selection existed with the same settings
 
 
-def _dataset_id(conn, name: str) -> int:
-    row = conn.execute("SELECT id FROM datasets WHERE name = %s", (name,)).fetchone()
-    if row is None:
-        raise StoreError(f"unknown dataset {name!r}: ingest it first")
-    return row[0]
-
-
 def selectable_images(store: Store, dataset: str) -> tuple[int, list[int], list[str]]:
     """(dataset id, image ids, URIs) of the images pack would pack, by id."""
     with store.pool.connection() as conn:
-        dataset_id = _dataset_id(conn, dataset)
+        source_id = find_dataset_id(conn, dataset)
         rows = conn.execute(
-            f"SELECT i.id, i.uri FROM images i WHERE i.dataset_id = %s AND {PACKABLE_SQL} ORDER BY i.id", (dataset_id,)
+            f"SELECT i.id, i.uri FROM images i WHERE i.dataset_id = %s AND {PACKABLE_SQL} ORDER BY i.id", (source_id,)
         ).fetchall()
     if not rows:
         raise StoreError(f"dataset {dataset!r} has no selectable images (decoded, not duplicates, captioned): run the decode job")
-    return dataset_id, [row[0] for row in rows], [row[1] for row in rows]
+    return source_id, [row[0] for row in rows], [row[1] for row in rows]
 
 
 def ids_digest(image_ids: list[int]) -> str:
@@ -227,7 +222,7 @@ def materialise_selection(
     if found is not None:
         return found
     with store.pool.connection() as conn, conn.transaction():
-        source_id = _dataset_id(conn, source)
+        source_id = find_dataset_id(conn, source)
         dataset_id = conn.execute(
             "INSERT INTO datasets (name, source) VALUES (%s, %s) RETURNING id", (name, f"selection:{method}:{source}")
         ).fetchone()[0]
@@ -407,7 +402,7 @@ def _cmd_balance(args, open_store: Callable) -> int:
     try:
         settings = KMeansSettings(tuple(args.levels), args.resample_steps, args.points_per_cluster, args.niter, args.seed)
     except ValueError as error:
-        raise SystemExit(f"krea2 data balance: {error}") from None
+        raise UsageError(str(error)) from None
     with open_store(args) as store:
         return _print(balance_dataset(store, args.dataset, args.name, args.target, settings, args.embedder, args.leaf_pick))
 
@@ -424,7 +419,7 @@ def _score_bounds(items: list[str], flag: str) -> dict[str, float]:
         try:
             bounds[column] = float(value)
         except ValueError:
-            raise SystemExit(f"krea2 data filter: {flag} {item!r} is not SCORE=VALUE") from None
+            raise UsageError(f"{flag} {item!r} is not SCORE=VALUE") from None
     return bounds
 
 

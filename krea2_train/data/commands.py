@@ -15,6 +15,8 @@ import threading
 from dataclasses import asdict
 from pathlib import Path
 
+from krea2_train.data.shards import IMAGE_FORMATS
+from krea2_train.errors import UsageError
 from krea2_train.store.db import STORE_DIR_ENV, default_store_dir
 
 
@@ -39,6 +41,19 @@ def register(subparsers) -> None:
     work.add_argument("--batch", type=int, default=None, help="rows per claim (default: the job's)")
     work.add_argument("--follow", action="store_true", help="keep polling for new work until SIGTERM/SIGINT")
     work.set_defaults(func=cmd_work)
+
+    target = commands.add_parser("pack-target", help="have `work --job pack` pack a dataset at a resolution (training runs use it)")
+    _store_arguments(target)
+    target.add_argument("--dataset", required=True)
+    target.add_argument("--resolution", type=int, required=True,
+                        help="image side in pixels: the run's data.resolution with the Qwen-Image VAE")
+    target.add_argument("--out", type=Path, required=True, help="shard directory (shared storage that every node reads)")
+    target.add_argument("--buckets", nargs="+", default=None, help="aspect ratios (default: all nine, as configs/data/registry.yaml)")
+    target.add_argument("--pixel-multiple", type=int, default=16, help="16 for the Qwen-Image VAE with patch 2 (default)")
+    target.add_argument("--format", choices=IMAGE_FORMATS, default="png", help="image encoding in the shards")
+    target.add_argument("--shard-size", type=int, default=1024)
+    target.add_argument("--seed", type=int, default=0, help="the runs' seed (shuffles within a packed batch)")
+    target.set_defaults(func=cmd_pack_target)
 
     status = commands.add_parser("status", help="row counts per dataset and per job and state")
     _store_arguments(status)
@@ -122,8 +137,13 @@ def cmd_work(args) -> int:
     load_jobs()
     get_job(args.job)  # an unknown job fails here, naming the registered ones
     if args.workers < 1:
-        raise SystemExit("--workers must be >= 1")
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
     with _open(args) as store:
+        if args.job == "pack":
+            with store.pool.connection() as conn:
+                if conn.execute("SELECT count(*) FROM pack_targets").fetchone()[0] == 0:
+                    print("no pack target yet: `krea2 data pack-target --dataset NAME --resolution PX --out DIR` adds one "
+                          "(a training run adds its own on first start)", file=sys.stderr)
         if args.workers == 1:
             _worker_process(store.dsn, args.job, args.batch, args.follow)
             return 0
@@ -145,6 +165,18 @@ def cmd_work(args) -> int:
     if failed:
         print(f"{len(failed)} worker(s) exited with codes {failed}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_pack_target(args) -> int:
+    from krea2_train.data.pack import PackSettings, add_pack_target
+
+    settings = PackSettings(pixel_multiple=args.pixel_multiple, image_format=args.format, shard_size=args.shard_size, seed=args.seed,
+                            **({"aspect_ratios": tuple(args.buckets)} if args.buckets else {}))
+    with _open(args) as store:
+        add_pack_target(store, args.dataset, args.resolution, args.out, settings)
+    print(f"pack target: {args.dataset} at {args.resolution} px into {args.out.resolve()} "
+          f"(buckets {', '.join(settings.aspect_ratios)}); run `krea2 data work --job pack` to pack it")
     return 0
 
 

@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlparse
 from psycopg.types.json import Jsonb
 
 from krea2_train.store import Store, StoreError
+from krea2_train.store.db import find_dataset_id
 from krea2_train.store.upsert import batched, upsert_batch, upsert_statement
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -170,7 +171,7 @@ def ensure_dataset(store: Store, name: str, source: str) -> int:
             " SET source = EXCLUDED.source WHERE datasets.source IS DISTINCT FROM EXCLUDED.source",
             (name, source),
         )
-        return conn.execute("SELECT id FROM datasets WHERE name = %s", (name,)).fetchone()[0]
+        return find_dataset_id(conn, name)
 
 
 def ingest_records(store: Store, dataset: str, source: str, records: Iterable[Record]) -> IngestReport:

@@ -34,7 +34,8 @@ from krea2_train.curate.images import open_rgb
 from krea2_train.data.buckets import DEFAULT_ASPECT_RATIOS, Bucket, assign_bucket, make_buckets, resize_to_bucket
 from krea2_train.data.plan import bucket_key, keyed_permutation
 from krea2_train.data.shards import ShardWriter, WrittenShard
-from krea2_train.store import Store, StoreError
+from krea2_train.store import Store
+from krea2_train.store.db import find_dataset_id
 from krea2_train.store.queue import Done, Failed, Job, JobContext, Outcome, register_job, requeue_done
 
 IMAGE_COLUMNS = ("id", "dataset_id", "uri", "width", "height", "caption_long", "caption_medium", "caption_short", "facts")
@@ -126,18 +127,16 @@ def add_pack_target(store: Store, dataset: str, resolution: int, out_dir: str | 
     A new target sends the dataset's images that the ``pack`` job has finished back to pending,
     so the job packs them at the new resolution too (it skips what is packed already)."""
     with store.pool.connection() as conn, conn.transaction():
-        row = conn.execute("SELECT id FROM datasets WHERE name = %s", (dataset,)).fetchone()
-        if row is None:
-            raise StoreError(f"unknown dataset {dataset!r}: ingest it first")
+        target_dataset = find_dataset_id(conn, dataset)
         (inserted,) = conn.execute(
             "INSERT INTO pack_targets (dataset_id, resolution, out_dir, settings) VALUES (%s, %s, %s, %s)"
             " ON CONFLICT (dataset_id, resolution) DO UPDATE SET out_dir = excluded.out_dir, settings = excluded.settings"
             " RETURNING xmax = 0",
-            (row[0], resolution, str(Path(out_dir).resolve()), Jsonb(settings.to_json())),
+            (target_dataset, resolution, str(Path(out_dir).resolve()), Jsonb(settings.to_json())),
         ).fetchone()
         if inserted:
-            requeue_done(conn, PACK_JOB_NAME, "SELECT id FROM images WHERE dataset_id = %s", (row[0],))
-    return row[0]
+            requeue_done(conn, PACK_JOB_NAME, "SELECT id FROM images WHERE dataset_id = %s", (target_dataset,))
+    return target_dataset
 
 
 def pack_dataset(

@@ -26,6 +26,7 @@ Every module must be a linear layer of Krea 2 (:func:`check_krea2_modules`).
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
@@ -302,7 +303,7 @@ def read_lora(path: str | os.PathLike) -> LoRAFile:
     """Read a LoRA safetensors file in the diffusers, ComfyUI or ai-toolkit layout."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no LoRA file at {path}")
+        raise FileNotFoundError(errno.ENOENT, "no LoRA file", str(path))  # a user error naming the file
     stored, metadata = layouts.read_safetensors_header(path)
     peft_config = path.parent / PEFT_CONFIG_NAME
     if PEFT_METADATA_KEY not in metadata and peft_config.is_file():  # PEFT's save_pretrained directory
@@ -314,11 +315,13 @@ def read_lora(path: str | os.PathLike) -> LoRAFile:
 
 
 def parse_lora_argument(argument: str) -> tuple[Path, float]:
-    """``FILE[:SCALE]`` -> (path, strength); the strength defaults to 1."""
+    """``FILE[:SCALE]`` -> (path, strength); the strength defaults to 1. A file name that holds a
+    colon is taken whole when it exists."""
     path, separator, scale = argument.rpartition(":")
     if separator and path:
         try:
             return Path(path), float(scale)
         except ValueError:
-            pass
+            if not Path(argument).exists():
+                raise LoRAError(f"--lora {argument!r}: {scale!r} is not a strength (FILE[:SCALE], e.g. style.safetensors:0.8)") from None
     return Path(argument), 1.0

@@ -99,6 +99,19 @@ def check_reachable(dsn: str, connect_timeout_s: float) -> None:
         ) from None
 
 
+def find_dataset_id(conn: psycopg.Connection, name: str) -> int:
+    """The id of dataset ``name``.
+
+    Raises:
+        StoreError: no such dataset (the message lists the registered ones).
+    """
+    row = conn.execute("SELECT id FROM datasets WHERE name = %s", (name,)).fetchone()
+    if row is None:
+        known = [known for (known,) in conn.execute("SELECT name FROM datasets ORDER BY name LIMIT 20")]
+        raise StoreError(f"unknown dataset {name!r}: ingest it first (registered: {', '.join(known) or 'none'})")
+    return row[0]
+
+
 def open_pool(dsn: str, connect_timeout_s: float, max_size: int = 8) -> ConnectionPool:
     pool = ConnectionPool(
         dsn,

@@ -117,7 +117,7 @@ class MetricsLogger:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
         if print_line:
             logger.info(
-                "step %d/%d  loss %.4f  grad %.3f  lr %.2e  %.1f img/s  %.0f tok/s  %.2fs/step  mem %.2fGiB  eta %s%s",
+                "step %d/%d  loss %.4f  grad %.3g  lr %.2e  %.1f img/s  %.0f tok/s  %.2fs/step  mem %.2fGiB  eta %s%s",
                 step,
                 self.total_steps,
                 metrics.get("loss", float("nan")),

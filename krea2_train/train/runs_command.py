@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from krea2_train.errors import UsageError
 from krea2_train.train.checkpoint import resolve_run_dir
 from krea2_train.train.metrics import read_metrics
 from krea2_train.train.runlog import database_events, format_report, read_events, summarize
@@ -24,7 +25,7 @@ def events_from_database(dsn: str | None, runs_root: str, run_name: str) -> list
         with psycopg.connect(dsn, **connection_kwargs(5)) as conn:
             return database_events(conn, run_name)
     if not store_dir.is_dir():
-        raise SystemExit(f"krea2 runs report --from-db: no DSN (--dsn or $KREA2_PG_DSN) and no embedded store at {store_dir}")
+        raise UsageError(f"runs report --from-db: no DSN (--dsn or $KREA2_PG_DSN) and no embedded store at {store_dir}")
     from krea2_train.store import open_store
 
     with open_store(None, store_dir) as store, store.pool.connection() as conn:
@@ -37,11 +38,11 @@ def report(args: argparse.Namespace) -> int:
         run_name = run_dir.name if run_dir is not None else args.run
         events = events_from_database(args.dsn, args.runs_root, run_name)
     elif run_dir is None:
-        raise SystemExit(f"krea2 runs report: {args.run!r} is neither a run directory nor a run under {args.runs_root}/")
+        raise UsageError(f"{args.run!r} is neither a run directory nor a run under {args.runs_root}/")
     else:
         events = read_events(run_dir)
     if not events:
-        raise SystemExit(f"krea2 runs report: no run log events for {args.run!r}")
+        raise UsageError(f"no run log events for {args.run!r}")
     steps = read_metrics(run_dir) if run_dir is not None else []
     summary = summarize(events, steps)
     print(format_report(str(run_dir or args.run), summary))

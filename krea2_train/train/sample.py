@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from krea2_train.errors import UsageError
+from krea2_train.flow.sampler import SAMPLER_PRESETS
 from krea2_train.model.lora_formats import parse_lora_argument
 from krea2_train.train.checkpoint import find_run_checkpoint, is_dcp_checkpoint, run_dir_of
 from krea2_train.train.commands import DTYPES
@@ -78,7 +80,7 @@ def conditioning_settings(args: argparse.Namespace, run_dir: Path | None) -> dic
             settings[key] = getattr(args, key)
     for key in ("autoencoder", "text_encoder"):
         if not settings[key]:
-            raise SystemExit(f"krea2 sample: {args.checkpoint} is not a run of this trainer: pass --{key.replace('_', '-')}")
+            raise UsageError(f"{args.checkpoint} is not a run of this trainer: pass --{key.replace('_', '-')}")
     return settings
 
 
@@ -105,7 +107,8 @@ def run_sample(args: argparse.Namespace) -> int:
     height = args.height or conditioner.image_side(args.resolution)
     width = args.width or conditioner.image_side(args.resolution)
     if height % unit or width % unit:
-        raise SystemExit(f"krea2 sample: --height/--width must be multiples of {unit} px with this autoencoder")
+        given = "--height/--width" if args.height or args.width else f"--resolution {args.resolution}"
+        raise UsageError(f"{given} gives {height}x{width} px: this autoencoder needs multiples of {unit} px")
     grid = conditioner.grid(height, width)
     preset, steps, mu = (args.preset, None, None) if args.preset else run_sampler(run_dir)
     sampler = resolve_sampler_settings(preset, grid.num_tokens, num_steps=args.steps or steps, guidance_scale=args.guidance, mu=mu)
@@ -124,6 +127,14 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def multiple_of_16(text: str) -> int:
+    """argparse type of ``--resolution``: a positive multiple of 16 px (one token per 16 px)."""
+    value = int(text)
+    if value <= 0 or value % 16:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive multiple of 16 (one token per 16 px)")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("sample", help="generate images from a checkpoint", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,11 +144,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="a LoRA (diffusers, ComfyUI or ai-toolkit layout) applied at SCALE (default 1); repeatable")
     parser.add_argument("--out", default="samples")
-    parser.add_argument("--preset", default=None, help="sampler preset: raw (52 steps, g=3.5) or turbo (8 steps, g=0); "
+    parser.add_argument("--preset", default=None, choices=sorted(SAMPLER_PRESETS), help="sampler preset: raw (52 steps, g=3.5) or turbo (8 steps, g=0); "
                         "default: a TDM run's own student grid, else raw")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance", type=float, default=None)
-    parser.add_argument("--resolution", type=int, default=256, help="nominal resolution (Qwen-VAE pixels; 16 px per token)")
+    parser.add_argument("--resolution", type=multiple_of_16, default=256, help="nominal resolution (Qwen-VAE pixels; 16 px per token)")
     parser.add_argument("--height", type=int, default=None, help="image height in pixels (overrides --resolution)")
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")

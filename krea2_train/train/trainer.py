@@ -648,7 +648,7 @@ class Trainer:
                 if signal_now == CHECKPOINT_AND_EXIT:
                     self.checkpointer.wait()
             if signal_now == CHECKPOINT_AND_EXIT:
-                self.metrics.event(step, "signal_exit")
+                self.metrics.event(step, "signal_exit", resume="run the same command again to resume from this step")
                 self.supervision.stopped(step, "signal")
                 return self.run_dir
             if signal_now == CHECKPOINT_AND_CONTINUE and self._signal == CHECKPOINT_AND_CONTINUE:
