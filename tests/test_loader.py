@@ -152,6 +152,15 @@ def test_state_from_another_manifest_or_seed_is_refused(manifest, tmp_path):
         ShardLoader(manifest, config(), rank=0, world_size=3)
 
 
+def test_state_of_an_older_epoch_plan_resumes_with_a_warning(manifest, caplog):
+    state = {**ShardLoader(manifest, config()).state_dict(), "batch_index": 2}
+    del state["plan_version"]  # saved before versions were recorded: version 1
+    loader = ShardLoader(manifest, config())
+    with caplog.at_level("WARNING"):
+        loader.load_state_dict(state)
+    assert loader.batch_index == 2 and "epoch plan version 1, this code uses version 2" in caplog.text
+
+
 def _replaced(reference, damaged):
     """Positions whose sample differs; everything else must be identical."""
     assert [s[:3] for s in damaged] == [s[:3] for s in reference]

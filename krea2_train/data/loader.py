@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from krea2_train.data.plan import EpochPlan, Manifest, RankBatch, ShardInfo, choose_caption_kind
+from krea2_train.data.plan import PLAN_VERSION, EpochPlan, Manifest, RankBatch, ShardInfo, choose_caption_kind
 from krea2_train.data.shards import ShardError, ShardReader, decode_image
 from krea2_train.errors import Krea2Error
 from krea2_train.store.leases import LeaseKeeper, RunInfo, Span
@@ -290,6 +290,7 @@ class ShardLoader:
             "global_batch_size": self.config.global_batch_size,
             "num_partitions": self.config.num_partitions,
             "manifest_sha256": self.manifest.fingerprint,
+            "plan_version": PLAN_VERSION,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -300,6 +301,13 @@ class ShardLoader:
                     f"loader state was saved with {key}={state[key]!r}, this loader has {expected[key]!r}: "
                     "the sample order would change (resume with the run's pinned manifest and settings)"
                 )
+        saved_version = state.get("plan_version", 1)
+        if saved_version != PLAN_VERSION and state["batch_index"] > 0:
+            logger.warning(
+                "the checkpoint's loader state comes from epoch plan version %d, this code uses version %d: the rest "
+                "of epoch %d follows the new order, so some of its samples repeat and others are skipped (later epochs "
+                "are exact)", saved_version, PLAN_VERSION, state["epoch"],
+            )
         if not 0 <= state["batch_index"] <= self.batches_per_epoch:
             raise ValueError(f"loader state batch_index {state['batch_index']} outside 0..{self.batches_per_epoch}")
         self.epoch, self.batch_index = int(state["epoch"]), int(state["batch_index"])

@@ -43,6 +43,7 @@ import numpy as np
 
 from krea2_train.files import write_text
 
+PLAN_VERSION = 2  # bumped when the same inputs give another order (2: rows shuffled within shards)
 _MASK64 = (1 << 64) - 1
 # Stream tags keep the hash streams of different decisions independent.
 TAG_SHARD_ORDER = 1
