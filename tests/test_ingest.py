@@ -198,6 +198,7 @@ def test_dataset_counts_say_why_images_are_left_out(fresh_store, folder, capsys)
     assert (counts.images, counts.unchecked, counts.packable) == (6, 6, 0)
     with fresh_store.pool.connection() as conn:  # what the decode and dedup jobs would record
         conn.execute("UPDATE images SET decode_ok = uri NOT LIKE '%%/c.jpg'")
+        conn.execute("UPDATE images SET decode_error = 'cannot identify image file' WHERE uri LIKE '%%/c.jpg'")
         conn.execute("UPDATE images SET duplicate_of = (SELECT id FROM images WHERE uri LIKE '%%/d.png') WHERE uri LIKE '%%/e.png'")
         conn.execute("UPDATE images SET decode_ok = NULL WHERE uri LIKE '%%/f.png'")
     (counts,) = dataset_counts(fresh_store, "toy")
@@ -205,3 +206,6 @@ def test_dataset_counts_say_why_images_are_left_out(fresh_store, folder, capsys)
     assert counts.left_out() == "1 not yet decoded, 1 undecodable, 1 duplicates, 1 without a long caption"
     assert main(["data", "status", "--dsn", fresh_store.dsn]) == 0
     assert ["toy", "6", "2", "1", "1", "1", "1"] in [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert main(["data", "status", "--dsn", fresh_store.dsn, "--errors"]) == 0  # which images, and why
+    listed = capsys.readouterr().out
+    assert "undecodable images (first 20):" in listed and "/c.jpg: cannot identify image file" in listed and "no dead job" in listed

@@ -57,6 +57,8 @@ def register(subparsers) -> None:
 
     status = commands.add_parser("status", help="row counts per dataset and per job and state")
     _store_arguments(status)
+    status.add_argument("--errors", type=int, nargs="?", const=20, default=0, metavar="N",
+                        help="also list up to N (default 20) undecodable images and dead jobs, with their errors")
     status.set_defaults(func=cmd_status)
 
     shapes = commands.add_parser("shapes", help="write a shapes-world dataset in the ingest folder format")
@@ -187,6 +189,7 @@ def cmd_status(args) -> int:
     with _open(args) as store:
         datasets = dataset_counts(store)
         counts = job_counts(store)
+        undecodable, dead = _errors(store, args.errors) if args.errors else ([], [])
     columns = ("images", "packable", "undecoded", "undecodable", "duplicates", "no caption")
     print(f"{'dataset':24} " + " ".join(f"{column:>11}" for column in columns))
     for d in datasets:
@@ -196,7 +199,28 @@ def cmd_status(args) -> int:
     print(f"{'job':24} " + " ".join(f"{state:>10}" for state in STATES))
     for job, by_state in counts.items():
         print(f"{job:24} " + " ".join(f"{by_state[state]:>10}" for state in STATES))
+    if args.errors:
+        print(f"\nundecodable images (first {args.errors}):" if undecodable else "\nno undecodable image")
+        for uri, error in undecodable:
+            print(f"  {uri}: {error}")
+        print(f"dead jobs (first {args.errors}):" if dead else "no dead job")
+        for job, uri, error in dead:
+            print(f"  {job} {uri}: {error}")
     return 0
+
+
+def _errors(store, limit: int) -> tuple[list[tuple], list[tuple]]:
+    """(uri, decode error) of the first ``limit`` undecodable images and (job, uri, error) of the
+    first ``limit`` dead job rows."""
+    with store.pool.connection() as conn:
+        undecodable = conn.execute(
+            "SELECT uri, coalesce(decode_error, '') FROM images WHERE decode_ok = false ORDER BY id LIMIT %s", (limit,)
+        ).fetchall()
+        dead = conn.execute(
+            "SELECT j.job, i.uri, coalesce(j.error, '') FROM job_runs j JOIN images i ON i.id = j.image_id"
+            " WHERE j.state = 'dead' ORDER BY j.job, j.image_id LIMIT %s", (limit,)
+        ).fetchall()
+    return undecodable, dead
 
 
 def cmd_shapes(args) -> int:
