@@ -52,6 +52,14 @@ def test_plan_is_a_pure_function_and_changes_with_epoch_and_seed():
     assert set(order(3, 0)) != set(order(3, 1))  # the dropped tails differ between epochs
 
 
+def test_the_same_shards_under_other_ids_give_the_same_order():
+    """Data packed again (another database, other shard ids, same order of ids) trains alike."""
+    manifest = _manifest()
+    renumbered = Manifest([ShardInfo(**{**shard.__dict__, "shard_id": shard.shard_id * 7 + 1000}) for shard in manifest.shards])
+    plans = [EpochPlan(m, seed=4, epoch=1, global_batch_size=8, num_partitions=2) for m in (manifest, renumbered)]
+    assert [_refs(plans[0].batch(i)) for i in range(plans[0].num_batches)] == [_refs(plans[1].batch(i)) for i in range(plans[1].num_batches)]
+
+
 def test_rank_slices_are_contiguous_pieces_of_the_global_batch():
     plan = EpochPlan(_manifest(), seed=0, epoch=0, global_batch_size=8, num_partitions=2)
     for index in range(plan.num_batches):

@@ -9,7 +9,8 @@ the same global order after resuming on another world size.
 How an epoch is laid out, per bucket b (buckets are never mixed inside a batch):
 
 1. The bucket's shards (sorted by shard id) are permuted with a key of (seed, epoch, bucket), and
-   their rows concatenated, each shard's rows permuted with a key of (seed, epoch, shard id): the
+   their rows concatenated, each shard's rows permuted with a key of (seed, epoch, the shard's
+   index in the manifest; not its id, so the same data packed twice gives the same order): the
    bucket stream, N_b samples long. Rows of one shard are adjacent in the stream, so a reader
    holds few shards open at a time (random access inside a memory-mapped shard is cheap), and
    batches are composed afresh every epoch, even in a bucket of one shard.
@@ -182,10 +183,8 @@ class ShardSpan:
 class _BucketStream:
     """One bucket's stream for one epoch: shards in shuffled order, each one's rows shuffled."""
 
-    def __init__(self, shard_indices: np.ndarray, shard_ids: np.ndarray, counts: np.ndarray, num_partitions: int,
-                 row_key: tuple[int, ...]):
-        self.shard_indices = shard_indices  # manifest indices in stream order
-        self.shard_ids = shard_ids  # their shard ids (the row order's key)
+    def __init__(self, shard_indices: np.ndarray, counts: np.ndarray, num_partitions: int, row_key: tuple[int, ...]):
+        self.shard_indices = shard_indices  # manifest indices in stream order (also the row order's key)
         self.counts = counts
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.length = int(self.starts[-1])
@@ -199,7 +198,7 @@ class _BucketStream:
         rows = np.empty_like(offsets)
         for shard in np.unique(local):  # a batch spans one or a few shards
             here = local == shard
-            order = keyed_permutation(int(self.counts[shard]), (*self.row_key, int(self.shard_ids[shard])))
+            order = keyed_permutation(int(self.counts[shard]), (*self.row_key, int(self.shard_indices[shard])))
             rows[here] = order[offsets[here]]
         return self.shard_indices[local], rows
 
@@ -243,8 +242,7 @@ class EpochPlan:
         indices = np.array([i for i, shard in enumerate(self.manifest.shards) if shard.bucket == name], dtype=np.int64)
         order = indices[keyed_permutation(len(indices), (self.seed, self.epoch, TAG_SHARD_ORDER, bucket_key(name)))]
         counts = np.array([self.manifest.shards[i].num_samples for i in order], dtype=np.int64)
-        shard_ids = np.array([self.manifest.shards[i].shard_id for i in order], dtype=np.int64)
-        return _BucketStream(order, shard_ids, counts, self.num_partitions, (self.seed, self.epoch, TAG_ROW_ORDER))
+        return _BucketStream(order, counts, self.num_partitions, (self.seed, self.epoch, TAG_ROW_ORDER))
 
     def slice_bounds(self, rank: int, world_size: int) -> tuple[int, int]:
         """Offsets [start, stop) of rank ``rank``'s slice inside every global batch."""
