@@ -236,6 +236,7 @@ def test_first_update_has_ratio_one_and_the_buffer_is_reused_then_resumed(condit
 
     loss, first = stage.loss(context(model, conditioner, 0, reference), batch)
     assert first["ratio_mean"].item() == 1.0 and first["ratio_min"].item() == first["ratio_max"].item() == 1.0 and first["clip_fraction"].item() == 0.0
+    assert first["ratio_mean_first_step"].item() == first["ratio_mean_last_step"].item() == 1.0
     assert first["logp_rollout_gap_max"].item() == 0.0 and first["kl"].item() < 1e-10 and first["update_index"].item() == 0
     assert first["zero_std_ratio"].item() == 0.0 and first["advantage_abs_mean"].item() > 0.1
     assert set(first) >= {"reward_mean", "reward_brightness_mean", "advantage_abs_mean", "zero_std_ratio", "ratio_mean",
@@ -249,6 +250,7 @@ def test_first_update_has_ratio_one_and_the_buffer_is_reused_then_resumed(condit
 
     loss_second, second = stage.loss(context(model, conditioner, 1, reference), batch)
     assert second["update_index"].item() == 1 and second["reward_mean"].item() == first["reward_mean"].item()
+    assert second["ratio_mean_first_step"].item() != second["ratio_mean_last_step"].item()  # the window's steps apart
     assert second["ratio_max"].item() > second["ratio_min"].item() and second["clip_fraction"].item() > 0 and second["kl"].item() > 0
 
     # a fresh stage loaded from the checkpoint computes the same second update, bit for bit

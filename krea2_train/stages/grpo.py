@@ -436,6 +436,9 @@ class GrpoStage:
         metrics.update(
             loss_policy=loss_policy.detach(),
             ratio_mean=ratio.detach().mean(),
+            # per SDE step of the window: its low-noise steps drift first (GRPO-Guard)
+            ratio_mean_first_step=ratio.detach()[0].mean(),
+            ratio_mean_last_step=ratio.detach()[-1].mean(),
             ratio_min=ratio.detach().min(),  # the extremes over the global batch (the trainer's max/min reduction)
             ratio_max=ratio.detach().max(),
             clip_fraction=clipped.float().sum() / (steps * valid_share),  # of the global batch's valid elements
