@@ -183,11 +183,12 @@ def cmd_pack_target(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from krea2_train.data.pack import dataset_counts
+    from krea2_train.data.pack import dataset_counts, pack_target_counts
     from krea2_train.store.queue import STATES, job_counts
 
     with _open(args) as store:
         datasets = dataset_counts(store)
+        targets = pack_target_counts(store)
         counts = job_counts(store)
         undecodable, dead = _errors(store, args.errors) if args.errors else ([], [])
     columns = ("images", "packable", "undecoded", "undecodable", "duplicates", "no caption")
@@ -195,6 +196,10 @@ def cmd_status(args) -> int:
     for d in datasets:
         values = (d.images, d.packable, d.unchecked, d.undecodable, d.duplicates, d.uncaptioned)
         print(f"{d.name:24} " + " ".join(f"{value:>11}" for value in values))
+    if targets:
+        print(f"\n{'pack target':24} {'px':>6} {'packed':>11}  out")
+        for name, resolution, out_dir, packed in targets:
+            print(f"{name:24} {resolution:>6} {packed:>11}  {out_dir}")
     print()
     print(f"{'job':24} " + " ".join(f"{state:>10}" for state in STATES))
     for job, by_state in counts.items():

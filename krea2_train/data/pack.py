@@ -85,6 +85,17 @@ def dataset_counts(store: Store, dataset: str | None = None) -> list[DatasetCoun
     return [DatasetCounts(*row) for row in rows]
 
 
+def pack_target_counts(store: Store) -> list[tuple[str, int, str, int]]:
+    """(dataset, resolution, out_dir, images packed in live shards) of every pack target."""
+    with store.pool.connection() as conn:
+        return conn.execute(
+            "SELECT d.name, t.resolution, t.out_dir,"
+            f" (SELECT count(*) FROM {LIVE_SHARD_SAMPLES_SQL} JOIN images i ON i.id = s.image_id"
+            "   WHERE i.dataset_id = t.dataset_id AND s.resolution = t.resolution)"
+            " FROM pack_targets t JOIN datasets d ON d.id = t.dataset_id ORDER BY d.name, t.resolution"
+        ).fetchall()
+
+
 @dataclass(frozen=True)
 class PackSettings:
     """How images are packed. ``pixel_multiple``: 16 for the Qwen-Image VAE with patch 2, 4 for
