@@ -178,7 +178,7 @@ def cmd_pack_target(args) -> int:
     with _open(args) as store:
         add_pack_target(store, args.dataset, args.resolution, args.out, settings)
     print(f"pack target: {args.dataset} at {args.resolution} px into {args.out.resolve()} "
-          f"(buckets {', '.join(settings.aspect_ratios)}); run `krea2 data work --job pack` to pack it")
+          f"(buckets {', '.join(settings.aspect_ratios)}); `krea2 data work --job pack` packs it once the decode and dedup jobs have run")
     return 0
 
 
