@@ -32,6 +32,7 @@ stateful generator, so the plan does not change with the numpy version.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import zlib
@@ -52,6 +53,7 @@ TAG_BATCH_ORDER = 2
 TAG_REPLACEMENT = 3
 TAG_CAPTION = 4
 TAG_ROW_ORDER = 5
+ROW_ORDERS_KEPT = 16  # row orders a bucket stream keeps (a batch reads one shard per partition, or two)
 
 
 def hash_u64(key: Sequence[int], index: np.ndarray | int) -> np.ndarray:
@@ -190,6 +192,19 @@ class _BucketStream:
         self.length = int(self.starts[-1])
         self.partition_starts = (np.arange(num_partitions, dtype=np.int64) * self.length) // num_partitions
         self.row_key = row_key  # (seed, epoch, TAG_ROW_ORDER)
+        # the row orders of the last shards read: consecutive batches read the same shards
+        self._row_orders: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+
+    def row_order(self, shard: int) -> np.ndarray:
+        """Stream shard ``shard``'s rows in this epoch's order (a permutation of its row numbers)."""
+        if shard in self._row_orders:
+            self._row_orders.move_to_end(shard)
+        else:
+            key = (*self.row_key, int(self.shard_indices[shard]))
+            self._row_orders[shard] = keyed_permutation(int(self.counts[shard]), key)
+            if len(self._row_orders) > ROW_ORDERS_KEPT:
+                self._row_orders.popitem(last=False)
+        return self._row_orders[shard]
 
     def locate(self, stream_positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(manifest shard index, row) of each stream position."""
@@ -198,8 +213,7 @@ class _BucketStream:
         rows = np.empty_like(offsets)
         for shard in np.unique(local):  # a batch spans one or a few shards
             here = local == shard
-            order = keyed_permutation(int(self.counts[shard]), (*self.row_key, int(self.shard_indices[shard])))
-            rows[here] = order[offsets[here]]
+            rows[here] = self.row_order(int(shard))[offsets[here]]
         return self.shard_indices[local], rows
 
 

@@ -202,9 +202,9 @@ def validate_config(config: RunConfig) -> None:
         raise StageConfigError(f"grpo.adv_clip_max must be positive, got {grpo.adv_clip_max}")
     if grpo.beta_kl < 0:
         raise StageConfigError(f"grpo.beta_kl must be >= 0, got {grpo.beta_kl}")
-    if grpo.beta_kl > 0 and config.stage.init_from is None:
-        raise StageConfigError("grpo.beta_kl > 0 needs stage.init_from: the KL reference is the policy the stage starts from")
     if grpo.beta_kl > 0:
+        if config.stage.init_from is None:
+            raise StageConfigError("grpo.beta_kl > 0 needs stage.init_from: the KL reference is the policy the stage starts from")
         refuse_float8_against_a_reference(config, "grpo.beta_kl > 0")
     if grpo.updates_per_rollout < 1:
         raise StageConfigError(f"grpo.updates_per_rollout must be >= 1, got {grpo.updates_per_rollout}")
@@ -431,16 +431,17 @@ class GrpoStage:
             metrics["kl"] = kl.detach()
         else:
             loss = loss_policy
-        valid = buffer.valid[None].expand_as(ratio)
-        clipped = ((ratio - 1).abs() > self.config.clip_range) & valid
+        seen = ratio.detach()
+        valid = buffer.valid[None].expand_as(seen)
+        clipped = ((seen - 1).abs() > self.config.clip_range) & valid
         metrics.update(
             loss_policy=loss_policy.detach(),
-            ratio_mean=ratio.detach().mean(),
+            ratio_mean=seen.mean(),
             # per SDE step of the window: its low-noise steps drift first (GRPO-Guard)
-            ratio_mean_first_step=ratio.detach()[0].mean(),
-            ratio_mean_last_step=ratio.detach()[-1].mean(),
-            ratio_min=ratio.detach().min(),  # the extremes over the global batch (the trainer's max/min reduction)
-            ratio_max=ratio.detach().max(),
+            ratio_mean_first_step=seen[0].mean(),
+            ratio_mean_last_step=seen[-1].mean(),
+            ratio_min=seen.min(),  # the extremes over the global batch (the trainer's max/min reduction)
+            ratio_max=seen.max(),
             clip_fraction=clipped.float().sum() / (steps * valid_share),  # of the global batch's valid elements
             update_index=ratio.new_tensor(float(ctx.step - buffer.rollout_step)),
         )

@@ -744,9 +744,9 @@ def find_run_checkpoint(
                 read_manifest(path)  # inside a run, only committed checkpoints count
         return path
     run_dir = resolve_run_dir(run_dir_or_name, runs_root)
-    if run_dir is None and not path.exists() and not (Path(runs_root) / path).exists():
-        raise NoCheckpointError(f"{run_dir_or_name!r} does not exist (as a path, or as a run under {runs_root}/)")
     if run_dir is None:
+        if not path.exists() and not (Path(runs_root) / path).exists():
+            raise NoCheckpointError(f"{run_dir_or_name!r} does not exist (as a path, or as a run under {runs_root}/)")
         raise NoCheckpointError(
             f"{run_dir_or_name!r} is neither a checkpoint (safetensors file, diffusers directory, DCP directory) "
             f"nor a run directory, nor a run under {runs_root}/"
