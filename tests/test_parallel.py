@@ -121,6 +121,56 @@ def test_a_network_without_gradients_has_a_zero_norm_on_its_own_device():
     assert clip_networks([[trained], [idle]], 1.0).device.type == "meta"
 
 
+def test_a_clip_in_the_fused_step_updates_as_clipping_in_place():
+    """``into=`` a fused AdamW leaves the gradients alone and the step applies the clip: the weights
+    after steps with the clip active (large gradients) and idle (small) match clipping in place.
+    Adam divides out a constant gradient scale, so only clips that differ between steps show."""
+    runs = {}
+    for mode in ("in place", "in step"):
+        params = [nn.Parameter(torch.ones(shape)) for shape in ((3, 4), (5,))]
+        optimizer = torch.optim.AdamW(params, lr=0.1, fused=True)
+        for step, magnitude in enumerate((30.0, 0.01, 5.0)):
+            generator = torch.Generator().manual_seed(step)
+            grads = [magnitude * torch.randn(p.shape, generator=generator) for p in params]
+            for param, grad in zip(params, grads):
+                param.grad = grad.clone()
+            norm = clip_grad_norm_(params, 1.0, into=optimizer if mode == "in step" else None)
+            torch.testing.assert_close(norm, total_grad_norm(params) if mode == "in step" else norm)
+            if mode == "in step":
+                for param, grad in zip(params, grads):
+                    assert torch.equal(param.grad, grad)  # untouched: the step divides by grad_scale
+                assert optimizer.grad_scale.item() == pytest.approx(max(1.0, norm.item() / 1.0), rel=1e-6)
+            optimizer.step()
+            optimizer.zero_grad()
+        runs[mode] = [p.detach() for p in params]
+    for in_place, in_step in zip(runs["in place"], runs["in step"]):
+        torch.testing.assert_close(in_step, in_place, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="does not take a grad scale"):
+        clip_grad_norm_(_params_with_grads(0), 1.0, into=torch.optim.AdamW(_params_with_grads(0), foreach=True))
+
+
+def test_clip_networks_clips_in_the_step_only_for_one_network_and_a_fused_optimizer():
+    from krea2_train.train.trainer import clip_networks
+
+    def network(seed):
+        params = _params_with_grads(seed)[:3]
+        return params, [p.grad.clone() for p in params]
+
+    (one, one_grads), (other, other_grads) = network(0), network(1)
+    fused = torch.optim.AdamW([*one, *other], fused=True)
+    clip_networks([[*one, *other]], 0.5, fused)
+    assert all(torch.equal(p.grad, g) for p, g in zip([*one, *other], [*one_grads, *other_grads]))
+    assert fused.grad_scale > 1
+    del fused.grad_scale
+    clip_networks([one, other], 0.5, fused)  # two networks, two clips: in place, one each
+    assert not hasattr(fused, "grad_scale")
+    torch.testing.assert_close(total_grad_norm(one), torch.tensor(0.5))
+    torch.testing.assert_close(total_grad_norm(other), torch.tensor(0.5))
+    (one, one_grads), _ = network(0), None
+    clip_networks([one], 0.5, torch.optim.AdamW(one, foreach=True))  # not fused: in place
+    torch.testing.assert_close(total_grad_norm(one), torch.tensor(0.5))
+
+
 def test_all_ranks_finite():
     assert all_ranks_finite(torch.tensor(3.0))
     assert not all_ranks_finite(torch.tensor(float("nan")))
@@ -281,8 +331,9 @@ def _torchrun(nproc: int, tmp_path: Path, *args: str) -> dict:
         (2, ("--dp-replicate", "2", "--dp-shard", "1")),
         (2, ("--dp-shard", "1", "--tp", "2")),
         (4, ("--dp-shard", "2", "--tp", "2")),
+        (4, ("--dp-shard", "2", "--tp", "2", "--optimizer", "fused")),
     ],
-    ids=["fsdp2", "hsdp2", "tp2", "fsdp2xtp2"],
+    ids=["fsdp2", "hsdp2", "tp2", "fsdp2xtp2", "fsdp2xtp2-clip-in-fused-step"],
 )
 def test_multi_process_training_matches_one_process(tmp_path, reference_run, nproc, args):
     run = _torchrun(nproc, tmp_path, *args)

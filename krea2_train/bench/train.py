@@ -14,7 +14,9 @@ configuration and runs it the way a diffusers training script does: fp32 weights
 ``torch.autocast`` for bf16, its own attention path (key/value heads repeated, SDPA with the
 padding mask), ``enable_gradient_checkpointing()`` whenever ours checkpoints activations,
 ``compile_repeated_blocks`` when ours compiles, ``--fp8`` on the same Linear layers (through
-``parallel.float8``), the same optimizer container and clipping. The two are built, timed and
+``parallel.float8``), the same optimizer container, and clipping by ``torch.nn.utils.clip_grad_norm_``
+as accelerate does (ours clips as the trainer does: inside fused AdamW's step on CUDA, see
+``parallel.grads``). The two are built, timed and
 freed one after the other, so their memory never overlaps. Peak memory is the CUDA allocator's
 peak on GPU; on CPU it is the process's peak RSS so far, so the reference's (timed second)
 includes ours'.
@@ -293,9 +295,9 @@ def build_optimizer_for(model: torch.nn.Module, device: torch.device):
 
 def build_ours(settings: BenchSettings) -> Trainee:
     """``build_model`` + ``parallelize_dit`` on a one-rank mesh, as ``Trainer._build_model`` does on one GPU."""
-    from krea2_train.parallel.grads import clip_grad_norm_
     from krea2_train.parallel.mesh import build_parallel_dims
     from krea2_train.parallel.parallelize import parallelize_dit
+    from krea2_train.train.trainer import clip_networks
 
     torch.manual_seed(settings.seed)
     model = build_model(settings.preset, device=settings.device)
@@ -313,8 +315,12 @@ def build_ours(settings: BenchSettings) -> Trainee:
     def forward(inputs: StepInputs) -> torch.Tensor:
         return model(inputs.latents, inputs.text_states, inputs.timestep, inputs.position_ids, inputs.text_mask)
 
+    def clip(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+        return clip_networks([parameters], max_norm, optimizer)
+
     params = [p for p in model.parameters() if p.requires_grad]
-    return Trainee("ours", model, forward, build_optimizer_for(model, settings.device), params, clip_grad_norm_)
+    optimizer = build_optimizer_for(model, settings.device)
+    return Trainee("ours", model, forward, optimizer, params, clip)
 
 
 def build_reference(settings: BenchSettings) -> Trainee:

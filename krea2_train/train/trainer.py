@@ -44,7 +44,7 @@ from krea2_train.parallel.distributed import (
     destroy_distributed,
     init_distributed,
 )
-from krea2_train.parallel.grads import clip_grad_norm_
+from krea2_train.parallel.grads import clip_grad_norm_, steps_take_grad_scale
 from krea2_train.parallel.mesh import build_parallel_dims, data_parallel_rank_size, tp_mesh
 from krea2_train.parallel.parallelize import parallelize_dit, shard_frozen_module
 from krea2_train.stages import StageConfigError, StepContext, build_stage
@@ -118,10 +118,17 @@ def trained_networks(model: torch.nn.Module, lr_scales: dict[str, float] | None 
     return list(networks.values())
 
 
-def clip_networks(networks: list[list[torch.Tensor]], max_norm: float) -> torch.Tensor:
+def clip_networks(networks: list[list[torch.Tensor]], max_norm: float, optimizers=None) -> torch.Tensor:
     """Clip the gradients of each network (:func:`trained_networks`) to ``max_norm`` on its own, so
     a large gradient of one never shrinks another's step; return the norm of all of them together
-    (before clipping)."""
+    (before clipping).
+
+    One network trained by ``optimizers`` whose step takes a grad scale (fused AdamW, the CUDA
+    default) is clipped inside that step (:func:`~krea2_train.parallel.grads.clip_grad_norm_`'s
+    ``into``); several networks share one step, so their gradients are scaled in place.
+    """
+    if len(networks) == 1 and optimizers is not None and steps_take_grad_scale(optimizers):
+        return clip_grad_norm_(networks[0], max_norm, into=optimizers)
     norms = [clip_grad_norm_(parameters, max_norm) for parameters in networks]
     return norms[0] if len(norms) == 1 else torch.stack([norm.float() for norm in norms]).square().sum().sqrt()
 
@@ -552,7 +559,7 @@ class Trainer:
             losses.append(loss.detach())
             for name, value in metrics.items():
                 metric_sums[name] = accumulate_metric(name, metric_sums.get(name), value.detach().float().to(self.device))
-        grad_norm = clip_networks(self.networks, self.config.optim.grad_clip)
+        grad_norm = clip_networks(self.networks, self.config.optim.grad_clip, self.optimizers)
         values = reduce_step_values(
             torch.stack(losses).mean(),
             {name: total / accum if metric_reduction(name) == "mean" else total for name, total in metric_sums.items()},

@@ -94,8 +94,13 @@ def train(
     activation_checkpoint: str = "none",
     compile: bool = False,
     fsdp: bool | None = None,
+    optimizer: str = "foreach",
 ) -> dict:
-    """Train and return ``{"losses", "grad_norms", "weights", "grads"}`` (grads of the first step)."""
+    """Train and return ``{"losses", "grad_norms", "weights", "grads"}`` (grads of the first step).
+
+    ``optimizer``: AdamW's implementation, ``foreach`` (the clip scales the gradients in place) or
+    ``fused`` (the clip rides in the step as its grad scale, as the trainer does on CUDA).
+    """
     info = init_distributed(timeout_s=120)
     parallel_dims = build_parallel_dims(dp_replicate, dp_shard, tp, info.world_size)
     dp_rank, dp_size = data_parallel_rank_size(parallel_dims)
@@ -103,7 +108,8 @@ def train(
     model = build_reference_model()
     config = model.config
     parallelize_dit(model, parallel_dims, activation_checkpoint=activation_checkpoint, compile=compile, fsdp=fsdp)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, foreach=True)
+    fused = optimizer == "fused"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, **{optimizer: True})
 
     rows = slice(dp_rank * GLOBAL_BATCH // dp_size, (dp_rank + 1) * GLOBAL_BATCH // dp_size)
     losses, grad_norms, first_grads = [], [], None
@@ -113,7 +119,7 @@ def train(
         loss.backward()
         if first_grads is None:
             first_grads = {_plain_name(name): _full(p.grad) for name, p in model.named_parameters()}
-        grad_norm = clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        grad_norm = clip_grad_norm_(model.parameters(), MAX_GRAD_NORM, into=optimizer if fused else None)
         if not all_ranks_finite(grad_norm):
             raise RuntimeError(f"non-finite gradient norm at step {step}")
         optimizer.step()
@@ -135,10 +141,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--activation-checkpoint", default="none")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--optimizer", choices=["foreach", "fused"], default="foreach")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    result = train(args.dp_replicate, args.dp_shard, args.tp, args.steps, args.activation_checkpoint, args.compile)
+    result = train(
+        args.dp_replicate, args.dp_shard, args.tp, args.steps, args.activation_checkpoint, args.compile,
+        optimizer=args.optimizer,
+    )
     if dist.get_rank() == 0:
         torch.save(result, args.out)
     destroy_distributed()
