@@ -73,6 +73,16 @@ def optimizer_tensors(optimizer) -> list[torch.Tensor]:
     return [value.clone() for state in optimizer.state.values() for value in state.values()]
 
 
+def optimizer_state_by_name(model, optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's state tensors keyed ``"<parameter name>.<state key>"`` (e.g. ``"blocks.0.w.exp_avg"``)."""
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    return {
+        f"{names[id(parameter)]}.{key}": torch.as_tensor(value).clone()
+        for parameter, state in optimizer.state.items()
+        for key, value in state.items()
+    }
+
+
 def rng_draws() -> tuple:
     return random.random(), float(np.random.rand()), torch.rand(3)
 
@@ -182,8 +192,17 @@ def test_single_process_with_an_initialised_process_group(tmp_path):
     finally:
         dist.destroy_process_group()
     assert state.step == 2
-    assert all(torch.equal(a, b) for a, b in zip(fresh_model.state_dict().values(), model.state_dict().values()))
-    assert all(torch.equal(a, b) for a, b in zip(optimizer_tensors(fresh_optimizer), optimizer_tensors(optimizer)))
+    expected_weights, restored_weights = model.state_dict(), fresh_model.state_dict()
+    assert restored_weights.keys() == expected_weights.keys() and len(expected_weights) > 0
+    for key, value in restored_weights.items():
+        assert torch.equal(value, expected_weights[key]), key
+    # the fresh optimizer never stepped: its state exists only if the checkpoint restored it
+    expected_optimizer = optimizer_state_by_name(model, optimizer)
+    restored_optimizer = optimizer_state_by_name(fresh_model, fresh_optimizer)
+    assert len(expected_optimizer) > 0
+    assert restored_optimizer.keys() == expected_optimizer.keys()
+    for key, value in restored_optimizer.items():
+        assert torch.equal(value, expected_optimizer[key]), key
 
 
 # ----------------------------------------------------------------------------------------------

@@ -94,12 +94,35 @@ def test_export_casts_to_the_requested_dtype(run, tmp_path):
     assert_same_weights(weights, {key: value.bfloat16() for key, value in saved[30].items()})
 
 
-def test_a_bf16_export_samples_in_the_chosen_dtype(run, tmp_path, capsys):
+def test_a_bf16_export_samples_in_the_chosen_dtype(run, tmp_path, capsys, monkeypatch):
     """Released weights are bf16: `krea2 sample` casts the DiT to its compute dtype (fp32 on CPU)."""
     import numpy as np
     from PIL import Image
 
     from krea2_train.conditioning.tiny import build_tiny_text_encoder
+    from krea2_train.flow import generate as generate_module
+
+    # record the dtype the DiT actually runs in: its weights, the dtype asked of generate(), and
+    # the latents and text states of every forward pass of the DiT (the timestep stays fp32 by design)
+    calls = []
+    real_generate = generate_module.generate
+
+    def recording_generate(model, *args, **kwargs):
+        call = {"parameters": {parameter.dtype for parameter in model.parameters()}, "dtype": kwargs.get("dtype"), "inputs": set()}
+
+        def record_inputs(module, inputs, kw_inputs):
+            assert not inputs, "the sampler calls the DiT with keyword arguments"
+            call["inputs"].update(kw_inputs[name].dtype for name in ("hidden_states", "encoder_hidden_states"))
+
+        hook = model.register_forward_pre_hook(record_inputs, with_kwargs=True)
+        try:
+            images = real_generate(model, *args, **kwargs)
+        finally:
+            hook.remove()
+        calls.append(call)
+        return images
+
+    monkeypatch.setattr(generate_module, "generate", recording_generate)
 
     run_dir, _ = run
     out = tmp_path / "released.safetensors"
@@ -107,8 +130,13 @@ def test_a_bf16_export_samples_in_the_chosen_dtype(run, tmp_path, capsys):
     text_encoder = build_tiny_text_encoder(tmp_path / "text_encoder", seed=0)
     common = ["sample", "--checkpoint", str(out), "--prompt", "a red circle", "--steps", "2", "--resolution", "64",
               "--autoencoder", "pixel", "--text-encoder", str(text_encoder), "--max-text-tokens", "16"]
-    for dtype in ("fp32", "bf16"):
+    for dtype, expected in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        calls.clear()
         assert krea2([*common, "--dtype", dtype, "--out", str(tmp_path / dtype)]) == 0
+        assert len(calls) == 1, f"--dtype {dtype}: generate() called {len(calls)} times"
+        assert calls[0]["parameters"] == {expected}, f"--dtype {dtype}: DiT weights in {calls[0]['parameters']}"
+        assert calls[0]["dtype"] == expected, f"--dtype {dtype}: generate(dtype={calls[0]['dtype']})"
+        assert calls[0]["inputs"] == {expected}, f"--dtype {dtype}: DiT forward inputs in {calls[0]['inputs']}"
     for dtype in ("fp32", "bf16"):  # 64 px nominal: 16 px with the pixel autoencoder
         assert np.asarray(Image.open(tmp_path / dtype / "sample-000.png")).shape == (16, 16, 3)
 

@@ -261,11 +261,37 @@ def test_stage_starts_at_ln2_against_its_reference_and_moves_off_it(tmp_path, co
 
 
 def test_artifacts_are_high_frequency_bounded_and_keyed():
-    images = torch.zeros(2, 3, 8, 8)
-    make = lambda: add_artifacts(images, 0.25, [torch.Generator().manual_seed(s) for s in (1, 2)])  # noqa: E731
-    noisy = make()
-    assert torch.equal(noisy, make()) and set(noisy.unique().tolist()) == {-0.25, 0.25}
-    assert add_artifacts(torch.ones(1, 3, 4, 4), 0.5, [torch.Generator().manual_seed(0)]).max().item() == 1.0
+    strength = 0.25
+    images = torch.zeros(2, 3, 32, 32)  # zero images: the output is the artifact itself
+
+    def make(*seeds, batch=images):
+        return add_artifacts(batch, strength, [torch.Generator().manual_seed(seed) for seed in seeds])
+
+    noisy = make(1, 2)
+    # reproducible, and exactly ±strength per pixel
+    assert torch.equal(noisy, make(1, 2)) and set(noisy.unique().tolist()) == {-strength, strength}
+
+    # keyed: each image's artifact is its own generator's (one generator per image) ...
+    assert torch.equal(make(1, batch=images[:1])[0], noisy[0]) and torch.equal(make(2, batch=images[:1])[0], noisy[1])
+    assert torch.equal(make(2, 1), noisy.flip(0))
+    # ... so different seeds (images of a batch, steps of a run) give different artifacts
+    assert not torch.equal(noisy[0], noisy[1])
+    other = make(3, 4)
+    for a in noisy:
+        for b in other:
+            assert (a != b).float().mean() > 0.25  # independent ±s noise: about half the pixels differ
+
+    # high-frequency: per-pixel noise, not a smooth pattern. Neighbouring pixels differ by about
+    # the amplitude on average (0 for a smooth pattern) ...
+    for dim in (-1, -2):
+        assert noisy.diff(dim=dim).abs().mean() > 0.5 * strength
+    # ... and almost none of its energy survives a 4x4 box blur (white noise keeps 1/16 of it)
+    blurred = F.avg_pool2d(noisy, kernel_size=4)
+    assert blurred.pow(2).mean() < 0.25 * noisy.pow(2).mean()
+
+    # bounded: clamped to [-1, 1], the rest untouched
+    clamped = add_artifacts(torch.ones(1, 3, 4, 4), 0.5, [torch.Generator().manual_seed(0)])
+    assert clamped.max().item() == 1.0 and set(clamped.unique().tolist()) <= {0.5, 1.0}
 
 
 @pytest.mark.slow
