@@ -60,6 +60,36 @@ def test_edited_migration_is_refused(fresh_database_dsn):
         open_store(fresh_database_dsn)
 
 
+def test_a_database_of_a_newer_krea2_is_refused(fresh_database_dsn):
+    open_store(fresh_database_dsn).close()
+    with psycopg.connect(fresh_database_dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO schema_migrations (version, name, sha256) VALUES ('9000', '9000_future.sql', 'x')")
+    with pytest.raises(StoreError, match=r"migrations \['9000'\] that this krea2 does not know"):
+        open_store(fresh_database_dsn)
+
+
+def test_a_migration_numbered_before_an_applied_one_is_refused(fresh_database_dsn):
+    open_store(fresh_database_dsn).close()
+    with psycopg.connect(fresh_database_dsn, autocommit=True) as conn:
+        conn.execute("DELETE FROM schema_migrations WHERE version = '0030'")  # as if 0030 were added after 0032
+    with pytest.raises(StoreError, match=r"\['0030'\] sort before \d{4}.*renumber"):
+        open_store(fresh_database_dsn)
+
+
+def test_a_dsn_the_server_refuses_is_a_lasting_error_naming_it(fresh_database_dsn):
+    """No such database or role is the DSN's fault: not retryable (no resubmission), and named."""
+    from psycopg import conninfo
+
+    from krea2_train.errors import is_lasting_error
+    from krea2_train.store.errors import StoreRefused
+
+    for wrong, named in ((dict(dbname="no_such_db"), 'database "no_such_db" does not exist'),
+                         (dict(user="no_such_role"), 'role "no_such_role" does not exist')):  # fmt: skip
+        with pytest.raises(StoreRefused, match=f"refused the connection: .*{named}.*Fix the database") as raised:
+            open_store(conninfo.make_conninfo(fresh_database_dsn, **wrong), connect_timeout_s=2)
+        assert is_lasting_error(raised.value)
+
+
 def test_migration_names_follow_the_pattern():
     folder = Path(__file__).parents[1] / "krea2_train" / "store" / "migrations"
     for path in folder.glob("*.sql"):

@@ -5,6 +5,6 @@ processing-queue API.
 """
 
 from krea2_train.store.db import Store, default_store_dir, open_store
-from krea2_train.store.errors import StoreError, StoreUnavailable
+from krea2_train.store.errors import StoreError, StoreRefused, StoreUnavailable
 
-__all__ = ["Store", "StoreError", "StoreUnavailable", "default_store_dir", "open_store"]
+__all__ = ["Store", "StoreError", "StoreRefused", "StoreUnavailable", "default_store_dir", "open_store"]

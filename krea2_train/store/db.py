@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import psycopg
@@ -10,7 +11,7 @@ from psycopg import conninfo
 from psycopg_pool import ConnectionPool
 
 from krea2_train.store.embedded import EmbeddedServer
-from krea2_train.store.errors import StoreError, StoreUnavailable
+from krea2_train.store.errors import StoreError, StoreRefused, StoreUnavailable
 from krea2_train.store.migrations import apply_migrations
 
 DSN_ENV = "KREA2_PG_DSN"
@@ -87,12 +88,27 @@ def connection_kwargs(connect_timeout_s: float) -> dict:
     return {"autocommit": True, "connect_timeout": max(2, round(connect_timeout_s)), **CLIENT_KEEPALIVES}
 
 
+# what the server answers when the DSN itself is wrong (libpq gives no SQLSTATE for a refused
+# connection, only the server's message): a restart meets it again
+REFUSED_CONNECTION = re.compile(
+    r'database ".*" does not exist|role ".*" does not exist|password authentication failed'
+    r"|authentication failed for user|no pg_hba\.conf entry|no password supplied"
+)
+
+
 def check_reachable(dsn: str, connect_timeout_s: float) -> None:
-    """Connect once; raise StoreUnavailable naming the host if that fails within the timeout."""
+    """Connect once. Raise StoreRefused when the server turns the DSN down (no such database or
+    role, a wrong password), StoreUnavailable naming the host when it cannot be reached within the
+    timeout (a server that may come back)."""
     try:
         psycopg.connect(dsn, **connection_kwargs(connect_timeout_s)).close()
     except psycopg.OperationalError as error:
         reason = " ".join(str(error).split())
+        if REFUSED_CONNECTION.search(reason):
+            raise StoreRefused(
+                f"PostgreSQL at {describe_target(dsn)} refused the connection: {reason}. Fix the database, "
+                f"user or password in the DSN (--dsn, data.dsn or ${DSN_ENV}); a restart would meet the same answer"
+            ) from None
         raise StoreUnavailable(
             f"cannot reach PostgreSQL at {describe_target(dsn)}"
             f" within {connection_kwargs(connect_timeout_s)['connect_timeout']}s: {reason}"

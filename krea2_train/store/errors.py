@@ -11,3 +11,7 @@ class StoreUnavailable(StoreError):
     """The PostgreSQL server could not be reached within the connect timeout."""
 
     retryable = True  # the server may be back by the next start
+
+
+class StoreRefused(StoreError):
+    """The server answered but refused the DSN (no such database or role, a wrong password)."""

@@ -2,7 +2,8 @@
 
 Each file runs in its own transaction and is recorded in ``schema_migrations`` with its sha256;
 a session-level advisory lock serialises processes that open the store at the same time. A file
-edited after it was applied is an error (write a new migration instead).
+edited after it was applied is an error (write a new migration instead), and so are a database
+migrated by a newer krea2 and a new file numbered before one already applied.
 """
 
 from __future__ import annotations
@@ -46,6 +47,25 @@ def migration_files() -> list[tuple[str, str, str]]:
     return found
 
 
+def check_versions(applied: dict[str, str] | list[str], known: list[str]) -> None:
+    """Refuse a database this code cannot serve: one migrated by a newer krea2 (a version this
+    code has no file for), or one where a pending file sorts before an applied one (it was added
+    out of order, so this database and a fresh one would get different schemas)."""
+    unknown = sorted(set(applied) - set(known))
+    if unknown:
+        raise StoreError(
+            f"the database has migrations {unknown} that this krea2 does not know: it was migrated by a newer "
+            "version. Use that version (or a database of its own for this one)"
+        )
+    newest = max(applied, default="")
+    early = [version for version in known if version not in applied and version < newest]
+    if early:
+        raise StoreError(
+            f"migration(s) {early} sort before {newest}, already applied to this database: renumber them after "
+            f"{max(known)} (files are applied in order, once each)"
+        )
+
+
 def apply_migrations(conn: psycopg.Connection) -> list[str]:
     """Apply every pending migration on an autocommit connection; returns the names applied."""
     applied_now = []
@@ -53,7 +73,9 @@ def apply_migrations(conn: psycopg.Connection) -> list[str]:
     try:
         conn.execute(CREATE_LEDGER)
         recorded = dict(conn.execute("SELECT version, sha256 FROM schema_migrations").fetchall())
-        for version, name, text in migration_files():
+        files = migration_files()
+        check_versions(recorded, [version for version, _, _ in files])
+        for version, name, text in files:
             digest = hashlib.sha256(text.encode()).hexdigest()
             if version in recorded:
                 if recorded[version] != digest:
