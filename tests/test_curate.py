@@ -22,7 +22,7 @@ from krea2_train.curate.hashing import (
 )
 from krea2_train.data.ingest import ingest
 from krea2_train.data.shapes import write_shapes_dataset
-from krea2_train.store.queue import job_counts, run_worker
+from krea2_train.store.queue import Failed, JobContext, Queue, job_counts, run_handler, run_worker
 
 
 def _scene(seed: int, size: int = 96) -> Image.Image:
@@ -123,11 +123,37 @@ def test_a_score_with_two_bad_ends_needs_an_order():
         curate_dataset(None, "images", "sharpest", 10, "laplacian_var")
 
 
-def test_decode_records_unreadable_files_by_name():
-    bad = curate_jobs.decode_row({"uri": "/nonexistent/x.png"})
-    assert bad["decode_ok"] is False and "/nonexistent/x.png" in bad["decode_error"]
+def test_decode_fails_a_file_it_cannot_read_by_name_for_a_retry():
+    with pytest.raises(FileNotFoundError, match="/nonexistent/x.png"):
+        curate_jobs.decode_row({"uri": "/nonexistent/x.png"})
+    (outcome,) = curate_jobs.DECODE.handler([{"id": 1, "uri": "/nonexistent/x.png"}], None)
+    assert isinstance(outcome, Failed) and "/nonexistent/x.png" in outcome.error
     with pytest.raises(ValueError, match="unsupported URI scheme 's3'"):
         curate_jobs.open_rgb("s3://bucket/x.png")
+
+
+@pytest.mark.postgres
+def test_images_unreadable_during_an_outage_decode_once_storage_is_back(fresh_store, tmp_path):
+    """A mount gone during decode fails the rows (retried after a backoff); it does not record them
+    undecodable, so they decode when the storage returns."""
+    folder = write_shapes_dataset(tmp_path / "shapes", 4, 32, seed=1)
+    ingest(fresh_store, "shapes", folder=folder)
+    hidden = folder.rename(tmp_path / "unmounted")
+    queue = Queue(fresh_store, curate_jobs.DECODE)
+    try:
+        queue.seed()
+        claims = queue.claim()
+        outcomes = run_handler(curate_jobs.DECODE, claims, JobContext(fresh_store, queue.owner))
+        assert queue.finish(claims, outcomes) == (0, 4)
+    finally:
+        queue.close()
+    hidden.rename(folder)
+    with fresh_store.pool.connection() as conn:
+        assert conn.execute("SELECT count(*) FROM images WHERE decode_ok IS NOT NULL").fetchone()[0] == 0
+        conn.execute("UPDATE job_runs SET not_before = now()")  # the backoff, waited out
+    assert run_worker(fresh_store, curate_jobs.DECODE).completed == 4
+    with fresh_store.pool.connection() as conn:
+        assert conn.execute("SELECT count(*) FROM images WHERE decode_ok").fetchone()[0] == 4
 
 
 @pytest.fixture

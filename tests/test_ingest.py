@@ -174,6 +174,30 @@ def test_uri_list_naming_missing_files_is_refused_and_nothing_is_inserted(fresh_
     assert _rows(fresh_store) == [] and _datasets(fresh_store) == []
 
 
+@pytest.mark.parametrize(
+    ("column", "value", "field"),
+    [("caption_long", "a cat\x00 on a mat", "caption_long"), ("facts", json.dumps({"note": "scraped\x00"}), "facts")],
+)
+def test_a_nul_character_stops_the_ingest_before_its_batch_naming_the_row(fresh_store, tmp_path, capsys, column, value, field):
+    """PostgreSQL text and jsonb cannot hold a NUL: the ingest (streamed, 500 rows a batch) stops
+    before the batch with row 1100, naming the row and the field; the rows before it are kept,
+    and the same ingest of the fixed file completes the dataset."""
+    n = 1200
+    values = [json.dumps({"i": i}) if column == "facts" else f"caption {i}" for i in range(n)]
+    uris = [f"s3://bucket/img{i}.jpg" for i in range(n)]
+    path = tmp_path / "scraped.parquet"
+    pq.write_table(pa.table({"uri": uris, column: values[:1100] + [value] + values[1101:]}), path)
+    argv = ["data", "ingest", "--dsn", fresh_store.dsn, "--dataset", "scraped", "--parquet", str(path)]
+    assert main(argv) == 1
+    error = capsys.readouterr().err
+    assert "1 value(s) hold a NUL character" in error and f"{field} of row 1100 (s3://bucket/img1100.jpg)" in error
+    assert "The 1000 rows before this batch were ingested" in error and "run the same ingest again" in error
+    assert len(_rows(fresh_store)) == 1000
+    pq.write_table(pa.table({"uri": uris, column: values}), path)
+    assert main(argv) == 0
+    assert len(_rows(fresh_store)) == n
+
+
 def test_images_without_a_caption_are_counted_and_reported(fresh_store, folder, capsys):
     (folder / "b.txt").unlink()
     Image.new("RGB", (32, 24)).save(folder / "d.png")

@@ -1,6 +1,7 @@
 """The loader: exact resume (also on another world size), identical shapes on every rank,
 corrupt and truncated shards replaced deterministically. No database here (see test_loader_db)."""
 
+import errno
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from krea2_train.data.buckets import Bucket
 from krea2_train.data.loader import CorruptShardsError, LoaderConfig, ShardLoader
 from krea2_train.data.plan import Manifest, ShardInfo
 from krea2_train.data.shards import ShardWriter, encode_image
+from test_shards import fail_reading
 
 BUCKETS = (Bucket("1:1", 8, 8), Bucket("4:3", 12, 8), Bucket("3:4", 8, 12))
 
@@ -249,6 +251,20 @@ def test_a_shard_that_does_not_open_is_replaced_but_not_quarantined(tmp_path, ca
     with pytest.raises(CorruptShardsError, match="did not open .*not quarantined") as raised:
         next(iter(loader))
     assert raised.value.retryable and loader.quarantined == {}
+
+
+@pytest.mark.parametrize("verify_shards", [True, False])
+def test_a_shard_on_failing_storage_is_replaced_but_not_quarantined(tmp_path, monkeypatch, verify_shards):
+    """A shard that exists but cannot be read (permission denied, an I/O error) is unavailable,
+    checksum verified or not: the loader goes on without it and never quarantines it."""
+    manifest = write_toy_shards(tmp_path)
+    reference = global_steps([ShardLoader(manifest, config(verify_shards=False))])  # verifies (and caches) nothing
+    fail_reading(monkeypatch, manifest.shards[4].path, errno.EIO)
+    loader = ShardLoader(manifest, config(verify_shards=verify_shards))
+    batches = list(loader)
+    assert loader.quarantined == {} and all(not batch.new_bad_shards for batch in batches)
+    assert list(loader.unavailable) == [5] and f"{manifest.shards[4].path}: cannot" in loader.unavailable[5]
+    assert "Input/output error" in loader.unavailable[5] and len(batches) == len(reference)
 
 
 def test_buckets_too_small_for_a_batch_are_named_and_a_batch_no_bucket_holds_is_refused(caplog):

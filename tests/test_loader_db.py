@@ -14,7 +14,7 @@ from krea2_train.data.pack import PACK_JOB, PackSettings, add_pack_target, pack_
 from krea2_train.data.shapes import write_shapes_dataset
 from krea2_train.data.shards import ShardReader, file_sha256
 from krea2_train.store.leases import LeaseKeeper, run_progress
-from krea2_train.store.queue import run_worker
+from krea2_train.store.queue import JobContext, Queue, run_handler, run_worker
 
 from test_loader import global_steps, write_toy_shards
 
@@ -80,6 +80,30 @@ def test_pack_dataset_registers_preshuffled_shards_once(fresh_store, tmp_path):
     with fresh_store.pool.connection() as conn:
         per_resolution = conn.execute("SELECT resolution, count(*) FROM shard_samples GROUP BY 1 ORDER BY 1").fetchall()
     assert per_resolution == [(16, 30), (24, 30), (32, 30)]
+
+
+def test_a_target_added_while_a_batch_is_packing_is_packed_too(fresh_store, tmp_path):
+    """The batch in flight read the targets before the new one: its completion is fenced out, and
+    the job packs its images again, at the new target only."""
+    folder = write_shapes_dataset(tmp_path / "shapes", 6, 48, seed=3)
+    ingest(fresh_store, "shapes", folder=folder)
+    run_worker(fresh_store, DECODE)
+    run_worker(fresh_store, DEDUP)
+    settings = PackSettings(pixel_multiple=4, shard_size=4, seed=1)
+    add_pack_target(fresh_store, "shapes", 16, tmp_path / "packed", settings)
+    queue = Queue(fresh_store, PACK_JOB)
+    try:
+        queue.seed()
+        claims = queue.claim()
+        outcomes = run_handler(PACK_JOB, claims, JobContext(fresh_store, queue.owner))
+        add_pack_target(fresh_store, "shapes", 24, tmp_path / "packed", settings)
+        assert queue.finish(claims, outcomes) == (0, 0)
+    finally:
+        queue.close()
+    assert run_worker(fresh_store, PACK_JOB).completed == 6
+    with fresh_store.pool.connection() as conn:
+        per_resolution = conn.execute("SELECT resolution, count(*) FROM shard_samples GROUP BY 1 ORDER BY 1").fetchall()
+    assert per_resolution == [(16, 6), (24, 6)]
 
 
 def test_an_image_unreadable_at_one_resolution_is_packed_at_the_next_and_registered_row_by_row(fresh_store, tmp_path, monkeypatch):

@@ -35,6 +35,7 @@ def _job(**overrides) -> Job:
         result_columns={"width": "int", "height": "int"},
         lease_s=30.0,
         max_attempts=3,
+        retry_backoff_s=0.0,
     )
     return Job(**(settings | overrides))
 
@@ -123,7 +124,7 @@ def test_zombie_writes_change_nothing_after_takeover(queue_pair):
     stale = zombie.claim()
     _expire_leases(store)
     assert successor.reap() == (2, 0)
-    fresh = successor.claim()
+    fresh = successor.claim() + successor.claim()  # the expired batch of 2 comes back in halves
     assert [c.attempt for c in fresh] == [2, 2]
     assert zombie.heartbeat(stale) == set()
     assert zombie.finish(stale, [Done({"width": -1, "height": -1})] * 2) == (0, 0)
@@ -284,3 +285,71 @@ def test_job_validates_its_settings():
         _job(name="bad name")
     with pytest.raises(ValueError, match="must be positive"):
         _job(batch_size=0)
+
+
+def test_a_failed_row_waits_out_its_backoff_before_its_retry(fresh_store):
+    queue = Queue(fresh_store, _job(retry_backoff_s=60.0))
+    try:
+        _add_images(fresh_store, 1)
+        queue.seed()
+        (claim,) = queue.claim()
+        queue.finish([claim], [Failed("mount gone")])
+        assert queue.claim() == []  # not before its backoff: an outage does not spend every attempt
+        with fresh_store.pool.connection() as conn:
+            wait_s = conn.execute("SELECT extract(epoch FROM not_before - now()) FROM job_runs").fetchone()[0]
+            assert 30 - 1 <= wait_s <= 90  # 60 s x [0.5, 1.5] jitter
+            conn.execute("UPDATE job_runs SET not_before = now() - interval '1 second'")
+        (retry,) = queue.claim()
+        queue.finish([retry], [Failed("mount gone")])
+        with fresh_store.pool.connection() as conn:
+            wait_s = conn.execute("SELECT extract(epoch FROM not_before - now()) FROM job_runs").fetchone()[0]
+            assert 60 - 1 <= wait_s <= 180  # doubled for the second attempt
+        _expire_leases(fresh_store)
+        assert queue.reap() == (0, 0)  # nothing running
+    finally:
+        queue.close()
+
+
+def test_a_row_that_kills_its_worker_is_found_by_bisection_and_dies_alone(fresh_store):
+    """A worker dies (its lease expires) whenever its batch holds the poison row: the batch comes
+    back in halves until the poison row is claimed alone; only it ends dead, and every other row
+    of its first batch completes. Its attempts in batches count, so it dies at its first expiry
+    alone once it has max_attempts."""
+    queue = Queue(fresh_store, _job(batch_size=8, max_attempts=2))
+    try:
+        ids = _add_images(fresh_store, 8)
+        poison = ids[5]
+        queue.seed()
+        crashed_batches = []
+        while claims := queue.claim():
+            if poison in {c.image_id for c in claims}:
+                crashed_batches.append(len(claims))  # the worker dies: nothing is written, the leases run out
+                _expire_leases(fresh_store)
+                queue.reap()
+            else:
+                assert queue.finish(claims, _store_widths([c.row for c in claims], None)) == (len(claims), 0)
+        runs = {row[0]: row for row in _runs(fresh_store)}
+        assert {image_id for image_id, run in runs.items() if run[1] == "dead"} == {poison}
+        assert all(run[1] == "done" for image_id, run in runs.items() if image_id != poison)
+        assert runs[poison][4].endswith("in a batch of 1")
+        assert crashed_batches == [8, 4, 2, 1]
+    finally:
+        queue.close()
+
+
+def test_a_handler_exception_is_bisected_so_one_bad_row_fails_alone(fresh_store):
+    calls = []
+
+    def raise_on_the_bad_row(rows, ctx):
+        calls.append(len(rows))
+        if any(row["uri"] == "u3" for row in rows):
+            raise ValueError("cannot parse u3")
+        return _store_widths(rows, ctx)
+
+    ids = _add_images(fresh_store, 6)
+    stats = run_worker(fresh_store, _job(handler=raise_on_the_bad_row, batch_size=8, max_attempts=2))
+    assert (stats.completed, stats.failed) == (5, 2)  # the bad row failed twice, alone; the rest did not
+    runs = {row[0]: row for row in _runs(fresh_store)}
+    assert runs[ids[2]][1] == "dead" and runs[ids[2]][4] == "ValueError: cannot parse u3"
+    assert all(runs[i][1] == "done" for i in ids if i != ids[2])
+    assert calls[:5] == [6, 3, 2, 1, 3]  # 6 raises; its first half (3) raises: 2 pass, 1 raises; the second half passes

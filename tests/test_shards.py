@@ -1,9 +1,12 @@
-"""Shard files: exact round trips, durable publishing, and corrupt or truncated files refused
-naming the file."""
+"""Shard files: exact round trips, durable publishing, corrupt or truncated files refused naming
+the file, and files that cannot be read refused as unavailable, not corrupt."""
 
+import builtins
+import errno
 import os
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -50,14 +53,44 @@ def test_jpeg_is_close(tmp_path):
     assert np.abs(decoded - np.asarray(_image(1))).mean() < 20
 
 
+def fail_reading(monkeypatch, path, code: int) -> None:
+    """Make ``path`` fail as on failing storage: opening or mapping it raises ``OSError(code)``
+    (root ignores permissions, so chmod 000 cannot do this)."""
+    real_open, real_memory_map = builtins.open, pa.memory_map
+
+    def failing(real):
+        def call(file, *args, **kwargs):
+            if str(file) == str(path):
+                raise OSError(code, os.strerror(code), str(path))
+            return real(file, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(builtins, "open", failing(real_open))
+    monkeypatch.setattr(pa, "memory_map", failing(real_memory_map))
+
+
 def test_truncated_shard_is_refused_naming_the_file(tmp_path):
     written = _write(tmp_path / "t.arrow")
     data = written.path.read_bytes()
     written.path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ShardError, match=r"t\.arrow.*truncated or corrupt"):
+    with pytest.raises(ShardError, match=r"t\.arrow.*truncated or corrupt") as verified:
         ShardReader(written.path)
-    with pytest.raises(ShardError, match=r"t\.arrow.*not a readable Arrow IPC file"):
+    with pytest.raises(ShardError, match=r"t\.arrow.*not a readable Arrow IPC file") as mapped:
         ShardReader(written.path, verify=False)
+    assert not verified.value.unavailable and not mapped.value.unavailable  # corrupt: quarantined
+
+
+@pytest.mark.parametrize("verify", [True, False])
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EIO])
+def test_a_shard_that_cannot_be_read_is_unavailable_not_corrupt(tmp_path, monkeypatch, verify, code):
+    """Permission denied or an I/O error says nothing about the content: the error names the file
+    and the cause and is marked unavailable (replaced, never quarantined)."""
+    written = _write(tmp_path / "u.arrow")
+    fail_reading(monkeypatch, written.path, code)
+    with pytest.raises(ShardError, match=rf"u\.arrow: cannot (read|open): {os.strerror(code)}") as raised:
+        ShardReader(written.path, verify=verify)
+    assert raised.value.unavailable and raised.value.path == str(written.path)
 
 
 def test_flipped_byte_fails_the_checksum_and_the_row_crc(tmp_path):

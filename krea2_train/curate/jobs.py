@@ -57,16 +57,18 @@ DECODE_COLUMNS = {
 
 
 def decode_row(row: dict) -> dict:
-    """Decode one image. An unreadable or too small file is a result (decode_ok false, the error
-    naming the file), not a failure: retrying would not change it."""
+    """Decode one image. A corrupt or too small file is a result (decode_ok false, the error
+    naming the file), not a failure: retrying would not change it. A file that cannot be read
+    (missing, a mount or the network gone) raises: the row fails and is retried after a backoff,
+    so a storage outage on one node does not mark its images undecodable for good."""
     uri = row["uri"]
     result = dict.fromkeys(DECODE_COLUMNS)
+    data = read_uri(uri)
     try:
-        data = read_uri(uri)
         image = decode_bytes(data)
     except UnidentifiedImageError:
         return result | _refused(f"cannot decode {uri}: not a recognised image format")
-    except Exception as error:  # any unreadable file is recorded, whatever the decoder raised
+    except Exception as error:  # any undecodable file is recorded, whatever the decoder raised
         return result | _refused(f"cannot decode {uri}: {type(error).__name__}: {error}")
     result |= {"width": image.width, "height": image.height, "md5": md5_hex(data)}
     if min(image.size) < MIN_SIDE:

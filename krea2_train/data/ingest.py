@@ -10,8 +10,11 @@ Sources:
 
 Rows are written by batched, key-sorted unnest upserts; a row whose values did not change is not
 rewritten, so ingesting the same source twice changes nothing. A source with no images, or a URI
-list naming local files that do not exist, is refused before anything is written. Images without
-a long caption are registered but never packed; the report counts them.
+list naming local files that do not exist, is refused before anything is written. A NUL character
+in a URI, caption or facts string (PostgreSQL text cannot hold one) stops the ingest before the
+batch that holds it, naming its rows; the batches before it are kept, and running the same ingest
+again once the source is fixed completes it (sources are streamed, never held whole). Images
+without a long caption are registered but never packed; the report counts them.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -31,7 +34,7 @@ from krea2_train.store.upsert import batched, upsert_batch, upsert_statement
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 BATCH_ROWS = 500
-LISTED_MISSING = 5  # how many missing files an error message names
+LISTED = 5  # how many missing files or NUL-holding values an error message names
 IMAGE_COLUMNS = {
     "dataset_id": "int",
     "uri": "text",
@@ -144,10 +147,43 @@ def uri_list_records(uri_file: Path) -> Iterator[Record]:
     if missing:
         raise StoreError(
             f"URI list {uri_file} names {len(missing)} file(s) that do not exist, nothing was ingested: "
-            + ", ".join(missing[:LISTED_MISSING]) + (", ..." if len(missing) > LISTED_MISSING else "")
+            + _first_listed(missing)
         )
     for uri in uris:
         yield Record(uri) if "://" in uri else read_sidecars(Path(uri))
+
+
+def _first_listed(items: list[str]) -> str:
+    return ", ".join(items[:LISTED]) + (", ..." if len(items) > LISTED else "")
+
+
+def _holds_nul(value) -> bool:
+    """Whether a string in ``value`` (text, or a JSON value: its keys too) holds a NUL character."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(key) or _holds_nul(item) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_nul(item) for item in value)
+    return False
+
+
+def check_no_nul(batch: list[Record], first_row: int, source: str) -> None:
+    """PostgreSQL text and jsonb cannot hold a NUL character (common in scraped text): refuse the
+    batch (rows ``first_row``... of ``source``) before it is written, naming the rows (position in
+    ``source``, URI) and fields that hold one."""
+    found = [
+        f"{field.name} of row {first_row + index} ({record.uri})"
+        for index, record in enumerate(batch)
+        for field in fields(record)
+        if _holds_nul(getattr(record, field.name))
+    ]
+    if found:
+        raise StoreError(
+            f"{source}: {len(found)} value(s) hold a NUL character (\\x00), which PostgreSQL text cannot "
+            f"store: {_first_listed(found)}. The {first_row} rows before this batch were ingested; remove "
+            "the NUL characters and run the same ingest again (it skips what is already there)"
+        )
 
 
 def listed_uris(uri_file: Path) -> Iterator[str]:
@@ -175,8 +211,9 @@ def ensure_dataset(store: Store, name: str, source: str) -> int:
 
 
 def ingest_records(store: Store, dataset: str, source: str, records: Iterable[Record]) -> IngestReport:
-    """Upsert ``records`` into ``images`` in batches; a URI given twice is an error naming it, and
-    no record at all is an error naming ``source`` (the dataset is not created)."""
+    """Upsert ``records`` into ``images`` in batches; a URI given twice is an error naming it, a
+    NUL character stops before its batch (:func:`check_no_nul`), and no record at all is an error
+    naming ``source`` (the dataset is not created)."""
     records = iter(records)
     first = next(records, None)
     if first is None:
@@ -191,6 +228,7 @@ def ingest_records(store: Store, dataset: str, source: str, records: Iterable[Re
         conn.execute("SET synchronous_commit = off")
         try:
             for batch in batched(itertools.chain([first], records), BATCH_ROWS):
+                check_no_nul(batch, rows, source)
                 values = []
                 for record in batch:
                     if record.uri in seen:

@@ -36,7 +36,7 @@ from krea2_train.data.plan import bucket_key, keyed_permutation
 from krea2_train.data.shards import ShardWriter, WrittenShard
 from krea2_train.store import Store
 from krea2_train.store.db import find_dataset_id
-from krea2_train.store.queue import Done, Failed, Job, JobContext, Outcome, register_job, requeue_done
+from krea2_train.store.queue import Done, Failed, Job, JobContext, Outcome, register_job, requeue
 
 IMAGE_COLUMNS = ("id", "dataset_id", "uri", "width", "height", "caption_long", "caption_medium", "caption_short", "facts")
 PACK_JOB_NAME = "pack"
@@ -135,8 +135,9 @@ class PackReport:
 def add_pack_target(store: Store, dataset: str, resolution: int, out_dir: str | Path, settings: PackSettings) -> int:
     """Record that ``dataset`` is packed at ``resolution`` into ``out_dir``; returns the dataset id.
 
-    A new target sends the dataset's images that the ``pack`` job has finished back to pending,
-    so the job packs them at the new resolution too (it skips what is packed already)."""
+    A new target sends the dataset's images that the ``pack`` job has finished or is packing now
+    back to pending, so the job packs them at the new resolution too (it skips what is packed
+    already; a batch in flight, which read the targets before this one, is fenced out)."""
     with store.pool.connection() as conn, conn.transaction():
         target_dataset = find_dataset_id(conn, dataset)
         (inserted,) = conn.execute(
@@ -146,7 +147,7 @@ def add_pack_target(store: Store, dataset: str, resolution: int, out_dir: str | 
             (target_dataset, resolution, str(Path(out_dir).resolve()), Jsonb(settings.to_json())),
         ).fetchone()
         if inserted:
-            requeue_done(conn, PACK_JOB_NAME, "SELECT id FROM images WHERE dataset_id = %s", (target_dataset,))
+            requeue(conn, PACK_JOB_NAME, "SELECT id FROM images WHERE dataset_id = %s", (target_dataset,), running=True)
     return target_dataset
 
 

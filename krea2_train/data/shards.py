@@ -18,7 +18,9 @@ The schema metadata key ``krea2.shard`` holds a JSON object: format version, res
 name, width, height, image format, dataset. Next to ``NAME.arrow`` the writer puts
 ``NAME.arrow.sha256`` (``sha256sum`` format) with the digest of the whole file; a reader checks
 the file against it (or against a digest it is given, e.g. from the ``shards`` table) when it
-opens the file, so a truncated or corrupt shard is refused with an error naming the file.
+opens the file, so a truncated or corrupt shard is refused with an error naming the file. A file
+that cannot be opened or read (missing, permission denied, an I/O error) is refused as
+*unavailable*, a storage problem, never as corrupt.
 """
 
 from __future__ import annotations
@@ -60,9 +62,10 @@ SHARD_SCHEMA = pa.schema(
 class ShardError(Krea2Error):
     """A shard that cannot be read; ``path`` names the file, ``row`` the row when one is at fault.
 
-    ``unavailable``: the file (or its checksum sidecar) could not be opened at all: missing, or a
-    storage problem (an unmounted or failing file system) rather than bad content, so it may read
-    on another node or later; otherwise the content is corrupt and stays so.
+    ``unavailable``: the file (or its checksum sidecar) could not be opened or read at all: missing,
+    or a storage problem (an unmounted or failing file system, permission denied, an I/O error)
+    rather than bad content, so it may read on another node or later; otherwise the content is
+    corrupt and stays so.
     """
 
     def __init__(self, path: str | Path, message: str, row: int | None = None, *, unavailable: bool = False):
@@ -272,7 +275,10 @@ def verify_shard(path: str | Path, sha256: str | None = None) -> None:
     key = (str(path), stat.st_size, stat.st_mtime_ns, expected)
     if key in _VERIFIED:
         return
-    actual = file_sha256(path)
+    try:
+        actual = file_sha256(path)
+    except OSError as error:
+        raise ShardError(path, f"cannot read: {error.strerror or error}", unavailable=True) from None
     if actual != expected:
         raise ShardError(path, f"checksum mismatch (sha256 {actual}, expected {expected}): truncated or corrupt")
     _VERIFIED.add(key)
@@ -291,8 +297,12 @@ class ShardReader:
             verify_shard(self.path, sha256)
         try:
             self._file = pa.memory_map(str(self.path), "r")
+        except OSError as error:
+            raise ShardError(self.path, f"cannot open: {error.strerror or error}", unavailable=True) from None
+        try:
             self._reader = pa.ipc.open_file(self._file)
         except (OSError, pa.ArrowException) as error:
+            self._file.close()
             raise ShardError(self.path, f"not a readable Arrow IPC file: {error}") from None
         self.header = _parse_header(self.path, self._reader.schema)
         self._batch_starts: list[int] = []

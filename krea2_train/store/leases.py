@@ -26,7 +26,7 @@ from typing import Sequence
 import psycopg
 
 from krea2_train.store.db import connection_kwargs
-from krea2_train.store.queue import new_owner_id, requeue_done
+from krea2_train.store.queue import new_owner_id, requeue
 
 # One query for a run's progress: a row per rank of the run's current world size.
 RUN_PROGRESS_SQL = """
@@ -224,7 +224,7 @@ class LeaseKeeper:
                 if cursor.rowcount == 1:  # the pack job packs its images again (as unpacked: see data.pack)
                     from krea2_train.data.pack import PACK_JOB_NAME  # pack builds on the store: not a top import
 
-                    requeue_done(conn, PACK_JOB_NAME, "SELECT image_id FROM shard_samples WHERE shard_id = %s", (shard_id,))
+                    requeue(conn, PACK_JOB_NAME, "SELECT image_id FROM shard_samples WHERE shard_id = %s", (shard_id,))
         self.attempt = attempt
         self.lost = self.lost or not alive
         with self._changed:

@@ -8,11 +8,22 @@ Life of a row (``job_runs.state``)::
 
     seed:      images matching the predicate get a 'pending' row (idempotent)
     claim:     pending -> running; owner, attempt+1, lease_expires_at, last_tried_at = now()
-               (one short autocommit UPDATE ... FOR UPDATE SKIP LOCKED, oldest try last)
+               (one short autocommit UPDATE ... FOR UPDATE SKIP LOCKED; rows past their
+               not_before only; smallest batch_limit first, then oldest try last)
     heartbeat: running -> running, lease extended            } fenced by
     complete:  running -> done, result written to images     } (job, image_id, owner, attempt):
-    fail:      running -> pending, or dead at max_attempts   } a zombie's late write changes 0 rows
-    reap:      running with an expired lease -> pending, or dead at max_attempts
+    fail:      running -> pending after a backoff,           } a zombie's late write changes 0 rows
+               or dead at max_attempts                       }
+    reap:      running with an expired lease -> pending after a backoff; a batch of k > 1 rows
+               comes back with batch_limit ceil(k / 2), and a row that expired alone is dead at
+               max_attempts
+
+Retries back off: a failed or reaped row waits ``retry_backoff_s * 2 ** (attempt - 1)`` seconds
+(x0.5 to x1.5 jitter, at most ``MAX_BACKOFF_S``), so an outage of what a job reads (a mount, a
+bucket) does not spend every attempt at once. A poison row, one that kills its worker, is found
+by bisection: its batch's leases expire, the batch comes back in halves, and only the row that
+still kills its worker when claimed alone is set aside. A handler's exception is bisected in
+process the same way (:func:`run_handler`), so one bad row fails alone.
 
 Queue statements run on their own connections with ``synchronous_commit=off``: every write is
 idempotent and fenced, so losing the last commits in a server crash only re-runs work.
@@ -44,6 +55,7 @@ logger = logging.getLogger(__name__)
 STATES = ("pending", "running", "done", "dead")
 SEED_CHUNK = 5000
 REAP_LIMIT = 1000
+MAX_BACKOFF_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -96,8 +108,10 @@ class Job:
             completion transaction.
         on_done: optional ``on_done(conn, claims, results)`` run inside that same transaction
             for the rows this worker still held (extra writes, e.g. other tables).
-        max_attempts: failures or expired leases after which a row is dead.
+        max_attempts: failures, or leases that expired with the row claimed alone, after which
+            a row is dead.
         lease_s: lease length; the worker heartbeats every lease_s / 3.
+        retry_backoff_s: the wait before a row's first retry; it doubles with every attempt.
     """
 
     name: str
@@ -107,14 +121,17 @@ class Job:
     image_columns: tuple[str, ...] = ("id", "dataset_id", "uri")
     result_columns: Mapping[str, str] = field(default_factory=dict)
     on_done: Callable[[psycopg.Connection, list[Claim], list[dict]], None] | None = None
-    max_attempts: int = 3
+    max_attempts: int = 5
     lease_s: float = 60.0
+    retry_backoff_s: float = 15.0
 
     def __post_init__(self):
         if not self.name or not self.name.replace("_", "").isalnum():
             raise ValueError(f"job name {self.name!r} must be non-empty letters, digits and underscores")
-        if self.batch_size < 1 or self.max_attempts < 1 or self.lease_s <= 0:
-            raise ValueError(f"job {self.name!r}: batch_size, max_attempts and lease_s must be positive")
+        if self.batch_size < 1 or self.max_attempts < 1 or self.lease_s <= 0 or self.retry_backoff_s < 0:
+            raise ValueError(
+                f"job {self.name!r}: batch_size, max_attempts and lease_s must be positive, retry_backoff_s not negative"
+            )
 
 
 _REGISTRY: dict[str, Job] = {}
@@ -149,6 +166,12 @@ def _fence_rows(claims: Sequence[Claim]) -> tuple[list[int], list[int]]:
     return [c.image_id for c in ordered], [c.attempt for c in ordered]
 
 
+# the next try of a row whose attempt ``j.attempt`` just failed or expired
+RETRY_AT = (
+    "now() + least(%(max_backoff)s, %(backoff)s * power(2, greatest(j.attempt, 1) - 1))"
+    " * (0.5 + random()) * interval '1 second'"
+)
+
 FENCE = """
     FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS f (image_id, attempt)
     WHERE j.job = %(job)s AND j.image_id = f.image_id AND j.attempt = f.attempt
@@ -177,9 +200,12 @@ class Queue:
               FROM images i
              WHERE i.id = j.image_id AND j.job = %(job)s AND j.image_id IN (
                    SELECT image_id FROM job_runs
-                    WHERE job = %(job)s AND state = 'pending'
-                    ORDER BY last_tried_at NULLS FIRST
-                    LIMIT %(limit)s
+                    WHERE job = %(job)s AND state = 'pending' AND (not_before IS NULL OR not_before <= now())
+                    ORDER BY batch_limit, last_tried_at NULLS FIRST
+                    LIMIT least(%(limit)s, (
+                          SELECT min(batch_limit) FROM job_runs
+                           WHERE job = %(job)s AND state = 'pending' AND batch_limit IS NOT NULL
+                             AND (not_before IS NULL OR not_before <= now())))
                       FOR UPDATE SKIP LOCKED)
             RETURNING j.image_id, j.attempt, {columns}
             """
@@ -229,7 +255,8 @@ class Queue:
         return added_total
 
     def claim(self, limit: int | None = None) -> list[Claim]:
-        """Claim up to ``limit`` pending rows (least recently tried first)."""
+        """Claim up to ``limit`` pending rows that are due (a split batch's first, then least
+        recently tried), fewer where a row's ``batch_limit`` says so."""
         params = self._params(lease_s=self.job.lease_s, limit=limit or self.job.batch_size)
         with self.pool.connection() as conn:
             cursor = conn.execute(self._claim_sql, params)
@@ -296,32 +323,46 @@ class Queue:
         ids, attempts = _fence_rows([c for c, _ in failed])
         statement = (
             "UPDATE job_runs j SET state = CASE WHEN j.attempt >= %(max)s THEN 'dead' ELSE 'pending' END,"
-            " error = e.error, owner = NULL, lease_expires_at = NULL, updated_at = now()"
+            " error = e.error, owner = NULL, lease_expires_at = NULL, updated_at = now(), not_before = " + RETRY_AT +
             " FROM unnest(%(ids)s::bigint[], %(attempts)s::int[], %(errors)s::text[]) AS e (image_id, attempt, error)"
             " WHERE j.job = %(job)s AND j.image_id = e.image_id AND j.attempt = e.attempt"
             "   AND j.owner = %(owner)s AND j.state = 'running'"
             " RETURNING j.image_id"
         )
         params = self._params(
-            ids=ids, attempts=attempts, errors=[o.error for _, o in failed], max=self.job.max_attempts
+            ids=ids, attempts=attempts, errors=[o.error for _, o in failed], max=self.job.max_attempts,
+            **self._backoff(),
         )
         return len(conn.execute(statement, params).fetchall())
 
+    def _backoff(self) -> dict:
+        return {"backoff": self.job.retry_backoff_s, "max_backoff": MAX_BACKOFF_S}
+
     def reap(self) -> tuple[int, int]:
-        """Return rows whose lease expired; returns (back to pending, set aside as dead)."""
+        """Return rows whose lease expired; returns (back to pending, set aside as dead).
+
+        The rows one worker claimed together (same owner and attempt) come back with half their
+        number as their ``batch_limit``; a row that expired alone is dead at ``max_attempts``.
+        """
         statement = """
+            WITH expired AS (
+                SELECT image_id, owner, attempt FROM job_runs
+                 WHERE job = %(job)s AND state = 'running' AND lease_expires_at < now()
+                 ORDER BY lease_expires_at LIMIT %(limit)s
+                   FOR UPDATE SKIP LOCKED),
+            batches AS (
+                SELECT image_id, count(*) OVER (PARTITION BY owner, attempt) AS claimed FROM expired)
             UPDATE job_runs j
-               SET state = CASE WHEN j.attempt >= %(max)s THEN 'dead' ELSE 'pending' END,
-                   error = format('lease expired (owner %%s, attempt %%s)', j.owner, j.attempt),
-                   owner = NULL, lease_expires_at = NULL, updated_at = now()
-             WHERE j.job = %(job)s AND j.image_id IN (
-                   SELECT image_id FROM job_runs
-                    WHERE job = %(job)s AND state = 'running' AND lease_expires_at < now()
-                    ORDER BY lease_expires_at LIMIT %(limit)s
-                      FOR UPDATE SKIP LOCKED)
+               SET state = CASE WHEN b.claimed = 1 AND j.attempt >= %(max)s THEN 'dead' ELSE 'pending' END,
+                   batch_limit = CASE WHEN b.claimed > 1 THEN (b.claimed + 1) / 2 ELSE j.batch_limit END,
+                   error = format('lease expired (owner %%s, attempt %%s) in a batch of %%s',
+                                  j.owner, j.attempt, b.claimed),
+                   owner = NULL, lease_expires_at = NULL, updated_at = now(), not_before = """ + RETRY_AT + """
+              FROM batches b
+             WHERE j.job = %(job)s AND j.image_id = b.image_id
             RETURNING j.state
         """
-        params = self._params(max=self.job.max_attempts, limit=REAP_LIMIT)
+        params = self._params(max=self.job.max_attempts, limit=REAP_LIMIT, **self._backoff())
         with self.pool.connection() as conn:
             states = [state for (state,) in conn.execute(statement, params).fetchall()]
         return states.count("pending"), states.count("dead")
@@ -370,12 +411,19 @@ def write_image_columns(conn: psycopg.Connection, columns: Mapping[str, str], re
     conn.execute(statement, arrays)
 
 
-def requeue_done(conn: psycopg.Connection, job: str, image_ids_sql: str, params: Sequence) -> None:
+def requeue(conn: psycopg.Connection, job: str, image_ids_sql: str, params: Sequence, *, running: bool = False) -> None:
     """Send ``job``'s finished rows of the images ``image_ids_sql`` selects (a ``SELECT`` of ids
-    taking ``params``) back to pending, so workers run them again."""
+    taking ``params``) back to pending, so workers run them again.
+
+    ``running``: the rows workers hold now go back too. Their workers' completions are then fenced
+    out (the row has no owner), so work begun before whatever made the rows stale (a new pack
+    target) is done again instead of being recorded as done.
+    """
+    states = "('done', 'running')" if running else "('done')"
     conn.execute(
-        "UPDATE job_runs SET state = 'pending', attempt = 0, updated_at = now()"
-        f" WHERE job = %s AND state = 'done' AND image_id IN ({image_ids_sql})",
+        "UPDATE job_runs SET state = 'pending', attempt = 0, owner = NULL, lease_expires_at = NULL,"
+        " batch_limit = NULL, not_before = NULL, updated_at = now()"
+        f" WHERE job = %s AND state IN {states} AND image_id IN ({image_ids_sql})",
         (job, *params),
     )
 
@@ -391,11 +439,20 @@ def job_counts(store: Store) -> dict[str, dict[str, int]]:
 
 
 def run_handler(job: Job, claims: Sequence[Claim], ctx: JobContext) -> list[Outcome]:
-    """Call the handler; an exception or a wrong-length answer fails every row with the reason."""
+    """Call the handler; a wrong-length answer fails every row with the reason.
+
+    An exception over several rows runs each half again (handlers are idempotent), down to the
+    rows that raise alone: one bad row fails alone, with its exception, and the rest of its batch
+    completes. An exception every row raises (a missing mount) costs about twice as many calls
+    as rows, and every row fails with it.
+    """
     try:
         outcomes = list(job.handler([c.row for c in claims], ctx))
-    except Exception as error:  # the batch fails; its rows are retried or set aside
-        return [Failed(f"{type(error).__name__}: {error}")] * len(claims)
+    except Exception as error:  # bisect; a single row fails, to be retried or set aside
+        if len(claims) == 1:
+            return [Failed(f"{type(error).__name__}: {error}")]
+        half = (len(claims) + 1) // 2
+        return run_handler(job, claims[:half], ctx) + run_handler(job, claims[half:], ctx)
     if len(outcomes) != len(claims):
         return [Failed(f"handler returned {len(outcomes)} outcomes for {len(claims)} rows")] * len(claims)
     return outcomes
