@@ -82,6 +82,36 @@ def test_pack_dataset_registers_preshuffled_shards_once(fresh_store, tmp_path):
     assert per_resolution == [(16, 30), (24, 30), (32, 30)]
 
 
+def test_pack_dataset_reads_sizes_a_page_at_a_time_and_packs_the_same_shards(fresh_store, tmp_path, monkeypatch):
+    """Sizes are read in pages (captions are loaded per shard): pages of 7 images pack exactly the
+    shards one page does, every image once."""
+    from krea2_train.data import pack
+
+    folder = write_shapes_dataset(tmp_path / "shapes", 30, 48, seed=3, aspect_ratios=[1, "4:3", "9:16"])
+    ingest(fresh_store, "shapes", folder=folder)
+    run_worker(fresh_store, DECODE)
+    run_worker(fresh_store, DEDUP)
+    settings = PackSettings(pixel_multiple=4, shard_size=4, seed=1)
+
+    def packed_shards():
+        with fresh_store.pool.connection() as conn:
+            return conn.execute(
+                "SELECT h.path, array_agg(s.image_id ORDER BY s.row) FROM shards h JOIN shard_samples s ON s.shard_id = h.id"
+                " GROUP BY h.path ORDER BY h.path"
+            ).fetchall()
+
+    monkeypatch.setattr(pack, "SIZES_PAGE", 7)
+    assert pack_dataset(fresh_store, "shapes", [32], tmp_path / "packed", settings).num_samples == 30
+    paged = packed_shards()
+    assert sorted(i for _, ids in paged for i in ids) == sorted(set(i for _, ids in paged for i in ids))
+    with fresh_store.pool.connection() as conn:
+        conn.execute("DELETE FROM shard_samples")
+        conn.execute("DELETE FROM shards")
+    monkeypatch.setattr(pack, "SIZES_PAGE", 1000)
+    assert pack_dataset(fresh_store, "shapes", [32], tmp_path / "packed", settings).num_samples == 30
+    assert packed_shards() == paged
+
+
 def test_a_target_added_while_a_batch_is_packing_is_packed_too(fresh_store, tmp_path):
     """The batch in flight read the targets before the new one: its completion is fenced out, and
     the job packs its images again, at the new target only."""

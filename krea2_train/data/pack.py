@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from psycopg.types.json import Jsonb
 
@@ -44,6 +45,7 @@ UNCAPTIONED_SQL = "coalesce(i.caption_long, '') = ''"
 PACKABLE_SQL = f"i.decode_ok AND i.duplicate_of IS NULL AND NOT {UNCAPTIONED_SQL}"
 # the shard_samples rows (alias s) of shards that were not quarantined
 LIVE_SHARD_SAMPLES_SQL = "shard_samples s JOIN shards h ON h.id = s.shard_id AND h.state <> 'quarantined'"
+SIZES_PAGE = 100_000  # images whose sizes pack_dataset reads at a time
 
 
 @dataclass(frozen=True)
@@ -164,40 +166,62 @@ def pack_dataset(
     report = PackReport()
     for resolution in resolutions:
         dataset_id = add_pack_target(store, dataset, resolution, out_dir, settings)
-        with store.pool.connection() as conn:
-            cursor = conn.execute(
-                f"SELECT {', '.join('i.' + c for c in IMAGE_COLUMNS)} FROM images i"
-                f" WHERE i.dataset_id = %s AND {PACKABLE_SQL}"
-                f" AND NOT EXISTS (SELECT 1 FROM {LIVE_SHARD_SAMPLES_SQL} WHERE s.image_id = i.id AND s.resolution = %s)"
-                " ORDER BY i.id",
-                (dataset_id, resolution),
-            )
-            rows = [dict(zip(IMAGE_COLUMNS, values)) for values in cursor.fetchall()]
-        pack_rows(store, dataset, dataset_id, rows, resolution, Path(out_dir), settings, report)
+        sizes = unpacked_image_sizes(store, dataset_id, resolution)
+        pack_rows(store, dataset, dataset_id, sizes, resolution, Path(out_dir), settings, report, lambda ids: load_image_rows(store, ids))
     return report
+
+
+def unpacked_image_sizes(store: Store, dataset_id: int, resolution: int) -> Iterator[tuple[int, int, int]]:
+    """(id, width, height) of the dataset's packable images not packed at ``resolution``, in id
+    order, read SIZES_PAGE rows at a time (a dataset's captions never sit in memory at once)."""
+    after = 0
+    while True:
+        with store.pool.connection() as conn:
+            page = conn.execute(
+                f"SELECT i.id, i.width, i.height FROM images i WHERE i.dataset_id = %s AND i.id > %s AND {PACKABLE_SQL}"
+                f" AND NOT EXISTS (SELECT 1 FROM {LIVE_SHARD_SAMPLES_SQL} WHERE s.image_id = i.id AND s.resolution = %s)"
+                " ORDER BY i.id LIMIT %s",
+                (dataset_id, after, resolution, SIZES_PAGE),
+            ).fetchall()
+        yield from page
+        if len(page) < SIZES_PAGE:
+            return
+        after = page[-1][0]
+
+
+def load_image_rows(store: Store, image_ids: Sequence[int]) -> list[dict]:
+    """Dicts of ``IMAGE_COLUMNS`` for ``image_ids``, in their order."""
+    with store.pool.connection() as conn:
+        rows = conn.execute(
+            f"SELECT {', '.join('i.' + c for c in IMAGE_COLUMNS)} FROM images i WHERE i.id = ANY(%s)", (list(image_ids),)
+        ).fetchall()
+    by_id = {values[0]: dict(zip(IMAGE_COLUMNS, values)) for values in rows}
+    return [by_id[image_id] for image_id in image_ids]
 
 
 def pack_rows(
     store: Store,
     dataset: str,
     dataset_id: int,
-    rows: list[dict],
+    sizes: Iterable[tuple[int, int, int]],
     resolution: int,
     out_dir: Path,
     settings: PackSettings,
     report: PackReport,
+    load: Callable[[list[int]], list[dict]],
 ) -> None:
-    """Pack ``rows`` (dicts of ``IMAGE_COLUMNS``, sorted by id) at ``resolution`` into ``report``."""
+    """Pack the images ``sizes`` lists (``(id, width, height)``, sorted by id) at ``resolution``
+    into ``report``. Only their ids are kept per bucket (8 bytes an image); ``load(ids)`` gives
+    the rows (dicts of ``IMAGE_COLUMNS``) of one shard when it is written."""
     buckets = make_buckets(resolution, settings.pixel_multiple, settings.aspect_ratios)
-    by_bucket: dict[str, list[dict]] = {}
-    for row in rows:
-        by_bucket.setdefault(assign_bucket(row["width"], row["height"], buckets).name, []).append(row)
+    by_bucket: dict[str, array] = {}
+    for image_id, width, height in sizes:
+        by_bucket.setdefault(assign_bucket(width, height, buckets).name, array("q")).append(image_id)
     for bucket in buckets:
-        members = by_bucket.get(bucket.name, [])
+        members = by_bucket.pop(bucket.name, array("q"))
         order = keyed_permutation(len(members), (settings.seed, resolution, bucket_key(bucket.name)))
-        shuffled = [members[i] for i in order]
-        for start in range(0, len(shuffled), settings.shard_size):
-            chunk = shuffled[start : start + settings.shard_size]
+        for start in range(0, len(members), settings.shard_size):
+            chunk = load([members[i] for i in order[start : start + settings.shard_size]])
             written = _write_shard(store, dataset, chunk, resolution, bucket, out_dir, settings, report)
             if written is not None and _register(store, dataset_id, resolution, written):
                 report.shards.append(written)
@@ -280,10 +304,15 @@ def pack_job_handler(rows: list[dict], ctx: JobContext) -> list[Outcome]:
         packed = set(conn.execute(
             f"SELECT s.resolution, s.image_id FROM {LIVE_SHARD_SAMPLES_SQL} WHERE s.image_id = ANY(%s)", (image_ids,)
         ).fetchall())
+    by_id = {row["id"]: row for row in rows}
     for dataset_id, dataset, resolution, out_dir, settings in targets:
-        todo = [r for r in sorted(rows, key=lambda r: r["id"]) if r["dataset_id"] == dataset_id and (resolution, r["id"]) not in packed]
+        todo = [(r["id"], r["width"], r["height"]) for r in sorted(rows, key=lambda r: r["id"])
+                if r["dataset_id"] == dataset_id and (resolution, r["id"]) not in packed]  # fmt: skip
         report = PackReport()
-        pack_rows(ctx.store, dataset, dataset_id, todo, resolution, Path(out_dir), PackSettings.from_json(settings), report)
+        pack_rows(
+            ctx.store, dataset, dataset_id, todo, resolution, Path(out_dir), PackSettings.from_json(settings), report,
+            lambda ids: [by_id[image_id] for image_id in ids],
+        )
         unreadable |= report.unreadable
     return [Failed(unreadable[row["id"]]) if row["id"] in unreadable else Done({}) for row in rows]
 
