@@ -115,6 +115,30 @@ def test_the_pixel_limit_is_the_documented_one():
         decode_bytes(png(23_200))  # 538 M: Pillow's bomb check, with our limit named
 
 
+def test_decode_turns_photos_upright_scales_16_bit_grey_and_puts_transparency_on_white():
+    from krea2_train.curate.images import decode_bytes
+
+    # a JPEG stored 200 wide x 100 high with EXIF orientation 6 (rotate 90 degrees to view): 100x200 upright
+    stored = Image.new("RGB", (200, 100), (200, 30, 30))
+    stored.paste((30, 30, 200), (0, 0, 20, 100))  # a blue band on the stored left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, "JPEG", exif=exif, quality=95)
+    upright = decode_bytes(buffer.getvalue())
+    assert upright.size == (100, 200)
+    assert np.asarray(upright)[5, 50, 2] > 150  # the stored left edge is now the top
+    # 16-bit grey at mid level: Pillow's own conversion makes it all white
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((16, 16), 32768, np.uint16)).save(buffer, "PNG")
+    grey = np.asarray(decode_bytes(buffer.getvalue()))
+    assert grey.shape == (16, 16, 3) and (np.abs(grey.astype(int) - 128) <= 1).all()
+    # transparent pixels: white, not black
+    buffer = io.BytesIO()
+    Image.new("RGBA", (16, 16), (0, 0, 0, 0)).save(buffer, "PNG")
+    assert (np.asarray(decode_bytes(buffer.getvalue())) == 255).all()
+
+
 def test_a_score_with_two_bad_ends_needs_an_order():
     from krea2_train.curate.balance import curate_dataset
     from krea2_train.store import StoreError

@@ -15,6 +15,8 @@ from typing import Sequence
 
 from PIL import Image, ImageOps
 
+from krea2_train.curate.images import to_rgb
+
 # The aspect ratios Krea's API accepts, landscape first, then their portrait inverses.
 DEFAULT_ASPECT_RATIOS: tuple[str, ...] = (
     "1:1", "4:3", "3:2", "16:9", "2.35:1",
@@ -102,17 +104,7 @@ def assign_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket:
     return min(buckets, key=lambda bucket: abs(math.log(bucket.aspect_ratio) - log_ratio))
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of ``image``; transparent pixels are composited onto white."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def resize_to_bucket(image: Image.Image, bucket: Bucket) -> Image.Image:
-    """Scale ``image`` to cover the bucket and crop the centre: an RGB image of the bucket's size."""
+    """Scale ``image`` to cover the bucket and crop the centre: an RGB image of the bucket's size
+    (:func:`~krea2_train.curate.images.to_rgb`: transparency onto white)."""
     return ImageOps.fit(to_rgb(image), (bucket.width, bucket.height), Image.Resampling.LANCZOS, centering=(0.5, 0.5))
