@@ -20,6 +20,7 @@ from krea2_train.curate.balance import (
     balance_dataset,
     curate_dataset,
     embed_images,
+    filter_dataset,
     load_embeddings,
     read_clusters,
     selectable_images,
@@ -61,6 +62,7 @@ def pool(fresh_store, tmp_path):
     ingest(fresh_store, "pool", folder=tmp_path / "pool")
     load_jobs()
     run_worker(fresh_store, get_job("decode"))
+    run_worker(fresh_store, get_job("dedup"))
     return fresh_store, colours
 
 
@@ -236,6 +238,9 @@ def test_data_balance_and_curate_commands(fresh_database_dsn, tmp_path, capsys):
     assert krea2(["data", "ingest", *store_args, "--dataset", "pool", "--folder", str(tmp_path / "pool")]) == 0
     assert krea2(["data", "work", *store_args, "--job", "decode"]) == 0
     assert krea2(["data", "work", *store_args, "--job", "filters"]) == 0
+    assert "have not been through dedup yet" in krea2_error(  # a selection now would keep duplicates
+        ["data", "curate", *store_args, "--dataset", "pool", "--top", "4", "--by", "rgb_entropy", "--name", "early"], capsys)
+    assert krea2(["data", "work", *store_args, "--job", "dedup"]) == 0
     assert krea2(["data", "balance", *store_args, "--dataset", "pool", "--target", "10", "--levels", "6", "3",
                   "--resample-steps", "2", "--points-per-cluster", "3", "--name", "mid"]) == 0
     out = capsys.readouterr().out
@@ -308,3 +313,60 @@ def test_merge_combines_sft_runs_by_name(tmp_path):
     for key, value in merged.items():
         expected = 0.5 * weights["sft_people"][key] + 0.25 * weights["sft_text"][key] + 0.25 * weights["sft_product"][key]
         torch.testing.assert_close(value, expected, atol=1e-6, rtol=0, msg=key)
+
+
+def test_a_selection_carries_its_job_results_and_refuses_nan_scores(pool, monkeypatch):
+    """Selected copies are recorded as decoded, deduplicated and scored (no job reads their files
+    again), but not as packed; a NaN score is refused like a missing one (it passes every bound)."""
+    from krea2_train.curate import balance
+
+    store, _ = pool
+    run_worker(store, get_job("filters"))
+    report = curate_dataset(store, "pool", "sft", top=5, by="rgb_entropy")
+    with store.pool.connection() as conn:
+        jobs = conn.execute(
+            "SELECT j.job, count(*) FROM job_runs j JOIN images i ON i.id = j.image_id WHERE i.dataset_id = %s"
+            " AND j.state = 'done' GROUP BY 1 ORDER BY 1", (report.dataset_id,),
+        ).fetchall()
+    assert jobs == [("decode", 5), ("dedup", 5), ("filters", 5)]
+    for job in ("decode", "dedup", "filters"):
+        assert run_worker(store, get_job(job)).claimed == 0
+    with store.pool.connection() as conn:
+        conn.execute("UPDATE images SET rgb_entropy = 'NaN' WHERE id = (SELECT min(id) FROM images WHERE dataset_id = 1)")
+    with pytest.raises(StoreError, match="1 images of 'pool' have no rgb_entropy or a NaN one"):
+        curate_dataset(store, "pool", "sft_nan", top=5, by="rgb_entropy")
+    with pytest.raises(StoreError, match="lack a score of \\['rgb_entropy'\\] or have a NaN one"):
+        filter_dataset(store, "pool", "clean_nan", {"rgb_entropy": 0.1}, {})
+
+    # a second process derived the same selection between this one's check and its insert
+    settings = {"top": 1}
+    with store.pool.connection() as conn:
+        image_id = conn.execute("SELECT max(id) FROM images WHERE dataset_id = 1").fetchone()[0]
+    other = balance.materialise_selection(store, "pool", "raced", [image_id], "curate", settings)
+    real_check, checks = balance.existing_selection, []
+
+    def check_before_the_other_commit(*args):
+        checks.append(args)
+        return None if len(checks) == 1 else real_check(*args)
+
+    monkeypatch.setattr(balance, "existing_selection", check_before_the_other_commit)
+    again = balance.materialise_selection(store, "pool", "raced", [image_id], "curate", settings)
+    assert (again.dataset_id, again.created, other.created) == (other.dataset_id, False, True)
+
+
+def test_an_embedder_that_gives_nan_stores_nothing_and_names_the_image(pool, monkeypatch):
+    store, _ = pool
+    _, image_ids, uris = selectable_images(store, "pool")
+    embedder = build_embedder("small")
+    real_embed = embedder.embed
+
+    def embed_with_a_nan(images):
+        vectors = real_embed(images)
+        vectors[1, 0] = float("nan")
+        return vectors
+
+    monkeypatch.setattr(embedder, "embed", embed_with_a_nan)
+    with pytest.raises(StoreError, match=f"non-finite values for 1 image\\(s\\), not stored: {uris[1]}"):
+        embed_images(store, image_ids[:4], uris[:4], embedder)
+    with store.pool.connection() as conn:
+        assert conn.execute("SELECT count(*) FROM image_embeddings").fetchone()[0] == 0

@@ -30,7 +30,7 @@ from psycopg.types.json import Jsonb
 from krea2_train.curate.embeddings import Embedder, build_embedder
 from krea2_train.curate.images import open_rgb
 from krea2_train.curate.kmeans import Hierarchy, KMeansSettings, balanced_sample, hierarchical_kmeans
-from krea2_train.data.pack import PACKABLE_SQL
+from krea2_train.data.pack import PACK_JOB_NAME, PACKABLE_SQL
 from krea2_train.errors import UsageError
 from krea2_train.store import Store, StoreError
 from krea2_train.store.db import find_dataset_id
@@ -56,13 +56,29 @@ class SelectionReport:
     created: bool  # False: the selection existed with the same settings
 
 
+# dedup has judged the image: before, duplicate_of IS NULL means "not computed yet", not "unique"
+DEDUP_DONE_SQL = "EXISTS (SELECT 1 FROM job_runs d WHERE d.job = 'dedup' AND d.image_id = i.id AND d.state = 'done')"
+
+
 def selectable_images(store: Store, dataset: str) -> tuple[int, list[int], list[str]]:
-    """(dataset id, image ids, URIs) of the images pack would pack, by id."""
+    """(dataset id, image ids, URIs) of the images pack would pack and dedup has judged, by id.
+
+    Raises:
+        StoreError: some packable image has not been through dedup yet (a selection made then
+            would keep duplicates), or none is selectable.
+    """
     with store.pool.connection() as conn:
         source_id = find_dataset_id(conn, dataset)
         rows = conn.execute(
-            f"SELECT i.id, i.uri FROM images i WHERE i.dataset_id = %s AND {PACKABLE_SQL} ORDER BY i.id", (source_id,)
+            f"SELECT i.id, i.uri, {DEDUP_DONE_SQL} FROM images i WHERE i.dataset_id = %s AND {PACKABLE_SQL} ORDER BY i.id",
+            (source_id,),
         ).fetchall()
+    undeduplicated = sum(1 for _, _, judged in rows if not judged)
+    if undeduplicated:
+        raise StoreError(
+            f"{undeduplicated} decoded images of {dataset!r} have not been through dedup yet, so duplicates cannot be"
+            " told apart: run krea2 data work --job dedup first"
+        )
     if not rows:
         raise StoreError(f"dataset {dataset!r} has no selectable images (decoded, not duplicates, captioned): run the decode job")
     return source_id, [row[0] for row in rows], [row[1] for row in rows]
@@ -85,6 +101,12 @@ def embed_images(store: Store, image_ids: list[int], uris: list[str], embedder: 
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         vectors = embedder.embed([_open_decoded(uri) for _, uri in batch])
+        broken = [uri for (_, uri), vector in zip(batch, vectors) if not np.isfinite(vector).all()]
+        if broken:  # stored, it would fail every clustering of the dataset
+            raise StoreError(
+                f"embedder {embedder.name!r} gave non-finite values for {len(broken)} image(s), not stored: "
+                + ", ".join(broken[:5])
+            )
         with store.pool.connection() as conn:
             conn.execute(
                 "INSERT INTO image_embeddings (image_id, embedder, dim, embedding)"
@@ -215,7 +237,13 @@ def materialise_selection(
     store: Store, source: str, name: str, image_ids: list[int], method: str, settings: dict, clustering_id: int | None = None
 ) -> SelectionReport:
     """Create dataset ``name`` holding copies of the source rows ``image_ids`` (same URIs,
-    captions, decode and filter results; no dedup links), in one transaction."""
+    captions, decode and filter results; no dedup links), in one transaction.
+
+    The copies carry the source's results, so the jobs that made them (every finished job but
+    ``pack``: a selection has shards of its own) are recorded as done for them too; otherwise
+    every later run of decode, dedup and filters would read each selected file again. Two
+    processes deriving the same selection at once get the same one.
+    """
     if not name or not name.strip():
         raise StoreError("selection name must not be empty")
     found = existing_selection(store, name, source, method, settings)
@@ -223,22 +251,35 @@ def materialise_selection(
         return found
     with store.pool.connection() as conn, conn.transaction():
         source_id = find_dataset_id(conn, source)
-        dataset_id = conn.execute(
-            "INSERT INTO datasets (name, source) VALUES (%s, %s) RETURNING id", (name, f"selection:{method}:{source}")
-        ).fetchone()[0]
-        columns = ", ".join(_copied_columns(conn))
-        inserted = conn.execute(
-            f"INSERT INTO images (dataset_id, {columns}) SELECT %s, {columns} FROM images"
-            " WHERE dataset_id = %s AND id = ANY(%s) ORDER BY id",
-            (dataset_id, source_id, sorted(image_ids)),
-        ).rowcount
-        if inserted != len(set(image_ids)):
-            raise StoreError(f"{len(set(image_ids)) - inserted} selected image ids are not in dataset {source!r}")
-        conn.execute(
-            "INSERT INTO selections (dataset_id, source_dataset_id, method, settings, clustering_id, num_images)"
-            " VALUES (%s, %s, %s, %s, %s, %s)",
-            (dataset_id, source_id, method, Jsonb(settings), clustering_id, inserted),
-        )
+        row = conn.execute(
+            "INSERT INTO datasets (name, source) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING RETURNING id",
+            (name, f"selection:{method}:{source}"),
+        ).fetchone()
+        if row is not None:
+            dataset_id = row[0]
+            columns = ", ".join(_copied_columns(conn))
+            inserted = conn.execute(
+                f"INSERT INTO images (dataset_id, {columns}) SELECT %s, {columns} FROM images"
+                " WHERE dataset_id = %s AND id = ANY(%s) ORDER BY id",
+                (dataset_id, source_id, sorted(image_ids)),
+            ).rowcount
+            if inserted != len(set(image_ids)):
+                raise StoreError(f"{len(set(image_ids)) - inserted} selected image ids are not in dataset {source!r}")
+            conn.execute(
+                "INSERT INTO job_runs (job, image_id, state, attempt, result)"
+                " SELECT j.job, copy.id, 'done', j.attempt, j.result FROM images copy"
+                " JOIN images original ON original.dataset_id = %s AND original.uri = copy.uri"
+                " JOIN job_runs j ON j.image_id = original.id AND j.state = 'done' AND j.job <> %s"
+                " WHERE copy.dataset_id = %s",
+                (source_id, PACK_JOB_NAME, dataset_id),
+            )
+            conn.execute(
+                "INSERT INTO selections (dataset_id, source_dataset_id, method, settings, clustering_id, num_images)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                (dataset_id, source_id, method, Jsonb(settings), clustering_id, inserted),
+            )
+    if row is None:  # another process made it meanwhile (the insert waited for its commit)
+        return existing_selection(store, name, source, method, settings)
     return SelectionReport(name, dataset_id, source, method, inserted, created=True)
 
 
@@ -273,6 +314,11 @@ def balance_dataset(
     )
 
 
+def _is_score(value) -> bool:
+    """A score to rank or bound by: not missing, not NaN (NaN would pass every bound and break the sort)."""
+    return value is not None and not math.isnan(value)
+
+
 def _check_score_column(conn, by: str, option: str = "--by") -> None:
     row = conn.execute(
         "SELECT data_type FROM information_schema.columns WHERE table_schema = current_schema()"
@@ -299,10 +345,11 @@ def curate_dataset(store: Store, dataset: str, name: str, top: int, by: str, ord
         _check_score_column(conn, by)
         query = sql.SQL("SELECT id, {} FROM images WHERE id = ANY(%s)").format(sql.Identifier(by))
         scores = dict(conn.execute(query, (image_ids,)).fetchall())
-    unscored = [i for i in image_ids if scores[i] is None]
+    unscored = [i for i in image_ids if not _is_score(scores[i])]
     if unscored:
         raise StoreError(
-            f"{len(unscored)} images of {dataset!r} have no {by}: run its job first (krea2 data work --job filters)"
+            f"{len(unscored)} images of {dataset!r} have no {by} or a NaN one (first: image id {unscored[0]}):"
+            " run its job first (krea2 data work --job filters), or fix the job that gave NaN"
         )
     sign = -1.0 if order == "desc" else 1.0
     chosen = sorted(image_ids, key=lambda i: (sign * scores[i], i))[:top]
@@ -328,10 +375,11 @@ def filter_dataset(
             _check_score_column(conn, column, "--min/--max")
         query = sql.SQL("SELECT id, {} FROM images WHERE id = ANY(%s)").format(sql.SQL(", ").join(map(sql.Identifier, columns)))
         scores = {row[0]: dict(zip(columns, row[1:])) for row in conn.execute(query, (image_ids,))}
-    unscored = [i for i in image_ids if any(value is None for value in scores[i].values())]
+    unscored = [i for i in image_ids if not all(map(_is_score, scores[i].values()))]
     if unscored:
         raise StoreError(
-            f"{len(unscored)} images of {dataset!r} lack a score of {columns}: run its job first (krea2 data work --job filters)"
+            f"{len(unscored)} images of {dataset!r} lack a score of {columns} or have a NaN one (first: image id"
+            f" {unscored[0]}): run its job first (krea2 data work --job filters), or fix the job that gave NaN"
         )
     dropped = {column: 0 for column in columns}
     chosen = []

@@ -17,6 +17,7 @@ import importlib
 from collections.abc import Callable
 
 from PIL import UnidentifiedImageError
+from psycopg.types.json import Jsonb
 
 from krea2_train.curate.filters import quality_scores
 from krea2_train.curate.hashing import color_hash, md5_hex, perceptual_hash, phash_bands
@@ -130,6 +131,21 @@ DEDUP = register_job(
         result_columns={"duplicate_of": "bigint"},
     )
 )
+
+
+def skip_dedup(store, dataset: str) -> int:
+    """Record ``dedup`` as done, no duplicate found, for the decoded images of ``dataset`` it has
+    not judged: for a source known to hold no duplicates whose plain images the perceptual hash
+    would merge (the shapes world). Selections need every image judged. Returns the rows added."""
+    from krea2_train.store.db import find_dataset_id
+
+    with store.pool.connection() as conn:
+        dataset_id = find_dataset_id(conn, dataset)
+        return conn.execute(
+            "INSERT INTO job_runs (job, image_id, state, result) SELECT %s, i.id, 'done', %s FROM images i"
+            " WHERE i.dataset_id = %s AND i.decode_ok ON CONFLICT DO NOTHING",
+            (DEDUP.name, Jsonb({"skipped": "no duplicates in this source"}), dataset_id),
+        ).rowcount
 
 
 def load_jobs() -> list[str]:

@@ -69,13 +69,15 @@ def process_select_pack(
     """Run the processing ``jobs`` (plus ``filters`` when the stage curates or filters), derive the stage's
     selection of ``source`` and pack it at ``image_side`` (and ``source`` too, with
     ``pack_source``); every part is idempotent. Returns the dataset the stage trains on."""
-    from krea2_train.curate.jobs import load_jobs
+    from krea2_train.curate.jobs import load_jobs, skip_dedup
     from krea2_train.data.pack import dataset_counts, pack_dataset
     from krea2_train.store.queue import get_job, run_worker
 
     load_jobs()
     for job in jobs + (("filters",) if config.data.curate.enabled or config.data.quality.enabled else ()):
         run_worker(store, get_job(job))
+    if "dedup" not in jobs:  # a source without duplicates (the shapes world): recorded, so selections may use it
+        skip_dedup(store, source)
     for counts in dataset_counts(store, source):
         logger.info("dataset %s: %d images, %d packable; left out: %s", source, counts.images, counts.packable, counts.left_out())
     dataset = training_selection(store, config, source)
