@@ -315,11 +315,12 @@ def build_ours(settings: BenchSettings) -> Trainee:
     def forward(inputs: StepInputs) -> torch.Tensor:
         return model(inputs.latents, inputs.text_states, inputs.timestep, inputs.position_ids, inputs.text_mask)
 
+    optimizer = build_optimizer_for(model, settings.device)
+
     def clip(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
         return clip_networks([parameters], max_norm, optimizer)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer_for(model, settings.device)
     return Trainee("ours", model, forward, optimizer, params, clip)
 
 

@@ -30,7 +30,7 @@ from psycopg.types.json import Jsonb
 from krea2_train.curate.embeddings import Embedder, build_embedder
 from krea2_train.curate.images import open_rgb
 from krea2_train.curate.kmeans import Hierarchy, KMeansSettings, balanced_sample, hierarchical_kmeans
-from krea2_train.data.pack import PACK_JOB_NAME, PACKABLE_SQL
+from krea2_train.data.pack import DEDUP_DONE_SQL, PACK_JOB_NAME, PACKABLE_SQL
 from krea2_train.errors import UsageError
 from krea2_train.store import Store, StoreError
 from krea2_train.store.db import find_dataset_id
@@ -54,10 +54,6 @@ class SelectionReport:
     method: str
     num_images: int
     created: bool  # False: the selection existed with the same settings
-
-
-# dedup has judged the image: before, duplicate_of IS NULL means "not computed yet", not "unique"
-DEDUP_DONE_SQL = "EXISTS (SELECT 1 FROM job_runs d WHERE d.job = 'dedup' AND d.image_id = i.id AND d.state = 'done')"
 
 
 def selectable_images(store: Store, dataset: str) -> tuple[int, list[int], list[str]]:
@@ -256,31 +252,37 @@ def materialise_selection(
             (name, f"selection:{method}:{source}"),
         ).fetchone()
         if row is not None:
-            dataset_id = row[0]
-            columns = ", ".join(_copied_columns(conn))
-            inserted = conn.execute(
-                f"INSERT INTO images (dataset_id, {columns}) SELECT %s, {columns} FROM images"
-                " WHERE dataset_id = %s AND id = ANY(%s) ORDER BY id",
-                (dataset_id, source_id, sorted(image_ids)),
-            ).rowcount
-            if inserted != len(set(image_ids)):
-                raise StoreError(f"{len(set(image_ids)) - inserted} selected image ids are not in dataset {source!r}")
-            conn.execute(
-                "INSERT INTO job_runs (job, image_id, state, attempt, result)"
-                " SELECT j.job, copy.id, 'done', j.attempt, j.result FROM images copy"
-                " JOIN images original ON original.dataset_id = %s AND original.uri = copy.uri"
-                " JOIN job_runs j ON j.image_id = original.id AND j.state = 'done' AND j.job <> %s"
-                " WHERE copy.dataset_id = %s",
-                (source_id, PACK_JOB_NAME, dataset_id),
-            )
+            inserted = _copy_into_selection(conn, source, source_id, row[0], image_ids)
             conn.execute(
                 "INSERT INTO selections (dataset_id, source_dataset_id, method, settings, clustering_id, num_images)"
                 " VALUES (%s, %s, %s, %s, %s, %s)",
-                (dataset_id, source_id, method, Jsonb(settings), clustering_id, inserted),
+                (row[0], source_id, method, Jsonb(settings), clustering_id, inserted),
             )
     if row is None:  # another process made it meanwhile (the insert waited for its commit)
         return existing_selection(store, name, source, method, settings)
-    return SelectionReport(name, dataset_id, source, method, inserted, created=True)
+    return SelectionReport(name, row[0], source, method, inserted, created=True)
+
+
+def _copy_into_selection(conn, source: str, source_id: int, dataset_id: int, image_ids: list[int]) -> int:
+    """Copy the source rows ``image_ids`` into dataset ``dataset_id``, with their finished job rows
+    (``pack``'s excepted); returns the images copied."""
+    columns = ", ".join(_copied_columns(conn))
+    inserted = conn.execute(
+        f"INSERT INTO images (dataset_id, {columns}) SELECT %s, {columns} FROM images"
+        " WHERE dataset_id = %s AND id = ANY(%s) ORDER BY id",
+        (dataset_id, source_id, sorted(image_ids)),
+    ).rowcount
+    if inserted != len(set(image_ids)):
+        raise StoreError(f"{len(set(image_ids)) - inserted} selected image ids are not in dataset {source!r}")
+    conn.execute(
+        "INSERT INTO job_runs (job, image_id, state, attempt, result)"
+        " SELECT j.job, copy.id, 'done', j.attempt, j.result FROM images copy"
+        " JOIN images original ON original.dataset_id = %s AND original.uri = copy.uri"
+        " JOIN job_runs j ON j.image_id = original.id AND j.state = 'done' AND j.job <> %s"
+        " WHERE copy.dataset_id = %s",
+        (source_id, PACK_JOB_NAME, dataset_id),
+    )
+    return inserted
 
 
 def balance_dataset(

@@ -45,10 +45,10 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow opens 16-
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of ``image``: transparent pixels composited onto white, 16-bit grey scaled to 8
-    bits (Pillow's own conversion clips every value above 255 to white)."""
+    """``image`` in RGB (itself when it is already): transparent pixels composited onto white,
+    16-bit grey scaled to 8 bits (Pillow's own conversion clips every value above 255 to white)."""
     if image.mode == "RGB":
-        return image.copy()
+        return image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

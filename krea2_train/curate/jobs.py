@@ -22,6 +22,7 @@ from psycopg.types.json import Jsonb
 from krea2_train.curate.filters import quality_scores
 from krea2_train.curate.hashing import color_hash, md5_hex, perceptual_hash, phash_bands
 from krea2_train.curate.images import decode_bytes, open_rgb, read_uri
+from krea2_train.store.db import find_dataset_id
 from krea2_train.store.queue import Done, Failed, Job, JobContext, Outcome, register_job, registered_jobs
 
 MIN_SIDE = 16            # images with a shorter side are refused by the decode job
@@ -137,8 +138,6 @@ def skip_dedup(store, dataset: str) -> int:
     """Record ``dedup`` as done, no duplicate found, for the decoded images of ``dataset`` it has
     not judged: for a source known to hold no duplicates whose plain images the perceptual hash
     would merge (the shapes world). Selections need every image judged. Returns the rows added."""
-    from krea2_train.store.db import find_dataset_id
-
     with store.pool.connection() as conn:
         dataset_id = find_dataset_id(conn, dataset)
         return conn.execute(

@@ -43,6 +43,8 @@ IMAGE_COLUMNS = ("id", "dataset_id", "uri", "width", "height", "caption_long", "
 PACK_JOB_NAME = "pack"
 UNCAPTIONED_SQL = "coalesce(i.caption_long, '') = ''"
 PACKABLE_SQL = f"i.decode_ok AND i.duplicate_of IS NULL AND NOT {UNCAPTIONED_SQL}"
+# dedup has judged the image: before, duplicate_of IS NULL means "not computed yet", not "unique"
+DEDUP_DONE_SQL = "EXISTS (SELECT 1 FROM job_runs d WHERE d.job = 'dedup' AND d.image_id = i.id AND d.state = 'done')"
 # the shard_samples rows (alias s) of shards that were not quarantined
 LIVE_SHARD_SAMPLES_SQL = "shard_samples s JOIN shards h ON h.id = s.shard_id AND h.state <> 'quarantined'"
 SIZES_PAGE = 100_000  # images whose sizes pack_dataset reads at a time
@@ -321,7 +323,7 @@ PACK_JOB = register_job(
     Job(
         PACK_JOB_NAME,
         f"{PACKABLE_SQL} AND EXISTS (SELECT 1 FROM pack_targets t WHERE t.dataset_id = i.dataset_id)"
-        " AND EXISTS (SELECT 1 FROM job_runs d WHERE d.job = 'dedup' AND d.image_id = i.id AND d.state = 'done')",
+        f" AND {DEDUP_DONE_SQL}",
         pack_job_handler,
         batch_size=1024,
         image_columns=IMAGE_COLUMNS,

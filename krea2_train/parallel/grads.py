@@ -45,9 +45,13 @@ def _group_norm(params: list[torch.Tensor], norm_type: float) -> torch.Tensor:
 def total_grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
     """The ``norm_type``-norm of all gradients as one vector: a plain 0-d fp32 tensor, equal on every rank."""
     parameters = list(parameters)
-    norms = [_group_norm(group, norm_type) for group in _params_by_mesh(parameters)]
+    return _norm_of_groups(_params_by_mesh(parameters), norm_type, parameters[0].device if parameters else None)
+
+
+def _norm_of_groups(groups: list[list[torch.Tensor]], norm_type: float, device) -> torch.Tensor:
+    norms = [_group_norm(group, norm_type) for group in groups]
     if not norms:  # no gradient this step: a zero on the parameters' device (callers stack norms)
-        return torch.zeros((), device=parameters[0].device if parameters else None)
+        return torch.zeros((), device=device)
     stacked = torch.stack([n.to(norms[0].device) for n in norms])
     if math.isinf(norm_type):
         return stacked.max()
@@ -84,7 +88,7 @@ def clip_grad_norm_(
         raise ValueError(f"max_norm must be positive, got {max_norm}")
     parameters = list(parameters)
     groups = _params_by_mesh(parameters)
-    total_norm = total_grad_norm(parameters, norm_type)
+    total_norm = _norm_of_groups(groups, norm_type, parameters[0].device if parameters else None)
     if into is None:
         for group in groups:
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total_norm)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Collection
 from importlib import resources
 
 import psycopg
@@ -47,7 +48,7 @@ def migration_files() -> list[tuple[str, str, str]]:
     return found
 
 
-def check_versions(applied: dict[str, str] | list[str], known: list[str]) -> None:
+def check_versions(applied: Collection[str], known: list[str]) -> None:
     """Refuse a database this code cannot serve: one migrated by a newer krea2 (a version this
     code has no file for), or one where a pending file sorts before an applied one (it was added
     out of order, so this database and a fresh one would get different schemas)."""

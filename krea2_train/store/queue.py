@@ -419,12 +419,11 @@ def requeue(conn: psycopg.Connection, job: str, image_ids_sql: str, params: Sequ
     out (the row has no owner), so work begun before whatever made the rows stale (a new pack
     target) is done again instead of being recorded as done.
     """
-    states = "('done', 'running')" if running else "('done')"
     conn.execute(
         "UPDATE job_runs SET state = 'pending', attempt = 0, owner = NULL, lease_expires_at = NULL,"
         " batch_limit = NULL, not_before = NULL, updated_at = now()"
-        f" WHERE job = %s AND state IN {states} AND image_id IN ({image_ids_sql})",
-        (job, *params),
+        f" WHERE job = %s AND state = ANY(%s) AND image_id IN ({image_ids_sql})",
+        (job, ["done", "running"] if running else ["done"], *params),
     )
 
 
