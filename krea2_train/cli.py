@@ -49,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from krea2_train.errors import report_user_errors
+    from krea2_train.logs import setup_logging
 
+    # progress of long commands on stderr, so what a command prints stays its result (a training
+    # run sets up its own logging)
+    setup_logging(stream=sys.stderr, force=False)
     return report_user_errors("krea2", lambda: int(args.func(args) or 0))
 
 

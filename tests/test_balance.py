@@ -370,3 +370,88 @@ def test_an_embedder_that_gives_nan_stores_nothing_and_names_the_image(pool, mon
         embed_images(store, image_ids[:4], uris[:4], embedder)
     with store.pool.connection() as conn:
         assert conn.execute("SELECT count(*) FROM image_embeddings").fetchone()[0] == 0
+
+
+def stored_embedding_count(store) -> int:
+    with store.pool.connection() as conn:
+        return conn.execute("SELECT count(*) FROM image_embeddings").fetchone()[0]
+
+
+def test_the_embed_job_embeds_each_selectable_image_once_for_every_target(pool, tmp_path, caplog):
+    """`krea2 data work --job embed` embeds what balance would; balance then computes nothing; a
+    new target sends the finished rows back, and a model directory a worker cannot load fails
+    rows naming it."""
+    import dataclasses
+
+    from krea2_train.curate import balance
+
+    store, _ = pool
+    assert run_worker(store, get_job("embed")).claimed == 0  # no target: nothing to embed
+    balance.add_embed_target(store, "pool", "small")
+    with caplog.at_level("INFO"):
+        stats = run_worker(store, get_job("embed"), batch_size=16, progress_every_s=0)
+    assert (stats.completed, stats.failed) == (38, 0) and stored_embedding_count(store) == 38
+    assert "job embed: 16 rows done, 0 failed, 0 lost by this worker" in caplog.text
+    _, image_ids, uris = selectable_images(store, "pool")
+    assert embed_images(store, image_ids, uris, SmallEmbedder()) == 0
+    np.testing.assert_array_equal(load_embeddings(store, image_ids, SmallEmbedder().name), SmallEmbedder().embed(
+        [Image.open(uri) for uri in uris]))
+
+    balance.add_embed_target(store, "pool", "small")  # the same target again: nothing to redo
+    assert run_worker(store, get_job("embed")).claimed == 0
+    model_dir = tmp_path / "not_a_model"
+    model_dir.mkdir()
+    balance.add_embed_target(store, "pool", str(model_dir))
+    one_attempt = dataclasses.replace(get_job("embed"), max_attempts=1)
+    stats = run_worker(store, one_attempt, batch_size=38)
+    assert (stats.claimed, stats.dead) == (38, 0) and stats.failed == 38
+    with store.pool.connection() as conn:
+        errors = conn.execute("SELECT DISTINCT error FROM job_runs WHERE job = 'embed' AND state = 'dead'").fetchall()
+    assert len(errors) == 1 and f"{model_dir.resolve()} has no config.json" in errors[0][0]
+
+
+def test_selections_take_their_source_images_embeddings(pool, monkeypatch):
+    """An embedding belongs to a file: a selection of a selection is balanced without embedding
+    any image again, and reads the same vectors as its source."""
+    from krea2_train.curate import balance
+
+    store, _ = pool
+    balance_dataset(store, "pool", "mid", 20, SETTINGS)
+    assert stored_embedding_count(store) == 38
+    report = balance_dataset(store, "mid", "mid_of_mid", 10, SETTINGS)
+    assert report.num_images == 10 and stored_embedding_count(store) == 38
+    _, source_ids, source_uris = selectable_images(store, "pool")
+    _, copy_ids, copy_uris = selectable_images(store, "mid")
+    by_uri = dict(zip(source_uris, load_embeddings(store, source_ids, SmallEmbedder().name)))
+    monkeypatch.setattr(balance, "EMBEDDING_PAGE", 3)  # read in pages: the same rows, in order
+    copies = load_embeddings(store, copy_ids, SmallEmbedder().name)
+    np.testing.assert_array_equal(copies, np.stack([by_uri[uri] for uri in copy_uris]))
+    with pytest.raises(StoreError, match=r"1 images have no 'other' embedding \(first: image id"):
+        load_embeddings(store, copy_ids[:1], "other")
+
+
+def test_embedding_logs_its_progress(pool, monkeypatch, caplog):
+    from krea2_train.curate import balance
+
+    store, _ = pool
+    _, image_ids, uris = selectable_images(store, "pool")
+    monkeypatch.setattr(balance, "PROGRESS_EVERY_S", 0.0)
+    with caplog.at_level("INFO"):
+        assert embed_images(store, image_ids, uris, SmallEmbedder(), batch_size=16) == 38
+    lines = [line for line in caplog.text.splitlines() if "embedded " in line]
+    assert len(lines) == 2 and "embedded 16/38 images with small-b4-g4" in lines[0] and "eta " in lines[0]
+    assert "embedded 32/38" in lines[1]
+
+
+def test_embed_workers_spread_over_the_nodes_gpus(fresh_database_dsn, capsys, monkeypatch):
+    from krea2_train.data.commands import visible_gpus, worker_gpus
+
+    assert worker_gpus(5, ["0", "1"]) == ["0", "1", "0", "1", "0"]
+    assert worker_gpus(2, []) == [None, None]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert visible_gpus() == ["2", "5"]
+    store_args = ["--dsn", fresh_database_dsn]
+    assert "--embedder: embedder must be 'small' or a local model directory; '/no/model' is neither" in krea2_error(
+        ["data", "embed-target", *store_args, "--dataset", "pool", "--embedder", "/no/model"], capsys)
+    assert krea2(["data", "work", *store_args, "--job", "embed"]) == 0
+    assert "no embed target yet: `krea2 data embed-target" in capsys.readouterr().err

@@ -3,7 +3,7 @@
 ``build_embedder(spec)``:
     "small"      ``SmallEmbedder``: colour histogram + downsampled pixels, no weights (tests, CPU)
     a directory  ``TransformersEmbedder``: a local SigLIP, SigLIP 2, DINOv2 or DINOv3 checkpoint
-                 (transformers layout), its pooled image embedding
+                 (transformers layout), its pooled image embedding, on the GPU when there is one
 
 Every embedder maps a list of PIL images to float32 [n, dim] rows of unit L2 norm, and has a
 ``name`` that keys its embeddings in the store (a different model is a different name).
@@ -111,10 +111,27 @@ class TransformersEmbedder:
         return l2_normalise(pooled.float().cpu().numpy())
 
 
-def build_embedder(spec: str, device: str = "cpu") -> Embedder:
-    """``"small"`` or the path of a local transformers checkpoint (see the module docstring)."""
+def embedder_spec(spec: str) -> str:
+    """``spec`` as stored in embed targets: ``"small"``, or the model directory's absolute path."""
     if spec == SMALL:
-        return SmallEmbedder()
+        return SMALL
     if not Path(spec).is_dir():
         raise ValueError(f"embedder must be {SMALL!r} or a local model directory; {spec!r} is neither")
-    return TransformersEmbedder(spec, device=device)
+    return str(Path(spec).resolve())
+
+
+def default_device() -> str:
+    """Where a model embedder runs: the current CUDA device when there is one (one worker per GPU:
+    ``CUDA_VISIBLE_DEVICES`` picks it), else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_embedder(spec: str, device: str | None = None) -> Embedder:
+    """``"small"`` or the path of a local transformers checkpoint (see the module docstring);
+    a model runs on ``device`` (default: :func:`default_device`)."""
+    spec = embedder_spec(spec)
+    if spec == SMALL:
+        return SmallEmbedder()
+    return TransformersEmbedder(spec, device=device or default_device())

@@ -6,9 +6,11 @@
              died excepted):
              duplicate_of = the oldest earlier image with the same md5, or with a perceptual
              hash within PHASH_MAX_DISTANCE bits and a colour hash within COLOR_MAX_DISTANCE
+    embed    (krea2_train.curate.balance) selectable images of datasets with an embed target:
+             their image embeddings, for balanced selections (on a GPU when the worker has one)
     pack     (krea2_train.data.pack) resize and pack into shards
 
-Importing this module registers them; ``load_jobs()`` also imports the pack job when present.
+Importing this module registers them; ``load_jobs()`` also imports the embed and pack jobs.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from krea2_train.store.queue import Done, Failed, Job, JobContext, Outcome, regi
 MIN_SIDE = 16            # images with a shorter side are refused by the decode job
 PHASH_MAX_DISTANCE = 11  # of 144 bits; the 12 phash bands find every pair this close
 COLOR_MAX_DISTANCE = 6   # summed colour-level differences (of 12 x 7)
-PLUGIN_MODULES = ("krea2_train.data.pack",)
+PLUGIN_MODULES = ("krea2_train.data.pack", "krea2_train.curate.balance")
 
 
 def per_row(function: Callable[[dict], dict]) -> Callable[[list[dict], JobContext], list[Outcome]]:

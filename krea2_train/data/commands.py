@@ -55,6 +55,13 @@ def register(subparsers) -> None:
     target.add_argument("--seed", type=int, default=0, help="the runs' seed (shuffles within a packed batch)")
     target.set_defaults(func=cmd_pack_target)
 
+    embed = commands.add_parser("embed-target", help="have `work --job embed` embed a dataset's images (for balance), on GPUs")
+    _store_arguments(embed)
+    embed.add_argument("--dataset", required=True)
+    embed.add_argument("--embedder", required=True,
+                       help="'small', or a local SigLIP/DINO transformers directory that every worker node reads at the same path")
+    embed.set_defaults(func=cmd_embed_target)
+
     status = commands.add_parser("status", help="row counts per dataset and per job and state")
     _store_arguments(status)
     status.add_argument("--errors", type=int, nargs="?", const=20, default=0, metavar="N",
@@ -127,9 +134,27 @@ def worker_main(dsn: str, job_name: str, batch: int | None, follow: bool) -> dic
     return asdict(stats)
 
 
-def _worker_process(dsn: str, job_name: str, batch: int | None, follow: bool) -> None:
+def _worker_process(dsn: str, job_name: str, batch: int | None, follow: bool, gpu: str | None = None) -> None:
+    if gpu is not None:  # before anything initialises CUDA in this (spawned) process
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     stats = worker_main(dsn, job_name, batch, follow)
     print(f"worker {os.getpid()}: {stats}", flush=True)
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` entries."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [entry for entry in visible.split(",") if entry.strip()]
+    import torch
+
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def worker_gpus(workers: int, gpus: list[str]) -> list[str | None]:
+    """The GPU of each of ``workers`` worker processes: round-robin over ``gpus``; None (leave
+    the environment as it is) when there are none."""
+    return [gpus[index % len(gpus)] if gpus else None for index in range(workers)]
 
 
 def cmd_work(args) -> int:
@@ -141,18 +166,24 @@ def cmd_work(args) -> int:
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
     with _open(args) as store:
-        if args.job == "pack":
+        hints = {
+            "pack": ("pack_targets", "`krea2 data pack-target --dataset NAME --resolution PX --out DIR` adds one "
+                                     "(a training run adds its own on first start)"),
+            "embed": ("embed_targets", "`krea2 data embed-target --dataset NAME --embedder MODEL_DIR` adds one"),
+        }
+        if args.job in hints:
+            table, hint = hints[args.job]
             with store.pool.connection() as conn:
-                if conn.execute("SELECT count(*) FROM pack_targets").fetchone()[0] == 0:
-                    print("no pack target yet: `krea2 data pack-target --dataset NAME --resolution PX --out DIR` adds one "
-                          "(a training run adds its own on first start)", file=sys.stderr)
+                if conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0:
+                    print(f"no {args.job} target yet: {hint}", file=sys.stderr)
         if args.workers == 1:
             _worker_process(store.dsn, args.job, args.batch, args.follow)
             return 0
         context = multiprocessing.get_context("spawn")
+        gpus = worker_gpus(args.workers, visible_gpus() if get_job(args.job).uses_gpu else [])
         processes = [
-            context.Process(target=_worker_process, args=(store.dsn, args.job, args.batch, args.follow))
-            for _ in range(args.workers)
+            context.Process(target=_worker_process, args=(store.dsn, args.job, args.batch, args.follow, gpu))
+            for gpu in gpus
         ]
         for process in processes:
             process.start()
@@ -179,6 +210,21 @@ def cmd_pack_target(args) -> int:
         add_pack_target(store, args.dataset, args.resolution, args.out, settings)
     print(f"pack target: {args.dataset} at {args.resolution} px into {args.out.resolve()} "
           f"(buckets {', '.join(settings.aspect_ratios)}); `krea2 data work --job pack` packs it once the decode and dedup jobs have run")
+    return 0
+
+
+def cmd_embed_target(args) -> int:
+    from krea2_train.curate.balance import add_embed_target
+    from krea2_train.curate.embeddings import embedder_spec
+
+    try:
+        embedder_spec(args.embedder)
+    except ValueError as error:  # not 'small' and not a directory
+        raise UsageError(f"--embedder: {error}") from None
+    with _open(args) as store:
+        add_embed_target(store, args.dataset, args.embedder)
+    print(f"embed target: {args.dataset} with {args.embedder}; `krea2 data work --job embed` embeds its selectable images "
+          "(one worker per GPU: CUDA_VISIBLE_DEVICES or srun --gpus-per-task=1), and `krea2 data balance` finds them done")
     return 0
 
 

@@ -112,6 +112,8 @@ class Job:
             a row is dead.
         lease_s: lease length; the worker heartbeats every lease_s / 3.
         retry_backoff_s: the wait before a row's first retry; it doubles with every attempt.
+        uses_gpu: the handler runs a model on the GPU: ``krea2 data work --workers N`` gives each
+            worker process one of the node's GPUs, round-robin.
     """
 
     name: str
@@ -124,6 +126,7 @@ class Job:
     max_attempts: int = 5
     lease_s: float = 60.0
     retry_backoff_s: float = 15.0
+    uses_gpu: bool = False
 
     def __post_init__(self):
         if not self.name or not self.name.replace("_", "").isalnum():
@@ -506,6 +509,7 @@ def run_worker(
     seed_every_s: float = 30.0,
     stop: threading.Event | None = None,
     outage_s: float = 300.0,
+    progress_every_s: float = 60.0,
 ) -> WorkerStats:
     """Claim, process and finish batches until no row of the job is pending or running and a
     fresh seed adds none.
@@ -514,7 +518,8 @@ def run_worker(
     at most every ``seed_every_s``; ``follow`` runs until ``stop`` is set. A database that goes
     away (a restart, a failover) is waited for with backoff for up to ``outage_s``, then
     ``StoreUnavailable`` is raised; a batch whose outcomes could not be written is claimed
-    again when its lease expires (handlers are idempotent).
+    again when its lease expires (handlers are idempotent). Every ``progress_every_s`` it logs
+    what it has done and its rate (``krea2 data status`` counts the whole job's rows).
     """
     stop = stop or threading.Event()
     stats = WorkerStats()
@@ -524,6 +529,7 @@ def run_worker(
     next_reap = next_seed = 0.0
     failing_since: float | None = None
     backoff_s = 0.1
+    began = next_progress = time.monotonic()
     try:
         while not stop.is_set():
             try:
@@ -550,6 +556,12 @@ def run_worker(
                 completed, failed = queue.finish(claims, outcomes)
                 stats.completed, stats.failed = stats.completed + completed, stats.failed + failed
                 stats.lost += len(claims) - completed - failed
+                if time.monotonic() >= next_progress + progress_every_s:
+                    next_progress = time.monotonic()
+                    logger.info(
+                        "job %s: %d rows done, %d failed, %d lost by this worker  %.1f rows/s", job.name,
+                        stats.completed, stats.failed, stats.lost, stats.completed / (next_progress - began),
+                    )
             except psycopg.OperationalError as error:  # the server or the connection went away
                 now = time.monotonic()
                 failing_since = failing_since or now

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from krea2_train.files import read_json_lines
+from krea2_train.logs import format_duration
 
 logger = logging.getLogger("krea2_train")
 
@@ -59,13 +60,6 @@ class HostSyncCounter:
         for other in (w for w in self._caught if self.SYNC_WARNING not in str(w.message)):
             warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
         self.count = len(syncs)
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 class MetricsLogger:

