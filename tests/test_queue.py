@@ -83,6 +83,27 @@ def test_seed_follows_predicate_and_is_idempotent(queue_pair):
     assert {row[1] for row in _runs(store)} == {"pending"}
 
 
+def test_following_workers_space_their_sweeps_by_the_last_ones_duration(queue_pair):
+    """A periodic seed skips while the job's last sweep, by any worker, is recent: at least
+    ``min_interval_s`` and three of its durations ago; a full seed (a worker about to stop) always
+    sweeps."""
+    store, first, second = queue_pair
+    _add_images(store, 3)
+    assert first.seed() == 3
+    with store.pool.connection() as conn:
+        conn.execute("INSERT INTO images (dataset_id, uri) SELECT id, 'late' FROM datasets")
+        (swept_for,) = conn.execute("SELECT sweep_s FROM job_sweeps WHERE job = 'probe'").fetchone()
+    assert 0 <= swept_for < 60
+    assert second.seed(min_interval_s=60) is None  # the other worker swept a moment ago
+    with store.pool.connection() as conn:  # a sweep of 100 s ended 200 s ago: 300 s must pass
+        conn.execute("UPDATE job_sweeps SET sweep_s = 100, swept_at = now() - interval '200 seconds'")
+    assert second.seed(min_interval_s=1) is None
+    with store.pool.connection() as conn:
+        conn.execute("UPDATE job_sweeps SET swept_at = now() - interval '301 seconds'")
+    assert second.seed(min_interval_s=1) == 1
+    assert first.seed(min_interval_s=60) is None and first.seed() == 0
+
+
 def test_concurrent_claims_are_disjoint_and_leased(queue_pair):
     store, first, second = queue_pair
     _add_images(store, 10)

@@ -56,6 +56,7 @@ STATES = ("pending", "running", "done", "dead")
 SEED_CHUNK = 5000
 REAP_LIMIT = 1000
 MAX_BACKOFF_S = 600.0
+SWEEP_SPACING = 3.0  # a followed job's sweeps start at least 3 durations of the last apart
 
 
 @dataclass(frozen=True)
@@ -232,12 +233,15 @@ class Queue:
     def _params(self, **extra) -> dict:
         return {"job": self.job.name, "owner": self.owner, **extra}
 
-    def seed(self) -> int | None:
+    def seed(self, min_interval_s: float = 0.0) -> int | None:
         """Create pending rows for images matching the predicate; returns how many were added,
-        or None when another worker is seeding this job (one seeder at a time, advisory lock).
+        or None when another worker is seeding this job (one seeder at a time, advisory lock)
+        or, with ``min_interval_s``, when the job's last sweep (by any worker) ended less than
+        max(min_interval_s, SWEEP_SPACING x its duration) ago.
 
         A sweep reads every image (in id order, SEED_CHUNK at a time): predicates may become
-        true for old rows when the jobs they depend on finish.
+        true for old rows when the jobs they depend on finish. Spacing sweeps by their duration
+        keeps workers that follow a job from sweeping a large table back to back.
         """
         added_total = 0
         with self.pool.connection() as conn:
@@ -245,6 +249,13 @@ class Queue:
             if not lock.fetchone()[0]:
                 return None
             try:
+                if min_interval_s > 0 and conn.execute(
+                    "SELECT 1 FROM job_sweeps WHERE job = %s"
+                    " AND now() - swept_at < greatest(%s, %s * sweep_s) * interval '1 second'",
+                    (self.job.name, min_interval_s, SWEEP_SPACING),
+                ).fetchone():
+                    return None
+                began = time.monotonic()
                 after = 0
                 while True:
                     last_id, added = conn.execute(
@@ -253,6 +264,11 @@ class Queue:
                     if last_id is None:
                         break
                     after, added_total = last_id, added_total + added
+                conn.execute(
+                    "INSERT INTO job_sweeps (job, swept_at, sweep_s) VALUES (%s, now(), %s)"
+                    " ON CONFLICT (job) DO UPDATE SET swept_at = excluded.swept_at, sweep_s = excluded.sweep_s",
+                    (self.job.name, time.monotonic() - began),
+                )
             finally:
                 conn.execute("SELECT pg_advisory_unlock(hashtext('krea2-seed:' || %s))", (self.job.name,))
         return added_total
@@ -515,7 +531,8 @@ def run_worker(
     fresh seed adds none.
 
     While others still hold rows (or always, with ``follow``), it polls with jitter and seeds
-    at most every ``seed_every_s``; ``follow`` runs until ``stop`` is set. A database that goes
+    at most every ``seed_every_s``, and no sooner than three durations of the job's last sweep
+    after it (:meth:`Queue.seed`); ``follow`` runs until ``stop`` is set. A database that goes
     away (a restart, a failover) is waited for with backoff for up to ``outage_s``, then
     ``StoreUnavailable`` is raised; a batch whose outcomes could not be written is claimed
     again when its lease expires (handlers are idempotent). Every ``progress_every_s`` it logs
@@ -542,7 +559,7 @@ def run_worker(
                 if not claims:
                     idle = not follow and queue.unfinished() == 0
                     if idle or time.monotonic() >= next_seed:
-                        added = queue.seed()
+                        added = queue.seed(0.0 if idle else seed_every_s)  # before stopping: a full sweep
                         next_seed = time.monotonic() + seed_every_s
                         if added:
                             continue
