@@ -407,3 +407,58 @@ def test_postgres_stopped_and_restarted_under_a_running_loader(pg_server, fresh_
         states = conn.execute("SELECT state, count(*) FROM shard_leases GROUP BY state").fetchall()
     assert progress[0]["batch_index"] == loader.batches_per_epoch and progress[0]["attempt"] == 1
     assert states == [("done", len(manifest.shards))]
+
+
+def _prepare_worker(rank: int, port: int, dsn: str, runs_root: str, out) -> None:
+    """One rank of two building the run's loader while rank 0 prepares the data for longer than
+    the world group's collective timeout."""
+    import os
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from krea2_train.config.load import load_config
+    from krea2_train.parallel.distributed import host_barrier
+    from krea2_train.train import data
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), KREA2_PG_DSN=dsn)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    try:
+        real_prepare = data.prepare_shapes
+
+        def slow_prepare(*args, **kwargs):
+            time.sleep(3 * COLLECTIVE_TIMEOUT_S)  # hours of decode, dedup and pack on a real dataset
+            return real_prepare(*args, **kwargs)
+
+        data.prepare_shapes = slow_prepare
+        config = load_config("stage/pretrain_256", [f"runs_root={runs_root}", "data.num_samples=16"])
+        run_dir = Path(runs_root) / "run"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        loader = data.build_train_loader(
+            config, run_dir, dp_rank=rank, dp_size=2, image_side=64, pixel_multiple=16, is_main=rank == 0,
+            barrier=host_barrier(config.data.prepare_timeout_s),
+        )
+        out[rank] = len(loader.loader.manifest.shards)
+        loader.close()
+    finally:
+        dist.destroy_process_group()
+
+
+COLLECTIVE_TIMEOUT_S = 3
+
+
+def test_other_ranks_wait_for_the_data_preparation_beyond_the_collective_timeout(fresh_database_dsn, tmp_path):
+    """On a first start rank 0 prepares the dataset (hours on a real one) while the others wait on
+    the host with data.prepare_timeout_s: the world group's collective timeout (here 3 s) must not
+    end them, nor the DSN's broadcast, which comes after the wait."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_prepare_worker, args=(port, fresh_database_dsn, str(tmp_path / "runs"), out), nprocs=2, join=True)
+    assert out[0] == out[1] > 0

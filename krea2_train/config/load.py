@@ -138,6 +138,7 @@ def validate(config: RunConfig) -> None:
     _require(config.data.source in ("shapes", "registry"), "data.source", "accepted: shapes, registry")
     _require(config.data.resolution % 16 == 0, "data.resolution", "must be a multiple of 16 (one token per 16 px)")
     _require(config.data.global_batch_size > 0, "data.global_batch_size", "must be positive")
+    _require(config.data.prepare_timeout_s > 0, "data.prepare_timeout_s", "must be positive")
     _require(set(config.data.caption_mix) <= {"long", "medium", "short"}, "data.caption_mix", "keys: long, medium, short")
     _require(abs(sum(config.data.caption_mix.values()) - 1.0) < 1e-6, "data.caption_mix", "weights must sum to 1")
     balance, curate = config.data.balance, config.data.curate

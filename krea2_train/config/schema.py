@@ -89,6 +89,9 @@ class DataConfig:
     num_workers: int = 1
     caption_mix: dict[str, float] = field(default_factory=lambda: {"long": 0.8, "medium": 0.1, "short": 0.1})
     dsn: Optional[str] = None  # PostgreSQL; None: KREA2_PG_DSN or the embedded server
+    # how long the other ranks wait for rank 0 to prepare the data on a run's first start (decode,
+    # dedup, selections, pack of what is not yet packed), on the host, beyond the collective timeout
+    prepare_timeout_s: float = 86400.0
     balance: BalanceConfig = field(default_factory=BalanceConfig)  # midtraining: a balanced selection
     curate: CurateConfig = field(default_factory=CurateConfig)  # SFT: a curated subset
     quality: QualityConfig = field(default_factory=QualityConfig)  # any stage: extremes dropped

@@ -148,6 +148,18 @@ def all_gather_objects(value: Any) -> list[Any]:
     return gathered
 
 
+def host_barrier(timeout_s: float) -> Callable[[], None]:
+    """A barrier over a gloo group with its own ``timeout_s``: for ranks waiting on one rank's long
+    host work (rank 0 preparing a dataset on a run's first start: decode, dedup, balance, pack can
+    take hours), which the world group's collective timeout would cut short. The waiting ranks
+    sleep on the host, not in a device collective. Collective: every rank creates it at the same
+    point; a no-op without a process group of more than one rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return lambda: None
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    return lambda: dist.barrier(group=group)
+
+
 def any_rank_on_host(timeout_s: float) -> Callable[[bool], bool]:
     """A function ``flag -> whether any rank's flag is true``, reduced over a gloo group on the
     host (no device sync in the step). Collective: every rank creates it at the same point and

@@ -260,8 +260,8 @@ def build_train_loader(
             else:
                 dataset = prepare_registry(store, config, runs_root, image_side, pixel_multiple)
             pinned_manifest(manifest_path, store, [dataset], image_side)
+    barrier()  # first: the others wait for the preparation here, on the host, with its own timeout
     dsn = broadcast_object(dsn)
-    barrier()
     from krea2_train.data.plan import Manifest
 
     manifest = Manifest.load(manifest_path)

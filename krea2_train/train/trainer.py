@@ -42,6 +42,7 @@ from krea2_train.parallel.distributed import (
     any_rank_on_host,
     broadcast_object,
     destroy_distributed,
+    host_barrier,
     init_distributed,
 )
 from krea2_train.parallel.grads import clip_grad_norm_, steps_take_grad_scale
@@ -470,7 +471,7 @@ class Trainer:
             image_side=self.conditioner.image_side(self.config.data.resolution),
             pixel_multiple=self.conditioner.pixels_per_token,
             is_main=self.dist.is_main,
-            barrier=self._barrier,
+            barrier=host_barrier(self.config.data.prepare_timeout_s),
             holds_lease=tp_local_rank(self.parallel_dims) == 0,
         )
 
