@@ -237,6 +237,29 @@ def test_worker_drains_the_queue_and_a_rerun_does_nothing(fresh_store):
     assert run_worker(fresh_store, _job()).claimed == 0
 
 
+def test_job_progress_gives_the_recent_rate_and_an_eta(fresh_store, capsys):
+    """`krea2 data status`: rows done in the last 5 minutes, and the time the rest takes at that rate."""
+    from krea2_train.cli import main
+    from krea2_train.store.queue import job_progress
+
+    _add_images(fresh_store, 12)
+    run_worker(fresh_store, _job())
+    with fresh_store.pool.connection() as conn:  # 6 finished an hour ago, 6 just now; 3 sent back
+        conn.execute("UPDATE job_runs SET updated_at = now() - interval '1 hour' WHERE image_id IN"
+                     " (SELECT image_id FROM job_runs ORDER BY image_id LIMIT 6)")
+        conn.execute("UPDATE job_runs SET state = 'pending' WHERE image_id IN"
+                     " (SELECT image_id FROM job_runs ORDER BY image_id LIMIT 3)")
+    (progress,) = job_progress(fresh_store, window_s=300).values()
+    assert progress.counts == {"pending": 3, "running": 0, "done": 9, "dead": 0} and progress.recent_done == 6
+    assert progress.rows_per_s == pytest.approx(6 / 300) and progress.eta_s == pytest.approx(150)
+    assert main(["data", "status", "--dsn", fresh_store.dsn]) == 0
+    assert ["probe", "3", "0", "9", "0", "1", "2m30s"] in [line.split() for line in capsys.readouterr().out.splitlines()]
+    with fresh_store.pool.connection() as conn:
+        conn.execute("UPDATE job_runs SET updated_at = now() - interval '1 hour'")
+    (progress,) = job_progress(fresh_store).values()
+    assert progress.eta_s is None  # nothing moved lately: no estimate
+
+
 def test_worker_waits_out_a_database_outage_and_gives_up_after_outage_s(fresh_store, monkeypatch):
     import psycopg
 

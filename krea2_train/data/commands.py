@@ -230,12 +230,13 @@ def cmd_embed_target(args) -> int:
 
 def cmd_status(args) -> int:
     from krea2_train.data.pack import dataset_counts, pack_target_counts
-    from krea2_train.store.queue import STATES, job_counts
+    from krea2_train.logs import format_duration
+    from krea2_train.store.queue import STATES, job_progress
 
     with _open(args) as store:
         datasets = dataset_counts(store)
         targets = pack_target_counts(store)
-        counts = job_counts(store)
+        progress = job_progress(store)
         undecodable, dead = _errors(store, args.errors) if args.errors else ([], [])
     columns = ("images", "packable", "undecoded", "undecodable", "duplicates", "no caption")
     print(f"{'dataset':24} " + " ".join(f"{column:>11}" for column in columns))
@@ -247,9 +248,12 @@ def cmd_status(args) -> int:
         for name, resolution, out_dir, packed in targets:
             print(f"{name:24} {resolution:>6} {packed:>11}  {out_dir}")
     print()
-    print(f"{'job':24} " + " ".join(f"{state:>10}" for state in STATES))
-    for job, by_state in counts.items():
-        print(f"{job:24} " + " ".join(f"{by_state[state]:>10}" for state in STATES))
+    print(f"{'job':24} " + " ".join(f"{state:>10}" for state in STATES) + f" {'done/min':>10} {'eta':>10}")
+    for job, job_state in progress.items():
+        eta = "-" if job_state.eta_s is None else format_duration(job_state.eta_s)
+        print(f"{job:24} " + " ".join(f"{job_state.counts[state]:>10}" for state in STATES)
+              + f" {60 * job_state.rows_per_s:>10.0f} {eta:>10}")
+    print("(done/min: over the last 5 minutes; eta: the pending and running rows at that rate)")
     if args.errors:
         print(f"\nundecodable images (first {args.errors}):" if undecodable else "\nno undecodable image")
         for uri, error in undecodable:

@@ -446,14 +446,44 @@ def requeue(conn: psycopg.Connection, job: str, image_ids_sql: str, params: Sequ
     )
 
 
+@dataclass(frozen=True)
+class JobProgress:
+    """A job's rows per state, and how many became done in the last ``window_s`` seconds."""
+
+    counts: dict[str, int]
+    recent_done: int
+    window_s: float
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.recent_done / self.window_s
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds until no row is pending or running at the recent rate; None when nothing moved."""
+        left = self.counts["pending"] + self.counts["running"]
+        return 0.0 if left == 0 else left / self.rows_per_s if self.recent_done else None
+
+
+def job_progress(store: Store, window_s: float = 300.0) -> dict[str, JobProgress]:
+    """{job: JobProgress} over job_runs, every state present (0 when none), in one scan."""
+    with store.pool.connection() as conn:
+        rows = conn.execute(
+            "SELECT job, state, count(*), count(*) FILTER (WHERE updated_at > now() - make_interval(secs => %s))"
+            " FROM job_runs GROUP BY job, state",
+            (window_s,),
+        ).fetchall()
+    counts: dict[str, dict[str, int]] = {}
+    recent: dict[str, int] = {}
+    for job, state, count, recently in rows:
+        counts.setdefault(job, dict.fromkeys(STATES, 0))[state] = count
+        recent[job] = recent.get(job, 0) + (recently if state == "done" else 0)
+    return {job: JobProgress(counts[job], recent[job], window_s) for job in sorted(counts)}
+
+
 def job_counts(store: Store) -> dict[str, dict[str, int]]:
     """{job: {state: count}} over job_runs, every state present (0 when none)."""
-    with store.pool.connection() as conn:
-        rows = conn.execute("SELECT job, state, count(*) FROM job_runs GROUP BY job, state").fetchall()
-    counts: dict[str, dict[str, int]] = {}
-    for job, state, count in rows:
-        counts.setdefault(job, dict.fromkeys(STATES, 0))[state] = count
-    return dict(sorted(counts.items()))
+    return {job: progress.counts for job, progress in job_progress(store).items()}
 
 
 def run_handler(job: Job, claims: Sequence[Claim], ctx: JobContext) -> list[Outcome]:
