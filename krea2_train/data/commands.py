@@ -60,6 +60,8 @@ def register(subparsers) -> None:
     embed.add_argument("--dataset", required=True)
     embed.add_argument("--embedder", required=True,
                        help="'small', or a local SigLIP/DINO transformers directory that every worker node reads at the same path")
+    embed.add_argument("--remove", action="store_true",
+                       help="stop embedding with it (e.g. a model the workers cannot load); rows it made fail run again")
     embed.set_defaults(func=cmd_embed_target)
 
     status = commands.add_parser("status", help="row counts per dataset and per job and state")
@@ -135,8 +137,11 @@ def worker_main(dsn: str, job_name: str, batch: int | None, follow: bool) -> dic
 
 
 def _worker_process(dsn: str, job_name: str, batch: int | None, follow: bool, gpu: str | None = None) -> None:
+    from krea2_train.logs import setup_logging
+
     if gpu is not None:  # before anything initialises CUDA in this (spawned) process
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    setup_logging(label=f"worker {os.getpid()}", stream=sys.stderr, force=False)  # a spawned process starts bare
     stats = worker_main(dsn, job_name, batch, follow)
     print(f"worker {os.getpid()}: {stats}", flush=True)
 
@@ -214,9 +219,15 @@ def cmd_pack_target(args) -> int:
 
 
 def cmd_embed_target(args) -> int:
-    from krea2_train.curate.balance import add_embed_target
+    from krea2_train.curate.balance import add_embed_target, remove_embed_target
     from krea2_train.curate.embeddings import embedder_spec
 
+    if args.remove:
+        with _open(args) as store:
+            removed = remove_embed_target(store, args.dataset, args.embedder)
+        print(f"embed target {args.dataset} with {args.embedder}: " + ("removed; its dead embed rows are pending again"
+                                                                        if removed else "there was none"))
+        return 0
     try:
         embedder_spec(args.embedder)
     except ValueError as error:  # not 'small' and not a directory

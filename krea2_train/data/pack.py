@@ -141,17 +141,19 @@ def add_pack_target(store: Store, dataset: str, resolution: int, out_dir: str | 
 
     A new target sends the dataset's images that the ``pack`` job has finished or is packing now
     back to pending, so the job packs them at the new resolution too (it skips what is packed
-    already; a batch in flight, which read the targets before this one, is fenced out)."""
-    with store.pool.connection() as conn, conn.transaction():
+    already; a batch in flight, which read the targets before this one, is fenced out). The
+    target is committed before the rows go back: a batch claimed in between reads it."""
+    with store.pool.connection() as conn:
         target_dataset = find_dataset_id(conn, dataset)
         (inserted,) = conn.execute(
             "INSERT INTO pack_targets (dataset_id, resolution, out_dir, settings) VALUES (%s, %s, %s, %s)"
             " ON CONFLICT (dataset_id, resolution) DO UPDATE SET out_dir = excluded.out_dir, settings = excluded.settings"
             " RETURNING xmax = 0",
             (target_dataset, resolution, str(Path(out_dir).resolve()), Jsonb(settings.to_json())),
-        ).fetchone()
+        ).fetchone()  # committed here (autocommit), before the rows go back
         if inserted:
-            requeue(conn, PACK_JOB_NAME, "SELECT id FROM images WHERE dataset_id = %s", (target_dataset,), running=True)
+            requeue(conn, PACK_JOB_NAME, "SELECT id FROM images WHERE dataset_id = %s", (target_dataset,),
+                    states=("done", "running"))
     return target_dataset
 
 

@@ -430,19 +430,25 @@ def write_image_columns(conn: psycopg.Connection, columns: Mapping[str, str], re
     conn.execute(statement, arrays)
 
 
-def requeue(conn: psycopg.Connection, job: str, image_ids_sql: str, params: Sequence, *, running: bool = False) -> None:
-    """Send ``job``'s finished rows of the images ``image_ids_sql`` selects (a ``SELECT`` of ids
-    taking ``params``) back to pending, so workers run them again.
+def requeue(
+    conn: psycopg.Connection, job: str, image_ids_sql: str, params: Sequence, *, states: Sequence[str] = ("done",)
+) -> None:
+    """Send ``job``'s rows in ``states`` of the images ``image_ids_sql`` selects (a ``SELECT`` of
+    ids taking ``params``) back to pending, with a fresh attempt count, so workers run them again.
 
-    ``running``: the rows workers hold now go back too. Their workers' completions are then fenced
-    out (the row has no owner), so work begun before whatever made the rows stale (a new pack
-    target) is done again instead of being recorded as done.
+    With "running" among the states, the rows workers hold now go back too. Their workers'
+    completions are then fenced out (the row has no owner), so work begun before whatever made the
+    rows stale (a new pack target) is done again instead of being recorded as done. "dead" revives
+    rows that were given up on (a cause since removed).
     """
+    unknown = set(states) - set(STATES)
+    if unknown:
+        raise ValueError(f"unknown job states {sorted(unknown)}; states are {STATES}")
     conn.execute(
         "UPDATE job_runs SET state = 'pending', attempt = 0, owner = NULL, lease_expires_at = NULL,"
         " batch_limit = NULL, not_before = NULL, updated_at = now()"
         f" WHERE job = %s AND state = ANY(%s) AND image_id IN ({image_ids_sql})",
-        (job, ["done", "running"] if running else ["done"], *params),
+        (job, list(states), *params),
     )
 
 
