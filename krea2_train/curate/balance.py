@@ -49,7 +49,7 @@ READ_THREADS = 4  # threads reading and decoding files while the embedder runs
 READ_AHEAD = 2  # batches being read at once (the one embedded next included)
 PROGRESS_EVERY_S = 30.0
 EMBED_JOB_NAME = "embed"
-WRITE_BATCH = 1000
+WRITE_BATCH = 10_000  # rows of image_clusters written or read at a time
 # images columns a selection does not copy: its own key and dataset, the source's dedup links
 NOT_COPIED = ("id", "dataset_id", "duplicate_of", "ingested_at")
 # filter scores and the direction in which they are better (None: both ends are bad, so curating by
@@ -291,15 +291,15 @@ EMBED_JOB = register_job(
 
 
 def _store_hierarchy(conn, clustering_id: int, image_ids: list[int], hierarchy: Hierarchy) -> None:
-    cluster_ids = hierarchy.point_clusters.tolist()
-    for start in range(0, len(image_ids), WRITE_BATCH):
-        end = start + WRITE_BATCH
-        with conn.cursor() as cursor:
-            cursor.executemany(
-                "INSERT INTO image_clusters (clustering_id, image_id, cluster_ids, centroid_distance) VALUES (%s, %s, %s, %s)",
-                [(clustering_id, image_id, ids, float(distance)) for image_id, ids, distance
-                 in zip(image_ids[start:end], cluster_ids[start:end], hierarchy.centroid_distances[start:end])],
-            )
+    with conn.cursor() as cursor, cursor.copy(
+        "COPY image_clusters (clustering_id, image_id, cluster_ids, centroid_distance) FROM STDIN"
+    ) as copy:
+        for start in range(0, len(image_ids), WRITE_BATCH):  # Python objects for one batch at a time
+            end = start + WRITE_BATCH
+            rows = zip(image_ids[start:end], hierarchy.point_clusters[start:end].tolist(),
+                       hierarchy.centroid_distances[start:end].tolist())
+            for image_id, cluster_ids, distance in rows:
+                copy.write_row((clustering_id, image_id, cluster_ids, distance))
     for level, centroids in enumerate(hierarchy.centroids):
         sizes = np.bincount(hierarchy.point_clusters[:, level], minlength=len(centroids))
         with conn.cursor() as cursor:
@@ -333,17 +333,36 @@ def cluster_images(
 
 
 def read_clusters(store: Store, clustering_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image ids [n], cluster ids [n, L] with column 0 = level 1, centroid distances [n]), by id."""
-    with store.pool.connection() as conn:
-        rows = conn.execute(
-            "SELECT image_id, cluster_ids, centroid_distance FROM image_clusters WHERE clustering_id = %s ORDER BY image_id",
-            (clustering_id,),
-        ).fetchall()
-    if not rows:
+    """(image ids [n], cluster ids [n, L] with column 0 = level 1, centroid distances [n]), by id.
+
+    Read through a server-side cursor ``WRITE_BATCH`` rows at a time into arrays."""
+    with store.pool.connection() as conn, conn.transaction():
+        num_images, num_levels = conn.execute(
+            "SELECT num_images, num_levels FROM clusterings WHERE id = %s", (clustering_id,)
+        ).fetchone() or (0, 0)
+        image_ids = np.empty(num_images, dtype=np.int64)
+        point_clusters = np.empty((num_images, num_levels), dtype=np.int64)
+        distances = np.empty(num_images, dtype=np.float32)
+        read = 0
+        conn.execute("SET LOCAL cursor_tuple_fraction = 1")  # the whole result is read: plan for that, not for its first rows
+        with conn.cursor(name=f"krea2_clusters_{clustering_id}") as cursor:
+            cursor.itersize = WRITE_BATCH
+            cursor.execute(
+                "SELECT image_id, cluster_ids, centroid_distance FROM image_clusters WHERE clustering_id = %s ORDER BY image_id",
+                (clustering_id,),
+            )
+            while rows := cursor.fetchmany(WRITE_BATCH):
+                if read + len(rows) > num_images:
+                    raise StoreError(f"clustering {clustering_id} has more image rows than the {num_images} it records")
+                ids, clusters, point_distances = zip(*rows)
+                image_ids[read : read + len(rows)] = ids
+                point_clusters[read : read + len(rows)] = clusters
+                distances[read : read + len(rows)] = point_distances
+                read += len(rows)
+    if read == 0:
         raise StoreError(f"clustering {clustering_id} has no images")
-    image_ids = np.array([row[0] for row in rows], dtype=np.int64)
-    point_clusters = np.array([row[1] for row in rows], dtype=np.int64)
-    distances = np.array([row[2] for row in rows], dtype=np.float32)
+    if read != num_images:
+        raise StoreError(f"clustering {clustering_id} records {num_images} images but has {read} image rows")
     return image_ids, point_clusters, distances
 
 
