@@ -4,7 +4,7 @@ well-formed rows (no speed is asserted)."""
 import argparse
 import math
 
-from krea2_train.bench import data_loader, data_store
+from krea2_train.bench import data_balance, data_loader, data_store
 
 
 def _args(module, *argv: str) -> argparse.Namespace:
@@ -54,6 +54,21 @@ def test_store_bench_measures_queue_and_upserts_on_a_scratch_database(pg_store_d
         assert row["met"] == (row["value"] >= targets[row["metric"]])
     assert rows[1]["met"] is None
     assert _databases(pg_store_dsn) == databases_before  # its scratch database is dropped
+
+
+def test_balance_bench_reads_embeddings_clusters_and_sweeps_on_a_scratch_database(pg_store_dsn):
+    databases_before = _databases(pg_store_dsn)
+    rows = data_balance.run(_args(data_balance, "--dsn", pg_store_dsn, "--images", "300", "--dim", "16"))
+    assert [(row["metric"], row["unit"]) for row in rows] == [
+        ("load_embeddings (300 x 16)", "embeddings/s"),
+        ("load_embeddings peak / array size (300 x 16)", "x"),
+        ("image_clusters write, COPY (300 rows)", "rows/s"),
+        ("image_clusters read, server-side cursor (300 rows)", "rows/s"),
+        ("queue seed sweep with nothing to add (300 images)", "images/s"),
+    ]
+    assert all(row["value"] > 0 and math.isfinite(row["value"]) and row["met"] is None for row in rows)
+    assert rows[1]["value"] >= 1  # the array itself is traced
+    assert _databases(pg_store_dsn) == databases_before
 
 
 def _databases(dsn: str) -> set[str]:

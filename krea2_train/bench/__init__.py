@@ -18,7 +18,7 @@ from types import ModuleType
 
 # subcommand -> benchmark modules it runs
 BENCHES: dict[str, list[str]] = {
-    "data": ["krea2_train.bench.data_store", "krea2_train.bench.data_loader"],
+    "data": ["krea2_train.bench.data_store", "krea2_train.bench.data_loader", "krea2_train.bench.data_balance"],
     "train": ["krea2_train.bench.train"],
     "ckpt": ["krea2_train.bench.ckpt"],
     "mttr": ["krea2_train.bench.mttr"],
@@ -44,6 +44,15 @@ def format_table(rows: list[dict]) -> str:
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in cells]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+def module_main(module_name: str, argv: list[str] | None = None) -> int:
+    """``python -m krea2_train.bench.MODULE [options]``: one benchmark module alone, as a table."""
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    print(format_table(module.run(parser.parse_args(argv))))
+    return 0
 
 
 def _modules(name: str) -> list:
@@ -97,7 +106,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("bench", help="benchmarks: " + ", ".join([*BENCHES, "all"]))
     benches = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
     for name in BENCHES:
-        sub = benches.add_parser(name, help=f"{name} benchmarks")
+        # modules of one subcommand may share an option (data_store's and data_balance's --dsn): one flag
+        sub = benches.add_parser(name, help=f"{name} benchmarks", conflict_handler="resolve")
         sub.add_argument("--json", default=None, help="also write the rows as JSON")
         for module in _modules(name):
             module.add_arguments(sub)

@@ -76,7 +76,6 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser)
-    for row in run(parser.parse_args()):
-        print(row)
+    from krea2_train.bench import module_main
+
+    raise SystemExit(module_main(__spec__.name))

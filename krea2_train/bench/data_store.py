@@ -209,13 +209,7 @@ def run(args) -> list[dict]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser)
-    for record in run(parser.parse_args(argv)):
-        print(record)
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from krea2_train.bench import module_main
+
+    raise SystemExit(module_main(__spec__.name))

@@ -558,8 +558,6 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from krea2_train.bench import format_table
+    from krea2_train.bench import module_main
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    print(format_table(run(parser.parse_args())))
+    raise SystemExit(module_main(__spec__.name))

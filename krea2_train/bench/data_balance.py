@@ -1,0 +1,131 @@
+"""Balanced-selection store benchmarks: what `krea2 data balance` and the queue's seeding cost at
+a dataset's size, on a scratch database of the embedded server (or ``--dsn``), dropped afterwards.
+
+    embeddings   ``load_embeddings`` of N random D-dim embeddings into one array: embeddings/s,
+                 and its peak traced memory over the array's size (a second, traced pass)
+    clusters     ``image_clusters`` of a 3-level clustering of the N images written (COPY) and
+                 read back (server-side cursor): rows/s
+    sweep        a queue seed over the N images when every one has its row already (what a
+                 followed job repeats): images/s
+
+No targets: the rates say how long a dataset of a given size takes (docs/recipe.md, docs/data.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import tracemalloc
+
+import numpy as np
+
+BENCH = "data_balance"
+INSERT_CHUNK = 20_000
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dsn", default=None, help="server to benchmark (default: a fresh embedded server)")
+    parser.add_argument("--images", type=int, default=20_000, help="images (and embeddings) in the scratch dataset")
+    parser.add_argument("--dim", type=int, default=768, help="embedding width")
+
+
+def _fill(store, images: int, dim: int) -> tuple[int, list[int]]:
+    """A dataset of ``images`` decoded images with random unit embeddings; (dataset id, image ids)."""
+    rng = np.random.default_rng(0)
+    image_ids: list[int] = []
+    with store.pool.connection() as conn:
+        (dataset_id,) = conn.execute("INSERT INTO datasets (name) VALUES ('bench') RETURNING id").fetchone()
+        for start in range(0, images, INSERT_CHUNK):
+            count = min(INSERT_CHUNK, images - start)
+            ids = [row[0] for row in conn.execute(
+                "INSERT INTO images (dataset_id, uri, decode_ok) SELECT %s, '/bench/' || g, true"
+                " FROM generate_series(%s::int, %s::int) g RETURNING id",
+                (dataset_id, start, start + count - 1),
+            )]
+            vectors = rng.standard_normal((count, dim)).astype("<f4")
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            conn.execute(
+                "INSERT INTO image_embeddings (image_id, embedder, dim, embedding)"
+                " SELECT u.i, 'bench', %s, u.e FROM unnest(%s::bigint[], %s::bytea[]) AS u (i, e)",
+                (dim, ids, [vector.tobytes() for vector in vectors]),
+            )
+            image_ids += ids
+        conn.execute("VACUUM ANALYZE images")
+        conn.execute("VACUUM ANALYZE image_embeddings")
+    return dataset_id, sorted(image_ids)
+
+
+def _row(metric: str, value: float, unit: str) -> dict:
+    return {"bench": BENCH, "metric": metric, "value": float(value), "unit": unit, "target": None, "met": None}
+
+
+def run(args) -> list[dict]:
+    from psycopg.types.json import Jsonb
+
+    from krea2_train.bench.data_store import _drop_database, _scratch_database
+    from krea2_train.curate.balance import _store_hierarchy, load_embeddings, read_clusters
+    from krea2_train.curate.kmeans import Hierarchy
+    from krea2_train.store import open_store
+    from krea2_train.store.embedded import EmbeddedServer
+    from krea2_train.store.queue import Job, Queue
+
+    n, dim = args.images, args.dim
+    with tempfile.TemporaryDirectory(prefix="krea2-bench-") as scratch:
+        embedded = None if args.dsn else EmbeddedServer(scratch)
+        server_dsn = args.dsn or embedded.dsn
+        name, dsn = _scratch_database(server_dsn)
+        try:
+            with open_store(dsn) as store:
+                dataset_id, image_ids = _fill(store, n, dim)
+
+                began = time.perf_counter()
+                embeddings = load_embeddings(store, image_ids, "bench")
+                load_s = time.perf_counter() - began
+                tracemalloc.start()
+                load_embeddings(store, image_ids, "bench")
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+
+                rng = np.random.default_rng(1)
+                clusters = np.stack([rng.integers(0, k, n) for k in (max(1, n // 100), max(1, n // 1000), 10)], axis=1)
+                hierarchy = Hierarchy(clusters, (), rng.random(n).astype(np.float32))
+                with store.pool.connection() as conn, conn.transaction():
+                    (clustering_id,) = conn.execute(
+                        "INSERT INTO clusterings (dataset_id, embedder, images_sha256, settings, num_levels, num_images)"
+                        " VALUES (%s, 'bench', 'bench', %s, 3, %s) RETURNING id",
+                        (dataset_id, Jsonb({}), n),
+                    ).fetchone()
+                    began = time.perf_counter()
+                    _store_hierarchy(conn, clustering_id, image_ids, hierarchy)
+                write_s = time.perf_counter() - began
+                began = time.perf_counter()
+                read_clusters(store, clustering_id)
+                read_s = time.perf_counter() - began
+
+                queue = Queue(store, Job("bench_sweep", "i.decode_ok", lambda rows, ctx: [], batch_size=16))
+                try:
+                    queue.seed()  # every image gets its row
+                    began = time.perf_counter()
+                    queue.seed()  # the sweep a followed job repeats: nothing to add
+                    sweep_s = time.perf_counter() - began
+                finally:
+                    queue.close()
+        finally:
+            _drop_database(server_dsn, name)
+            if embedded is not None:
+                embedded.stop()
+    size = f"{n:,} x {dim}"
+    return [
+        _row(f"load_embeddings ({size})", n / load_s, "embeddings/s"),
+        _row(f"load_embeddings peak / array size ({size})", peak / embeddings.nbytes, "x"),
+        _row(f"image_clusters write, COPY ({n:,} rows)", n / write_s, "rows/s"),
+        _row(f"image_clusters read, server-side cursor ({n:,} rows)", n / read_s, "rows/s"),
+        _row(f"queue seed sweep with nothing to add ({n:,} images)", n / sweep_s, "images/s"),
+    ]
+
+
+if __name__ == "__main__":
+    from krea2_train.bench import module_main
+
+    raise SystemExit(module_main(__spec__.name))
