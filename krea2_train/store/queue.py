@@ -206,10 +206,7 @@ class Queue:
                    SELECT image_id FROM job_runs
                     WHERE job = %(job)s AND state = 'pending' AND (not_before IS NULL OR not_before <= now())
                     ORDER BY batch_limit, last_tried_at NULLS FIRST
-                    LIMIT least(%(limit)s, (
-                          SELECT min(batch_limit) FROM job_runs
-                           WHERE job = %(job)s AND state = 'pending' AND batch_limit IS NOT NULL
-                             AND (not_before IS NULL OR not_before <= now())))
+                    LIMIT %(limit)s
                       FOR UPDATE SKIP LOCKED)
             RETURNING j.image_id, j.attempt, {columns}
             """
@@ -276,8 +273,16 @@ class Queue:
     def claim(self, limit: int | None = None) -> list[Claim]:
         """Claim up to ``limit`` pending rows that are due (a split batch's first, then least
         recently tried), fewer where a row's ``batch_limit`` says so."""
-        params = self._params(lease_s=self.job.lease_s, limit=limit or self.job.batch_size)
+        limit = limit or self.job.batch_size
         with self.pool.connection() as conn:
+            # the smallest due batch_limit first, in its own statement: a LIMIT the planner cannot
+            # read as a constant makes it plan for a tenth of the queue (a seq scan per claim)
+            (batch_limit,) = conn.execute(
+                "SELECT min(batch_limit) FROM job_runs WHERE job = %s AND state = 'pending'"
+                " AND batch_limit IS NOT NULL AND (not_before IS NULL OR not_before <= now())",
+                (self.job.name,),
+            ).fetchone()
+            params = self._params(lease_s=self.job.lease_s, limit=min(limit, batch_limit or limit))
             cursor = conn.execute(self._claim_sql, params)
             names = [column.name for column in cursor.description]
             claims = []
