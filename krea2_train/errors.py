@@ -36,6 +36,12 @@ class UsageError(Krea2Error):
     """A command-line argument that cannot work (a bad value, a missing option): the message names it."""
 
 
+class MissingPathError(Krea2Error, FileNotFoundError):
+    """A path that a setting or an argument names and that is not there, or is not what it must be
+    (a model directory without its config): the message names the setting and the path. Also a
+    ``FileNotFoundError``, for callers that catch that."""
+
+
 def is_lasting_error(error: BaseException) -> bool:
     """A user error that a restart would meet again (see :func:`record_user_error`)."""
     return isinstance(error, Krea2Error) and not error.retryable

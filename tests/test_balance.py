@@ -29,6 +29,7 @@ from krea2_train.curate.embeddings import SmallEmbedder, build_embedder, l2_norm
 from krea2_train.curate.jobs import load_jobs
 from krea2_train.curate.kmeans import KMeansSettings, hierarchical_kmeans
 from krea2_train.data.ingest import ingest
+from krea2_train.errors import MissingPathError
 from krea2_train.data.pack import PackSettings, pack_dataset
 from krea2_train.store import StoreError
 from krea2_train.store.queue import get_job, run_worker
@@ -84,7 +85,7 @@ def test_small_embedder_is_deterministic_unit_norm_and_colour_aware():
     np.testing.assert_array_equal(vectors, embedder.embed([red, dark_red, blue]))
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
     assert build_embedder("small").name == embedder.name
-    with pytest.raises(ValueError, match="neither"):
+    with pytest.raises(MissingPathError, match="neither"):  # a user error: one line, no traceback
         build_embedder("/no/such/model")
 
 
@@ -488,7 +489,7 @@ def test_embed_workers_spread_over_the_nodes_gpus(fresh_database_dsn, capsys, mo
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
     assert visible_gpus() == ["2", "5"]
     store_args = ["--dsn", fresh_database_dsn]
-    assert "--embedder: embedder must be 'small' or a local model directory; '/no/model' is neither" in krea2_error(
+    assert "embedder must be 'small' or a local model directory; '/no/model' is neither" in krea2_error(
         ["data", "embed-target", *store_args, "--dataset", "pool", "--embedder", "/no/model"], capsys)
     assert krea2(["data", "work", *store_args, "--job", "embed"]) == 0
     assert "no embed target yet: `krea2 data embed-target" in capsys.readouterr().err

@@ -88,6 +88,21 @@ def test_the_trainer_records_a_user_error_for_the_launcher(tmp_path, monkeypatch
     assert not (tmp_path / "third").exists()  # the database may be back by the next start
 
 
+def test_a_model_directory_that_is_not_there_is_a_lasting_user_error(tmp_path, capsys):
+    """A mistyped encoder path: one line naming the setting and the path, exit 1, and the record
+    that keeps the launcher from resubmitting the same typo (it was a traceback and no record)."""
+    from krea2_train.__main__ import main
+    from krea2_train.errors import USER_ERROR_RECORD, MissingPathError, is_lasting_error
+
+    assert main(["--config", "stage/pretrain_256", "irepa.encoder=/no/such/dinov2", f"runs_root={tmp_path}", "run_name=pt"]) == 1
+    printed = capsys.readouterr().err  # after the tiny text encoder's progress bar
+    assert "\nkrea2_train: error: irepa.encoder='/no/such/dinov2' is not a local transformers model directory" in printed
+    assert "Traceback" not in printed
+    assert (tmp_path / "pt" / USER_ERROR_RECORD).read_text().startswith("MissingPathError: irepa.encoder=")
+    error = MissingPathError("text encoder directory /x does not exist")
+    assert is_lasting_error(error) and isinstance(error, FileNotFoundError) and str(error).endswith("/x does not exist")
+
+
 def test_a_bad_override_is_recorded_and_a_new_start_clears_the_record(tmp_path, monkeypatch):
     """The Slurm launcher passes run_name= and runs_root=: a config that does not compose is
     recorded there too (a typo would fail every restart); the next start removes a stale record."""

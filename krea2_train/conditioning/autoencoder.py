@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from krea2_train.errors import MissingPathError
+
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLQwenImage
 
@@ -150,7 +152,7 @@ class QwenImageAutoencoder(_FrozenModule):
         from diffusers import AutoencoderKLQwenImage
 
         if not Path(path).is_dir():
-            raise FileNotFoundError(f"VAE directory {path} does not exist")
+            raise MissingPathError(f"VAE directory {path} does not exist")
         vae = AutoencoderKLQwenImage.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, local_files_only=True)
         return cls(vae, sample_posterior=sample_posterior)
 

@@ -16,6 +16,7 @@ import torch
 from krea2_train.conditioning.autoencoder import LatentAutoencoder, build_autoencoder
 from krea2_train.conditioning.text import Qwen3VLTextTaps
 from krea2_train.conditioning.tiny import TAPS_FILE
+from krea2_train.errors import MissingPathError
 from krea2_train.model.patchify import pack_latents, unpack_latents
 
 QWEN_PIXELS_PER_TOKEN = 16  # Qwen-Image VAE (f8) with 2x2 patches: the unit of a stage's nominal resolution
@@ -139,7 +140,7 @@ def build_conditioner(
 
     text_dir = Path(text_encoder)
     if not text_dir.is_dir():
-        raise FileNotFoundError(f"text encoder directory {text_dir} does not exist")
+        raise MissingPathError(f"text encoder directory {text_dir} does not exist")
     select = tuple(text_select_layers) if text_select_layers else None
     if select is None:
         taps_file = text_dir / TAPS_FILE

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from krea2_train.devices import to_device
+from krea2_train.errors import MissingPathError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -153,7 +154,7 @@ class Qwen3VLTextTaps(nn.Module):
 
         path = Path(path)
         if not path.is_dir():
-            raise FileNotFoundError(f"text encoder directory {path} does not exist")
+            raise MissingPathError(f"text encoder directory {path} does not exist")
         model_type = AutoConfig.from_pretrained(path, local_files_only=True).model_type
         model_class = {"qwen3_vl": Qwen3VLModel, "qwen3_vl_text": Qwen3VLTextModel}.get(model_type)
         if model_class is None:

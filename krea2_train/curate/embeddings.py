@@ -17,6 +17,8 @@ from typing import Protocol, Sequence
 import numpy as np
 from PIL import Image
 
+from krea2_train.errors import MissingPathError
+
 SMALL = "small"
 
 
@@ -84,7 +86,7 @@ class TransformersEmbedder:
 
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"embedding model directory {path} has no config.json (a transformers checkpoint)")
+            raise MissingPathError(f"embedding model directory {path} has no config.json (a transformers checkpoint)")
         config = transformers.AutoConfig.from_pretrained(path)
         if config.model_type not in VISION_MODELS:
             raise ValueError(
@@ -116,7 +118,7 @@ def embedder_spec(spec: str) -> str:
     if spec == SMALL:
         return SMALL
     if not Path(spec).is_dir():
-        raise ValueError(f"embedder must be {SMALL!r} or a local model directory; {spec!r} is neither")
+        raise MissingPathError(f"embedder must be {SMALL!r} or a local model directory; {spec!r} is neither")
     return str(Path(spec).resolve())
 
 

@@ -228,10 +228,7 @@ def cmd_embed_target(args) -> int:
         print(f"embed target {args.dataset} with {args.embedder}: " + ("removed; its dead embed rows are pending again"
                                                                         if removed else "there was none"))
         return 0
-    try:
-        embedder_spec(args.embedder)
-    except ValueError as error:  # not 'small' and not a directory
-        raise UsageError(f"--embedder: {error}") from None
+    embedder_spec(args.embedder)  # 'small' or a directory, before the store starts
     with _open(args) as store:
         add_embed_target(store, args.dataset, args.embedder)
     print(f"embed target: {args.dataset} with {args.embedder}; `krea2 data work --job embed` embeds its selectable images "

@@ -34,7 +34,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from krea2_train.errors import Krea2Error
+from krea2_train.errors import Krea2Error, MissingPathError
 from krea2_train.files import published, write_text
 from krea2_train.model.dit import AUXILIARY_PREFIX, DEFAULT_CONFIG, Krea2DiT
 from krea2_train.model.presets import build_model
@@ -578,7 +578,7 @@ def index_checkpoint(path: str | os.PathLike) -> CheckpointIndex:
         recorded = metadata.get(CONFIG_METADATA_KEY)
         config = _config_from_json(json.loads(recorded)) if recorded is not None else None
     else:
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise MissingPathError(f"no checkpoint at {path}")
     try:
         layout = detect_layout(stored)
     except CheckpointError as error:

@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from krea2_train.errors import MissingPathError
+
 TEACHER_MODEL_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit")
 TINY_TEACHER_DIR = "irepa_encoder"  # under the run directory
 SPATIAL_NORM_EPS = 1e-6
@@ -175,7 +177,7 @@ def load_teacher_config(path: str | Path):
 
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"irepa.encoder={str(path)!r} is not a local transformers model directory (no config.json); "
             f"use 'tiny' or a directory holding DINOv2/DINOv3 weights"
         )

@@ -57,7 +57,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from krea2_train.errors import Krea2Error
+from krea2_train.errors import Krea2Error, MissingPathError
 from krea2_train.files import fsync_path, write_text
 from krea2_train.parallel.compat import world_collective_timeout
 from krea2_train.train.runlog import RUNLOG_NAME
@@ -813,7 +813,7 @@ def load_model_config(run_dir: str | os.PathLike) -> dict:
     """The Krea2DiT keywords a run recorded in ``model_config.json`` (lists become tuples)."""
     path = Path(run_dir) / MODEL_CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no {MODEL_CONFIG_NAME} (the trainer writes it when a run starts)")
+        raise MissingPathError(f"{run_dir} has no {MODEL_CONFIG_NAME} (the trainer writes it when a run starts)")
     from krea2_train.model.layouts import read_checkpoint_json
 
     values = read_checkpoint_json(path)
@@ -829,7 +829,7 @@ def read_checkpoint_config(source: str | Path) -> dict:
     if is_dcp_checkpoint(source):
         run_dir = run_dir_of(source)
         if run_dir is None:
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"{source} is a DCP checkpoint outside a run directory, so its model config (run/model_config.json) is unknown"
             )
         return load_model_config(run_dir)
