@@ -190,7 +190,8 @@ def test_merge_refuses_checkpoints_of_different_configs(run, tmp_path, capsys):
     wider = random_model(9, intermediate_size=128)
     wider_file = tmp_path / "wider.safetensors"
     layouts.save_original(wider.state_dict(), wider_file, wider.config)
-    assert "intermediate_size: 256 vs 128" in krea2_error(["merge", str(run_dir), str(wider_file), "--out", str(tmp_path / "merged")], capsys)
+    message = krea2_error(["merge", str(run_dir), str(wider_file), "--out", str(tmp_path / "merged")], capsys)
+    assert f"{wider_file} has a different model config than" in message and "intermediate_size: 128 vs 256" in message
 
 
 def test_merge_weights_are_validated():

@@ -179,7 +179,7 @@ def test_stage_runs_resumes_exports_and_samples(tmp_path, fresh_database_dsn):
     # a restart with another model refuses, naming the setting, and leaves the run's record alone
     recorded = (run_dir / "model_config.json").read_text()
     changed = train(tmp_path, fresh_database_dsn, steps=10, interval=3, extra=[*kernels, "+model.overrides.num_layers=3"], check=False)
-    assert changed.returncode != 0 and "different model config" in changed.stderr and "num_layers: 2 vs 3" in changed.stderr
+    assert changed.returncode != 0 and "different model config" in changed.stderr and "num_layers: 3 vs 2" in changed.stderr
     assert (run_dir / "model_config.json").read_text() == recorded
 
     # export loads in diffusers; sample writes a PNG from the run
@@ -423,7 +423,7 @@ def test_init_from_another_model_is_refused_naming_what_differs(tmp_path, monkey
 
     with monkeypatch.context() as patch:  # refused from the header alone: no weight is read (26 GB for the 12.9B model)
         patch.setattr(trainer, "load_checkpoint_weights", lambda source: pytest.fail("read the weights first"))
-        with pytest.raises(CheckpointError, match=r"stage.init_from's checkpoint .*two_layers.safetensors.*num_layers: 3 vs 2"):
+        with pytest.raises(CheckpointError, match=r"stage.init_from's checkpoint .*two_layers.safetensors.*num_layers: 2 vs 3"):
             load_initial_weights(path, model_config("tiny", num_layers=3))
     weights = load_initial_weights(path, model_config("tiny", num_layers=2, rope_theta=1e5))
     build_model("tiny", num_layers=2).load_state_dict(weights, strict=True)

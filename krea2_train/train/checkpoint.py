@@ -876,5 +876,6 @@ def check_same_model_config(config: Mapping, reference: Mapping, name: str, refe
 
     differing = sorted(key for key in set(config) | set(reference) if config.get(key) != reference.get(key))
     if differing:
-        details = ", ".join(f"{key}: {reference.get(key)!r} vs {config.get(key)!r}" for key in differing)
+        # in the sentence's order: the value of ``name``, then that of ``reference_name``
+        details = ", ".join(f"{key}: {config.get(key)!r} vs {reference.get(key)!r}" for key in differing)
         raise CheckpointError(f"{name} has a different model config than {reference_name} ({details}); refusing to mix them")
