@@ -66,6 +66,10 @@ def test_summary_mtbf_mttr_goodput_and_failures():
     text = format_report("runs/x", summary)
     assert "MTBF             192.5 s" in text and "MTTR             25.0 s" in text and "goodput          80.5 %" in text
     assert "hang" in text and "no step finished" in text
+    # without the run's metrics.jsonl (runs report --from-db elsewhere) step time is unknown, not 0
+    blind = summarize(two_failures_run(), [])
+    assert blind["productive_s"] is None and blind["goodput"] is None
+    assert "productive steps n/a" in format_report("runs/x", blind)
 
 
 def test_summary_without_failures_and_an_empty_log():

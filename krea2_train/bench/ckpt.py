@@ -107,6 +107,8 @@ def time_saves(
 def run(args: argparse.Namespace) -> list[dict]:
     model, optimizer = model_with_optimizer_state(args.ckpt_model)
     label = f"{args.ckpt_model} ({count_parameters(model) / 1e6:.0f}M params)"
+    if args.ckpt_dir:  # e.g. the shared filesystem a run would checkpoint to; created when new
+        Path(args.ckpt_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="krea2-bench-ckpt-", dir=args.ckpt_dir) as tmp:
         saves = time_saves(Path(tmp) / "run", model, optimizer, args.ckpt_saves)
         size = int(statistics.median(save["bytes"] for save in saves))

@@ -403,7 +403,7 @@ def summarize(events: list[dict[str, Any]], step_records: list[dict[str, Any]], 
         "failures": failures,
         "wall_s": wall,
         "uptime_s": uptime,
-        "productive_s": productive,
+        "productive_s": productive if step_records else None,  # unknown without metrics.jsonl, not 0
         "mtbf_s": uptime / len(failures) if failures else None,
         "mttr_s": statistics.fmean(recoveries) if recoveries else None,
         "goodput": productive / wall if wall > 0 and step_records else None,

@@ -57,7 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("report", help="MTBF, MTTR, goodput and the failures of a run")
     parser.add_argument("run", help="a run directory, or a run name under --runs-root")
     parser.add_argument("--runs-root", default="runs", help="where run names are looked up (default: runs)")
-    parser.add_argument("--from-db", action="store_true", help="read the events from PostgreSQL instead of runlog.jsonl")
+    parser.add_argument("--from-db", action="store_true",
+                        help="read the events from PostgreSQL instead of runlog.jsonl (step times, for goodput, still come "
+                             "from the run directory's metrics.jsonl when --runs-root finds it)")
     parser.add_argument("--dsn", default=None, help="PostgreSQL DSN for --from-db (default: $KREA2_PG_DSN)")
     parser.add_argument("--json", default=None, help="also write the summary as JSON to this path")
     parser.set_defaults(func=report)
