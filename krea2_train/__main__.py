@@ -15,7 +15,9 @@ from pathlib import Path
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m krea2_train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="GROUP/NAME under configs/, e.g. stage/pretrain_256")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config and exit (keys, types and values are checked; the stage's own "
+                             "settings, e.g. grpo.group_size, are checked when a run starts)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides: key=value or group=option")
     return parser.parse_args(argv)
 

@@ -52,7 +52,7 @@ class BalanceConfig:
     resample_steps: int = 3
     points_per_cluster: int = 8
     leaf_pick: str = "random"  # random | nearest (to the level-1 centroid)
-    embedder: str = "small"  # "small" | a local SigLIP/DINOv2 transformers directory
+    embedder: str = "small"  # "small" | a local SigLIP, SigLIP 2, DINOv2 or DINOv3 transformers directory
 
 
 @dataclass

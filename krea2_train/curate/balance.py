@@ -590,7 +590,7 @@ def add_selection_commands(commands, store_arguments: Callable, open_store: Call
     balance.add_argument("--points-per-cluster", type=int, default=8)
     balance.add_argument("--niter", type=int, default=20, help="k-means iterations per run")
     balance.add_argument("--seed", type=int, default=0)
-    balance.add_argument("--embedder", default="small", help="'small' or a local SigLIP/DINOv2 transformers directory")
+    balance.add_argument("--embedder", default="small", help="'small' or a local SigLIP, SigLIP 2, DINOv2 or DINOv3 transformers directory (on the GPU when there is one)")
     balance.add_argument("--leaf-pick", choices=("random", "nearest"), default="random")
     balance.set_defaults(func=lambda args: _cmd_balance(args, open_store))
 

@@ -148,7 +148,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "default: a TDM run's own student grid, else raw")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance", type=float, default=None)
-    parser.add_argument("--resolution", type=multiple_of_16, default=256, help="nominal resolution (Qwen-VAE pixels; 16 px per token)")
+    parser.add_argument("--resolution", type=multiple_of_16, default=256, help="nominal resolution (Qwen-VAE pixels; 16 px per token; default 256, whatever the run trained at)")
     parser.add_argument("--height", type=int, default=None, help="image height in pixels (overrides --resolution)")
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
