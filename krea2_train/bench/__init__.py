@@ -27,13 +27,17 @@ BENCHES: dict[str, list[str]] = {
 ALL_OPTIONS: dict[str, list[str]] = {"krea2_train.bench.train": ["--device", "cpu"]}
 
 
+LONG_TEXT = 40  # a text value longer than this (a run's setup) goes below the table, not in its column
+
+
 def format_table(rows: list[dict]) -> str:
     header = ["bench", "metric", "value", "unit", "target", "met"]
+    long_texts = [row for row in rows if isinstance(row.get("value"), str) and len(row["value"]) > LONG_TEXT]
     cells = [header] + [
         [
             str(row.get("bench", "")),
             str(row.get("metric", "")),
-            f"{row['value']:.4g}" if isinstance(row.get("value"), float) else str(row.get("value", "")),
+            f"{row['value']:.4g}" if isinstance(row.get("value"), float) else "(below)" if row in long_texts else str(row.get("value", "")),
             str(row.get("unit", "")),
             str(row.get("target") or ""),
             {True: "yes", False: "NO", None: ""}[row.get("met")],
@@ -41,8 +45,9 @@ def format_table(rows: list[dict]) -> str:
         for row in rows
     ]
     widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in cells]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in cells]
     lines.insert(1, "  ".join("-" * width for width in widths))
+    lines += [f"{row.get('bench', '')} {row.get('metric', '')}: {row['value']}" for row in long_texts]
     return "\n".join(lines)
 
 

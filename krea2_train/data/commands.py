@@ -247,19 +247,20 @@ def cmd_status(args) -> int:
         progress = job_progress(store)
         undecodable, dead = _errors(store, args.errors) if args.errors else ([], [])
     columns = ("images", "packable", "undecoded", "undecodable", "duplicates", "no caption")
-    print(f"{'dataset':24} " + " ".join(f"{column:>11}" for column in columns))
+    width = max([24, *(len(d.name) for d in datasets), *(len(name) for name, *_ in targets)])  # selections' long names
+    print(f"{'dataset':{width}} " + " ".join(f"{column:>11}" for column in columns))
     for d in datasets:
         values = (d.images, d.packable, d.unchecked, d.undecodable, d.duplicates, d.uncaptioned)
-        print(f"{d.name:24} " + " ".join(f"{value:>11}" for value in values))
+        print(f"{d.name:{width}} " + " ".join(f"{value:>11}" for value in values))
     if targets:
-        print(f"\n{'pack target':24} {'px':>6} {'packed':>11}  out")
+        print(f"\n{'pack target':{width}} {'px':>6} {'packed':>11}  out")
         for name, resolution, out_dir, packed in targets:
-            print(f"{name:24} {resolution:>6} {packed:>11}  {out_dir}")
+            print(f"{name:{width}} {resolution:>6} {packed:>11}  {out_dir}")
     print()
-    print(f"{'job':24} " + " ".join(f"{state:>10}" for state in STATES) + f" {'done/min':>10} {'eta':>10}")
+    print(f"{'job':{width}} " + " ".join(f"{state:>10}" for state in STATES) + f" {'done/min':>10} {'eta':>10}")
     for job, job_state in progress.items():
         eta = "-" if job_state.eta_s is None else format_duration(job_state.eta_s)
-        print(f"{job:24} " + " ".join(f"{job_state.counts[state]:>10}" for state in STATES)
+        print(f"{job:{width}} " + " ".join(f"{job_state.counts[state]:>10}" for state in STATES)
               + f" {60 * job_state.rows_per_s:>10.0f} {eta:>10}")
     print("(done/min: over the last 5 minutes; eta: the pending and running rows at that rate)")
     if args.errors:
