@@ -33,7 +33,8 @@ class Krea2Error(Exception):
 
 
 class UsageError(Krea2Error):
-    """A command-line argument that cannot work (a bad value, a missing option): the message names it."""
+    """A command-line argument or setting that cannot work (a bad value, a missing option, a model
+    directory holding another kind of model): the message names it."""
 
 
 class MissingPathError(Krea2Error, FileNotFoundError):

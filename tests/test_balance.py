@@ -89,6 +89,16 @@ def test_small_embedder_is_deterministic_unit_norm_and_colour_aware():
         build_embedder("/no/such/model")
 
 
+def test_a_directory_holding_another_kind_of_model_is_a_user_error(tmp_path):
+    from transformers import BertConfig
+
+    from krea2_train.errors import UsageError
+
+    BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(tmp_path / "bert")
+    with pytest.raises(UsageError, match=r"holds a 'bert' model; supported embedders: \['dinov2'"):
+        build_embedder(str(tmp_path / "bert"))
+
+
 def test_transformers_embedders_return_the_pooled_image_embedding(tmp_path):
     import transformers
 

@@ -160,10 +160,12 @@ def test_teacher_patch_features_on_a_non_square_grid(tiny_teacher_dir):
 def test_teacher_rejects_other_models(tmp_path):
     from transformers import BertConfig
 
+    from krea2_train.errors import UsageError
+
     with pytest.raises(FileNotFoundError, match="no config.json"):
         VisionTeacher.from_pretrained(tmp_path, torch.device("cpu"), torch.float32)
     BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="is a 'bert' model"):
+    with pytest.raises(UsageError, match="is a 'bert' model"):  # a user error: one line, recorded for the launcher
         VisionTeacher.from_pretrained(tmp_path, torch.device("cpu"), torch.float32)
 
 

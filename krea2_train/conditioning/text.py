@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from krea2_train.devices import to_device
-from krea2_train.errors import MissingPathError
+from krea2_train.errors import MissingPathError, UsageError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -158,7 +158,7 @@ class Qwen3VLTextTaps(nn.Module):
         model_type = AutoConfig.from_pretrained(path, local_files_only=True).model_type
         model_class = {"qwen3_vl": Qwen3VLModel, "qwen3_vl_text": Qwen3VLTextModel}.get(model_type)
         if model_class is None:
-            raise ValueError(f"{path} holds a {model_type!r} model, expected 'qwen3_vl' or 'qwen3_vl_text'")
+            raise UsageError(f"{path} holds a {model_type!r} model, expected 'qwen3_vl' or 'qwen3_vl_text'")
         model = model_class.from_pretrained(path, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path, local_files_only=True)
         taps = cls(model, tokenizer, select_layers=select_layers, max_sequence_length=max_sequence_length)

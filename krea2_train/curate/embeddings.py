@@ -17,7 +17,7 @@ from typing import Protocol, Sequence
 import numpy as np
 from PIL import Image
 
-from krea2_train.errors import MissingPathError
+from krea2_train.errors import MissingPathError, UsageError
 
 SMALL = "small"
 
@@ -89,7 +89,7 @@ class TransformersEmbedder:
             raise MissingPathError(f"embedding model directory {path} has no config.json (a transformers checkpoint)")
         config = transformers.AutoConfig.from_pretrained(path)
         if config.model_type not in VISION_MODELS:
-            raise ValueError(
+            raise UsageError(
                 f"{path} holds a {config.model_type!r} model; supported embedders: {sorted(VISION_MODELS)}"
             )
         model_class = getattr(transformers, VISION_MODELS[config.model_type])

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from krea2_train.errors import MissingPathError
+from krea2_train.errors import MissingPathError, UsageError
 
 TEACHER_MODEL_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit")
 TINY_TEACHER_DIR = "irepa_encoder"  # under the run directory
@@ -183,7 +183,7 @@ def load_teacher_config(path: str | Path):
         )
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if config.model_type not in TEACHER_MODEL_TYPES:
-        raise ValueError(f"irepa.encoder {str(path)!r} is a {config.model_type!r} model; accepted: {TEACHER_MODEL_TYPES}")
+        raise UsageError(f"irepa.encoder {str(path)!r} is a {config.model_type!r} model; accepted: {TEACHER_MODEL_TYPES}")
     return config
 
 
