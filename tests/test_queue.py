@@ -260,6 +260,32 @@ def test_job_progress_gives_the_recent_rate_and_an_eta(fresh_store, capsys):
     assert progress.eta_s is None  # nothing moved lately: no estimate
 
 
+def test_a_handler_stops_once_its_whole_batch_was_taken_from_it(fresh_store, caplog):
+    """The rows of a batch in progress go to another worker (this one's lease ran out): the next
+    heartbeat sees none held, the handler's check_lease() stops it, nothing of it is written, and
+    the rows are done later by whoever holds them."""
+    ids = _add_images(fresh_store, 4)
+    calls = []
+
+    def slow_handler(rows, ctx):
+        calls.append(0)
+        if len(calls) == 1:  # the first time, another worker takes the batch meanwhile
+            with fresh_store.pool.connection() as conn:
+                conn.execute("UPDATE job_runs SET owner = 'other', attempt = attempt + 1 WHERE job = 'probe'")
+        for _ in range(100):
+            ctx.check_lease()
+            calls[-1] += 1
+            time.sleep(0.02)
+        return [Done({"width": 1, "height": 1}) for _ in rows]
+
+    job = _job(handler=slow_handler, batch_size=4, lease_s=0.3, max_attempts=10)
+    with caplog.at_level("WARNING"):
+        stats = run_worker(fresh_store, job, poll_s=0.05)
+    assert calls[0] < 100  # stopped after a heartbeat or two, not after its 2 seconds of work
+    assert stats.lost >= 4 and stats.completed == 4 and "lost the leases of its whole batch" in caplog.text
+    assert job_counts(fresh_store)["probe"]["done"] == len(ids)
+
+
 def test_worker_waits_out_a_database_outage_and_gives_up_after_outage_s(fresh_store, monkeypatch):
     import psycopg
 

@@ -132,10 +132,12 @@ def _embedded(conn, image_ids: Sequence[int], embedder_name: str) -> set[int]:
 
 
 def embed_images(
-    store: Store, image_ids: list[int], uris: list[str], embedder: Embedder, batch_size: int = EMBED_BATCH
+    store: Store, image_ids: list[int], uris: list[str], embedder: Embedder, batch_size: int = EMBED_BATCH,
+    before_batch: Callable[[], None] = lambda: None,
 ) -> int:
     """Compute and store the embeddings that are missing (see :func:`_stored_embeddings`); returns
-    how many were computed. Files are read by ``READ_THREADS`` threads while the embedder runs."""
+    how many were computed. Files are read by ``READ_THREADS`` threads while the embedder runs;
+    ``before_batch()`` runs before each batch is embedded (the embed job's lease check)."""
     todo = []
     for start in range(0, len(image_ids), EMBEDDING_PAGE):
         page = image_ids[start : start + EMBEDDING_PAGE]
@@ -150,6 +152,7 @@ def embed_images(
             batch = todo[start : start + batch_size]
             for ahead in range(start + len(reading) * batch_size, min(start + READ_AHEAD * batch_size, len(todo)), batch_size):
                 reading.append([readers.submit(_open_decoded, uri) for _, uri in todo[ahead : ahead + batch_size]])
+            before_batch()
             vectors = embedder.embed([future.result() for future in reading.popleft()])
             broken = [uri for (_, uri), vector in zip(batch, vectors) if not np.isfinite(vector).all()]
             if broken:  # stored, it would fail every clustering of the dataset
@@ -271,7 +274,8 @@ def embed_job_handler(rows: list[dict], ctx: JobContext) -> list[Outcome]:
         ).fetchall()
     for dataset_id, spec in targets:
         batch = [row for row in rows if row["dataset_id"] == dataset_id]
-        embed_images(ctx.store, [row["id"] for row in batch], [row["uri"] for row in batch], _worker_embedder(spec))
+        embed_images(ctx.store, [row["id"] for row in batch], [row["uri"] for row in batch], _worker_embedder(spec),
+                     before_batch=ctx.check_lease)
     return [Done({}) for _ in rows]
 
 

@@ -309,13 +309,17 @@ def pack_job_handler(rows: list[dict], ctx: JobContext) -> list[Outcome]:
             f"SELECT s.resolution, s.image_id FROM {LIVE_SHARD_SAMPLES_SQL} WHERE s.image_id = ANY(%s)", (image_ids,)
         ).fetchall())
     by_id = {row["id"]: row for row in rows}
+
+    def rows_of(image_ids: list[int]) -> list[dict]:
+        ctx.check_lease()  # before each shard: stop once the batch is another worker's
+        return [by_id[image_id] for image_id in image_ids]
+
     for dataset_id, dataset, resolution, out_dir, settings in targets:
         todo = [(r["id"], r["width"], r["height"]) for r in sorted(rows, key=lambda r: r["id"])
                 if r["dataset_id"] == dataset_id and (resolution, r["id"]) not in packed]  # fmt: skip
         report = PackReport()
         pack_rows(
-            ctx.store, dataset, dataset_id, todo, resolution, Path(out_dir), PackSettings.from_json(settings), report,
-            lambda ids: [by_id[image_id] for image_id in ids],
+            ctx.store, dataset, dataset_id, todo, resolution, Path(out_dir), PackSettings.from_json(settings), report, rows_of,
         )
         unreadable |= report.unreadable
     return [Failed(unreadable[row["id"]]) if row["id"] in unreadable else Done({}) for row in rows]

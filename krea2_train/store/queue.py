@@ -40,7 +40,7 @@ import time
 import uuid
 from contextlib import nullcontext
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import psycopg
 from psycopg import sql
@@ -87,10 +87,24 @@ class Claim:
 
 @dataclass(frozen=True)
 class JobContext:
-    """What a handler may use besides its rows: the store (for queries) and its owner id."""
+    """What a handler may use besides its rows: the store (for queries), its owner id, and
+    ``check_lease()``, which a long handler calls between units of work (a shard, a batch of
+    embeddings) to stop once every row of its batch was taken from it."""
 
     store: Store
     owner: str
+    leases_lost: Callable[[], bool] = field(default=lambda: False, compare=False)
+
+    def check_lease(self) -> None:
+        """Raise :class:`LeaseLost` when this worker no longer holds any row of its batch (its lease
+        ran out, e.g. while the database was away, and the rows went to another worker): whatever
+        it would still write is fenced out, so going on only wastes time."""
+        if self.leases_lost():
+            raise LeaseLost(f"worker {self.owner} lost the leases of its whole batch")
+
+
+class LeaseLost(Exception):
+    """A handler stopped because its batch's rows belong to other workers now (see JobContext)."""
 
 
 @dataclass(frozen=True)
@@ -507,6 +521,8 @@ def run_handler(job: Job, claims: Sequence[Claim], ctx: JobContext) -> list[Outc
     """
     try:
         outcomes = list(job.handler([c.row for c in claims], ctx))
+    except LeaseLost:
+        raise  # nothing of the batch is this worker's to record
     except Exception as error:  # bisect; a single row fails, to be retried or set aside
         if len(claims) == 1:
             return [Failed(f"{type(error).__name__}: {error}")]
@@ -535,6 +551,10 @@ class Heartbeat:
             except psycopg.Error:
                 continue  # a blip: the next beat retries; a lease that runs out is fenced anyway
             self.lost |= {c.image_id for c in self.claims} - held
+
+    def all_lost(self) -> bool:
+        """Whether no row of the batch is held any more."""
+        return len(self.lost) == len(self.claims)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -609,8 +629,13 @@ def run_worker(
                     stop.wait(poll_s * random.uniform(0.5, 1.5))
                     continue
                 stats.claimed += len(claims)
-                with Heartbeat(queue, claims):
-                    outcomes = run_handler(job, claims, ctx)
+                try:
+                    with Heartbeat(queue, claims) as heartbeat:
+                        outcomes = run_handler(job, claims, replace(ctx, leases_lost=heartbeat.all_lost))
+                except LeaseLost as error:  # the rows are another worker's now
+                    stats.lost += len(claims)
+                    logger.warning("job %s: %s; stopped its handler", job.name, error)
+                    continue
                 completed, failed = queue.finish(claims, outcomes)
                 stats.completed, stats.failed = stats.completed + completed, stats.failed + failed
                 stats.lost += len(claims) - completed - failed
