@@ -27,6 +27,11 @@ BENCHES: dict[str, list[str]] = {
 ALL_OPTIONS: dict[str, list[str]] = {"krea2_train.bench.train": ["--device", "cpu"]}
 
 
+def bench_row(bench: str, metric: str, value, unit: str, target: str | None = None, met: bool | None = None) -> dict:
+    """One result row (see the module docstring)."""
+    return {"bench": bench, "metric": metric, "value": value, "unit": unit, "target": target, "met": met}
+
+
 LONG_TEXT = 40  # a text value longer than this (a run's setup) goes below the table, not in its column
 
 

@@ -56,13 +56,10 @@ def _fill(store, images: int, dim: int) -> tuple[int, list[int]]:
     return dataset_id, sorted(image_ids)
 
 
-def _row(metric: str, value: float, unit: str) -> dict:
-    return {"bench": BENCH, "metric": metric, "value": float(value), "unit": unit, "target": None, "met": None}
-
-
 def run(args) -> list[dict]:
     from psycopg.types.json import Jsonb
 
+    from krea2_train.bench import bench_row
     from krea2_train.bench.data_store import _drop_database, _scratch_database
     from krea2_train.curate.balance import _store_hierarchy, load_embeddings, read_clusters
     from krea2_train.curate.kmeans import Hierarchy
@@ -117,11 +114,11 @@ def run(args) -> list[dict]:
                 embedded.stop()
     size = f"{n:,} x {dim}"
     return [
-        _row(f"load_embeddings ({size})", n / load_s, "embeddings/s"),
-        _row(f"load_embeddings peak / array size ({size})", peak / embeddings.nbytes, "x"),
-        _row(f"image_clusters write, COPY ({n:,} rows)", n / write_s, "rows/s"),
-        _row(f"image_clusters read, server-side cursor ({n:,} rows)", n / read_s, "rows/s"),
-        _row(f"queue seed sweep with nothing to add ({n:,} images)", n / sweep_s, "images/s"),
+        bench_row(BENCH, f"load_embeddings ({size})", n / load_s, "embeddings/s"),
+        bench_row(BENCH, f"load_embeddings peak / array size ({size})", peak / embeddings.nbytes, "x"),
+        bench_row(BENCH, f"image_clusters write, COPY ({n:,} rows)", n / write_s, "rows/s"),
+        bench_row(BENCH, f"image_clusters read, server-side cursor ({n:,} rows)", n / read_s, "rows/s"),
+        bench_row(BENCH, f"queue seed sweep with nothing to add ({n:,} images)", n / sweep_s, "images/s"),
     ]
 
 

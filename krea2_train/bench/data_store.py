@@ -144,14 +144,9 @@ def _drop_database(server_dsn: str, name: str) -> None:
 
 
 def _record(bench: str, metric: str, value: float, unit: str, target: float) -> dict:
-    return {
-        "bench": bench,
-        "metric": metric,
-        "value": float(value),
-        "unit": unit,
-        "target": f">= {target:,.0f} {unit}",
-        "met": bool(value >= target),
-    }
+    from krea2_train.bench import bench_row
+
+    return bench_row(bench, metric, float(value), unit, f">= {target:,.0f} {unit}", bool(value >= target))
 
 
 @contextlib.contextmanager

@@ -65,6 +65,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from krea2_train.bench import bench_row
 from krea2_train.bench.gpu import measured_matmul_flops, spec_peak_flops, synchronize
 from krea2_train.conditioning.conditioner import text_length
 from krea2_train.model.flops import PIXELS_PER_TOKEN, image_tokens_at, training_flops
@@ -460,7 +461,7 @@ def time_training(build: Callable[[BenchSettings], Trainee], settings: BenchSett
 
 
 def _row(metric: str, value, unit: str, target: str | None = None, met: bool | None = None) -> dict:
-    return {"bench": BENCH, "metric": metric, "value": value, "unit": unit, "target": target, "met": met}
+    return bench_row(BENCH, metric, value, unit, target, met)
 
 
 def timing_rows(name: str, timing: StepTiming, settings: BenchSettings, matmul_flops: float, spec_flops: float | None) -> list[dict]:

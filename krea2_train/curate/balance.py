@@ -24,14 +24,13 @@ from collections.abc import Mapping, Sequence
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from krea2_train.curate.embeddings import SMALL, Embedder, build_embedder, embedder_spec
+from krea2_train.curate.embeddings import Embedder, build_embedder, embedder_spec
 from krea2_train.curate.images import open_rgb
 from krea2_train.curate.kmeans import Hierarchy, KMeansSettings, balanced_sample, hierarchical_kmeans
 from krea2_train.data.pack import DEDUP_DONE_SQL, PACK_JOB_NAME, PACKABLE_SQL
@@ -49,7 +48,7 @@ READ_THREADS = 4  # threads reading and decoding files while the embedder runs
 READ_AHEAD = 2  # batches being read at once (the one embedded next included)
 PROGRESS_EVERY_S = 30.0
 EMBED_JOB_NAME = "embed"
-WRITE_BATCH = 10_000  # rows of image_clusters written or read at a time
+CLUSTER_ROWS_BATCH = 10_000  # rows of image_clusters written or read at a time
 # images columns a selection does not copy: its own key and dataset, the source's dedup links
 NOT_COPIED = ("id", "dataset_id", "duplicate_of", "ingested_at")
 # filter scores and the direction in which they are better (None: both ends are bad, so curating by
@@ -244,7 +243,7 @@ def remove_embed_target(store: Store, dataset: str, embedder: str) -> bool:
     """Stop embedding ``dataset`` with ``embedder`` (e.g. a model the workers cannot load); the
     job's rows of the dataset it had set aside as dead go back to pending, to be embedded with the
     targets that remain. Returns whether the target existed."""
-    spec = embedder if embedder == SMALL else str(Path(embedder).resolve())  # the directory may be gone
+    spec = embedder_spec(embedder, must_exist=False)  # the directory may be gone
     with store.pool.connection() as conn:
         dataset_id = find_dataset_id(conn, dataset)
         removed = conn.execute(
@@ -298,8 +297,8 @@ def _store_hierarchy(conn, clustering_id: int, image_ids: list[int], hierarchy: 
     with conn.cursor() as cursor, cursor.copy(
         "COPY image_clusters (clustering_id, image_id, cluster_ids, centroid_distance) FROM STDIN"
     ) as copy:
-        for start in range(0, len(image_ids), WRITE_BATCH):  # Python objects for one batch at a time
-            end = start + WRITE_BATCH
+        for start in range(0, len(image_ids), CLUSTER_ROWS_BATCH):  # Python objects for one batch at a time
+            end = start + CLUSTER_ROWS_BATCH
             rows = zip(image_ids[start:end], hierarchy.point_clusters[start:end].tolist(),
                        hierarchy.centroid_distances[start:end].tolist())
             for image_id, cluster_ids, distance in rows:
@@ -339,7 +338,7 @@ def cluster_images(
 def read_clusters(store: Store, clustering_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image ids [n], cluster ids [n, L] with column 0 = level 1, centroid distances [n]), by id.
 
-    Read through a server-side cursor ``WRITE_BATCH`` rows at a time into arrays."""
+    Read through a server-side cursor ``CLUSTER_ROWS_BATCH`` rows at a time into arrays."""
     with store.pool.connection() as conn, conn.transaction():
         num_images, num_levels = conn.execute(
             "SELECT num_images, num_levels FROM clusterings WHERE id = %s", (clustering_id,)
@@ -350,12 +349,12 @@ def read_clusters(store: Store, clustering_id: int) -> tuple[np.ndarray, np.ndar
         read = 0
         conn.execute("SET LOCAL cursor_tuple_fraction = 1")  # the whole result is read: plan for that, not for its first rows
         with conn.cursor(name=f"krea2_clusters_{clustering_id}") as cursor:
-            cursor.itersize = WRITE_BATCH
+            cursor.itersize = CLUSTER_ROWS_BATCH
             cursor.execute(
                 "SELECT image_id, cluster_ids, centroid_distance FROM image_clusters WHERE clustering_id = %s ORDER BY image_id",
                 (clustering_id,),
             )
-            while rows := cursor.fetchmany(WRITE_BATCH):
+            while rows := cursor.fetchmany(CLUSTER_ROWS_BATCH):
                 if read + len(rows) > num_images:
                     raise StoreError(f"clustering {clustering_id} has more image rows than the {num_images} it records")
                 ids, clusters, point_distances = zip(*rows)

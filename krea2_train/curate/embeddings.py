@@ -113,11 +113,12 @@ class TransformersEmbedder:
         return l2_normalise(pooled.float().cpu().numpy())
 
 
-def embedder_spec(spec: str) -> str:
-    """``spec`` as stored in embed targets: ``"small"``, or the model directory's absolute path."""
+def embedder_spec(spec: str, must_exist: bool = True) -> str:
+    """``spec`` as stored in embed targets: ``"small"``, or the model directory's absolute path
+    (which must be a directory unless ``must_exist`` is False: a target removed after its model)."""
     if spec == SMALL:
         return SMALL
-    if not Path(spec).is_dir():
+    if must_exist and not Path(spec).is_dir():
         raise MissingPathError(f"embedder must be {SMALL!r} or a local model directory; {spec!r} is neither")
     return str(Path(spec).resolve())
 

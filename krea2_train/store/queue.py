@@ -607,7 +607,7 @@ def run_worker(
     next_reap = next_seed = 0.0
     failing_since: float | None = None
     backoff_s = 0.1
-    began = next_progress = time.monotonic()
+    began = last_progress = time.monotonic()
     try:
         while not stop.is_set():
             try:
@@ -639,11 +639,11 @@ def run_worker(
                 completed, failed = queue.finish(claims, outcomes)
                 stats.completed, stats.failed = stats.completed + completed, stats.failed + failed
                 stats.lost += len(claims) - completed - failed
-                if time.monotonic() >= next_progress + progress_every_s:
-                    next_progress = time.monotonic()
+                if time.monotonic() >= last_progress + progress_every_s:
+                    last_progress = time.monotonic()
                     logger.info(
                         "job %s: %d rows done, %d failed, %d lost by this worker  %.1f rows/s", job.name,
-                        stats.completed, stats.failed, stats.lost, stats.completed / (next_progress - began),
+                        stats.completed, stats.failed, stats.lost, stats.completed / (last_progress - began),
                     )
             except psycopg.OperationalError as error:  # the server or the connection went away
                 now = time.monotonic()
