@@ -60,6 +60,13 @@ def test_bad_input_names_the_key(overrides, message):
         load_config("stage/pretrain_256", overrides)
 
 
+def test_an_unknown_group_option_lists_the_options_and_not_hydras_search_path():
+    with pytest.raises(ConfigError) as caught:
+        load_config("stage/pretrain_256", ["model=huge"])
+    assert "Available options in 'model'" in str(caught.value) and "tiny" in str(caught.value)
+    assert "search path" not in str(caught.value)
+
+
 def test_unknown_stage_lists_the_stages():
     with pytest.raises(ConfigError, match="stage configs: grpo"):
         load_config("stage/pretrain_2048")

@@ -6,10 +6,12 @@ import faiss
 import numpy as np
 import pytest
 
+from krea2_train.curate import kmeans
 from krea2_train.curate.kmeans import (
     KMeansSettings,
     balanced_sample,
     hierarchical_kmeans,
+    nearest_centroids,
     resampled_subset,
     water_fill,
 )
@@ -79,6 +81,44 @@ def test_hierarchy_is_consistent_and_deterministic():
     )
 
 
+def test_level_one_trains_on_a_sample_and_still_balances(monkeypatch):
+    """At scale a k-means run trains on train_points_per_cluster random items per cluster; every
+    item is still assigned, and the head concept's share is still halved."""
+    points, labels = long_tailed_pool()
+    trained_on = []
+    kmeans_run = kmeans._kmeans
+    monkeypatch.setattr(kmeans, "_kmeans", lambda items, *rest: trained_on.append(len(items)) or kmeans_run(items, *rest))
+    settings = KMeansSettings(levels=(400, 40), resample_steps=3, points_per_cluster=8, seed=0, train_points_per_cluster=10)
+    hierarchy = hierarchical_kmeans(points, settings)
+    assert trained_on[0] == 400 * 10  # level 1's first run: a sample of the 20,000 points
+    assert trained_on[4] == 400  # level 2 trains on all of level 1's centroids (fewer than 40 * 10)
+    own = hierarchy.centroids[0][hierarchy.point_clusters[:, 0]]
+    np.testing.assert_allclose(hierarchy.centroid_distances, ((points - own) ** 2).sum(1), rtol=1e-3, atol=1e-3)
+    target = len(points) // 10
+    uniform = np.random.default_rng(1).choice(len(points), size=target, replace=False)
+    chosen = balanced_sample(hierarchy.point_clusters, target, seed=0)
+    assert largest_concept_share(labels, chosen) <= largest_concept_share(labels, uniform) / 2
+    again = hierarchical_kmeans(points, settings)
+    np.testing.assert_array_equal(again.point_clusters, hierarchy.point_clusters)
+
+
+def test_nearest_centroid_search_in_batches_and_in_torch_matches_one_faiss_search(monkeypatch):
+    rng = np.random.default_rng(0)
+    items = rng.normal(size=(5000, 48)).astype(np.float32)
+    centroids = rng.normal(size=(300, 48)).astype(np.float32)
+    index = faiss.IndexFlatL2(48)
+    index.add(centroids)
+    expected_distances, expected_ids = index.search(items, 1)
+    monkeypatch.setattr(kmeans, "ASSIGN_DISTANCES_BYTES", 4 * 300 * 1024)  # batches of 1024 items
+    for device in ("cpu", "torch-cpu"):  # the torch path is the GPU's; it runs on the CPU the same
+        if device == "torch-cpu":
+            monkeypatch.setattr(kmeans, "_faiss_search", lambda centroids: kmeans._torch_search(centroids, "cpu"))
+        distances, ids = nearest_centroids(items, centroids)
+        assert ids.dtype == np.int64 and distances.dtype == np.float32
+        np.testing.assert_array_equal(ids, expected_ids[:, 0])
+        np.testing.assert_allclose(distances, expected_distances[:, 0], rtol=1e-4, atol=1e-3)
+
+
 def test_small_datasets_get_at_most_one_cluster_per_item():
     points = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
     hierarchy = hierarchical_kmeans(points, KMeansSettings(levels=(64, 8)))
@@ -138,6 +178,8 @@ def test_bad_input_is_named():
         KMeansSettings(levels=(4, 8))
     with pytest.raises(ValueError, match="positive cluster counts"):
         KMeansSettings(levels=())
+    with pytest.raises(ValueError, match="train_points_per_cluster >= 1"):
+        KMeansSettings(train_points_per_cluster=0)
     with pytest.raises(ValueError, match="NaN"):
         hierarchical_kmeans(np.full((4, 2), np.nan, dtype=np.float32), KMeansSettings(levels=(2,)))
     with pytest.raises(ValueError, match=r"target must be in 1\.\.10"):

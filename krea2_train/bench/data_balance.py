@@ -3,6 +3,8 @@ a dataset's size, on a scratch database of the embedded server (or ``--dsn``), d
 
     embeddings   ``load_embeddings`` of N random D-dim embeddings into one array: embeddings/s,
                  and its peak traced memory over the array's size (a second, traced pass)
+    kmeans       ``hierarchical_kmeans`` of those embeddings, levels N/1000 and N/10000, the
+                 nearest-centroid searches on the GPU when there is one: embeddings/s
     clusters     ``image_clusters`` of a 3-level clustering of the N images written (COPY) and
                  read back (server-side cursor): rows/s
     sweep        a queue seed over the N images when every one has its row already (what a
@@ -17,6 +19,7 @@ import argparse
 import tempfile
 import time
 import tracemalloc
+from dataclasses import replace
 
 import numpy as np
 
@@ -28,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dsn", default=None, help="server to benchmark (default: a fresh embedded server)")
     parser.add_argument("--images", type=int, default=20_000, help="images (and embeddings) in the scratch dataset")
     parser.add_argument("--dim", type=int, default=768, help="embedding width")
+    parser.add_argument("--train-points-per-cluster", type=int, default=None,
+                        help="k-means training sample per cluster (default: balance's; a large value trains on every embedding)")
 
 
 def _fill(store, images: int, dim: int) -> tuple[int, list[int]]:
@@ -62,7 +67,8 @@ def run(args) -> list[dict]:
     from krea2_train.bench import bench_row
     from krea2_train.bench.data_store import _drop_database, _scratch_database
     from krea2_train.curate.balance import _store_hierarchy, load_embeddings, read_clusters
-    from krea2_train.curate.kmeans import Hierarchy
+    from krea2_train.curate.embeddings import default_device
+    from krea2_train.curate.kmeans import Hierarchy, KMeansSettings, hierarchical_kmeans
     from krea2_train.store import open_store
     from krea2_train.store.embedded import EmbeddedServer
     from krea2_train.store.queue import Job, Queue
@@ -83,6 +89,14 @@ def run(args) -> list[dict]:
                 load_embeddings(store, image_ids, "bench")
                 peak = tracemalloc.get_traced_memory()[1]
                 tracemalloc.stop()
+
+                device, levels = default_device(), (max(1, n // 1000), max(1, n // 10000))
+                settings = KMeansSettings(levels=levels)
+                if args.train_points_per_cluster is not None:
+                    settings = replace(settings, train_points_per_cluster=args.train_points_per_cluster)
+                began = time.perf_counter()
+                hierarchical_kmeans(embeddings, settings, device)
+                kmeans_s = time.perf_counter() - began
 
                 rng = np.random.default_rng(1)
                 clusters = np.stack([rng.integers(0, k, n) for k in (max(1, n // 100), max(1, n // 1000), 10)], axis=1)
@@ -116,6 +130,9 @@ def run(args) -> list[dict]:
     return [
         bench_row(BENCH, f"load_embeddings ({size})", n / load_s, "embeddings/s"),
         bench_row(BENCH, f"load_embeddings peak / array size ({size})", peak / embeddings.nbytes, "x"),
+        bench_row(BENCH, f"hierarchical k-means, levels {levels[0]:,} {levels[1]:,}, {settings.train_points_per_cluster:,} training"
+                  f" points per cluster, search on {device} ({size})", n / kmeans_s,
+                  "embeddings/s"),
         bench_row(BENCH, f"image_clusters write, COPY ({n:,} rows)", n / write_s, "rows/s"),
         bench_row(BENCH, f"image_clusters read, server-side cursor ({n:,} rows)", n / read_s, "rows/s"),
         bench_row(BENCH, f"queue seed sweep with nothing to add ({n:,} images)", n / sweep_s, "images/s"),

@@ -44,7 +44,8 @@ def compose(config: str, overrides: list[str] | None = None) -> DictConfig:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             return hydra_compose(config_name="config", overrides=[f"{group}={option}", *overrides])
     except HydraException as error:
-        raise ConfigError(f"cannot compose {config!r} with overrides {given}: {error}") from None
+        reason = str(error).split("\nConfig search path:")[0].strip()  # where Hydra looked says nothing to a user
+        raise ConfigError(f"cannot compose {config!r} with overrides {given}: {reason}") from None
 
 
 def _check_override_key(override: str) -> str:

@@ -30,7 +30,7 @@ import numpy as np
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from krea2_train.curate.embeddings import Embedder, build_embedder, embedder_spec
+from krea2_train.curate.embeddings import Embedder, build_embedder, default_device, embedder_spec
 from krea2_train.curate.images import open_rgb
 from krea2_train.curate.kmeans import Hierarchy, KMeansSettings, balanced_sample, hierarchical_kmeans
 from krea2_train.data.pack import DEDUP_DONE_SQL, PACK_JOB_NAME, PACKABLE_SQL
@@ -315,14 +315,15 @@ def _store_hierarchy(conn, clustering_id: int, image_ids: list[int], hierarchy: 
 def cluster_images(
     store: Store, dataset_id: int, image_ids: list[int], embedder_name: str, settings: KMeansSettings
 ) -> int:
-    """The id of the clustering of ``image_ids`` with these settings, computing it once."""
+    """The id of the clustering of ``image_ids`` with these settings, computing it once (the
+    nearest-centroid searches on the GPU when there is one)."""
     key = (dataset_id, embedder_name, ids_digest(image_ids), Jsonb(settings.to_json()))
     find = "SELECT id FROM clusterings WHERE dataset_id = %s AND embedder = %s AND images_sha256 = %s AND settings = %s"
     with store.pool.connection() as conn:
         row = conn.execute(find, key).fetchone()
     if row is not None:
         return row[0]
-    hierarchy = hierarchical_kmeans(load_embeddings(store, image_ids, embedder_name), settings)
+    hierarchy = hierarchical_kmeans(load_embeddings(store, image_ids, embedder_name), settings, default_device())
     with store.pool.connection() as conn, conn.transaction():
         row = conn.execute(
             "INSERT INTO clusterings (dataset_id, embedder, images_sha256, settings, num_levels, num_images)"
@@ -592,6 +593,8 @@ def add_selection_commands(commands, store_arguments: Callable, open_store: Call
     balance.add_argument("--resample-steps", type=int, default=3)
     balance.add_argument("--points-per-cluster", type=int, default=8)
     balance.add_argument("--niter", type=int, default=20, help="k-means iterations per run")
+    balance.add_argument("--train-points-per-cluster", type=int, default=256,
+                         help="a k-means run of k clusters trains on at most k times this many random items (default 256)")
     balance.add_argument("--seed", type=int, default=0)
     balance.add_argument("--embedder", default="small", help="'small' or a local SigLIP, SigLIP 2, DINOv2 or DINOv3 transformers directory (on the GPU when there is one)")
     balance.add_argument("--leaf-pick", choices=("random", "nearest"), default="random")
@@ -624,7 +627,9 @@ def _print(report: SelectionReport) -> int:
 
 def _cmd_balance(args, open_store: Callable) -> int:
     try:
-        settings = KMeansSettings(tuple(args.levels), args.resample_steps, args.points_per_cluster, args.niter, args.seed)
+        settings = KMeansSettings(
+            tuple(args.levels), args.resample_steps, args.points_per_cluster, args.niter, args.seed, args.train_points_per_cluster
+        )
     except ValueError as error:
         raise UsageError(str(error)) from None
     with open_store(args) as store:

@@ -14,16 +14,30 @@ The method of Vo et al. 2024 ("Automatic data curation for self-supervised learn
   cluster's share among its sub-clusters the same way, down to level 1, where members are picked
   at random or nearest the centroid.
 
-Everything is a pure function of its inputs and a seed. Numpy in, numpy out; faiss runs k-means.
+At scale (tens of millions of embeddings, tens of thousands of level-1 clusters) the cost is the
+level-1 runs: each k-means run trains on at most ``train_points_per_cluster`` random items per
+cluster (faiss's own default is 256), and every item is then assigned to its nearest centroid in
+batches, on the GPU when one is given, with progress logged.
+
+Everything is a pure function of its inputs and a seed. Numpy in, numpy out; faiss runs k-means,
+and the nearest-centroid search runs in faiss on the CPU or in torch on a GPU.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from krea2_train.logs import format_duration
+
+logger = logging.getLogger(__name__)
+
 LEAF_PICKS = ("random", "nearest")
+ASSIGN_DISTANCES_BYTES = 1 << 28  # one batch's [items, centroids] float32 distances in a nearest-centroid search
+PROGRESS_EVERY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -36,6 +50,8 @@ class KMeansSettings:
         points_per_cluster: members per cluster, nearest its centroid, kept by a resampling step.
         niter: k-means iterations of each run.
         seed: the seed of every random choice.
+        train_points_per_cluster: a k-means run of k clusters trains on at most k times this many
+            of its items, drawn at random (every item is still assigned to its nearest centroid).
     """
 
     levels: tuple[int, ...] = (64, 8)
@@ -43,16 +59,17 @@ class KMeansSettings:
     points_per_cluster: int = 8
     niter: int = 20
     seed: int = 0
+    train_points_per_cluster: int = 256
 
     def __post_init__(self):
         if not self.levels or any(k < 1 for k in self.levels):
             raise ValueError(f"levels must be a non-empty list of positive cluster counts, got {list(self.levels)}")
         if any(upper > lower for lower, upper in zip(self.levels, self.levels[1:])):
             raise ValueError(f"levels are bottom-up: each must be <= the one below it, got {list(self.levels)}")
-        if self.resample_steps < 0 or self.points_per_cluster < 1 or self.niter < 1:
+        if self.resample_steps < 0 or self.points_per_cluster < 1 or self.niter < 1 or self.train_points_per_cluster < 1:
             raise ValueError(
-                "resample_steps must be >= 0 and points_per_cluster, niter >= 1, got"
-                f" {self.resample_steps}, {self.points_per_cluster}, {self.niter}"
+                "resample_steps must be >= 0 and points_per_cluster, niter, train_points_per_cluster >= 1, got"
+                f" {self.resample_steps}, {self.points_per_cluster}, {self.niter}, {self.train_points_per_cluster}"
             )
 
     def to_json(self) -> dict:
@@ -62,6 +79,7 @@ class KMeansSettings:
             "points_per_cluster": self.points_per_cluster,
             "niter": self.niter,
             "seed": self.seed,
+            "train_points_per_cluster": self.train_points_per_cluster,
         }
 
 
@@ -84,14 +102,65 @@ class Hierarchy:
         return self.point_clusters.shape[1]
 
 
-def nearest_centroids(items: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact nearest centroid of each item: (squared distances [n], ids [n])."""
+def nearest_centroids(items: np.ndarray, centroids: np.ndarray, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Exact nearest centroid of each item, in batches (progress logged every ``PROGRESS_EVERY_S``).
+
+    Args:
+        items: [n, d] float32.
+        centroids: [k, d] float32.
+        device: ``"cpu"`` for faiss, or a torch device (``"cuda"``) to search there in full fp32.
+    Returns:
+        squared distances [n] float32 and centroid ids [n] int64.
+    """
+    n, k = len(items), len(centroids)
+    batch = max(1024, ASSIGN_DISTANCES_BYTES // (4 * k))
+    search = _faiss_search(centroids) if device == "cpu" else _torch_search(centroids, device)
+    distances, ids = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.int64)
+    began = last_report = time.monotonic()
+    for start in range(0, n, batch):
+        end = min(start + batch, n)
+        distances[start:end], ids[start:end] = search(np.ascontiguousarray(items[start:end], dtype=np.float32))
+        now = time.monotonic()
+        if now - last_report >= PROGRESS_EVERY_S and end < n:
+            last_report, rate = now, end / (now - began)
+            logger.info(
+                "assigned %d/%d items to %d centroids  %.0f items/s  eta %s", end, n, k, rate, format_duration((n - end) / rate)
+            )
+    return distances, ids
+
+
+def _faiss_search(centroids: np.ndarray):
     import faiss  # here, not at the top: training imports this module and never clusters
 
     index = faiss.IndexFlatL2(centroids.shape[1])
-    index.add(centroids)
-    distances, ids = index.search(items, 1)
-    return distances[:, 0], ids[:, 0].astype(np.int64)
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+
+    def search(items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        distances, ids = index.search(items, 1)
+        return distances[:, 0], ids[:, 0]
+
+    return search
+
+
+def _torch_search(centroids: np.ndarray, device: str):
+    """|x - c|^2 = |x|^2 - 2 x.c + |c|^2, the matmul in full fp32 (no TF32), as faiss computes it."""
+    import torch
+
+    centroids_t = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(device)
+    centroid_norms = centroids_t.square().sum(1)
+
+    def search(items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            items_t = torch.from_numpy(items).to(device)
+            squared = items_t.square().sum(1, keepdim=True) - 2 * items_t @ centroids_t.T + centroid_norms
+            distances, ids = squared.min(1)
+        finally:
+            torch.set_float32_matmul_precision(precision)
+        return distances.clamp_min(0).cpu().numpy(), ids.cpu().numpy()
+
+    return search
 
 
 def _kmeans(items: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
@@ -121,34 +190,46 @@ def resampled_subset(distances: np.ndarray, assignment: np.ndarray, points_per_c
     return np.sort(order[rank_in_cluster < points_per_cluster])
 
 
-def cluster_level(items: np.ndarray, k: int, settings: KMeansSettings, level_seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One level: k-means++ and the resampling steps.
+def cluster_level(
+    items: np.ndarray, k: int, settings: KMeansSettings, level_seed: int, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One level: k-means++ (trained on at most ``k * train_points_per_cluster`` random items) and
+    the resampling steps; every run's centroids are searched by all items (on ``device``).
 
     Args:
         items: [n, d] float32 (n >= k).
     Returns:
         centroids [k, d], assignment [n] and squared distances [n] to the assigned centroid.
     """
-    centroids = _kmeans(items, k, settings.niter, level_seed)
-    distances, assignment = nearest_centroids(items, centroids)
+    began = time.monotonic()
+    train = items
+    if len(items) > k * settings.train_points_per_cluster:
+        rng = np.random.default_rng(level_seed)
+        train = items[np.sort(rng.choice(len(items), k * settings.train_points_per_cluster, replace=False))]
+    centroids = _kmeans(train, k, settings.niter, level_seed)
+    del train
+    distances, assignment = nearest_centroids(items, centroids, device)
     for step in range(settings.resample_steps):
         subset = resampled_subset(distances, assignment, settings.points_per_cluster)
         if len(subset) < k:
             break
         centroids = _kmeans(items[subset], k, settings.niter, level_seed + 1 + step)
-        distances, assignment = nearest_centroids(items, centroids)
+        distances, assignment = nearest_centroids(items, centroids, device)
+    logger.info("clustered %d items into %d clusters in %s", len(items), k, format_duration(time.monotonic() - began))
     return centroids, assignment, distances
 
 
-def hierarchical_kmeans(embeddings: np.ndarray, settings: KMeansSettings) -> Hierarchy:
-    """Bottom-up hierarchical k-means of ``embeddings`` [n, d].
+def hierarchical_kmeans(embeddings: np.ndarray, settings: KMeansSettings, device: str = "cpu") -> Hierarchy:
+    """Bottom-up hierarchical k-means of ``embeddings`` [n, d]; nearest-centroid searches run on
+    ``device`` (see :func:`nearest_centroids`).
 
     A level never asks for more clusters than it has items (a small dataset gets fewer clusters).
     """
     items = np.ascontiguousarray(embeddings, dtype=np.float32)
     if items.ndim != 2 or len(items) == 0:
         raise ValueError(f"embeddings must be a non-empty [n, d] array, got shape {embeddings.shape}")
-    if not np.isfinite(items).all():
+    rows = max(1, ASSIGN_DISTANCES_BYTES // (4 * items.shape[1]))  # a bounded mask per check, not [n, d] at once
+    if not all(np.isfinite(items[start : start + rows]).all() for start in range(0, len(items), rows)):
         raise ValueError("embeddings contain NaN or infinite values")
     point_clusters = np.empty((len(items), len(settings.levels)), dtype=np.int64)
     all_centroids = []
@@ -156,7 +237,7 @@ def hierarchical_kmeans(embeddings: np.ndarray, settings: KMeansSettings) -> Hie
     parent_of_point = np.arange(len(items))
     for level, k in enumerate(settings.levels):
         k = min(k, len(items))
-        centroids, assignment, distances = cluster_level(items, k, settings, settings.seed * 1000 + level * 100)
+        centroids, assignment, distances = cluster_level(items, k, settings, settings.seed * 1000 + level * 100, device)
         if point_distances is None:
             point_distances = distances
         parent_of_point = assignment[parent_of_point]

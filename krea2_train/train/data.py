@@ -117,7 +117,8 @@ def training_selection(store, config: RunConfig, dataset: str) -> str:
     if balance.enabled:
         target = balance.target or max(1, round(balance.fraction * len(image_ids)))
         settings = KMeansSettings(
-            tuple(balance.levels), balance.resample_steps, balance.points_per_cluster, seed=config.seed
+            tuple(balance.levels), balance.resample_steps, balance.points_per_cluster, seed=config.seed,
+            train_points_per_cluster=balance.train_points_per_cluster,
         )
         key = {"target": target, "embedder": balance.embedder, "leaf_pick": balance.leaf_pick, "images": images, **settings.to_json()}
         report = balance_dataset(
