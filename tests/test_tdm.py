@@ -275,13 +275,14 @@ class ToyNet(nn.Module):
 def test_toy_tdm_student_moves_towards_the_guided_teacher_without_dropping_modes(one_cpu_thread):
     """Student and fake score start from an MLP regressed on the teacher's conditional velocity
     (no CFG, as the DiT's student starts from the teacher's weights); 400 simultaneous 1:1 TDM
-    updates (lr_G = lr_fake / 5, gradient clipping at 1 as in the trainer and TDM) bring its
-    4-step samples closer to the 100-step guided teacher's (energy distance; seeds 1-5 give a
-    ratio of 0.60-0.76 over the last 100 iterations) and keep every mode. The teacher's own
+    updates (lr_G = lr_fake / 5, each network's gradients clipped at 1 as in the trainer and TDM)
+    bring its 4-step samples closer to the 100-step guided teacher's (energy distance; seeds 1-5
+    give a ratio of 0.64-0.82 over the last 100 iterations) and keep every mode. The teacher's own
     4-step Euler sampler stays closer (about 0.011 against the student's 0.025-0.03): in this toy
     TDM removes most but not all of the distance."""
-    torch.manual_seed(1)
-    generator = torch.Generator().manual_seed(1)
+    seed = int(os.environ.get("KREA2_TDM_TOY_SEED", "1"))  # docs/recipe.md's seed sweep sets it
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     mixture = GaussianMixture.ring(MODES, radius=2.0, std=0.15)
     restricted = [mixture.restricted(mode) for mode in range(MODES)]
 
@@ -345,7 +346,8 @@ def test_toy_tdm_student_moves_towards_the_guided_teacher_without_dropping_modes
         student_optimizer.zero_grad()
         fake_optimizer.zero_grad()
         (terms.loss_fake + terms.loss_generator).backward()
-        torch.nn.utils.clip_grad_norm_([*student.parameters(), *fake.parameters()], 1.0)  # as the trainer (TDM: 1)
+        for network in (student, fake):  # each network on its own, as the trainer clips them (TDM: 1)
+            torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
         student_optimizer.step()
         fake_optimizer.step()
         assert torch.isfinite(terms.importance).all() and float(terms.importance.max()) <= 10.0
@@ -354,6 +356,7 @@ def test_toy_tdm_student_moves_towards_the_guided_teacher_without_dropping_modes
             late_distances.append(distance)
             assert bool((modes > 0.9).all()), modes  # no mode dropped or smeared into a neighbour
     late = sum(late_distances) / len(late_distances)
+    print(f"seed {seed}: late energy distance {late / start_distance:.3f} of the start")  # shown by pytest -s
     assert late < 0.85 * start_distance, (start_distance, late_distances)
 
 
