@@ -27,7 +27,7 @@ from krea2_train.curate.balance import (
 )
 from krea2_train.curate.embeddings import SmallEmbedder, build_embedder, l2_normalise
 from krea2_train.curate.jobs import load_jobs
-from krea2_train.curate.kmeans import KMeansSettings, hierarchical_kmeans
+from krea2_train.curate.kmeans import KMeansSettings, hierarchical_kmeans, semantic_duplicates
 from krea2_train.data.ingest import ingest
 from krea2_train.errors import MissingPathError
 from krea2_train.data.pack import PackSettings, pack_dataset
@@ -163,6 +163,25 @@ def test_balance_stores_cluster_ids_per_level_and_materialises_the_selection(poo
     assert packed.num_samples == 12
 
 
+def test_semantic_dedup_leaves_the_near_duplicates_inside_level_one_clusters_out_of_the_selection(pool):
+    store, colours = pool
+    threshold = 0.99
+    report = balance_dataset(store, "pool", "pool_semdedup", 0, SETTINGS, semantic_dedup=threshold, fraction=1.0)
+    _, image_ids, uris = selectable_images(store, "pool")
+    with store.pool.connection() as conn:
+        (clustering_id,) = conn.execute("SELECT id FROM clusterings").fetchone()
+    clustered_ids, clusters, distances = read_clusters(store, clustering_id)
+    embeddings = load_embeddings(store, image_ids, SmallEmbedder().name)
+    duplicate = semantic_duplicates(embeddings, clusters[:, 0], distances, threshold)
+    assert 0 < duplicate.sum() < len(image_ids)
+    kept = sorted(uri for uri, is_duplicate in zip(uris, duplicate) if not is_duplicate)
+    assert report.num_images == len(kept) and sorted(row[0] for row in selection_rows(store, "pool_semdedup")) == kept
+    with pytest.raises(StoreError, match=f"target {len(kept) + 1} is more than the {len(kept)} images of 'pool' left after semantic dedup"):
+        balance_dataset(store, "pool", "pool_semdedup_big", len(kept) + 1, SETTINGS, semantic_dedup=threshold)
+    with pytest.raises(StoreError, match=r"cosine similarity in \(0, 1\], got 1.5"):
+        balance_dataset(store, "pool", "pool_semdedup_bad", 3, SETTINGS, semantic_dedup=1.5)
+
+
 def test_an_image_that_changed_since_decode_fails_balance_naming_it_and_keeps_the_embeddings_before_it(pool):
     store, colours = pool
     _, image_ids, uris = selectable_images(store, "pool")
@@ -243,6 +262,20 @@ def test_a_stage_filters_before_it_curates(pool):
     assert training_selection(store, config, "pool") == chosen  # derived once
 
 
+def test_a_stage_balances_a_fraction_of_what_semantic_dedup_leaves(pool):
+    from krea2_train.config import load_config
+    from krea2_train.train.data import training_selection
+
+    store, _ = pool
+    overrides = ["data.balance.levels=[6,3]", "data.balance.resample_steps=2", "data.balance.points_per_cluster=3",
+                 "data.balance.fraction=0.5"]
+    plain = training_selection(store, load_config("stage/midtrain", overrides), "pool")
+    deduplicated = training_selection(store, load_config("stage/midtrain", [*overrides, "data.balance.semantic_dedup=0.99"]), "pool")
+    assert plain != deduplicated
+    assert len(selection_rows(store, plain)) == 19  # half of the 38
+    assert len(selection_rows(store, deduplicated)) == 14  # half of the 29 left (9 near-duplicates, as above)
+
+
 def test_data_balance_and_curate_commands(fresh_database_dsn, tmp_path, capsys):
     write_pool(tmp_path / "pool")
     store_args = ["--dsn", fresh_database_dsn]
@@ -256,6 +289,9 @@ def test_data_balance_and_curate_commands(fresh_database_dsn, tmp_path, capsys):
                   "--resample-steps", "2", "--points-per-cluster", "3", "--name", "mid"]) == 0
     out = capsys.readouterr().out
     assert "selection mid" in out and "10 images, balance of pool, created" in out
+    assert "left after semantic dedup at 0.99" in krea2_error(  # 38 images, 9 of them near-duplicates
+        ["data", "balance", *store_args, "--dataset", "pool", "--target", "30", "--levels", "6", "3", "--resample-steps", "2",
+         "--points-per-cluster", "3", "--semantic-dedup", "0.99", "--name", "mid_dedup"], capsys)
     assert krea2(["data", "curate", *store_args, "--dataset", "pool", "--top", "4", "--by", "rgb_entropy", "--name", "sft"]) == 0
     assert "4 images, curate of pool, created" in capsys.readouterr().out
     assert krea2(["data", "filter", *store_args, "--dataset", "pool", "--min", "rgb_entropy=0.5", "--max", "white_ratio=0.99",

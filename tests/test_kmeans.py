@@ -13,6 +13,7 @@ from krea2_train.curate.kmeans import (
     hierarchical_kmeans,
     nearest_centroids,
     resampled_subset,
+    semantic_duplicates,
     water_fill,
 )
 
@@ -117,6 +118,39 @@ def test_nearest_centroid_search_in_batches_and_in_torch_matches_one_faiss_searc
         assert ids.dtype == np.int64 and distances.dtype == np.float32
         np.testing.assert_array_equal(ids, expected_ids[:, 0])
         np.testing.assert_allclose(distances, expected_distances[:, 0], rtol=1e-4, atol=1e-3)
+
+
+def brute_force_duplicates(embeddings, clusters, distances, threshold):
+    """The definition, item by item: a duplicate has a member of its cluster before it (farther
+    from the centroid, or as far and lower index) with cosine similarity >= threshold."""
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    duplicate = np.zeros(len(embeddings), dtype=bool)
+    for j in range(len(embeddings)):
+        before = (clusters == clusters[j]) & ((distances > distances[j]) | ((distances == distances[j]) & (np.arange(len(embeddings)) < j)))
+        duplicate[j] = bool(before.any() and (unit[before] @ unit[j]).max() >= threshold)
+    return duplicate
+
+
+def test_semantic_dedup_leaves_out_near_duplicates_inside_a_cluster_keeping_the_least_typical(monkeypatch):
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(40, 16)).astype(np.float32)
+    near = base[:10] + 0.01 * rng.normal(size=(10, 16)).astype(np.float32)  # near-copies of the first 10
+    embeddings = np.concatenate([base, near])
+    clusters = np.r_[rng.integers(0, 3, 40), rng.integers(0, 3, 10)]
+    clusters[40:] = clusters[:10]  # each copy in its original's cluster...
+    clusters[49] = (clusters[9] + 1) % 3  # ...but one, in another cluster: not a duplicate there
+    distances = rng.random(50).astype(np.float32)
+    expected = brute_force_duplicates(embeddings, clusters, distances, 0.99)
+    assert expected.sum() == 9  # nine pairs, one member of each left out
+    for pair in range(9):  # the member farther from the centroid stays
+        farther = pair if distances[pair] > distances[40 + pair] else 40 + pair
+        assert not expected[farther] and expected[pair + 40 - farther + pair]
+    np.testing.assert_array_equal(semantic_duplicates(embeddings, clusters, distances, 0.99), expected)
+    monkeypatch.setattr(kmeans, "ASSIGN_DISTANCES_BYTES", 4 * 3)  # blocks of one or two rows: same answer
+    np.testing.assert_array_equal(semantic_duplicates(embeddings, clusters, distances, 0.99), expected)
+    assert not semantic_duplicates(embeddings, clusters, distances, 1.0).any()  # no two are identical
+    with pytest.raises(ValueError, match=r"cosine similarity in \(0, 1\]"):
+        semantic_duplicates(embeddings, clusters, distances, 0.0)
 
 
 def test_small_datasets_get_at_most_one_cluster_per_item():

@@ -5,6 +5,8 @@ a dataset's size, on a scratch database of the embedded server (or ``--dsn``), d
                  and its peak traced memory over the array's size (a second, traced pass)
     kmeans       ``hierarchical_kmeans`` of those embeddings, levels N/1000 and N/10000, the
                  nearest-centroid searches on the GPU when there is one: embeddings/s
+    semantic     ``semantic_duplicates`` inside the level-1 clusters at cosine 0.95 (on the
+                 GPU when there is one): embeddings/s
     clusters     ``image_clusters`` of a 3-level clustering of the N images written (COPY) and
                  read back (server-side cursor): rows/s
     sweep        a queue seed over the N images when every one has its row already (what a
@@ -68,7 +70,7 @@ def run(args) -> list[dict]:
     from krea2_train.bench.data_store import _drop_database, _scratch_database
     from krea2_train.curate.balance import _store_hierarchy, load_embeddings, read_clusters
     from krea2_train.curate.embeddings import default_device
-    from krea2_train.curate.kmeans import Hierarchy, KMeansSettings, hierarchical_kmeans
+    from krea2_train.curate.kmeans import Hierarchy, KMeansSettings, hierarchical_kmeans, semantic_duplicates
     from krea2_train.store import open_store
     from krea2_train.store.embedded import EmbeddedServer
     from krea2_train.store.queue import Job, Queue
@@ -95,8 +97,11 @@ def run(args) -> list[dict]:
                 if args.train_points_per_cluster is not None:
                     settings = replace(settings, train_points_per_cluster=args.train_points_per_cluster)
                 began = time.perf_counter()
-                hierarchical_kmeans(embeddings, settings, device)
+                clustered = hierarchical_kmeans(embeddings, settings, device)
                 kmeans_s = time.perf_counter() - began
+                began = time.perf_counter()
+                semantic_duplicates(embeddings, clustered.point_clusters[:, 0], clustered.centroid_distances, 0.95, device)
+                semantic_s = time.perf_counter() - began
 
                 rng = np.random.default_rng(1)
                 clusters = np.stack([rng.integers(0, k, n) for k in (max(1, n // 100), max(1, n // 1000), 10)], axis=1)
@@ -133,6 +138,7 @@ def run(args) -> list[dict]:
         bench_row(BENCH, f"hierarchical k-means, levels {levels[0]:,} {levels[1]:,}, {settings.train_points_per_cluster:,} training"
                   f" points per cluster, search on {device} ({size})", n / kmeans_s,
                   "embeddings/s"),
+        bench_row(BENCH, f"semantic dedup inside {levels[0]:,} level-1 clusters on {device} ({size})", n / semantic_s, "embeddings/s"),
         bench_row(BENCH, f"image_clusters write, COPY ({n:,} rows)", n / write_s, "rows/s"),
         bench_row(BENCH, f"image_clusters read, server-side cursor ({n:,} rows)", n / read_s, "rows/s"),
         bench_row(BENCH, f"queue seed sweep with nothing to add ({n:,} images)", n / sweep_s, "images/s"),

@@ -147,6 +147,9 @@ def validate(config: RunConfig) -> None:
     _require(balance.target >= 0 and 0 < balance.fraction <= 1, "data.balance", "target >= 0 and fraction in (0, 1]")
     _require(len(balance.levels) > 0 and min(balance.levels) > 0, "data.balance.levels", "positive cluster counts, bottom-up")
     _require(balance.leaf_pick in ("random", "nearest"), "data.balance.leaf_pick", "accepted: random, nearest")
+    _require(balance.semantic_dedup is None or 0 < balance.semantic_dedup <= 1, "data.balance.semantic_dedup",
+             "a cosine similarity in (0, 1], or null (off)")
+    _require(balance.train_points_per_cluster >= 1, "data.balance.train_points_per_cluster", "must be >= 1")
     _require(curate.top >= 0 and 0 < curate.fraction <= 1, "data.curate", "top >= 0 and fraction in (0, 1]")
     _require(curate.order in (None, "asc", "desc"), "data.curate.order", "accepted: asc, desc, null")
     quality = config.data.quality

@@ -53,6 +53,7 @@ class BalanceConfig:
     points_per_cluster: int = 8
     train_points_per_cluster: int = 256  # a k-means run of k clusters trains on at most k times this many random items
     leaf_pick: str = "random"  # random | nearest (to the level-1 centroid)
+    semantic_dedup: Optional[float] = None  # cosine similarity: leave out near-duplicates inside level-1 clusters (SemDeDup)
     embedder: str = "small"  # "small" | a local SigLIP, SigLIP 2, DINOv2 or DINOv3 transformers directory
 
 

@@ -32,7 +32,7 @@ from psycopg.types.json import Jsonb
 
 from krea2_train.curate.embeddings import Embedder, build_embedder, default_device, embedder_spec
 from krea2_train.curate.images import open_rgb
-from krea2_train.curate.kmeans import Hierarchy, KMeansSettings, balanced_sample, hierarchical_kmeans
+from krea2_train.curate.kmeans import Hierarchy, KMeansSettings, balanced_sample, hierarchical_kmeans, semantic_duplicates
 from krea2_train.data.pack import DEDUP_DONE_SQL, PACK_JOB_NAME, PACKABLE_SQL
 from krea2_train.errors import UsageError
 from krea2_train.logs import format_duration
@@ -313,17 +313,21 @@ def _store_hierarchy(conn, clustering_id: int, image_ids: list[int], hierarchy: 
 
 
 def cluster_images(
-    store: Store, dataset_id: int, image_ids: list[int], embedder_name: str, settings: KMeansSettings
+    store: Store, dataset_id: int, image_ids: list[int], embedder_name: str, settings: KMeansSettings,
+    embeddings: np.ndarray | None = None,
 ) -> int:
     """The id of the clustering of ``image_ids`` with these settings, computing it once (the
-    nearest-centroid searches on the GPU when there is one)."""
+    nearest-centroid searches on the GPU when there is one) from ``embeddings`` [n, d] in
+    ``image_ids``' order, read from the store when not given."""
     key = (dataset_id, embedder_name, ids_digest(image_ids), Jsonb(settings.to_json()))
     find = "SELECT id FROM clusterings WHERE dataset_id = %s AND embedder = %s AND images_sha256 = %s AND settings = %s"
     with store.pool.connection() as conn:
         row = conn.execute(find, key).fetchone()
     if row is not None:
         return row[0]
-    hierarchy = hierarchical_kmeans(load_embeddings(store, image_ids, embedder_name), settings, default_device())
+    if embeddings is None:
+        embeddings = load_embeddings(store, image_ids, embedder_name)
+    hierarchy = hierarchical_kmeans(embeddings, settings, default_device())
     with store.pool.connection() as conn, conn.transaction():
         row = conn.execute(
             "INSERT INTO clusterings (dataset_id, embedder, images_sha256, settings, num_levels, num_images)"
@@ -468,24 +472,56 @@ def balance_dataset(
     settings: KMeansSettings,
     embedder: Embedder | str = "small",
     leaf_pick: str = "random",
+    semantic_dedup: float | None = None,
+    fraction: float | None = None,
 ) -> SelectionReport:
     """Select ``target`` images of ``dataset`` balanced over its hierarchical k-means clusters,
-    as the dataset ``name``."""
+    as the dataset ``name``.
+
+    With ``semantic_dedup`` (a cosine similarity), the near-duplicates inside each level-1 cluster
+    are left out first (:func:`~krea2_train.curate.kmeans.semantic_duplicates`). A ``target`` of 0
+    takes ``fraction`` of the images that remain."""
     dataset_id, image_ids, uris = selectable_images(store, dataset)
-    if not 0 < target <= len(image_ids):
+    if target == 0 and fraction is not None:
+        if not 0 < fraction <= 1:
+            raise StoreError(f"fraction must be in (0, 1], got {fraction}")
+    elif not 0 < target <= len(image_ids):
         raise StoreError(f"target must be in 1..{len(image_ids)} (the selectable images of {dataset!r}), got {target}")
+    if semantic_dedup is not None and not 0 < semantic_dedup <= 1:
+        raise StoreError(f"semantic dedup threshold must be a cosine similarity in (0, 1], got {semantic_dedup}")
     embedder = build_embedder(embedder) if isinstance(embedder, str) else embedder
     selection_settings = {
         "target": target, "embedder": embedder.name, "leaf_pick": leaf_pick,
-        "images_sha256": ids_digest(image_ids), **settings.to_json(),
+        "images_sha256": ids_digest(image_ids), **settings.to_json(), "semantic_dedup": semantic_dedup,
     }
+    if target == 0:
+        selection_settings["fraction"] = fraction
     found = existing_selection(store, name, dataset, "balance", selection_settings)
     if found is not None:
         return found
     embed_images(store, image_ids, uris, embedder)
-    clustering_id = cluster_images(store, dataset_id, image_ids, embedder.name, settings)
+    embeddings = load_embeddings(store, image_ids, embedder.name) if semantic_dedup is not None else None
+    clustering_id = cluster_images(store, dataset_id, image_ids, embedder.name, settings, embeddings)
     clustered_ids, point_clusters, distances = read_clusters(store, clustering_id)
-    chosen = balanced_sample(point_clusters, target, seed=settings.seed, leaf_pick=leaf_pick, centroid_distances=distances)
+    kept = np.arange(len(clustered_ids))
+    if semantic_dedup is not None:  # embeddings and clusters are both in image id order
+        duplicate = semantic_duplicates(embeddings, point_clusters[:, 0], distances, semantic_dedup, default_device())
+        del embeddings
+        kept = np.flatnonzero(~duplicate)
+        logger.info(
+            "semantic dedup of %s at cosine similarity >= %g inside level-1 clusters: %d of %d images left out",
+            dataset, semantic_dedup, len(clustered_ids) - len(kept), len(clustered_ids),
+        )
+    if target == 0:
+        target = max(1, round(fraction * len(kept)))
+    if target > len(kept):
+        raise StoreError(
+            f"target {target} is more than the {len(kept)} images of {dataset!r} left after semantic dedup at"
+            f" {semantic_dedup} ({len(clustered_ids) - len(kept)} near-duplicates): lower the target or raise the threshold"
+        )
+    chosen = kept[balanced_sample(
+        point_clusters[kept], target, seed=settings.seed, leaf_pick=leaf_pick, centroid_distances=distances[kept]
+    )]
     return materialise_selection(
         store, dataset, name, clustered_ids[chosen].tolist(), "balance", selection_settings, clustering_id
     )
@@ -598,6 +634,9 @@ def add_selection_commands(commands, store_arguments: Callable, open_store: Call
     balance.add_argument("--seed", type=int, default=0)
     balance.add_argument("--embedder", default="small", help="'small' or a local SigLIP, SigLIP 2, DINOv2 or DINOv3 transformers directory (on the GPU when there is one)")
     balance.add_argument("--leaf-pick", choices=("random", "nearest"), default="random")
+    balance.add_argument("--semantic-dedup", type=float, default=None, metavar="SIMILARITY",
+                         help="leave out near-duplicates inside each level-1 cluster (SemDeDup): images whose cosine"
+                              " similarity to a less typical one of the cluster is at least this (e.g. 0.95; default: off)")
     balance.set_defaults(func=lambda args: _cmd_balance(args, open_store))
 
     curate = commands.add_parser("curate", help="the top N images by a filter score (SFT data)")
@@ -633,7 +672,9 @@ def _cmd_balance(args, open_store: Callable) -> int:
     except ValueError as error:
         raise UsageError(str(error)) from None
     with open_store(args) as store:
-        return _print(balance_dataset(store, args.dataset, args.name, args.target, settings, args.embedder, args.leaf_pick))
+        return _print(balance_dataset(
+            store, args.dataset, args.name, args.target, settings, args.embedder, args.leaf_pick, args.semantic_dedup
+        ))
 
 
 def _cmd_curate(args, open_store: Callable) -> int:

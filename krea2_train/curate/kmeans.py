@@ -8,6 +8,10 @@ The method of Vo et al. 2024 ("Automatic data curation for self-supervised learn
   ``points_per_cluster`` members nearest each centroid, re-run k-means (k-means++ again) on their
   union and reassign every item. Plain k-means spends its centroids on dense
   regions; resampling spreads them over concepts.
+- Semantic dedup inside leaf clusters (SemDeDup, Abbas et al. 2023, arXiv 2303.09540), optional:
+  within each level-1 cluster, an item whose cosine similarity to an item before it, in the order
+  farthest-from-the-centroid first, reaches a threshold is a near-duplicate and is not sampled. Of
+  a group of near-duplicates the least typical one stays.
 - Top-down sampling of a target size T: give the top-level clusters a share each by
   water-filling (the largest cap x with sum(min(x, size_i)) <= T; every cluster gets
   min(x, size_i); the remainder goes one each to random clusters larger than x), then split each
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,6 +147,19 @@ def _faiss_search(centroids: np.ndarray):
     return search
 
 
+@contextmanager
+def full_fp32_matmuls():
+    """fp32 matmuls in full precision inside (no TF32, whatever the process set), restored after."""
+    import torch
+
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
 def _torch_search(centroids: np.ndarray, device: str):
     """|x - c|^2 = |x|^2 - 2 x.c + |c|^2, the matmul in full fp32 (no TF32), as faiss computes it."""
     import torch
@@ -150,14 +168,10 @@ def _torch_search(centroids: np.ndarray, device: str):
     centroid_norms = centroids_t.square().sum(1)
 
     def search(items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        precision = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
-        try:
+        with full_fp32_matmuls():
             items_t = torch.from_numpy(items).to(device)
             squared = items_t.square().sum(1, keepdim=True) - 2 * items_t @ centroids_t.T + centroid_norms
             distances, ids = squared.min(1)
-        finally:
-            torch.set_float32_matmul_precision(precision)
         return distances.clamp_min(0).cpu().numpy(), ids.cpu().numpy()
 
     return search
@@ -245,6 +259,53 @@ def hierarchical_kmeans(embeddings: np.ndarray, settings: KMeansSettings, device
         all_centroids.append(centroids)
         items = centroids
     return Hierarchy(point_clusters, tuple(all_centroids), point_distances.astype(np.float32))
+
+
+def semantic_duplicates(
+    embeddings: np.ndarray, leaf_clusters: np.ndarray, centroid_distances: np.ndarray, threshold: float, device: str = "cpu"
+) -> np.ndarray:
+    """Near-duplicates inside each leaf (level-1) cluster: [n] bool, True for the items to leave out.
+
+    In each cluster, members are ordered farthest from the centroid first (ties by index); a member
+    is a duplicate when its cosine similarity to any member before it is at least ``threshold``.
+    Similarities are computed in torch on ``device``, a block of rows against the members before
+    them at a time (at most ``ASSIGN_DISTANCES_BYTES`` of similarities): a cluster of m members
+    costs at most m^2 d multiply-adds, and a large one never holds an [m, m] matrix.
+
+    Args:
+        embeddings: [n, d] float32.
+        leaf_clusters: [n] int, the level-1 cluster of each item.
+        centroid_distances: [n], each item's distance to its level-1 centroid.
+        threshold: cosine similarity in (0, 1]; 0.95 is SemDeDup's eps = 0.05.
+    """
+    import torch
+
+    if not 0 < threshold <= 1:
+        raise ValueError(f"the semantic dedup threshold is a cosine similarity in (0, 1], got {threshold}")
+    n = len(embeddings)
+    duplicate = np.zeros(n, dtype=bool)
+    order = np.lexsort((np.arange(n), -np.asarray(centroid_distances, dtype=np.float64), leaf_clusters))
+    starts = np.flatnonzero(np.r_[True, np.diff(np.asarray(leaf_clusters)[order]) != 0])
+    began = last_report = time.monotonic()
+    for first, last in zip(starts, np.r_[starts[1:], n]):
+        members = order[first:last]
+        if len(members) < 2:
+            continue
+        vectors = torch.from_numpy(np.ascontiguousarray(embeddings[members], dtype=np.float32)).to(device)
+        vectors = torch.nn.functional.normalize(vectors, dim=1)
+        rows = max(1, ASSIGN_DISTANCES_BYTES // (4 * len(members)))
+        for row in range(1, len(members), rows):
+            end = min(row + rows, len(members))
+            with full_fp32_matmuls():
+                similarity = vectors[row:end] @ vectors[:end].T  # [b, end]: row r is member row + r
+            later = torch.arange(end, device=device)[None, :] >= torch.arange(row, end, device=device)[:, None]
+            similarity.masked_fill_(later, -2.0)  # only the members before each one count
+            duplicate[members[row:end]] = (similarity.max(1).values >= threshold).cpu().numpy()
+        now = time.monotonic()
+        if now - last_report >= PROGRESS_EVERY_S and last < n:
+            last_report, rate = now, last / (now - began)
+            logger.info("semantic dedup: %d/%d items  %.0f items/s  eta %s", last, n, rate, format_duration((n - last) / rate))
+    return duplicate
 
 
 def water_fill(sizes: np.ndarray, target: int, rng: np.random.Generator) -> np.ndarray:

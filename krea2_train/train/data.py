@@ -115,14 +115,19 @@ def training_selection(store, config: RunConfig, dataset: str) -> str:
     _, image_ids, _ = selectable_images(store, dataset)
     images = ids_digest(image_ids)
     if balance.enabled:
-        target = balance.target or max(1, round(balance.fraction * len(image_ids)))
         settings = KMeansSettings(
             tuple(balance.levels), balance.resample_steps, balance.points_per_cluster, seed=config.seed,
             train_points_per_cluster=balance.train_points_per_cluster,
         )
-        key = {"target": target, "embedder": balance.embedder, "leaf_pick": balance.leaf_pick, "images": images, **settings.to_json()}
+        key = {
+            "target": balance.target, "embedder": balance.embedder, "leaf_pick": balance.leaf_pick, "images": images,
+            **settings.to_json(), "semantic_dedup": balance.semantic_dedup,
+        }
+        if not balance.target:  # a fraction of the images left after semantic dedup
+            key["fraction"] = balance.fraction
         report = balance_dataset(
-            store, dataset, selection_name(dataset, "balance", key), target, settings, balance.embedder, balance.leaf_pick
+            store, dataset, selection_name(dataset, "balance", key), balance.target, settings, balance.embedder,
+            balance.leaf_pick, balance.semantic_dedup, balance.fraction,
         )
     else:
         top = curate.top or max(1, round(curate.fraction * len(image_ids)))
