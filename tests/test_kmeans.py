@@ -111,6 +111,7 @@ def test_nearest_centroid_search_in_batches_and_in_torch_matches_one_faiss_searc
     index.add(centroids)
     expected_distances, expected_ids = index.search(items, 1)
     monkeypatch.setattr(kmeans, "ASSIGN_DISTANCES_BYTES", 4 * 300 * 1024)  # batches of 1024 items
+    results = []
     for device in ("cpu", "torch-cpu"):  # the torch path is the GPU's; it runs on the CPU the same
         if device == "torch-cpu":
             monkeypatch.setattr(kmeans, "_faiss_search", lambda centroids: kmeans._torch_search(centroids, "cpu"))
@@ -118,6 +119,8 @@ def test_nearest_centroid_search_in_batches_and_in_torch_matches_one_faiss_searc
         assert ids.dtype == np.int64 and distances.dtype == np.float32
         np.testing.assert_array_equal(ids, expected_ids[:, 0])
         np.testing.assert_allclose(distances, expected_distances[:, 0], rtol=1e-4, atol=1e-3)
+        results.append(distances)
+    np.testing.assert_array_equal(results[0], results[1])  # computed from the vectors, not by the search
 
 
 def brute_force_duplicates(embeddings, clusters, distances, threshold):
@@ -146,9 +149,13 @@ def test_semantic_dedup_leaves_out_near_duplicates_inside_a_cluster_keeping_the_
         farther = pair if distances[pair] > distances[40 + pair] else 40 + pair
         assert not expected[farther] and expected[pair + 40 - farther + pair]
     np.testing.assert_array_equal(semantic_duplicates(embeddings, clusters, distances, 0.99), expected)
-    monkeypatch.setattr(kmeans, "ASSIGN_DISTANCES_BYTES", 4 * 3)  # blocks of one or two rows: same answer
-    np.testing.assert_array_equal(semantic_duplicates(embeddings, clusters, distances, 0.99), expected)
-    assert not semantic_duplicates(embeddings, clusters, distances, 1.0).any()  # no two are identical
+    for budget in (4, 4 * 40):  # blocks of one row, and of two or three rows: the same answer
+        monkeypatch.setattr(kmeans, "ASSIGN_DISTANCES_BYTES", budget)
+        np.testing.assert_array_equal(semantic_duplicates(embeddings, clusters, distances, 0.99), expected)
+    assert not semantic_duplicates(embeddings, clusters, distances, 1.0).any()  # no two are identical...
+    copies = np.concatenate([embeddings, 3.0 * embeddings[:5]])  # ...but exact copies (to rounding) are
+    copy_flags = semantic_duplicates(copies, np.r_[clusters, clusters[:5]], np.r_[distances, distances[:5] / 2], 1.0)
+    assert copy_flags.tolist() == [False] * 50 + [True] * 5
     with pytest.raises(ValueError, match=r"cosine similarity in \(0, 1\]"):
         semantic_duplicates(embeddings, clusters, distances, 0.0)
 

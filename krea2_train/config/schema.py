@@ -46,7 +46,7 @@ class BalanceConfig:
     """Train on a balanced selection of the dataset (hierarchical k-means, krea2 data balance)."""
 
     enabled: bool = False
-    target: int = 0  # images in the selection; 0: `fraction` of the selectable images
+    target: int = 0  # images in the selection; 0: `fraction` of the selectable images (of those semantic dedup leaves)
     fraction: float = 0.5
     levels: list[int] = field(default_factory=lambda: [64, 8])  # clusters per level, bottom-up
     resample_steps: int = 3

@@ -504,7 +504,9 @@ def balance_dataset(
     clustering_id = cluster_images(store, dataset_id, image_ids, embedder.name, settings, embeddings)
     clustered_ids, point_clusters, distances = read_clusters(store, clustering_id)
     kept = np.arange(len(clustered_ids))
-    if semantic_dedup is not None:  # embeddings and clusters are both in image id order
+    if semantic_dedup is not None:
+        if not np.array_equal(clustered_ids, image_ids):  # the embeddings are in image_ids' order
+            raise StoreError(f"clustering {clustering_id} does not hold the images of {dataset!r} in id order")
         duplicate = semantic_duplicates(embeddings, point_clusters[:, 0], distances, semantic_dedup, default_device())
         del embeddings
         kept = np.flatnonzero(~duplicate)

@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 LEAF_PICKS = ("random", "nearest")
 ASSIGN_DISTANCES_BYTES = 1 << 28  # one batch's [items, centroids] float32 distances in a nearest-centroid search
 PROGRESS_EVERY_S = 30.0
+SIMILARITY_TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -115,16 +116,23 @@ def nearest_centroids(items: np.ndarray, centroids: np.ndarray, device: str = "c
         centroids: [k, d] float32.
         device: ``"cpu"`` for faiss, or a torch device (``"cuda"``) to search there in full fp32.
     Returns:
-        squared distances [n] float32 and centroid ids [n] int64.
+        squared distances [n] float32 (computed exactly from the two vectors) and centroid ids
+        [n] int64. faiss and torch may choose differently between two centroids at the same
+        distance to within rounding; nothing else about the result depends on the device.
     """
     n, k = len(items), len(centroids)
-    batch = max(1024, ASSIGN_DISTANCES_BYTES // (4 * k))
+    batch = max(1024, ASSIGN_DISTANCES_BYTES // (4 * max(k, items.shape[1])))  # [batch, k] distances, [batch, d] items
     search = _faiss_search(centroids) if device == "cpu" else _torch_search(centroids, device)
     distances, ids = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.int64)
     began = last_report = time.monotonic()
     for start in range(0, n, batch):
         end = min(start + batch, n)
-        distances[start:end], ids[start:end] = search(np.ascontiguousarray(items[start:end], dtype=np.float32))
+        block = np.ascontiguousarray(items[start:end], dtype=np.float32)
+        ids[start:end] = search(block)
+        # the distance to the chosen centroid, exactly (float64): the same on every device, where
+        # the searches' own |x|^2 - 2 x.c + |c|^2 differ in the last bits (they drive resampling,
+        # nearest leaf picks and the semantic dedup order)
+        distances[start:end] = np.square(block - centroids[ids[start:end]], dtype=np.float64).sum(1)
         now = time.monotonic()
         if now - last_report >= PROGRESS_EVERY_S and end < n:
             last_report, rate = now, end / (now - began)
@@ -140,24 +148,34 @@ def _faiss_search(centroids: np.ndarray):
     index = faiss.IndexFlatL2(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
 
-    def search(items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        distances, ids = index.search(items, 1)
-        return distances[:, 0], ids[:, 0]
+    def search(items: np.ndarray) -> np.ndarray:
+        return index.search(items, 1)[1][:, 0]
 
     return search
 
 
 @contextmanager
 def full_fp32_matmuls():
-    """fp32 matmuls in full precision inside (no TF32, whatever the process set), restored after."""
+    """CUDA fp32 matmuls in full precision inside (no TF32, whatever the process set), restored
+    after; through torch's per-backend setting where it has one (2.9+: reading the legacy one
+    after the new one was set is an error)."""
     import torch
 
-    precision = torch.get_float32_matmul_precision()
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        before = matmul.fp32_precision
+        matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = before
+        return
+    before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(precision)
+        torch.set_float32_matmul_precision(before)
 
 
 def _torch_search(centroids: np.ndarray, device: str):
@@ -167,12 +185,11 @@ def _torch_search(centroids: np.ndarray, device: str):
     centroids_t = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(device)
     centroid_norms = centroids_t.square().sum(1)
 
-    def search(items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def search(items: np.ndarray) -> np.ndarray:
         with full_fp32_matmuls():
             items_t = torch.from_numpy(items).to(device)
             squared = items_t.square().sum(1, keepdim=True) - 2 * items_t @ centroids_t.T + centroid_norms
-            distances, ids = squared.min(1)
-        return distances.clamp_min(0).cpu().numpy(), ids.cpu().numpy()
+        return squared.argmin(1).cpu().numpy()
 
     return search
 
@@ -267,7 +284,8 @@ def semantic_duplicates(
     """Near-duplicates inside each leaf (level-1) cluster: [n] bool, True for the items to leave out.
 
     In each cluster, members are ordered farthest from the centroid first (ties by index); a member
-    is a duplicate when its cosine similarity to any member before it is at least ``threshold``.
+    is a duplicate when its cosine similarity to any member before it is at least ``threshold``
+    (less ``SIMILARITY_TOLERANCE``: two copies of one vector are 1 only to within rounding).
     Similarities are computed in torch on ``device``, a block of rows against the members before
     them at a time (at most ``ASSIGN_DISTANCES_BYTES`` of similarities): a cluster of m members
     costs at most m^2 d multiply-adds, and a large one never holds an [m, m] matrix.
@@ -291,8 +309,9 @@ def semantic_duplicates(
         members = order[first:last]
         if len(members) < 2:
             continue
-        vectors = torch.from_numpy(np.ascontiguousarray(embeddings[members], dtype=np.float32)).to(device)
-        vectors = torch.nn.functional.normalize(vectors, dim=1)
+        unit = np.array(embeddings[members], dtype=np.float32)  # a copy, normalised in place on the host
+        unit /= np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
+        vectors = torch.from_numpy(unit).to(device)
         rows = max(1, ASSIGN_DISTANCES_BYTES // (4 * len(members)))
         for row in range(1, len(members), rows):
             end = min(row + rows, len(members))
@@ -300,11 +319,12 @@ def semantic_duplicates(
                 similarity = vectors[row:end] @ vectors[:end].T  # [b, end]: row r is member row + r
             later = torch.arange(end, device=device)[None, :] >= torch.arange(row, end, device=device)[:, None]
             similarity.masked_fill_(later, -2.0)  # only the members before each one count
-            duplicate[members[row:end]] = (similarity.max(1).values >= threshold).cpu().numpy()
-        now = time.monotonic()
-        if now - last_report >= PROGRESS_EVERY_S and last < n:
-            last_report, rate = now, last / (now - began)
-            logger.info("semantic dedup: %d/%d items  %.0f items/s  eta %s", last, n, rate, format_duration((n - last) / rate))
+            duplicate[members[row:end]] = (similarity.max(1).values >= threshold - SIMILARITY_TOLERANCE).cpu().numpy()
+            now = time.monotonic()
+            if now - last_report >= PROGRESS_EVERY_S:  # inside a cluster too: one large cluster can take hours
+                done = first + end
+                last_report, rate = now, done / (now - began)
+                logger.info("semantic dedup: %d/%d items  %.0f items/s  eta %s", done, n, rate, format_duration((n - done) / rate))
     return duplicate
 
 
