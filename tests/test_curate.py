@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import krea2_error
 from krea2_train.curate import jobs as curate_jobs
 from krea2_train.curate.filters import laplacian_variance, quality_scores, rgb_entropy, white_black_ratios
 from krea2_train.curate.hashing import (
@@ -253,6 +254,11 @@ def test_cli_pack_target_then_the_pack_job_packs_the_dataset(fresh_store, curate
     assert main(["data", "work", *store_args, "--job", "pack"]) == 0  # nothing to pack yet: says why
     printed = capsys.readouterr()
     assert "'completed': 0" in printed.out and "no pack target yet: `krea2 data pack-target" in printed.err
+    assert "aspect ratio '1x1' is not of the form 'W:H'" in krea2_error(  # refused before a target holds it
+        ["data", "pack-target", *store_args, "--dataset", "shapes", "--resolution", "32", "--out", str(tmp_path / "bad"),
+         "--buckets", "1x1"], capsys)
+    with fresh_store.pool.connection() as conn:
+        assert conn.execute("SELECT count(*) FROM pack_targets").fetchone()[0] == 0
     assert main(["data", "pack-target", *store_args, "--dataset", "shapes", "--resolution", "32", "--out", str(tmp_path / "shards"),
                  "--buckets", "1:1", "--pixel-multiple", "4"]) == 0
     assert "pack target: shapes at 32 px" in capsys.readouterr().out

@@ -194,13 +194,18 @@ def test_merge_refuses_checkpoints_of_different_configs(run, tmp_path, capsys):
     assert f"{wider_file} has a different model config than" in message and "intermediate_size: 128 vs 256" in message
 
 
-def test_merge_weights_are_validated():
+def test_merge_weights_and_output_paths_are_validated_before_any_checkpoint_is_read(tmp_path, capsys):
     assert normalised_weights(None, 4) == [0.25] * 4
     assert normalised_weights([2, 6], 2) == [0.25, 0.75]
-    with pytest.raises(ValueError, match="2 weights for 3 checkpoints"):
-        normalised_weights([1, 1], 3)
-    with pytest.raises(ValueError, match="non-negative"):
-        normalised_weights([1, -1], 2)
+    missing = [str(tmp_path / "a"), str(tmp_path / "b")]  # never read: the arguments are refused first
+    assert "--weights: got 1 weights for 2 checkpoints" in krea2_error(["merge", *missing, "--weights", "0.6", "--out", "m"], capsys)
+    assert "--weights must be non-negative" in krea2_error(["merge", *missing, "--weights", "1", "-1", "--out", "m"], capsys)
+    assert "names a .safetensors file, and the diffusers layout writes a directory" in krea2_error(
+        ["merge", *missing, "--out", str(tmp_path / "g2.safetensors")], capsys)
+    assert "names a directory, and the original layout writes one file" in krea2_error(
+        ["export", missing[0], "--layout", "original", "--out", f"{tmp_path}/xdir/"], capsys)
+    assert "names a directory" in krea2_error(
+        ["average", missing[0], "--last", "2", "--layout", "original", "--out", str(tmp_path)], capsys)
 
 
 def test_run_config_is_recorded_as_json(tmp_path):

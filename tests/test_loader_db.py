@@ -462,3 +462,46 @@ def test_other_ranks_wait_for_the_data_preparation_beyond_the_collective_timeout
     out = mp.Manager().dict()
     mp.spawn(_prepare_worker, args=(port, fresh_database_dsn, str(tmp_path / "runs"), out), nprocs=2, join=True)
     assert out[0] == out[1] > 0
+
+
+def test_a_run_reads_the_packed_shards_of_its_own_buckets_and_refuses_buckets_not_packed(fresh_store, tmp_path, caplog):
+    from krea2_train.errors import UsageError
+    from krea2_train.train.data import check_packed_buckets
+
+    folder = write_shapes_dataset(tmp_path / "shapes", 30, 48, seed=3, aspect_ratios=[1, "4:3", "16:9", "9:16"])
+    ingest(fresh_store, "shapes", folder=folder)
+    run_worker(fresh_store, DECODE)
+    run_worker(fresh_store, DEDUP)
+    settings = PackSettings(aspect_ratios=("1:1", "4:3", "16:9", "9:16"), pixel_multiple=4, shard_size=4, seed=1)
+    pack_dataset(fresh_store, "shapes", [32], tmp_path / "packed", settings)
+    assert check_packed_buckets(fresh_store, "shapes", 32, ["1:1"]) == settings  # kept: a narrower run never rewrites the target
+    assert "trains on its own buckets only" in caplog.text
+    manifest = pinned_manifest(tmp_path / "run" / "manifest.json", fresh_store, ["shapes"], 32, buckets=["1:1"])
+    with fresh_store.pool.connection() as conn:
+        square = conn.execute("SELECT sum(num_samples) FROM shards WHERE resolution = 32 AND bucket = '1:1'").fetchone()[0]
+    assert set(manifest.buckets) == {"1:1"} and manifest.num_samples == square < 30
+    with pytest.raises(UsageError, match=r"asks for \['2:3'\], and dataset 'shapes' is packed at 32 px in buckets \['1:1', '4:3'"):
+        check_packed_buckets(fresh_store, "shapes", 32, ["1:1", "2:3"])
+    assert check_packed_buckets(fresh_store, "shapes", 16, ["2:3"]) is None  # no target at that size yet
+
+
+def test_changed_data_settings_pin_the_data_again_before_a_checkpoint_and_are_refused_after(tmp_path, caplog):
+    import json
+
+    from krea2_train.config import load_config
+    from krea2_train.errors import UsageError
+    from krea2_train.train.data import MANIFEST_SETTINGS_NAME, check_pinned_data, manifest_settings
+
+    pinned = manifest_settings(load_config("stage/pretrain_256", ["data.num_samples=48"]), 256)
+    wanted = manifest_settings(load_config("stage/pretrain_256", ["data.num_samples=40", "data.buckets=[1:1,4:3]"]), 256)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert check_pinned_data(run_dir, wanted, fresh_start=False)  # nothing pinned yet
+    (run_dir / "manifest.json").write_text("[]")
+    assert check_pinned_data(run_dir, wanted, fresh_start=False)  # pinned before the record existed: read as it is
+    (run_dir / MANIFEST_SETTINGS_NAME).write_text(json.dumps(pinned))
+    assert check_pinned_data(run_dir, pinned, fresh_start=False)
+    assert not check_pinned_data(run_dir, wanted, fresh_start=True)  # a failed first start: pinned again
+    assert "data.num_samples 48 pinned, 40 now" in caplog.text
+    with pytest.raises(UsageError, match=r'data.num_samples 48 pinned, 40 now; data.buckets \["1:1"\] pinned, \["1:1", "4:3"\] now'):
+        check_pinned_data(run_dir, wanted, fresh_start=False)

@@ -182,6 +182,13 @@ def test_stage_runs_resumes_exports_and_samples(tmp_path, fresh_database_dsn):
     assert changed.returncode != 0 and "different model config" in changed.stderr and "num_layers: 3 vs 2" in changed.stderr
     assert (run_dir / "model_config.json").read_text() == recorded
 
+    # so does a restart with another batch size (the loader's order) or other data (the pinned shards)
+    batch = train(tmp_path, fresh_database_dsn, steps=10, interval=3, extra=[*kernels, "data.global_batch_size=2"], check=False)
+    assert batch.returncode == 1 and "Traceback" not in batch.stderr, batch.stderr[-2000:]
+    assert "saved with data.global_batch_size=4 and this start has 2" in batch.stderr
+    data = train(tmp_path, fresh_database_dsn, steps=10, interval=3, extra=[*kernels, "data.num_samples=40"], check=False)
+    assert data.returncode == 1 and "data.num_samples 48 pinned, 40 now" in data.stderr, data.stderr[-2000:]
+
     # export loads in diffusers; sample writes a PNG from the run
     from diffusers import Krea2Transformer2DModel
 

@@ -111,6 +111,7 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 def validate(config: RunConfig) -> None:
     """Value checks the type system cannot express."""
+    from krea2_train.data.buckets import parse_aspect_ratio
     from krea2_train.flow.sampler import resolve_sampler_settings
     from krea2_train.model.presets import PRESETS, model_config
     from krea2_train.parallel.attention import parse_backends
@@ -142,6 +143,12 @@ def validate(config: RunConfig) -> None:
     _require(config.data.prepare_timeout_s > 0, "data.prepare_timeout_s", "must be positive")
     _require(set(config.data.caption_mix) <= {"long", "medium", "short"}, "data.caption_mix", "keys: long, medium, short")
     _require(abs(sum(config.data.caption_mix.values()) - 1.0) < 1e-6, "data.caption_mix", "weights must sum to 1")
+    _require(len(config.data.buckets) > 0, "data.buckets", "at least one aspect ratio, e.g. [1:1]")
+    for ratio in config.data.buckets:
+        try:
+            parse_aspect_ratio(ratio)
+        except ValueError as error:
+            _require(False, "data.buckets", str(error))
     balance, curate = config.data.balance, config.data.curate
     _require(not (balance.enabled and curate.enabled), "data.balance", "enable one of data.balance, data.curate")
     _require(balance.target >= 0 and 0 < balance.fraction <= 1, "data.balance", "target >= 0 and fraction in (0, 1]")

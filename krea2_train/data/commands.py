@@ -209,8 +209,11 @@ def cmd_work(args) -> int:
 def cmd_pack_target(args) -> int:
     from krea2_train.data.pack import PackSettings, add_pack_target
 
-    settings = PackSettings(pixel_multiple=args.pixel_multiple, image_format=args.format, shard_size=args.shard_size, seed=args.seed,
-                            **({"aspect_ratios": tuple(args.buckets)} if args.buckets else {}))
+    try:
+        settings = PackSettings(pixel_multiple=args.pixel_multiple, image_format=args.format, shard_size=args.shard_size, seed=args.seed,
+                                **({"aspect_ratios": tuple(args.buckets)} if args.buckets else {}))
+    except ValueError as error:
+        raise UsageError(f"pack-target: {error}") from None
     with _open(args) as store:
         add_pack_target(store, args.dataset, args.resolution, args.out, settings)
     print(f"pack target: {args.dataset} at {args.resolution} px into {args.out.resolve()} "

@@ -31,6 +31,7 @@ import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Iterator
 
 import numpy as np
@@ -46,6 +47,14 @@ logger = logging.getLogger(__name__)
 
 QUARANTINE_FLUSH_TIMEOUT_S = 10.0  # how long a failing loader waits for its quarantine writes
 LISTED_SHARDS = 3  # how many unreadable shards an error message names
+
+
+class LoaderStateMismatch(Krea2Error, ValueError):
+    """A checkpoint's loader state from other data settings: resuming would change the sample order."""
+
+
+# the setting behind each field of the loader's state, as a user sets it
+STATE_SETTINGS = {"seed": "seed", "global_batch_size": "data.global_batch_size", "num_partitions": "the partition count"}
 
 
 class CorruptShardsError(Krea2Error, RuntimeError):
@@ -295,12 +304,19 @@ class ShardLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         expected = self.state_dict()
-        for key in ("seed", "global_batch_size", "num_partitions", "manifest_sha256"):
+        for key, setting in STATE_SETTINGS.items():
             if state[key] != expected[key]:
-                raise ValueError(
-                    f"loader state was saved with {key}={state[key]!r}, this loader has {expected[key]!r}: "
-                    "the sample order would change (resume with the run's pinned manifest and settings)"
+                raise LoaderStateMismatch(
+                    f"the checkpoint's loader state was saved with {setting}={state[key]!r} and this start has"
+                    f" {expected[key]!r}: the sample order would change; resume with {setting}={state[key]!r},"
+                    " or start a new run_name"
                 )
+        if state["manifest_sha256"] != expected["manifest_sha256"]:
+            raise LoaderStateMismatch(
+                f"the checkpoint's loader state was saved with another manifest (manifest_sha256 {state['manifest_sha256'][:12]},"
+                f" this start's {expected['manifest_sha256'][:12]}): the sample order would change; resume with the run's"
+                " pinned manifest.json"
+            )
         saved_version = state.get("plan_version", 1)
         if saved_version != PLAN_VERSION and state["batch_index"] > 0:
             logger.warning(
@@ -409,19 +425,26 @@ MANIFEST_SQL = """
 SELECT s.id, s.path, s.bucket, s.width, s.height, s.num_samples, s.sha256
   FROM shards s JOIN datasets d ON d.id = s.dataset_id
  WHERE d.name = ANY(%(datasets)s) AND s.resolution = %(resolution)s AND s.state = 'ready'
+   AND (%(buckets)s::text[] IS NULL OR s.bucket = ANY(%(buckets)s::text[]))
  ORDER BY s.id
 """
 
 
-def query_manifest(conn, datasets: list[str], resolution: int) -> Manifest:
-    """The ready shards of ``datasets`` at ``resolution``, from the ``shards`` table."""
-    rows = conn.execute(MANIFEST_SQL, {"datasets": list(datasets), "resolution": resolution}).fetchall()
+def query_manifest(conn, datasets: list[str], resolution: int, buckets: Sequence[str] | None = None) -> Manifest:
+    """The ready shards of ``datasets`` at ``resolution`` (of the aspect ``buckets`` only, when
+    given), from the ``shards`` table."""
+    rows = conn.execute(
+        MANIFEST_SQL, {"datasets": list(datasets), "resolution": resolution, "buckets": None if buckets is None else list(buckets)}
+    ).fetchall()
     if not rows:
-        raise ValueError(f"no ready shards for datasets {list(datasets)} at resolution {resolution}: pack them first")
+        of_buckets = "" if buckets is None else f" in buckets {list(buckets)}"
+        raise ValueError(f"no ready shards for datasets {list(datasets)} at resolution {resolution}{of_buckets}: pack them first")
     return Manifest([ShardInfo(*row) for row in rows])
 
 
-def pinned_manifest(path: str | Path, store, datasets: list[str], resolution: int) -> Manifest:
+def pinned_manifest(
+    path: str | Path, store, datasets: list[str], resolution: int, buckets: Sequence[str] | None = None
+) -> Manifest:
     """The manifest pinned at ``path`` (the run directory's), or query the store and pin it.
 
     A run pins its manifest once, so a resumed run reads exactly the shards it started with even
@@ -431,6 +454,6 @@ def pinned_manifest(path: str | Path, store, datasets: list[str], resolution: in
     if path.exists():
         return Manifest.load(path)
     with store.pool.connection() as conn:
-        manifest = query_manifest(conn, datasets, resolution)
+        manifest = query_manifest(conn, datasets, resolution, buckets)
     manifest.save(path)
     return manifest

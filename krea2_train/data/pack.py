@@ -32,7 +32,14 @@ from pathlib import Path
 from psycopg.types.json import Jsonb
 
 from krea2_train.curate.images import open_rgb
-from krea2_train.data.buckets import DEFAULT_ASPECT_RATIOS, Bucket, assign_bucket, make_buckets, resize_to_bucket
+from krea2_train.data.buckets import (
+    DEFAULT_ASPECT_RATIOS,
+    Bucket,
+    assign_bucket,
+    make_buckets,
+    parse_aspect_ratio,
+    resize_to_bucket,
+)
 from krea2_train.data.plan import bucket_key, keyed_permutation
 from krea2_train.data.shards import ShardWriter, WrittenShard
 from krea2_train.store import Store
@@ -115,6 +122,10 @@ class PackSettings:
     def __post_init__(self):
         if self.shard_size <= 0:
             raise ValueError(f"shard_size must be positive, got {self.shard_size}")
+        if not self.aspect_ratios:
+            raise ValueError("at least one aspect ratio bucket is needed")
+        for ratio in self.aspect_ratios:  # a bad name stops here, before a pack target holds it
+            parse_aspect_ratio(ratio)
 
     def to_json(self) -> dict:
         return asdict(self) | {"aspect_ratios": list(self.aspect_ratios)}

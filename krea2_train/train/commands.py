@@ -13,11 +13,13 @@ checkpoints' own dtype unless ``--dtype`` says otherwise.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
+from krea2_train.errors import UsageError
 from krea2_train.model import layouts
 from krea2_train.train.checkpoint import (
     CHECKPOINTS_DIR,
@@ -42,7 +44,9 @@ def write_weights(
 
     Raises:
         CheckpointWriteError: ``out`` is a run's directory (an export there would mix with the run's files).
+        UsageError: ``out`` names the other layout's kind of path (see :func:`check_output_path`).
     """
+    check_output_path(out, layout)
     if is_run_directory(out):
         raise CheckpointWriteError(f"--out {out} is a run directory; write the export elsewhere (e.g. {Path(out) / 'export'})")
     if layout == "diffusers":
@@ -55,14 +59,26 @@ def write_weights(
     return Path(out)
 
 
+def check_output_path(out: str | Path, layout: str) -> None:
+    """Refuse an ``--out`` that names the other layout's kind of path, before any work: a
+    ``.safetensors`` name for a diffusers directory, a directory for an original-layout file."""
+    text = str(out)
+    if layout == "diffusers" and text.endswith(".safetensors"):
+        raise UsageError(f"--out {text} names a .safetensors file, and the diffusers layout writes a directory:"
+                         " add --layout original for one file, or name a directory")
+    if layout == "original" and (text.endswith(("/", os.sep)) or Path(out).is_dir()):
+        raise UsageError(f"--out {text} names a directory, and the original layout writes one file: name a .safetensors file"
+                         " (e.g. model.safetensors), or use --layout diffusers for a directory")
+
+
 def normalised_weights(weights: Sequence[float] | None, count: int) -> list[float]:
     """Mixing weights summing to 1 (uniform when None)."""
     if weights is None:
         return [1.0 / count] * count
     if len(weights) != count:
-        raise ValueError(f"got {len(weights)} weights for {count} checkpoints")
+        raise UsageError(f"--weights: got {len(weights)} weights for {count} checkpoints")
     if any(weight < 0 for weight in weights) or sum(weights) <= 0:
-        raise ValueError(f"weights must be non-negative with a positive sum, got {list(weights)}")
+        raise UsageError(f"--weights must be non-negative with a positive sum, got {list(weights)}")
     total = sum(weights)
     return [weight / total for weight in weights]
 
@@ -115,6 +131,7 @@ def last_checkpoints(run: str, count: int, runs_root: str) -> list[Path]:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    check_output_path(args.out, args.layout)
     source = find_run_checkpoint(args.run, args.runs_root, step=args.step)
     weights, config = load_checkpoint_weights(source, lora_dtype=DTYPES.get(args.dtype))
     out = write_weights(weights, config, args.out, args.layout, DTYPES.get(args.dtype))
@@ -123,6 +140,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_average(args: argparse.Namespace) -> int:
+    check_output_path(args.out, args.layout)
     sources = last_checkpoints(args.run, args.last, args.runs_root)
     weights, config = weighted_average(sources, normalised_weights(None, len(sources)), DTYPES.get(args.dtype))
     out = write_weights(weights, config, args.out, args.layout, DTYPES.get(args.dtype))
@@ -131,8 +149,9 @@ def run_average(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    check_output_path(args.out, args.layout)
+    mixing = normalised_weights(args.weights, len(args.checkpoints))
     sources = [find_run_checkpoint(checkpoint, args.runs_root) for checkpoint in args.checkpoints]
-    mixing = normalised_weights(args.weights, len(sources))
     weights, config = weighted_average(sources, mixing, DTYPES.get(args.dtype))
     if args.lora:  # baked in the output dtype: a small LoRA would round away in bf16 before an fp32 cast
         from krea2_train.model.lora_commands import bake_lora_files

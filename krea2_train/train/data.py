@@ -7,24 +7,33 @@ stages of a chain share one dataset. ``data.source=registry`` trains on shards p
 With ``data.balance`` (midtraining) or ``data.curate`` (SFT) enabled, the stage trains on a
 selection derived from that dataset (``krea2_train.curate.balance``), packed like it.
 
-The run pins its manifest (the shard list) in ``run_dir/manifest.json``; the sample order is a
-pure function of the manifest, seed and global batch size (``krea2_train.data.plan``). Leases and
+The run pins its manifest (the shard list) in ``run_dir/manifest.json``, and the data settings
+that chose it in ``run_dir/manifest_settings.json``; the sample order is a pure function of the
+manifest, seed and global batch size (``krea2_train.data.plan``). A start whose data settings
+differ from the pinned ones pins the data again when the run has no checkpoint yet (a first start
+that failed), and is refused, naming the keys, when it has one. Leases and
 progress go to PostgreSQL through a ``LeaseKeeper`` per rank; the order never depends on them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from krea2_train.config.load import to_record
 from krea2_train.config.schema import RunConfig
 from krea2_train.data.loader import LoaderConfig, ShardLoader, pinned_manifest
+from krea2_train.errors import UsageError
+from krea2_train.files import write_text
 from krea2_train.parallel.distributed import broadcast_object
 from krea2_train.store.leases import LeaseKeeper
 
 logger = logging.getLogger("krea2_train")
+
+MANIFEST_SETTINGS_NAME = "manifest_settings.json"
 
 SHAPES_RENDER_MIN_SIDE = 256  # render once at least this large; packing resizes per stage
 
@@ -82,9 +91,46 @@ def process_select_pack(
         logger.info("dataset %s: %d images, %d packable; left out: %s", source, counts.images, counts.packable, counts.left_out())
     dataset = training_selection(store, config, source)
     for name in dict.fromkeys((source, dataset) if pack_source else (dataset,)):
-        report = pack_dataset(store, name, [image_side], out_dir, settings)
+        packed_settings = check_packed_buckets(store, name, image_side, config.data.buckets)
+        report = pack_dataset(store, name, [image_side], out_dir, packed_settings or settings)
         logger.info("packed %s at %d px: %d new samples", name, image_side, report.num_samples)
     return dataset
+
+
+def check_packed_buckets(store, dataset: str, image_side: int, buckets: list[str]):
+    """The settings of ``dataset``'s pack target at ``image_side`` (None without one), once its
+    aspect ratios are known to include every one of ``buckets`` (``data.buckets``).
+
+    The registry packs a dataset at a size once, with one list of buckets; a run reads the shards
+    of its own buckets from it (the images in the other buckets are left out, with a warning).
+
+    Raises:
+        UsageError: a bucket of ``buckets`` is not packed at this size.
+    """
+    from krea2_train.data.pack import PackSettings
+
+    with store.pool.connection() as conn:
+        row = conn.execute(
+            "SELECT t.settings FROM pack_targets t JOIN datasets d ON d.id = t.dataset_id WHERE d.name = %s AND t.resolution = %s",
+            (dataset, image_side),
+        ).fetchone()
+    if row is None:
+        return None
+    settings = PackSettings.from_json(row[0])
+    missing = [bucket for bucket in buckets if bucket not in settings.aspect_ratios]
+    if missing:
+        raise UsageError(
+            f"data.buckets asks for {missing}, and dataset {dataset!r} is packed at {image_side} px in buckets"
+            f" {list(settings.aspect_ratios)} only: set data.buckets to some of those, or ingest the images as another"
+            " dataset (krea2 data ingest --dataset NAME) to pack them with other buckets"
+        )
+    others = [bucket for bucket in settings.aspect_ratios if bucket not in buckets]
+    if others:
+        logger.warning(
+            "dataset %s is packed at %d px in buckets %s too; data.buckets=%s trains on its own buckets only, so the"
+            " images packed in those are left out", dataset, image_side, others, list(buckets),
+        )
+    return settings
 
 
 def training_selection(store, config: RunConfig, dataset: str) -> str:
@@ -235,6 +281,39 @@ def check_bucket_sizes(manifest, global_batch_size: int, warn: bool = True) -> N
         )
 
 
+def manifest_settings(config: RunConfig, image_side: int) -> dict[str, Any]:
+    """The settings that choose a run's shards, by config key (what ``manifest_settings.json`` pins)."""
+    data = to_record(config)["data"]
+    keys = ["source", "dataset", *(["num_samples"] if config.data.source == "shapes" else []), "resolution", "buckets",
+            "balance", "curate", "quality"]
+    return {**{f"data.{key}": data[key] for key in keys}, "seed": config.seed, "image side in pixels": image_side}
+
+
+def check_pinned_data(run_dir: Path, wanted: dict[str, Any], fresh_start: bool) -> bool:
+    """Whether the run's pinned manifest may be read by a start with the data settings ``wanted``:
+    True when they are the pinned ones (or the run predates the record); False when they differ
+    and the run has no checkpoint (its data is pinned again).
+
+    Raises:
+        UsageError: they differ and the run has checkpoints, which trained on the pinned data.
+    """
+    settings_path = run_dir / MANIFEST_SETTINGS_NAME
+    if not (run_dir / "manifest.json").exists() or not settings_path.exists():
+        return True
+    pinned = json.loads(settings_path.read_text())
+    changed = [key for key in wanted if pinned.get(key) != wanted[key]]
+    if not changed:
+        return True
+    described = "; ".join(f"{key} {json.dumps(pinned.get(key))} pinned, {json.dumps(wanted[key])} now" for key in changed)
+    if not fresh_start:
+        raise UsageError(
+            f"run {run_dir.name!r} trains on data pinned with other settings ({described}); its checkpoints trained on"
+            " that data, so the sample order cannot change: set them back, or start a new run_name"
+        )
+    logger.warning("the data settings changed since the run's data was pinned, before any checkpoint (%s): pinning it again", described)
+    return False
+
+
 def build_train_loader(
     config: RunConfig,
     run_dir: Path,
@@ -246,26 +325,33 @@ def build_train_loader(
     is_main: bool,
     barrier: Callable[[], None],
     holds_lease: bool = True,
+    fresh_start: bool = True,
 ) -> TrainLoader:
     """The run's loader for data-parallel rank ``dp_rank`` of ``dp_size``.
 
     ``holds_lease``: this process records the rank's leases (one process per data-parallel rank:
-    tensor-parallel peers read the same samples and do not).
+    tensor-parallel peers read the same samples and do not). ``fresh_start``: the run has no
+    checkpoint yet (its data may be pinned again, see :func:`check_pinned_data`).
     """
     from krea2_train.store import default_store_dir, open_store
 
     runs_root = Path(config.runs_root)
     manifest_path = run_dir / "manifest.json"
+    wanted = manifest_settings(config, image_side)
+    keep_pinned = check_pinned_data(run_dir, wanted, fresh_start)  # every rank: a refusal stops them all
     store = dsn = None
     if is_main:
         store = open_store(config.data.dsn, data_dir=default_store_dir(runs_root))
         dsn = store.dsn
+        if not keep_pinned:
+            manifest_path.unlink()
         if not manifest_path.exists():
+            write_text(run_dir / MANIFEST_SETTINGS_NAME, json.dumps(wanted, indent=1, sort_keys=True))
             if config.data.source == "shapes":
                 dataset = prepare_shapes(store, config, runs_root, image_side, pixel_multiple)
             else:
                 dataset = prepare_registry(store, config, runs_root, image_side, pixel_multiple)
-            pinned_manifest(manifest_path, store, [dataset], image_side)
+            pinned_manifest(manifest_path, store, [dataset], image_side, buckets=config.data.buckets)
     barrier()  # first: the others wait for the preparation here, on the host, with its own timeout
     dsn = broadcast_object(dsn)
     from krea2_train.data.plan import Manifest

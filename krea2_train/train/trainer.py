@@ -473,6 +473,7 @@ class Trainer:
             is_main=self.dist.is_main,
             barrier=host_barrier(self.config.data.prepare_timeout_s),
             holds_lease=tp_local_rank(self.parallel_dims) == 0,
+            fresh_start=self.fresh_start,
         )
 
     # -- state ----------------------------------------------------------------------------------
