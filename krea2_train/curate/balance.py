@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import math
-import time
 from collections.abc import Mapping, Sequence
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,7 +34,7 @@ from krea2_train.curate.images import open_rgb
 from krea2_train.curate.kmeans import Hierarchy, KMeansSettings, balanced_sample, hierarchical_kmeans, semantic_duplicates
 from krea2_train.data.pack import DEDUP_DONE_SQL, PACK_JOB_NAME, PACKABLE_SQL
 from krea2_train.errors import UsageError
-from krea2_train.logs import format_duration
+from krea2_train.logs import Progress
 from krea2_train.store import Store, StoreError
 from krea2_train.store.db import find_dataset_id
 from krea2_train.store.queue import Done, Job, JobContext, Outcome, register_job, requeue
@@ -46,7 +45,6 @@ EMBED_BATCH = 64
 EMBEDDING_PAGE = 20_000  # image ids whose embeddings are looked up (or read) per query
 READ_THREADS = 4  # threads reading and decoding files while the embedder runs
 READ_AHEAD = 2  # batches being read at once (the one embedded next included)
-PROGRESS_EVERY_S = 30.0
 EMBED_JOB_NAME = "embed"
 CLUSTER_ROWS_BATCH = 10_000  # rows of image_clusters written or read at a time
 # images columns a selection does not copy: its own key and dataset, the source's dedup links
@@ -143,7 +141,7 @@ def embed_images(
         with store.pool.connection() as conn:
             done = _embedded(conn, page, embedder.name)
         todo += [(i, uri) for i, uri in zip(page, uris[start : start + EMBEDDING_PAGE]) if i not in done]
-    began = last_report = time.monotonic()
+    progress = Progress(f"embedded with {embedder.name}:", len(todo), "images", logger)
     readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="krea2-embed-read")
     reading: deque[list[Future]] = deque()
     try:
@@ -166,13 +164,7 @@ def embed_images(
                     " ON CONFLICT DO NOTHING",
                     (embedder.name, embedder.dim, [i for i, _ in batch], [v.astype("<f4").tobytes() for v in vectors]),
                 )
-            now, embedded = time.monotonic(), start + len(batch)
-            if now - last_report >= PROGRESS_EVERY_S and embedded < len(todo):
-                last_report, rate = now, embedded / (now - began)
-                logger.info(
-                    "embedded %d/%d images with %s  %.1f img/s  eta %s", embedded, len(todo), embedder.name, rate,
-                    format_duration((len(todo) - embedded) / rate),
-                )
+            progress.update(start + len(batch))
     finally:  # after an error, the reads not yet begun are dropped
         readers.shutdown(cancel_futures=True)
     return len(todo)

@@ -36,13 +36,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from krea2_train.logs import format_duration
+from krea2_train.logs import Progress, format_duration
 
 logger = logging.getLogger(__name__)
 
 LEAF_PICKS = ("random", "nearest")
 ASSIGN_DISTANCES_BYTES = 1 << 28  # one batch's [items, centroids] float32 distances in a nearest-centroid search
-PROGRESS_EVERY_S = 30.0
 SIMILARITY_TOLERANCE = 1e-6
 
 
@@ -109,7 +108,7 @@ class Hierarchy:
 
 
 def nearest_centroids(items: np.ndarray, centroids: np.ndarray, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Exact nearest centroid of each item, in batches (progress logged every ``PROGRESS_EVERY_S``).
+    """Exact nearest centroid of each item, in batches (progress logged, see :class:`~krea2_train.logs.Progress`).
 
     Args:
         items: [n, d] float32.
@@ -124,7 +123,7 @@ def nearest_centroids(items: np.ndarray, centroids: np.ndarray, device: str = "c
     batch = max(1024, ASSIGN_DISTANCES_BYTES // (4 * max(k, items.shape[1])))  # [batch, k] distances, [batch, d] items
     search = _faiss_search(centroids) if device == "cpu" else _torch_search(centroids, device)
     distances, ids = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.int64)
-    began = last_report = time.monotonic()
+    progress = Progress(f"assigned to {k} centroids:", n, "items", logger)
     for start in range(0, n, batch):
         end = min(start + batch, n)
         block = np.ascontiguousarray(items[start:end], dtype=np.float32)
@@ -133,12 +132,7 @@ def nearest_centroids(items: np.ndarray, centroids: np.ndarray, device: str = "c
         # the searches' own |x|^2 - 2 x.c + |c|^2 differ in the last bits (they drive resampling,
         # nearest leaf picks and the semantic dedup order)
         distances[start:end] = np.square(block - centroids[ids[start:end]], dtype=np.float64).sum(1)
-        now = time.monotonic()
-        if now - last_report >= PROGRESS_EVERY_S and end < n:
-            last_report, rate = now, end / (now - began)
-            logger.info(
-                "assigned %d/%d items to %d centroids  %.0f items/s  eta %s", end, n, k, rate, format_duration((n - end) / rate)
-            )
+        progress.update(end)
     return distances, ids
 
 
@@ -304,7 +298,7 @@ def semantic_duplicates(
     duplicate = np.zeros(n, dtype=bool)
     order = np.lexsort((np.arange(n), -np.asarray(centroid_distances, dtype=np.float64), leaf_clusters))
     starts = np.flatnonzero(np.r_[True, np.diff(np.asarray(leaf_clusters)[order]) != 0])
-    began = last_report = time.monotonic()
+    progress = Progress("semantic dedup:", n, "items", logger)
     for first, last in zip(starts, np.r_[starts[1:], n]):
         members = order[first:last]
         if len(members) < 2:
@@ -320,11 +314,7 @@ def semantic_duplicates(
             later = torch.arange(end, device=device)[None, :] >= torch.arange(row, end, device=device)[:, None]
             similarity.masked_fill_(later, -2.0)  # only the members before each one count
             duplicate[members[row:end]] = (similarity.max(1).values >= threshold - SIMILARITY_TOLERANCE).cpu().numpy()
-            now = time.monotonic()
-            if now - last_report >= PROGRESS_EVERY_S:  # inside a cluster too: one large cluster can take hours
-                done = first + end
-                last_report, rate = now, done / (now - began)
-                logger.info("semantic dedup: %d/%d items  %.0f items/s  eta %s", done, n, rate, format_duration((n - done) / rate))
+            progress.update(first + end)  # inside a cluster too: one large cluster can take hours
     return duplicate
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -42,9 +43,12 @@ from krea2_train.data.buckets import (
 )
 from krea2_train.data.plan import bucket_key, keyed_permutation
 from krea2_train.data.shards import ShardWriter, WrittenShard
+from krea2_train.logs import Progress
 from krea2_train.store import Store
 from krea2_train.store.db import find_dataset_id
 from krea2_train.store.queue import Done, Failed, Job, JobContext, Outcome, register_job, requeue
+
+logger = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("id", "dataset_id", "uri", "width", "height", "caption_long", "caption_medium", "caption_short", "facts")
 PACK_JOB_NAME = "pack"
@@ -232,6 +236,8 @@ def pack_rows(
     by_bucket: dict[str, array] = {}
     for image_id, width, height in sizes:
         by_bucket.setdefault(assign_bucket(width, height, buckets).name, array("q")).append(image_id)
+    progress = Progress(f"packed {dataset} at {resolution} px:", sum(map(len, by_bucket.values())), "images", logger)
+    done = 0
     for bucket in buckets:
         members = by_bucket.pop(bucket.name, array("q"))
         order = keyed_permutation(len(members), (settings.seed, resolution, bucket_key(bucket.name)))
@@ -240,6 +246,8 @@ def pack_rows(
             written = _write_shard(store, dataset, chunk, resolution, bucket, out_dir, settings, report)
             if written is not None and _register(store, dataset_id, resolution, written):
                 report.shards.append(written)
+            done += len(chunk)
+            progress.update(done)
 
 
 def shard_path(out_dir: Path, dataset: str, resolution: int, bucket: Bucket, image_ids: Sequence[int]) -> Path:

@@ -5,6 +5,7 @@ The one path used by the trainer's sample grids and by ``krea2 sample``.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -12,6 +13,11 @@ from PIL import Image
 
 from krea2_train.conditioning.conditioner import Conditioner
 from krea2_train.flow.sampler import SamplerSettings, sample
+from krea2_train.logs import Progress
+
+logger = logging.getLogger(__name__)
+
+SAMPLING_PROGRESS_EVERY_S = 10.0
 
 
 def initial_noise(num_images: int, num_tokens: int, channels: int, seed: int) -> torch.Tensor:
@@ -37,11 +43,14 @@ def generate(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Generate one image per prompt.
+    """Generate one image per prompt, logging the start and, on long runs, the steps' progress.
 
     Returns:
         images ``[B, 3, height_px, width_px]`` in [-1, 1], float32 on the CPU.
     """
+    logger.info("sampling %d image(s) at %dx%d px: %d steps, guidance %g", len(prompts), width_px, height_px,
+                settings.num_steps, settings.guidance_scale)
+    progress = Progress(f"sampling {len(prompts)} image(s): step", settings.num_steps, "steps", logger, SAMPLING_PROGRESS_EVERY_S)
     grid = conditioner.grid(height_px, width_px)
     text_states, text_mask = conditioner.encode_text(prompts)
     negative_states = negative_mask = None
@@ -62,6 +71,7 @@ def generate(
         mu=settings.mu,
         negative_text_states=negative_states,
         negative_text_mask=negative_mask,
+        callback=lambda step, t, latents: progress.update(step + 1),
     )
     return conditioner.decode_tokens(tokens.float().cpu(), grid)
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from krea2_train.files import read_json_lines
+from krea2_train.train.metrics import read_metrics
 from krea2_train.train.watchdog import Watchdog, read_heartbeats
 
 logger = logging.getLogger("krea2_train")
@@ -211,8 +212,13 @@ def unrecovered_failure(events: list[dict[str, Any]], incarnation: int) -> dict[
     return failure
 
 
-def lost_incarnation_event(events: list[dict[str, Any]], heartbeat_dir: Path) -> dict[str, Any] | None:
-    """A ``lost`` failure for the newest incarnation when it ended with neither stop nor failure."""
+def lost_incarnation_event(
+    events: list[dict[str, Any]], heartbeat_dir: Path, step_records: list[dict[str, Any]] = ()
+) -> dict[str, Any] | None:
+    """A ``lost`` failure for the newest incarnation when it ended with neither stop nor failure,
+    dated by the last step it finished: the newest of its heartbeats (written every second or so)
+    and of its ``step_records`` (metrics.jsonl, one per step: a step shorter than a heartbeat's
+    period shows only there)."""
     if not events:
         return None
     last = max(e["incarnation"] for e in events)
@@ -220,8 +226,11 @@ def lost_incarnation_event(events: list[dict[str, Any]], heartbeat_dir: Path) ->
         return None
     started = min(e["time"] for e in events if e["incarnation"] == last)
     beats = [b for b in read_heartbeats(heartbeat_dir).values() if b.beat_time >= started]
-    step = max((b.step for b in beats), default=max((e["step"] or 0) for e in events if e["incarnation"] == last))
-    when = max((b.progress_time for b in beats), default=max(e["time"] for e in events if e["incarnation"] == last))
+    finished = [(r["step"], r["time"]) for r in step_records if r.get("time", 0) >= started]
+    step = max([b.step for b in beats] + [s for s, _ in finished],
+               default=max((e["step"] or 0) for e in events if e["incarnation"] == last))
+    when = max([b.progress_time for b in beats] + [t for _, t in finished],
+               default=max(e["time"] for e in events if e["incarnation"] == last))
     first_silent = min(beats, key=lambda b: b.beat_time) if beats else None
     detail = "the processes ended without a record (SIGKILL, the OOM killer, a lost node)"
     if first_silent is not None:
@@ -303,7 +312,7 @@ def start_supervision(config, run_dir: Path, *, rank: int, world_size: int, step
     decided: list[Any] = [None, None, None]
     if rank == 0:
         events = read_events(run_dir)
-        lost = lost_incarnation_event(events, heartbeat_dir)
+        lost = lost_incarnation_event(events, heartbeat_dir, read_metrics(run_dir))
         if lost is not None:
             append_event(run_dir, lost)
             events.append(lost)
