@@ -65,6 +65,10 @@ class Stage(Protocol):
       network whose gradients are clipped on their own (``train.trainer.trained_networks``).
     - ``sample_settings(num_image_tokens) -> SamplerSettings``: the sampler of the run's sample
       grids, in place of ``logging.sample_*`` (a distilled student samples on its own grid).
+    - ``update_phases``: names of the updates of one step, in order (TDM: ``("fake_score",
+      "generator")``). The trainer then calls ``loss(ctx, batch, phase)`` for every micro-batch of
+      a phase, clips and steps the optimizer after it (only parameters with gradients move), and
+      goes to the next phase, whose losses see that update.
     - ``begin_step(micro_steps)``: called once per step, before any loss, with every micro-batch
       of the step as ``[(StepContext, batch)]`` (GRPO rolls out and scores the whole step here).
     - ``state_dict()`` / ``load_state_dict(state)``: state the stage carries between steps,

@@ -37,9 +37,10 @@ One iteration, per sample of the batch:
    so G moves along ``x0_cfg - x0_fake`` (DMD's reverse-KL direction on the student's trajectory
    marginal inside the step's interval).
 
-Both losses are summed and take one backward and one optimizer step: the simultaneous 1:1 update
-of the fake score and the generator (TDM alternates them 1:1 with the fake score first; here both
-use the same draws and the fake score of the start of the step). The fake score learns
+The two losses are two update phases of one trainer step (``update_phases``), TDM's 1:1 order
+with the fake score first: the fake-score loss, its backward and an optimizer step that moves the
+fake score only; then the generator loss at the same point (same rollout and draws), against the
+updated fake score, and a step that moves the student only. The fake score learns
 ``fake_lr_scale`` times faster (``lr_scales``; TDM demo: ``lr_G = lr_fake / 5``), and its
 gradients are clipped apart from the student's, as two optimizers would.
 
@@ -48,10 +49,11 @@ All step math is float32; randomness is keyed by (seed, purpose, step, slot).
 Sharding: the fake score is a whole Krea2DiT under ``model.auxiliary``; with more than one rank
 ``parallelize_dit`` makes it its own FSDP2 unit (blocks first), so it can be called outside the
 student's forward (on one rank it gets its own autocast hooks instead). The
-student (the FSDP root) runs first in every step (the rollout), as FSDP2's lazy initialisation
-requires. Every rank runs the same forwards whatever its samples (the whole rollout, one student,
-one fake-score and one batched CFG teacher forward, the empty prompt padded to the prompts' text
-length), so the FSDP collectives match across ranks.
+student (the FSDP root) runs first in each phase (the rollout, then the generator's forward), as
+FSDP2's lazy initialisation requires. Every rank runs the same forwards whatever its samples (the
+fake-score phase: the whole rollout, one student and one fake-score forward; the generator phase:
+one student, one fake-score and one batched CFG teacher forward, the empty prompt padded to the
+prompts' text length), so the FSDP collectives match across ranks.
 """
 
 from __future__ import annotations
@@ -273,20 +275,18 @@ def rollout_states(student: VelocityFn, noise: torch.Tensor, sigmas: torch.Tenso
 
 
 @dataclass
-class TdmTerms:
-    """One TDM evaluation: both losses (scalars) and per-sample diagnostics ``[B]``."""
+class TdmPoint:
+    """Where a step's two losses are evaluated (no grad): the student's re-noised sample ``x_tau``
+    ``[B, ...]`` at ``tau`` ``[B]``, and its importance weight ``[B]``."""
 
-    loss_fake: torch.Tensor
-    loss_generator: torch.Tensor
-    importance: torch.Tensor
-    normaliser: torch.Tensor
+    x_tau: torch.Tensor
     tau: torch.Tensor
+    importance: torch.Tensor
 
 
-def tdm_objective(
+def fake_score_objective(
     student: VelocityFn,
     fake_score: VelocityFn,
-    teacher_cfg: VelocityFn,
     x_k: torch.Tensor,
     sigma_k: torch.Tensor,
     s: torch.Tensor,
@@ -295,31 +295,43 @@ def tdm_objective(
     *,
     snr_clip: float = 5.0,
     is_clip: float = 10.0,
-    huber_c: float = 1e-3,
-    min_normaliser: float = 1e-6,
-) -> TdmTerms:
-    """The fake-score and generator losses at the step inputs ``x_k`` (see the module docstring).
-
-    ``student`` and ``fake_score`` run with grad (each loss reaches only its own network);
-    ``teacher_cfg`` (the guided teacher) runs under no_grad.
+) -> tuple[torch.Tensor, TdmPoint]:
+    """The fake-score loss at the step inputs ``x_k`` (module docstring, 2-4), with grad into
+    ``fake_score`` only (the student runs under no_grad), and the point it was evaluated at, where
+    the generator's loss is evaluated next.
 
     Args:
         x_k: ``[B, ...]`` step inputs from the rollout; sigma_k, s, tau ``[B]``; z ``[B, ...]`` N(0, I).
     """
-    x0_k = x0_from_velocity(x_k, student(x_k, sigma_k), sigma_k)  # with grad: the generator loss
     with torch.no_grad():
+        x0_k = x0_from_velocity(x_k, student(x_k, sigma_k), sigma_k)
         eps_hat = effective_noise(x_k, x0_k, sigma_k)
-        x0_detached = x0_k.detach()
-        x_s = interpolate(x0_detached, eps_hat, s)
-        x_tau, xi = flow_transition(x_s, eps_hat, s, tau, z)
+        x_tau, xi = flow_transition(interpolate(x0_k, eps_hat, s), eps_hat, s, tau, z)
         importance = importance_weight(xi, z, is_clip)
         weight = snr_weight(tau, snr_clip) * importance
     x0_fake = x0_from_velocity(x_tau, fake_score(x_tau, tau), tau)
-    loss_fake = fake_score_loss(x0_fake, x0_detached, weight)
+    return fake_score_loss(x0_fake, x0_k, weight), TdmPoint(x_tau, tau, importance)
+
+
+def generator_objective(
+    student: VelocityFn,
+    fake_score: VelocityFn,
+    teacher_cfg: VelocityFn,
+    x_k: torch.Tensor,
+    sigma_k: torch.Tensor,
+    point: TdmPoint,
+    *,
+    huber_c: float = 1e-3,
+    min_normaliser: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generator loss (module docstring, 5) at ``point``, with grad into ``student`` only;
+    ``fake_score`` (as updated by its own loss first) and the guided ``teacher_cfg`` run under
+    no_grad. Returns the loss and the per-sample normaliser ``[B]``."""
+    x0_k = x0_from_velocity(x_k, student(x_k, sigma_k), sigma_k)
     with torch.no_grad():
-        x0_cfg = x0_from_velocity(x_tau, teacher_cfg(x_tau, tau), tau)
-    loss_generator, normaliser = generator_loss(x0_k, x0_cfg, x0_fake.detach(), huber_c, min_normaliser)
-    return TdmTerms(loss_fake, loss_generator, importance, normaliser, tau)
+        x0_fake = x0_from_velocity(point.x_tau, fake_score(point.x_tau, point.tau), point.tau)
+        x0_cfg = x0_from_velocity(point.x_tau, teacher_cfg(point.x_tau, point.tau), point.tau)
+    return generator_loss(x0_k, x0_cfg, x0_fake, huber_c, min_normaliser)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,6 +378,21 @@ def pad_text(states: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[tor
     return states, torch.cat([mask.bool(), mask.new_zeros(mask.shape[0], missing, dtype=torch.bool)], dim=1)
 
 
+@dataclass
+class TdmInputs:
+    """One micro-batch's networks (as velocity functions on its conditioning) and step inputs:
+    ``x_k`` ``[B, ...]`` from the rollout, ``sigma_k``, ``s``, ``tau`` ``[B]``, ``z`` ``[B, ...]``."""
+
+    student: VelocityFn
+    fake_score: VelocityFn
+    teacher: VelocityFn
+    x_k: torch.Tensor
+    sigma_k: torch.Tensor
+    s: torch.Tensor
+    tau: torch.Tensor
+    z: torch.Tensor
+
+
 class TdmStage:
     def __init__(self, config: RunConfig) -> None:
         check_tdm_config(config)
@@ -375,6 +402,8 @@ class TdmStage:
         self.sigmas = student_sigmas(self.tdm.student_steps, self.tdm.mu)
         check_step_intervals(self.sigmas, self.tdm.min_sigma, self.tdm.interval_margin)
         self.lr_scales = {FAKE_SCORE_PREFIX: self.tdm.fake_lr_scale}
+        self.update_phases = ("fake_score", "generator")  # TDM's order: the fake score first
+        self.pending: dict[int, tuple[TdmInputs, TdmPoint]] = {}  # micro-batch -> its fake-score phase's inputs and point
 
     def sample_settings(self, num_image_tokens: int) -> SamplerSettings:
         """Sample grids show the student on its own grid (:func:`student_sampler`); ``logging.sample_*`` do not apply."""
@@ -412,7 +441,33 @@ class TdmStage:
             u_target=torch.tensor([ctx.uniform(TARGET_TIME, slot) for slot in slots], dtype=torch.float32),
         )
 
-    def loss(self, ctx: StepContext, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, ctx: StepContext, batch: dict[str, Any], phase: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``phase`` "fake_score": roll out, draw the step's point, and the fake score's loss;
+        "generator" (after the trainer stepped the fake score): the student's loss at the same
+        point, against the updated fake score. The first phase keeps what the second needs."""
+        if phase == "fake_score":
+            inputs = self.step_inputs(ctx, batch)
+            loss_fake, point = fake_score_objective(
+                inputs.student, inputs.fake_score, inputs.x_k, inputs.sigma_k, inputs.s, inputs.tau, inputs.z,
+                snr_clip=self.tdm.snr_clip, is_clip=self.tdm.is_clip,
+            )
+            self.pending[ctx.micro_index] = (inputs, point)
+            return loss_fake, {
+                "loss_fake": loss_fake.detach(),
+                "w_is_min": point.importance.min(),
+                "w_is_mean": point.importance.mean(),
+                "w_is_max": point.importance.max(),
+                "tau_mean": point.tau.mean(),
+            }
+        inputs, point = self.pending.pop(ctx.micro_index)
+        loss_generator, normaliser = generator_objective(
+            inputs.student, inputs.fake_score, inputs.teacher, inputs.x_k, inputs.sigma_k, point,
+            huber_c=self.tdm.huber_c, min_normaliser=self.tdm.min_normaliser,
+        )
+        return loss_generator, {"loss_generator": loss_generator.detach(), "normaliser_mean": normaliser.mean()}
+
+    def step_inputs(self, ctx: StepContext, batch: dict[str, Any]) -> TdmInputs:
+        """The step's conditioning, draws and rollout (the rollout without grad, on every rank)."""
         captions = list(batch["captions"])
         batch_size = len(captions)
         grid = ctx.conditioner.grid(*batch["images"].shape[-2:])  # the image size only: data-free
@@ -446,22 +501,12 @@ class TdmStage:
             return velocity
 
         student = velocity_of(ctx.model)  # the FSDP root: it runs forward first (FSDP2's lazy init)
-        fake_score = velocity_of(ctx.model.auxiliary[FAKE_SCORE_KEY])
-        teacher = velocity_of(ctx.frozen["teacher"], self.tdm.guidance)
         with torch.no_grad():  # every step, on every rank: the FSDP collectives must match across ranks
             states = rollout_states(student, noise, sigmas)
-        x_k = states[step_device, torch.arange(batch_size, device=ctx.device)]
-        terms = tdm_objective(
-            student, fake_score, teacher, x_k, sigma_k, s, tau, z, snr_clip=self.tdm.snr_clip,
-            is_clip=self.tdm.is_clip, huber_c=self.tdm.huber_c, min_normaliser=self.tdm.min_normaliser,
+        return TdmInputs(
+            student=student,
+            fake_score=velocity_of(ctx.model.auxiliary[FAKE_SCORE_KEY]),
+            teacher=velocity_of(ctx.frozen["teacher"], self.tdm.guidance),
+            x_k=states[step_device, torch.arange(batch_size, device=ctx.device)],
+            sigma_k=sigma_k, s=s, tau=tau, z=z,
         )
-        metrics = {
-            "loss_fake": terms.loss_fake.detach(),
-            "loss_generator": terms.loss_generator.detach(),
-            "w_is_min": terms.importance.min(),
-            "w_is_mean": terms.importance.mean(),
-            "w_is_max": terms.importance.max(),
-            "normaliser_mean": terms.normaliser.mean(),
-            "tau_mean": terms.tau.mean(),
-        }
-        return terms.loss_fake + terms.loss_generator, metrics

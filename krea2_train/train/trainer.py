@@ -11,6 +11,9 @@ Order of work in one step::
       -> stage.loss -> backward
       -> clip (global norm over every mesh) -> finite? step : skip
       -> lr schedule -> metrics -> checkpoint (async) -> signals -> sample grid
+
+A stage with ``update_phases`` (TDM: the fake score, then the student) runs the micro-batches,
+clip and step once per phase, so each phase's losses see the previous phase's update.
 """
 
 from __future__ import annotations
@@ -545,20 +548,30 @@ class Trainer:
         ]
         if hasattr(self.stage, "begin_step"):
             self.stage.begin_step(micro_steps)
-        for index, (ctx, part) in enumerate(micro_steps):
-            last = index == accum - 1
-            if hasattr(self.model, "set_requires_gradient_sync"):
-                self.model.set_requires_gradient_sync(last)
-            loss, metrics = self.stage.loss(ctx, part)
-            if self.faults.poison_loss(self.train_state.step + 1):
-                loss = loss * float("nan")
-            (loss / accum).backward()
-            losses.append(loss.detach())
-            for name, value in metrics.items():
-                metric_sums[name] = accumulate_metric(name, metric_sums.get(name), value.detach().float().to(self.device))
-        grad_norm = clip_networks(self.networks, self.config.optim.grad_clip, self.optimizers)
+        phases = getattr(self.stage, "update_phases", (None,))
+        phase_norms, phases_finite = [], True
+        for phase in phases:  # one update per phase; a one-phase stage steps after the step's reduce below
+            for index, (ctx, part) in enumerate(micro_steps):
+                last = index == accum - 1
+                if hasattr(self.model, "set_requires_gradient_sync"):
+                    self.model.set_requires_gradient_sync(last)
+                loss, metrics = self.stage.loss(ctx, part) if phase is None else self.stage.loss(ctx, part, phase)
+                if self.faults.poison_loss(self.train_state.step + 1):
+                    loss = loss * float("nan")
+                (loss / accum).backward()
+                losses.append(loss.detach())
+                for name, value in metrics.items():
+                    metric_sums[name] = accumulate_metric(name, metric_sums.get(name), value.detach().float().to(self.device))
+            phase_norms.append(clip_networks(self.networks, self.config.optim.grad_clip, self.optimizers))
+            if len(phases) > 1:  # this phase's update now, so the next phase's losses see it
+                phase_finite = math.isfinite(phase_norms[-1].item())  # the norm is global: every rank agrees
+                if phase_finite:
+                    self.optimizers.step()  # only the parameters that got gradients in this phase move
+                self.optimizers.zero_grad()
+                phases_finite = phases_finite and phase_finite
+        grad_norm = phase_norms[0] if len(phase_norms) == 1 else torch.stack(phase_norms).square().sum().sqrt()
         values = reduce_step_values(
-            torch.stack(losses).mean(),
+            torch.stack(losses).sum() / accum if len(phases) > 1 else torch.stack(losses).mean(),
             {name: total / accum if metric_reduction(name) == "mean" else total for name, total in metric_sums.items()},
             signals=(
                 self._signal == CHECKPOINT_AND_CONTINUE, self._signal == CHECKPOINT_AND_EXIT,
@@ -566,11 +579,12 @@ class Trainer:
             ),
             grad_norm=grad_norm,
         )
-        finite = math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
+        finite = math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"]) and phases_finite
         values["lr"] = self.lr_schedulers.schedulers[0].get_last_lr()[-1]  # this step's, of the unscaled weights' group (built last)
-        if finite:
-            self.optimizers.step()
-        self.optimizers.zero_grad()
+        if len(phases) == 1:
+            if finite:
+                self.optimizers.step()
+            self.optimizers.zero_grad()
         self.lr_schedulers.step()
         any_continue, any_exit, any_fenced = values.pop("signals")
         agreed_signal = CHECKPOINT_AND_EXIT if any_exit else CHECKPOINT_AND_CONTINUE if any_continue else 0
