@@ -125,6 +125,18 @@ def test_resume_on_another_world_size_keeps_the_global_order(manifest, reference
     assert before + after == reference
 
 
+def test_more_workers_than_cpus_are_capped_with_the_same_order(manifest, reference, monkeypatch, caplog):
+    from krea2_train.data import loader as loader_module
+
+    monkeypatch.setattr(loader_module.os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(loader_module, "_capped_workers", set())
+    with caplog.at_level("INFO"):
+        assert loader_module.usable_workers(4) == 1 and loader_module.usable_workers(0) == 0
+    assert "data.num_workers=4 is more than the 1 CPUs this process may use: 1 loader workers" in caplog.text
+    epoch = global_steps([ShardLoader(manifest, config(num_workers=4, prefetch_factor=1))])
+    assert epoch and epoch == reference[: len(epoch)]
+
+
 def test_worker_processes_give_the_same_order_and_resume(manifest, reference):
     loader = ShardLoader(manifest, config(num_workers=2, prefetch_factor=1))
     first = global_steps([loader], steps=6)

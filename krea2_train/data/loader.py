@@ -29,9 +29,10 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, Iterator
 
 import numpy as np
@@ -338,7 +339,7 @@ class ShardLoader:
         dataset = _RankSliceDataset(self.manifest, self.config, epoch, self.batch_index, self.rank, self.world_size)
         if self.lease_keeper is not None:
             self.lease_keeper.begin_epoch(epoch, self.batch_index, self._spans(epoch))
-        workers = self.config.num_workers
+        workers = usable_workers(self.config.num_workers)
         loader = DataLoader(
             dataset, batch_size=None, num_workers=workers,
             prefetch_factor=self.config.prefetch_factor if workers else None,
@@ -428,6 +429,21 @@ SELECT s.id, s.path, s.bucket, s.width, s.height, s.num_samples, s.sha256
    AND (%(buckets)s::text[] IS NULL OR s.bucket = ANY(%(buckets)s::text[]))
  ORDER BY s.id
 """
+
+
+def usable_workers(asked: int) -> int:
+    """``asked`` loader workers, at most one per CPU this process may run on (more only contend;
+    the batches and their order are the same for any number of workers)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if asked > cpus:
+        if asked not in _capped_workers:
+            logger.info("data.num_workers=%d is more than the %d CPUs this process may use: %d loader workers", asked, cpus, cpus)
+            _capped_workers.add(asked)
+        return cpus
+    return asked
+
+
+_capped_workers: set[int] = set()  # said once per process
 
 
 def query_manifest(conn, datasets: list[str], resolution: int, buckets: Sequence[str] | None = None) -> Manifest:
