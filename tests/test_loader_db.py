@@ -437,7 +437,7 @@ def _prepare_worker(rank: int, port: int, dsn: str, runs_root: str, out) -> None
         run_dir.mkdir(parents=True, exist_ok=True)
         loader = data.build_train_loader(
             config, run_dir, dp_rank=rank, dp_size=2, image_side=64, pixel_multiple=16, is_main=rank == 0,
-            barrier=host_barrier(config.data.prepare_timeout_s),
+            barrier=host_barrier(config.data.prepare_timeout_s), fresh_start=True,
         )
         out[rank] = len(loader.loader.manifest.shards)
         loader.close()
@@ -503,5 +503,19 @@ def test_changed_data_settings_pin_the_data_again_before_a_checkpoint_and_are_re
     assert check_pinned_data(run_dir, pinned, fresh_start=False)
     assert not check_pinned_data(run_dir, wanted, fresh_start=True)  # a failed first start: pinned again
     assert "data.num_samples 48 pinned, 40 now" in caplog.text
-    with pytest.raises(UsageError, match=r'data.num_samples 48 pinned, 40 now; data.buckets \["1:1"\] pinned, \["1:1", "4:3"\] now'):
+    with pytest.raises(UsageError, match=r'data.buckets \["1:1"\] pinned, \["1:1", "4:3"\] now; data.num_samples 48 pinned, 40 now'):
         check_pinned_data(run_dir, wanted, fresh_start=False)
+
+    # what cannot change the shards is not compared: the buckets' order, a section that is off, a
+    # setting newer than the pin
+    def same_data(*overrides):
+        return manifest_settings(load_config("stage/pretrain_256", ["data.num_samples=48", *overrides]), 256)
+
+    assert check_pinned_data(run_dir, same_data("data.balance.levels=[32,8]"), fresh_start=False)
+    (run_dir / MANIFEST_SETTINGS_NAME).write_text(json.dumps(same_data("data.buckets=[4:3,1:1]")))
+    assert check_pinned_data(run_dir, same_data("data.buckets=[1:1,4:3]"), fresh_start=False)
+    newer = same_data("data.buckets=[1:1,4:3]", "data.balance.enabled=true")
+    (run_dir / MANIFEST_SETTINGS_NAME).write_text(json.dumps({k: v for k, v in newer.items() if k != "data.balance.semantic_dedup"}))
+    assert check_pinned_data(run_dir, newer, fresh_start=False)
+    with pytest.raises(UsageError, match="data.balance.enabled true pinned, false now"):
+        check_pinned_data(run_dir, same_data("data.buckets=[1:1,4:3]"), fresh_start=False)

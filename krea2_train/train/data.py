@@ -52,7 +52,8 @@ def prepare_shapes(store, config: RunConfig, runs_root: Path, image_side: int, p
     from krea2_train.data.shapes import write_shapes_dataset
 
     render_side = max(SHAPES_RENDER_MIN_SIDE, image_side)
-    folder = runs_root / "_datasets" / f"{config.data.dataset}_{render_side}px_n{config.data.num_samples}_s{config.seed}"
+    buckets = "" if list(config.data.buckets) == ["1:1"] else "_b" + hashlib.sha1(",".join(sorted(config.data.buckets)).encode()).hexdigest()[:8]
+    folder = runs_root / "_datasets" / f"{config.data.dataset}_{render_side}px_n{config.data.num_samples}_s{config.seed}{buckets}"
     dataset = shapes_dataset_name(config, render_side, folder)
     if not (folder / ".complete").exists():
         logger.info("rendering %d shapes-world images at %d px into %s", config.data.num_samples, render_side, folder)
@@ -282,11 +283,26 @@ def check_bucket_sizes(manifest, global_batch_size: int, warn: bool = True) -> N
 
 
 def manifest_settings(config: RunConfig, image_side: int) -> dict[str, Any]:
-    """The settings that choose a run's shards, by config key (what ``manifest_settings.json`` pins)."""
+    """The settings that choose a run's shards, by dotted config key (what ``manifest_settings.json``
+    pins): the buckets as a set, and of a selection section that is off only ``enabled``."""
     data = to_record(config)["data"]
-    keys = ["source", "dataset", *(["num_samples"] if config.data.source == "shapes" else []), "resolution", "buckets",
-            "balance", "curate", "quality"]
-    return {**{f"data.{key}": data[key] for key in keys}, "seed": config.seed, "image side in pixels": image_side}
+    settings: dict[str, Any] = {
+        "data.source": data["source"], "data.dataset": data["dataset"], "data.resolution": data["resolution"],
+        "data.buckets": sorted(data["buckets"]), "seed": config.seed, "image side in pixels": image_side,
+    }
+    if config.data.source == "shapes":
+        settings["data.num_samples"] = data["num_samples"]
+    for section in ("balance", "curate", "quality"):
+        values = data[section]
+        if not values["enabled"]:
+            settings[f"data.{section}.enabled"] = False
+            continue
+        for key, value in values.items():
+            if isinstance(value, dict):  # quality's bounds: one key per score
+                settings.update({f"data.{section}.{key}.{name}": bound for name, bound in value.items()})
+            else:
+                settings[f"data.{section}.{key}"] = value
+    return settings
 
 
 def check_pinned_data(run_dir: Path, wanted: dict[str, Any], fresh_start: bool) -> bool:
@@ -301,7 +317,8 @@ def check_pinned_data(run_dir: Path, wanted: dict[str, Any], fresh_start: bool) 
     if not (run_dir / "manifest.json").exists() or not settings_path.exists():
         return True
     pinned = json.loads(settings_path.read_text())
-    changed = [key for key in wanted if pinned.get(key) != wanted[key]]
+    # a key the pin does not have (a setting newer than the run) cannot be compared: it is taken
+    changed = [key for key in wanted if key in pinned and pinned[key] != wanted[key]]
     if not changed:
         return True
     described = "; ".join(f"{key} {json.dumps(pinned.get(key))} pinned, {json.dumps(wanted[key])} now" for key in changed)
@@ -324,8 +341,8 @@ def build_train_loader(
     pixel_multiple: int,
     is_main: bool,
     barrier: Callable[[], None],
+    fresh_start: bool,
     holds_lease: bool = True,
-    fresh_start: bool = True,
 ) -> TrainLoader:
     """The run's loader for data-parallel rank ``dp_rank`` of ``dp_size``.
 
@@ -357,6 +374,9 @@ def build_train_loader(
     from krea2_train.data.plan import Manifest
 
     manifest = Manifest.load(manifest_path)
+    empty = sorted(set(config.data.buckets) - set(manifest.buckets))
+    if empty and is_main:
+        logger.warning("no image of the data falls in the aspect bucket(s) %s of data.buckets at %d px", empty, image_side)
     check_bucket_sizes(manifest, config.data.global_batch_size, warn=is_main)
     loader_config = LoaderConfig(
         global_batch_size=config.data.global_batch_size,

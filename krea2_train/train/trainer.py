@@ -564,11 +564,11 @@ class Trainer:
                     metric_sums[name] = accumulate_metric(name, metric_sums.get(name), value.detach().float().to(self.device))
             phase_norms.append(clip_networks(self.networks, self.config.optim.grad_clip, self.optimizers))
             if len(phases) > 1:  # this phase's update now, so the next phase's losses see it
-                phase_finite = math.isfinite(phase_norms[-1].item())  # the norm is global: every rank agrees
-                if phase_finite:
+                # one host sync per phase; the norm is global, so every rank agrees
+                phases_finite = phases_finite and math.isfinite(phase_norms[-1].item())
+                if phases_finite:  # after a phase that was not, the later phases do not step either
                     self.optimizers.step()  # only the parameters that got gradients in this phase move
                 self.optimizers.zero_grad()
-                phases_finite = phases_finite and phase_finite
         grad_norm = phase_norms[0] if len(phase_norms) == 1 else torch.stack(phase_norms).square().sum().sqrt()
         values = reduce_step_values(
             torch.stack(losses).sum() / accum if len(phases) > 1 else torch.stack(losses).mean(),
@@ -579,7 +579,8 @@ class Trainer:
             ),
             grad_norm=grad_norm,
         )
-        finite = math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"]) and phases_finite
+        # a phased stage has stepped already: the step counts as skipped when a phase did not step
+        finite = phases_finite if len(phases) > 1 else math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
         values["lr"] = self.lr_schedulers.schedulers[0].get_last_lr()[-1]  # this step's, of the unscaled weights' group (built last)
         if len(phases) == 1:
             if finite:
@@ -618,7 +619,8 @@ class Trainer:
                 result = self.train_step(batch)
             if syncs.count is not None:
                 result["host_syncs"] = syncs.count
-                logger.info("host syncs in one training step: %d (1 is the step's own read of its all-reduce)", syncs.count)
+                logger.info("host syncs in one training step: %d (1 is the step's own read of its all-reduce, plus one per"
+                            " update phase of a stage with several)", syncs.count)
             if result.pop("fenced"):  # every rank agrees: stop at once, write nothing (the newer start owns the run)
                 logger.error(
                     "a newer start of run %s holds its data lease: this process is a leftover of an older "
