@@ -51,7 +51,7 @@ class BalanceConfig:
     levels: list[int] = field(default_factory=lambda: [64, 8])  # clusters per level, bottom-up
     resample_steps: int = 3
     points_per_cluster: int = 8
-    train_points_per_cluster: int = 256  # a k-means run of k clusters trains on at most k times this many random items
+    train_points_per_cluster: int = 256  # a level's first k-means run (k clusters) trains on at most k times this many random items
     leaf_pick: str = "random"  # random | nearest (to the level-1 centroid)
     semantic_dedup: Optional[float] = None  # cosine similarity: leave out near-duplicates inside level-1 clusters (SemDeDup)
     embedder: str = "small"  # "small" | a local SigLIP, SigLIP 2, DINOv2 or DINOv3 transformers directory

@@ -624,7 +624,7 @@ def add_selection_commands(commands, store_arguments: Callable, open_store: Call
     balance.add_argument("--points-per-cluster", type=int, default=8)
     balance.add_argument("--niter", type=int, default=20, help="k-means iterations per run")
     balance.add_argument("--train-points-per-cluster", type=int, default=256,
-                         help="a k-means run of k clusters trains on at most k times this many random items (default 256)")
+                         help="a level's first k-means run (k clusters) trains on at most k times this many random items (default 256)")
     balance.add_argument("--seed", type=int, default=0)
     balance.add_argument("--embedder", default="small", help="'small' or a local SigLIP, SigLIP 2, DINOv2 or DINOv3 transformers directory (on the GPU when there is one)")
     balance.add_argument("--leaf-pick", choices=("random", "nearest"), default="random")

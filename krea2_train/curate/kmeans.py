@@ -19,9 +19,10 @@ The method of Vo et al. 2024 ("Automatic data curation for self-supervised learn
   at random or nearest the centroid.
 
 At scale (tens of millions of embeddings, tens of thousands of level-1 clusters) the cost is the
-level-1 runs: each k-means run trains on at most ``train_points_per_cluster`` random items per
-cluster (faiss's own default is 256), and every item is then assigned to its nearest centroid in
-batches, on the GPU when one is given, with progress logged.
+level-1 runs: a level's first k-means run trains on at most ``train_points_per_cluster`` random
+items per cluster (faiss's own default is 256; the resampling runs train on their subset), and
+every item is then assigned to its nearest centroid in batches, on the GPU when one is given, with
+progress logged.
 
 Everything is a pure function of its inputs and a seed. Numpy in, numpy out; faiss runs k-means,
 and the nearest-centroid search runs in faiss on the CPU or in torch on a GPU.
@@ -55,8 +56,9 @@ class KMeansSettings:
         points_per_cluster: members per cluster, nearest its centroid, kept by a resampling step.
         niter: k-means iterations of each run.
         seed: the seed of every random choice.
-        train_points_per_cluster: a k-means run of k clusters trains on at most k times this many
-            of its items, drawn at random (every item is still assigned to its nearest centroid).
+        train_points_per_cluster: a level's first k-means run (k clusters) trains on at most k
+            times this many of its items, drawn at random (the resampling runs train on their
+            subset; every item is still assigned to its nearest centroid).
     """
 
     levels: tuple[int, ...] = (64, 8)
