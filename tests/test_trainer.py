@@ -434,3 +434,53 @@ def test_init_from_another_model_is_refused_naming_what_differs(tmp_path, monkey
             load_initial_weights(path, model_config("tiny", num_layers=3))
     weights = load_initial_weights(path, model_config("tiny", num_layers=2, rope_theta=1e5))
     build_model("tiny", num_layers=2).load_state_dict(weights, strict=True)
+
+
+def test_update_phases_step_in_turn_and_a_phase_that_is_not_finite_stops_the_rest():
+    """A stage with update_phases: each phase's loss sees the previous phase's step; a phase whose
+    norm is not finite steps nothing, nor do the phases after it, and the step counts as skipped."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from krea2_train.train.trainer import Trainer, trained_networks
+
+    class TwoPhases:
+        update_phases = ("first", "second")
+
+        def __init__(self, model, poisoned):
+            self.model, self.poisoned, self.seen = model, poisoned, []
+
+        def loss(self, ctx, batch, phase):
+            if phase == "second":  # what the second phase sees of the first network
+                self.seen.append(self.model.first.weight.detach().clone())
+            layer = self.model.first if phase == "first" else self.model.auxiliary.second
+            loss = layer(batch["x"]).square().mean() * (float("nan") if phase in self.poisoned else 1.0)
+            return loss, {f"loss_{phase}": loss.detach()}
+
+    def step(poisoned):
+        torch.manual_seed(0)
+        model = nn.Module()
+        model.first, model.auxiliary = nn.Linear(2, 2), nn.ModuleDict({"second": nn.Linear(2, 2)})
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        stage = TwoPhases(model, poisoned)
+        trainer = SimpleNamespace(
+            config=SimpleNamespace(optim=SimpleNamespace(grad_accum_steps=1, grad_clip=1.0), seed=0),
+            local_batch_size=4, dp_rank=0, model=model, conditioner=None, device=torch.device("cpu"),
+            dtype=torch.float32, frozen={}, train_state=SimpleNamespace(step=0), stage=stage,
+            faults=SimpleNamespace(poison_loss=lambda step: False), networks=trained_networks(model, {"auxiliary.": 1.0}),
+            optimizers=optimizer, lr_schedulers=SimpleNamespace(schedulers=[SimpleNamespace(get_last_lr=lambda: [0.1])], step=lambda: None),
+            _signal=0, loader=SimpleNamespace(fenced=False),
+        )
+        result = Trainer.train_step(trainer, {"x": torch.ones(4, 2)})
+        moved = {name.split(".")[-2]: not torch.equal(p, before[name]) for name, p in model.named_parameters() if name.endswith("weight")}
+        return result["finite"], moved, stage.seen[0], before["first.weight"]
+
+    finite, moved, seen, before = step(poisoned=())
+    assert finite and moved == {"first": True, "second": True}
+    assert not torch.equal(seen, before)  # the second phase saw the first phase's step
+    finite, moved, _, _ = step(poisoned=("first",))
+    assert not finite and moved == {"first": False, "second": False}
+    finite, moved, _, _ = step(poisoned=("second",))
+    assert not finite and moved == {"first": True, "second": False}
