@@ -13,7 +13,9 @@ from pathlib import Path
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m krea2_train", description=__doc__.splitlines()[0])
+    from krea2_train.errors import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m krea2_train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="GROUP/NAME under configs/, e.g. stage/pretrain_256")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config and exit (keys, types and values are checked; the stage's own "

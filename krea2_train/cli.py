@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from krea2_train.errors import ArgumentParser
+
 # subcommand name -> module defining register(subparsers)
 COMMAND_MODULES: dict[str, str] = {
     "demo": "krea2_train.train.demo",
@@ -26,7 +28,7 @@ COMMAND_MODULES: dict[str, str] = {
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="krea2", description="Krea 2 training framework")
+    parser = ArgumentParser(prog="krea2", description="Krea 2 training framework")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = sorted(set(COMMAND_MODULES.values())) if only is None else [COMMAND_MODULES[only]]
     for module_name in modules:

@@ -8,6 +8,7 @@ Anything else is a bug and keeps its traceback; ``KREA2_TRACEBACK=1`` shows one 
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
 import os
@@ -30,6 +31,15 @@ class Krea2Error(Exception):
     """
 
     retryable = False
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with an argument error as one line, ``PROG: error: MESSAGE (PROG --help: usage)``,
+    exit 2: the usage block is one ``--help`` away, not printed above the message. Its
+    subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help: usage)\n")
 
 
 class UsageError(Krea2Error):

@@ -147,9 +147,12 @@ def test_a_bf16_export_samples_in_the_chosen_dtype(run, tmp_path, capsys, monkey
 
     # arguments that cannot work: named, no traceback
     for bad, expected in ((["--resolution", "250"], "250 is not a positive multiple of 16"), (["--preset", "fast"], "invalid choice: 'fast'")):
-        with pytest.raises(SystemExit) as exited:  # argparse: exit 2 with the message
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:  # argparse: exit 2 with the message, one line, no usage block
             krea2([*common, *bad])
-        assert exited.value.code == 2 and expected in capsys.readouterr().err
+        printed = capsys.readouterr().err
+        assert exited.value.code == 2 and expected in printed and printed.count("\n") == 1
+        assert printed.startswith("krea2 sample: error: ") and printed.endswith("(krea2 sample --help: usage)\n")
     assert krea2([*common, "--height", "30", "--width", "30"]) == 1  # found once the autoencoder is known
     assert "krea2: error: --height/--width gives 30x30 px: this autoencoder needs multiples of 4 px" in capsys.readouterr().err
     assert "[Errno 2] no LoRA file: 'nothere.safetensors'" in krea2_error([*common, "--lora", "nothere.safetensors"], capsys)

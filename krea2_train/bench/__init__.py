@@ -16,6 +16,8 @@ import sys
 import traceback
 from types import ModuleType
 
+from krea2_train.errors import ArgumentParser
+
 # subcommand -> benchmark modules it runs
 BENCHES: dict[str, list[str]] = {
     "data": ["krea2_train.bench.data_store", "krea2_train.bench.data_loader", "krea2_train.bench.data_balance"],
@@ -59,7 +61,7 @@ def format_table(rows: list[dict]) -> str:
 def module_main(module_name: str, argv: list[str] | None = None) -> int:
     """``python -m krea2_train.bench.MODULE [options]``: one benchmark module alone, as a table."""
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
     print(format_table(module.run(parser.parse_args(argv))))
     return 0
