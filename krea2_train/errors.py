@@ -41,6 +41,21 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help: usage)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """Unknown arguments are reported by the deepest subcommand chosen (argparse hands a
+        subparser's leftovers up to the top parser, whose help does not list them)."""
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            parser = self
+            while True:
+                choices = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+                chosen = None if choices is None else choices.choices.get(getattr(namespace, choices.dest, None))
+                if chosen is None:
+                    break
+                parser = chosen
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return namespace
+
 
 class UsageError(Krea2Error):
     """A command-line argument or setting that cannot work (a bad value, a missing option, a model

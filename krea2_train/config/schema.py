@@ -88,7 +88,7 @@ class DataConfig:
     resolution: int = 256
     buckets: list[str] = field(default_factory=lambda: ["1:1"])
     global_batch_size: int = 8
-    num_workers: int = 1
+    num_workers: int = 1  # loader processes per rank, at most the CPUs the process may run on
     caption_mix: dict[str, float] = field(default_factory=lambda: {"long": 0.8, "medium": 0.1, "short": 0.1})
     dsn: Optional[str] = None  # PostgreSQL; None: KREA2_PG_DSN or the embedded server
     # how long the other ranks wait for rank 0 to prepare the data on a run's first start (decode,
