@@ -86,3 +86,14 @@ def test_the_train_bench_runs_on_cpu_on_a_gpu_host_and_the_others_with_their_def
     assert recorder.args["krea2_train.bench.train"].device == "cpu"
     assert recorder.args["krea2_train.bench.ckpt"].ckpt_model == "100m"
     assert recorder.args["krea2_train.bench.data_loader"].loader_resolutions == [256, 64]
+
+
+def test_a_bench_whose_arguments_do_not_parse_fails_alone(recorder, monkeypatch):
+    import krea2_train.bench as bench
+
+    monkeypatch.setattr(importlib.import_module(FAILING), "run", lambda args: [_row(FAILING)])
+    monkeypatch.setitem(bench.ALL_OPTIONS, MODULES[0], ["--no-such-option"])  # argparse exits on it
+    assert main(["bench", "all"]) == 1
+    recorder.read()
+    assert list(recorder.args) == [m for m in MODULES[1:] if m != FAILING]  # the others ran (FAILING's lambda records nothing)
+    assert f"FAILED {MODULES[0]}: SystemExit: 2" in recorder.err

@@ -92,7 +92,7 @@ def run_all(args: argparse.Namespace) -> int:
         try:
             module = importlib.import_module(module_name)  # a module that does not import fails alone
             module_rows = module.run(all_suite_args(module))
-        except Exception as error:
+        except (Exception, SystemExit) as error:  # SystemExit: arguments argparse refused, a module that exits
             traceback.print_exc()  # now, with the traceback; the summary at the end names it again
             failures.append((module_name, error))
             continue
