@@ -31,7 +31,14 @@ from psycopg.types.json import Jsonb
 
 from krea2_train.curate.embeddings import Embedder, build_embedder, default_device, embedder_spec
 from krea2_train.curate.images import open_rgb
-from krea2_train.curate.kmeans import Hierarchy, KMeansSettings, balanced_sample, hierarchical_kmeans, semantic_duplicates
+from krea2_train.curate.kmeans import (
+    Hierarchy,
+    KMeansSettings,
+    balanced_sample,
+    check_similarity_threshold,
+    hierarchical_kmeans,
+    semantic_duplicates,
+)
 from krea2_train.data.pack import DEDUP_DONE_SQL, PACK_JOB_NAME, PACKABLE_SQL
 from krea2_train.errors import UsageError
 from krea2_train.logs import Progress
@@ -479,8 +486,11 @@ def balance_dataset(
             raise StoreError(f"fraction must be in (0, 1], got {fraction}")
     elif not 0 < target <= len(image_ids):
         raise StoreError(f"target must be in 1..{len(image_ids)} (the selectable images of {dataset!r}), got {target}")
-    if semantic_dedup is not None and not 0 < semantic_dedup <= 1:
-        raise StoreError(f"semantic dedup threshold must be a cosine similarity in (0, 1], got {semantic_dedup}")
+    if semantic_dedup is not None:
+        try:
+            check_similarity_threshold(semantic_dedup)  # before any embedding or clustering
+        except ValueError as error:
+            raise StoreError(str(error)) from None
     embedder = build_embedder(embedder) if isinstance(embedder, str) else embedder
     selection_settings = {
         "target": target, "embedder": embedder.name, "leaf_pick": leaf_pick,

@@ -274,6 +274,12 @@ def hierarchical_kmeans(embeddings: np.ndarray, settings: KMeansSettings, device
     return Hierarchy(point_clusters, tuple(all_centroids), point_distances.astype(np.float32))
 
 
+def check_similarity_threshold(threshold: float) -> None:
+    """Raise ValueError unless ``threshold`` is a cosine similarity in (0, 1] (NaN is not)."""
+    if not 0 < threshold <= 1:
+        raise ValueError(f"the semantic dedup threshold must be a cosine similarity in (0, 1], got {threshold}")
+
+
 def semantic_duplicates(
     embeddings: np.ndarray, leaf_clusters: np.ndarray, centroid_distances: np.ndarray, threshold: float, device: str = "cpu"
 ) -> np.ndarray:
@@ -294,8 +300,7 @@ def semantic_duplicates(
     """
     import torch
 
-    if not 0 < threshold <= 1:
-        raise ValueError(f"the semantic dedup threshold is a cosine similarity in (0, 1], got {threshold}")
+    check_similarity_threshold(threshold)
     n = len(embeddings)
     duplicate = np.zeros(n, dtype=bool)
     order = np.lexsort((np.arange(n), -np.asarray(centroid_distances, dtype=np.float64), leaf_clusters))

@@ -151,6 +151,17 @@ class PackReport:
         return sum(shard.num_samples for shard in self.shards)
 
 
+def find_pack_target(store: Store, dataset: str, resolution: int) -> tuple[Path, PackSettings] | None:
+    """(out_dir, settings) of ``dataset``'s pack target at ``resolution``; None without one."""
+    with store.pool.connection() as conn:
+        row = conn.execute(
+            "SELECT t.out_dir, t.settings FROM pack_targets t JOIN datasets d ON d.id = t.dataset_id"
+            " WHERE d.name = %s AND t.resolution = %s",
+            (dataset, resolution),
+        ).fetchone()
+    return None if row is None else (Path(row[0]), PackSettings.from_json(row[1]))
+
+
 def add_pack_target(store: Store, dataset: str, resolution: int, out_dir: str | Path, settings: PackSettings) -> int:
     """Record that ``dataset`` is packed at ``resolution`` into ``out_dir``; returns the dataset id.
 

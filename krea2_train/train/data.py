@@ -108,16 +108,12 @@ def check_packed_buckets(store, dataset: str, image_side: int, buckets: list[str
     Raises:
         UsageError: a bucket of ``buckets`` is not packed at this size.
     """
-    from krea2_train.data.pack import PackSettings
+    from krea2_train.data.pack import find_pack_target
 
-    with store.pool.connection() as conn:
-        row = conn.execute(
-            "SELECT t.settings FROM pack_targets t JOIN datasets d ON d.id = t.dataset_id WHERE d.name = %s AND t.resolution = %s",
-            (dataset, image_side),
-        ).fetchone()
-    if row is None:
+    target = find_pack_target(store, dataset, image_side)
+    if target is None:
         return None
-    settings = PackSettings.from_json(row[0])
+    settings = target[1]
     missing = [bucket for bucket in buckets if bucket not in settings.aspect_ratios]
     if missing:
         raise UsageError(
@@ -191,20 +187,13 @@ def prepare_registry(store, config: RunConfig, runs_root: Path, image_side: int,
     checks, dedup, then resize-and-pack (what ``krea2 data work --job decode|dedup`` and the pack
     job do), so ``krea2 data ingest`` followed by a training run is enough.
     """
-    from krea2_train.data.pack import PackSettings
+    from krea2_train.data.pack import PackSettings, find_pack_target
 
     source = config.data.dataset
-    with store.pool.connection() as conn:
-        target = conn.execute(
-            "SELECT t.out_dir, t.settings FROM pack_targets t JOIN datasets d ON d.id = t.dataset_id"
-            " WHERE d.name = %s AND t.resolution = %s",
-            (source, image_side),
-        ).fetchone()
-    if target is None:
-        out_dir = runs_root / "_shards"
-        settings = PackSettings(aspect_ratios=tuple(config.data.buckets), pixel_multiple=pixel_multiple, seed=config.seed)
-    else:
-        out_dir, settings = Path(target[0]), PackSettings.from_json(target[1])
+    out_dir, settings = find_pack_target(store, source, image_side) or (
+        runs_root / "_shards",
+        PackSettings(aspect_ratios=tuple(config.data.buckets), pixel_multiple=pixel_multiple, seed=config.seed),
+    )
     return process_select_pack(store, config, source, ("decode", "dedup"), image_side, out_dir, settings, pack_source=True)
 
 

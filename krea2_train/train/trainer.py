@@ -549,6 +549,7 @@ class Trainer:
         if hasattr(self.stage, "begin_step"):
             self.stage.begin_step(micro_steps)
         phases = getattr(self.stage, "update_phases", (None,))
+        phased = len(phases) > 1
         phase_norms, phases_finite = [], True
         for phase in phases:  # one update per phase; a one-phase stage steps after the step's reduce below
             for index, (ctx, part) in enumerate(micro_steps):
@@ -563,15 +564,15 @@ class Trainer:
                 for name, value in metrics.items():
                     metric_sums[name] = accumulate_metric(name, metric_sums.get(name), value.detach().float().to(self.device))
             phase_norms.append(clip_networks(self.networks, self.config.optim.grad_clip, self.optimizers))
-            if len(phases) > 1:  # this phase's update now, so the next phase's losses see it
+            if phased:  # this phase's update now, so the next phase's losses see it
                 # one host sync per phase; the norm is global, so every rank agrees
                 phases_finite = phases_finite and math.isfinite(phase_norms[-1].item())
                 if phases_finite:  # after a phase that was not, the later phases do not step either
                     self.optimizers.step()  # only the parameters that got gradients in this phase move
                 self.optimizers.zero_grad()
-        grad_norm = phase_norms[0] if len(phase_norms) == 1 else torch.stack(phase_norms).square().sum().sqrt()
+        grad_norm = torch.stack(phase_norms).square().sum().sqrt() if phased else phase_norms[0]
         values = reduce_step_values(
-            torch.stack(losses).sum() / accum if len(phases) > 1 else torch.stack(losses).mean(),
+            torch.stack(losses).sum() / accum if phased else torch.stack(losses).mean(),
             {name: total / accum if metric_reduction(name) == "mean" else total for name, total in metric_sums.items()},
             signals=(
                 self._signal == CHECKPOINT_AND_CONTINUE, self._signal == CHECKPOINT_AND_EXIT,
@@ -580,9 +581,9 @@ class Trainer:
             grad_norm=grad_norm,
         )
         # a phased stage has stepped already: the step counts as skipped when a phase did not step
-        finite = phases_finite if len(phases) > 1 else math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
+        finite = phases_finite if phased else math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
         values["lr"] = self.lr_schedulers.schedulers[0].get_last_lr()[-1]  # this step's, of the unscaled weights' group (built last)
-        if len(phases) == 1:
+        if not phased:
             if finite:
                 self.optimizers.step()
             self.optimizers.zero_grad()
