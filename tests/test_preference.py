@@ -230,7 +230,7 @@ def test_the_stage_refuses_bad_settings(tmp_path):
             build_stage(stpo_config(tmp_path, bad))
 
 
-@pytest.mark.parametrize("loser", ["policy", "artifacts"])
+@pytest.mark.parametrize("loser", ["policy", "artifacts", "dataset"])
 def test_stage_starts_at_ln2_against_its_reference_and_moves_off_it(tmp_path, conditioner, loser):
     config = stpo_config(tmp_path, f"stpo.loser={loser}", "stpo.loser_steps=2", "stpo.sft_weight=0.5", "stpo.beta=10")
     stage = build_stage(config)
@@ -242,6 +242,10 @@ def test_stage_starts_at_ln2_against_its_reference_and_moves_off_it(tmp_path, co
     g = torch.Generator().manual_seed(0)
     batch = {"images": torch.rand(2, 3, 16, 24, generator=g) * 2 - 1, "captions": ["a red circle", "two blue squares"]}
     ctx = StepContext(model=policy, conditioner=conditioner, device=torch.device("cpu"), seed=0, step=0, first_slot=0, frozen={"reference": reference})
+    if loser == "dataset":  # a pair's loser comes with the batch, and is needed
+        with pytest.raises(PreferenceStageError, match="stpo.loser=dataset needs batches of preference pairs"):
+            stage.loss(ctx, batch)
+        batch["loser_images"] = torch.rand(2, 3, 16, 24, generator=g) * 2 - 1
     loss, metrics = stage.loss(ctx, batch)
     assert metrics["loss_dpo"].item() == pytest.approx(math.log(2), abs=1e-6)
     assert metrics["winner_gap"].item() == metrics["loser_gap"].item() == 0.0
@@ -258,6 +262,11 @@ def test_stage_starts_at_ln2_against_its_reference_and_moves_off_it(tmp_path, co
     assert moved["loss_dpo"].item() < math.log(2) and moved["implicit_acc"].item() > 0
     for key, value in reference.state_dict().items():  # the reference never trains
         assert torch.equal(value, initial[key]), key
+    if loser == "dataset":  # the batch's losers are the losers: the same pairs swapped flip the margin's sign
+        swapped = batch | {"images": batch["loser_images"], "loser_images": batch["images"]}
+        _, flipped = stage.loss(ctx, swapped)
+        assert flipped["winner_gap"].item() == pytest.approx(moved["loser_gap"].item(), rel=1e-5)
+        assert flipped["loser_gap"].item() == pytest.approx(moved["winner_gap"].item(), rel=1e-5)
 
 
 def test_artifacts_are_high_frequency_bounded_and_keyed():
@@ -297,8 +306,9 @@ def test_artifacts_are_high_frequency_bounded_and_keyed():
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_stpo_runs_after_pretraining_end_to_end(tmp_path, fresh_database_dsn):
-    """pretrain (2 steps) -> stpo with on-policy losers (3 steps): the first step is at ln 2 exactly
-    (the reference is the initial policy), the metrics are logged, and the policy moves."""
+    """pretrain (2 steps) -> stpo with on-policy losers (3 steps), and stpo_human on the shapes
+    world's preference pairs (3 steps): the first step is at ln 2 exactly (the reference is the
+    initial policy), the metrics are logged, and the policy moves."""
     common = [
         f"runs_root={tmp_path / 'runs'}", "logging.wandb=disabled", "logging.sample_steps=2", "logging.sample_prompts=[a red circle]",
         "data.num_samples=16", "data.num_workers=0", "data.global_batch_size=2", "data.resolution=64", "optim.warmup_steps=0",
@@ -306,10 +316,12 @@ def test_stpo_runs_after_pretraining_end_to_end(tmp_path, fresh_database_dsn):
     env = {**os.environ, "KREA2_PG_DSN": fresh_database_dsn}
     stpo = ["--config", "stage/stpo", "stage.init_from=pretrain_256", "stage.steps=3", "checkpoint.interval=3", "stpo.loser_steps=2", "optim.lr=1e-3"]
     two_ranks = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    human = ["--config", "stage/stpo_human", "stage.init_from=pretrain_256", "stage.steps=3", "checkpoint.interval=3", "optim.lr=1e-3"]
     for launcher, stage_args in (
         ([sys.executable], ["--config", "stage/pretrain_256", "stage.steps=2", "checkpoint.interval=2", "irepa.enabled=false"]),
         ([sys.executable], stpo),
         (two_ranks, [*stpo, "run_name=stpo_2ranks"]),
+        ([sys.executable], human),
     ):
         result = subprocess.run([*launcher, "-m", "krea2_train", *stage_args, *common], cwd=tmp_path, env=env,
                                 capture_output=True, text=True, timeout=600)
@@ -324,6 +336,15 @@ def test_stpo_runs_after_pretraining_end_to_end(tmp_path, fresh_database_dsn):
     assert steps[0]["loss_dpo"] == pytest.approx(math.log(2), abs=1e-5) and steps[0]["implicit_acc"] == 0.0
     assert all(math.isfinite(r["loss"]) for r in steps) and steps[-1]["loss_dpo"] != steps[0]["loss_dpo"]
     assert (tmp_path / "runs" / "stpo" / "loss.png").is_file()
+    human_steps = logged_steps("stpo_human")
+    assert [r["step"] for r in human_steps] == [1, 2, 3] and human_steps[0]["loss_dpo"] == pytest.approx(math.log(2), abs=1e-5)
+    assert all(math.isfinite(r["loss"]) for r in human_steps) and human_steps[-1]["loss_dpo"] != human_steps[0]["loss_dpo"]
+    pinned = json.loads((tmp_path / "runs" / "stpo_human" / "manifest.json").read_text())
+    assert {shard["kind"] for shard in pinned} == {"pairs"} and sum(shard["num_samples"] for shard in pinned) == 16
+    # the run trained on pairs: going on with losers from another source would change its data
+    again = subprocess.run([sys.executable, "-m", "krea2_train", *human, "stage.steps=4", "stpo.loser=artifacts", *common],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 1 and "preference pairs (stpo.loser=dataset) true pinned, false now" in again.stderr, again.stderr[-3000:]
     # two ranks, each with its FSDP shard of the policy and of the reference, and its half of
     # every batch (losers sampled from keyed noise): the same run
     for one, two in zip(steps, logged_steps("stpo_2ranks"), strict=True):

@@ -267,6 +267,7 @@ class StpoConfig:
     # Where the loser of each pair comes from (the winner is the dataset image):
     #   policy: the policy's own sample for the caption (on-policy), drawn each step without grad
     #   artifacts: the winner with synthetic high-frequency artifacts (no sampling)
+    #   dataset: the loser of a human preference pair (calibration; krea2 data ingest-pairs, stage/stpo_human)
     loser: str = "policy"
     loser_steps: int = 8  # sampler steps of an on-policy loser
     loser_guidance: float = 0.0  # CFG scale of an on-policy loser (Krea's g; 0: off)

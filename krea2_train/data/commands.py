@@ -1,4 +1,5 @@
-"""`krea2 data ...`: ingest, work, status, shapes, balance, curate.
+"""`krea2 data ...`: ingest, ingest-pairs, work, pack-target, pack-pairs, embed-target, status,
+shapes, balance, curate, filter.
 
 Every subcommand that needs the store takes ``--dsn`` (default ``$KREA2_PG_DSN``); without one it
 starts the embedded server under ``--data-dir`` and stops it on exit.
@@ -43,17 +44,19 @@ def register(subparsers) -> None:
     work.set_defaults(func=cmd_work)
 
     target = commands.add_parser("pack-target", help="have `work --job pack` pack a dataset at a resolution (training runs use it)")
-    _store_arguments(target)
-    target.add_argument("--dataset", required=True)
-    target.add_argument("--resolution", type=int, required=True,
-                        help="image side in pixels: the run's data.resolution with the Qwen-Image VAE")
-    target.add_argument("--out", type=Path, required=True, help="shard directory (shared storage that every node reads)")
-    target.add_argument("--buckets", nargs="+", default=None, help="aspect ratios (default: all nine, as configs/data/registry.yaml)")
-    target.add_argument("--pixel-multiple", type=int, default=16, help="16 for the Qwen-Image VAE with patch 2 (default)")
-    target.add_argument("--format", choices=IMAGE_FORMATS, default="png", help="image encoding in the shards")
-    target.add_argument("--shard-size", type=int, default=1024)
-    target.add_argument("--seed", type=int, default=0, help="the runs' seed (shuffles within a packed batch)")
+    _pack_arguments(target)
     target.set_defaults(func=cmd_pack_target)
+
+    pairs = commands.add_parser("ingest-pairs", help="register human preference pairs (prompt, winner, loser) for stage/stpo_human")
+    _store_arguments(pairs)
+    pairs.add_argument("--dataset", required=True, help="dataset name (created when new)")
+    pairs.add_argument("--pairs", type=Path, required=True,
+                       help="a .jsonl or .parquet file with prompt, winner and loser (paths relative to the file, or file:// URIs)")
+    pairs.set_defaults(func=cmd_ingest_pairs)
+
+    pack_pairs = commands.add_parser("pack-pairs", help="decode and pack a dataset's preference pairs into shards of pairs, now")
+    _pack_arguments(pack_pairs)
+    pack_pairs.set_defaults(func=cmd_pack_pairs)
 
     embed = commands.add_parser("embed-target", help="have `work --job embed` embed a dataset's images (for balance), on GPUs")
     _store_arguments(embed)
@@ -76,6 +79,8 @@ def register(subparsers) -> None:
     shapes.add_argument("--resolution", type=int, default=64, help="square side in pixels (default 64)")
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--aspect-ratios", nargs="*", default=None, help="e.g. 1 4:3 16:9")
+    shapes.add_argument("--pairs", action="store_true",
+                        help="write preference pairs (a winner, and a loser with one shape recoloured) and their pairs.jsonl")
     shapes.set_defaults(func=cmd_shapes)
 
     from krea2_train.curate.balance import add_selection_commands
@@ -92,6 +97,29 @@ def _store_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"embedded server's directory when no DSN is set (default ${STORE_DIR_ENV} or runs/_store, "
         "where training runs under the default runs_root find it)",
     )
+
+
+def _pack_arguments(parser: argparse.ArgumentParser) -> None:
+    _store_arguments(parser)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--resolution", type=int, required=True,
+                        help="image side in pixels: the run's data.resolution with the Qwen-Image VAE")
+    parser.add_argument("--out", type=Path, required=True, help="shard directory (shared storage that every node reads)")
+    parser.add_argument("--buckets", nargs="+", default=None, help="aspect ratios (default: all nine, as configs/data/registry.yaml)")
+    parser.add_argument("--pixel-multiple", type=int, default=16, help="16 for the Qwen-Image VAE with patch 2 (default)")
+    parser.add_argument("--format", choices=IMAGE_FORMATS, default="png", help="image encoding in the shards")
+    parser.add_argument("--shard-size", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0, help="the runs' seed (shuffles within a packed batch)")
+
+
+def _pack_settings(args, command: str):
+    from krea2_train.data.pack import PackSettings
+
+    try:
+        return PackSettings(pixel_multiple=args.pixel_multiple, image_format=args.format, shard_size=args.shard_size, seed=args.seed,
+                            **({"aspect_ratios": tuple(args.buckets)} if args.buckets else {}))
+    except ValueError as error:
+        raise UsageError(f"{command}: {error}") from None
 
 
 def _open(args):
@@ -207,17 +235,39 @@ def cmd_work(args) -> int:
 
 
 def cmd_pack_target(args) -> int:
-    from krea2_train.data.pack import PackSettings, add_pack_target
+    from krea2_train.data.pack import add_pack_target
 
-    try:
-        settings = PackSettings(pixel_multiple=args.pixel_multiple, image_format=args.format, shard_size=args.shard_size, seed=args.seed,
-                                **({"aspect_ratios": tuple(args.buckets)} if args.buckets else {}))
-    except ValueError as error:
-        raise UsageError(f"pack-target: {error}") from None
+    settings = _pack_settings(args, "pack-target")
     with _open(args) as store:
         add_pack_target(store, args.dataset, args.resolution, args.out, settings)
     print(f"pack target: {args.dataset} at {args.resolution} px into {args.out.resolve()} "
           f"(buckets {', '.join(settings.aspect_ratios)}); `krea2 data work --job pack` packs it once the decode and dedup jobs have run")
+    return 0
+
+
+def cmd_ingest_pairs(args) -> int:
+    from krea2_train.data.pairs import ingest_pairs
+
+    with _open(args) as store:
+        report = ingest_pairs(store, args.dataset, args.pairs)
+    print(f"dataset {report.dataset}: {report.pairs} pairs of {report.images} images, {report.inserted} new pairs;"
+          " `krea2 data pack-pairs` packs them, or a stage/stpo_human run with data.source=registry does")
+    return 0
+
+
+def cmd_pack_pairs(args) -> int:
+    from krea2_train.curate.jobs import load_jobs
+    from krea2_train.data.pairs import pack_pairs
+    from krea2_train.store.queue import get_job, run_worker
+
+    settings = _pack_settings(args, "pack-pairs")
+    with _open(args) as store:
+        load_jobs()
+        run_worker(store, get_job("decode"))
+        report = pack_pairs(store, args.dataset, [args.resolution], args.out, settings)
+    print(f"packed {report.num_samples} new pairs of {args.dataset} at {args.resolution} px into {len(report.shards)} shards under {args.out.resolve()}")
+    for pair_id, error in sorted(report.unreadable.items())[:5]:
+        print(f"krea2: warning: pair {pair_id} not packed: {error}", file=sys.stderr)
     return 0
 
 
@@ -241,12 +291,14 @@ def cmd_embed_target(args) -> int:
 
 def cmd_status(args) -> int:
     from krea2_train.data.pack import dataset_counts, pack_target_counts
+    from krea2_train.data.pairs import pair_counts
     from krea2_train.logs import format_duration
     from krea2_train.store.queue import STATES, job_progress
 
     with _open(args) as store:
         datasets = dataset_counts(store)
         targets = pack_target_counts(store)
+        pairs = pair_counts(store)
         progress = job_progress(store)
         undecodable, dead = _errors(store, args.errors) if args.errors else ([], [])
     columns = ("images", "packable", "undecoded", "undecodable", "duplicates", "no caption")
@@ -255,6 +307,10 @@ def cmd_status(args) -> int:
     for d in datasets:
         values = (d.images, d.packable, d.unchecked, d.undecodable, d.duplicates, d.uncaptioned)
         print(f"{d.name:{width}} " + " ".join(f"{value:>11}" for value in values))
+    if pairs:
+        print(f"\n{'preference pairs':{width}} " + " ".join(f"{column:>11}" for column in ("pairs", "packable", "undecoded", "undecodable")))
+        for p in pairs:
+            print(f"{p.name:{width}} " + " ".join(f"{value:>11}" for value in (p.pairs, p.packable, p.undecoded, p.undecodable)))
     if targets:
         print(f"\n{'pack target':{width}} {'px':>6} {'packed':>11}  out")
         for name, resolution, out_dir, packed in targets:
@@ -291,8 +347,12 @@ def _errors(store, limit: int) -> tuple[list[tuple], list[tuple]]:
 
 
 def cmd_shapes(args) -> int:
-    from krea2_train.data.shapes import write_shapes_dataset
+    from krea2_train.data.shapes import write_shapes_dataset, write_shapes_pairs
 
+    if args.pairs:
+        pair_file = write_shapes_pairs(args.out, args.n, args.resolution, args.seed, args.aspect_ratios)
+        print(f"wrote {args.n} preference pairs to {args.out}; register them with krea2 data ingest-pairs --pairs {pair_file}")
+        return 0
     out = write_shapes_dataset(args.out, args.n, args.resolution, args.seed, args.aspect_ratios)
     print(f"wrote {args.n} samples to {out}")
     return 0

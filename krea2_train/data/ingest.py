@@ -110,7 +110,7 @@ def _facts_value(value, where: str) -> dict | None:
     raise StoreError(f"facts at {where} must be JSON text or a struct, got {type(value).__name__}")
 
 
-def _resolve_uri(uri: str, base: Path) -> str:
+def resolve_uri(uri: str, base: Path) -> str:
     if "://" in uri or Path(uri).is_absolute():
         return uri
     return str((base / uri).resolve())
@@ -129,7 +129,7 @@ def parquet_records(parquet_file: Path) -> Iterator[Record]:
         if not row["uri"]:
             raise StoreError(f"{parquet_file} row {index} has an empty uri")
         yield Record(
-            _resolve_uri(row["uri"], parquet_file.parent),
+            resolve_uri(row["uri"], parquet_file.parent),
             row.get("caption_long"),
             row.get("caption_medium"),
             row.get("caption_short"),
@@ -147,13 +147,13 @@ def uri_list_records(uri_file: Path) -> Iterator[Record]:
     if missing:
         raise StoreError(
             f"URI list {uri_file} names {len(missing)} file(s) that do not exist, nothing was ingested: "
-            + _first_listed(missing)
+            + first_listed(missing)
         )
     for uri in uris:
         yield Record(uri) if "://" in uri else read_sidecars(Path(uri))
 
 
-def _first_listed(items: list[str]) -> str:
+def first_listed(items: list[str]) -> str:
     return ", ".join(items[:LISTED]) + (", ..." if len(items) > LISTED else "")
 
 
@@ -181,7 +181,7 @@ def check_no_nul(batch: list[Record], first_row: int, source: str) -> None:
     if found:
         raise StoreError(
             f"{source}: {len(found)} value(s) hold a NUL character (\\x00), which PostgreSQL text cannot "
-            f"store: {_first_listed(found)}. The {first_row} rows before this batch were ingested; remove "
+            f"store: {first_listed(found)}. The {first_row} rows before this batch were ingested; remove "
             "the NUL characters and run the same ingest again (it skips what is already there)"
         )
 
@@ -194,7 +194,7 @@ def listed_uris(uri_file: Path) -> Iterator[str]:
             continue
         if uri.startswith("file://"):
             uri = unquote(urlparse(uri).path)
-        yield uri if "://" in uri else _resolve_uri(uri, uri_file.parent)
+        yield uri if "://" in uri else resolve_uri(uri, uri_file.parent)
 
 
 def ensure_dataset(store: Store, name: str, source: str) -> int:

@@ -104,8 +104,10 @@ class Batch:
     images: float32 [b, 3, H, W] in [-1, 1], b = global_batch_size / world_size, one bucket.
     captions: b strings; facts: b dicts, the structured facts behind each image (``{}`` when the
     dataset has none; the shapes world's are :func:`krea2_train.data.shapes.facts`);
-    sample_ids: int64 [b] (``images.id``); positions: int64 [b], the samples' places in the
-    epoch (global batch index * B + offset).
+    sample_ids: int64 [b] (``images.id``, or ``preference_pairs.id`` in a run on pairs);
+    positions: int64 [b], the samples' places in the epoch (global batch index * B + offset).
+    loser_images: a run on preference pairs only: float32 [b, 3, H, W], the loser of each
+    winner in ``images`` (the caption is the pair's prompt).
     """
 
     images: torch.Tensor
@@ -119,6 +121,7 @@ class Batch:
     bad_shards: dict[int, str] = field(default_factory=dict)  # shard id -> error, corrupt shards found in this batch
     new_bad_shards: dict[int, str] = field(default_factory=dict)  # those of bad_shards the loader had not seen
     unavailable_shards: dict[int, str] = field(default_factory=dict)  # shard id -> error, files that did not open
+    loser_images: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -170,28 +173,36 @@ class _ShardCache:
 
 def _check_header(reader: ShardReader, shard: ShardInfo) -> None:
     header = reader.header
-    if (header.bucket, header.width, header.height) != (shard.bucket, shard.width, shard.height) or (
-        reader.num_samples != shard.num_samples
-    ):
+    found = (header.kind, header.bucket, header.width, header.height, reader.num_samples)
+    if found != (shard.kind, shard.bucket, shard.width, shard.height, shard.num_samples):
         reader.close()
         raise ShardError(
             shard.path,
-            f"holds {reader.num_samples} samples of {header.bucket} {header.width}x{header.height}, the manifest "
-            f"says {shard.num_samples} of {shard.bucket} {shard.width}x{shard.height}",
+            f"holds {reader.num_samples} {header.kind} of {header.bucket} {header.width}x{header.height}, the manifest "
+            f"says {shard.num_samples} {shard.kind} of {shard.bucket} {shard.width}x{shard.height}",
         )
 
 
+def _decode_to_tensor(image_bytes: bytes, path, row: int, width: int, height: int, what: str = "image") -> torch.Tensor:
+    """Encoded bytes -> float32 [3, H, W] in [-1, 1]; raises ShardError naming the file and row."""
+    try:
+        image = decode_image(image_bytes)
+    except Exception as error:  # PIL raises several types for corrupt data
+        raise ShardError(path, f"{what} does not decode: {type(error).__name__}: {error}", row) from None
+    if image.size != (width, height):
+        raise ShardError(path, f"{what} is {image.size[0]}x{image.size[1]}, bucket needs {width}x{height}", row)
+    return pil_to_tensor(image)
+
+
 def _read_sample(cache: _ShardCache, shard_index: int, row: int, width: int, height: int):
-    """(sample, image tensor [3, H, W]); raises ShardError naming the file (and row)."""
+    """(sample, image tensor [3, H, W], loser tensor [3, H, W] or None in a shard of single images);
+    raises ShardError naming the file (and row)."""
     reader = cache.reader(shard_index)
     sample = reader.read(row)
-    try:
-        image = decode_image(sample.image_bytes)
-    except Exception as error:  # PIL raises several types for corrupt data
-        raise ShardError(reader.path, f"image does not decode: {type(error).__name__}: {error}", row) from None
-    if image.size != (width, height):
-        raise ShardError(reader.path, f"image is {image.size[0]}x{image.size[1]}, bucket needs {width}x{height}", row)
-    return sample, pil_to_tensor(image)
+    image = _decode_to_tensor(sample.image_bytes, reader.path, row, width, height)
+    if sample.loser_image_bytes is None:
+        return sample, image, None
+    return sample, image, _decode_to_tensor(sample.loser_image_bytes, reader.path, row, width, height, "loser image")
 
 
 def load_rank_batch(
@@ -200,6 +211,7 @@ def load_rank_batch(
     """Read and decode one rank batch, replacing unreadable samples (see module docstring); an
     ``UnreadableBatch`` when a slot has no readable candidate (the loader quarantines, then raises)."""
     images = torch.empty(len(batch.rows), 3, batch.height, batch.width)
+    losers = torch.empty_like(images) if plan.manifest.kind == "pairs" else None
     captions, facts, sample_ids, bad_shards, unavailable_shards = [], [], [], {}, {}
     for slot, (position, shard_index, row) in enumerate(zip(batch.positions.tolist(), batch.shard_indices.tolist(), batch.rows.tolist())):
         candidates = itertools.chain(
@@ -208,7 +220,9 @@ def load_rank_batch(
         )
         for candidate_shard, candidate_row in candidates:
             try:
-                sample, images[slot] = _read_sample(cache, candidate_shard, candidate_row, batch.width, batch.height)
+                sample, images[slot], loser = _read_sample(cache, candidate_shard, candidate_row, batch.width, batch.height)
+                if losers is not None:
+                    losers[slot] = loser
                 break
             except ShardError as error:
                 found = unavailable_shards if error.unavailable else bad_shards
@@ -223,6 +237,7 @@ def load_rank_batch(
         sample_ids.append(sample.sample_id)
     return {
         "images": images,
+        "loser_images": losers,
         "captions": captions,
         "facts": facts,  # the structured facts behind the image ({} when the dataset has none)
         "sample_ids": torch.tensor(sample_ids, dtype=torch.int64),
@@ -423,9 +438,9 @@ class ShardLoader:
 
 
 MANIFEST_SQL = """
-SELECT s.id, s.path, s.bucket, s.width, s.height, s.num_samples, s.sha256
+SELECT s.id, s.path, s.bucket, s.width, s.height, s.num_samples, s.sha256, s.kind
   FROM shards s JOIN datasets d ON d.id = s.dataset_id
- WHERE d.name = ANY(%(datasets)s) AND s.resolution = %(resolution)s AND s.state = 'ready'
+ WHERE d.name = ANY(%(datasets)s) AND s.resolution = %(resolution)s AND s.state = 'ready' AND s.kind = %(kind)s
    AND (%(buckets)s::text[] IS NULL OR s.bucket = ANY(%(buckets)s::text[]))
  ORDER BY s.id
 """
@@ -446,20 +461,22 @@ def usable_workers(asked: int) -> int:
 _capped_workers: set[int] = set()  # said once per process
 
 
-def query_manifest(conn, datasets: list[str], resolution: int, buckets: Sequence[str] | None = None) -> Manifest:
-    """The ready shards of ``datasets`` at ``resolution`` (of the aspect ``buckets`` only, when
-    given), from the ``shards`` table."""
-    rows = conn.execute(
-        MANIFEST_SQL, {"datasets": list(datasets), "resolution": resolution, "buckets": None if buckets is None else list(buckets)}
-    ).fetchall()
+def query_manifest(
+    conn, datasets: list[str], resolution: int, buckets: Sequence[str] | None = None, kind: str = "images"
+) -> Manifest:
+    """The ready shards of ``kind`` (single images, or preference pairs) of ``datasets`` at
+    ``resolution`` (of the aspect ``buckets`` only, when given), from the ``shards`` table."""
+    values = {"datasets": list(datasets), "resolution": resolution, "buckets": None if buckets is None else list(buckets), "kind": kind}
+    rows = conn.execute(MANIFEST_SQL, values).fetchall()
     if not rows:
         of_buckets = "" if buckets is None else f" in buckets {list(buckets)}"
-        raise ValueError(f"no ready shards for datasets {list(datasets)} at resolution {resolution}{of_buckets}: pack them first")
+        how = "pack them first" if kind == "images" else "ingest pairs (krea2 data ingest-pairs) and pack them (krea2 data pack-pairs) first"
+        raise ValueError(f"no ready shards of {kind} for datasets {list(datasets)} at resolution {resolution}{of_buckets}: {how}")
     return Manifest([ShardInfo(*row) for row in rows])
 
 
 def pinned_manifest(
-    path: str | Path, store, datasets: list[str], resolution: int, buckets: Sequence[str] | None = None
+    path: str | Path, store, datasets: list[str], resolution: int, buckets: Sequence[str] | None = None, kind: str = "images"
 ) -> Manifest:
     """The manifest pinned at ``path`` (the run directory's), or query the store and pin it.
 
@@ -470,6 +487,6 @@ def pinned_manifest(
     if path.exists():
         return Manifest.load(path)
     with store.pool.connection() as conn:
-        manifest = query_manifest(conn, datasets, resolution, buckets)
+        manifest = query_manifest(conn, datasets, resolution, buckets, kind)
     manifest.save(path)
     return manifest

@@ -204,15 +204,24 @@ def pack_dataset(
 def unpacked_image_sizes(store: Store, dataset_id: int, resolution: int) -> Iterator[tuple[int, int, int]]:
     """(id, width, height) of the dataset's packable images not packed at ``resolution``, in id
     order, read SIZES_PAGE rows at a time (a dataset's captions never sit in memory at once)."""
+    return keyset_pages(
+        store,
+        f"SELECT i.id, i.width, i.height FROM images i WHERE i.dataset_id = %s AND {PACKABLE_SQL}"
+        f" AND NOT EXISTS (SELECT 1 FROM {LIVE_SHARD_SAMPLES_SQL} WHERE s.image_id = i.id AND s.resolution = %s)"
+        " AND i.id > %s ORDER BY i.id LIMIT %s",
+        (dataset_id, resolution),
+    )
+
+
+def keyset_pages(store: Store, query: str, params: tuple) -> Iterator[tuple]:
+    """The rows of ``query``, SIZES_PAGE at a time, each page on a connection of its own.
+
+    ``query`` selects the key first and ends with ``KEY > %s ORDER BY KEY LIMIT %s``; ``params``
+    fill its other placeholders, in order."""
     after = 0
     while True:
         with store.pool.connection() as conn:
-            page = conn.execute(
-                f"SELECT i.id, i.width, i.height FROM images i WHERE i.dataset_id = %s AND i.id > %s AND {PACKABLE_SQL}"
-                f" AND NOT EXISTS (SELECT 1 FROM {LIVE_SHARD_SAMPLES_SQL} WHERE s.image_id = i.id AND s.resolution = %s)"
-                " ORDER BY i.id LIMIT %s",
-                (dataset_id, after, resolution, SIZES_PAGE),
-            ).fetchall()
+            page = conn.execute(query, (*params, after, SIZES_PAGE)).fetchall()
         yield from page
         if len(page) < SIZES_PAGE:
             return
@@ -239,31 +248,37 @@ def pack_rows(
     settings: PackSettings,
     report: PackReport,
     load: Callable[[list[int]], list[dict]],
+    kind: str = "images",
 ) -> None:
     """Pack the images ``sizes`` lists (``(id, width, height)``, sorted by id) at ``resolution``
     into ``report``. Only their ids are kept per bucket (8 bytes an image); ``load(ids)`` gives
-    the rows (dicts of ``IMAGE_COLUMNS``) of one shard when it is written."""
+    the rows (dicts of ``IMAGE_COLUMNS``) of one shard when it is written.
+
+    ``kind="pairs"`` packs preference pairs (:mod:`krea2_train.data.pairs`): the ids are pair ids,
+    the size is the winner's, and each row also has a ``loser_uri``, resized into the same bucket."""
     buckets = make_buckets(resolution, settings.pixel_multiple, settings.aspect_ratios)
     by_bucket: dict[str, array] = {}
     for image_id, width, height in sizes:
         by_bucket.setdefault(assign_bucket(width, height, buckets).name, array("q")).append(image_id)
-    progress = Progress(f"packed {dataset} at {resolution} px:", sum(map(len, by_bucket.values())), "images", logger)
+    progress = Progress(f"packed {dataset} at {resolution} px:", sum(map(len, by_bucket.values())), kind, logger)
     done = 0
     for bucket in buckets:
         members = by_bucket.pop(bucket.name, array("q"))
         order = keyed_permutation(len(members), (settings.seed, resolution, bucket_key(bucket.name)))
         for start in range(0, len(members), settings.shard_size):
             chunk = load([members[i] for i in order[start : start + settings.shard_size]])
-            written = _write_shard(store, dataset, chunk, resolution, bucket, out_dir, settings, report)
+            written = _write_shard(store, dataset, chunk, resolution, bucket, out_dir, settings, report, kind)
             if written is not None and _register(store, dataset_id, resolution, written):
                 report.shards.append(written)
             done += len(chunk)
             progress.update(done)
 
 
-def shard_path(out_dir: Path, dataset: str, resolution: int, bucket: Bucket, image_ids: Sequence[int]) -> Path:
-    digest = hashlib.sha256(",".join(map(str, image_ids)).encode()).hexdigest()[:20]
-    return out_dir / dataset / f"r{resolution}" / bucket.name.replace(":", "x") / f"{digest}.arrow"
+def shard_path(out_dir: Path, dataset: str, resolution: int, bucket: Bucket, sample_ids: Sequence[int], kind: str = "images") -> Path:
+    """Where a shard of ``sample_ids`` goes; shards of pairs under ``pairs/`` (a pair id may equal an image id)."""
+    digest = hashlib.sha256(",".join(map(str, sample_ids)).encode()).hexdigest()[:20]
+    folder = out_dir / dataset / f"r{resolution}" / ("pairs" if kind == "pairs" else "")
+    return folder / bucket.name.replace(":", "x") / f"{digest}.arrow"
 
 
 def unquarantined_path(store: Store, path: Path) -> Path:
@@ -279,47 +294,53 @@ def unquarantined_path(store: Store, path: Path) -> Path:
                 return candidate
 
 
-def _write_shard(store, dataset, chunk, resolution, bucket, out_dir, settings, report) -> WrittenShard | None:
-    path = unquarantined_path(store, shard_path(out_dir, dataset, resolution, bucket, [row["id"] for row in chunk]))
+def _write_shard(store, dataset, chunk, resolution, bucket, out_dir, settings, report, kind) -> WrittenShard | None:
+    path = unquarantined_path(store, shard_path(out_dir, dataset, resolution, bucket, [row["id"] for row in chunk], kind))
     writer = ShardWriter(
         path, resolution=resolution, bucket=bucket, image_format=settings.image_format,
-        quality=settings.quality, dataset=dataset,
+        quality=settings.quality, dataset=dataset, kind=kind,
     )
     with writer:
         for row in chunk:
+            uris = [row["uri"], row["loser_uri"]] if kind == "pairs" else [row["uri"]]
             try:
-                image = resize_to_bucket(open_rgb(row["uri"]), bucket)
+                image, *loser = [resize_to_bucket(open_rgb(uri), bucket) for uri in uris]
             except Exception as error:  # a file that vanished or changed since decode: skip it
-                report.unreadable[row["id"]] = f"{row['uri']}: {type(error).__name__}: {error}"
+                report.unreadable[row["id"]] = f"{' / '.join(uris)}: {type(error).__name__}: {error}"
                 continue
             captions = {"long": row["caption_long"], "medium": row["caption_medium"], "short": row["caption_short"]}
-            writer.write(row["id"], image, captions, row["facts"])
+            writer.write(row["id"], image, captions, row["facts"], loser=loser[0] if loser else None)
         if not writer.sample_ids:
             writer.abort()
             return None
         return writer.close()
 
 
+# the table that records which shard row holds each sample, and its sample column, by shard kind
+SHARD_MEMBERS = {"images": ("shard_samples", "image_id"), "pairs": ("shard_pairs", "pair_id")}
+
+
 def _register(store: Store, dataset_id: int, resolution: int, shard: WrittenShard) -> bool:
     """Insert the shard and its samples (``shard.sample_ids``, row by row) in one transaction,
     taking over the samples' rows of quarantined shards; False if the path was registered."""
+    table, column = SHARD_MEMBERS[shard.header.kind]
     with store.pool.connection() as conn, conn.transaction():
         row = conn.execute(
-            "INSERT INTO shards (dataset_id, resolution, bucket, width, height, path, num_samples, sha256, image_format)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (path) DO NOTHING RETURNING id",
+            "INSERT INTO shards (dataset_id, resolution, bucket, width, height, path, num_samples, sha256, image_format, kind)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (path) DO NOTHING RETURNING id",
             (dataset_id, resolution, shard.header.bucket, shard.header.width, shard.header.height,
-             str(shard.path.resolve()), shard.num_samples, shard.sha256, shard.header.image_format),
+             str(shard.path.resolve()), shard.num_samples, shard.sha256, shard.header.image_format, shard.header.kind),
         ).fetchone()
         if row is None:
             return False
         conn.execute(
-            "DELETE FROM shard_samples s USING shards h WHERE h.id = s.shard_id AND h.state = 'quarantined'"
-            " AND s.resolution = %s AND s.image_id = ANY(%s)",
+            f"DELETE FROM {table} s USING shards h WHERE h.id = s.shard_id AND h.state = 'quarantined'"
+            f" AND s.resolution = %s AND s.{column} = ANY(%s)",
             (resolution, list(shard.sample_ids)),
         )
         conn.execute(
-            'INSERT INTO shard_samples (resolution, image_id, shard_id, "row")'
-            " SELECT %s, u.image_id, %s, u.ord - 1 FROM unnest(%s::bigint[]) WITH ORDINALITY AS u (image_id, ord)",
+            f'INSERT INTO {table} (resolution, {column}, shard_id, "row")'
+            " SELECT %s, u.sample_id, %s, u.ord - 1 FROM unnest(%s::bigint[]) WITH ORDINALITY AS u (sample_id, ord)",
             (resolution, row[0], list(shard.sample_ids)),
         )
     return True

@@ -97,10 +97,19 @@ class ShardInfo:
     height: int
     num_samples: int
     sha256: str
+    kind: str = "images"  # "pairs": one preference pair a row (krea2_train.data.pairs)
+
+    def to_json(self) -> dict:
+        """Its fields; ``kind`` only when not ``images``, so the fingerprints of manifests pinned
+        before shards of pairs existed stay the same."""
+        values = asdict(self)
+        if self.kind == "images":
+            del values["kind"]
+        return values
 
 
 class Manifest:
-    """The shards one run trains on, sorted by shard id; pin it in the run directory."""
+    """The shards one run trains on, sorted by shard id, all of one kind; pin it in the run directory."""
 
     def __init__(self, shards: Sequence[ShardInfo]):
         self.shards: tuple[ShardInfo, ...] = tuple(sorted(shards, key=lambda shard: shard.shard_id))
@@ -109,6 +118,10 @@ class Manifest:
         ids = [shard.shard_id for shard in self.shards]
         if len(set(ids)) != len(ids):
             raise ValueError("manifest lists a shard id twice")
+        kinds = sorted({shard.kind for shard in self.shards})
+        if len(kinds) > 1:
+            raise ValueError(f"manifest mixes shards of {' and '.join(kinds)}: a run reads single images or preference pairs")
+        self.kind: str = kinds[0]
         shapes: dict[str, tuple[int, int]] = {}
         for shard in self.shards:
             if shard.num_samples <= 0:
@@ -139,7 +152,7 @@ class Manifest:
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
     def to_json(self) -> str:
-        return json.dumps([asdict(shard) for shard in self.shards], sort_keys=True)
+        return json.dumps([shard.to_json() for shard in self.shards], sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:

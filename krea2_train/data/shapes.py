@@ -655,18 +655,40 @@ def _image_sizes(resolution: int, aspect_ratios: Sequence[float | str] | None) -
     return list(dict.fromkeys(sizes))
 
 
-def make_sample(index: int, resolution: int, seed: int = 0,
-                aspect_ratios: Sequence[float | str] | None = None) -> tuple[Image.Image, dict, dict]:
-    """Sample ``index`` of dataset ``seed`` as ``(image, captions, facts)``.
-
-    A pure function of its arguments: the scene comes from ``default_rng([seed, index])``; with
-    ``aspect_ratios`` the image size is one of their distinct buckets, drawn uniformly by
-    ``default_rng([seed, index, 1])``.
-    """
+def _scene_and_size(index: int, resolution: int, seed: int, aspect_ratios: Sequence[float | str] | None) -> tuple[Scene, tuple[int, int]]:
+    """Sample ``index``'s scene, from ``default_rng([seed, index])``, and its image size: with
+    ``aspect_ratios`` one of their distinct buckets, drawn uniformly by ``default_rng([seed, index, 1])``."""
     scene = sample_scene(np.random.default_rng([seed, index]))
     sizes = _image_sizes(resolution, aspect_ratios)
     size = sizes[np.random.default_rng([seed, index, 1]).integers(len(sizes))] if len(sizes) > 1 else sizes[0]
+    return scene, size
+
+
+def make_sample(index: int, resolution: int, seed: int = 0,
+                aspect_ratios: Sequence[float | str] | None = None) -> tuple[Image.Image, dict, dict]:
+    """Sample ``index`` of dataset ``seed`` as ``(image, captions, facts)``; a pure function of its
+    arguments (see :func:`_scene_and_size`)."""
+    scene, size = _scene_and_size(index, resolution, seed, aspect_ratios)
     return render(scene, size), captions(scene), facts(scene)
+
+
+def make_pair(index: int, resolution: int, seed: int = 0,
+              aspect_ratios: Sequence[float | str] | None = None) -> tuple[Image.Image, Image.Image, dict, dict]:
+    """Preference pair ``index`` of dataset ``seed`` as ``(winner, loser, captions, facts)``.
+
+    The winner is :func:`make_sample`'s image of the prompt (``captions``, ``facts``); the loser the
+    same scene with one shape in another colour, drawn by ``default_rng([seed, index, 2])``: an
+    image that does not follow its prompt, the choice a person makes between two such images.
+    """
+    scene, size = _scene_and_size(index, resolution, seed, aspect_ratios)
+    rng = np.random.default_rng([seed, index, 2])
+    changed = int(rng.integers(len(scene.shapes)))
+    shape = scene.shapes[changed]
+    others = [color for color in SHAPE_COLORS if color != shape.color]
+    shapes = list(scene.shapes)
+    shapes[changed] = ShapeFact(shape.kind, others[rng.integers(len(others))], shape.size, shape.x, shape.y)
+    wrong = Scene(scene.background, tuple(shapes), scene.background_style, scene.background_seed)
+    return render(scene, size), render(wrong, size), captions(scene), facts(scene)
 
 
 def iter_shapes_samples(n: int, resolution: int, seed: int = 0,
@@ -696,3 +718,25 @@ def write_shapes_dataset(out_dir: str | Path, n: int, resolution: int, seed: int
         metadata = {"captions": caption, "facts": fact, "width": image.width, "height": image.height}
         stem.with_suffix(".json").write_text(json.dumps(metadata, sort_keys=True) + "\n", encoding="utf-8")
     return out
+
+
+def write_shapes_pairs(out_dir: str | Path, n: int, resolution: int, seed: int = 0,
+                       aspect_ratios: Sequence[float | str] | None = None) -> Path:
+    """Write ``n`` preference pairs (:func:`make_pair`) to ``out_dir`` in the pair-file format
+    (:mod:`krea2_train.data.pairs`) and return the pair file: ``NNNNNN_winner.png``,
+    ``NNNNNN_loser.png`` and one ``pairs.jsonl`` line per pair (prompt: the long caption)."""
+    _image_sizes(resolution, aspect_ratios)  # bad ratios fail before anything is written
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index in range(n):
+        winner, loser, caption, _ = make_pair(index, resolution, seed, aspect_ratios)
+        names = {"winner": f"{index:06d}_winner.png", "loser": f"{index:06d}_loser.png"}
+        winner.save(out / names["winner"], format="PNG", compress_level=1)
+        loser.save(out / names["loser"], format="PNG", compress_level=1)
+        lines.append(json.dumps({"prompt": caption["long"], **names}, sort_keys=True))
+    pair_file = out / "pairs.jsonl"
+    pair_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return pair_file

@@ -14,8 +14,15 @@ Columns (one row per sample):
     caption_short   string   may be empty
     facts           string   JSON object (``{}`` when none)
 
+A shard of preference pairs (kind ``pairs``, :mod:`krea2_train.data.pairs`) holds one pair a row:
+``sample_id`` is the pair's id, ``image`` its winner, the long caption its prompt, and two more
+columns its loser, resized into the same bucket:
+
+    loser_image         binary
+    loser_image_crc32   uint32
+
 The schema metadata key ``krea2.shard`` holds a JSON object: format version, resolution, bucket
-name, width, height, image format, dataset. Next to ``NAME.arrow`` the writer puts
+name, width, height, image format, dataset and kind (``images`` when absent). Next to ``NAME.arrow`` the writer puts
 ``NAME.arrow.sha256`` (``sha256sum`` format) with the digest of the whole file; a reader checks
 the file against it (or against a digest it is given, e.g. from the ``shards`` table) when it
 opens the file, so a truncated or corrupt shard is refused with an error naming the file. A file
@@ -45,6 +52,7 @@ FORMAT_VERSION = 1
 METADATA_KEY = b"krea2.shard"
 IMAGE_FORMATS = ("png", "webp", "jpeg")
 CAPTION_KINDS = ("long", "medium", "short")
+SHARD_KINDS = ("images", "pairs")
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -57,6 +65,8 @@ SHARD_SCHEMA = pa.schema(
         ("facts", pa.string()),
     ]
 )
+PAIR_SHARD_SCHEMA = pa.schema([*SHARD_SCHEMA, ("loser_image", pa.binary()), ("loser_image_crc32", pa.uint32())])
+SCHEMAS = {"images": SHARD_SCHEMA, "pairs": PAIR_SHARD_SCHEMA}
 
 
 class ShardError(Krea2Error):
@@ -87,14 +97,18 @@ class ShardHeader:
     height: int
     image_format: str
     dataset: str
+    kind: str = "images"  # one of SHARD_KINDS
 
 
 @dataclass(frozen=True)
 class ShardSample:
+    """One row: an image (a pair's winner) and, in a shard of pairs, its loser."""
+
     sample_id: int
     image_bytes: bytes
     captions: dict[str, str]
     facts: dict[str, Any] = field(default_factory=dict)
+    loser_image_bytes: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -159,13 +173,16 @@ class ShardWriter:
         quality: int = 95,
         dataset: str = "",
         rows_per_batch: int = 64,
+        kind: str = "images",
     ):
+        if kind not in SHARD_KINDS:
+            raise ValueError(f"kind must be one of {SHARD_KINDS}, got {kind!r}")
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
         if rows_per_batch <= 0:
             raise ValueError(f"rows_per_batch must be positive, got {rows_per_batch}")
         self.path = Path(path)
-        self.header = ShardHeader(resolution, bucket.name, bucket.width, bucket.height, image_format, dataset)
+        self.header = ShardHeader(resolution, bucket.name, bucket.width, bucket.height, image_format, dataset, kind)
         self._quality = quality
         self._rows_per_batch = rows_per_batch
         self._pending: list[dict[str, Any]] = []
@@ -174,32 +191,52 @@ class ShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp_path = temporary_path(self.path)
         metadata = {METADATA_KEY: json.dumps({"version": FORMAT_VERSION, **self.header.__dict__}).encode()}
-        self._schema = SHARD_SCHEMA.with_metadata(metadata)
+        self._schema = SCHEMAS[kind].with_metadata(metadata)
         self._sink = pa.OSFile(str(self._tmp_path), "wb")
         self._writer = pa.ipc.new_file(self._sink, self._schema)
 
-    def write(self, sample_id: int, image: Image.Image, captions: dict[str, str], facts: dict[str, Any] | None = None) -> None:
-        """Append one sample; ``image`` must already have the bucket's size."""
-        if image.size != (self.header.width, self.header.height):
-            raise ValueError(
-                f"sample {sample_id}: image is {image.size[0]}x{image.size[1]}, bucket {self.header.bucket!r} "
-                f"needs {self.header.width}x{self.header.height} (resize_to_bucket first)"
-            )
+    def write(
+        self,
+        sample_id: int,
+        image: Image.Image,
+        captions: dict[str, str],
+        facts: dict[str, Any] | None = None,
+        loser: Image.Image | None = None,
+    ) -> None:
+        """Append one sample; ``image`` (and a pair's ``loser``) must already have the bucket's size."""
+        for what, picture in (("image", image), ("loser", loser)):
+            if picture is not None and picture.size != (self.header.width, self.header.height):
+                raise ValueError(
+                    f"sample {sample_id}: {what} is {picture.size[0]}x{picture.size[1]}, bucket {self.header.bucket!r} "
+                    f"needs {self.header.width}x{self.header.height} (resize_to_bucket first)"
+                )
         if not captions.get("long"):
             raise ValueError(f"sample {sample_id}: a long caption is required")
-        self.write_encoded(sample_id, encode_image(image.convert("RGB"), self.header.image_format, self._quality), captions, facts)
+        encoded = [None if p is None else encode_image(p.convert("RGB"), self.header.image_format, self._quality) for p in (image, loser)]
+        self.write_encoded(sample_id, encoded[0], captions, facts, loser_bytes=encoded[1])
 
-    def write_encoded(self, sample_id: int, image_bytes: bytes, captions: dict[str, str], facts: dict[str, Any] | None = None) -> None:
-        """Append one sample whose image is already encoded in the shard's format."""
-        self._pending.append(
-            {
-                "sample_id": int(sample_id),
-                "image": image_bytes,
-                "image_crc32": zlib.crc32(image_bytes),
-                **{f"caption_{kind}": captions.get(kind) or "" for kind in CAPTION_KINDS},
-                "facts": json.dumps(facts or {}, sort_keys=True),
-            }
-        )
+    def write_encoded(
+        self,
+        sample_id: int,
+        image_bytes: bytes,
+        captions: dict[str, str],
+        facts: dict[str, Any] | None = None,
+        loser_bytes: bytes | None = None,
+    ) -> None:
+        """Append one sample whose image (and a pair's loser) is already encoded in the shard's format."""
+        pairs = self.header.kind == "pairs"
+        if pairs != (loser_bytes is not None):
+            raise ValueError(f"sample {sample_id}: a shard of {self.header.kind} " + ("needs a loser" if pairs else "holds no loser"))
+        row = {
+            "sample_id": int(sample_id),
+            "image": image_bytes,
+            "image_crc32": zlib.crc32(image_bytes),
+            **{f"caption_{kind}": captions.get(kind) or "" for kind in CAPTION_KINDS},
+            "facts": json.dumps(facts or {}, sort_keys=True),
+        }
+        if pairs:
+            row |= {"loser_image": loser_bytes, "loser_image_crc32": zlib.crc32(loser_bytes)}
+        self._pending.append(row)
         self.sample_ids.append(int(sample_id))
         if len(self._pending) >= self._rows_per_batch:
             self._flush()
@@ -326,15 +363,17 @@ class ShardReader:
             except (OSError, pa.ArrowException) as error:
                 raise ShardError(self.path, f"corrupt record batch: {error}", row) from None
         values = self._cached_batch[1].slice(row - self._batch_starts[batch_index], 1).to_pylist()[0]
-        image_bytes = values["image"]
+        image_bytes, loser_bytes = values["image"], values.get("loser_image")
         if zlib.crc32(image_bytes) != values["image_crc32"]:
             raise ShardError(self.path, "image bytes fail their CRC-32", row)
+        if loser_bytes is not None and zlib.crc32(loser_bytes) != values["loser_image_crc32"]:
+            raise ShardError(self.path, "loser image bytes fail their CRC-32", row)
         try:
             facts = json.loads(values["facts"])
         except (TypeError, ValueError) as error:
             raise ShardError(self.path, f"facts are not JSON: {error}", row) from None
         captions = {kind: values[f"caption_{kind}"] or "" for kind in CAPTION_KINDS}
-        return ShardSample(values["sample_id"], image_bytes, captions, facts)
+        return ShardSample(values["sample_id"], image_bytes, captions, facts, loser_bytes)
 
     def close(self) -> None:
         self._cached_batch = None
@@ -349,13 +388,18 @@ class ShardReader:
 
 def _parse_header(path: Path, schema: pa.Schema) -> ShardHeader:
     raw = (schema.metadata or {}).get(METADATA_KEY)
-    if raw is None or schema.remove_metadata() != SHARD_SCHEMA:
-        raise ShardError(path, "not a krea2 shard (schema or metadata differs)")
+    if raw is None:
+        raise ShardError(path, "not a krea2 shard (no krea2.shard metadata)")
     try:
         values = json.loads(raw)
         if values.pop("version") != FORMAT_VERSION:
             raise ValueError("unsupported format version")
-        return ShardHeader(**values)
+        header = ShardHeader(**values)
+        if header.kind not in SHARD_KINDS:
+            raise ValueError(f"unknown kind {header.kind!r}")
     except (TypeError, ValueError, KeyError) as error:
         raise ShardError(path, f"bad shard metadata: {error}") from None
+    if schema.remove_metadata() != SCHEMAS[header.kind]:
+        raise ShardError(path, f"not a krea2 shard of {header.kind} (its schema differs)")
+    return header
 

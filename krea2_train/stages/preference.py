@@ -29,7 +29,10 @@ the loser's gradient is scaled (``e_l' = sg(e_l) + λ (e_l − sg(e_l))``).
 Pairs. The winner is the dataset image. The loser (``stpo.loser``) is either the policy's own
 sample for the caption, drawn each step without gradients (on-policy, as Krea's synthetic pairs
 mostly have one on-policy member), or the winner with synthetic high-frequency artifacts (cheap,
-and exactly the failure to push away from). β depends on the error's scale (mean, not sum;
+and exactly the failure to push away from), or, for the recipe's calibration phase on human
+annotations (``configs/stage/stpo_human.yaml``), the loser a person chose against the winner:
+the run then reads preference pairs (:mod:`krea2_train.data.pairs`), and its batches carry
+``loser_images`` next to ``images``. β depends on the error's scale (mean, not sum;
 velocity, not noise: an ε-space β equals a v-space β / (1 − t)²), so never copy β across setups.
 
 Metrics: ``loss_dpo``, ``loss_sft``, ``implicit_acc`` (pairs whose DPO margin ``-(β/2) Δ`` is > 0),
@@ -55,7 +58,7 @@ from krea2_train.stages.flow_matching import FlowMatchingStage
 # keyed-randomness purposes (see stages/base.py)
 LOSER_NOISE, ARTIFACT_NOISE = 31, 32
 
-LOSER_SOURCES = ("policy", "artifacts")
+LOSER_SOURCES = ("policy", "artifacts", "dataset")
 
 
 class PreferenceStageError(StageConfigError):
@@ -150,7 +153,7 @@ DRIFT_ALARM_STEPS = 50  # steps in a row with winner_gap > 0 before the drift al
 
 
 class PreferenceStage(FlowMatchingStage):
-    """STPO on (dataset winner, policy-sample or artifact loser) pairs against a frozen reference."""
+    """STPO on (dataset winner; policy-sample, artifact or dataset loser) pairs against a frozen reference."""
 
     def __init__(self, config: RunConfig) -> None:
         stpo = config.stpo
@@ -201,8 +204,17 @@ class PreferenceStage(FlowMatchingStage):
         """The reference: the initial policy, exactly (else the first loss is not ln 2)."""
         return {"reference": frozen_copy_of_initial(self.config, initial_weights)}
 
-    def loser_tokens(self, ctx: StepContext, images: torch.Tensor, winners: torch.Tensor, grid, text_states, text_mask) -> torch.Tensor:
-        """The losers' clean tokens ``[B, N, C]``: the policy's samples, or the winners with artifacts."""
+    def loser_tokens(
+        self, ctx: StepContext, batch: dict[str, Any], images: torch.Tensor, winners: torch.Tensor, grid, text_states, text_mask
+    ) -> torch.Tensor:
+        """The losers' clean tokens ``[B, N, C]``: the pairs' own losers, the policy's samples, or
+        the winners with artifacts."""
+        if self.loser == "dataset":
+            if "loser_images" not in batch:
+                raise PreferenceStageError(
+                    "stpo.loser=dataset needs batches of preference pairs (loser_images): the data is single images"
+                )
+            return ctx.conditioner.encode_images(batch["loser_images"].to(ctx.device, non_blocking=True))[0]
         if self.loser == "artifacts":
             generators = [ctx.generator(ARTIFACT_NOISE, slot) for slot in ctx.slots(images.shape[0])]
             return ctx.conditioner.encode_images(add_artifacts(images, self.artifact_strength, generators))[0]
@@ -226,7 +238,7 @@ class PreferenceStage(FlowMatchingStage):
         captions = list(batch["captions"])  # no caption dropout: a preference is about this prompt
         winners, grid = ctx.conditioner.encode_images(images)  # [B, N, C]
         text_states, text_mask = ctx.conditioner.encode_text(captions)  # [B, L, K, T], [B, L]
-        losers = self.loser_tokens(ctx, images, winners, grid, text_states, text_mask)
+        losers = self.loser_tokens(ctx, batch, images, winners, grid, text_states, text_mask)
         noise, t = self.noise_and_times(ctx, winners.shape, grid.num_tokens)  # shared by both members of a pair
         pairs_x0 = torch.cat([winners, losers])  # [2B, N, C]: winners then losers
         pairs_noise, pairs_t = torch.cat([noise, noise]), torch.cat([t, t])

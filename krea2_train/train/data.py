@@ -5,7 +5,10 @@
 size (``krea2 data work --job pack`` does the same for other datasets), all idempotent, so the
 stages of a chain share one dataset. ``data.source=registry`` trains on shards packed beforehand.
 With ``data.balance`` (midtraining) or ``data.curate`` (SFT) enabled, the stage trains on a
-selection derived from that dataset (``krea2_train.curate.balance``), packed like it.
+selection derived from that dataset (``krea2_train.curate.balance``), packed like it. A stage that
+reads preference pairs (``stpo.loser=dataset``: :func:`reads_pairs`) trains on the pairs of
+``data.dataset`` (:mod:`krea2_train.data.pairs`; the shapes world's are rendered and registered
+first), packed at this size into shards of pairs.
 
 The run pins its manifest (the shard list) in ``run_dir/manifest.json``, and the data settings
 that chose it in ``run_dir/manifest_settings.json``; the sample order is a pure function of the
@@ -52,8 +55,7 @@ def prepare_shapes(store, config: RunConfig, runs_root: Path, image_side: int, p
     from krea2_train.data.shapes import write_shapes_dataset
 
     render_side = max(SHAPES_RENDER_MIN_SIDE, image_side)
-    buckets = "" if list(config.data.buckets) == ["1:1"] else "_b" + hashlib.sha1(",".join(sorted(config.data.buckets)).encode()).hexdigest()[:8]
-    folder = runs_root / "_datasets" / f"{config.data.dataset}_{render_side}px_n{config.data.num_samples}_s{config.seed}{buckets}"
+    folder = runs_root / "_datasets" / f"{config.data.dataset}_{render_side}px_n{config.data.num_samples}_s{config.seed}{_buckets_suffix(config)}"
     dataset = shapes_dataset_name(config, render_side, folder)
     if not (folder / ".complete").exists():
         logger.info("rendering %d shapes-world images at %d px into %s", config.data.num_samples, render_side, folder)
@@ -180,6 +182,62 @@ def training_selection(store, config: RunConfig, dataset: str) -> str:
     return report.name
 
 
+def reads_pairs(config: RunConfig) -> bool:
+    """Whether the stage trains on preference pairs (winner and loser from the data) rather than images."""
+    return config.stage.kind == "stpo" and config.stpo.loser == "dataset"
+
+
+def prepare_pairs(store, config: RunConfig, runs_root: Path, image_side: int, pixel_multiple: int) -> str:
+    """The preference pairs of ``data.dataset`` packed at this image size; returns the dataset name.
+
+    With ``data.source=shapes`` the shapes world's pairs (:func:`~krea2_train.data.shapes.make_pair`,
+    ``data.num_samples`` of them) are rendered and registered first. The pairs' images are
+    decoded (the ``decode`` job) before packing; every part is idempotent.
+
+    Raises:
+        UsageError: a selection (``data.balance``, ``data.curate``, ``data.quality``) is on: those
+            choose images, not pairs.
+    """
+    from krea2_train.curate.jobs import load_jobs
+    from krea2_train.data.pack import PackSettings
+    from krea2_train.data.pairs import ingest_pairs, pack_pairs
+    from krea2_train.data.shapes import write_shapes_pairs
+    from krea2_train.store.queue import get_job, run_worker
+
+    selections = [f"data.{name}" for name in ("balance", "curate", "quality") if getattr(config.data, name).enabled]
+    if selections:
+        raise UsageError(
+            f"{', '.join(selections)} select(s) images, and stpo.loser=dataset trains on preference pairs: set"
+            f" {', '.join(name + '.enabled=false' for name in selections)}, or filter the pairs before ingesting them"
+        )
+    shard_size = PackSettings().shard_size
+    if config.data.source == "shapes":
+        render_side = max(SHAPES_RENDER_MIN_SIDE, image_side)
+        folder = runs_root / "_datasets" / f"{config.data.dataset}_pairs_{render_side}px_n{config.data.num_samples}_s{config.seed}{_buckets_suffix(config)}"
+        dataset = "pairs_" + shapes_dataset_name(config, render_side, folder)
+        if not (folder / ".complete").exists():
+            logger.info("rendering %d shapes-world preference pairs at %d px into %s", config.data.num_samples, render_side, folder)
+            write_shapes_pairs(folder, config.data.num_samples, render_side, seed=config.seed, aspect_ratios=config.data.buckets)
+            (folder / ".complete").touch()
+        ingest_pairs(store, dataset, folder / "pairs.jsonl")
+        shard_size = 256
+    else:
+        dataset = config.data.dataset
+    load_jobs()
+    run_worker(store, get_job("decode"))
+    settings = PackSettings(aspect_ratios=tuple(config.data.buckets), pixel_multiple=pixel_multiple, shard_size=shard_size, seed=config.seed)
+    report = pack_pairs(store, dataset, [image_side], runs_root / "_shards", settings)
+    logger.info("packed the preference pairs of %s at %d px: %d new pairs", dataset, image_side, report.num_samples)
+    return dataset
+
+
+def _buckets_suffix(config: RunConfig) -> str:
+    """A folder-name suffix for a shapes world rendered in other aspect buckets than ``[1:1]``."""
+    if list(config.data.buckets) == ["1:1"]:
+        return ""
+    return "_b" + hashlib.sha1(",".join(sorted(config.data.buckets)).encode()).hexdigest()[:8]
+
+
 def prepare_registry(store, config: RunConfig, runs_root: Path, image_side: int, pixel_multiple: int) -> str:
     """``data.dataset`` (or its selection) packed at this image size.
 
@@ -201,7 +259,8 @@ class TrainLoader:
     """Endless batches for the trainer (epoch after epoch) with the loader's checkpoint state.
 
     Yields dicts: ``images [b, 3, H, W]`` in [-1, 1], ``captions`` (b strings), ``facts`` (b
-    dicts, see :class:`~krea2_train.data.loader.Batch`), ``sample_ids``,
+    dicts, see :class:`~krea2_train.data.loader.Batch`), ``sample_ids``, in a run on preference
+    pairs ``loser_images [b, 3, H, W]`` (the loser of each winner in ``images``),
     ``epoch`` and ``epoch_fraction`` (the part of the epoch done after this batch),
     ``new_bad_shards`` (shard id -> error: the unreadable shards first found in this batch, now
     quarantined) and ``bad_shards_total`` (how many this rank has found so far).
@@ -228,7 +287,8 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
             for batch in self.loader:
-                yield {
+                losers = {} if batch.loser_images is None else {"loser_images": batch.loser_images}
+                yield losers | {
                     "images": batch.images,
                     "captions": batch.captions,
                     "facts": batch.facts,
@@ -278,6 +338,7 @@ def manifest_settings(config: RunConfig, image_side: int) -> dict[str, Any]:
     settings: dict[str, Any] = {
         "data.source": data["source"], "data.dataset": data["dataset"], "data.resolution": data["resolution"],
         "data.buckets": sorted(data["buckets"]), "seed": config.seed, "image side in pixels": image_side,
+        "preference pairs (stpo.loser=dataset)": reads_pairs(config),
     }
     if config.data.source == "shapes":
         settings["data.num_samples"] = data["num_samples"]
@@ -343,6 +404,7 @@ def build_train_loader(
 
     runs_root = Path(config.runs_root)
     manifest_path = run_dir / "manifest.json"
+    kind = "pairs" if reads_pairs(config) else "images"
     wanted = manifest_settings(config, image_side)
     keep_pinned = check_pinned_data(run_dir, wanted, fresh_start)  # every rank: a refusal stops them all
     store = dsn = None
@@ -353,16 +415,23 @@ def build_train_loader(
             manifest_path.unlink()
         if not manifest_path.exists():
             write_text(run_dir / MANIFEST_SETTINGS_NAME, json.dumps(wanted, indent=1, sort_keys=True))
-            if config.data.source == "shapes":
+            if kind == "pairs":
+                dataset = prepare_pairs(store, config, runs_root, image_side, pixel_multiple)
+            elif config.data.source == "shapes":
                 dataset = prepare_shapes(store, config, runs_root, image_side, pixel_multiple)
             else:
                 dataset = prepare_registry(store, config, runs_root, image_side, pixel_multiple)
-            pinned_manifest(manifest_path, store, [dataset], image_side, buckets=config.data.buckets)
+            pinned_manifest(manifest_path, store, [dataset], image_side, buckets=config.data.buckets, kind=kind)
     barrier()  # first: the others wait for the preparation here, on the host, with its own timeout
     dsn = broadcast_object(dsn)
     from krea2_train.data.plan import Manifest
 
     manifest = Manifest.load(manifest_path)
+    if manifest.kind != kind:  # a run pinned before its data settings were recorded
+        raise UsageError(
+            f"run {run_dir.name!r} has pinned shards of {manifest.kind}, and this stage trains on {kind}"
+            f" (stpo.loser={config.stpo.loser}): set stpo.loser back, or start a new run_name"
+        )
     empty = sorted(set(config.data.buckets) - set(manifest.buckets))
     if empty and is_main:
         logger.warning("no image of the data falls in the aspect bucket(s) %s of data.buckets at %d px", empty, image_side)
