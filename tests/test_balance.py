@@ -276,6 +276,42 @@ def test_a_stage_balances_a_fraction_of_what_semantic_dedup_leaves(pool):
     assert len(selection_rows(store, deduplicated)) == 14  # half of the 29 left (9 near-duplicates, as above)
 
 
+def test_images_naming_rare_concepts_are_selected_first(pool, tmp_path, capsys):
+    from krea2_train.config import load_config
+    from krea2_train.curate.concepts import read_concepts
+    from krea2_train.errors import UsageError
+    from krea2_train.train.data import training_selection
+
+    store, colours = pool
+    concepts_path = tmp_path / "concepts.tsv"
+    # captions read "a {colour} square number {index}": "yellow square" is in 2 of the 38, "number 3" in 3
+    # (red, green, blue), "red square" in 24
+    concepts_path.write_text("red square\nyellow square\nnumber 3\t0.5\nmamenchisaurus\n")
+    concepts = read_concepts(concepts_path)
+    # budget 0.5 x 8 = 4: yellow square (priority 1/2) takes both its images, number 3 (0.5/3) two of its three
+    report = balance_dataset(store, "pool", "pool_concepts", 8, SETTINGS, concepts=concepts, images_per_concept=2, concept_share=0.5)
+    captions = [caption for _, caption, *_ in selection_rows(store, "pool_concepts")]
+    assert report.num_images == 8 and len(set(captions)) == 8
+    assert {"a yellow square number 0", "a yellow square number 1"} <= set(captions)
+    assert sum(caption.endswith("number 3") for caption in captions) >= 2
+    with pytest.raises(StoreError, match="images_per_concept must be >= 1 and concept_share in"):
+        balance_dataset(store, "pool", "pool_concepts_bad", 8, SETTINGS, concepts=concepts, concept_share=1.5)
+
+    # the stage setting: another selection than without it, and a bad list is a usage error naming the key
+    overrides = ["data.balance.levels=[6,3]", "data.balance.resample_steps=2", "data.balance.points_per_cluster=3", "data.balance.fraction=0.25"]
+    plain = training_selection(store, load_config("stage/midtrain", overrides), "pool")
+    with_concepts = training_selection(store, load_config("stage/midtrain", [*overrides, f"data.balance.concepts={concepts_path}",
+                                                                             "data.balance.images_per_concept=2"]), "pool")
+    assert plain != with_concepts
+    assert {"a yellow square number 0", "a yellow square number 1"} <= {c for _, c, *_ in selection_rows(store, with_concepts)}
+    concepts_path.write_text("red square\tmany\n")
+    with pytest.raises(UsageError, match="data.balance.concepts: concept list .*line 1: weight 'many'"):
+        training_selection(store, load_config("stage/midtrain", [*overrides, f"data.balance.concepts={concepts_path}"]), "pool")
+    assert krea2(["data", "balance", "--dsn", store.dsn, "--dataset", "pool", "--target", "8", "--name", "x",
+                  "--concepts", str(concepts_path)]) == 1
+    assert "line 1: weight 'many' is not a positive number" in capsys.readouterr().err
+
+
 def test_data_balance_and_curate_commands(fresh_database_dsn, tmp_path, capsys):
     write_pool(tmp_path / "pool")
     store_args = ["--dsn", fresh_database_dsn]

@@ -58,7 +58,7 @@ def test_store_bench_measures_queue_and_upserts_on_a_scratch_database(pg_store_d
 
 def test_balance_bench_reads_embeddings_clusters_and_sweeps_on_a_scratch_database(pg_store_dsn):
     databases_before = _databases(pg_store_dsn)
-    rows = data_balance.run(_args(data_balance, "--dsn", pg_store_dsn, "--images", "300", "--dim", "16"))
+    rows = data_balance.run(_args(data_balance, "--dsn", pg_store_dsn, "--images", "300", "--dim", "16", "--concepts", "500"))
     assert [(row["metric"], row["unit"]) for row in rows] == [
         ("load_embeddings (300 x 16)", "embeddings/s"),
         ("load_embeddings peak / array size (300 x 16)", "x"),
@@ -67,6 +67,7 @@ def test_balance_bench_reads_embeddings_clusters_and_sweeps_on_a_scratch_databas
         ("image_clusters write, COPY (300 rows)", "rows/s"),
         ("image_clusters read, server-side cursor (300 rows)", "rows/s"),
         ("queue seed sweep with nothing to add (300 images)", "images/s"),
+        ("rare-concept priority: caption search and choice, 500 concepts (300 captions)", "captions/s"),
     ]
     assert all(row["value"] > 0 and math.isfinite(row["value"]) and row["met"] is None for row in rows)
     assert rows[1]["value"] >= 1  # the array itself is traced

@@ -11,6 +11,8 @@ a dataset's size, on a scratch database of the embedded server (or ``--dsn``), d
                  read back (server-side cursor): rows/s
     sweep        a queue seed over the N images when every one has its row already (what a
                  followed job repeats): images/s
+    concepts     the rare-concept priority (``--concepts`` of them, 1 to 3 words each) over N
+                 captions of 24 words: caption search and choosing the images first: captions/s
 
 No targets: the rates say how long a dataset of a given size takes (docs/recipe.md, docs/data.md).
 """
@@ -33,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dsn", default=None, help="server to benchmark (default: a fresh embedded server)")
     parser.add_argument("--images", type=int, default=20_000, help="images (and embeddings) in the scratch dataset")
     parser.add_argument("--dim", type=int, default=768, help="embedding width")
+    parser.add_argument("--concepts", type=int, default=100_000, help="concepts in the list searched for in the captions")
     parser.add_argument("--train-points-per-cluster", type=int, default=None,
                         help="k-means training sample per cluster (default: balance's; a large value trains on every embedding)")
 
@@ -61,6 +64,24 @@ def _fill(store, images: int, dim: int) -> tuple[int, list[int]]:
         conn.execute("VACUUM ANALYZE images")
         conn.execute("VACUUM ANALYZE image_embeddings")
     return dataset_id, sorted(image_ids)
+
+
+def concept_search_s(images: int, num_concepts: int) -> float:
+    """Seconds of the rare-concept priority over ``images`` random captions (24 words of a 50,000-word
+    vocabulary) with a list of ``num_concepts`` random concepts of 1 to 3 words."""
+    from krea2_train.curate.concepts import ConceptList, match_captions, prioritised_images
+
+    rng = np.random.default_rng(2)
+    vocabulary = np.array([f"w{index}" for index in range(50_000)])
+    index = {}
+    while len(index) < num_concepts:
+        index.setdefault(tuple(vocabulary[rng.integers(0, len(vocabulary), rng.integers(1, 4))]), len(index))
+    concepts = ConceptList(tuple(" ".join(key) for key in index), np.ones(len(index)), index, 3, "bench")
+    captions = [" ".join(vocabulary[rng.integers(0, len(vocabulary), 24)]) for _ in range(images)]
+    began = time.perf_counter()
+    offsets, concept_ids = match_captions(captions, concepts, total=images)
+    prioritised_images(offsets, concept_ids, concepts.weights, 100, images // 4)
+    return time.perf_counter() - began
 
 
 def run(args) -> list[dict]:
@@ -142,6 +163,8 @@ def run(args) -> list[dict]:
         bench_row(BENCH, f"image_clusters write, COPY ({n:,} rows)", n / write_s, "rows/s"),
         bench_row(BENCH, f"image_clusters read, server-side cursor ({n:,} rows)", n / read_s, "rows/s"),
         bench_row(BENCH, f"queue seed sweep with nothing to add ({n:,} images)", n / sweep_s, "images/s"),
+        bench_row(BENCH, f"rare-concept priority: caption search and choice, {args.concepts:,} concepts ({n:,} captions)",
+                  n / concept_search_s(n, args.concepts), "captions/s"),
     ]
 
 

@@ -55,6 +55,11 @@ class BalanceConfig:
     leaf_pick: str = "random"  # random | nearest (to the level-1 centroid)
     semantic_dedup: Optional[float] = None  # cosine similarity: leave out near-duplicates inside level-1 clusters (SemDeDup)
     embedder: str = "small"  # "small" | a local SigLIP, SigLIP 2, DINOv2 or DINOv3 transformers directory
+    # a concept list (one a line, optional TAB weight, e.g. PageRank over Wikipedia): the images whose
+    # captions name its rare concepts are selected first (krea2_train.curate.concepts); None: off
+    concepts: Optional[str] = None
+    images_per_concept: int = 100  # the most images a concept is given
+    concept_share: float = 0.25  # the most of the target chosen for concepts; the balanced sample fills the rest
 
 
 @dataclass

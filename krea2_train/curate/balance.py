@@ -2,7 +2,8 @@
 
     balance  midtraining data: embed every selectable image (``image_embeddings``), cluster them
              by hierarchical k-means (``clusterings``, cluster ids per level in
-             ``image_clusters``), sample a target size top-down by water-filling
+             ``image_clusters``), sample a target size top-down by water-filling; with a concept
+             list, the images naming its rare concepts first (``krea2_train.curate.concepts``)
     curate   SFT data: the top N images by a filter score the ``filters`` job wrote
     filter   any stage: the images whose filter scores lie within bounds (drop extremes only)
 
@@ -23,12 +24,14 @@ from collections.abc import Mapping, Sequence
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from krea2_train.curate.concepts import ConceptList, match_captions, prioritised_images, read_concepts
 from krea2_train.curate.embeddings import Embedder, build_embedder, default_device, embedder_spec
 from krea2_train.curate.images import open_rgb
 from krea2_train.curate.kmeans import (
@@ -39,7 +42,7 @@ from krea2_train.curate.kmeans import (
     hierarchical_kmeans,
     semantic_duplicates,
 )
-from krea2_train.data.pack import DEDUP_DONE_SQL, PACK_JOB_NAME, PACKABLE_SQL
+from krea2_train.data.pack import DEDUP_DONE_SQL, PACK_JOB_NAME, PACKABLE_SQL, keyset_pages
 from krea2_train.errors import UsageError
 from krea2_train.logs import Progress
 from krea2_train.store import Store, StoreError
@@ -473,13 +476,21 @@ def balance_dataset(
     leaf_pick: str = "random",
     semantic_dedup: float | None = None,
     fraction: float | None = None,
+    concepts: ConceptList | None = None,
+    images_per_concept: int = 100,
+    concept_share: float = 0.25,
 ) -> SelectionReport:
     """Select ``target`` images of ``dataset`` balanced over its hierarchical k-means clusters,
     as the dataset ``name``.
 
     With ``semantic_dedup`` (a cosine similarity), the near-duplicates inside each level-1 cluster
     are left out first (:func:`~krea2_train.curate.kmeans.semantic_duplicates`). A ``target`` of 0
-    takes ``fraction`` of the images that remain."""
+    takes ``fraction`` of the images that remain. With ``concepts``, up to ``concept_share`` of the
+    target goes first to the images whose captions name the list's rare concepts, up to
+    ``images_per_concept`` a concept (:mod:`krea2_train.curate.concepts`); the balanced sample
+    chooses the rest among the others."""
+    if concepts is not None and not (images_per_concept >= 1 and 0 <= concept_share <= 1):
+        raise StoreError(f"images_per_concept must be >= 1 and concept_share in [0, 1], got {images_per_concept} and {concept_share}")
     dataset_id, image_ids, uris = selectable_images(store, dataset)
     if target == 0 and fraction is not None:
         if not 0 < fraction <= 1:
@@ -498,6 +509,8 @@ def balance_dataset(
     }
     if target == 0:
         selection_settings["fraction"] = fraction
+    if concepts is not None:
+        selection_settings |= {"concepts_sha256": concepts.sha256, "images_per_concept": images_per_concept, "concept_share": concept_share}
     found = existing_selection(store, name, dataset, "balance", selection_settings)
     if found is not None:
         return found
@@ -523,12 +536,54 @@ def balance_dataset(
             f"target {target} is more than the {len(kept)} images of {dataset!r} left after semantic dedup at"
             f" {semantic_dedup} ({len(clustered_ids) - len(kept)} near-duplicates): lower the target or raise the threshold"
         )
-    chosen = kept[balanced_sample(
-        point_clusters[kept], target, seed=settings.seed, leaf_pick=leaf_pick, centroid_distances=distances[kept]
-    )]
+    first = np.empty(0, dtype=np.int64)
+    if concepts is not None:
+        if not np.array_equal(clustered_ids, image_ids):  # the captions are read in id order
+            raise StoreError(f"clustering {clustering_id} does not hold the images of {dataset!r} in id order")
+        first = kept[concept_priority(store, dataset, dataset_id, image_ids, kept, concepts, images_per_concept,
+                                      math.floor(concept_share * target), settings.seed)]  # fmt: skip
+    rest = np.setdiff1d(kept, first, assume_unique=True)
+    chosen = first
+    if target > len(first):
+        chosen = np.sort(np.concatenate([first, rest[balanced_sample(
+            point_clusters[rest], target - len(first), seed=settings.seed, leaf_pick=leaf_pick, centroid_distances=distances[rest]
+        )]]))
     return materialise_selection(
         store, dataset, name, clustered_ids[chosen].tolist(), "balance", selection_settings, clustering_id
     )
+
+
+def concept_priority(
+    store: Store, dataset: str, dataset_id: int, image_ids: list[int], kept: np.ndarray, concepts: ConceptList,
+    images_per_concept: int, budget: int, seed: int,
+) -> np.ndarray:
+    """Indices into ``kept`` (sorted positions among the dataset's selectable images, in id order)
+    of the images chosen first for their rare concepts
+    (:func:`~krea2_train.curate.concepts.prioritised_images`). Captions are streamed a page at a time."""
+    rows = keyset_pages(
+        store, f"SELECT i.id, i.caption_long FROM images i WHERE i.dataset_id = %s AND {PACKABLE_SQL} AND i.id > %s ORDER BY i.id LIMIT %s",
+        (dataset_id,),
+    )
+    is_kept = np.zeros(len(image_ids), dtype=bool)
+    is_kept[kept] = True
+
+    def kept_captions():
+        for position, (image_id, caption) in enumerate(rows):
+            if position == len(image_ids):  # images that became selectable since: not in this selection
+                return
+            if image_id != image_ids[position]:
+                raise StoreError(f"the selectable images of {dataset!r} changed during the selection (a job or an ingest ran): run it again")
+            if is_kept[position]:
+                yield caption
+
+    offsets, concept_ids = match_captions(kept_captions(), concepts, total=len(kept))
+    priority = prioritised_images(offsets, concept_ids, concepts.weights, images_per_concept, budget, seed)
+    logger.info(
+        "concepts of %s: %d of the list's %d are named in captions; %d images chosen first for %d of them (%d rare ones"
+        " with all their images), of a budget of %d", dataset, priority.concepts_found, len(concepts), len(priority.picked),
+        priority.concepts_served, priority.concepts_whole, budget,
+    )
+    return priority.picked
 
 
 def _is_score(value) -> bool:
@@ -641,6 +696,12 @@ def add_selection_commands(commands, store_arguments: Callable, open_store: Call
     balance.add_argument("--semantic-dedup", type=float, default=None, metavar="SIMILARITY",
                          help="leave out near-duplicates inside each level-1 cluster (SemDeDup): images whose cosine"
                               " similarity to a less typical one of the cluster is at least this (e.g. 0.95; default: off)")
+    balance.add_argument("--concepts", type=Path, default=None, metavar="FILE",
+                         help="a concept list (one a line, optional TAB weight such as a PageRank): images whose captions name"
+                              " its rare concepts are selected first (default: off)")
+    balance.add_argument("--images-per-concept", type=int, default=100, help="with --concepts: the most images a concept is given (default 100)")
+    balance.add_argument("--concept-share", type=float, default=0.25,
+                         help="with --concepts: the most of the target chosen for concepts (default 0.25)")
     balance.set_defaults(func=lambda args: _cmd_balance(args, open_store))
 
     curate = commands.add_parser("curate", help="the top N images by a filter score (SFT data)")
@@ -673,11 +734,13 @@ def _cmd_balance(args, open_store: Callable) -> int:
         settings = KMeansSettings(
             tuple(args.levels), args.resample_steps, args.points_per_cluster, args.niter, args.seed, args.train_points_per_cluster
         )
+        concepts = None if args.concepts is None else read_concepts(args.concepts)  # ConceptListError is a ValueError
     except ValueError as error:
         raise UsageError(str(error)) from None
     with open_store(args) as store:
         return _print(balance_dataset(
-            store, args.dataset, args.name, args.target, settings, args.embedder, args.leaf_pick, args.semantic_dedup
+            store, args.dataset, args.name, args.target, settings, args.embedder, args.leaf_pick, args.semantic_dedup,
+            concepts=concepts, images_per_concept=args.images_per_concept, concept_share=args.concept_share,
         ))
 
 

@@ -145,6 +145,7 @@ def training_selection(store, config: RunConfig, dataset: str) -> str:
         selectable_images,
         selection_name,
     )
+    from krea2_train.curate.concepts import ConceptListError, read_concepts
     from krea2_train.curate.kmeans import KMeansSettings
 
     balance, curate, quality = config.data.balance, config.data.curate, config.data.quality
@@ -170,9 +171,17 @@ def training_selection(store, config: RunConfig, dataset: str) -> str:
         }
         if not balance.target:  # a fraction of the images left after semantic dedup
             key["fraction"] = balance.fraction
+        concepts = None
+        if balance.concepts is not None:
+            try:
+                concepts = read_concepts(balance.concepts)
+            except ConceptListError as error:
+                raise UsageError(f"data.balance.concepts: {error}") from None
+            key |= {"concepts": concepts.sha256, "images_per_concept": balance.images_per_concept, "concept_share": balance.concept_share}
         report = balance_dataset(
             store, dataset, selection_name(dataset, "balance", key), balance.target, settings, balance.embedder,
             balance.leaf_pick, balance.semantic_dedup, balance.fraction,
+            concepts=concepts, images_per_concept=balance.images_per_concept, concept_share=balance.concept_share,
         )
     else:
         top = curate.top or max(1, round(curate.fraction * len(image_ids)))
