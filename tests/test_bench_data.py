@@ -62,7 +62,7 @@ def test_balance_bench_reads_embeddings_clusters_and_sweeps_on_a_scratch_databas
     assert [(row["metric"], row["unit"]) for row in rows] == [
         ("load_embeddings (300 x 16)", "embeddings/s"),
         ("load_embeddings peak / array size (300 x 16)", "x"),
-        ("hierarchical k-means, levels 1 1, 256 training points per cluster, search on cpu (300 x 16)", "embeddings/s"),
+        ("hierarchical k-means, levels 1 1, 256 training points per cluster, on cpu (300 x 16)", "embeddings/s"),
         ("semantic dedup inside 1 level-1 clusters on cpu (300 x 16)", "embeddings/s"),
         ("image_clusters write, COPY (300 rows)", "rows/s"),
         ("image_clusters read, server-side cursor (300 rows)", "rows/s"),

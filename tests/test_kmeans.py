@@ -123,6 +123,42 @@ def test_nearest_centroid_search_in_batches_and_in_torch_matches_one_faiss_searc
     np.testing.assert_array_equal(results[0], results[1])  # computed from the vectors, not by the search
 
 
+def inertia(points, centroids):
+    return float(((points[:, None, :] - centroids[None]) ** 2).sum(-1).min(1).sum())
+
+
+def test_torch_kmeans_the_gpu_path_clusters_as_well_as_faiss_and_repeats_itself():
+    """The GPU's k-means (torch), run on the CPU: as tight as faiss's on the same data, the same
+    centroids for a seed, an empty cluster refilled, a k of n with one item each."""
+    points, _ = long_tailed_pool(n=3000, concepts=20)
+    faiss_centroids = kmeans._kmeans(points, 60, 20, seed=1)
+    torch_centroids = kmeans._torch_kmeans(points, 60, 20, 1, "cpu")
+    assert torch_centroids.shape == (60, 32) and torch_centroids.dtype == np.float32
+    assert inertia(points, torch_centroids) <= 1.05 * inertia(points, faiss_centroids)
+    np.testing.assert_array_equal(kmeans._torch_kmeans(points, 60, 20, 1, "cpu"), torch_centroids)
+    assert not np.array_equal(kmeans._torch_kmeans(points, 60, 20, 2, "cpu"), torch_centroids)
+    # three distinct items, five clusters: k-means++ repeats items, and the duplicate centres' clusters
+    # empty out; they are refilled with real items, never NaN
+    few = np.repeat(np.eye(3, 4, dtype=np.float32), 4, axis=0)
+    refilled = kmeans._torch_kmeans(few, 5, 3, 0, "cpu")
+    assert np.isfinite(refilled).all() and inertia(few, refilled) == 0.0
+    exact = kmeans._torch_kmeans(points[:50], 50, 5, 0, "cpu")
+    assert inertia(points[:50], exact) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_hierarchical_kmeans_on_a_gpu_balances_like_on_the_cpu(monkeypatch):
+    """The whole hierarchy through the torch path (k-means and searches), run on the CPU."""
+    points, labels = long_tailed_pool()
+    monkeypatch.setattr(kmeans, "_kmeans", lambda items, k, niter, seed, device: kmeans._torch_kmeans(items, k, niter, seed, "cpu"))
+    monkeypatch.setattr(kmeans, "_faiss_search", lambda centroids: kmeans._torch_search(centroids, "cpu"))
+    settings = KMeansSettings(levels=(400, 40), resample_steps=3, points_per_cluster=8, seed=0)
+    hierarchy = hierarchical_kmeans(points, settings)
+    target = len(points) // 10
+    uniform = np.random.default_rng(1).choice(len(points), size=target, replace=False)
+    chosen = balanced_sample(hierarchy.point_clusters, target, seed=0)
+    assert largest_concept_share(labels, chosen) <= largest_concept_share(labels, uniform) / 2
+
+
 def brute_force_duplicates(embeddings, clusters, distances, threshold):
     """The definition, item by item: a duplicate has a member of its cluster before it (farther
     from the centroid, or as far and lower index) with cosine similarity >= threshold."""

@@ -11,6 +11,7 @@
 #   bash infra/gpu/checks.sh fp8-speed                     # ~4 min: fp8 step time on small and at 512 px
 #   bash infra/gpu/checks.sh fp8-512                       # ~8 min: rowwise fp8 loss curves at 512 px
 #   bash infra/gpu/checks.sh post-training                 # ~8 min: pretrain -> stpo -> grpo -> tdm in bf16
+#   bash infra/gpu/checks.sh curation                      # ~5 min: k-means runs, searches and semantic dedup in torch on the GPU
 #
 # Everything lands under $OUT/<part>/ (JSON and logs); then, on any machine,
 # `python infra/gpu/summarize.py DIR` prints the markdown tables for docs/benchmarks.md.
@@ -154,8 +155,11 @@ EOF
         run tdm 240 python3 -m krea2_train --config stage/tdm "${POST[@]}" stage.init_from=grpo \
             stage.steps=10 data.global_batch_size=8
         ;;
+    curation)  # balanced selection at 1M x 768: torch k-means runs and searches, semantic dedup (no faiss on this machine)
+        run data_balance 420 python3 -m krea2_train.bench.data_balance --images 1000000
+        ;;
     *)
-        echo "unknown part '$part': env kernels bench-targets owed bench-more bench-memory fp8-speed profile fp8-256 fp8-512 post-training" >&2
+        echo "unknown part '$part': env kernels bench-targets owed bench-more bench-memory fp8-speed profile fp8-256 fp8-512 post-training curation" >&2
         exit 2
         ;;
     esac

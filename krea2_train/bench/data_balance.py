@@ -3,8 +3,8 @@ a dataset's size, on a scratch database of the embedded server (or ``--dsn``), d
 
     embeddings   ``load_embeddings`` of N random D-dim embeddings into one array: embeddings/s,
                  and its peak traced memory over the array's size (a second, traced pass)
-    kmeans       ``hierarchical_kmeans`` of those embeddings, levels N/1000 and N/10000, the
-                 nearest-centroid searches on the GPU when there is one: embeddings/s
+    kmeans       ``hierarchical_kmeans`` of those embeddings, levels N/1000 and N/10000, its
+                 k-means runs and nearest-centroid searches on the GPU when there is one: embeddings/s
     semantic     ``semantic_duplicates`` inside the level-1 clusters at cosine 0.95 (on the
                  GPU when there is one): embeddings/s
     clusters     ``image_clusters`` of a 3-level clustering of the N images written (COPY) and
@@ -157,7 +157,7 @@ def run(args) -> list[dict]:
         bench_row(BENCH, f"load_embeddings ({size})", n / load_s, "embeddings/s"),
         bench_row(BENCH, f"load_embeddings peak / array size ({size})", peak / embeddings.nbytes, "x"),
         bench_row(BENCH, f"hierarchical k-means, levels {levels[0]:,} {levels[1]:,}, {settings.train_points_per_cluster:,} training"
-                  f" points per cluster, search on {device} ({size})", n / kmeans_s,
+                  f" points per cluster, on {device} ({size})", n / kmeans_s,
                   "embeddings/s"),
         bench_row(BENCH, f"semantic dedup inside {levels[0]:,} level-1 clusters on {device} ({size})", n / semantic_s, "embeddings/s"),
         bench_row(BENCH, f"image_clusters write, COPY ({n:,} rows)", n / write_s, "rows/s"),

@@ -21,11 +21,10 @@ The method of Vo et al. 2024 ("Automatic data curation for self-supervised learn
 At scale (tens of millions of embeddings, tens of thousands of level-1 clusters) the cost is the
 level-1 runs: a level's first k-means run trains on at most ``train_points_per_cluster`` random
 items per cluster (faiss's own default is 256; the resampling runs train on their subset), and
-every item is then assigned to its nearest centroid in batches, on the GPU when one is given, with
-progress logged.
+every item is then assigned to its nearest centroid in batches, with progress logged. With a GPU
+(``device="cuda"``) both the k-means runs and the searches run there in torch; on the CPU, faiss.
 
-Everything is a pure function of its inputs and a seed. Numpy in, numpy out; faiss runs k-means,
-and the nearest-centroid search runs in faiss on the CPU or in torch on a GPU.
+Everything is a pure function of its inputs, a seed and the device. Numpy in, numpy out.
 """
 
 from __future__ import annotations
@@ -190,8 +189,11 @@ def _torch_search(centroids: np.ndarray, device: str):
     return search
 
 
-def _kmeans(items: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
-    """k-means centroids [k, d] of ``items`` [n, d], from a k-means++ start."""
+def _kmeans(items: np.ndarray, k: int, niter: int, seed: int, device: str = "cpu") -> np.ndarray:
+    """k-means centroids [k, d] of ``items`` [n, d], from a k-means++ start: faiss on the CPU,
+    :func:`_torch_kmeans` on a torch device (``"cuda"``)."""
+    if device != "cpu":
+        return _torch_kmeans(items, k, niter, seed, device)
     import faiss
 
     kmeans = faiss.Kmeans(
@@ -205,6 +207,55 @@ def _kmeans(items: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
     )
     kmeans.train(items)
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
+
+
+def _torch_kmeans(items: np.ndarray, k: int, niter: int, seed: int, device: str) -> np.ndarray:
+    """k-means in torch on ``device``, every matmul in full fp32: centroids [k, d] of ``items`` [n, d].
+
+    k-means++ seeding (the first centre uniform, each next drawn with probability proportional to
+    the squared distance to the nearest centre so far; the uniform draws are made on the host from
+    ``seed``), then ``niter`` Lloyd iterations. A cluster's new centroid is the mean of its items,
+    summed as one-hot matmuls (no atomic adds), so a seed gives the same centroids on a device
+    every time. A cluster left empty takes the item farthest from its own centroid. Items go
+    through in batches of at most ``ASSIGN_DISTANCES_BYTES`` of distances.
+    """
+    import torch
+
+    draws = np.random.default_rng(seed).random(k)
+    x = torch.from_numpy(np.ascontiguousarray(items, dtype=np.float32)).to(device)
+    n, d = x.shape
+    norms = x.square().sum(1)
+    batch = max(1024, ASSIGN_DISTANCES_BYTES // (4 * max(k, d)))
+    with full_fp32_matmuls():
+        centroids = torch.empty(k, d, device=x.device)
+        chosen = min(int(draws[0] * n), n - 1)
+        centroids[0] = x[chosen]
+        closest = (norms - 2 * (x @ x[chosen]) + norms[chosen]).clamp_min(0)  # [n] squared distance to the nearest centre
+        for j in range(1, k):
+            cumulative = closest.double().cumsum(0)
+            total = float(cumulative[-1])
+            if total > 0:
+                chosen = min(int(torch.searchsorted(cumulative, torch.tensor([draws[j] * total], dtype=torch.float64, device=x.device))), n - 1)
+            else:  # every item sits on a centre already: any item will do
+                chosen = min(int(draws[j] * n), n - 1)
+            centroids[j] = x[chosen]
+            closest = torch.minimum(closest, (norms - 2 * (x @ x[chosen]) + norms[chosen]).clamp_min(0))
+        for _ in range(niter):
+            sums, counts = torch.zeros(k, d, device=x.device), torch.zeros(k, device=x.device)
+            assignment, distance = torch.empty(n, dtype=torch.int64, device=x.device), torch.empty(n, device=x.device)
+            centroid_norms = centroids.square().sum(1)
+            for start in range(0, n, batch):
+                block = x[start : start + batch]
+                squared = norms[start : start + batch, None] - 2 * block @ centroids.T + centroid_norms
+                distance[start : start + batch], assignment[start : start + batch] = squared.min(1)
+                one_hot = torch.nn.functional.one_hot(assignment[start : start + batch], k).to(x.dtype)  # [b, k]
+                sums += one_hot.T @ block
+                counts += one_hot.sum(0)
+            empty = torch.nonzero(counts == 0).flatten()
+            centroids = sums / counts.clamp_min(1)[:, None]
+            if len(empty):
+                centroids[empty] = x[distance.topk(min(len(empty), n)).indices[: len(empty)]]
+    return centroids.cpu().numpy()
 
 
 def resampled_subset(distances: np.ndarray, assignment: np.ndarray, points_per_cluster: int) -> np.ndarray:
@@ -221,7 +272,8 @@ def cluster_level(
     items: np.ndarray, k: int, settings: KMeansSettings, level_seed: int, device: str = "cpu"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One level: k-means++ (trained on at most ``k * train_points_per_cluster`` random items) and
-    the resampling steps; every run's centroids are searched by all items (on ``device``).
+    the resampling steps; every run trains, and its centroids are searched by all items, on
+    ``device`` (faiss on ``"cpu"``, torch on a GPU).
 
     Args:
         items: [n, d] float32 (n >= k).
@@ -233,14 +285,14 @@ def cluster_level(
     if len(items) > k * settings.train_points_per_cluster:
         rng = np.random.default_rng(level_seed)
         train = items[np.sort(rng.choice(len(items), k * settings.train_points_per_cluster, replace=False))]
-    centroids = _kmeans(train, k, settings.niter, level_seed)
+    centroids = _kmeans(train, k, settings.niter, level_seed, device)
     del train
     distances, assignment = nearest_centroids(items, centroids, device)
     for step in range(settings.resample_steps):
         subset = resampled_subset(distances, assignment, settings.points_per_cluster)
         if len(subset) < k:
             break
-        centroids = _kmeans(items[subset], k, settings.niter, level_seed + 1 + step)
+        centroids = _kmeans(items[subset], k, settings.niter, level_seed + 1 + step, device)
         distances, assignment = nearest_centroids(items, centroids, device)
     logger.info("clustered %d items into %d clusters in %s", len(items), k, format_duration(time.monotonic() - began))
     return centroids, assignment, distances
