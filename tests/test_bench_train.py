@@ -143,8 +143,41 @@ def test_reference_checkpoints_gradients_when_ours_checkpoints_activations(ac, e
         (["--res", "100"], ValueError, "multiple of 16"),
         (["--steps", "0"], ValueError, "--steps must be at least 1"),
         (["--fp8"], Float8UnavailableError, "float8 training needs a CUDA GPU"),
+        (["--lora", "4", "--reference", "diffusers"], ValueError, "--lora times ours only"),
+        (["--lora", "-1"], ValueError, "--lora must be a rank >= 1"),
     ],
 )
 def test_bad_settings_are_refused_before_any_model_is_built(extra, error, match):
     with pytest.raises(error, match=match):
         bench_train.resolve_settings(_args(*extra))
+
+
+def test_lora_trains_only_the_adapters_on_a_frozen_base_and_counts_no_weight_gradients():
+    settings = bench_train.resolve_settings(_args("--lora", "4"))
+    assert settings.reference == "none" and "lora=4" in settings.describe()
+    owns = not dist.is_initialized()
+    init_distributed()
+    try:
+        trainee = bench_train.build_ours(settings)
+        trained = {name for name, p in trainee.model.named_parameters() if p.requires_grad}
+        assert trained and all(".lora_A." in name or ".lora_B." in name for name in trained)
+        assert {id(p) for p in trainee.parameters} == {id(p) for p in trainee.model.parameters() if p.requires_grad}
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # a fresh init predicts exactly zero and passes no gradient back: a random base
+            for p in trainee.model.parameters():
+                if not p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+        base = {name: p.detach().clone() for name, p in trainee.model.named_parameters() if not p.requires_grad}
+        inputs = bench_train.make_inputs(model_config("tiny"), settings)
+        for _ in range(2):
+            bench_train.train_step(trainee, inputs, bench_train.PhaseClock(settings.device))
+        lora_b = [p for name, p in trainee.model.named_parameters() if ".lora_B." in name]
+        assert lora_b and all(p.detach().abs().sum() > 0 for p in lora_b)  # B starts at zero: it trained
+        assert all(torch.equal(p.detach(), base[name]) for name, p in trainee.model.named_parameters() if not p.requires_grad)
+    finally:
+        if owns:
+            destroy_distributed()
+    rows = _by_metric(bench_train.run(_args("--lora", "4")))
+    full = training_flops(model_config("tiny"), image_tokens=16, text_tokens=64, batch=2)
+    assert rows["ours_model_flops_per_step"]["value"] == pytest.approx(full * 2 / 3 / 1e12)
+    assert "diffusers_images_per_s" not in rows and rows["ours_images_per_s"]["value"] > 0

@@ -12,6 +12,7 @@
 #   bash infra/gpu/checks.sh fp8-512                       # ~8 min: rowwise fp8 loss curves at 512 px
 #   bash infra/gpu/checks.sh post-training                 # ~8 min: pretrain -> stpo -> grpo -> tdm in bf16
 #   bash infra/gpu/checks.sh curation                      # ~5 min: k-means runs, searches and semantic dedup in torch on the GPU
+#   bash infra/gpu/checks.sh lora-12b                      # ~4 min: LoRA on the 12.9B model, step time and peak memory
 #
 # Everything lands under $OUT/<part>/ (JSON and logs); then, on any machine,
 # `python infra/gpu/summarize.py DIR` prints the markdown tables for docs/benchmarks.md.
@@ -155,11 +156,15 @@ EOF
         run tdm 240 python3 -m krea2_train --config stage/tdm "${POST[@]}" stage.init_from=grpo \
             stage.steps=10 data.global_batch_size=8
         ;;
+    lora-12b)  # LoRA rank 64 on the 12.9B model (bf16 base, frozen) at 1024 px: step time and peak memory, without and with AC
+        bench lora12b_1024_b1 --preset krea2_medium --res 1024 --batch 1 --lora 64 --compile --warmup 3 --steps 10
+        bench lora12b_1024_b1_fullac --preset krea2_medium --res 1024 --batch 1 --lora 64 --ac full --compile --warmup 3 --steps 10
+        ;;
     curation)  # balanced selection at 1M x 768: torch k-means runs and searches, semantic dedup (no faiss on this machine)
         run data_balance 420 python3 -m krea2_train.bench.data_balance --images 1000000
         ;;
     *)
-        echo "unknown part '$part': env kernels bench-targets owed bench-more bench-memory fp8-speed profile fp8-256 fp8-512 post-training curation" >&2
+        echo "unknown part '$part': env kernels bench-targets owed bench-more bench-memory fp8-speed profile fp8-256 fp8-512 post-training curation lora-12b" >&2
         exit 2
         ;;
     esac

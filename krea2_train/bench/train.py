@@ -30,6 +30,10 @@ trainer's ``Conditioner`` makes of the same captions (``--text compact``): real 
 padding cut to a multiple of 64 (128 tokens); ``--text padded`` gives ours the reference's
 512-token sequence instead, for an equal-work comparison. Both run with a key-padding mask.
 
+``--lora RANK`` times LoRA fine-tuning of ours as the lora stage runs it: the model built in the
+compute dtype, LoRA injected into the default targets, the base frozen; only the adapters train.
+Its model FLOPs are 2x the forward's (no weight gradients for the base), and the reference is off.
+
 ``--sdpa cudnn,efficient`` restricts ours to those SDPA kernels in that priority order
 (``parallel.attention_backends`` in the trainer); the reference keeps torch's choice.
 
@@ -112,7 +116,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"], help="torchao float8 scaling")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (cpu: 1, cuda: 5)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (cpu: 3, cuda: 20)")
-    parser.add_argument("--reference", default="diffusers", choices=["diffusers", "none"], help="also time diffusers' model")
+    parser.add_argument("--reference", default=None, choices=["diffusers", "none"],
+                        help="also time diffusers' model (default: diffusers, none with --lora)")
+    parser.add_argument("--lora", type=int, default=0, metavar="RANK",
+                        help="LoRA fine-tuning of ours at this rank, as the lora stage runs it: the base frozen in the compute"
+                             " dtype, the default targets trained (default 0: full training)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -141,6 +149,7 @@ class BenchSettings:
     steps: int
     reference: str
     seed: int
+    lora: int = 0
 
     @property
     def image_tokens(self) -> int:
@@ -168,7 +177,7 @@ class BenchSettings:
             f"{self.device.type} preset={self.preset} res={self.resolution} batch={self.batch} dtype={self.dtype} "
             f"text={self.caption_tokens}/{self.text_len} ours_text={self.text} sdpa={self.sdpa or 'default'} "
             f"ac={self.ac} compile={self.compile} fsdp={self.fsdp} "
-            f"fp8={self.fp8_recipe if self.fp8 else False} "
+            f"fp8={self.fp8_recipe if self.fp8 else False} lora={self.lora or False} "
             f"steps={self.warmup}+{self.steps}"
         )
 
@@ -199,8 +208,9 @@ def resolve_settings(args: argparse.Namespace) -> BenchSettings:
         fp8_recipe=args.fp8_recipe,
         warmup=pick("warmup"),
         steps=pick("steps"),
-        reference=args.reference,
+        reference=args.reference or ("none" if args.lora else "diffusers"),
         seed=args.seed,
+        lora=args.lora,
     )
     image_tokens_at(settings.resolution)  # validates the resolution
     for name in ("batch", "steps", "text_len", "caption_tokens"):
@@ -210,6 +220,12 @@ def resolve_settings(args: argparse.Namespace) -> BenchSettings:
         raise ValueError(f"--warmup must be at least 0, got {settings.warmup}")
     if settings.caption_tokens > settings.text_len:
         raise ValueError(f"--caption-tokens {settings.caption_tokens} exceeds --text-len {settings.text_len}")
+    if settings.lora < 0:
+        raise ValueError(f"--lora must be a rank >= 1, or 0 for full training; got {settings.lora}")
+    if settings.lora and settings.reference == "diffusers":
+        raise ValueError("--lora times ours only (diffusers trains LoRA through peft, which this bench does not build): use --reference none")
+    if settings.lora and settings.fp8:
+        raise ValueError("--lora with --fp8: the lora stage refuses float8 training (its base can be stored in float8 instead)")
     if settings.fp8:
         check_float8_available(settings.device)
     check_attention_backends(settings.sdpa, settings.device, settings.torch_dtype, model_config(settings.preset))
@@ -301,7 +317,18 @@ def build_ours(settings: BenchSettings) -> Trainee:
     from krea2_train.train.trainer import clip_networks
 
     torch.manual_seed(settings.seed)
-    model = build_model(settings.preset, device=settings.device)
+    if settings.lora:  # as LoRAStage.prepare_model: LoRA injected, the base frozen in the compute dtype
+        from krea2_train.config.schema import LoRAConfig
+        from krea2_train.model.lora import LoRASpec, cast_base, freeze_base, inject_lora
+
+        # built in the compute dtype, never in fp32 (the 12.9B model is 52 GB in fp32, 26 GB in bf16)
+        model = build_model(settings.preset, device="meta", dtype=settings.torch_dtype).to_empty(device=settings.device)
+        model.init_weights()
+        inject_lora(model, LoRASpec(rank=settings.lora, alpha=float(settings.lora), targets=tuple(LoRAConfig().targets)))
+        freeze_base(model)
+        cast_base(model, settings.dtype)
+    else:
+        model = build_model(settings.preset, device=settings.device)
     model = parallelize_dit(
         model,
         build_parallel_dims(dp_replicate=1, dp_shard=1, tp=1, world_size=1),
@@ -464,9 +491,16 @@ def _row(metric: str, value, unit: str, target: str | None = None, met: bool | N
     return bench_row(BENCH, metric, value, unit, target, met)
 
 
+def step_model_flops(name: str, settings: BenchSettings) -> float:
+    """Model FLOPs of one step: 3x the forward's matmuls, or with ``--lora`` 2x (the frozen base's
+    weights get no gradients; the LoRA matmuls are not counted)."""
+    flops = training_flops(model_config(settings.preset), settings.image_tokens, settings.text_tokens(name), settings.batch)
+    return flops * 2 / 3 if settings.lora else flops
+
+
 def timing_rows(name: str, timing: StepTiming, settings: BenchSettings, matmul_flops: float, spec_flops: float | None) -> list[dict]:
     text_tokens = settings.text_tokens(name)
-    step_flops = training_flops(model_config(settings.preset), settings.image_tokens, text_tokens, settings.batch)
+    step_flops = step_model_flops(name, settings)
     achieved = step_flops / timing.seconds_per_step
     joint_tokens = settings.batch * (text_tokens + settings.image_tokens)
     rows = [
