@@ -294,6 +294,10 @@ def test_images_naming_rare_concepts_are_selected_first(pool, tmp_path, capsys):
     assert report.num_images == 8 and len(set(captions)) == 8
     assert {"a yellow square number 0", "a yellow square number 1"} <= set(captions)
     assert sum(caption.endswith("number 3") for caption in captions) >= 2
+    balance_dataset(store, "pool", "pool_plain", 8, SETTINGS)  # without the list: one yellow square, one number 3
+    plain_captions = [caption for _, caption, *_ in selection_rows(store, "pool_plain")]
+    assert sum("yellow" in caption for caption in plain_captions) == 1
+    assert sum(caption.endswith("number 3") for caption in plain_captions) == 1
     with pytest.raises(StoreError, match="images_per_concept must be >= 1 and concept_share in"):
         balance_dataset(store, "pool", "pool_concepts_bad", 8, SETTINGS, concepts=concepts, concept_share=1.5)
 
@@ -301,9 +305,12 @@ def test_images_naming_rare_concepts_are_selected_first(pool, tmp_path, capsys):
     overrides = ["data.balance.levels=[6,3]", "data.balance.resample_steps=2", "data.balance.points_per_cluster=3", "data.balance.fraction=0.25"]
     plain = training_selection(store, load_config("stage/midtrain", overrides), "pool")
     with_concepts = training_selection(store, load_config("stage/midtrain", [*overrides, f"data.balance.concepts={concepts_path}",
-                                                                             "data.balance.images_per_concept=2"]), "pool")
-    assert plain != with_concepts
+                                                                             "data.balance.images_per_concept=2",
+                                                                             "data.balance.concept_share=0.5"]), "pool")
     assert {"a yellow square number 0", "a yellow square number 1"} <= {c for _, c, *_ in selection_rows(store, with_concepts)}
+    number_3 = lambda name: sum(c.endswith("number 3") for _, c, *_ in selection_rows(store, name))  # noqa: E731
+    assert number_3(with_concepts) >= 2 and number_3(plain) == 1  # budget 5: yellow square's 2, then number 3's 2
+    print("WITH", [c for _, c, *_ in selection_rows(store, with_concepts)])
     concepts_path.write_text("red square\tmany\n")
     with pytest.raises(UsageError, match="data.balance.concepts: concept list .*line 1: weight 'many'"):
         training_selection(store, load_config("stage/midtrain", [*overrides, f"data.balance.concepts={concepts_path}"]), "pool")

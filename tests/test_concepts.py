@@ -24,13 +24,19 @@ def test_a_concept_list_reads_names_and_weights_and_refuses_bad_lines(tmp_path):
         "line 2: weight 'high' is not a positive number": "cat\ndog\thigh\n",
         "line 1: weight '-1' is not a positive number": "cat\t-1\n",
         "line 1: weight 'nan' is not a positive number": "cat\tnan\n",
-        "line 2: 'new-york' is line 1's concept again": "New York\nnew-york\n",
         "line 1: '...' has no word": "...\n",
         "line 1: 'a b c d e f g h i' has 9 words, at most 8": "a b c d e f g h i\n",
     }
     for message, text in bad.items():
         with pytest.raises(ConceptListError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
             read_concepts(concept_file(tmp_path, text))
+    # the same words twice: one concept, the larger weight
+    merged = read_concepts(concept_file(tmp_path, "New York\t0.2\ncat\nnew-york\t0.7\nNEW YORK\t0.1\n"))
+    assert merged.names == ("New York", "cat") and merged.weights.tolist() == [0.7, 1.0]
+    # weights after a space are words of the name: refused when most concepts end in one and no line has a tab
+    with pytest.raises(ConceptListError, match="2 of its 3 concepts end in a decimal number and no line has a tab"):
+        read_concepts(concept_file(tmp_path, "Mamenchisaurus 0.003\ncat 2e-3\nApollo 11\n"))
+    assert read_concepts(concept_file(tmp_path, "Apollo 11\nWindows 3.1\ncat\n")).names[1] == "Windows 3.1"  # 1 of 3
     with pytest.raises(ConceptListError, match="names no concept"):
         read_concepts(concept_file(tmp_path, "# nothing\n\n"))
     with pytest.raises(ConceptListError, match="No such file"):
@@ -50,6 +56,10 @@ def test_captions_name_concepts_as_whole_words_once_each(tmp_path):
     offsets, concept_ids = match_captions(captions, concepts)
     named = [concept_ids[offsets[i] : offsets[i + 1]].tolist() for i in range(len(captions))]
     assert named == [[0], [1, 2], [], [], [], [3]]
+    # overlapping concepts: every one of them, whichever is longer
+    nested = read_concepts(concept_file(tmp_path, "new york city\nnew york\nyork\ncity hall\n"))
+    offsets, concept_ids = match_captions(["the new york city hall", "york"], nested)
+    assert concept_ids[offsets[0] : offsets[1]].tolist() == [0, 1, 2, 3] and concept_ids[offsets[1] :].tolist() == [2]
     assert words("Ünïcode_and-dashes 42") == ("ünïcode", "and", "dashes", "42")
 
 

@@ -269,4 +269,4 @@ def test_cli_pack_target_then_the_pack_job_packs_the_dataset(fresh_store, curate
     assert counts.packable > 0 and packed == counts.packable and list((tmp_path / "shards").rglob("*.arrow"))
     capsys.readouterr()
     assert main(["data", "status", *store_args]) == 0  # the target and how much of it is packed
-    assert ["shapes", "32", str(packed), str(tmp_path / "shards")] in [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["shapes", "32", "images", str(packed), str(tmp_path / "shards")] in [line.split() for line in capsys.readouterr().out.splitlines()]

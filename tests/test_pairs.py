@@ -45,12 +45,17 @@ def test_a_pair_file_with_bad_rows_is_refused_naming_them(tmp_path):
     good = {"prompt": "a red circle", "winner": "a.png", "loser": "b.png"}
     pairs = read_pair_file(write_pair_file(tmp_path / "ok.jsonl", [good, good | {"winner": "b.png", "loser": "a.png"}]))
     assert pairs[0].winner == str(tmp_path / "a.png") and pairs[1].loser == str(tmp_path / "a.png")  # relative to the file
+    as_uri = read_pair_file(write_pair_file(tmp_path / "uri.jsonl", [good | {"winner": f"file://{tmp_path}/a%2Epng"}]))
+    assert as_uri[0].winner == str(tmp_path / "a.png")  # a file:// URI is stored as the path
     cases = {
         "row 2: no prompt": [good, good | {"prompt": " "}],
         "row 1: no loser": [{"prompt": "p", "winner": "a.png"}],
         "row 2: the winner is the loser": [good, good | {"loser": "a.png"}],
         "1 image\\(s\\) that do not exist: .*missing.png": [good | {"loser": "missing.png"}],
         "row 1: not an object": [["a.png", "b.png"]],
+        "row 1: the winner is the loser": [good | {"winner": f"file://{tmp_path}/a.png", "loser": "a.png"}],  # two spellings
+        "1 image\\(s\\) that do not exist: .*gone.png": [good | {"loser": f"file://{tmp_path}/gone.png"}],
+        "row 1: a NUL character .* in prompt": [good | {"prompt": "a red\x00circle"}],
     }
     for message, rows in cases.items():
         with pytest.raises(StoreError, match=f"nothing was ingested: .*{message}"):
@@ -211,3 +216,44 @@ def test_the_commands_write_ingest_pack_and_count_pairs(fresh_store, tmp_path, c
     assert "pack-pairs: shard_size must be positive" in capsys.readouterr().err
     assert main(["data", "ingest-pairs", *store, "--dataset", "prefs", "--pairs", str(tmp_path / "missing.jsonl")]) == 1
     assert "pair file" in capsys.readouterr().err
+
+
+@pytest.mark.postgres
+def test_pairs_go_into_a_dataset_of_their_own_and_never_rewrite_an_image(fresh_store, tmp_path):
+    from krea2_train.data.ingest import ingest
+    from krea2_train.data.shapes import write_shapes_dataset
+
+    folder = write_shapes_dataset(tmp_path / "web", 3, 32)
+    ingest(fresh_store, "web", folder=folder)
+    pair_file = write_pair_file(tmp_path / "web" / "pairs.jsonl", [{"prompt": "p", "winner": "000000.png", "loser": "000001.png"}])
+    with fresh_store.pool.connection() as conn:
+        before = conn.execute("SELECT uri, caption_long, caption_short, facts FROM images ORDER BY id").fetchall()
+    with pytest.raises(StoreError, match="'web' holds 3 images that are in no preference pair: .*--dataset web_pairs"):
+        ingest_pairs(fresh_store, "web", pair_file)
+    with fresh_store.pool.connection() as conn:
+        assert conn.execute("SELECT uri, caption_long, caption_short, facts FROM images ORDER BY id").fetchall() == before
+        assert conn.execute("SELECT count(*) FROM preference_pairs").fetchone() == (0,)
+
+    # in a dataset of pairs, an image keeps the caption of the pair that registered it first
+    assert ingest_pairs(fresh_store, "web_pairs", pair_file).inserted == 1
+    other = write_pair_file(tmp_path / "web" / "more.jsonl", [{"prompt": "another prompt", "winner": "000001.png", "loser": "000002.png"}])
+    assert ingest_pairs(fresh_store, "web_pairs", other).inserted == 1
+    with fresh_store.pool.connection() as conn:
+        captions = dict(conn.execute(
+            "SELECT i.uri, i.caption_long FROM images i JOIN datasets d ON d.id = i.dataset_id WHERE d.name = 'web_pairs'").fetchall())
+    assert captions == {str(folder / "000000.png"): "p", str(folder / "000001.png"): "p", str(folder / "000002.png"): "another prompt"}
+
+
+@pytest.mark.postgres
+def test_packing_pairs_records_a_target_that_later_packs_and_runs_follow(fresh_store, shapes_pairs, tmp_path):
+    from krea2_train.data.pack import find_pack_target
+    from krea2_train.errors import UsageError
+    from krea2_train.train.data import check_packed_buckets
+
+    pack_pairs(fresh_store, "prefs", [32], tmp_path / "shards", SETTINGS)
+    out_dir, settings = find_pack_target(fresh_store, "prefs", 32, "pairs")
+    assert out_dir == (tmp_path / "shards").resolve() and settings == SETTINGS
+    assert find_pack_target(fresh_store, "prefs", 32) is None  # no target of single images: the pack job leaves them
+    assert check_packed_buckets(fresh_store, "prefs", 32, ["1:1"], kind="pairs") == SETTINGS
+    with pytest.raises(UsageError, match="packed at 32 px in buckets \\['1:1', '4:3'\\] only: .*krea2 data ingest-pairs"):
+        check_packed_buckets(fresh_store, "prefs", 32, ["1:1", "16:9"], kind="pairs")

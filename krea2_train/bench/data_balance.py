@@ -69,14 +69,14 @@ def _fill(store, images: int, dim: int) -> tuple[int, list[int]]:
 def concept_search_s(images: int, num_concepts: int) -> float:
     """Seconds of the rare-concept priority over ``images`` random captions (24 words of a 50,000-word
     vocabulary) with a list of ``num_concepts`` random concepts of 1 to 3 words."""
-    from krea2_train.curate.concepts import ConceptList, match_captions, prioritised_images
+    from krea2_train.curate.concepts import concept_list, match_captions, prioritised_images
 
     rng = np.random.default_rng(2)
     vocabulary = np.array([f"w{index}" for index in range(50_000)])
     index = {}
     while len(index) < num_concepts:
         index.setdefault(tuple(vocabulary[rng.integers(0, len(vocabulary), rng.integers(1, 4))]), len(index))
-    concepts = ConceptList(tuple(" ".join(key) for key in index), np.ones(len(index)), index, 3, "bench")
+    concepts = concept_list([" ".join(key) for key in index], np.ones(len(index)), "bench")
     captions = [" ".join(vocabulary[rng.integers(0, len(vocabulary), 24)]) for _ in range(images)]
     began = time.perf_counter()
     offsets, concept_ids = match_captions(captions, concepts, total=images)

@@ -42,7 +42,7 @@ from krea2_train.curate.kmeans import (
     hierarchical_kmeans,
     semantic_duplicates,
 )
-from krea2_train.data.pack import DEDUP_DONE_SQL, PACK_JOB_NAME, PACKABLE_SQL, keyset_pages
+from krea2_train.data.pack import DEDUP_DONE_SQL, PACK_JOB_NAME, PACKABLE_SQL
 from krea2_train.errors import UsageError
 from krea2_train.logs import Progress
 from krea2_train.store import Store, StoreError
@@ -540,7 +540,7 @@ def balance_dataset(
     if concepts is not None:
         if not np.array_equal(clustered_ids, image_ids):  # the captions are read in id order
             raise StoreError(f"clustering {clustering_id} does not hold the images of {dataset!r} in id order")
-        first = kept[concept_priority(store, dataset, dataset_id, image_ids, kept, concepts, images_per_concept,
+        first = kept[concept_priority(store, dataset, image_ids, kept, concepts, images_per_concept,
                                       math.floor(concept_share * target), settings.seed)]  # fmt: skip
     rest = np.setdiff1d(kept, first, assume_unique=True)
     chosen = first
@@ -554,27 +554,19 @@ def balance_dataset(
 
 
 def concept_priority(
-    store: Store, dataset: str, dataset_id: int, image_ids: list[int], kept: np.ndarray, concepts: ConceptList,
-    images_per_concept: int, budget: int, seed: int,
+    store: Store, dataset: str, image_ids: list[int], kept: np.ndarray, concepts: ConceptList, images_per_concept: int,
+    budget: int, seed: int,
 ) -> np.ndarray:
-    """Indices into ``kept`` (sorted positions among the dataset's selectable images, in id order)
-    of the images chosen first for their rare concepts
-    (:func:`~krea2_train.curate.concepts.prioritised_images`). Captions are streamed a page at a time."""
-    rows = keyset_pages(
-        store, f"SELECT i.id, i.caption_long FROM images i WHERE i.dataset_id = %s AND {PACKABLE_SQL} AND i.id > %s ORDER BY i.id LIMIT %s",
-        (dataset_id,),
-    )
-    is_kept = np.zeros(len(image_ids), dtype=bool)
-    is_kept[kept] = True
+    """Indices into ``kept`` (sorted positions in ``image_ids``) of the images chosen first for
+    their rare concepts (:func:`~krea2_train.curate.concepts.prioritised_images`). The captions of
+    those images are read EMBEDDING_PAGE at a time, by id."""
 
     def kept_captions():
-        for position, (image_id, caption) in enumerate(rows):
-            if position == len(image_ids):  # images that became selectable since: not in this selection
-                return
-            if image_id != image_ids[position]:
-                raise StoreError(f"the selectable images of {dataset!r} changed during the selection (a job or an ingest ran): run it again")
-            if is_kept[position]:
-                yield caption
+        for start in range(0, len(kept), EMBEDDING_PAGE):
+            ids = [image_ids[position] for position in kept[start : start + EMBEDDING_PAGE]]
+            with store.pool.connection() as conn:
+                captions = dict(conn.execute("SELECT id, caption_long FROM images WHERE id = ANY(%s)", (ids,)).fetchall())
+            yield from (captions.get(image_id) for image_id in ids)
 
     offsets, concept_ids = match_captions(kept_captions(), concepts, total=len(kept))
     priority = prioritised_images(offsets, concept_ids, concepts.weights, images_per_concept, budget, seed)

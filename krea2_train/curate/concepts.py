@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,25 +51,40 @@ def words(text: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ConceptList:
-    """Concepts by id (their line order): ``names`` (as written), ``weights`` [C] float64, and the
-    dictionary from normalised words to id."""
+    """Concepts by id (their order in the file): ``names`` (as first written), ``weights`` [C]
+    float64, the dictionary from normalised words to id, and every word run that begins a concept
+    (the search stops extending a run that begins none)."""
 
     names: tuple[str, ...]
     weights: np.ndarray
     index: dict[tuple[str, ...], int]
     max_words: int
     sha256: str  # of the file's bytes: a selection's key
+    prefixes: frozenset[tuple[str, ...]] = frozenset()
 
     def __len__(self) -> int:
         return len(self.names)
 
 
+def concept_list(names: Sequence[str], weights: Sequence[float], sha256: str) -> ConceptList:
+    """A :class:`ConceptList` of distinct concepts (as normalised words) and their weights."""
+    index = {words(name): concept for concept, name in enumerate(names)}
+    if len(index) != len(names):
+        raise ConceptListError("two concepts have the same words")
+    prefixes = frozenset(key[:length] for key in index for length in range(1, len(key)))
+    return ConceptList(tuple(names), np.asarray(weights, dtype=np.float64), index, max(map(len, index)), sha256, prefixes)
+
+
 def read_concepts(path: str | Path) -> ConceptList:
     """The concept list of ``path`` (see the module docstring).
 
+    A concept given twice (the same words, e.g. "AC/DC" and "AC DC") is kept once, with the larger
+    weight; the log says how many were merged.
+
     Raises:
         ConceptListError: a missing or empty file, a weight that is not a positive number, a name
-            of more than MAX_CONCEPT_WORDS words, or one given twice (as normalised words).
+            of no word or of more than MAX_CONCEPT_WORDS words, or a list whose weights seem to
+            follow the names after a space instead of a tab.
     """
     path = Path(path)
     try:
@@ -76,12 +92,15 @@ def read_concepts(path: str | Path) -> ConceptList:
     except OSError as error:
         raise ConceptListError(f"concept list {path}: {error.strerror or error}") from None
     names, weights, index, problems = [], [], {}, []
+    merged = tabbed = spaced_number = 0
     for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
         text = line.strip()
         if not text or text.startswith("#"):
             continue
-        name, _, weight_text = text.partition("\t")
+        name, tab, weight_text = text.partition("\t")
+        tabbed += bool(tab)
         key = words(name)
+        spaced_number += bool(key) and _is_decimal(name.split()[-1])
         try:
             weight = float(weight_text) if weight_text.strip() else 1.0
         except ValueError:
@@ -93,9 +112,10 @@ def read_concepts(path: str | Path) -> ConceptList:
         elif len(key) > MAX_CONCEPT_WORDS:
             problems.append(f"line {number}: {name!r} has {len(key)} words, at most {MAX_CONCEPT_WORDS}")
         elif key in index:
-            problems.append(f"line {number}: {name!r} is line {index[key][1]}'s concept again")
+            merged += 1
+            weights[index[key]] = max(weights[index[key]], weight)
         else:
-            index[key] = (len(names), number)
+            index[key] = len(names)
             names.append(name.strip())
             weights.append(weight)
     if problems:
@@ -103,30 +123,46 @@ def read_concepts(path: str | Path) -> ConceptList:
         raise ConceptListError(f"concept list {path}: {len(problems)} bad line(s): {shown}")
     if not names:
         raise ConceptListError(f"concept list {path} names no concept")
-    return ConceptList(
-        tuple(names), np.asarray(weights, dtype=np.float64), {key: concept for key, (concept, _) in index.items()},
-        max(map(len, index)), hashlib.sha256(data).hexdigest(),
-    )
+    if not tabbed and spaced_number > len(names) / 2:
+        raise ConceptListError(
+            f"concept list {path}: {spaced_number} of its {len(names)} concepts end in a decimal number and no line has a"
+            " tab: a weight goes after a TAB (\"Mamenchisaurus<TAB>0.003\"), or it is read as a word of the name"
+        )
+    if merged:
+        logger.info("concept list %s: %d concepts given again (the same words) were merged, keeping the larger weight", path, merged)
+    return concept_list(names, weights, hashlib.sha256(data).hexdigest())
+
+
+def _is_decimal(token: str) -> bool:
+    """'0.003', '2e-3': a number written as a weight would be (not '11' or '3.1.2')."""
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return any(mark in token for mark in ".eE")
 
 
 def match_captions(captions: Iterable[str], concepts: ConceptList, total: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The concepts each caption names, as CSR arrays ``(offsets [n + 1], concept_ids)``: caption i
     names ``concept_ids[offsets[i]:offsets[i + 1]]`` (sorted, each once)."""
-    index, longest = concepts.index, concepts.max_words
-    offsets, found = [0], []
+    index, prefixes, longest = concepts.index, concepts.prefixes, concepts.max_words
+    offsets, found = array("q", [0]), array("q")
     progress = Progress("concept search:", total or 0, "captions", logger)
     for number, caption in enumerate(captions, start=1):
         caption_words = words(caption or "")
-        named = {
-            index[run]
-            for start in range(len(caption_words))
-            for end in range(start + 1, min(start + longest, len(caption_words)) + 1)
-            if (run := caption_words[start:end]) in index
-        }
+        named = set()
+        for start in range(len(caption_words)):
+            for end in range(start + 1, min(start + longest, len(caption_words)) + 1):
+                run = caption_words[start:end]
+                concept = index.get(run)
+                if concept is not None:
+                    named.add(concept)
+                if run not in prefixes:  # no longer concept begins with this run
+                    break
         found.extend(sorted(named))
         offsets.append(len(found))
         progress.update(number)
-    return np.asarray(offsets, dtype=np.int64), np.asarray(found, dtype=np.int64)
+    return np.frombuffer(offsets, dtype=np.int64).copy(), np.frombuffer(found, dtype=np.int64).copy()
 
 
 @dataclass(frozen=True)

@@ -312,9 +312,9 @@ def cmd_status(args) -> int:
         for p in pairs:
             print(f"{p.name:{width}} " + " ".join(f"{value:>11}" for value in (p.pairs, p.packable, p.undecoded, p.undecodable)))
     if targets:
-        print(f"\n{'pack target':{width}} {'px':>6} {'packed':>11}  out")
-        for name, resolution, out_dir, packed in targets:
-            print(f"{name:{width}} {resolution:>6} {packed:>11}  {out_dir}")
+        print(f"\n{'pack target':{width}} {'px':>6} {'kind':>6} {'packed':>11}  out")
+        for name, resolution, out_dir, packed, kind in targets:
+            print(f"{name:{width}} {resolution:>6} {kind:>6} {packed:>11}  {out_dir}")
     print()
     print(f"{'job':{width}} " + " ".join(f"{state:>10}" for state in STATES) + f" {'done/min':>10} {'eta':>10}")
     for job, job_state in progress.items():

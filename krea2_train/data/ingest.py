@@ -157,14 +157,14 @@ def first_listed(items: list[str]) -> str:
     return ", ".join(items[:LISTED]) + (", ..." if len(items) > LISTED else "")
 
 
-def _holds_nul(value) -> bool:
+def holds_nul(value) -> bool:
     """Whether a string in ``value`` (text, or a JSON value: its keys too) holds a NUL character."""
     if isinstance(value, str):
         return "\x00" in value
     if isinstance(value, dict):
-        return any(_holds_nul(key) or _holds_nul(item) for key, item in value.items())
+        return any(holds_nul(key) or holds_nul(item) for key, item in value.items())
     if isinstance(value, (list, tuple)):
-        return any(_holds_nul(item) for item in value)
+        return any(holds_nul(item) for item in value)
     return False
 
 
@@ -176,7 +176,7 @@ def check_no_nul(batch: list[Record], first_row: int, source: str) -> None:
         f"{field.name} of row {first_row + index} ({record.uri})"
         for index, record in enumerate(batch)
         for field in fields(record)
-        if _holds_nul(getattr(record, field.name))
+        if holds_nul(getattr(record, field.name))
     ]
     if found:
         raise StoreError(
@@ -192,9 +192,15 @@ def listed_uris(uri_file: Path) -> Iterator[str]:
         uri = line.strip()
         if not uri or uri.startswith("#"):
             continue
-        if uri.startswith("file://"):
-            uri = unquote(urlparse(uri).path)
-        yield uri if "://" in uri else resolve_uri(uri, uri_file.parent)
+        yield canonical_uri(uri, uri_file.parent)
+
+
+def canonical_uri(uri: str, base: Path) -> str:
+    """Local paths and file:// URIs as absolute paths (a relative one against ``base``), other URIs
+    as given: one spelling per local file."""
+    if uri.startswith("file://"):
+        uri = unquote(urlparse(uri).path)
+    return uri if "://" in uri else resolve_uri(uri, base)
 
 
 def ensure_dataset(store: Store, name: str, source: str) -> int:

@@ -58,6 +58,8 @@ PACKABLE_SQL = f"i.decode_ok AND i.duplicate_of IS NULL AND NOT {UNCAPTIONED_SQL
 DEDUP_DONE_SQL = "EXISTS (SELECT 1 FROM job_runs d WHERE d.job = 'dedup' AND d.image_id = i.id AND d.state = 'done')"
 # the shard_samples rows (alias s) of shards that were not quarantined
 LIVE_SHARD_SAMPLES_SQL = "shard_samples s JOIN shards h ON h.id = s.shard_id AND h.state <> 'quarantined'"
+# the shard_pairs rows (alias s) of shards of preference pairs that were not quarantined
+LIVE_SHARD_PAIRS_SQL = "shard_pairs s JOIN shards h ON h.id = s.shard_id AND h.state <> 'quarantined'"
 SIZES_PAGE = 100_000  # images whose sizes pack_dataset reads at a time
 
 
@@ -100,14 +102,17 @@ def dataset_counts(store: Store, dataset: str | None = None) -> list[DatasetCoun
     return [DatasetCounts(*row) for row in rows]
 
 
-def pack_target_counts(store: Store) -> list[tuple[str, int, str, int]]:
-    """(dataset, resolution, out_dir, images packed in live shards) of every pack target."""
+def pack_target_counts(store: Store) -> list[tuple[str, int, str, int, str]]:
+    """(dataset, resolution, out_dir, samples packed in live shards, kind) of every pack target;
+    the samples are images, or preference pairs for a target of kind ``pairs``."""
     with store.pool.connection() as conn:
         return conn.execute(
-            "SELECT d.name, t.resolution, t.out_dir,"
-            f" (SELECT count(*) FROM {LIVE_SHARD_SAMPLES_SQL} JOIN images i ON i.id = s.image_id"
+            "SELECT d.name, t.resolution, t.out_dir, CASE t.kind"
+            f" WHEN 'images' THEN (SELECT count(*) FROM {LIVE_SHARD_SAMPLES_SQL} JOIN images i ON i.id = s.image_id"
             "   WHERE i.dataset_id = t.dataset_id AND s.resolution = t.resolution)"
-            " FROM pack_targets t JOIN datasets d ON d.id = t.dataset_id ORDER BY d.name, t.resolution"
+            f" ELSE (SELECT count(*) FROM {LIVE_SHARD_PAIRS_SQL}"
+            "   JOIN preference_pairs p ON p.id = s.pair_id WHERE p.dataset_id = t.dataset_id AND s.resolution = t.resolution) END,"
+            " t.kind FROM pack_targets t JOIN datasets d ON d.id = t.dataset_id ORDER BY d.name, t.resolution, t.kind"
         ).fetchall()
 
 
@@ -151,33 +156,38 @@ class PackReport:
         return sum(shard.num_samples for shard in self.shards)
 
 
-def find_pack_target(store: Store, dataset: str, resolution: int) -> tuple[Path, PackSettings] | None:
-    """(out_dir, settings) of ``dataset``'s pack target at ``resolution``; None without one."""
+def find_pack_target(store: Store, dataset: str, resolution: int, kind: str = "images") -> tuple[Path, PackSettings] | None:
+    """(out_dir, settings) of ``dataset``'s pack target of ``kind`` (images, or preference pairs)
+    at ``resolution``; None without one."""
     with store.pool.connection() as conn:
         row = conn.execute(
             "SELECT t.out_dir, t.settings FROM pack_targets t JOIN datasets d ON d.id = t.dataset_id"
-            " WHERE d.name = %s AND t.resolution = %s",
-            (dataset, resolution),
+            " WHERE d.name = %s AND t.resolution = %s AND t.kind = %s",
+            (dataset, resolution, kind),
         ).fetchone()
     return None if row is None else (Path(row[0]), PackSettings.from_json(row[1]))
 
 
-def add_pack_target(store: Store, dataset: str, resolution: int, out_dir: str | Path, settings: PackSettings) -> int:
-    """Record that ``dataset`` is packed at ``resolution`` into ``out_dir``; returns the dataset id.
+def add_pack_target(
+    store: Store, dataset: str, resolution: int, out_dir: str | Path, settings: PackSettings, kind: str = "images"
+) -> int:
+    """Record that ``dataset``'s images (or, with ``kind="pairs"``, its preference pairs) are packed
+    at ``resolution`` into ``out_dir``; returns the dataset id.
 
-    A new target sends the dataset's images that the ``pack`` job has finished or is packing now
-    back to pending, so the job packs them at the new resolution too (it skips what is packed
-    already; a batch in flight, which read the targets before this one, is fenced out). The
-    target is committed before the rows go back: a batch claimed in between reads it."""
+    A new target of images sends the dataset's images that the ``pack`` job has finished or is
+    packing now back to pending, so the job packs them at the new resolution too (it skips what
+    is packed already; a batch in flight, which read the targets before this one, is fenced out).
+    The target is committed before the rows go back: a batch claimed in between reads it. Pairs
+    are packed by :func:`krea2_train.data.pairs.pack_pairs`, not by the job."""
     with store.pool.connection() as conn:
         target_dataset = find_dataset_id(conn, dataset)
         (inserted,) = conn.execute(
-            "INSERT INTO pack_targets (dataset_id, resolution, out_dir, settings) VALUES (%s, %s, %s, %s)"
-            " ON CONFLICT (dataset_id, resolution) DO UPDATE SET out_dir = excluded.out_dir, settings = excluded.settings"
+            "INSERT INTO pack_targets (dataset_id, resolution, out_dir, settings, kind) VALUES (%s, %s, %s, %s, %s)"
+            " ON CONFLICT (dataset_id, resolution, kind) DO UPDATE SET out_dir = excluded.out_dir, settings = excluded.settings"
             " RETURNING xmax = 0",
-            (target_dataset, resolution, str(Path(out_dir).resolve()), Jsonb(settings.to_json())),
+            (target_dataset, resolution, str(Path(out_dir).resolve()), Jsonb(settings.to_json()), kind),
         ).fetchone()  # committed here (autocommit), before the rows go back
-        if inserted:
+        if inserted and kind == "images":
             requeue(conn, PACK_JOB_NAME, "SELECT id FROM images WHERE dataset_id = %s", (target_dataset,),
                     states=("done", "running"))
     return target_dataset
@@ -353,7 +363,8 @@ def pack_job_handler(rows: list[dict], ctx: JobContext) -> list[Outcome]:
     with ctx.store.pool.connection() as conn:
         targets = conn.execute(
             "SELECT t.dataset_id, d.name, t.resolution, t.out_dir, t.settings FROM pack_targets t"
-            " JOIN datasets d ON d.id = t.dataset_id WHERE t.dataset_id = ANY(%s) ORDER BY t.dataset_id, t.resolution",
+            " JOIN datasets d ON d.id = t.dataset_id WHERE t.dataset_id = ANY(%s) AND t.kind = 'images'"
+            " ORDER BY t.dataset_id, t.resolution",
             (sorted({row["dataset_id"] for row in rows}),),
         ).fetchall()
         packed = set(conn.execute(
@@ -379,7 +390,7 @@ def pack_job_handler(rows: list[dict], ctx: JobContext) -> list[Outcome]:
 PACK_JOB = register_job(
     Job(
         PACK_JOB_NAME,
-        f"{PACKABLE_SQL} AND EXISTS (SELECT 1 FROM pack_targets t WHERE t.dataset_id = i.dataset_id)"
+        f"{PACKABLE_SQL} AND EXISTS (SELECT 1 FROM pack_targets t WHERE t.dataset_id = i.dataset_id AND t.kind = 'images')"
         f" AND {DEDUP_DONE_SQL}",
         pack_job_handler,
         batch_size=1024,

@@ -5,22 +5,27 @@ A pair is two images of one prompt and which one a person preferred. A pair file
 (``.jsonl``) or Parquet (``.parquet``) with three fields per pair:
 
     prompt   the text both images were made for (the pair's caption in training)
-    winner   the preferred image: a path (relative to the pair file's folder), or a file:// URI
+    winner   the preferred image: a path (relative to the pair file's folder), a file:// URI (both
+             stored as absolute paths), or another URI as given
     loser    the other image
 
-Both images become images of the pair dataset (``krea2 data ingest``'s registry, with the prompt
-as their long caption; an image may be in several pairs) and the pair a row of
-``preference_pairs``. Ingesting the same file again changes nothing. A file with a bad row (a
-missing field, an empty prompt, the winner equal to the loser, a local file that does not exist)
-is refused before anything is written, naming the rows. Ties carry no preference: leave them out.
+Both images become images of the pair dataset (the registry's ``images``, with the prompt of
+their first pair as their long caption; an image may be in several pairs; an image already
+registered keeps its row) and the pair a row of ``preference_pairs``. A pair dataset holds pairs
+only: a dataset with images in no pair (a dataset of single images) is refused. Ingesting the
+same file again changes nothing. A file with a bad row (a missing field, an empty prompt, the
+winner equal to the loser, a NUL character, a local file that does not exist) is refused before
+anything is written, naming the rows. Ties carry no preference: leave them out.
 
 Packing writes shards of kind ``pairs`` (:mod:`krea2_train.data.shards`): one pair a row, the
 winner and its loser resized into the winner's aspect bucket (cover, centre crop), shuffled per
 bucket with the key of image packing; ``shard_pairs`` records the row of each pair. Only pairs
 whose two images the ``decode`` job has read are packed; a pair with an undecodable image never
-is (:class:`PairCounts` counts both). Packing is incremental like image packing: pairs already in
-a live shard at the resolution are skipped, and those of a quarantined shard packed again. It runs
-in one process (a calibration set is thousands to a few million pairs), not as a queue job.
+is (:class:`PairCounts` counts both). Packing records a pack target of kind ``pairs`` (its folder
+and settings, which later packs of the dataset at that resolution reuse) and is incremental like
+image packing: pairs already in a live shard at the resolution are skipped, and those of a
+quarantined shard are packed again by the next pack. It runs in one process (a calibration set is
+thousands to a few million pairs), not as a queue job.
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from krea2_train.data.ingest import LISTED, Record, first_listed, ingest_records, resolve_uri
-from krea2_train.data.pack import PackReport, PackSettings, keyset_pages, pack_rows
+from krea2_train.data.ingest import LISTED, canonical_uri, ensure_dataset, first_listed, holds_nul
+from krea2_train.data.pack import LIVE_SHARD_PAIRS_SQL, PackReport, PackSettings, add_pack_target, keyset_pages, pack_rows
 from krea2_train.store import Store, StoreError
 from krea2_train.store.db import find_dataset_id
 from krea2_train.store.upsert import batched
@@ -45,7 +50,6 @@ PAIR_FILE_SUFFIXES = (".jsonl", ".parquet")
 DECODED_PAIRS_SQL = (
     "preference_pairs p JOIN images w ON w.id = p.winner_id AND w.decode_ok JOIN images l ON l.id = p.loser_id AND l.decode_ok"
 )
-LIVE_SHARD_PAIRS_SQL = "shard_pairs s JOIN shards h ON h.id = s.shard_id AND h.state <> 'quarantined'"
 PAIRS_PAGE = 100_000  # pairs a statement inserts
 
 
@@ -80,7 +84,11 @@ def read_pair_file(path: str | Path) -> list[PairRecord]:
         if missing:
             problems.append(f"row {number}: no {', '.join(missing)}")
             continue
-        pair = PairRecord(row["prompt"].strip(), *(resolve_uri(row[name], path.parent) for name in ("winner", "loser")))
+        with_nul = [name for name in PAIR_FIELDS if holds_nul(row[name])]
+        if with_nul:  # PostgreSQL text cannot hold one
+            problems.append(f"row {number}: a NUL character (\\x00) in {', '.join(with_nul)}")
+            continue
+        pair = PairRecord(row["prompt"].strip(), *(canonical_uri(row[name].strip(), path.parent) for name in ("winner", "loser")))
         if pair.winner == pair.loser:
             problems.append(f"row {number}: the winner is the loser ({pair.winner})")
         pairs.append(pair)
@@ -123,15 +131,35 @@ class PairIngestReport:
 
 
 def ingest_pairs(store: Store, dataset: str, pair_file: str | Path) -> PairIngestReport:
-    """Register the pairs of ``pair_file`` (and their images) in ``dataset``; idempotent."""
+    """Register the pairs of ``pair_file`` (and their images) in ``dataset``; idempotent.
+
+    Raises:
+        StoreError: a bad pair file (:func:`read_pair_file`), or ``dataset`` holds images in no pair.
+    """
     pairs = read_pair_file(pair_file)
-    prompts = dict.fromkeys(uri for pair in pairs for uri in (pair.winner, pair.loser))
-    for pair in reversed(pairs):  # an image's caption: the prompt of its first pair
-        prompts[pair.winner] = prompts[pair.loser] = pair.prompt
-    records = [Record(uri, caption_long=prompt) for uri, prompt in prompts.items()]
-    report = ingest_records(store, dataset, f"pairs:{Path(pair_file).resolve()}", records)
-    inserted = 0
-    with store.pool.connection() as conn:
+    prompts: dict[str, str] = {}
+    for pair in pairs:  # an image's caption: the prompt of its first pair
+        prompts.setdefault(pair.winner, pair.prompt)
+        prompts.setdefault(pair.loser, pair.prompt)
+    dataset_id = ensure_dataset(store, dataset, f"pairs:{Path(pair_file).resolve()}")
+    with store.pool.connection() as conn, conn.transaction():  # images and pairs together, or neither
+        (lone,) = conn.execute(
+            "SELECT count(*) FROM images i WHERE i.dataset_id = %s AND NOT EXISTS"
+            " (SELECT 1 FROM preference_pairs p WHERE p.winner_id = i.id OR p.loser_id = i.id)",
+            (dataset_id,),
+        ).fetchone()
+        if lone:
+            raise StoreError(
+                f"dataset {dataset!r} holds {lone} images that are in no preference pair: pairs go into a dataset of their"
+                f" own (e.g. --dataset {dataset}_pairs), so that packing its images never mixes losers into training images"
+            )
+        for batch in batched(sorted(prompts.items()), PAIRS_PAGE):  # sorted keys: concurrent ingests cannot deadlock
+            conn.execute(
+                "INSERT INTO images (dataset_id, uri, caption_long) SELECT %s, u.uri, u.prompt"
+                " FROM unnest(%s::text[], %s::text[]) AS u (uri, prompt) ON CONFLICT (dataset_id, uri) DO NOTHING",
+                (dataset_id, [uri for uri, _ in batch], [prompt for _, prompt in batch]),
+            )
+        inserted = 0
         for batch in batched(pairs, PAIRS_PAGE):
             inserted += conn.execute(
                 "INSERT INTO preference_pairs (dataset_id, prompt, winner_id, loser_id)"
@@ -140,10 +168,10 @@ def ingest_pairs(store: Store, dataset: str, pair_file: str | Path) -> PairInges
                 " JOIN images w ON w.dataset_id = %(dataset)s AND w.uri = u.winner"
                 " JOIN images l ON l.dataset_id = %(dataset)s AND l.uri = u.loser"
                 " ON CONFLICT (dataset_id, winner_id, loser_id, prompt) DO NOTHING",
-                {"dataset": report.dataset_id, "prompts": [p.prompt for p in batch],
+                {"dataset": dataset_id, "prompts": [p.prompt for p in batch],
                  "winners": [p.winner for p in batch], "losers": [p.loser for p in batch]},
             ).rowcount
-    return PairIngestReport(dataset, len(pairs), inserted, len(records))
+    return PairIngestReport(dataset, len(pairs), inserted, len(prompts))
 
 
 @dataclass(frozen=True)
@@ -223,6 +251,7 @@ def pack_pairs(
         )
     report = PackReport()
     for resolution in resolutions:
+        add_pack_target(store, dataset, resolution, out_dir, settings, kind="pairs")
         sizes = unpacked_pair_sizes(store, dataset_id, resolution)
         pack_rows(store, dataset, dataset_id, sizes, resolution, Path(out_dir), settings, report,
                   lambda ids: load_pair_rows(store, ids), kind="pairs")  # fmt: skip

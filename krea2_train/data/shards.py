@@ -22,7 +22,7 @@ columns its loser, resized into the same bucket:
     loser_image_crc32   uint32
 
 The schema metadata key ``krea2.shard`` holds a JSON object: format version, resolution, bucket
-name, width, height, image format, dataset and kind (``images`` when absent). Next to ``NAME.arrow`` the writer puts
+name, width, height, image format, dataset and, in a shard of pairs, kind (``images`` when absent). Next to ``NAME.arrow`` the writer puts
 ``NAME.arrow.sha256`` (``sha256sum`` format) with the digest of the whole file; a reader checks
 the file against it (or against a digest it is given, e.g. from the ``shards`` table) when it
 opens the file, so a truncated or corrupt shard is refused with an error naming the file. A file
@@ -190,7 +190,10 @@ class ShardWriter:
         self._closed = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp_path = temporary_path(self.path)
-        metadata = {METADATA_KEY: json.dumps({"version": FORMAT_VERSION, **self.header.__dict__}).encode()}
+        header = {"version": FORMAT_VERSION, **self.header.__dict__}
+        if kind == "images":  # absent means images: readers from before shards of pairs read these
+            del header["kind"]
+        metadata = {METADATA_KEY: json.dumps(header).encode()}
         self._schema = SCHEMAS[kind].with_metadata(metadata)
         self._sink = pa.OSFile(str(self._tmp_path), "wb")
         self._writer = pa.ipc.new_file(self._sink, self._schema)
