@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -159,7 +160,7 @@ def test_manifest_records_the_commit(tmp_path):
     del on_disk["manifest.json"]
     assert manifest["files"] == on_disk and manifest["bytes"] == sum(on_disk.values())
     assert {".metadata", "__0_0.distcp", "rank_state/rank-00000.pt"} <= set(on_disk)
-    assert manager.latest_step() == 7 and not list((tmp_path / "checkpoints").glob("*.tmp"))
+    assert manager.latest_step() == 7 and not list((tmp_path / "checkpoints").glob("*.tmp*"))
 
 
 def test_load_model_weights_reads_only_the_model(tmp_path):
@@ -220,7 +221,7 @@ def test_async_save_returns_before_the_write_and_snapshots_the_state(tmp_path, m
         assert manager.save(10, {"model": ModelOptimizerState(model, optimizer)})
         # save() returned while the write is held back: nothing is committed yet
         assert manager.latest_step() is None
-        assert (tmp_path / "checkpoints" / "step-00000010.tmp").is_dir()
+        assert (tmp_path / "checkpoints" / ckpt.tmp_dir_name(10, manager._token)).is_dir()
         with torch.no_grad():
             for parameter in model.parameters():
                 parameter.add_(1.0)  # training continues and changes the weights in place
@@ -240,7 +241,7 @@ def test_a_failed_write_is_reported_and_keeps_the_previous_checkpoint(tmp_path, 
     manager.wait()
     disk_full = OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(ckpt, "_storage_writer", gated_writer(error=disk_full))
-    tmp_dir = tmp_path / "checkpoints" / "step-00000020.tmp"
+    tmp_dir = tmp_path / "checkpoints" / ckpt.tmp_dir_name(20, manager._token)
     with pytest.raises(CheckpointWriteError) as failure:
         manager.save(20, state)  # sync: raises here
         manager.wait()  # async: raises when the pending save is finished
@@ -274,14 +275,22 @@ def test_a_crash_before_commit_leaves_the_previous_checkpoint_latest(tmp_path):
     result = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 3, result.stderr
     checkpoints = tmp_path / "checkpoints"
-    crashed = checkpoints / "step-00000020.tmp"
+    (crashed,) = checkpoints.glob("step-00000020.tmp-*")
     assert (crashed / ".metadata").is_file()  # fully written, never committed
     assert find_run_checkpoint(tmp_path).name == "step-00000010"
-    manager = CheckpointManager(tmp_path, interval=10)  # the next start cleans up
-    assert manager.latest_step() == 10 and not crashed.exists()
+    manager = CheckpointManager(tmp_path, interval=10)
+    assert manager.latest_step() == 10
+    # freshly written: it may be an older start still running (a requeued job's predecessor), so it stays ...
+    assert crashed.exists()
     state = {"weights": torch.zeros(4)}
     manager.load(state)
     assert torch.equal(state["weights"], torch.arange(4.0))
+    # ... until nothing has written to it for STALE_TMP_S: then the next start removes it
+    old = time.time() - ckpt.STALE_TMP_S - 60
+    for path in [crashed, *crashed.rglob("*")]:
+        os.utime(path, (old, old))
+    CheckpointManager(tmp_path, interval=10)
+    assert not crashed.exists()
 
 
 def test_retention_keeps_the_last_k_and_every_mth(tmp_path):
@@ -439,3 +448,85 @@ def test_async_staging_works_save_after_save_and_reuses_buffers_where_torch_allo
         assert torch.equal(staged["weights"], torch.full((3,), float(value)))
     if Version(torch.__version__.split("+")[0]) >= Version("2.13"):
         assert staging.reuses_buffers and staging.stager() is first
+
+
+# ----------------------------------------------------------------------------------------------
+# Two starts of one run, checkpoints that do not read, checkpoints of another model
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_newer_start_never_removes_an_older_ones_save_in_flight(tmp_path, monkeypatch):
+    """A requeued job while its predecessor still runs: each start writes its own unfinished
+    directory; a step the other committed first is not replaced; an abandoned save commits nothing."""
+    gate = threading.Event()
+    monkeypatch.setattr(ckpt, "_storage_writer", gated_writer(gate))
+    older = CheckpointManager(tmp_path, interval=10, async_mode="async")
+    try:
+        older.save(10, {"weights": torch.arange(4.0)})
+        monkeypatch.undo()
+        newer = CheckpointManager(tmp_path, interval=10, async_mode="sync")
+        assert (tmp_path / "checkpoints" / ckpt.tmp_dir_name(10, older._token)).is_dir()  # still there
+        newer.save(10, {"weights": torch.arange(4.0) + 100})
+    finally:
+        gate.set()
+    older.wait()  # its commit finds step 10 committed by the newer start: its copy is discarded, no error
+    state = {"weights": torch.zeros(4)}
+    newer.load(state)
+    assert torch.equal(state["weights"], torch.arange(4.0) + 100)
+
+    gate = threading.Event()
+    monkeypatch.setattr(ckpt, "_storage_writer", gated_writer(gate))
+    older.save(20, {"weights": torch.arange(4.0)})
+    older.abandon()  # a newer start took the run's data lease: the older one stops
+    gate.set()
+    older.close()  # raises nothing, commits nothing
+    assert sorted(newer.committed()) == [10] and not list((tmp_path / "checkpoints").glob("step-00000020*"))
+
+
+def test_a_run_whose_checkpoints_all_fail_to_verify_is_refused_not_restarted(tmp_path):
+    manager = CheckpointManager(tmp_path, interval=10, async_mode="sync")
+    for step in (10, 20):
+        manager.save(step, {"weights": torch.arange(4.0)})
+    assert sorted(ckpt.resumable_checkpoints(tmp_path / "checkpoints")) == [10, 20]
+    for step in (10, 20):
+        (tmp_path / "checkpoints" / ckpt.step_dir_name(step) / "manifest.json").write_text("x")
+    with pytest.raises(ckpt.CheckpointVerificationError, match="2 checkpoint directories .* none verifies .*start over at step 0"):
+        ckpt.resumable_checkpoints(tmp_path / "checkpoints")
+    assert ckpt.resumable_checkpoints(tmp_path / "nothing") == {}  # a new run
+
+
+@pytest.mark.parametrize("damaged", [".metadata", "rank_state/rank-00000.pt"])
+def test_a_checkpoint_that_does_not_read_falls_back_to_the_one_before(tmp_path, damaged):
+    manager = CheckpointManager(tmp_path, interval=10, async_mode="sync")
+    for step in (10, 20, 30):
+        manager.save(step, {"weights": torch.full((4,), float(step))})
+    for step in (20, 30):  # garbage of the same size: the manifest's size check passes, reading fails
+        path = tmp_path / "checkpoints" / ckpt.step_dir_name(step) / damaged
+        path.write_bytes(b"\x07" * path.stat().st_size)
+    state = {"weights": torch.zeros(4)}
+    loaded = manager.load(state)
+    assert loaded.step == 10 and torch.equal(state["weights"], torch.full((4,), 10.0))
+    with pytest.raises(ckpt.CheckpointVerificationError, match="step-00000030 does not read"):
+        manager.load(state, step=30)  # a step asked for does not fall back
+
+
+def test_a_checkpoint_of_another_model_or_step_is_refused(tmp_path):
+    model, optimizer = tiny_model_and_optimizer(seed=0)
+    manager = CheckpointManager(tmp_path, interval=10, async_mode="sync")
+    manager.save(10, {"model": ModelOptimizerState(model, optimizer)})
+    torch.manual_seed(0)
+    smaller = build_model("tiny", num_layers=1)
+    with pytest.raises(ckpt.CheckpointMismatchError, match="another model's weights: .* weights this model lacks \\(e.g. transformer_blocks.1"):
+        manager.load({"model": ModelOptimizerState(smaller, torch.optim.AdamW(smaller.parameters()))})
+    os.rename(tmp_path / "checkpoints" / "step-00000010", tmp_path / "checkpoints" / "step-00000030")
+    with pytest.raises(ckpt.CheckpointMismatchError, match="holds the checkpoint of step 10, not of step 30"):
+        manager.load({"model": ModelOptimizerState(model, optimizer)})
+
+
+def test_retention_removes_what_an_interrupted_deletion_left(tmp_path):
+    manager = CheckpointManager(tmp_path, interval=10, keep_last=5, async_mode="sync")
+    for step in (10, 20):
+        manager.save(step, {"weights": torch.arange(4.0)})
+    (tmp_path / "checkpoints" / "step-00000010" / "manifest.json").unlink()  # killed inside rmtree
+    manager.save(30, {"weights": torch.arange(4.0)})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000020", "step-00000030"]

@@ -120,3 +120,25 @@ def test_a_bad_override_is_recorded_and_a_new_start_clears_the_record(tmp_path, 
     monkeypatch.setattr(trainer, "run", database_down)  # the typo fixed, the database away: retryable
     assert main(["--config", "stage/pretrain_256", f"runs_root={tmp_path}", "run_name=pt"]) == 1
     assert not record.exists()
+
+
+def test_a_full_disk_under_the_metrics_file_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    import pathlib
+
+    from krea2_train.train.metrics import MetricsLogger
+
+    metrics = MetricsLogger(tmp_path, rank=0, total_steps=10, wandb_mode="disabled")
+    opened = pathlib.Path.open
+
+    def full_disk(path, *args, **kwargs):
+        if path == metrics.jsonl_path:
+            raise OSError(errno.ENOSPC, "No space left on device")  # as a buffered write reports it: no file name
+        return opened(path, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", full_disk)
+
+    def log():
+        metrics.log_step(1, {"loss": 1.0}, step_time=0.1)
+
+    assert report_user_errors("krea2_train", log) == EXIT_USER_ERROR
+    assert f"No space left on device: '{metrics.jsonl_path}'" in capsys.readouterr().err

@@ -147,7 +147,7 @@ def test_slurm_a_job_that_moved_the_run_on_resets_the_resubmission_count(tmp_pat
     """Nodes die daily: a long run must not stop at its 5th node failure if it progressed."""
     checkpoints = tmp_path / "runs" / "pt-a" / "checkpoints"
     (checkpoints / "step-00000010").mkdir(parents=True)
-    (checkpoints / "step-00000030.tmp").mkdir()  # uncommitted: not progress
+    (checkpoints / "step-00000030.tmp-0a1b2c3d").mkdir()  # uncommitted: not progress
     env = fake_cluster(tmp_path, srun_mode="exit:1", extra_env={"KREA2_RESUBMIT_COUNT": "5"})
     assert sbatch(env).returncode == 1  # no progress: the budget is spent
     env = fake_cluster(tmp_path, srun_mode="exit:1", extra_env={"KREA2_RESUBMIT_COUNT": "5",

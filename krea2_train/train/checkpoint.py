@@ -34,6 +34,7 @@ import os
 import random
 import shutil
 import time
+import uuid
 import warnings
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -72,6 +73,7 @@ RANK_STATE_DIR = "rank_state"
 DCP_METADATA_NAME = ".metadata"
 MODEL_CONFIG_NAME = "model_config.json"
 TMP_SUFFIX = ".tmp"
+STALE_TMP_S = 900.0  # an unfinished checkpoint untouched this long belongs to a start that died
 _STEP_PREFIX = "step-"
 
 
@@ -87,6 +89,10 @@ class CheckpointWriteError(Krea2Error, RuntimeError):
 
 class CheckpointVerificationError(Krea2Error, RuntimeError):
     """A checkpoint directory does not hold the files its metadata or manifest promise."""
+
+
+class CheckpointMismatchError(CheckpointVerificationError):
+    """A committed checkpoint that is not this run's: another model's weights, or another step's."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,6 +183,17 @@ def reseed_rng(seed: int, step: int, rank: int) -> int:
 
 def step_dir_name(step: int) -> str:
     return f"{_STEP_PREFIX}{step:08d}"
+
+
+def tmp_dir_name(step: int, token: str) -> str:
+    """The directory a start (``token``) writes ``step`` into before committing it."""
+    return f"{step_dir_name(step)}{TMP_SUFFIX}-{token}"
+
+
+def is_tmp_dir_name(name: str) -> bool:
+    """``step-N.tmp`` (written before per-start names) or ``step-N.tmp-TOKEN``."""
+    stem, suffix, _ = name.partition(TMP_SUFFIX)
+    return bool(suffix) and _parse_step(stem) is not None
 
 
 def _parse_step(name: str) -> int | None:
@@ -278,6 +295,34 @@ def committed_checkpoints(checkpoints_dir: str | os.PathLike) -> dict[int, Path]
             continue
         found[step] = path
     return dict(sorted(found.items()))
+
+
+def step_dirs(checkpoints_dir: str | os.PathLike) -> dict[int, Path]:
+    """Every ``step-N`` directory under ``checkpoints_dir``, committed or not, by step."""
+    checkpoints_dir = Path(checkpoints_dir)
+    if not checkpoints_dir.is_dir():
+        return {}
+    found = {step: path for path in checkpoints_dir.iterdir() if (step := _parse_step(path.name)) is not None and path.is_dir()}
+    return dict(sorted(found.items()))
+
+
+def resumable_checkpoints(checkpoints_dir: str | os.PathLike) -> dict[int, Path]:
+    """:func:`committed_checkpoints`, refusing a run whose checkpoint directories all fail to verify.
+
+    Raises:
+        CheckpointVerificationError: ``step-N`` directories exist and none verifies (corrupt manifests,
+            or a storage fault): resuming would silently start the run over at step 0.
+    """
+    committed = committed_checkpoints(checkpoints_dir)
+    present = step_dirs(checkpoints_dir)
+    if present and not committed:
+        listed = ", ".join(path.name for path in list(present.values())[-3:])
+        raise CheckpointVerificationError(
+            f"{len(present)} checkpoint director{'y' if len(present) == 1 else 'ies'} in {checkpoints_dir} ({listed}) and none"
+            " verifies (see the warnings above): the run would start over at step 0. Fix the storage, or move"
+            " checkpoints/ aside to start the run over on purpose"
+        )
+    return committed
 
 
 def retained_steps(steps: Iterable[int], keep_last: int, keep_every: int) -> set[int]:
@@ -421,8 +466,12 @@ class CheckpointManager:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-commit")
         self._staging = _Staging() if async_mode == "async" else None
         self._pending: Future | None = None  # the commit of the save in flight
+        self._abandoned = False  # a newer start owns the run: commit nothing more (see abandon)
         self.last_blocked_s: float | None = None
         self.last_write_s: float | None = None
+        # this start's saves go to step-N.tmp-TOKEN: an older start still running (a requeued job
+        # whose predecessor lives on) keeps its own, and never loses it to this one
+        self._token = self._broadcast_from_rank0(uuid.uuid4().hex[:8])
         if self.rank == 0:
             self._remove_stale_tmp_dirs()
         self._barrier()
@@ -486,7 +535,7 @@ class CheckpointManager:
         if self._broadcast_from_rank0(step in self.committed()):
             logger.info("checkpoint step %d is already committed; not saving it again", step)
             return False
-        tmp_dir = self.checkpoints_dir / (step_dir_name(step) + TMP_SUFFIX)
+        tmp_dir = self.checkpoints_dir / tmp_dir_name(step, self._token)
         if self.rank == 0:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             tmp_dir.mkdir(parents=True)
@@ -540,7 +589,11 @@ class CheckpointManager:
         errors = [error for error in self._all_gather(local_error) if error is not None]
         outcome = None
         if self.rank == 0:
-            if errors:
+            if self._abandoned:  # a newer start owns the run: this start's save is not committed
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+                logger.warning("checkpoint step %d of a superseded start discarded (%s)", step, tmp_dir)
+                outcome = "abandoned"
+            elif errors:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
                 outcome = errors[0]
             else:
@@ -551,6 +604,8 @@ class CheckpointManager:
                 else:
                     self._prune()
         outcome = self._broadcast_from_rank0(outcome)
+        if outcome == "abandoned":
+            return
         if outcome is not None:
             raise CheckpointWriteError(f"checkpoint step {step} could not be written to {tmp_dir}: {outcome}")
         self.last_write_s = write_s
@@ -574,8 +629,15 @@ class CheckpointManager:
             file.flush()
             os.fsync(file.fileno())
         final_dir = self.checkpoints_dir / step_dir_name(step)
-        if final_dir.exists():  # an uncommitted leftover of the same step (failed verification)
-            shutil.rmtree(final_dir)
+        if final_dir.exists():
+            try:
+                read_manifest(final_dir)
+            except CheckpointVerificationError:  # an uncommitted leftover of the same step: replaced
+                shutil.rmtree(final_dir)
+            else:  # another start of the run (an older one, still running) committed this step first
+                shutil.rmtree(tmp_dir)
+                logger.warning("checkpoint step %d was committed by another start of the run meanwhile; this copy is discarded", step)
+                return
         os.rename(tmp_dir, final_dir)
         fsync_path(self.checkpoints_dir)
         logger.info(
@@ -584,25 +646,46 @@ class CheckpointManager:
         )  # fmt: skip
 
     def _prune(self) -> None:
-        """Delete committed checkpoints outside the retention policy; failures are only logged."""
+        """Delete committed checkpoints outside the retention policy, the leftovers of deletions
+        cut short (an uncommitted ``step-N`` older than the newest committed one) and stale
+        unfinished checkpoints; failures are only logged."""
         committed = self.committed()
         kept = retained_steps(committed, self.keep_last, self.keep_every)
-        for step, path in committed.items():
-            if step not in kept:
-                try:
-                    shutil.rmtree(path)
-                except OSError as error:
-                    logger.warning("could not remove checkpoint %s (retention): %s", path, error)
-                else:
-                    logger.info("removed checkpoint step %d (retention)", step)
+        newest = max(committed, default=-1)
+        leftovers = {step: path for step, path in step_dirs(self.checkpoints_dir).items() if step not in committed and step < newest}
+        for step, path in [*((s, p) for s, p in committed.items() if s not in kept), *leftovers.items()]:
+            try:
+                shutil.rmtree(path)
+            except OSError as error:
+                logger.warning("could not remove checkpoint %s (retention): %s", path, error)
+            else:
+                logger.info("removed checkpoint step %d (%s)", step, "retention" if step in committed else "an unfinished deletion")
+        self._remove_stale_tmp_dirs()
 
     def _remove_stale_tmp_dirs(self) -> None:
+        """Remove the unfinished checkpoints of other starts that nothing has written to for
+        STALE_TMP_S (a start that died mid-save); a fresher one may be an older start still
+        writing (a requeued job whose predecessor lives on): it stays."""
         if not self.checkpoints_dir.is_dir():
             return
+        now = time.time()
         for path in self.checkpoints_dir.iterdir():
-            if path.name.endswith(TMP_SUFFIX) and _parse_step(path.name[: -len(TMP_SUFFIX)]) is not None:
-                logger.warning("removing %s, an unfinished checkpoint of an earlier run", path)
-                shutil.rmtree(path)
+            if not is_tmp_dir_name(path.name) or path.name.endswith(f"-{self._token}"):
+                continue
+            try:
+                age = now - max(entry.stat().st_mtime for entry in [path, *path.rglob("*")])
+            except OSError:  # removed meanwhile
+                continue
+            if age < STALE_TMP_S:
+                logger.warning("leaving %s: written to %.0f s ago, perhaps by an older start of the run still running", path, age)
+                continue
+            logger.warning("removing %s, an unfinished checkpoint of an earlier start", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+    def abandon(self) -> None:
+        """A newer start owns the run: the save in flight is not committed (its files are
+        removed), and :meth:`wait` and :meth:`close` raise nothing for it."""
+        self._abandoned = True
 
     def wait(self) -> None:
         """Finish the pending save, if any (collective).
@@ -653,37 +736,89 @@ class CheckpointManager:
         """
         self.wait()
         committed = self._broadcast_from_rank0(self.committed())
-        if step is None:
-            if not committed:
-                return None
-            step = max(committed)
-        elif step not in committed:
+        if step is not None and step not in committed:
             raise NoCheckpointError(
                 f"no committed checkpoint for step {step} in {self.checkpoints_dir}; committed steps: {sorted(committed) or 'none'}"
             )
-        path = committed[step]
+        candidates = [step] if step is not None else sorted(committed, reverse=True)
+        for index, candidate in enumerate(candidates):
+            try:
+                return self._load_step(stateful, candidate, committed[candidate], rank_local or {})
+            except CheckpointMismatchError:
+                raise  # not this run's checkpoint: an older one would not be either, or would hide the mix-up
+            except CheckpointVerificationError as error:
+                if index + 1 == len(candidates):
+                    raise
+                logger.warning("checkpoint step %d cannot be loaded, falling back to step %d: %s", candidate, candidates[index + 1], error)
+        return None
+
+    def _load_step(self, stateful: dict[str, Any], step: int, path: Path, rank_local: Mapping[str, Stateful]) -> LoadedCheckpoint:
+        """Load one committed checkpoint (collective); every rank raises if any rank could not read it.
+
+        Raises:
+            CheckpointMismatchError: its manifest's step is not its directory's, or its model's
+                weights are not this model's (a checkpoint copied from another run).
+            CheckpointVerificationError: a file of it does not read (on any rank).
+        """
         manifest = read_manifest(path)
+        if int(manifest.get("step", step)) != step:
+            raise CheckpointMismatchError(
+                f"{path} holds the checkpoint of step {manifest['step']}, not of step {step}: it was renamed or copied from"
+                " elsewhere; move it out of checkpoints/"
+            )
         if self.config_hash is not None and manifest.get("config_hash") not in (None, self.config_hash):
             logger.warning(
                 "checkpoint %s was saved with config hash %s, this run's is %s", path, manifest["config_hash"], self.config_hash
             )
-        dcp.load(stateful, checkpoint_id=str(path), process_group=self._group, no_dist=not self.distributed)
-        saved_world_size = int(manifest["world_size"])
-        same_world = saved_world_size == self.world_size
+        self._check_model_keys(path, stateful)
+        local_error = None
+        try:
+            dcp.load(stateful, checkpoint_id=str(path), process_group=self._group, no_dist=not self.distributed)
+            saved_world_size = int(manifest["world_size"])
+            same_world = saved_world_size == self.world_size
+            payload = torch.load(rank_state_path(path, self.rank), weights_only=False) if same_world else None
+        except (Exception, CheckpointException) as error:
+            local_error = f"{path} does not read: {_describe_failure(error)}"
+        errors = [error for error in self._all_gather(local_error) if error is not None]
+        if errors:
+            raise CheckpointVerificationError("; ".join(dict.fromkeys(errors)))
         if same_world:
-            payload = torch.load(rank_state_path(path, self.rank), weights_only=False)
             restore_rng_state(payload["rng"])
-            for key, value in (rank_local or {}).items():
+            for key, value in rank_local.items():
                 value.load_state_dict(payload["local"][key])
         else:
             reseed_rng(self.seed, step, self.rank)
             logger.warning(
                 "checkpoint %s was saved by %d ranks and is loaded by %d: RNG states reseeded from (seed=%d, step=%d, rank), "
                 "rank-local state (%s) not restored",
-                path, saved_world_size, self.world_size, self.seed, step, ", ".join(rank_local or {}) or "none",
+                path, saved_world_size, self.world_size, self.seed, step, ", ".join(rank_local) or "none",
             )  # fmt: skip
         logger.info("loaded checkpoint step %d from %s", step, path)
         return LoadedCheckpoint(step, path, saved_world_size, same_world)
+
+    @staticmethod
+    def _check_model_keys(path: Path, stateful: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint whose model weights are not exactly this model's (DCP itself loads
+        a checkpoint with extra weights, silently, into a smaller model)."""
+        models = {f"{key}.model.": value.model for key, value in stateful.items() if isinstance(value, ModelOptimizerState)}
+        if not models:
+            return
+        try:
+            saved = list(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        except Exception as error:
+            raise CheckpointVerificationError(f"the DCP metadata of {path} does not load: {error}") from error
+        for prefix, model in models.items():
+            expected = set(get_model_state_dict(model))
+            found = {key[len(prefix):] for key in saved if key.startswith(prefix)}
+            extra, missing = sorted(found - expected), sorted(expected - found)
+            if extra or missing:
+                described = "; ".join(
+                    f"{len(keys)} weights {what} (e.g. {keys[0]})" for keys, what in ((extra, "this model lacks"), (missing, "it lacks")) if keys
+                )
+                raise CheckpointMismatchError(
+                    f"checkpoint {path} holds another model's weights: {described}. It was saved by another model"
+                    " configuration (compare the run's model_config.json) or copied from another run; move it out of checkpoints/"
+                )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -738,7 +873,7 @@ def find_run_checkpoint(
         if step is not None:
             raise NoCheckpointError(f"{path} is a checkpoint itself: a step ({step}) picks a checkpoint of a run, give the run")
         if is_dcp:
-            if path.name.endswith(TMP_SUFFIX):
+            if is_tmp_dir_name(path.name):
                 raise NoCheckpointError(f"{path} is an unfinished checkpoint (never committed)")
             if run_dir_of(path) is not None or (path / MANIFEST_NAME).is_file():
                 read_manifest(path)  # inside a run, only committed checkpoints count

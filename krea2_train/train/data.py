@@ -97,12 +97,23 @@ def process_select_pack(
         packed_settings = check_packed_buckets(store, name, image_side, config.data.buckets)
         report = pack_dataset(store, name, [image_side], out_dir, packed_settings or settings)
         logger.info("packed %s at %d px: %d new samples", name, image_side, report.num_samples)
+        log_unreadable(report)
     return dataset
 
 
-def check_packed_buckets(store, dataset: str, image_side: int, buckets: list[str]):
-    """The settings of ``dataset``'s pack target at ``image_side`` (None without one), once its
-    aspect ratios are known to include every one of ``buckets`` (``data.buckets``).
+def log_unreadable(report, listed: int = 5) -> None:
+    """Warn about the images (or pairs) a pack skipped because their files could not be read now."""
+    if report.unreadable:
+        logger.warning(
+            "%d images (or pairs) could not be read when packing and are not in the data (they are packed once readable): %s",
+            len(report.unreadable), "; ".join(list(report.unreadable.values())[:listed]) + ("; ..." if len(report.unreadable) > listed else ""),
+        )
+
+
+def check_packed_buckets(store, dataset: str, image_side: int, buckets: list[str], kind: str = "images"):
+    """The settings of ``dataset``'s pack target of ``kind`` (images, or preference pairs) at
+    ``image_side`` (None without one), once its aspect ratios are known to include every one of
+    ``buckets`` (``data.buckets``).
 
     The registry packs a dataset at a size once, with one list of buckets; a run reads the shards
     of its own buckets from it (the images in the other buckets are left out, with a warning).
@@ -112,7 +123,7 @@ def check_packed_buckets(store, dataset: str, image_side: int, buckets: list[str
     """
     from krea2_train.data.pack import find_pack_target
 
-    target = find_pack_target(store, dataset, image_side)
+    target = find_pack_target(store, dataset, image_side, kind)
     if target is None:
         return None
     settings = target[1]
@@ -120,14 +131,14 @@ def check_packed_buckets(store, dataset: str, image_side: int, buckets: list[str
     if missing:
         raise UsageError(
             f"data.buckets asks for {missing}, and dataset {dataset!r} is packed at {image_side} px in buckets"
-            f" {list(settings.aspect_ratios)} only: set data.buckets to some of those, or ingest the images as another"
-            " dataset (krea2 data ingest --dataset NAME) to pack them with other buckets"
+            f" {list(settings.aspect_ratios)} only: set data.buckets to some of those, or ingest the {kind} as another"
+            f" dataset (krea2 data {'ingest' if kind == 'images' else 'ingest-pairs'} --dataset NAME) to pack them with other buckets"
         )
     others = [bucket for bucket in settings.aspect_ratios if bucket not in buckets]
     if others:
         logger.warning(
             "dataset %s is packed at %d px in buckets %s too; data.buckets=%s trains on its own buckets only, so the"
-            " images packed in those are left out", dataset, image_side, others, list(buckets),
+            " %s packed in those are left out", dataset, image_side, others, list(buckets), kind,
         )
     return settings
 
@@ -201,14 +212,16 @@ def prepare_pairs(store, config: RunConfig, runs_root: Path, image_side: int, pi
 
     With ``data.source=shapes`` the shapes world's pairs (:func:`~krea2_train.data.shapes.make_pair`,
     ``data.num_samples`` of them) are rendered and registered first. The pairs' images are
-    decoded (the ``decode`` job) before packing; every part is idempotent.
+    decoded (the ``decode`` job) before packing, which follows the dataset's pack target of pairs
+    at this size when it has one (``krea2 data pack-pairs``: its folder and settings; its buckets
+    must include ``data.buckets``, see :func:`check_packed_buckets`); every part is idempotent.
 
     Raises:
         UsageError: a selection (``data.balance``, ``data.curate``, ``data.quality``) is on: those
             choose images, not pairs.
     """
     from krea2_train.curate.jobs import load_jobs
-    from krea2_train.data.pack import PackSettings
+    from krea2_train.data.pack import PackSettings, find_pack_target
     from krea2_train.data.pairs import ingest_pairs, pack_pairs
     from krea2_train.data.shapes import write_shapes_pairs
     from krea2_train.store.queue import get_job, run_worker
@@ -234,9 +247,14 @@ def prepare_pairs(store, config: RunConfig, runs_root: Path, image_side: int, pi
         dataset = config.data.dataset
     load_jobs()
     run_worker(store, get_job("decode"))
-    settings = PackSettings(aspect_ratios=tuple(config.data.buckets), pixel_multiple=pixel_multiple, shard_size=shard_size, seed=config.seed)
-    report = pack_pairs(store, dataset, [image_side], runs_root / "_shards", settings)
+    packed_settings = check_packed_buckets(store, dataset, image_side, config.data.buckets, kind="pairs")
+    out_dir, settings = find_pack_target(store, dataset, image_side, "pairs") if packed_settings else (
+        runs_root / "_shards",
+        PackSettings(aspect_ratios=tuple(config.data.buckets), pixel_multiple=pixel_multiple, shard_size=shard_size, seed=config.seed),
+    )
+    report = pack_pairs(store, dataset, [image_side], out_dir, settings)
     logger.info("packed the preference pairs of %s at %d px: %d new pairs", dataset, image_side, report.num_samples)
+    log_unreadable(report)
     return dataset
 
 

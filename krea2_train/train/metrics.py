@@ -105,8 +105,7 @@ class MetricsLogger:
         if not self.is_writer:
             return
         record = {"step": step, "time": time.time(), "step_time_s": step_time, **metrics}
-        with self.jsonl_path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        self._append(record)
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
         if print_line:
@@ -136,9 +135,19 @@ class MetricsLogger:
         warning when ``warn``)."""
         if not self.is_writer:
             return
-        with self.jsonl_path.open("a") as handle:
-            handle.write(json.dumps({"step": step, "time": time.time(), "event": kind, **fields}) + "\n")
+        self._append({"step": step, "time": time.time(), "event": kind, **fields})
         logger.log(logging.WARNING if warn else logging.INFO, "[%s] step %d %s", kind, step, " ".join(f"{k}={v}" for k, v in fields.items()))
+
+    def _append(self, record: dict) -> None:
+        """One JSON line onto ``metrics.jsonl``; a failure (a full disk) names the file, so it is
+        reported in one line (:func:`krea2_train.errors.is_user_error`)."""
+        try:
+            with self.jsonl_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:
+            if error.filename is not None:
+                raise
+            raise OSError(error.errno, error.strerror, str(self.jsonl_path)) from error
 
     def close(self) -> None:
         if self.wandb_run is not None:

@@ -60,11 +60,11 @@ from krea2_train.train.checkpoint import (
     NoCheckpointError,
     TrainState,
     check_same_model_config,
-    committed_checkpoints,
     find_run_checkpoint,
     load_checkpoint_weights,
     load_model_config,
     read_checkpoint_config,
+    resumable_checkpoints,
     write_model_config,
 )
 from krea2_train.train.faults import FaultInjector
@@ -297,7 +297,7 @@ class Trainer:
         self.runs_root = Path(config.runs_root)
         self.run_dir = self.runs_root / config.run_name
         self.model_config = model_config(config.model.preset, **config.model.overrides)  # Krea2DiT keywords
-        self.fresh_start = not committed_checkpoints(self.run_dir / CHECKPOINTS_DIR)
+        self.fresh_start = not resumable_checkpoints(self.run_dir / CHECKPOINTS_DIR)  # refuses a run whose checkpoints all fail
         self._prepare_run_dir()
         # init_from's weights are read on a fresh start, and on every start by a stage with frozen copies
         needs_init = self.fresh_start or hasattr(self.stage, "frozen_models")
@@ -627,6 +627,7 @@ class Trainer:
                     "a newer start of run %s holds its data lease: this process is a leftover of an older "
                     "start and stops without checkpointing (step %d)", config.run_name, self.train_state.step + 1,
                 )
+                self.checkpointer.abandon()  # its save in flight, if any, is not committed
                 self.metrics.event(self.train_state.step + 1, "fenced")
                 self.supervision.stopped(self.train_state.step, "fenced")
                 return self.run_dir

@@ -59,7 +59,7 @@ excluded_list() { listed_nodes | sort -u | paste -sd, - || true; }
 latest_step() {  # the step of the run's newest committed checkpoint (0 without one)
     local dir step=0
     for dir in "$runs_root/$run_name"/checkpoints/step-[0-9]*; do  # zero-padded: the last is the newest
-        [[ -d "$dir" && "$dir" != *.tmp ]] && step=$((10#${dir##*/step-}))
+        [[ -d "$dir" && "$dir" != *.tmp* ]] && step=$((10#${dir##*/step-}))
     done
     echo "$step"
 }
