@@ -523,10 +523,38 @@ def test_a_checkpoint_of_another_model_or_step_is_refused(tmp_path):
         manager.load({"model": ModelOptimizerState(model, optimizer)})
 
 
-def test_retention_removes_what_an_interrupted_deletion_left(tmp_path):
-    manager = CheckpointManager(tmp_path, interval=10, keep_last=5, async_mode="sync")
+def test_retention_renames_before_deleting_so_an_interrupted_deletion_is_an_unfinished_checkpoint(tmp_path, monkeypatch):
+    manager = CheckpointManager(tmp_path, interval=10, keep_last=1, async_mode="sync")
+    manager.save(10, {"weights": torch.arange(4.0)})
+    monkeypatch.setattr(ckpt.shutil, "rmtree", lambda *args, **kwargs: None)  # killed inside the deletion
+    manager.save(20, {"weights": torch.arange(4.0)})
+    monkeypatch.undo()
+    left = tmp_path / "checkpoints" / ckpt.tmp_dir_name(10, "deleting")
+    assert left.is_dir() and sorted(manager.committed()) == [20]  # not a step-N that fails to verify
+    old = time.time() - ckpt.STALE_TMP_S - 60
+    for path in [left, *left.rglob("*")]:
+        os.utime(path, (old, old))
+    manager.save(30, {"weights": torch.arange(4.0)})  # the next commit's clean-up removes it
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000030"]
+    # a step-N that fails to verify (a storage fault, for now) is never deleted by retention
+    (tmp_path / "checkpoints" / "step-00000030" / "manifest.json").rename(tmp_path / "manifest.json")
+    manager.save(40, {"weights": torch.arange(4.0)})
+    assert (tmp_path / "checkpoints" / "step-00000030").is_dir()
+
+
+def test_a_checkpoint_with_weights_of_another_shape_is_refused_before_any_read(tmp_path):
+    model, optimizer = tiny_model_and_optimizer(seed=0)
+    manager = CheckpointManager(tmp_path, interval=10, async_mode="sync")
     for step in (10, 20):
-        manager.save(step, {"weights": torch.arange(4.0)})
-    (tmp_path / "checkpoints" / "step-00000010" / "manifest.json").unlink()  # killed inside rmtree
-    manager.save(30, {"weights": torch.arange(4.0)})
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000020", "step-00000030"]
+        manager.save(step, {"model": ModelOptimizerState(model, optimizer)})
+    wider = build_model("tiny", intermediate_size=2 * model.config["intermediate_size"])
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"weights of another shape \(e.g. transformer_blocks.0.ff"):
+        manager.load({"model": ModelOptimizerState(wider, torch.optim.AdamW(wider.parameters()))})  # no fall back to 10
+
+
+@pytest.mark.slow
+def test_ranks_that_disagree_about_a_checkpoint_fall_back_together(tmp_path):
+    """One rank cannot read the newest checkpoint's manifest (a stat failing on one node): every
+    rank loads the one before, none loads a different step."""
+    torchrun("fsdp_checkpoint.py", "fallback", str(tmp_path / "run"), str(tmp_path / "steps"))
+    assert sorted(path.read_text() for path in (tmp_path / "steps").iterdir()) == ["3", "3"]

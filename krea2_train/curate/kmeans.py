@@ -173,8 +173,14 @@ def full_fp32_matmuls():
         torch.set_float32_matmul_precision(before)
 
 
+def _squared_distances(items, item_norms, centroids, centroid_norms):
+    """|x - c|^2 as |x|^2 - 2 x.c + |c|^2 (as faiss computes it), clamped at 0: torch items [n, d]
+    with norms [n], centroids [k, d] with norms [k] -> [n, k]. Call it inside :func:`full_fp32_matmuls`."""
+    return (item_norms[:, None] - 2 * items @ centroids.T + centroid_norms).clamp_min(0)
+
+
 def _torch_search(centroids: np.ndarray, device: str):
-    """|x - c|^2 = |x|^2 - 2 x.c + |c|^2, the matmul in full fp32 (no TF32), as faiss computes it."""
+    """Nearest centroids by :func:`_squared_distances`, the matmul in full fp32 (no TF32)."""
     import torch
 
     centroids_t = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(device)
@@ -183,7 +189,7 @@ def _torch_search(centroids: np.ndarray, device: str):
     def search(items: np.ndarray) -> np.ndarray:
         with full_fp32_matmuls():
             items_t = torch.from_numpy(items).to(device)
-            squared = items_t.square().sum(1, keepdim=True) - 2 * items_t @ centroids_t.T + centroid_norms
+            squared = _squared_distances(items_t, items_t.square().sum(1), centroids_t, centroid_norms)
         return squared.argmin(1).cpu().numpy()
 
     return search
@@ -230,7 +236,8 @@ def _torch_kmeans(items: np.ndarray, k: int, niter: int, seed: int, device: str)
         centroids = torch.empty(k, d, device=x.device)
         chosen = min(int(draws[0] * n), n - 1)
         centroids[0] = x[chosen]
-        closest = (norms - 2 * (x @ x[chosen]) + norms[chosen]).clamp_min(0)  # [n] squared distance to the nearest centre
+        to_item = lambda index: _squared_distances(x, norms, x[index : index + 1], norms[index : index + 1])[:, 0]  # noqa: E731
+        closest = to_item(chosen)  # [n] squared distance to the nearest centre so far
         for j in range(1, k):
             cumulative = closest.double().cumsum(0)
             total = float(cumulative[-1])
@@ -239,14 +246,14 @@ def _torch_kmeans(items: np.ndarray, k: int, niter: int, seed: int, device: str)
             else:  # every item sits on a centre already: any item will do
                 chosen = min(int(draws[j] * n), n - 1)
             centroids[j] = x[chosen]
-            closest = torch.minimum(closest, (norms - 2 * (x @ x[chosen]) + norms[chosen]).clamp_min(0))
+            closest = torch.minimum(closest, to_item(chosen))
         for _ in range(niter):
             sums, counts = torch.zeros(k, d, device=x.device), torch.zeros(k, device=x.device)
             assignment, distance = torch.empty(n, dtype=torch.int64, device=x.device), torch.empty(n, device=x.device)
             centroid_norms = centroids.square().sum(1)
             for start in range(0, n, batch):
                 block = x[start : start + batch]
-                squared = norms[start : start + batch, None] - 2 * block @ centroids.T + centroid_norms
+                squared = _squared_distances(block, norms[start : start + batch], centroids, centroid_norms)
                 distance[start : start + batch], assignment[start : start + batch] = squared.min(1)
                 one_hot = torch.nn.functional.one_hot(assignment[start : start + batch], k).to(x.dtype)  # [b, k]
                 sums += one_hot.T @ block

@@ -9,9 +9,12 @@ A run directory holds its checkpoints under ``checkpoints/``::
           manifest.json
           .metadata  __0_0.distcp  __1_0.distcp ...
           rank_state/rank-00000.pt rank-00001.pt ...
-        step-00000200.tmp/         being written, or left by a crash (removed at the next start)
+        step-00000200.tmp-TOKEN/   being written by the start TOKEN, or left by a crash (removed
+                                   once nothing has written to it for STALE_TMP_S, at a start or
+                                   after a commit)
 
-A save writes everything under ``step-N.tmp/``: every rank writes its DCP shard file (in a
+A save writes everything under ``step-N.tmp-TOKEN/`` (TOKEN: one per start of the run, so two
+starts running at once never write into, or remove, each other's): every rank writes its DCP shard file (in a
 background thread with ``async_mode="async"``) and its own ``rank_state`` file (RNG states and
 rank-local Statefuls, which differ between ranks and so cannot live in DCP, which keeps one copy of
 each non-tensor value). When every rank finished, rank 0 verifies the directory (the DCP metadata
@@ -27,10 +30,12 @@ optimizers go in through :class:`ModelOptimizerState`, which reshards on load to
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import time
@@ -93,6 +98,20 @@ class CheckpointVerificationError(Krea2Error, RuntimeError):
 
 class CheckpointMismatchError(CheckpointVerificationError):
     """A committed checkpoint that is not this run's: another model's weights, or another step's."""
+
+
+class CheckpointUnreadableError(CheckpointVerificationError):
+    """A committed checkpoint whose files do not read (corrupt, or a storage fault): the one
+    before it is loaded instead."""
+
+    retryable = True  # a storage fault may be gone by the next start
+
+
+class CheckpointLoadError(Krea2Error, RuntimeError):
+    """Loading a committed checkpoint failed for another reason than its bytes (out of memory, a
+    state that no longer fits); an older checkpoint would fail alike, so nothing falls back."""
+
+    retryable = True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,16 +226,25 @@ def rank_state_path(checkpoint_dir: Path, rank: int) -> Path:
     return checkpoint_dir / RANK_STATE_DIR / f"rank-{rank:05d}.pt"
 
 
+def read_dcp_metadata(checkpoint_dir: str | os.PathLike):
+    """The DCP ``Metadata`` of ``checkpoint_dir``.
+
+    Raises:
+        CheckpointVerificationError: it does not load (missing, truncated, not DCP's).
+    """
+    try:
+        return FileSystemReader(str(checkpoint_dir)).read_metadata()
+    except Exception as error:
+        raise CheckpointVerificationError(f"the DCP metadata of {checkpoint_dir} does not load: {type(error).__name__}: {error}") from error
+
+
 def dcp_expected_file_sizes(checkpoint_dir: str | os.PathLike) -> dict[str, int]:
     """File sizes the DCP metadata of ``checkpoint_dir`` implies (relative path -> bytes).
 
     Raises:
         CheckpointVerificationError: the metadata does not load.
     """
-    try:
-        metadata = FileSystemReader(str(checkpoint_dir)).read_metadata()
-    except Exception as error:
-        raise CheckpointVerificationError(f"the DCP metadata of {checkpoint_dir} does not load: {error}") from error
+    metadata = read_dcp_metadata(checkpoint_dir)
     sizes: dict[str, int] = {}
     for info in metadata.storage_data.values():
         sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), info.offset + info.length)
@@ -280,21 +308,15 @@ def committed_checkpoints(checkpoints_dir: str | os.PathLike) -> dict[int, Path]
 
     Directories whose manifest is missing or does not match their files are left out, with a warning.
     """
-    checkpoints_dir = Path(checkpoints_dir)
-    if not checkpoints_dir.is_dir():
-        return {}
     found = {}
-    for path in checkpoints_dir.iterdir():
-        step = _parse_step(path.name)
-        if step is None or not path.is_dir():
-            continue
+    for step, path in step_dirs(checkpoints_dir).items():
         try:
             read_manifest(path)
         except CheckpointVerificationError as error:
             logger.warning("not counting %s as a checkpoint: %s", path, error)
             continue
         found[step] = path
-    return dict(sorted(found.items()))
+    return found
 
 
 def step_dirs(checkpoints_dir: str | os.PathLike) -> dict[int, Path]:
@@ -332,6 +354,11 @@ def retained_steps(steps: Iterable[int], keep_last: int, keep_every: int) -> set
     if keep_every > 0:
         kept.update(step for step in ordered if step % keep_every == 0)
     return kept
+
+
+def _models_by_prefix(stateful: Mapping[str, Any]) -> dict[str, torch.nn.Module]:
+    """The DCP key prefix of each model in a save's or load's state (``KEY.model.``), and the model."""
+    return {f"{key}.model.": value.model for key, value in stateful.items() if isinstance(value, ModelOptimizerState)}
 
 
 def _describe_failure(error: BaseException) -> str:
@@ -417,6 +444,22 @@ class LoadedCheckpoint:
     rank_state_restored: bool  # False when the world size changed: RNG was reseeded instead
 
 
+def _written_since(directory: Path, since: float) -> bool:
+    """Whether ``directory``, a file in it or in its subdirectories one level down (``rank_state/``)
+    was modified after ``since``; stops at the first that was."""
+    if directory.stat().st_mtime > since:
+        return True
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.stat(follow_symlinks=False).st_mtime > since:
+                return True
+            if entry.is_dir(follow_symlinks=False):
+                with os.scandir(entry.path) as inner:
+                    if any(child.stat(follow_symlinks=False).st_mtime > since for child in inner):
+                        return True
+    return False
+
+
 class CheckpointManager:
     """Saves, commits, prunes and loads the checkpoints of one run.
 
@@ -467,6 +510,7 @@ class CheckpointManager:
         self._staging = _Staging() if async_mode == "async" else None
         self._pending: Future | None = None  # the commit of the save in flight
         self._abandoned = False  # a newer start owns the run: commit nothing more (see abandon)
+        self._left_tmp_dirs: set[str] = set()  # other starts' fresh unfinished checkpoints, warned about once
         self.last_blocked_s: float | None = None
         self.last_write_s: float | None = None
         # this start's saves go to step-N.tmp-TOKEN: an older start still running (a requeued job
@@ -532,7 +576,7 @@ class CheckpointManager:
         if not (force or self.should_save(step)):
             return False
         self.wait()
-        if self._broadcast_from_rank0(step in self.committed()):
+        if self._broadcast_from_rank0(step in self.committed() if self.rank == 0 else None):
             logger.info("checkpoint step %d is already committed; not saving it again", step)
             return False
         tmp_dir = self.checkpoints_dir / tmp_dir_name(step, self._token)
@@ -560,7 +604,7 @@ class CheckpointManager:
                 write.set_exception(error)
         blocked_s = time.perf_counter() - started
         self.last_blocked_s = blocked_s
-        model_prefixes = [f"{key}.model." for key, value in stateful.items() if isinstance(value, ModelOptimizerState)]
+        model_prefixes = list(_models_by_prefix(stateful))
         finish = dict(step=step, tmp_dir=tmp_dir, write=write, started=started, blocked_s=blocked_s, model_prefixes=model_prefixes)
         self._pending = self._executor.submit(self._finish, **finish)
         if self.async_mode == "sync":
@@ -635,56 +679,72 @@ class CheckpointManager:
             except CheckpointVerificationError:  # an uncommitted leftover of the same step: replaced
                 shutil.rmtree(final_dir)
             else:  # another start of the run (an older one, still running) committed this step first
-                shutil.rmtree(tmp_dir)
-                logger.warning("checkpoint step %d was committed by another start of the run meanwhile; this copy is discarded", step)
+                self._discard_copy(step, tmp_dir)
                 return
-        os.rename(tmp_dir, final_dir)
+        try:
+            os.rename(tmp_dir, final_dir)
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            self._discard_copy(step, tmp_dir)  # the other start renamed its copy in between
+            return
         fsync_path(self.checkpoints_dir)
         logger.info(
             "checkpoint step %d committed: %s, %.1f MB, blocked %.3f s, written in %.3f s",
             step, final_dir, manifest["bytes"] / 1e6, blocked_s, write_s,
         )  # fmt: skip
 
+    @staticmethod
+    def _discard_copy(step: int, tmp_dir: Path) -> None:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        logger.warning("checkpoint step %d was committed by another start of the run meanwhile; this copy is discarded", step)
+
     def _prune(self) -> None:
-        """Delete committed checkpoints outside the retention policy, the leftovers of deletions
-        cut short (an uncommitted ``step-N`` older than the newest committed one) and stale
-        unfinished checkpoints; failures are only logged."""
+        """Delete committed checkpoints outside the retention policy, and stale unfinished ones;
+        failures are only logged. A checkpoint is renamed to an unfinished name before its files
+        go, so a deletion cut short leaves an unfinished directory (removed once stale), never a
+        ``step-N`` that fails to verify."""
         committed = self.committed()
         kept = retained_steps(committed, self.keep_last, self.keep_every)
-        newest = max(committed, default=-1)
-        leftovers = {step: path for step, path in step_dirs(self.checkpoints_dir).items() if step not in committed and step < newest}
-        for step, path in [*((s, p) for s, p in committed.items() if s not in kept), *leftovers.items()]:
+        for step, path in committed.items():
+            if step in kept:
+                continue
+            doomed = path.with_name(tmp_dir_name(step, "deleting"))
             try:
-                shutil.rmtree(path)
+                os.rename(path, doomed)
+                shutil.rmtree(doomed)
             except OSError as error:
                 logger.warning("could not remove checkpoint %s (retention): %s", path, error)
             else:
-                logger.info("removed checkpoint step %d (%s)", step, "retention" if step in committed else "an unfinished deletion")
+                logger.info("removed checkpoint step %d (retention)", step)
         self._remove_stale_tmp_dirs()
 
     def _remove_stale_tmp_dirs(self) -> None:
         """Remove the unfinished checkpoints of other starts that nothing has written to for
-        STALE_TMP_S (a start that died mid-save); a fresher one may be an older start still
-        writing (a requeued job whose predecessor lives on): it stays."""
+        STALE_TMP_S (a start that died mid-save, a deletion cut short); a fresher one may be an
+        older start still writing (a requeued job whose predecessor lives on): it stays, with one
+        warning. A directory holds its DCP files and ``rank_state/``; one recent file ends the look."""
         if not self.checkpoints_dir.is_dir():
             return
-        now = time.time()
+        stale_before = time.time() - STALE_TMP_S
         for path in self.checkpoints_dir.iterdir():
             if not is_tmp_dir_name(path.name) or path.name.endswith(f"-{self._token}"):
                 continue
             try:
-                age = now - max(entry.stat().st_mtime for entry in [path, *path.rglob("*")])
+                fresh = _written_since(path, stale_before)
             except OSError:  # removed meanwhile
                 continue
-            if age < STALE_TMP_S:
-                logger.warning("leaving %s: written to %.0f s ago, perhaps by an older start of the run still running", path, age)
+            if fresh:
+                if path.name not in self._left_tmp_dirs:
+                    self._left_tmp_dirs.add(path.name)
+                    logger.warning("leaving %s: written to in the last %.0f s, perhaps by an older start of the run still running", path, STALE_TMP_S)
                 continue
             logger.warning("removing %s, an unfinished checkpoint of an earlier start", path)
             shutil.rmtree(path, ignore_errors=True)
 
     def abandon(self) -> None:
-        """A newer start owns the run: the save in flight is not committed (its files are
-        removed), and :meth:`wait` and :meth:`close` raise nothing for it."""
+        """A newer start owns the run: the save in flight, unless its commit has begun already, is
+        not committed (its files are removed), and :meth:`wait` and :meth:`close` raise nothing for it."""
         self._abandoned = True
 
     def wait(self) -> None:
@@ -735,7 +795,7 @@ class CheckpointManager:
             NoCheckpointError: ``step`` was given and is not a committed checkpoint.
         """
         self.wait()
-        committed = self._broadcast_from_rank0(self.committed())
+        committed = self._broadcast_from_rank0(self.committed() if self.rank == 0 else None)
         if step is not None and step not in committed:
             raise NoCheckpointError(
                 f"no committed checkpoint for step {step} in {self.checkpoints_dir}; committed steps: {sorted(committed) or 'none'}"
@@ -744,44 +804,60 @@ class CheckpointManager:
         for index, candidate in enumerate(candidates):
             try:
                 return self._load_step(stateful, candidate, committed[candidate], rank_local or {})
-            except CheckpointMismatchError:
-                raise  # not this run's checkpoint: an older one would not be either, or would hide the mix-up
-            except CheckpointVerificationError as error:
+            except CheckpointUnreadableError as error:  # every rank raised it: every rank falls back alike
                 if index + 1 == len(candidates):
                     raise
                 logger.warning("checkpoint step %d cannot be loaded, falling back to step %d: %s", candidate, candidates[index + 1], error)
         return None
 
+    def _agree(self, problem: tuple[str, str] | None) -> None:
+        """Raise on every rank what any rank found: a mismatch before an unreadable file before
+        another error (``problem`` is ``(kind, message)`` or None)."""
+        found = [found for found in self._all_gather(problem) if found is not None]
+        for kind, error_class in (("mismatch", CheckpointMismatchError), ("unreadable", CheckpointUnreadableError), ("other", CheckpointLoadError)):
+            messages = [message for found_kind, message in found if found_kind == kind]
+            if messages:
+                raise error_class("; ".join(dict.fromkeys(messages)))
+
     def _load_step(self, stateful: dict[str, Any], step: int, path: Path, rank_local: Mapping[str, Stateful]) -> LoadedCheckpoint:
-        """Load one committed checkpoint (collective); every rank raises if any rank could not read it.
+        """Load one committed checkpoint (collective). Every rank raises the same error class if
+        any rank could not (see :meth:`_agree`), so every rank falls back, or stops, alike.
 
         Raises:
             CheckpointMismatchError: its manifest's step is not its directory's, or its model's
-                weights are not this model's (a checkpoint copied from another run).
-            CheckpointVerificationError: a file of it does not read (on any rank).
+                weights (names or shapes) are not this model's: a checkpoint copied from another run.
+            CheckpointUnreadableError: a file of it does not read (corrupt or a storage fault).
+            CheckpointLoadError: loading failed otherwise (out of memory, an optimizer that changed).
         """
-        manifest = read_manifest(path)
-        if int(manifest.get("step", step)) != step:
-            raise CheckpointMismatchError(
-                f"{path} holds the checkpoint of step {manifest['step']}, not of step {step}: it was renamed or copied from"
-                " elsewhere; move it out of checkpoints/"
-            )
+        problem = None
+        try:
+            manifest = read_manifest(path)
+            if int(manifest.get("step", step)) != step:
+                raise CheckpointMismatchError(
+                    f"{path} holds the checkpoint of step {manifest['step']}, not of step {step}: it was renamed or copied"
+                    " from elsewhere; move it out of checkpoints/"
+                )
+            self._check_model_keys(path, stateful)
+        except CheckpointMismatchError as error:
+            problem = ("mismatch", str(error))
+        except CheckpointVerificationError as error:
+            problem = ("unreadable", str(error))
+        self._agree(problem)
         if self.config_hash is not None and manifest.get("config_hash") not in (None, self.config_hash):
             logger.warning(
                 "checkpoint %s was saved with config hash %s, this run's is %s", path, manifest["config_hash"], self.config_hash
             )
-        self._check_model_keys(path, stateful)
-        local_error = None
+        saved_world_size = int(manifest["world_size"])
+        same_world = saved_world_size == self.world_size
+        payload = None
         try:
             dcp.load(stateful, checkpoint_id=str(path), process_group=self._group, no_dist=not self.distributed)
-            saved_world_size = int(manifest["world_size"])
-            same_world = saved_world_size == self.world_size
-            payload = torch.load(rank_state_path(path, self.rank), weights_only=False) if same_world else None
+            if same_world:
+                payload = torch.load(rank_state_path(path, self.rank), weights_only=False)
         except (Exception, CheckpointException) as error:
-            local_error = f"{path} does not read: {_describe_failure(error)}"
-        errors = [error for error in self._all_gather(local_error) if error is not None]
-        if errors:
-            raise CheckpointVerificationError("; ".join(dict.fromkeys(errors)))
+            kind = "unreadable" if _is_unreadable(error) else "other"
+            problem = (kind, f"{path} does not read: {_describe_failure(error)}")
+        self._agree(problem)
         if same_world:
             restore_rng_state(payload["rng"])
             for key, value in rank_local.items():
@@ -798,27 +874,44 @@ class CheckpointManager:
 
     @staticmethod
     def _check_model_keys(path: Path, stateful: Mapping[str, Any]) -> None:
-        """Refuse a checkpoint whose model weights are not exactly this model's (DCP itself loads
-        a checkpoint with extra weights, silently, into a smaller model)."""
-        models = {f"{key}.model.": value.model for key, value in stateful.items() if isinstance(value, ModelOptimizerState)}
+        """Refuse a checkpoint whose model weights are not exactly this model's, by name and shape
+        (DCP itself loads a checkpoint with extra weights, silently, into a smaller model)."""
+        models = _models_by_prefix(stateful)
         if not models:
             return
-        try:
-            saved = list(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
-        except Exception as error:
-            raise CheckpointVerificationError(f"the DCP metadata of {path} does not load: {error}") from error
+        saved = read_dcp_metadata(path).state_dict_metadata
         for prefix, model in models.items():
-            expected = set(get_model_state_dict(model))
-            found = {key[len(prefix):] for key in saved if key.startswith(prefix)}
-            extra, missing = sorted(found - expected), sorted(expected - found)
-            if extra or missing:
+            expected = {name: tuple(tensor.shape) for name, tensor in get_model_state_dict(model).items()}
+            found = {key[len(prefix):]: tuple(value.size) for key, value in saved.items()
+                     if key.startswith(prefix) and isinstance(value, TensorStorageMetadata)}  # fmt: skip
+            extra, missing = sorted(found.keys() - expected.keys()), sorted(expected.keys() - found.keys())
+            resized = sorted(name for name in found.keys() & expected.keys() if found[name] != expected[name])
+            if extra or missing or resized:
                 described = "; ".join(
-                    f"{len(keys)} weights {what} (e.g. {keys[0]})" for keys, what in ((extra, "this model lacks"), (missing, "it lacks")) if keys
+                    f"{len(names)} weights {what} (e.g. {names[0]}{shapes(names[0])})"
+                    for names, what, shapes in (
+                        (extra, "this model lacks", lambda name: ""),
+                        (missing, "it lacks", lambda name: ""),
+                        (resized, "of another shape", lambda name: f": {list(found[name])} saved, {list(expected[name])} here"),
+                    )
+                    if names
                 )
                 raise CheckpointMismatchError(
                     f"checkpoint {path} holds another model's weights: {described}. It was saved by another model"
                     " configuration (compare the run's model_config.json) or copied from another run; move it out of checkpoints/"
                 )
+
+
+def _is_unreadable(error: BaseException) -> bool:
+    """Whether a load failed on the checkpoint's bytes (corrupt, truncated, a storage fault), the
+    failures a fallback to the checkpoint before can get around; not an out-of-memory error or a
+    state that no longer fits."""
+    if isinstance(error, CheckpointException):
+        return all(_is_unreadable(failure) for failure, _trace in error.failures.values())
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    corrupt_zip = isinstance(error, RuntimeError) and "PytorchStreamReader" in str(error)
+    return corrupt_zip or isinstance(error, (OSError, EOFError, pickle.UnpicklingError, AssertionError, ValueError))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -928,10 +1021,7 @@ def load_model_weights(checkpoint_dir: str | os.PathLike, prefix: str | None = N
     checkpoint_dir = Path(checkpoint_dir)
     if (checkpoint_dir / MANIFEST_NAME).is_file():
         read_manifest(checkpoint_dir)
-    try:
-        metadata = FileSystemReader(str(checkpoint_dir)).read_metadata()
-    except Exception as error:
-        raise CheckpointVerificationError(f"{checkpoint_dir} is not a readable DCP checkpoint: {error}") from error
+    metadata = read_dcp_metadata(checkpoint_dir)
     prefix = prefix if prefix is not None else _model_prefix(checkpoint_dir, metadata.state_dict_metadata)
     buffers = {
         key: torch.empty(entry.size, dtype=entry.properties.dtype)

@@ -56,6 +56,7 @@ from krea2_train.train.checkpoint import (
     CHECKPOINTS_DIR,
     MODEL_CONFIG_NAME,
     CheckpointManager,
+    CheckpointVerificationError,
     ModelOptimizerState,
     NoCheckpointError,
     TrainState,
@@ -297,7 +298,7 @@ class Trainer:
         self.runs_root = Path(config.runs_root)
         self.run_dir = self.runs_root / config.run_name
         self.model_config = model_config(config.model.preset, **config.model.overrides)  # Krea2DiT keywords
-        self.fresh_start = not resumable_checkpoints(self.run_dir / CHECKPOINTS_DIR)  # refuses a run whose checkpoints all fail
+        self.fresh_start = self._fresh_start()
         self._prepare_run_dir()
         # init_from's weights are read on a fresh start, and on every start by a stage with frozen copies
         needs_init = self.fresh_start or hasattr(self.stage, "frozen_models")
@@ -736,6 +737,20 @@ class Trainer:
         )
         self.metrics.log_image(self.train_state.step, "loss_curve", path)
         return path
+
+    def _fresh_start(self) -> bool:
+        """Whether the run has no checkpoint yet, as rank 0 sees it (every rank agrees, and refuses
+        alike a run whose checkpoints all fail to verify: :func:`resumable_checkpoints`)."""
+        verdict = None
+        if self.dist.is_main:
+            try:
+                verdict = not resumable_checkpoints(self.run_dir / CHECKPOINTS_DIR)
+            except CheckpointVerificationError as error:
+                verdict = str(error)
+        verdict = broadcast_object(verdict)
+        if isinstance(verdict, str):
+            raise CheckpointVerificationError(verdict)
+        return verdict
 
     def close(self) -> None:
         if self.supervision is not None:

@@ -4,6 +4,9 @@
                                                 the full (gathered) model and optimizer state to REFERENCE
     fsdp_checkpoint.py load RUN_DIR OUTPUT      load the newest checkpoint of RUN_DIR into a freshly
                                                 sharded model and write the gathered state to OUTPUT
+    fsdp_checkpoint.py fallback RUN_DIR STEPS   checkpoint steps 3 and 6, then load with rank 1 unable to
+                                                read step 6's manifest; each rank writes the step it
+                                                loaded to STEPS/rank-R
 """
 
 from __future__ import annotations
@@ -69,9 +72,33 @@ def main(mode: str, run_dir: str, output: str) -> None:
         train_state = TrainState()
         CheckpointManager(run_dir, interval=1).load({"model": ModelOptimizerState(model, optimizer), "train_state": train_state})
         result = {**gathered_state(model, optimizer), "train_step": train_state.step}
+    elif mode == "fallback":
+        from pathlib import Path
+
+        from krea2_train.train import checkpoint
+
+        model, optimizer = sharded_model_and_optimizer(seed=0, mesh=mesh)
+        with CheckpointManager(run_dir, interval=3, async_mode="sync") as manager:
+            for step in (3, 6):
+                train_step(model, optimizer, step)
+                manager.save(step, {"model": ModelOptimizerState(model, optimizer), "train_state": TrainState(step=step)})
+        if dist.get_rank() == 1:
+            readable = checkpoint.read_manifest
+
+            def flaky(path):
+                if Path(path).name == "step-00000006":
+                    raise checkpoint.CheckpointVerificationError(f"{path}: stat failed (a flaky mount)")
+                return readable(path)
+
+            checkpoint.read_manifest = flaky
+        train_state = TrainState()
+        CheckpointManager(run_dir, interval=1).load({"model": ModelOptimizerState(model, optimizer), "train_state": train_state})
+        Path(output).mkdir(exist_ok=True)
+        (Path(output) / f"rank-{dist.get_rank()}").write_text(str(train_state.step))
+        result = None
     else:
-        raise SystemExit(f"unknown mode {mode!r}; expected save or load")
-    if dist.get_rank() == 0:
+        raise SystemExit(f"unknown mode {mode!r}; expected save, load or fallback")
+    if dist.get_rank() == 0 and result is not None:
         torch.save(result, output)
     dist.barrier()
     dist.destroy_process_group()
