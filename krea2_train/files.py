@@ -9,11 +9,13 @@ conditioning-cache entries) skip the fsyncs.
 
 Every writer of shards, manifests, exports and run records publishes through this module; the
 checkpoint commit (a directory rename, ``train/checkpoint.py``) uses :func:`fsync_path` the same way.
-The appended logs (``metrics.jsonl``, the run log) are read back with :func:`read_json_lines`.
+The appended logs (``metrics.jsonl``, the run log) are read back with :func:`read_json_lines`;
+shards and checkpoints check their files' bytes with :func:`file_sha256`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fsync_path", "publish", "published", "read_json_lines", "temporary_path", "write_text"]
+__all__ = ["file_sha256", "fsync_path", "publish", "published", "read_json_lines", "temporary_path", "write_text"]
 
 
 def temporary_path(path: str | os.PathLike) -> Path:
@@ -85,3 +87,12 @@ def read_json_lines(path: str | os.PathLike) -> list[Any]:
         except ValueError:
             continue
     return records
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+    """The SHA-256 of a file's bytes, read ``chunk_bytes`` at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

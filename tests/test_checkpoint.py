@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from krea2_train.files import file_sha256
 from krea2_train.model import build_model
 from krea2_train.train import checkpoint as ckpt
 from krea2_train.train.checkpoint import (
@@ -159,6 +160,7 @@ def test_manifest_records_the_commit(tmp_path):
     on_disk = {p.relative_to(directory).as_posix(): p.stat().st_size for p in directory.rglob("*") if p.is_file()}
     del on_disk["manifest.json"]
     assert manifest["files"] == on_disk and manifest["bytes"] == sum(on_disk.values())
+    assert manifest["sha256"] == {name: file_sha256(directory / name) for name in on_disk}  # every file, by its writer
     assert {".metadata", "__0_0.distcp", "rank_state/rank-00000.pt"} <= set(on_disk)
     assert manager.latest_step() == 7 and not list((tmp_path / "checkpoints").glob("*.tmp*"))
 
@@ -501,8 +503,11 @@ def test_a_checkpoint_that_does_not_read_falls_back_to_the_one_before(tmp_path, 
     for step in (10, 20, 30):
         manager.save(step, {"weights": torch.full((4,), float(step))})
     for step in (20, 30):  # garbage of the same size: the manifest's size check passes, reading fails
-        path = tmp_path / "checkpoints" / ckpt.step_dir_name(step) / damaged
-        path.write_bytes(b"\x07" * path.stat().st_size)
+        directory = tmp_path / "checkpoints" / ckpt.step_dir_name(step)
+        (directory / damaged).write_bytes(b"\x07" * (directory / damaged).stat().st_size)
+        manifest = json.loads((directory / "manifest.json").read_text())
+        del manifest["sha256"]  # as written before digests were recorded: the read itself must fail
+        (directory / "manifest.json").write_text(json.dumps(manifest))
     state = {"weights": torch.zeros(4)}
     loaded = manager.load(state)
     assert loaded.step == 10 and torch.equal(state["weights"], torch.full((4,), 10.0))
@@ -558,3 +563,18 @@ def test_ranks_that_disagree_about_a_checkpoint_fall_back_together(tmp_path):
     rank loads the one before, none loads a different step."""
     torchrun("fsdp_checkpoint.py", "fallback", str(tmp_path / "run"), str(tmp_path / "steps"))
     assert sorted(path.read_text() for path in (tmp_path / "steps").iterdir()) == ["3", "3"]
+
+
+def test_a_checkpoint_whose_bytes_changed_falls_back_to_the_one_before(tmp_path):
+    """A bit flip inside a DCP file keeps its size, so only the recorded SHA-256 tells."""
+    manager = CheckpointManager(tmp_path, interval=10, async_mode="sync")
+    for step in (10, 20):
+        manager.save(step, {"weights": torch.full((64,), float(step))})
+    data_file = tmp_path / "checkpoints" / "step-00000020" / "__0_0.distcp"
+    flipped = bytearray(data_file.read_bytes())
+    flipped[len(flipped) // 2] ^= 0x40
+    data_file.write_bytes(bytes(flipped))
+    state = {"weights": torch.zeros(64)}
+    assert manager.load(state).step == 10 and torch.equal(state["weights"], torch.full((64,), 10.0))
+    with pytest.raises(ckpt.CheckpointUnreadableError, match="__0_0.distcp changed since they were written \\(SHA-256 mismatch\\)"):
+        manager.load(state, step=20)

@@ -12,7 +12,8 @@ from krea2_train.data.ingest import ingest
 from krea2_train.data.loader import CorruptShardsError, LoaderConfig, ShardLoader, make_plan, pinned_manifest, query_manifest
 from krea2_train.data.pack import PACK_JOB, PackSettings, add_pack_target, pack_dataset
 from krea2_train.data.shapes import write_shapes_dataset
-from krea2_train.data.shards import ShardReader, file_sha256
+from krea2_train.data.shards import ShardReader
+from krea2_train.files import file_sha256
 from krea2_train.store.leases import LeaseKeeper, run_progress
 from krea2_train.store.queue import JobContext, Queue, run_handler, run_worker
 

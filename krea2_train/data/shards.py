@@ -33,7 +33,6 @@ that cannot be opened or read (missing, permission denied, an I/O error) is refu
 from __future__ import annotations
 
 import bisect
-import hashlib
 import io
 import json
 import zlib
@@ -46,7 +45,7 @@ from PIL import Image
 
 from krea2_train.data.buckets import Bucket
 from krea2_train.errors import Krea2Error
-from krea2_train.files import publish, temporary_path, write_text
+from krea2_train.files import file_sha256, publish, temporary_path, write_text
 
 FORMAT_VERSION = 1
 METADATA_KEY = b"krea2.shard"
@@ -123,14 +122,6 @@ class WrittenShard:
 
 def sidecar_path(path: str | Path) -> Path:
     return Path(str(path) + ".sha256")
-
-
-def file_sha256(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def encode_image(image: Image.Image, image_format: str, quality: int = 95) -> bytes:

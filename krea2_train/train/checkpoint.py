@@ -19,8 +19,10 @@ background thread with ``async_mode="async"``) and its own ``rank_state`` file (
 rank-local Statefuls, which differ between ranks and so cannot live in DCP, which keeps one copy of
 each non-tensor value). When every rank finished, rank 0 verifies the directory (the DCP metadata
 loads, each file it references exists with the size the metadata implies, every rank's state file
-exists), writes ``manifest.json`` and renames the directory to ``step-N/``. Only a directory that
-has a manifest whose listed files all exist with their listed sizes counts as a checkpoint.
+exists), writes ``manifest.json`` (every file's size, and its SHA-256 computed by the rank that
+wrote it, in the background after the write) and renames the directory to ``step-N/``. Only a
+directory that has a manifest whose listed files all exist with their listed sizes counts as a
+checkpoint; loading also checks the files' bytes against their digests, each rank a share.
 
 Values of the global ``stateful`` dict that are not tensors (a TrainState, a loader's
 ``{epoch, batch index}``) must be identical on every rank; DTensor/FSDP2-sharded models and their
@@ -64,7 +66,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from krea2_train.errors import Krea2Error, MissingPathError
-from krea2_train.files import fsync_path, write_text
+from krea2_train.files import file_sha256, fsync_path, write_text
 from krea2_train.parallel.compat import world_collective_timeout
 from krea2_train.train.runlog import RUNLOG_NAME
 
@@ -624,13 +626,21 @@ class CheckpointManager:
         self, *, step: int, tmp_dir: Path, write: Future, started: float, blocked_s: float, model_prefixes: list[str]
     ) -> None:
         """Background: wait for every rank's write, then rank 0 verifies and commits (collective)."""
+        digests: dict[str, str] = {}
         try:
             write.result()
             local_error = None
         except (Exception, CheckpointException) as error:
             local_error = _describe_failure(error) + _disk_full_note(tmp_dir)
         write_s = time.perf_counter() - started
-        errors = [error for error in self._all_gather(local_error) if error is not None]
+        if local_error is None:
+            try:
+                digests = self._own_file_digests(tmp_dir)
+            except OSError as error:
+                local_error = f"{type(error).__name__}: {error}"
+        gathered = self._all_gather((local_error, digests))
+        errors = [error for error, _ in gathered if error is not None]
+        digests = {name: digest for _, rank_digests in gathered for name, digest in rank_digests.items()}
         outcome = None
         if self.rank == 0:
             if self._abandoned:  # a newer start owns the run: this start's save is not committed
@@ -642,7 +652,7 @@ class CheckpointManager:
                 outcome = errors[0]
             else:
                 try:
-                    self._commit(step, tmp_dir, blocked_s=blocked_s, write_s=write_s, model_prefixes=model_prefixes)
+                    self._commit(step, tmp_dir, blocked_s=blocked_s, write_s=write_s, model_prefixes=model_prefixes, digests=digests)
                 except Exception as error:  # every rank must reach the broadcast below
                     outcome = _describe_failure(error)
                 else:
@@ -654,7 +664,17 @@ class CheckpointManager:
             raise CheckpointWriteError(f"checkpoint step {step} could not be written to {tmp_dir}: {outcome}")
         self.last_write_s = write_s
 
-    def _commit(self, step: int, tmp_dir: Path, *, blocked_s: float, write_s: float, model_prefixes: list[str]) -> None:
+    def _own_file_digests(self, tmp_dir: Path) -> dict[str, str]:
+        """SHA-256 of the files this rank wrote (its DCP file and state; rank 0 also the DCP
+        metadata), by path relative to ``tmp_dir``: each rank reads back only its own bytes."""
+        own = [*tmp_dir.glob(f"__{self.rank}_*.distcp"), rank_state_path(tmp_dir, self.rank)]
+        if self.rank == 0:
+            own.append(tmp_dir / DCP_METADATA_NAME)
+        return {path.relative_to(tmp_dir).as_posix(): file_sha256(path) for path in own if path.is_file()}
+
+    def _commit(
+        self, step: int, tmp_dir: Path, *, blocked_s: float, write_s: float, model_prefixes: list[str], digests: dict[str, str]
+    ) -> None:
         files = verify_written_checkpoint(tmp_dir, self.world_size)
         manifest = {
             "step": step,
@@ -664,6 +684,7 @@ class CheckpointManager:
             "write_s": round(write_s, 6),
             "bytes": sum(files.values()),
             "files": files,
+            "sha256": {name: digest for name, digest in sorted(digests.items()) if name in files},
             "config_hash": self.config_hash,
             "model_prefix": model_prefixes[0] if model_prefixes else None,
         }
@@ -832,6 +853,7 @@ class CheckpointManager:
         problem = None
         try:
             manifest = read_manifest(path)
+            self._check_digests(path, manifest)
             if int(manifest.get("step", step)) != step:
                 raise CheckpointMismatchError(
                     f"{path} holds the checkpoint of step {manifest['step']}, not of step {step}: it was renamed or copied"
@@ -871,6 +893,23 @@ class CheckpointManager:
             )  # fmt: skip
         logger.info("loaded checkpoint step %d from %s", step, path)
         return LoadedCheckpoint(step, path, saved_world_size, same_world)
+
+    def _check_digests(self, path: Path, manifest: Mapping[str, Any]) -> None:
+        """Check this rank's share of the checkpoint's files against their SHA-256 in the manifest
+        (checkpoints written before digests were recorded have none: sizes only).
+
+        Raises:
+            CheckpointVerificationError: naming each file whose bytes changed since it was written.
+        """
+        digests = sorted(manifest.get("sha256", {}).items())
+        try:
+            changed = [name for name, digest in digests[self.rank :: self.world_size] if file_sha256(path / name) != digest]
+        except OSError as error:
+            raise CheckpointVerificationError(f"checkpoint {path}: {error}") from error
+        if changed:
+            raise CheckpointVerificationError(
+                f"checkpoint {path}: the bytes of {', '.join(changed)} changed since they were written (SHA-256 mismatch)"
+            )
 
     @staticmethod
     def _check_model_keys(path: Path, stateful: Mapping[str, Any]) -> None:
