@@ -578,3 +578,15 @@ def test_a_checkpoint_whose_bytes_changed_falls_back_to_the_one_before(tmp_path)
     assert manager.load(state).step == 10 and torch.equal(state["weights"], torch.full((64,), 10.0))
     with pytest.raises(ckpt.CheckpointUnreadableError, match="__0_0.distcp changed since they were written \\(SHA-256 mismatch\\)"):
         manager.load(state, step=20)
+
+
+def test_a_state_that_no_longer_fits_stops_the_start_without_falling_back(tmp_path, caplog):
+    model, optimizer = tiny_model_and_optimizer(seed=0)
+    manager = CheckpointManager(tmp_path, interval=10, async_mode="sync")
+    for step in (10, 20):
+        manager.save(step, {"model": ModelOptimizerState(model, optimizer)})
+    parameters = list(model.parameters())
+    two_groups = torch.optim.AdamW([{"params": parameters[:2]}, {"params": parameters[2:]}])  # the optimizer changed
+    with pytest.raises(ckpt.CheckpointLoadError, match="step-00000020 does not read"):
+        manager.load({"model": ModelOptimizerState(model, two_groups)})
+    assert "falling back" not in caplog.text  # an older checkpoint would fail alike

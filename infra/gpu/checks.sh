@@ -160,7 +160,8 @@ EOF
         bench lora12b_1024_b1 --preset krea2_medium --res 1024 --batch 1 --lora 64 --compile --warmup 3 --steps 10
         bench lora12b_1024_b1_fullac --preset krea2_medium --res 1024 --batch 1 --lora 64 --ac full --compile --warmup 3 --steps 10
         ;;
-    curation)  # balanced selection at 1M x 768: torch k-means runs and searches, semantic dedup (no faiss on this machine)
+    curation)  # balanced selection at 1M x 768: torch k-means runs and searches, semantic dedup (no faiss on this machine);
+        # its table is in data_balance.log (summarize.py reads the train benches' JSON only)
         run data_balance 420 python3 -m krea2_train.bench.data_balance --images 1000000
         ;;
     *)

@@ -22,8 +22,8 @@ winner and its loser resized into the winner's aspect bucket (cover, centre crop
 bucket with the key of image packing; ``shard_pairs`` records the row of each pair. Only pairs
 whose two images the ``decode`` job has read are packed; a pair with an undecodable image never
 is (:class:`PairCounts` counts both). Packing records a pack target of kind ``pairs`` (its folder
-and settings, which later packs of the dataset at that resolution reuse) and is incremental like
-image packing: pairs already in a live shard at the resolution are skipped, and those of a
+and settings, which a run packing the dataset at that resolution follows; a later pack replaces
+it with its own) and is incremental like image packing: pairs already in a live shard at the resolution are skipped, and those of a
 quarantined shard are packed again by the next pack. It runs in one process (a calibration set is
 thousands to a few million pairs), not as a queue job.
 """

@@ -14,7 +14,8 @@ A run directory holds its checkpoints under ``checkpoints/``::
                                    after a commit)
 
 A save writes everything under ``step-N.tmp-TOKEN/`` (TOKEN: one per start of the run, so two
-starts running at once never write into, or remove, each other's): every rank writes its DCP shard file (in a
+starts running at once never write into each other's, and remove another's only once nothing has
+written to it for STALE_TMP_S): every rank writes its DCP shard file (in a
 background thread with ``async_mode="async"``) and its own ``rank_state`` file (RNG states and
 rank-local Statefuls, which differ between ranks and so cannot live in DCP, which keeps one copy of
 each non-tensor value). When every rank finished, rank 0 verifies the directory (the DCP metadata
@@ -942,15 +943,15 @@ class CheckpointManager:
 
 
 def _is_unreadable(error: BaseException) -> bool:
-    """Whether a load failed on the checkpoint's bytes (corrupt, truncated, a storage fault), the
-    failures a fallback to the checkpoint before can get around; not an out-of-memory error or a
-    state that no longer fits."""
+    """Whether a load failed on the checkpoint's bytes, the failures a fallback to the checkpoint
+    before can get around: a storage fault, or bytes that do not parse (a corrupt file that has no
+    digest to catch it first: DCP's metadata read fails as an AssertionError on the other ranks).
+    Not out of memory, and not a state that no longer fits (an optimizer whose groups or shapes
+    changed raises ValueError or RuntimeError): an older checkpoint would fail alike."""
     if isinstance(error, CheckpointException):
         return all(_is_unreadable(failure) for failure, _trace in error.failures.values())
-    if isinstance(error, torch.OutOfMemoryError):
-        return False
     corrupt_zip = isinstance(error, RuntimeError) and "PytorchStreamReader" in str(error)
-    return corrupt_zip or isinstance(error, (OSError, EOFError, pickle.UnpicklingError, AssertionError, ValueError))
+    return corrupt_zip or isinstance(error, (OSError, EOFError, pickle.UnpicklingError, AssertionError))
 
 
 # ----------------------------------------------------------------------------------------------
