@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 PAIR_FIELDS = ("prompt", "winner", "loser")
 PAIR_FILE_SUFFIXES = (".jsonl", ".parquet")
-# pairs (alias p) whose two images are decoded, and not (yet) in a live shard at %(resolution)s
+# pairs (alias p) whose two images (aliases w, l) are decoded
 DECODED_PAIRS_SQL = (
     "preference_pairs p JOIN images w ON w.id = p.winner_id AND w.decode_ok JOIN images l ON l.id = p.loser_id AND l.decode_ok"
 )

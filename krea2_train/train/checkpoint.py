@@ -311,8 +311,13 @@ def committed_checkpoints(checkpoints_dir: str | os.PathLike) -> dict[int, Path]
 
     Directories whose manifest is missing or does not match their files are left out, with a warning.
     """
+    return _verified(step_dirs(checkpoints_dir))
+
+
+def _verified(dirs: Mapping[int, Path]) -> dict[int, Path]:
+    """The directories of ``dirs`` whose manifest verifies, by step; the others with a warning."""
     found = {}
-    for step, path in step_dirs(checkpoints_dir).items():
+    for step, path in dirs.items():
         try:
             read_manifest(path)
         except CheckpointVerificationError as error:
@@ -338,8 +343,8 @@ def resumable_checkpoints(checkpoints_dir: str | os.PathLike) -> dict[int, Path]
         CheckpointVerificationError: ``step-N`` directories exist and none verifies (corrupt manifests,
             or a storage fault): resuming would silently start the run over at step 0.
     """
-    committed = committed_checkpoints(checkpoints_dir)
     present = step_dirs(checkpoints_dir)
+    committed = _verified(present)
     if present and not committed:
         listed = ", ".join(path.name for path in list(present.values())[-3:])
         raise CheckpointVerificationError(
@@ -926,16 +931,13 @@ class CheckpointManager:
                      if key.startswith(prefix) and isinstance(value, TensorStorageMetadata)}  # fmt: skip
             extra, missing = sorted(found.keys() - expected.keys()), sorted(expected.keys() - found.keys())
             resized = sorted(name for name in found.keys() & expected.keys() if found[name] != expected[name])
-            if extra or missing or resized:
-                described = "; ".join(
-                    f"{len(names)} weights {what} (e.g. {names[0]}{shapes(names[0])})"
-                    for names, what, shapes in (
-                        (extra, "this model lacks", lambda name: ""),
-                        (missing, "it lacks", lambda name: ""),
-                        (resized, "of another shape", lambda name: f": {list(found[name])} saved, {list(expected[name])} here"),
-                    )
-                    if names
-                )
+            parts = [f"{len(extra)} weights this model lacks (e.g. {extra[0]})"] if extra else []
+            parts += [f"{len(missing)} weights it lacks (e.g. {missing[0]})"] if missing else []
+            if resized:
+                first = resized[0]
+                parts.append(f"{len(resized)} weights of another shape (e.g. {first}: {list(found[first])} saved, {list(expected[first])} here)")
+            if parts:
+                described = "; ".join(parts)
                 raise CheckpointMismatchError(
                     f"checkpoint {path} holds another model's weights: {described}. It was saved by another model"
                     " configuration (compare the run's model_config.json) or copied from another run; move it out of checkpoints/"

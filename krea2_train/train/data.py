@@ -52,20 +52,32 @@ def prepare_shapes(store, config: RunConfig, runs_root: Path, image_side: int, p
     """Render, register and pack the shapes world for this image size; returns the dataset name."""
     from krea2_train.data.ingest import ingest
     from krea2_train.data.pack import PackSettings
-    from krea2_train.data.shapes import write_shapes_dataset
 
-    render_side = max(SHAPES_RENDER_MIN_SIDE, image_side)
-    folder = runs_root / "_datasets" / f"{config.data.dataset}_{render_side}px_n{config.data.num_samples}_s{config.seed}{_buckets_suffix(config)}"
-    dataset = shapes_dataset_name(config, render_side, folder)
-    if not (folder / ".complete").exists():
-        logger.info("rendering %d shapes-world images at %d px into %s", config.data.num_samples, render_side, folder)
-        write_shapes_dataset(folder, config.data.num_samples, render_side, seed=config.seed, aspect_ratios=config.data.buckets)
-        (folder / ".complete").touch()
+    folder, dataset = render_shapes(config, runs_root, image_side, "images")
     ingest(store, dataset, folder=folder)
     settings = PackSettings(aspect_ratios=tuple(config.data.buckets), pixel_multiple=pixel_multiple, shard_size=256, seed=config.seed)
     # no dedup on the shapes world: its perceptual hash would merge distinct scenes of plain
     # shapes on plain backgrounds
     return process_select_pack(store, config, dataset, ("decode",), image_side, runs_root / "_shards", settings, pack_source=False)
+
+
+def render_shapes(config: RunConfig, runs_root: Path, image_side: int, kind: str) -> tuple[Path, str]:
+    """(folder, registry name) of the shapes world's ``kind`` ("images", or preference "pairs")
+    for this image size, rendered once under ``runs_root/_datasets`` (at least
+    SHAPES_RENDER_MIN_SIDE; packing resizes per stage)."""
+    from krea2_train.data.shapes import write_shapes_dataset, write_shapes_pairs
+
+    render_side = max(SHAPES_RENDER_MIN_SIDE, image_side)
+    buckets = "" if list(config.data.buckets) == ["1:1"] else "_b" + hashlib.sha1(",".join(sorted(config.data.buckets)).encode()).hexdigest()[:8]
+    infix = "_pairs" if kind == "pairs" else ""
+    folder = runs_root / "_datasets" / f"{config.data.dataset}{infix}_{render_side}px_n{config.data.num_samples}_s{config.seed}{buckets}"
+    dataset = ("pairs_" if kind == "pairs" else "") + shapes_dataset_name(config, render_side, folder)
+    if not (folder / ".complete").exists():
+        logger.info("rendering %d shapes-world %s at %d px into %s", config.data.num_samples, kind, render_side, folder)
+        write = write_shapes_pairs if kind == "pairs" else write_shapes_dataset
+        write(folder, config.data.num_samples, render_side, seed=config.seed, aspect_ratios=config.data.buckets)
+        (folder / ".complete").touch()
+    return folder, dataset
 
 
 def process_select_pack(
@@ -111,8 +123,14 @@ def log_unreadable(report, listed: int = 5) -> None:
 
 
 def check_packed_buckets(store, dataset: str, image_side: int, buckets: list[str], kind: str = "images"):
-    """The settings of ``dataset``'s pack target of ``kind`` (images, or preference pairs) at
-    ``image_side`` (None without one), once its aspect ratios are known to include every one of
+    """The settings of :func:`checked_pack_target`'s target (None without one)."""
+    target = checked_pack_target(store, dataset, image_side, buckets, kind)
+    return None if target is None else target[1]
+
+
+def checked_pack_target(store, dataset: str, image_side: int, buckets: list[str], kind: str = "images"):
+    """(out_dir, settings) of ``dataset``'s pack target of ``kind`` (images, or preference pairs)
+    at ``image_side`` (None without one), once its aspect ratios are known to include every one of
     ``buckets`` (``data.buckets``).
 
     The registry packs a dataset at a size once, with one list of buckets; a run reads the shards
@@ -140,7 +158,7 @@ def check_packed_buckets(store, dataset: str, image_side: int, buckets: list[str
             "dataset %s is packed at %d px in buckets %s too; data.buckets=%s trains on its own buckets only, so the"
             " %s packed in those are left out", dataset, image_side, others, list(buckets), kind,
         )
-    return settings
+    return target
 
 
 def training_selection(store, config: RunConfig, dataset: str) -> str:
@@ -221,9 +239,8 @@ def prepare_pairs(store, config: RunConfig, runs_root: Path, image_side: int, pi
             choose images, not pairs.
     """
     from krea2_train.curate.jobs import load_jobs
-    from krea2_train.data.pack import PackSettings, find_pack_target
+    from krea2_train.data.pack import PackSettings
     from krea2_train.data.pairs import ingest_pairs, pack_pairs
-    from krea2_train.data.shapes import write_shapes_pairs
     from krea2_train.store.queue import get_job, run_worker
 
     selections = [f"data.{name}" for name in ("balance", "curate", "quality") if getattr(config.data, name).enabled]
@@ -234,21 +251,14 @@ def prepare_pairs(store, config: RunConfig, runs_root: Path, image_side: int, pi
         )
     shard_size = PackSettings().shard_size
     if config.data.source == "shapes":
-        render_side = max(SHAPES_RENDER_MIN_SIDE, image_side)
-        folder = runs_root / "_datasets" / f"{config.data.dataset}_pairs_{render_side}px_n{config.data.num_samples}_s{config.seed}{_buckets_suffix(config)}"
-        dataset = "pairs_" + shapes_dataset_name(config, render_side, folder)
-        if not (folder / ".complete").exists():
-            logger.info("rendering %d shapes-world preference pairs at %d px into %s", config.data.num_samples, render_side, folder)
-            write_shapes_pairs(folder, config.data.num_samples, render_side, seed=config.seed, aspect_ratios=config.data.buckets)
-            (folder / ".complete").touch()
+        folder, dataset = render_shapes(config, runs_root, image_side, "pairs")
         ingest_pairs(store, dataset, folder / "pairs.jsonl")
         shard_size = 256
     else:
         dataset = config.data.dataset
     load_jobs()
     run_worker(store, get_job("decode"))
-    packed_settings = check_packed_buckets(store, dataset, image_side, config.data.buckets, kind="pairs")
-    out_dir, settings = find_pack_target(store, dataset, image_side, "pairs") if packed_settings else (
+    out_dir, settings = checked_pack_target(store, dataset, image_side, config.data.buckets, kind="pairs") or (
         runs_root / "_shards",
         PackSettings(aspect_ratios=tuple(config.data.buckets), pixel_multiple=pixel_multiple, shard_size=shard_size, seed=config.seed),
     )
@@ -256,13 +266,6 @@ def prepare_pairs(store, config: RunConfig, runs_root: Path, image_side: int, pi
     logger.info("packed the preference pairs of %s at %d px: %d new pairs", dataset, image_side, report.num_samples)
     log_unreadable(report)
     return dataset
-
-
-def _buckets_suffix(config: RunConfig) -> str:
-    """A folder-name suffix for a shapes world rendered in other aspect buckets than ``[1:1]``."""
-    if list(config.data.buckets) == ["1:1"]:
-        return ""
-    return "_b" + hashlib.sha1(",".join(sorted(config.data.buckets)).encode()).hexdigest()[:8]
 
 
 def prepare_registry(store, config: RunConfig, runs_root: Path, image_side: int, pixel_multiple: int) -> str:
