@@ -236,9 +236,13 @@ def test_cli_work_runs_the_decode_job(fresh_store, curated_folder, capsys):
     from krea2_train.cli import main
 
     ingest(fresh_store, "shapes", folder=curated_folder)
-    assert main(["data", "work", "--dsn", fresh_store.dsn, "--job", "decode", "--batch", "5"]) == 0
+    ingest(fresh_store, "later", folder=curated_folder)
+    assert "unknown dataset 'nope'" in krea2_error(["data", "work", "--dsn", fresh_store.dsn, "--job", "decode", "--dataset", "nope"], capsys)
+    assert main(["data", "work", "--dsn", fresh_store.dsn, "--job", "decode", "--batch", "5", "--dataset", "shapes"]) == 0
     assert "'completed': 16" in capsys.readouterr().out
-    assert job_counts(fresh_store)["decode"]["done"] == 16
+    assert job_counts(fresh_store)["decode"]["done"] == 16  # the later dataset's images wait for a worker of theirs
+    assert main(["data", "work", "--dsn", fresh_store.dsn, "--job", "decode"]) == 0
+    assert job_counts(fresh_store)["decode"]["done"] == 32
 
 
 @pytest.mark.postgres

@@ -40,9 +40,9 @@ def _job(**overrides) -> Job:
     return Job(**(settings | overrides))
 
 
-def _add_images(store, n: int) -> list[int]:
+def _add_images(store, n: int, dataset: str = "q") -> list[int]:
     with store.pool.connection() as conn:
-        dataset_id = conn.execute("INSERT INTO datasets (name) VALUES ('q') RETURNING id").fetchone()[0]
+        dataset_id = conn.execute("INSERT INTO datasets (name) VALUES (%s) RETURNING id", (dataset,)).fetchone()[0]
         rows = conn.execute(
             "INSERT INTO images (dataset_id, uri) SELECT %s, 'u' || g FROM generate_series(1, %s) g RETURNING id",
             (dataset_id, n),
@@ -235,6 +235,27 @@ def test_worker_drains_the_queue_and_a_rerun_does_nothing(fresh_store):
     with fresh_store.pool.connection() as conn:
         assert conn.execute("SELECT id, width FROM images ORDER BY id").fetchall() == [(i, 10 * i) for i in ids]
     assert run_worker(fresh_store, _job()).claimed == 0
+
+
+def test_a_worker_scoped_to_a_dataset_leaves_the_others_images_alone(fresh_store):
+    """A training run processes its own dataset's images, not a large one ingested beside it: its
+    worker neither seeds nor claims nor waits for the other dataset's rows, even ones already
+    pending (seeded by a job-wide sweep), and leaves the job's sweep record to job-wide sweeps."""
+    ours = _add_images(fresh_store, 5, "ours")
+    theirs = _add_images(fresh_store, 7, "theirs")
+    with fresh_store.pool.connection() as conn:  # half of theirs already pending
+        conn.execute("INSERT INTO job_runs (job, image_id) SELECT 'probe', unnest(%s::bigint[])", (theirs[:4],))
+    stats = run_worker(fresh_store, _job(), datasets=["ours"])
+    assert (stats.claimed, stats.completed) == (5, 5)
+    states = {image_id: state for image_id, state, *_ in _runs(fresh_store)}
+    assert states == {**{i: "done" for i in ours}, **{i: "pending" for i in theirs[:4]}}
+    with fresh_store.pool.connection() as conn:
+        widths = dict(conn.execute("SELECT id, width FROM images").fetchall())
+        assert conn.execute("SELECT count(*) FROM job_sweeps").fetchone()[0] == 0
+    assert [widths[i] for i in ours] == [10 * i for i in ours] and all(widths[i] is None for i in theirs)
+    assert run_worker(fresh_store, _job()).completed == 7  # a job-wide worker does the rest
+    with pytest.raises(StoreError, match="unknown dataset 'nope'.*ours"):
+        run_worker(fresh_store, _job(), datasets=["nope"])
 
 
 def test_job_progress_gives_the_recent_rate_and_an_eta(fresh_store, capsys):

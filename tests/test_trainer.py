@@ -271,21 +271,34 @@ def test_exact_resume_after_sigkill_and_on_another_world_size(tmp_path, fresh_da
 @pytest.mark.postgres
 def test_registry_dataset_trains_right_after_ingest(tmp_path, fresh_database_dsn):
     """The small-data path: a folder of images with captions, `krea2 data ingest`, then a run: the
-    trainer decodes, dedups and packs the dataset at the stage's resolution by itself."""
+    trainer decodes, dedups and packs the dataset at the stage's resolution by itself, and only
+    that dataset: one ingested beside it (a large one, on a cluster) is left to its own workers."""
+    import psycopg
+
     from krea2_train.data.shapes import write_shapes_dataset
 
     folder = write_shapes_dataset(tmp_path / "my_images", 24, 96, seed=3)
     for path in folder.glob("*.json"):
         path.unlink()  # a plain folder: image + caption .txt only
     env = {**os.environ, "KREA2_PG_DSN": fresh_database_dsn}
-    subprocess.run([sys.executable, "-m", "krea2_train.cli", "data", "ingest", "--dataset", "my_images", "--folder", str(folder)],
-                   check=True, env=env, cwd=tmp_path, capture_output=True)
+    for dataset in ("my_images", "beside"):
+        subprocess.run([sys.executable, "-m", "krea2_train.cli", "data", "ingest", "--dataset", dataset, "--folder", str(folder)],
+                       check=True, env=env, cwd=tmp_path, capture_output=True)
     train(tmp_path, fresh_database_dsn, steps=2, interval=2,
           extra=["data=registry", "data.dataset=my_images", "data.buckets=[1:1]", "data.global_batch_size=4", "data.num_workers=0"])
     run_dir = tmp_path / "runs" / "pretrain_256"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert sum(shard["num_samples"] for shard in manifest) == 24
     assert sorted(step_losses(run_dir)) == [1, 2]
+    with psycopg.connect(fresh_database_dsn) as conn:
+        decoded = dict(conn.execute(
+            "SELECT d.name, count(i.decode_ok) FROM images i JOIN datasets d ON d.id = i.dataset_id GROUP BY d.name"
+        ).fetchall())
+        beside_rows = conn.execute(
+            "SELECT count(*) FROM job_runs j JOIN images i ON i.id = j.image_id JOIN datasets d ON d.id = i.dataset_id"
+            " WHERE d.name = 'beside'"
+        ).fetchone()[0]
+    assert decoded == {"my_images": 24, "beside": 0} and beside_rows == 0
 
 
 @pytest.mark.postgres

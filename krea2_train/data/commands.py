@@ -41,6 +41,8 @@ def register(subparsers) -> None:
     work.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     work.add_argument("--batch", type=int, default=None, help="rows per claim (default: the job's)")
     work.add_argument("--follow", action="store_true", help="keep polling for new work until SIGTERM/SIGINT")
+    work.add_argument("--dataset", action="append", default=None, dest="datasets", metavar="NAME",
+                      help="work on this dataset's images only (repeatable; default: every dataset's)")
     work.set_defaults(func=cmd_work)
 
     target = commands.add_parser("pack-target", help="have `work --job pack` pack a dataset at a resolution (training runs use it)")
@@ -147,8 +149,9 @@ def cmd_ingest(args) -> int:
     return 0
 
 
-def worker_main(dsn: str, job_name: str, batch: int | None, follow: bool) -> dict:
-    """One worker: open the store by DSN, run the job until done (or stopped by SIGTERM/SIGINT)."""
+def worker_main(dsn: str, job_name: str, batch: int | None, follow: bool, datasets: list[str] | None = None) -> dict:
+    """One worker: open the store by DSN, run the job until done (or stopped by SIGTERM/SIGINT),
+    on ``datasets``' images only when given."""
     from krea2_train.curate.jobs import load_jobs
     from krea2_train.store import open_store
     from krea2_train.store.queue import get_job, run_worker
@@ -160,17 +163,19 @@ def worker_main(dsn: str, job_name: str, batch: int | None, follow: bool) -> dic
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
     with open_store(dsn) as store:
-        stats = run_worker(store, job, batch_size=batch, follow=follow, stop=stop)
+        stats = run_worker(store, job, batch_size=batch, follow=follow, stop=stop, datasets=datasets)
     return asdict(stats)
 
 
-def _worker_process(dsn: str, job_name: str, batch: int | None, follow: bool, gpu: str | None = None) -> None:
+def _worker_process(
+    dsn: str, job_name: str, batch: int | None, follow: bool, gpu: str | None = None, datasets: list[str] | None = None
+) -> None:
     from krea2_train.logs import setup_logging
 
     if gpu is not None:  # before anything initialises CUDA in this (spawned) process
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     setup_logging(label=f"worker {os.getpid()}", stream=sys.stderr, force=False)  # a spawned process starts bare
-    stats = worker_main(dsn, job_name, batch, follow)
+    stats = worker_main(dsn, job_name, batch, follow, datasets)
     print(f"worker {os.getpid()}: {stats}", flush=True)
 
 
@@ -199,6 +204,12 @@ def cmd_work(args) -> int:
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
     with _open(args) as store:
+        if args.datasets:
+            from krea2_train.store.db import find_dataset_id
+
+            with store.pool.connection() as conn:
+                for name in args.datasets:  # an unknown one fails here, naming the registered ones
+                    find_dataset_id(conn, name)
         hints = {
             "pack": ("pack_targets", "`krea2 data pack-target --dataset NAME --resolution PX --out DIR` adds one "
                                      "(a training run adds its own on first start)"),
@@ -210,12 +221,12 @@ def cmd_work(args) -> int:
                 if conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0:
                     print(f"no {args.job} target yet: {hint}", file=sys.stderr)
         if args.workers == 1:
-            _worker_process(store.dsn, args.job, args.batch, args.follow)
+            _worker_process(store.dsn, args.job, args.batch, args.follow, None, args.datasets)
             return 0
         context = multiprocessing.get_context("spawn")
         gpus = worker_gpus(args.workers, visible_gpus() if get_job(args.job).uses_gpu else [])
         processes = [
-            context.Process(target=_worker_process, args=(store.dsn, args.job, args.batch, args.follow, gpu))
+            context.Process(target=_worker_process, args=(store.dsn, args.job, args.batch, args.follow, gpu, args.datasets))
             for gpu in gpus
         ]
         for process in processes:
@@ -263,7 +274,7 @@ def cmd_pack_pairs(args) -> int:
     settings = _pack_settings(args, "pack-pairs")
     with _open(args) as store:
         load_jobs()
-        run_worker(store, get_job("decode"))
+        run_worker(store, get_job("decode"), datasets=[args.dataset])
         report = pack_pairs(store, args.dataset, [args.resolution], args.out, settings)
     print(f"packed {report.num_samples} new pairs of {args.dataset} at {args.resolution} px into {len(report.shards)} shards under {args.out.resolve()}")
     for pair_id, error in sorted(report.unreadable.items())[:5]:

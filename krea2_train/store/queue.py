@@ -47,7 +47,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from krea2_train.store.db import Store, connection_kwargs
+from krea2_train.store.db import Store, connection_kwargs, find_dataset_id
 from krea2_train.store.errors import StoreError, StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -198,9 +198,14 @@ FENCE = """
 
 
 class Queue:
-    """Queue operations for one job, as one worker incarnation (``owner``)."""
+    """Queue operations for one job, as one worker incarnation (``owner``).
 
-    def __init__(self, store: Store, job: Job, *, connect_timeout_s: float = 5):
+    With ``datasets`` the worker seeds, claims and counts the rows of those datasets' images only
+    (a training run processes its own data, not a large dataset someone ingested beside it);
+    reaping stays job-wide, since an expired lease is everyone's to return.
+    """
+
+    def __init__(self, store: Store, job: Job, *, connect_timeout_s: float = 5, datasets: Sequence[str] | None = None):
         self.store = store
         self.job = job
         self.owner = new_owner_id()
@@ -208,6 +213,18 @@ class Queue:
         # two connections: the worker's statements and its heartbeat thread
         self.pool = ConnectionPool(store.dsn, min_size=1, max_size=2, kwargs=kwargs, open=False, name="krea2-queue")
         self.pool.open(wait=True, timeout=max(10.0, 2 * connect_timeout_s))
+        self.dataset_ids: list[int] | None = None
+        if datasets is not None:
+            try:
+                with self.pool.connection() as conn:
+                    self.dataset_ids = sorted({find_dataset_id(conn, name) for name in datasets})
+            except BaseException:
+                self.pool.close()
+                raise
+        # job_runs rows of the scoped datasets' images (nothing without a scope)
+        self._scope = sql.SQL(
+            "" if datasets is None else " AND image_id IN (SELECT id FROM images WHERE dataset_id = ANY(%(datasets)s))"
+        )
         columns = sql.SQL(", ").join(sql.SQL("i.{}").format(sql.Identifier(c)) for c in job.image_columns)
         self._claim_sql = sql.SQL(
             """
@@ -218,31 +235,34 @@ class Queue:
               FROM images i
              WHERE i.id = j.image_id AND j.job = %(job)s AND j.image_id IN (
                    SELECT image_id FROM job_runs
-                    WHERE job = %(job)s AND state = 'pending' AND (not_before IS NULL OR not_before <= now())
+                    WHERE job = %(job)s AND state = 'pending' AND (not_before IS NULL OR not_before <= now()){scope}
                     ORDER BY batch_limit, last_tried_at NULLS FIRST
                     LIMIT %(limit)s
                       FOR UPDATE SKIP LOCKED)
             RETURNING j.image_id, j.attempt, {columns}
             """
-        ).format(columns=columns)
+        ).format(columns=columns, scope=self._scope)
         self._seed_sql = sql.SQL(
             """
             WITH scanned AS (
                 SELECT i.id, ({predicate}) AS wanted FROM images i
-                 WHERE i.id > %(after)s ORDER BY i.id LIMIT %(limit)s),
+                 WHERE i.id > %(after)s{scope} ORDER BY i.id LIMIT %(limit)s),
             added AS (
                 INSERT INTO job_runs (job, image_id)
                 SELECT %(job)s, id FROM scanned WHERE wanted ORDER BY id
                 ON CONFLICT DO NOTHING RETURNING 1)
             SELECT (SELECT max(id) FROM scanned), (SELECT count(*) FROM added)
             """
-        ).format(predicate=sql.SQL(job.select_predicate_sql))
+        ).format(
+            predicate=sql.SQL(job.select_predicate_sql),
+            scope=sql.SQL("" if datasets is None else " AND i.dataset_id = ANY(%(datasets)s)"),
+        )
 
     def close(self) -> None:
         self.pool.close()
 
     def _params(self, **extra) -> dict:
-        return {"job": self.job.name, "owner": self.owner, **extra}
+        return {"job": self.job.name, "owner": self.owner, "datasets": self.dataset_ids, **extra}
 
     def seed(self, min_interval_s: float = 0.0) -> int | None:
         """Create pending rows for images matching the predicate; returns how many were added,
@@ -252,7 +272,8 @@ class Queue:
 
         A sweep reads every image (in id order, SEED_CHUNK at a time): predicates may become
         true for old rows when the jobs they depend on finish. Spacing sweeps by their duration
-        keeps workers that follow a job from sweeping a large table back to back.
+        keeps workers that follow a job from sweeping a large table back to back. A scoped queue
+        sweeps its datasets' images only, and so leaves the job's sweep record alone.
         """
         added_total = 0
         with self.pool.connection() as conn:
@@ -275,11 +296,12 @@ class Queue:
                     if last_id is None:
                         break
                     after, added_total = last_id, added_total + added
-                conn.execute(
-                    "INSERT INTO job_sweeps (job, swept_at, sweep_s) VALUES (%s, now(), %s)"
-                    " ON CONFLICT (job) DO UPDATE SET swept_at = excluded.swept_at, sweep_s = excluded.sweep_s",
-                    (self.job.name, time.monotonic() - began),
-                )
+                if self.dataset_ids is None:
+                    conn.execute(
+                        "INSERT INTO job_sweeps (job, swept_at, sweep_s) VALUES (%s, now(), %s)"
+                        " ON CONFLICT (job) DO UPDATE SET swept_at = excluded.swept_at, sweep_s = excluded.sweep_s",
+                        (self.job.name, time.monotonic() - began),
+                    )
             finally:
                 conn.execute("SELECT pg_advisory_unlock(hashtext('krea2-seed:' || %s))", (self.job.name,))
         return added_total
@@ -292,9 +314,11 @@ class Queue:
             # the smallest due batch_limit first, in its own statement: a LIMIT the planner cannot
             # read as a constant makes it plan for a tenth of the queue (a seq scan per claim)
             (batch_limit,) = conn.execute(
-                "SELECT min(batch_limit) FROM job_runs WHERE job = %s AND state = 'pending'"
-                " AND batch_limit IS NOT NULL AND (not_before IS NULL OR not_before <= now())",
-                (self.job.name,),
+                sql.SQL(
+                    "SELECT min(batch_limit) FROM job_runs WHERE job = %(job)s AND state = 'pending'"
+                    " AND batch_limit IS NOT NULL AND (not_before IS NULL OR not_before <= now()){scope}"
+                ).format(scope=self._scope),
+                self._params(),
             ).fetchone()
             params = self._params(lease_s=self.job.lease_s, limit=min(limit, batch_limit or limit))
             cursor = conn.execute(self._claim_sql, params)
@@ -406,11 +430,13 @@ class Queue:
         return states.count("pending"), states.count("dead")
 
     def unfinished(self) -> int:
-        """Rows of this job still pending or running."""
+        """Rows of this job still pending or running (of the scoped datasets' images)."""
         with self.pool.connection() as conn:
             row = conn.execute(
-                "SELECT count(*) FROM job_runs WHERE job = %s AND state IN ('pending', 'running')",
-                (self.job.name,),
+                sql.SQL(
+                    "SELECT count(*) FROM job_runs WHERE job = %(job)s AND state IN ('pending', 'running'){scope}"
+                ).format(scope=self._scope),
+                self._params(),
             ).fetchone()
         return row[0]
 
@@ -587,6 +613,7 @@ def run_worker(
     stop: threading.Event | None = None,
     outage_s: float = 300.0,
     progress_every_s: float = 60.0,
+    datasets: Sequence[str] | None = None,
 ) -> WorkerStats:
     """Claim, process and finish batches until no row of the job is pending or running and a
     fresh seed adds none.
@@ -597,11 +624,12 @@ def run_worker(
     away (a restart, a failover) is waited for with backoff for up to ``outage_s``, then
     ``StoreUnavailable`` is raised; a batch whose outcomes could not be written is claimed
     again when its lease expires (handlers are idempotent). Every ``progress_every_s`` it logs
-    what it has done and its rate (``krea2 data status`` counts the whole job's rows).
+    what it has done and its rate (``krea2 data status`` counts the whole job's rows). With
+    ``datasets`` it works on those datasets' images only (:class:`Queue`).
     """
     stop = stop or threading.Event()
     stats = WorkerStats()
-    queue = Queue(store, job)
+    queue = Queue(store, job, datasets=datasets)
     ctx = JobContext(store=store, owner=queue.owner)
     reap_every = job.lease_s / 3
     next_reap = next_seed = 0.0

@@ -99,7 +99,7 @@ def process_select_pack(
 
     load_jobs()
     for job in jobs + (("filters",) if config.data.curate.enabled or config.data.quality.enabled else ()):
-        run_worker(store, get_job(job))
+        run_worker(store, get_job(job), datasets=[source])
     if "dedup" not in jobs:  # a source without duplicates (the shapes world): recorded, so selections may use it
         skip_dedup(store, source)
     for counts in dataset_counts(store, source):
@@ -257,7 +257,7 @@ def prepare_pairs(store, config: RunConfig, runs_root: Path, image_side: int, pi
     else:
         dataset = config.data.dataset
     load_jobs()
-    run_worker(store, get_job("decode"))
+    run_worker(store, get_job("decode"), datasets=[dataset])
     out_dir, settings = checked_pack_target(store, dataset, image_side, config.data.buckets, kind="pairs") or (
         runs_root / "_shards",
         PackSettings(aspect_ratios=tuple(config.data.buckets), pixel_multiple=pixel_multiple, shard_size=shard_size, seed=config.seed),
