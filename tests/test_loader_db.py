@@ -137,6 +137,57 @@ def test_a_target_added_while_a_batch_is_packing_is_packed_too(fresh_store, tmp_
     assert per_resolution == [(16, 6), (24, 6)]
 
 
+def test_a_whole_dataset_pack_and_pack_workers_at_once_pack_each_image_once(fresh_store, tmp_path, monkeypatch, caplog):
+    """A run's first start packs its dataset (``pack_dataset``) while ``krea2 data work --job pack``
+    runs on it: the workers wait for the whole-dataset pack, then find their images packed, so no
+    image is packed twice and neither side fails on the other's registration."""
+    import logging
+    import threading
+
+    from krea2_train.data import pack
+
+    folder = write_shapes_dataset(tmp_path / "shapes", 12, 48, seed=3)
+    ingest(fresh_store, "shapes", folder=folder)
+    run_worker(fresh_store, DECODE)
+    run_worker(fresh_store, DEDUP)
+    settings = PackSettings(pixel_multiple=4, shard_size=5, seed=1)
+    loading, go_on = threading.Event(), threading.Event()
+    load_image_rows = pack.load_image_rows
+
+    def slow_load(store, image_ids):  # the whole-dataset pack stops inside its first shard
+        loading.set()
+        assert go_on.wait(60)
+        return load_image_rows(store, image_ids)
+
+    monkeypatch.setattr(pack, "load_image_rows", slow_load)
+    results, errors = {}, []
+
+    def in_thread(name, function, *args):
+        try:
+            results[name] = function(*args)
+        except BaseException as error:
+            errors.append(error)
+
+    whole = threading.Thread(target=in_thread, args=("whole", pack_dataset, fresh_store, "shapes", [32], tmp_path / "packed", settings))
+    whole.start()
+    assert loading.wait(60)  # its target is added and it holds the lock
+    workers = threading.Thread(target=in_thread, args=("workers", run_worker, fresh_store, PACK_JOB))
+    with caplog.at_level(logging.INFO, logger="krea2_train.data.pack"):
+        workers.start()
+        workers.join(3)
+        assert workers.is_alive()  # waiting for the lock, not packing beside it
+        go_on.set()
+        whole.join(60)
+        workers.join(60)
+    assert not errors, errors
+    assert "waiting for another packer of its images" in caplog.text
+    assert results["whole"].num_samples == 12 and results["workers"].completed == 12
+    with fresh_store.pool.connection() as conn:
+        packed = conn.execute("SELECT count(*), count(DISTINCT image_id) FROM shard_samples").fetchone()
+        assert conn.execute("SELECT sum(num_samples) FROM shards").fetchone() == (12,)
+    assert packed == (12, 12)
+
+
 def test_an_image_unreadable_at_one_resolution_is_packed_at_the_next_and_registered_row_by_row(fresh_store, tmp_path, monkeypatch):
     from krea2_train.data import pack
 

@@ -18,6 +18,12 @@ Two entry points: ``pack_dataset(store, dataset, resolutions, out_dir)``, and th
 (``krea2 data work --job pack``), which packs each claimed batch of images for every
 ``pack_targets`` row of its dataset (``add_pack_target`` or ``pack_dataset`` adds them). The job
 follows the ``dedup`` job: an image is packed once dedup has judged it.
+
+Packers of one (dataset, resolution, kind) take turns (:func:`pack_lock`): a whole-dataset pack
+(``pack_dataset``, ``pack_pairs``, a training run's first start) holds it alone, the job's
+workers share it (their claimed batches are disjoint). Each reads what is packed already once it
+holds the lock, so two runs starting together on a new dataset, or a run starting while pack
+workers run, never pack an image twice.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ import itertools
 import logging
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psycopg
 from psycopg.types.json import Jsonb
 
 from krea2_train.curate.images import open_rgb
@@ -193,6 +201,28 @@ def add_pack_target(
     return target_dataset
 
 
+@contextmanager
+def pack_lock(store: Store, dataset_id: int, resolution: int, kind: str = "images", *, shared: bool = False) -> Iterator[None]:
+    """Hold the packers' lock of (``dataset_id``, ``resolution``, ``kind``): alone, or with
+    ``shared`` beside the other shared holders (the ``pack`` job's workers). A session-level
+    advisory lock on a connection of its own, so a packer that dies releases it with its socket.
+    Waiting for it is logged."""
+    function = "pg_advisory_lock_shared" if shared else "pg_advisory_lock"
+    key = ("krea2-pack", f"{dataset_id}:{resolution}:{kind}")
+    with store.pool.connection() as conn:
+        (held,) = conn.execute(f"SELECT pg_try_{function[3:]}(hashtext(%s), hashtext(%s))", key).fetchone()
+        if not held:
+            logger.info("dataset %d at %d px: waiting for another packer of its %s to finish", dataset_id, resolution, kind)
+            conn.execute(f"SELECT {function}(hashtext(%s), hashtext(%s))", key)
+        try:
+            yield
+        finally:
+            try:
+                conn.execute(f"SELECT {function.replace('lock', 'unlock')}(hashtext(%s), hashtext(%s))", key)
+            except psycopg.OperationalError:  # the session is gone, and its lock with it
+                pass
+
+
 def pack_dataset(
     store: Store,
     dataset: str,
@@ -200,14 +230,16 @@ def pack_dataset(
     out_dir: str | Path,
     settings: PackSettings = PackSettings(),
 ) -> PackReport:
-    """Pack every not-yet-packed image of ``dataset`` at each resolution (see module docstring)."""
+    """Pack every not-yet-packed image of ``dataset`` at each resolution (see module docstring),
+    each resolution holding the dataset's :func:`pack_lock` there."""
     if not resolutions:
         raise ValueError("resolutions is empty")
     report = PackReport()
     for resolution in resolutions:
         dataset_id = add_pack_target(store, dataset, resolution, out_dir, settings)
-        sizes = unpacked_image_sizes(store, dataset_id, resolution)
-        pack_rows(store, dataset, dataset_id, sizes, resolution, Path(out_dir), settings, report, lambda ids: load_image_rows(store, ids))
+        with pack_lock(store, dataset_id, resolution):
+            sizes = unpacked_image_sizes(store, dataset_id, resolution)
+            pack_rows(store, dataset, dataset_id, sizes, resolution, Path(out_dir), settings, report, lambda ids: load_image_rows(store, ids))
     return report
 
 
@@ -359,7 +391,6 @@ def _register(store: Store, dataset_id: int, resolution: int, shard: WrittenShar
 def pack_job_handler(rows: list[dict], ctx: JobContext) -> list[Outcome]:
     """The ``pack`` job: pack a claimed batch for every pack target of its datasets."""
     unreadable: dict[int, str] = {}
-    image_ids = [row["id"] for row in rows]
     with ctx.store.pool.connection() as conn:
         targets = conn.execute(
             "SELECT t.dataset_id, d.name, t.resolution, t.out_dir, t.settings FROM pack_targets t"
@@ -367,9 +398,6 @@ def pack_job_handler(rows: list[dict], ctx: JobContext) -> list[Outcome]:
             " ORDER BY t.dataset_id, t.resolution",
             (sorted({row["dataset_id"] for row in rows}),),
         ).fetchall()
-        packed = set(conn.execute(
-            f"SELECT s.resolution, s.image_id FROM {LIVE_SHARD_SAMPLES_SQL} WHERE s.image_id = ANY(%s)", (image_ids,)
-        ).fetchall())
     by_id = {row["id"]: row for row in rows}
 
     def rows_of(image_ids: list[int]) -> list[dict]:
@@ -377,12 +405,18 @@ def pack_job_handler(rows: list[dict], ctx: JobContext) -> list[Outcome]:
         return [by_id[image_id] for image_id in image_ids]
 
     for dataset_id, dataset, resolution, out_dir, settings in targets:
-        todo = [(r["id"], r["width"], r["height"]) for r in sorted(rows, key=lambda r: r["id"])
-                if r["dataset_id"] == dataset_id and (resolution, r["id"]) not in packed]  # fmt: skip
-        report = PackReport()
-        pack_rows(
-            ctx.store, dataset, dataset_id, todo, resolution, Path(out_dir), PackSettings.from_json(settings), report, rows_of,
-        )
+        ours = sorted(r["id"] for r in rows if r["dataset_id"] == dataset_id)
+        with pack_lock(ctx.store, dataset_id, resolution, shared=True):
+            with ctx.store.pool.connection() as conn:  # read under the lock: a whole-dataset pack may just have packed them
+                packed = {image_id for (image_id,) in conn.execute(
+                    f"SELECT s.image_id FROM {LIVE_SHARD_SAMPLES_SQL} WHERE s.resolution = %s AND s.image_id = ANY(%s)",
+                    (resolution, ours),
+                )}  # fmt: skip
+            todo = [(i, by_id[i]["width"], by_id[i]["height"]) for i in ours if i not in packed]
+            report = PackReport()
+            pack_rows(
+                ctx.store, dataset, dataset_id, todo, resolution, Path(out_dir), PackSettings.from_json(settings), report, rows_of,
+            )
         unreadable |= report.unreadable
     return [Failed(unreadable[row["id"]]) if row["id"] in unreadable else Done({}) for row in rows]
 

@@ -37,7 +37,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from krea2_train.data.ingest import LISTED, canonical_uri, ensure_dataset, first_listed, holds_nul
-from krea2_train.data.pack import LIVE_SHARD_PAIRS_SQL, PackReport, PackSettings, add_pack_target, keyset_pages, pack_rows
+from krea2_train.data.pack import (
+    LIVE_SHARD_PAIRS_SQL,
+    PackReport,
+    PackSettings,
+    add_pack_target,
+    keyset_pages,
+    pack_lock,
+    pack_rows,
+)
 from krea2_train.store import Store, StoreError
 from krea2_train.store.db import find_dataset_id
 from krea2_train.store.upsert import batched
@@ -252,7 +260,8 @@ def pack_pairs(
     report = PackReport()
     for resolution in resolutions:
         add_pack_target(store, dataset, resolution, out_dir, settings, kind="pairs")
-        sizes = unpacked_pair_sizes(store, dataset_id, resolution)
-        pack_rows(store, dataset, dataset_id, sizes, resolution, Path(out_dir), settings, report,
-                  lambda ids: load_pair_rows(store, ids), kind="pairs")  # fmt: skip
+        with pack_lock(store, dataset_id, resolution, "pairs"):
+            sizes = unpacked_pair_sizes(store, dataset_id, resolution)
+            pack_rows(store, dataset, dataset_id, sizes, resolution, Path(out_dir), settings, report,
+                      lambda ids: load_pair_rows(store, ids), kind="pairs")  # fmt: skip
     return report
