@@ -167,6 +167,28 @@ def test_export_without_a_committed_checkpoint_fails_clearly(tmp_path, capsys):
     assert "no committed checkpoint" in krea2_error(["export", str(tmp_path / "empty"), "--layout", "diffusers", "--out", str(tmp_path / "out")], capsys)
 
 
+def test_a_bit_flip_in_the_model_files_is_refused_by_export_and_init_from_naming_the_file(run, tmp_path, capsys):
+    """A flipped byte keeps the file's size, so only the digests recorded at save time see it:
+    export writes nothing, and a run starting from the checkpoint refuses it before pinning it."""
+    from krea2_train.train.checkpoint import CheckpointVerificationError
+    from krea2_train.train.trainer import _resolve_and_record_init_from
+
+    run_dir, _ = run
+    checkpoint = find_run_checkpoint(run_dir)
+    data_file = next(checkpoint.glob("*.distcp"))
+    data = bytearray(data_file.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    data_file.write_bytes(bytes(data))
+    out = tmp_path / "export"
+    error = krea2_error(["export", str(run_dir), "--layout", "diffusers", "--out", str(out)], capsys)
+    assert f"the bytes of {data_file.name} changed since they were written (SHA-256 mismatch)" in error and not out.exists()
+    record = tmp_path / "child" / "init_from.json"
+    with pytest.raises(CheckpointVerificationError, match=data_file.name):
+        _resolve_and_record_init_from(str(checkpoint), tmp_path / "runs", record)
+    assert not record.exists()
+    assert krea2(["export", str(run_dir), "--step", "20", "--layout", "diffusers", "--out", str(out)]) == 0  # its other steps are whole
+
+
 def test_average_of_the_last_k_checkpoints_is_their_mean(run, tmp_path, capsys):
     run_dir, saved = run
     out = tmp_path / "pma.safetensors"

@@ -306,6 +306,52 @@ def read_manifest(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+DIGEST_THREADS = 8  # files hashed at once (hashlib releases the GIL, so a fast file system is read in parallel)
+
+
+def check_file_digests(checkpoint_dir: str | os.PathLike, digests: Mapping[str, str]) -> None:
+    """Check the files ``digests`` names (relative path -> SHA-256 recorded when written) in
+    ``checkpoint_dir``, several at a time.
+
+    Raises:
+        CheckpointVerificationError: naming each file whose bytes changed since it was written, or
+            that cannot be read.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    checkpoint_dir = Path(checkpoint_dir)
+    names = sorted(digests)
+    try:
+        with ThreadPoolExecutor(min(DIGEST_THREADS, max(1, len(names)))) as pool:
+            found = dict(zip(names, pool.map(lambda name: file_sha256(checkpoint_dir / name), names)))
+    except OSError as error:
+        raise CheckpointVerificationError(f"checkpoint {checkpoint_dir}: {error}") from error
+    changed = [name for name in names if found[name] != digests[name]]
+    if changed:
+        raise CheckpointVerificationError(
+            f"checkpoint {checkpoint_dir}: the bytes of {', '.join(changed)} changed since they were written (SHA-256 mismatch)"
+        )
+
+
+def check_model_digests(checkpoint_dir: str | os.PathLike) -> None:
+    """Check the bytes of the files that hold a committed checkpoint's model tensors against the
+    digests its manifest recorded (a checkpoint written before digests were recorded: nothing to
+    check). What reads a checkpoint's weights outside training (export, average, merge, sample,
+    ``stage.init_from``) calls it, so a bit flip that keeps a file's size is refused, not exported.
+
+    Raises:
+        CheckpointVerificationError: as :func:`check_file_digests`; or the manifest does not verify.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    digests = read_manifest(checkpoint_dir).get("sha256", {})
+    if not digests:
+        return
+    metadata = read_dcp_metadata(checkpoint_dir)
+    prefix = _model_prefix(checkpoint_dir, metadata.state_dict_metadata)
+    model_files = {info.relative_path for index, info in metadata.storage_data.items() if index.fqn.startswith(prefix)}
+    check_file_digests(checkpoint_dir, {name: digest for name, digest in digests.items() if name in model_files or name == DCP_METADATA_NAME})
+
+
 def committed_checkpoints(checkpoints_dir: str | os.PathLike) -> dict[int, Path]:
     """Verified committed checkpoints under ``checkpoints_dir``, by step (ascending).
 
@@ -908,14 +954,7 @@ class CheckpointManager:
             CheckpointVerificationError: naming each file whose bytes changed since it was written.
         """
         digests = sorted(manifest.get("sha256", {}).items())
-        try:
-            changed = [name for name, digest in digests[self.rank :: self.world_size] if file_sha256(path / name) != digest]
-        except OSError as error:
-            raise CheckpointVerificationError(f"checkpoint {path}: {error}") from error
-        if changed:
-            raise CheckpointVerificationError(
-                f"checkpoint {path}: the bytes of {', '.join(changed)} changed since they were written (SHA-256 mismatch)"
-            )
+        check_file_digests(path, dict(digests[self.rank :: self.world_size]))
 
     @staticmethod
     def _check_model_keys(path: Path, stateful: Mapping[str, Any]) -> None:
@@ -1103,12 +1142,16 @@ def read_checkpoint_config(source: str | Path) -> dict:
     return layouts.index_checkpoint(source).model_config()
 
 
-def load_checkpoint_weights(source: str | Path, lora_dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+def load_checkpoint_weights(
+    source: str | Path, lora_dtype: torch.dtype | None = None, *, check_digests: bool = True
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Weights (diffusers keys) and Krea2DiT config of a DCP checkpoint or a safetensors checkpoint.
 
     ``lora_dtype``: the dtype a LoRA run's adapters are baked into (default: the base weight's).
     Pass the dtype the weights are used in: a small LoRA baked into bf16 weights is mostly
-    rounded away (see :func:`~krea2_train.model.lora.bake_pairs`).
+    rounded away (see :func:`~krea2_train.model.lora.bake_pairs`). A DCP checkpoint's model files
+    are checked against their recorded digests first (:func:`check_model_digests`) unless
+    ``check_digests`` is False (a caller that checked them already).
     """
     from krea2_train.model import layouts
     from krea2_train.model.dit import AUXILIARY_PREFIX
@@ -1116,6 +1159,8 @@ def load_checkpoint_weights(source: str | Path, lora_dtype: torch.dtype | None =
     source = Path(source)
     if is_dcp_checkpoint(source):
         config = read_checkpoint_config(source)  # refuses a DCP checkpoint outside a run
+        if check_digests and (source / MANIFEST_NAME).is_file():
+            check_model_digests(source)
         run_dir = run_dir_of(source)
         weights = {k: v for k, v in load_model_weights(source).items() if not k.startswith(AUXILIARY_PREFIX)}
         # a LoRA run's checkpoint holds the frozen base plus adapters: bake them in, so every

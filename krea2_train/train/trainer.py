@@ -54,14 +54,17 @@ from krea2_train.parallel.parallelize import parallelize_dit, shard_frozen_modul
 from krea2_train.stages import StageConfigError, StepContext, build_stage
 from krea2_train.train.checkpoint import (
     CHECKPOINTS_DIR,
+    MANIFEST_NAME,
     MODEL_CONFIG_NAME,
     CheckpointManager,
     CheckpointVerificationError,
     ModelOptimizerState,
     NoCheckpointError,
     TrainState,
+    check_model_digests,
     check_same_model_config,
     find_run_checkpoint,
+    is_dcp_checkpoint,
     load_checkpoint_weights,
     load_model_config,
     read_checkpoint_config,
@@ -206,6 +209,8 @@ def _resolve_and_record_init_from(init_from: str, runs_root: Path, record: Path)
             return checkpoint
         logger.warning("stage.init_from changed from %r to %r: resolving it again", pinned["init_from"], init_from)
     checkpoint = find_run_checkpoint(init_from, runs_root).resolve()
+    if is_dcp_checkpoint(checkpoint) and (checkpoint / MANIFEST_NAME).is_file():
+        check_model_digests(checkpoint)  # once, when pinned: every rank then loads it unchecked, on every start
     write_text(record, json.dumps({"init_from": init_from, "checkpoint": str(checkpoint)}))
     return checkpoint
 
@@ -224,7 +229,8 @@ def load_initial_weights(checkpoint: Path | None, model_config: Mapping) -> dict
     shaped = lambda config: {key: value for key, value in config.items() if key not in SHAPELESS_KEYS}  # noqa: E731
     checkpoint_config = read_checkpoint_config(checkpoint)  # before reading any weight
     check_same_model_config(shaped(checkpoint_config), shaped(model_config), f"stage.init_from's checkpoint {checkpoint}", "this run's model")
-    weights, _ = load_checkpoint_weights(checkpoint, lora_dtype=torch.float32)  # a LoRA run's adapters: whole in the fp32 master weights
+    # a LoRA run's adapters: whole in the fp32 master weights; digests: checked when it was pinned
+    weights, _ = load_checkpoint_weights(checkpoint, lora_dtype=torch.float32, check_digests=False)
     return weights
 
 
