@@ -449,9 +449,12 @@ def test_init_from_another_model_is_refused_naming_what_differs(tmp_path, monkey
     build_model("tiny", num_layers=2).load_state_dict(weights, strict=True)
 
 
-def test_update_phases_step_in_turn_and_a_phase_that_is_not_finite_stops_the_rest():
+@pytest.mark.parametrize("fused", [False, True], ids=["read-on-host", "skipped-on-device"])
+def test_update_phases_step_in_turn_and_a_phase_that_is_not_finite_stops_the_rest(fused):
     """A stage with update_phases: each phase's loss sees the previous phase's step; a phase whose
-    norm is not finite steps nothing, nor do the phases after it, and the step counts as skipped."""
+    norm is not finite steps nothing, nor do the phases after it, and the step counts as skipped.
+    A fused optimizer (CUDA's) skips on the device, without reading each phase's norm on the host:
+    nothing moves, its moments included, and its step count stays."""
     from types import SimpleNamespace
 
     from torch import nn
@@ -476,7 +479,7 @@ def test_update_phases_step_in_turn_and_a_phase_that_is_not_finite_stops_the_res
         model = nn.Module()
         model.first, model.auxiliary = nn.Linear(2, 2), nn.ModuleDict({"second": nn.Linear(2, 2)})
         before = {name: p.detach().clone() for name, p in model.named_parameters()}
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True) if fused else torch.optim.SGD(model.parameters(), lr=0.1)
         stage = TwoPhases(model, poisoned)
         trainer = SimpleNamespace(
             config=SimpleNamespace(optim=SimpleNamespace(grad_accum_steps=1, grad_clip=1.0), seed=0),
@@ -488,6 +491,12 @@ def test_update_phases_step_in_turn_and_a_phase_that_is_not_finite_stops_the_res
         )
         result = Trainer.train_step(trainer, {"x": torch.ones(4, 2)})
         moved = {name.split(".")[-2]: not torch.equal(p, before[name]) for name, p in model.named_parameters() if name.endswith("weight")}
+        if fused:  # a skipped update leaves the step count and the moments as they were
+            steps = {name.split(".")[-2]: float(optimizer.state[p]["step"]) for name, p in model.named_parameters() if name.endswith("weight")}
+            assert steps == {layer: float(was_moved) for layer, was_moved in moved.items()}
+            assert all(not torch.any(optimizer.state[p]["exp_avg_sq"]) for name, p in model.named_parameters()
+                       if not moved[name.split(".")[-2]])  # fmt: skip
+            assert getattr(optimizer, "found_inf", None) is None  # cleared after the step
         return result["finite"], moved, stage.seen[0], before["first.weight"]
 
     finite, moved, seen, before = step(poisoned=())

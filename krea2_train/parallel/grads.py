@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-__all__ = ["all_ranks_finite", "clip_grad_norm_", "steps_take_grad_scale", "total_grad_norm"]
+__all__ = ["all_ranks_finite", "clip_grad_norm_", "skip_steps_when", "steps_take_grad_scale", "total_grad_norm"]
 
 
 def _params_by_mesh(parameters: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -100,6 +100,18 @@ def clip_grad_norm_(
     for optimizer in getattr(into, "optimizers", [into]):
         optimizer.grad_scale = grad_scale
     return total_norm
+
+
+def skip_steps_when(optimizer: torch.optim.Optimizer, skip: torch.Tensor | None) -> None:
+    """Have ``optimizer``'s next steps skip their update on the device when ``skip`` (a 0-dim
+    float tensor, 1 to skip) is set: the fused implementations read it as ``found_inf`` (what
+    ``torch.amp.GradScaler`` sets), leaving weights, moments and step counts as they were, with no
+    read on the host. None clears it. Only for optimizers whose step takes a grad scale
+    (:func:`steps_take_grad_scale`)."""
+    if not steps_take_grad_scale(optimizer):
+        raise ValueError(f"{type(optimizer).__name__} cannot skip a step on the device (only fused optimizers can)")
+    for each in getattr(optimizer, "optimizers", [optimizer]):
+        each.found_inf = skip
 
 
 def all_ranks_finite(value: torch.Tensor) -> bool:

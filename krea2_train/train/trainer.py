@@ -48,7 +48,7 @@ from krea2_train.parallel.distributed import (
     host_barrier,
     init_distributed,
 )
-from krea2_train.parallel.grads import clip_grad_norm_, steps_take_grad_scale
+from krea2_train.parallel.grads import clip_grad_norm_, skip_steps_when, steps_take_grad_scale
 from krea2_train.parallel.mesh import build_parallel_dims, data_parallel_rank_size, tp_mesh
 from krea2_train.parallel.parallelize import parallelize_dit, shard_frozen_module
 from krea2_train.stages import StageConfigError, StepContext, build_stage
@@ -558,6 +558,9 @@ class Trainer:
         phases = getattr(self.stage, "update_phases", (None,))
         phased = len(phases) > 1
         phase_norms, phases_finite = [], True
+        # a fused optimizer skips a phase that is not finite in its own step: no host read per phase
+        skip_on_device = phased and steps_take_grad_scale(self.optimizers)
+        not_finite_yet = None  # 1 once a phase of this step was not finite (on the device)
         for phase in phases:  # one update per phase; a one-phase stage steps after the step's reduce below
             for index, (ctx, part) in enumerate(micro_steps):
                 last = index == accum - 1
@@ -572,11 +575,20 @@ class Trainer:
                     metric_sums[name] = accumulate_metric(name, metric_sums.get(name), value.detach().float().to(self.device))
             phase_norms.append(clip_networks(self.networks, self.config.optim.grad_clip, self.optimizers))
             if phased:  # this phase's update now, so the next phase's losses see it
-                # one host sync per phase; the norm is global, so every rank agrees
-                phases_finite = phases_finite and math.isfinite(phase_norms[-1].item())
-                if phases_finite:  # after a phase that was not, the later phases do not step either
-                    self.optimizers.step()  # only the parameters that got gradients in this phase move
+                # the norm is global, so every rank agrees; after a phase that was not finite, the
+                # later phases do not step either; only the parameters that got gradients in this phase move
+                if skip_on_device:
+                    phase_not_finite = (~torch.isfinite(phase_norms[-1])).float()
+                    not_finite_yet = phase_not_finite if not_finite_yet is None else torch.maximum(not_finite_yet, phase_not_finite)
+                    skip_steps_when(self.optimizers, not_finite_yet)
+                    self.optimizers.step()
+                else:  # one host read per phase
+                    phases_finite = phases_finite and math.isfinite(phase_norms[-1].item())
+                    if phases_finite:
+                        self.optimizers.step()
                 self.optimizers.zero_grad()
+        if skip_on_device:
+            skip_steps_when(self.optimizers, None)
         grad_norm = torch.stack(phase_norms).square().sum().sqrt() if phased else phase_norms[0]
         values = reduce_step_values(
             torch.stack(losses).sum() / accum if phased else torch.stack(losses).mean(),
@@ -587,8 +599,12 @@ class Trainer:
             ),
             grad_norm=grad_norm,
         )
-        # a phased stage has stepped already: the step counts as skipped when a phase did not step
-        finite = phases_finite if phased else math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
+        # a phased stage has stepped already: the step counts as skipped when a phase did not step,
+        # which is when a phase's norm, and so the step's, was not finite
+        if phased:
+            finite = math.isfinite(values["grad_norm"]) if skip_on_device else phases_finite
+        else:
+            finite = math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])
         values["lr"] = self.lr_schedulers.schedulers[0].get_last_lr()[-1]  # this step's, of the unscaled weights' group (built last)
         if not phased:
             if finite:
