@@ -267,6 +267,51 @@ def test_a_new_incarnation_fences_the_old_one(fresh_store, tmp_path):
     new.close()
 
 
+def test_a_lease_row_lost_in_a_failover_is_taken_back_not_fenced(fresh_store, tmp_path, caplog):
+    """A failover to a standby that had not received the live start's claim: the rank's row is
+    gone, or holds the previous start's (older) attempt. Neither is a newer start, so the keeper
+    takes the row back and the run goes on; a row with a later attempt still fences it."""
+    manifest = register_toy_shards(fresh_store, tmp_path)
+    loader = ShardLoader(manifest, CONFIG)
+    keeper = keeper_for(fresh_store, loader)
+    keeper.begin_epoch(0, 0, [])
+    assert keeper.flush(10) and keeper.attempt == 1
+    with fresh_store.pool.connection() as conn:
+        conn.execute("DELETE FROM loader_ranks")  # the claim never reached the new primary
+    keeper.advance(2)
+    assert keeper.flush(10) and not keeper.lost
+    with fresh_store.pool.connection() as conn:  # the previous start's row, attempt 0
+        conn.execute("UPDATE loader_ranks SET owner = 'previous', attempt = 0")
+    keeper.advance(3)
+    assert keeper.flush(10) and not keeper.lost
+    with fresh_store.pool.connection() as conn:
+        assert [(p["owner"], p["batch_index"]) for p in run_progress(conn, "run-a")] == [(keeper.owner, 3)]
+        conn.execute("UPDATE loader_ranks SET owner = 'newer', attempt = 1")  # a newer start, same attempt
+    keeper.advance(4)
+    assert keeper.flush(10) and keeper.lost
+    assert caplog.text.count("taken back") == 2
+    keeper.close()
+
+
+def test_a_lease_keeper_waiting_on_a_server_that_never_answers_does_not_hold_the_exit(fresh_store, tmp_path):
+    """A hung server (or a partition) leaves a statement unanswered: closing gives up on the
+    keeper's thread after its timeouts instead of waiting with it for ever."""
+    import threading
+
+    manifest = register_toy_shards(fresh_store, tmp_path)
+    keeper = keeper_for(fresh_store, ShardLoader(manifest, CONFIG))
+    keeper.begin_epoch(0, 0, [])
+    assert keeper.flush(10)
+    hung = threading.Event()
+    keeper._sync = lambda version: hung.wait()  # the thread's next write never returns
+    keeper.advance(1)
+    closing = threading.Thread(target=keeper.close, kwargs={"flush_timeout_s": 0.5, "join_timeout_s": 0.5}, daemon=True)
+    closing.start()
+    closing.join(10)
+    assert not closing.is_alive() and keeper._thread.is_alive()  # closed, the keeper's thread left behind
+    hung.set()
+
+
 def test_unreadable_shard_is_quarantined_and_the_run_continues(fresh_store, tmp_path):
     manifest = register_toy_shards(fresh_store, tmp_path, corrupt_rows={(1, 3)})
     truncated = manifest.shards[4].path

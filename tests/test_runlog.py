@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -191,6 +192,26 @@ def test_mirror_to_postgres_catches_up_after_an_outage(tmp_path, fresh_store):
     assert [e["id"] for e in stored] == [e["id"] for e in local]
     assert stored[1]["cause"] == "hang" and stored[1]["step"] == 3
     assert stored[1]["time"] == pytest.approx(local[1]["time"], abs=1e-3)
+
+
+def test_closing_the_run_log_does_not_wait_for_a_database_that_never_answers(tmp_path, monkeypatch):
+    """A hung server (or a partition) leaves the mirror's statement unanswered: closing the log,
+    the first thing a run's exit does, gives up after its timeout; the events stay in the file."""
+    import threading
+
+    from krea2_train.train import runlog
+
+    hung = threading.Event()
+    monkeypatch.setattr(runlog, "mirror_events", lambda *args: hung.wait())
+    monkeypatch.setattr("psycopg.connect", lambda *args, **kwargs: nullcontext())
+    log = RunLog(tmp_path, "hung-run", rank=0, incarnation=1, dsn="postgresql://nobody@127.0.0.1:1/none")
+    log.record("start", 0, resumed_step=0)
+    closing = threading.Thread(target=log.close, kwargs={"timeout_s": 0.5}, daemon=True)
+    closing.start()
+    closing.join(10)
+    assert not closing.is_alive()
+    assert [event["kind"] for event in read_events(tmp_path)] == ["start"]
+    hung.set()
 
 
 def test_runs_report_command(tmp_path):

@@ -302,6 +302,20 @@ def test_registry_dataset_trains_right_after_ingest(tmp_path, fresh_database_dsn
 
 
 @pytest.mark.postgres
+def test_a_restart_during_a_database_outage_trains_on_its_pinned_data(tmp_path, fresh_database_dsn):
+    """The database restarts, and the run restarts with it (a node failure): its data is pinned
+    and its order is the checkpoint's, so it trains on, saying so, and writes its leases later. A
+    run with nothing pinned cannot prepare its data and says which server it cannot reach."""
+    unreachable = "postgresql://krea2@127.0.0.1:9/nowhere"
+    train(tmp_path, fresh_database_dsn, steps=2, interval=2, extra=["irepa.enabled=false"])
+    result = train(tmp_path, unreachable, steps=4, interval=2, extra=["irepa.enabled=false"])
+    assert "so it trains on without the database" in result.stdout + result.stderr
+    assert sorted(step_losses(tmp_path / "runs" / "pretrain_256")) == [1, 2, 3, 4]
+    fresh = train(tmp_path, unreachable, steps=2, interval=2, check=False, extra=["irepa.enabled=false", "run_name=other"])
+    assert fresh.returncode != 0 and "cannot reach PostgreSQL at 127.0.0.1:9" in fresh.stderr
+
+
+@pytest.mark.postgres
 def test_sigusr1_checkpoints_and_continues_sigterm_checkpoints_and_exits(tmp_path, fresh_database_dsn):
     import signal
     import time

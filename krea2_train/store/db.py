@@ -17,8 +17,13 @@ from krea2_train.store.migrations import apply_migrations
 DSN_ENV = "KREA2_PG_DSN"
 STORE_DIR_ENV = "KREA2_DATA_DIR"
 
-# libpq keepalives: notice a server that vanished without a FIN (ignored on Unix sockets).
-CLIENT_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+# libpq keepalives: notice a server that vanished without a FIN, and (tcp_user_timeout, ms) one
+# that stopped acknowledging what was sent to it, in about a minute (both ignored on Unix
+# sockets). A server process that hangs on a live host answers both: threads that talk to the
+# database are therefore never joined without a timeout.
+CLIENT_KEEPALIVES = {
+    "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3, "tcp_user_timeout": 60_000,
+}
 
 
 class Store:

@@ -10,13 +10,17 @@ nothing is lost, because every write is an idempotent upsert of the current stat
 
 Fencing: a keeper claims its rank row with a new owner id (host:pid:uuid) and attempt + 1; every
 later write joins on ``loader_ranks`` with that (owner, attempt). When another incarnation has
-taken the rank over, the writes change 0 rows and ``lost`` becomes true.
+taken the rank over (the row holds another owner with an attempt at least ours), the writes
+change 0 rows and ``lost`` becomes true. A row that is missing or holds an older attempt (a
+failover to a standby that had not received the claim) is taken back instead. Fencing needs the
+database: a start cut off from it is not fenced until it reaches it again.
 
 Imports no torch.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -27,6 +31,8 @@ import psycopg
 
 from krea2_train.store.db import connection_kwargs
 from krea2_train.store.queue import new_owner_id, requeue
+
+logger = logging.getLogger(__name__)
 
 # One query for a run's progress: a row per rank of the run's current world size.
 RUN_PROGRESS_SQL = """
@@ -142,13 +148,23 @@ class LeaseKeeper:
         with self._changed:
             return self._changed.wait_for(lambda: self._written_version == self._version, timeout_s)
 
-    def close(self, flush_timeout_s: float = 5.0) -> None:
+    def close(self, flush_timeout_s: float = 5.0, join_timeout_s: float = 5.0) -> None:
+        """Write the latest state (waiting up to ``flush_timeout_s``) and stop the thread. A
+        thread stuck in a statement the server never answers (a hung server, a partition) is
+        left behind after ``join_timeout_s`` with its connection: it is a daemon, and the state
+        it did not write is bookkeeping only."""
         if self._thread.is_alive():
             self.flush(flush_timeout_s)
             with self._changed:
                 self._stop = True
                 self._changed.notify_all()
-            self._thread.join()
+            self._thread.join(join_timeout_s)
+            if self._thread.is_alive():
+                logger.warning(
+                    "rank %d's lease keeper is still waiting for the database after %.0fs; leaving it (its last"
+                    " error: %s)", self.rank, flush_timeout_s + join_timeout_s, self.last_error or "none",
+                )
+                return
         if self._conn is not None:
             self._conn.close()
 
@@ -275,7 +291,27 @@ class LeaseKeeper:
             """,
             self._params(epoch=epoch, batch_index=batch_index, owner=self.owner, attempt=attempt),
         )
-        return cursor.rowcount == 1
+        if cursor.rowcount == 1:
+            return True
+        # Not ours as we claimed it. Fenced only when a later claim holds the row (its attempt is
+        # ours or more: each claim adds one); a row that is gone or older (a failover to a standby
+        # that had not received our claim) is taken back, so the live start is not stopped.
+        retaken = conn.execute(
+            """
+            INSERT INTO loader_ranks (run_id, rank, owner, attempt, epoch, batch_index, expires_at)
+            VALUES (%(run_id)s, %(rank)s, %(owner)s, %(attempt)s, %(epoch)s, %(batch_index)s,
+                    now() + %(lease_s)s * interval '1 second')
+            ON CONFLICT (run_id, rank) DO UPDATE
+               SET owner = excluded.owner, attempt = excluded.attempt, epoch = excluded.epoch,
+                   batch_index = excluded.batch_index, heartbeat_at = now(), expires_at = excluded.expires_at
+             WHERE loader_ranks.attempt < excluded.attempt
+            RETURNING 1
+            """,
+            self._params(epoch=epoch, batch_index=batch_index, owner=self.owner, attempt=attempt),
+        ).fetchone()
+        if retaken is not None:
+            logger.warning("rank %d's lease row was missing or older than its claim (attempt %d): taken back", self.rank, attempt)
+        return retaken is not None
 
     def _write_leases(self, conn: psycopg.Connection, epoch: int, spans: list[Span], state: str, attempt: int) -> None:
         """Upsert shard leases to ``state``, fenced by this incarnation's (owner, attempt)."""

@@ -588,7 +588,9 @@ class Heartbeat:
 
     def __exit__(self, *exc_info) -> None:
         self._stop.set()
-        self._thread.join()
+        # a beat stuck in a statement a hung server never answers is left behind (a daemon): the
+        # worker's own next statement meets the same server, and the leases it did not extend expire
+        self._thread.join(self.queue.job.lease_s)
 
 
 @dataclass

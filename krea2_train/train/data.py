@@ -296,10 +296,11 @@ class TrainLoader:
     quarantined) and ``bad_shards_total`` (how many this rank has found so far).
     """
 
-    def __init__(self, loader: ShardLoader, store=None, lease_keeper: LeaseKeeper | None = None) -> None:
+    def __init__(self, loader: ShardLoader, store=None, lease_keeper: LeaseKeeper | None = None, dsn: str | None = None) -> None:
         self.loader = loader
         self.store = store
         self.lease_keeper = lease_keeper
+        self.dsn = dsn if dsn is not None else getattr(store, "dsn", None)  # the run log's mirror (rank 0)
 
     @property
     def fenced(self) -> bool:
@@ -430,7 +431,8 @@ def build_train_loader(
     tensor-parallel peers read the same samples and do not). ``fresh_start``: the run has no
     checkpoint yet (its data may be pinned again, see :func:`check_pinned_data`).
     """
-    from krea2_train.store import default_store_dir, open_store
+    from krea2_train.store import StoreUnavailable, default_store_dir, open_store
+    from krea2_train.store.db import resolve_dsn
 
     runs_root = Path(config.runs_root)
     manifest_path = run_dir / "manifest.json"
@@ -439,8 +441,20 @@ def build_train_loader(
     keep_pinned = check_pinned_data(run_dir, wanted, fresh_start)  # every rank: a refusal stops them all
     store = dsn = None
     if is_main:
-        store = open_store(config.data.dsn, data_dir=default_store_dir(runs_root))
-        dsn = store.dsn
+        try:
+            store = open_store(config.data.dsn, data_dir=default_store_dir(runs_root))
+            dsn = store.dsn
+        except StoreUnavailable as error:
+            dsn = resolve_dsn(config.data.dsn)
+            if not (keep_pinned and manifest_path.exists() and dsn):  # (a refused DSN is StoreRefused: raised)
+                raise
+            # a restart during a database outage: the sample order is the pinned manifest's and
+            # the checkpoint's, so training goes on; the lease keeper writes once the server answers
+            logger.warning(
+                "%s; the run's data is pinned in %s, so it trains on without the database: its leases and progress are"
+                " written once the database answers", error, manifest_path,
+            )
+    if is_main:
         if not keep_pinned:
             manifest_path.unlink()
         if not manifest_path.exists():
@@ -477,4 +491,4 @@ def build_train_loader(
     if holds_lease:
         lease_keeper = LeaseKeeper(dsn, loader.run_info(config.run_name), dp_rank).start()
         loader.lease_keeper = lease_keeper
-    return TrainLoader(loader, store, lease_keeper)
+    return TrainLoader(loader, store, lease_keeper, dsn=dsn if is_main else None)

@@ -34,7 +34,6 @@ import statistics
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -139,8 +138,13 @@ class RunLog:
         self.dsn = dsn
         self._mirrored: set[str] = set()
         self._lock = threading.Lock()
-        self._queued = threading.Event()  # a mirror is waiting to run: no need for another
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="krea2-runlog") if dsn else None
+        # the mirror runs in a daemon thread of its own: a database that never answers (a hung
+        # server, a partition) holds neither the training loop nor the process's exit
+        self._wake = threading.Event()
+        self._closing = False
+        self._thread = threading.Thread(target=self._mirror_loop, name="krea2-runlog", daemon=True) if dsn else None
+        if self._thread is not None:
+            self._thread.start()
 
     def record(self, kind: str, step: int | None, **fields) -> dict[str, Any]:
         event = new_event(kind, incarnation=self.incarnation, rank=self.rank, step=step, **fields)
@@ -155,9 +159,18 @@ class RunLog:
         self.mirror_soon()
 
     def mirror_soon(self) -> None:
-        if self._executor is not None and not self._queued.is_set():
-            self._queued.set()
-            self._executor.submit(self.mirror_now)
+        """Have the mirror thread send what the file holds (at once, or after the send under way)."""
+        if self._thread is not None:
+            self._wake.set()
+
+    def _mirror_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            closing = self._closing
+            self.mirror_now()
+            if closing:
+                return
 
     def mirror_now(self) -> bool:
         """Send every event of the file not yet in the database; False (logged) when that failed."""
@@ -165,13 +178,14 @@ class RunLog:
             return False
         import psycopg
 
+        from krea2_train.store.db import connection_kwargs
+
         with self._lock:
-            self._queued.clear()
             pending = [event for event in read_events(self.run_dir) if event["id"] not in self._mirrored]
             if not pending:
                 return True
             try:
-                with psycopg.connect(self.dsn, autocommit=True, connect_timeout=DB_CONNECT_TIMEOUT_S) as conn:
+                with psycopg.connect(self.dsn, **connection_kwargs(DB_CONNECT_TIMEOUT_S)) as conn:
                     mirror_events(conn, self.run_name, str(self.run_dir), pending)
             except Exception as error:
                 logger.warning("run log: %d event(s) not mirrored to PostgreSQL yet (%s)", len(pending), " ".join(str(error).split()))
@@ -179,11 +193,16 @@ class RunLog:
             self._mirrored.update(event["id"] for event in pending)
             return True
 
-    def close(self) -> None:
-        if self._executor is not None:
-            self.mirror_soon()
-            self._executor.shutdown(wait=True)
-            self._executor = None
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Mirror what is left, waiting up to ``timeout_s`` for the database; the file keeps every
+        event either way (``krea2 runs`` reads it), and a later start mirrors what this one did not."""
+        if self._thread is not None:
+            self._closing = True
+            self._wake.set()
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                logger.warning("run log: the database did not answer within %.0fs; the events stay in the run's file", timeout_s)
+            self._thread = None
 
 
 # ----------------------------------------------------------------------------------------------

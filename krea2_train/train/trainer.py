@@ -625,7 +625,7 @@ class Trainer:
         self.resume()
         self.supervision = start_supervision(
             config, self.run_dir, rank=self.dist.rank, world_size=self.dist.world_size, step=self.train_state.step,
-            dsn=getattr(getattr(self.loader, "store", None), "dsn", None),
+            dsn=getattr(self.loader, "dsn", None),
         )
         self.faults = FaultInjector(self.dist.rank, incarnation=self.supervision.incarnation)
         data = iter(self.loader)
