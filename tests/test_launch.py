@@ -21,6 +21,10 @@ if [[ "$*" == *node_check.sh* ]]; then
     exit 0
 fi
 if [[ -n "${FAKE_NEW_CHECKPOINT:-}" ]]; then mkdir -p "$FAKE_NEW_CHECKPOINT"; fi  # the step committed one
+if [[ -n "${FAKE_SIGNAL_STOP:-}" ]]; then  # the trainer's record of a stop on SIGTERM, written now
+    mkdir -p "$(dirname "$FAKE_SIGNAL_STOP")"
+    printf '{"id": "e1", "time": %s.25, "kind": "stop", "incarnation": 1, "rank": 0, "step": 42, "reason": "signal"}\\n' "$(date +%s)" >>"$FAKE_SIGNAL_STOP"
+fi
 if [[ -n "${FAKE_USER_ERROR:-}" ]]; then mkdir -p "$(dirname "$FAKE_USER_ERROR")"; echo "CheckpointError: not this model" >"$FAKE_USER_ERROR"; fi
 case "$FAKE_SRUN_MODE" in
     exit:*) exit "${FAKE_SRUN_MODE#exit:}" ;;
@@ -206,8 +210,9 @@ def _time_limit(tmp_path, **extra_env):
 
 def test_slurm_a_failed_requeue_resubmits_the_run(tmp_path):
     """set -e must not end the job inside the time-limit handler: no requeue and no resubmission
-    would leave the run stopped. The step ends during the grace (exit 0): no node is blamed."""
-    status, output = _time_limit(tmp_path, srun_mode="wait-then-exit:0", FAKE_STEP_ENDS_ON_USR1="1", FAKE_REQUEUE_FAILS="1")
+    would leave the run stopped. The step fails during the grace: the requeue (here the
+    resubmission) covers it, and no node is blamed."""
+    status, output = _time_limit(tmp_path, srun_mode="wait-then-exit:1", FAKE_STEP_ENDS_ON_USR1="1", FAKE_REQUEUE_FAILS="1")
     recorded = calls(tmp_path)
     assert status == 0, output
     assert recorded[1:3] == ["scancel --signal=USR1 4242", "scontrol requeue 4242"], output
@@ -223,6 +228,31 @@ def test_slurm_a_step_that_ends_during_the_grace_keeps_its_own_status(tmp_path):
                                  FAKE_SCANCEL_FAILS="1", KREA2_RESUBMIT_COUNT="5")
     assert status == 3, output
     assert "training failed with exit status 3" in output and "138" not in output
+
+
+def test_slurm_a_run_that_finishes_during_the_grace_is_not_requeued(tmp_path):
+    """After USR1 the trainers checkpoint and go on: a step that ends with exit 0 in the grace
+    finished the run, and a requeue would only start a job with nothing to do."""
+    status, output = _time_limit(tmp_path, srun_mode="wait-then-exit:0", FAKE_STEP_ENDS_ON_USR1="1", KREA2_CHECKPOINT_GRACE_S="1")
+    assert status == 0, output
+    assert calls(tmp_path)[1:] == ["scancel --signal=USR1 4242"], output
+    assert "finished during the grace: no requeue" in output
+
+
+def test_slurm_a_stop_on_sigterm_of_the_step_alone_is_not_a_failure(tmp_path):
+    """scancel --signal=TERM reaches the step, not the batch script: the trainers checkpoint and
+    stop, and torchrun exits 1 after passing the signal on. The run log says it was a signal, so no
+    node is checked and nothing resubmitted; a signal stop of an earlier job does not count."""
+    runlog = tmp_path / "runs" / "pt-a" / "runlog.jsonl"
+    env = fake_cluster(tmp_path, srun_mode="exit:1", extra_env={"FAKE_SIGNAL_STOP": str(runlog)})
+    result = sbatch(env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "stopped on a signal at step 42 (exit 1 from torchrun): not resubmitting" in result.stdout
+    assert [line.split()[0] for line in calls(tmp_path)] == ["srun"]
+    runlog.write_text('{"id": "e0", "time": 1000.5, "kind": "stop", "incarnation": 1, "rank": 0, "step": 7, "reason": "signal"}\n')
+    (tmp_path / "calls.log").unlink()
+    result = sbatch(fake_cluster(tmp_path, srun_mode="exit:1"))
+    assert "training failed with exit status 1" in result.stdout and any(line.startswith("sbatch") for line in calls(tmp_path))
 
 
 def test_local_launcher_runs_torchrun_with_restarts(tmp_path):

@@ -317,13 +317,16 @@ def test_a_restart_during_a_database_outage_trains_on_its_pinned_data(tmp_path, 
 
 @pytest.mark.postgres
 def test_sigusr1_checkpoints_and_continues_sigterm_checkpoints_and_exits(tmp_path, fresh_database_dsn):
+    """As Slurm signals a job step: every process of it, the loader's worker included (a worker
+    killed by SIGTERM would make the next batch raise before the exit checkpoint)."""
     import signal
     import time
 
-    command = [sys.executable, "-m", "krea2_train", "--config", "stage/pretrain_256",
-               *overrides(tmp_path / "runs", steps=500, interval=1000, extra=["irepa.enabled=false"])]
+    args = [arg for arg in overrides(tmp_path / "runs", steps=500, interval=1000, extra=["irepa.enabled=false"])
+            if not arg.startswith("data.num_workers=")]  # fmt: skip
+    command = [sys.executable, "-m", "krea2_train", "--config", "stage/pretrain_256", *args, "data.num_workers=1"]
     process = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "KREA2_PG_DSN": fresh_database_dsn},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     run_dir = tmp_path / "runs" / "pretrain_256"
     checkpoints = run_dir / "checkpoints"
 
@@ -335,11 +338,11 @@ def test_sigusr1_checkpoints_and_continues_sigterm_checkpoints_and_exits(tmp_pat
 
     try:
         wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(step_losses(run_dir)) >= 2)
-        process.send_signal(signal.SIGUSR1)
+        os.killpg(process.pid, signal.SIGUSR1)
         wait_for(lambda: checkpoints.exists() and any(not p.name.endswith(".tmp") for p in checkpoints.iterdir()))
         first = max(step_losses(run_dir))
         wait_for(lambda: max(step_losses(run_dir)) >= first + 2)  # it went on training
-        process.send_signal(signal.SIGTERM)
+        os.killpg(process.pid, signal.SIGTERM)
         assert process.wait(timeout=120) == 0
     finally:
         process.kill()

@@ -30,6 +30,7 @@ import collections
 import itertools
 import logging
 import os
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,6 +278,14 @@ def make_plan(manifest: Manifest, config: LoaderConfig, epoch: int) -> EpochPlan
     )
 
 
+def _ignore_termination(worker_id: int) -> None:
+    """A loader worker ignores SIGTERM. Slurm sends it to every process of a job step (a
+    preemption, a cancel, the time limit); a worker killed by it makes the trainer's next batch
+    raise before the step whose all-reduce agrees to checkpoint and exit. The workers still end
+    with the loader, or when the trainer dies (torch's parent watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class ShardLoader:
     """Iterate a rank's batches; ``state_dict``/``load_state_dict`` for the trainer's checkpoint.
 
@@ -363,6 +372,7 @@ class ShardLoader:
             # global RNG that a checkpoint restores (CPU dropout would not resume exactly); the
             # batches are keyed by (seed, epoch, position) and never use it
             generator=torch.Generator(),
+            worker_init_fn=_ignore_termination,
         )
         for item in loader:
             if isinstance(item, UnreadableBatch):

@@ -9,7 +9,9 @@
 # - the run directory is runs_root/run_name, fixed by the environment, so a requeued or
 #   resubmitted job continues the same run by itself;
 # - USR1 before the time limit (sbatch --signal=B:USR1@SECONDS): the trainers checkpoint and go
-#   on, and after KREA2_CHECKPOINT_GRACE_S the job requeues itself;
+#   on, and after KREA2_CHECKPOINT_GRACE_S the job requeues itself (unless the run finished);
+# - a SIGTERM to the step alone: the trainers checkpoint and stop (the run log says so); the job
+#   ends without blaming a node;
 # - a failure the restarts did not cure: every node is checked (node_check.sh), the nodes that
 #   fail are added to the faulty-node list, and the job is resubmitted excluding every listed node;
 # - a job that lands on a listed node resubmits itself elsewhere at once;
@@ -91,11 +93,23 @@ done
 
 trapped=0
 requeued=0
+finished=0          # the step finished (exit 0) during the trap's grace
+ended_status=""     # the step's status when the trap already waited for it
 on_time_limit() {  # no command may end the script here (set -e): the job must requeue or resubmit
     trapped=1
     log "time limit near: the trainers checkpoint, then job $SLURM_JOB_ID requeues itself in ${grace_s}s"
     scancel --signal=USR1 "$SLURM_JOB_ID" || log "scancel --signal=USR1 failed: the trainers were not told to checkpoint"
     sleep "$grace_s"
+    if [[ -n "${srun_pid:-}" ]] && ! kill -0 "$srun_pid" 2>/dev/null; then  # the step ended during the grace
+        local step_status=0
+        wait "$srun_pid" || step_status=$?
+        if (( step_status == 0 )); then  # the trainers checkpoint and go on after USR1: exit 0 is a finished run
+            log "the training step finished during the grace: no requeue"
+            finished=1
+            return 0
+        fi
+        ended_status="$step_status"
+    fi
     if scontrol requeue "$SLURM_JOB_ID"; then
         requeued=1
     else
@@ -124,6 +138,8 @@ status=0
 while true; do
     trapped=0
     wait "$srun_pid" && status=0 || status=$?
+    if (( finished )); then status=0; break; fi
+    if [[ -n "$ended_status" ]]; then status="$ended_status"; break; fi
     kill -0 "$srun_pid" 2>/dev/null && continue  # a trap interrupted the wait; the step runs on
     if (( trapped )); then  # it ended during the trap: the interrupted wait's status is not its own
         wait "$srun_pid" && status=0 || status=$?
@@ -137,6 +153,26 @@ if (( requeued )); then
 fi
 if (( status == 0 )); then
     log "training step finished (exit 0)"
+    exit 0
+fi
+
+# A SIGTERM that reached the step but not this script (scancel --signal=TERM without --full):
+# the trainers checkpointed and stopped (torchrun still exits 1 after passing a signal on). It was
+# asked for: nothing to check or resubmit.
+signal_stop_since() {  # the step of the newest stop on a signal at or after $1 (epoch s), if any
+    local runlog="$runs_root/$run_name/runlog.jsonl" line when step=""
+    [[ -f "$runlog" ]] || return 0
+    while IFS= read -r line; do
+        when="$(sed -n 's/.*"time": \([0-9]*\).*/\1/p' <<<"$line")"
+        if [[ -n "$when" ]] && (( when >= $1 )); then
+            step="$(sed -n 's/.*"step": \([0-9]*\).*/\1/p' <<<"$line")"
+        fi
+    done < <(grep '"kind": "stop"' "$runlog" | grep '"reason": "signal"' || true)
+    echo "$step"
+}
+stopped_at="$(signal_stop_since "$job_started")"
+if [[ -n "$stopped_at" ]]; then
+    log "the trainers checkpointed and stopped on a signal at step $stopped_at (exit $status from torchrun): not resubmitting"
     exit 0
 fi
 
