@@ -144,7 +144,8 @@ EOF
     fp8-512)
         fp8_curves pretrain_512 150 16 fp8rw_512
         ;;
-    post-training)  # the post-training stages in bf16 on CUDA: STPO starts at ln 2, GRPO's first ratio is 1;
+    post-training)  # the post-training stages in bf16 on CUDA: STPO starts at ln 2, GRPO's first ratio is 1,
+        # TDM's third step logs "host syncs in one training step: 1" (its phases skip on the device);
         # the pretrain runs iREPA in compiled, selectively checkpointed blocks (parallel=cluster's setting)
         POST=("${SMALL[@]}" "${COMMON[@]}" "runs_root=$OUT/$part/runs" data.num_samples=512 data.resolution=256)
         run pretrain 300 python3 -m krea2_train --config stage/pretrain_256 "${POST[@]}" stage.init_from=null \
