@@ -113,11 +113,45 @@ def gated_writer(gate: threading.Event | None = None, error: OSError | None = No
 # ----------------------------------------------------------------------------------------------
 
 
+def test_state_added_later_is_optional_in_older_checkpoints_and_saved_in_new_ones(tmp_path):
+    """A checkpoint written before TrainState had consecutive_skips (or STPO saved its alarm
+    streak) still loads, the new field keeping its value; a new checkpoint saves it; a key that is
+    not optional and missing still fails the load."""
+    from krea2_train.train.checkpoint import CheckpointLoadError
+
+    class OldTrainState:  # the counters as checkpoints of the previous version hold them
+        def __init__(self, **fields):
+            self.fields = fields
+
+        def state_dict(self):
+            return dict(self.fields)
+
+        def load_state_dict(self, state):
+            self.fields = dict(state)
+
+    old = CheckpointManager(tmp_path / "old", interval=1, async_mode="sync")
+    assert old.save(4, {"train_state": OldTrainState(step=4, tokens_seen=40, samples_seen=8, skipped_steps=1)})
+    loaded_state = TrainState(consecutive_skips=3)
+    assert CheckpointManager(tmp_path / "old", interval=1).load({"train_state": loaded_state}).step == 4
+    assert loaded_state == TrainState(step=4, tokens_seen=40, samples_seen=8, skipped_steps=1, consecutive_skips=3)
+
+    new = CheckpointManager(tmp_path / "new", interval=1, async_mode="sync")
+    assert new.save(5, {"train_state": TrainState(step=5, skipped_steps=2, consecutive_skips=2)})
+    resumed = TrainState()
+    CheckpointManager(tmp_path / "new", interval=1).load({"train_state": resumed})
+    assert resumed.consecutive_skips == 2
+
+    with pytest.raises(CheckpointLoadError, match="skipped_steps"):  # not optional
+        older = CheckpointManager(tmp_path / "older", interval=1, async_mode="sync")
+        older.save(6, {"train_state": OldTrainState(step=6, tokens_seen=0, samples_seen=0)})
+        CheckpointManager(tmp_path / "older", interval=1).load({"train_state": TrainState()})
+
+
 @pytest.mark.parametrize("async_mode", ["sync", "async"])
 def test_round_trip_model_optimizer_train_state_rng_and_loader(tmp_path, async_mode):
     model, optimizer = tiny_model_and_optimizer(seed=0)
     optimizer_step(model, optimizer, seed=1)
-    train_state = TrainState(step=10, tokens_seen=12345, samples_seen=80, skipped_steps=2)
+    train_state = TrainState(step=10, tokens_seen=12345, samples_seen=80, skipped_steps=2, consecutive_skips=1)
     loader, local = FakeLoader(epoch=3, batch_index=17), FakeLoader(epoch=9, batch_index=99)
     random.seed(5), np.random.seed(5), torch.manual_seed(5)
     manager = CheckpointManager(tmp_path, interval=10, async_mode=async_mode)

@@ -93,6 +93,28 @@ def test_the_drift_alarm_fires_after_a_streak_of_positive_winner_gaps():
     assert f"winner_gap > 0 for {DRIFT_ALARM_STEPS} steps in a row (now 0.2)" in fired[2 * DRIFT_ALARM_STEPS][0]
 
 
+def test_the_drift_alarms_streak_is_checkpointed_and_older_checkpoints_without_it_load(tmp_path):
+    """A run resumed inside a streak raises the alarm at the step the uninterrupted run does."""
+    from krea2_train.stages.preference import DRIFT_ALARM_STEPS
+    from krea2_train.train.checkpoint import CheckpointManager, TrainState
+
+    config = load_config("stage/stpo", ["stage.init_from=sft"])
+    stage = build_stage(config)
+    for step in range(1, DRIFT_ALARM_STEPS - 1):
+        assert stage.end_step(step, {"winner_gap": 0.1}) == []
+    manager = CheckpointManager(tmp_path / "run", interval=1, async_mode="sync")
+    assert manager.save(DRIFT_ALARM_STEPS - 2, {"train_state": TrainState(step=DRIFT_ALARM_STEPS - 2), "stage": stage})
+    resumed = build_stage(config)
+    CheckpointManager(tmp_path / "run", interval=1).load({"train_state": TrainState(), "stage": resumed})
+    assert resumed.end_step(DRIFT_ALARM_STEPS - 1, {"winner_gap": 0.1}) == []
+    assert resumed.end_step(DRIFT_ALARM_STEPS, {"winner_gap": 0.1})  # the uninterrupted run's alarm step
+    older = CheckpointManager(tmp_path / "older", interval=1, async_mode="sync")  # STPO checkpoints before the streak was saved
+    assert older.save(3, {"train_state": TrainState(step=3)})
+    from_older = build_stage(config)
+    assert CheckpointManager(tmp_path / "older", interval=1).load({"train_state": TrainState(), "stage": from_older}).step == 3
+    assert from_older.winner_gap_streak == 0
+
+
 def test_velocity_beta_equals_noise_beta_over_one_minus_t_squared():
     """ε-space errors are (1 − t)² times v-space errors: β_ε = β_v / (1 − t)² gives the same loss."""
     t, beta = 0.3, 40.0

@@ -189,6 +189,16 @@ class PreferenceStage(FlowMatchingStage):
         self.artifact_strength = stpo.artifact_strength
         self.winner_gap_streak = 0  # steps in a row whose (global) winner_gap was > 0
 
+    # the drift alarm's streak is checkpointed (a resumed run raises it when the uninterrupted one
+    # would); checkpoints from before it was saved lack it
+    optional_state_keys = ("winner_gap_streak",)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"winner_gap_streak": self.winner_gap_streak}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.winner_gap_streak = int(state.get("winner_gap_streak", 0))
+
     def end_step(self, step: int, values: dict[str, float]) -> list[str]:
         """The drift alarm: ``winner_gap > 0`` (the policy fits the dataset winners worse than the
         reference) for :data:`DRIFT_ALARM_STEPS` steps in a row, the failure STPO guards against."""

@@ -158,6 +158,10 @@ class TrainState(Stateful):
     tokens_seen: int = 0
     samples_seen: int = 0
     skipped_steps: int = 0
+    consecutive_skips: int = 0  # the non-finite steps in a row that end at ``step`` (a signal saves inside a streak)
+
+    # fields a checkpoint written before they existed lacks: loaded as they are (see optional_state_keys)
+    optional_state_keys = ("consecutive_skips",)
 
     def state_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -169,6 +173,34 @@ class TrainState(Stateful):
             raise ValueError(f"TrainState has no fields {unknown}; known fields: {sorted(names)}")
         for name, value in state_dict.items():
             setattr(self, name, int(value))
+
+
+class _PartialState(Stateful):
+    """``inner``'s state without the keys ``missing``; loading passes what was read on to it."""
+
+    def __init__(self, inner: Stateful, missing: set[str]) -> None:
+        self.inner, self.missing = inner, missing
+
+    def state_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in self.inner.state_dict().items() if key not in self.missing}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.inner.load_state_dict(state_dict)
+
+
+def without_missing_optional_keys(stateful: Mapping[str, Any], checkpoint_dir: Path) -> dict[str, Any]:
+    """``stateful`` for loading ``checkpoint_dir``: an entry with ``optional_state_keys`` (state
+    added after checkpoints were written without it) asks only for those of them the checkpoint
+    holds, so an older checkpoint still loads (DCP refuses a key it lacks); the others keep their
+    current values. Every other key must be there."""
+    saved = read_dcp_metadata(checkpoint_dir).state_dict_metadata
+    adjusted = dict(stateful)
+    for name, value in stateful.items():
+        optional = getattr(value, "optional_state_keys", ())
+        missing = {key for key in optional if f"{name}.{key}" not in saved}
+        if missing:
+            adjusted[name] = _PartialState(value, missing)
+    return adjusted
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -925,7 +957,8 @@ class CheckpointManager:
         same_world = saved_world_size == self.world_size
         payload = None
         try:
-            dcp.load(stateful, checkpoint_id=str(path), process_group=self._group, no_dist=not self.distributed)
+            dcp.load(without_missing_optional_keys(stateful, path), checkpoint_id=str(path), process_group=self._group,
+                     no_dist=not self.distributed)  # fmt: skip
             if same_world:
                 payload = torch.load(rank_state_path(path, self.rank), weights_only=False)
         except (Exception, CheckpointException) as error:

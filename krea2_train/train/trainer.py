@@ -350,7 +350,6 @@ class Trainer:
             config=to_record(config),
         )
         self._signal = 0
-        self._consecutive_skips = 0
         self.supervision: Supervision | None = None  # run log + watchdog, from the first step on
 
     # -- construction ---------------------------------------------------------------------------
@@ -518,7 +517,7 @@ class Trainer:
         loaded = self.checkpointer.load(state)
         self.train_state.load_state_dict(counters)
         self.metrics.event(step, "rollback", to=None if loaded is None else str(loaded.path))
-        self._consecutive_skips = 0
+        self.train_state.consecutive_skips = 0
 
     # -- signals --------------------------------------------------------------------------------
 
@@ -643,8 +642,8 @@ class Trainer:
                 result = self.train_step(batch)
             if syncs.count is not None:
                 result["host_syncs"] = syncs.count
-                logger.info("host syncs in one training step: %d (1 is the step's own read of its all-reduce, plus one per"
-                            " update phase of a stage with several)", syncs.count)
+                logger.info("host syncs in one training step: %d (1 is the step's own read of its all-reduce; a stage with"
+                            " several update phases adds one per phase unless its optimizer is fused)", syncs.count)
             if result.pop("fenced"):  # every rank agrees: stop at once, write nothing (the newer start owns the run)
                 logger.error(
                     "a newer start of run %s holds its data lease: this process is a leftover of an older "
@@ -660,10 +659,10 @@ class Trainer:
             signal_now = result.pop("signal")
             if not result.pop("finite"):
                 self.train_state.skipped_steps += 1
-                self._consecutive_skips += 1
+                self.train_state.consecutive_skips += 1
                 self.metrics.event(self.train_state.step, "skip", loss=result["loss"], grad_norm=result["grad_norm"])
             else:
-                self._consecutive_skips = 0
+                self.train_state.consecutive_skips = 0
             step_time = time.perf_counter() - start
             step = self.train_state.step
             metrics = {
@@ -671,7 +670,7 @@ class Trainer:
                 "images_per_s": config.data.global_batch_size / step_time,
                 "tokens_per_s": config.data.global_batch_size * tokens_per_image / step_time,
                 "memory_gib": peak_memory_gib(self.device),
-                "skipped": int(self._consecutive_skips > 0),
+                "skipped": int(self.train_state.consecutive_skips > 0),
                 "skipped_total": self.train_state.skipped_steps,
             }
             self.metrics.log_step(step, metrics, step_time=step_time, print_line=step % config.logging.log_interval == 0 or step == total)
@@ -683,11 +682,11 @@ class Trainer:
             # a rollback, a save that blocks (sync mode, or the previous write still going) and the
             # exit's wait are not a slow next step for the watchdog (its no-progress rule still holds)
             with self.supervision.slow_section():
-                if self._consecutive_skips >= config.optim.max_consecutive_skips:
+                if self.train_state.consecutive_skips >= config.optim.max_consecutive_skips:
                     self.rollback()
                 # no periodic checkpoint inside a streak of skipped steps: rollback must reach a
                 # state from before the instability
-                if self._consecutive_skips == 0 or step == total or signal_now > 0:
+                if self.train_state.consecutive_skips == 0 or step == total or signal_now > 0:
                     if self.checkpointer.save(step, self.checkpoint_state(), force=step == total or signal_now > 0):
                         self.metrics.event(step, "checkpoint", blocked_s=round(self.checkpointer.last_blocked_s, 4))
                 if signal_now == CHECKPOINT_AND_EXIT:
