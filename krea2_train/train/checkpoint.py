@@ -379,7 +379,10 @@ def check_model_digests(checkpoint_dir: str | os.PathLike) -> None:
     if not digests:
         return
     metadata = read_dcp_metadata(checkpoint_dir)
-    prefix = _model_prefix(checkpoint_dir, metadata.state_dict_metadata)
+    try:
+        prefix = _model_prefix(checkpoint_dir, metadata.state_dict_metadata)
+    except CheckpointVerificationError:  # no Krea2DiT among its tensors: every file is checked
+        prefix = ""
     model_files = {info.relative_path for index, info in metadata.storage_data.items() if index.fqn.startswith(prefix)}
     check_file_digests(checkpoint_dir, {name: digest for name, digest in digests.items() if name in model_files or name == DCP_METADATA_NAME})
 
