@@ -545,7 +545,7 @@ def test_a_checkpoint_that_does_not_read_falls_back_to_the_one_before(tmp_path, 
     state = {"weights": torch.zeros(4)}
     loaded = manager.load(state)
     assert loaded.step == 10 and torch.equal(state["weights"], torch.full((4,), 10.0))
-    with pytest.raises(ckpt.CheckpointVerificationError, match="step-00000030 does not read"):
+    with pytest.raises(ckpt.CheckpointVerificationError, match="step-00000030 does not (read|load)"):
         manager.load(state, step=30)  # a step asked for does not fall back
 
 

@@ -947,6 +947,7 @@ class CheckpointManager:
                     " from elsewhere; move it out of checkpoints/"
                 )
             self._check_model_keys(path, stateful)
+            to_load = without_missing_optional_keys(stateful, path)
         except CheckpointMismatchError as error:
             problem = ("mismatch", str(error))
         except CheckpointVerificationError as error:
@@ -960,8 +961,7 @@ class CheckpointManager:
         same_world = saved_world_size == self.world_size
         payload = None
         try:
-            dcp.load(without_missing_optional_keys(stateful, path), checkpoint_id=str(path), process_group=self._group,
-                     no_dist=not self.distributed)  # fmt: skip
+            dcp.load(to_load, checkpoint_id=str(path), process_group=self._group, no_dist=not self.distributed)
             if same_world:
                 payload = torch.load(rank_state_path(path, self.rank), weights_only=False)
         except (Exception, CheckpointException) as error:
