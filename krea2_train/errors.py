@@ -20,7 +20,9 @@ logger = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 1
 # the file problems a user fixes (space, permissions, a path that is not there), not bugs
-USER_FILE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EISDIR, errno.ENOTDIR})
+USER_FILE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ELOOP}
+)
 
 
 class Krea2Error(Exception):

@@ -81,7 +81,7 @@ def read_json_lines(path: str | os.PathLike) -> list[Any]:
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():  # a torn multi-byte character too
         try:
             records.append(json.loads(line))
         except ValueError:

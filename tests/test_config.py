@@ -55,6 +55,15 @@ def test_overrides_apply():
         (["parallel.collective_timeout_s=600"], "'resilience.first_step_timeout_s': must be positive and below"),
         (["data.buckets=[1x1]"], "'data.buckets': aspect ratio '1x1' is not of the form 'W:H'"),
         (["data.buckets=[]"], "'data.buckets': at least one aspect ratio"),
+        (["data.resolution=0"], "'data.resolution': must be a positive multiple of 16"),
+        (["data.resolution=-16"], "'data.resolution': must be a positive multiple of 16"),
+        (["data.num_workers=-1"], "'data.num_workers': must be >= 0"),
+        (["data.num_samples=0"], "'data.num_samples': must be >= 1"),
+        (["checkpoint.keep_last=0"], "'checkpoint.keep_last': must be >= 1"),
+        (["checkpoint.keep_every=-1"], "'checkpoint.keep_every': must be >= 0"),
+        (["run_name="], "'run_name': must name one directory under runs_root, got ''"),
+        (["run_name=../../etc"], "'run_name': must name one directory under runs_root"),
+        (["run_name=.."], "'run_name': must name one directory"),
     ],
 )
 def test_bad_input_names_the_key(overrides, message):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 
 import numpy as np
 import pytest
@@ -261,6 +262,11 @@ def test_cli_pack_target_then_the_pack_job_packs_the_dataset(fresh_store, curate
     assert "aspect ratio '1x1' is not of the form 'W:H'" in krea2_error(  # refused before a target holds it
         ["data", "pack-target", *store_args, "--dataset", "shapes", "--resolution", "32", "--out", str(tmp_path / "bad"),
          "--buckets", "1x1"], capsys)
+    for resolution, multiple, message in (("0", "16", "--resolution must be a positive multiple of --pixel-multiple \\(16\\), got 0"),
+                                          ("100", "16", "got 100"), ("32", "0", "pixel_multiple must be positive")):
+        error = krea2_error(["data", "pack-target", *store_args, "--dataset", "shapes", "--resolution", resolution, "--out",
+                             str(tmp_path / "bad"), "--pixel-multiple", multiple], capsys)
+        assert re.search(message, error), error
     with fresh_store.pool.connection() as conn:
         assert conn.execute("SELECT count(*) FROM pack_targets").fetchone()[0] == 0
     assert main(["data", "pack-target", *store_args, "--dataset", "shapes", "--resolution", "32", "--out", str(tmp_path / "shards"),

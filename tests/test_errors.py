@@ -18,6 +18,7 @@ from krea2_train.train.checkpoint import CheckpointWriteError, NoCheckpointError
     StoreUnavailable("cannot reach PostgreSQL at localhost:5432"),
     CheckpointWriteError("disk full while writing step-00000010"),
     OSError(errno.ENOSPC, "No space left on device", "runs/x/checkpoints/step-00000010"),
+    FileExistsError(errno.EEXIST, "File exists", "samples.png"),  # an --out that names an existing file of another kind
 ])
 def test_user_errors_print_one_line_and_exit_1(error, capsys):
     def fail() -> int:

@@ -2,6 +2,7 @@
 
 import pytest
 
+from krea2_train.errors import UsageError
 from krea2_train.train.faults import Fault, FaultInjector, parse_faults
 
 
@@ -15,9 +16,9 @@ def test_spec_parses_actions_steps_and_ranks():
     assert parse_faults("") == []
 
 
-@pytest.mark.parametrize("bad", ["explode@3", "kill@x", "kill@3:node=1", "kill"])
+@pytest.mark.parametrize("bad", ["explode@3", "kill@x", "kill@3:node=1", "kill", "kill@2;nan@3", "kill@2:rank=x"])
 def test_bad_spec_names_the_item(bad):
-    with pytest.raises(ValueError, match="bad fault"):
+    with pytest.raises(UsageError, match="bad fault"):
         parse_faults(bad)
 
 
@@ -28,5 +29,5 @@ def test_faults_are_per_rank_and_only_in_the_first_start():
     assert [f.action for f in rank1.faults] == ["nan", "kill"] and [f.action for f in rank0.faults] == ["nan"]
     restarted = FaultInjector(1, spec, incarnation=2)
     assert restarted.faults == [] and not restarted.poison_loss(3)
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError):
         FaultInjector(0, "kill@", incarnation=2)  # a malformed spec is reported in every start

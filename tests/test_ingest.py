@@ -107,6 +107,26 @@ def test_parquet_without_uri_column_is_refused(fresh_store, tmp_path):
         ingest(fresh_store, "pq", parquet=path)
 
 
+def test_uris_that_cannot_be_read_and_files_that_are_not_parquet_are_refused(fresh_store, folder, tmp_path):
+    """Only local paths and file:// URIs are read: a list or parquet naming http or s3 URIs is
+    refused at ingest (not left to fail decoding, retried for minutes); so is a uri that is not
+    text, and a --parquet file that is not parquet."""
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{folder / 'a.png'}\nhttps://host/x.png\ns3://bucket/y.png\n")
+    with pytest.raises(StoreError, match=r"names 2 URI\(s\) that cannot be read, nothing was ingested: https://host/x.png, s3://bucket/y.png"):
+        ingest(fresh_store, "listed", uris=listing)
+    for uris, message in ((["s3://bucket/y.png"], "row 0: s3://bucket/y.png: only local paths"), ([7], "row 0 has no uri .*7")):
+        path = tmp_path / "remote.parquet"
+        pq.write_table(pa.table({"uri": uris}), path)
+        with pytest.raises(StoreError, match=message):
+            ingest(fresh_store, "pq", parquet=path)
+    not_parquet = tmp_path / "captions.txt"
+    not_parquet.write_text("a cat\n")
+    with pytest.raises(StoreError, match="does not read as a parquet file"):
+        ingest(fresh_store, "pq", parquet=not_parquet)
+    assert _rows(fresh_store) == [] and _datasets(fresh_store) == []
+
+
 def test_uri_list_uses_sidecars_and_refuses_duplicates(fresh_store, folder, tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text(f"# two images\n{folder / 'a.png'}\n\nfile://{folder / 'b.png'}\n")
@@ -122,6 +142,16 @@ def test_uri_list_uses_sidecars_and_refuses_duplicates(fresh_store, folder, tmp_
 def test_invalid_sidecar_json_names_the_file(fresh_store, folder):
     (folder / "b.json").write_text("{not json")
     with pytest.raises(StoreError, match=r"invalid JSON in .*b\.json"):
+        ingest(fresh_store, "toy", folder=folder)
+    for text, message in (('{"captions": "a cat"}', "'captions' must be an object of texts"),
+                          ('{"captions": {"long": 5}}', "'captions' must be an object of texts"),
+                          ('{"facts": [1]}', "'facts' must be an object")):
+        (folder / "b.json").write_text(text)
+        with pytest.raises(StoreError, match=r"b\.json: " + message):
+            ingest(fresh_store, "toy", folder=folder)
+    (folder / "b.json").unlink()
+    (folder / "b.txt").write_bytes("un caf\xe9".encode("latin-1"))
+    with pytest.raises(StoreError, match=r"caption file .*b\.txt is not UTF-8 text"):
         ingest(fresh_store, "toy", folder=folder)
 
 
@@ -184,13 +214,13 @@ def test_a_nul_character_stops_the_ingest_before_its_batch_naming_the_row(fresh_
     and the same ingest of the fixed file completes the dataset."""
     n = 1200
     values = [json.dumps({"i": i}) if column == "facts" else f"caption {i}" for i in range(n)]
-    uris = [f"s3://bucket/img{i}.jpg" for i in range(n)]
+    uris = [f"/data/bucket/img{i}.jpg" for i in range(n)]
     path = tmp_path / "scraped.parquet"
     pq.write_table(pa.table({"uri": uris, column: values[:1100] + [value] + values[1101:]}), path)
     argv = ["data", "ingest", "--dsn", fresh_store.dsn, "--dataset", "scraped", "--parquet", str(path)]
     assert main(argv) == 1
     error = capsys.readouterr().err
-    assert "1 value(s) hold a NUL character" in error and f"{field} of row 1100 (s3://bucket/img1100.jpg)" in error
+    assert "1 value(s) hold a NUL character" in error and f"{field} of row 1100 (/data/bucket/img1100.jpg)" in error
     assert "The 1000 rows before this batch were ingested" in error and "run the same ingest again" in error
     assert len(_rows(fresh_store)) == 1000
     pq.write_table(pa.table({"uri": uris, column: values}), path)

@@ -56,10 +56,17 @@ def test_a_pair_file_with_bad_rows_is_refused_naming_them(tmp_path):
         "row 1: the winner is the loser": [good | {"winner": f"file://{tmp_path}/a.png", "loser": "a.png"}],  # two spellings
         "1 image\\(s\\) that do not exist: .*gone.png": [good | {"loser": f"file://{tmp_path}/gone.png"}],
         "row 1: a NUL character .* in prompt": [good | {"prompt": "a red\x00circle"}],
+        "1 image URI\\(s\\) that cannot be read: https://host/l.png \\(only local paths": [good | {"loser": "https://host/l.png"}],
     }
     for message, rows in cases.items():
         with pytest.raises(StoreError, match=f"nothing was ingested: .*{message}"):
             read_pair_file(write_pair_file(tmp_path / "bad.jsonl", rows))
+    (tmp_path / "utf16.jsonl").write_bytes(b"\xff\xfe" + json.dumps(good).encode("utf-16-le"))
+    with pytest.raises(StoreError, match="utf16.jsonl is not UTF-8 text"):
+        read_pair_file(tmp_path / "utf16.jsonl")
+    (tmp_path / "text.parquet").write_text("prompt,winner,loser\n")
+    with pytest.raises(StoreError, match="text.parquet does not read as a parquet file"):
+        read_pair_file(tmp_path / "text.parquet")
     (tmp_path / "broken.jsonl").write_text(json.dumps(good) + "\n{not json\n")
     with pytest.raises(StoreError, match="line 2 is not JSON"):
         read_pair_file(tmp_path / "broken.jsonl")

@@ -138,7 +138,10 @@ def validate(config: RunConfig) -> None:
     )
     _require(0.0 <= config.conditioning.caption_dropout < 1.0, "conditioning.caption_dropout", "must be in [0, 1)")
     _require(config.data.source in ("shapes", "registry"), "data.source", "accepted: shapes, registry")
-    _require(config.data.resolution % 16 == 0, "data.resolution", "must be a multiple of 16 (one token per 16 px)")
+    _require(config.data.resolution > 0 and config.data.resolution % 16 == 0, "data.resolution",
+             "must be a positive multiple of 16 (one token per 16 px)")
+    _require(config.data.num_workers >= 0, "data.num_workers", "must be >= 0 (0: load in the training process)")
+    _require(config.data.num_samples >= 1, "data.num_samples", "must be >= 1 (the images of the shapes world)")
     _require(config.data.global_batch_size > 0, "data.global_batch_size", "must be positive")
     _require(config.data.prepare_timeout_s > 0, "data.prepare_timeout_s", "must be positive")
     _require(set(config.data.caption_mix) <= {"long", "medium", "short"}, "data.caption_mix", "keys: long, medium, short")
@@ -188,6 +191,12 @@ def validate(config: RunConfig) -> None:
     _require(config.optim.decay_type in ("linear", "sqrt", "cosine"), "optim.decay_type", "accepted: linear, sqrt, cosine")
     _require(config.optim.grad_accum_steps >= 1, "optim.grad_accum_steps", "must be >= 1")
     _require(config.checkpoint.interval > 0, "checkpoint.interval", "must be positive")
+    _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1 (the checkpoint to resume from)")
+    _require(config.checkpoint.keep_every >= 0, "checkpoint.keep_every", "must be >= 0 (0: off)")
+    _require(
+        bool(config.run_name) and config.run_name not in (".", "..") and "/" not in config.run_name and "\\" not in config.run_name,
+        "run_name", f"must name one directory under runs_root, got {config.run_name!r}",
+    )
     _require(config.checkpoint.async_mode in ("async", "sync"), "checkpoint.async_mode", "accepted: async, sync")
     _require(config.logging.wandb in ("offline", "online", "disabled"), "logging.wandb", "accepted: offline, online, disabled")
     try:  # the sample grids come after training steps: a bad setting must not wait for them

@@ -117,6 +117,8 @@ def _pack_arguments(parser: argparse.ArgumentParser) -> None:
 def _pack_settings(args, command: str):
     from krea2_train.data.pack import PackSettings
 
+    if args.pixel_multiple > 0 and (args.resolution <= 0 or args.resolution % args.pixel_multiple):
+        raise UsageError(f"{command}: --resolution must be a positive multiple of --pixel-multiple ({args.pixel_multiple}), got {args.resolution}")
     try:
         return PackSettings(pixel_multiple=args.pixel_multiple, image_format=args.format, shard_size=args.shard_size, seed=args.seed,
                             **({"aspect_ratios": tuple(args.buckets)} if args.buckets else {}))

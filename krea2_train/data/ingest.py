@@ -78,14 +78,21 @@ def read_sidecars(image_path: Path) -> Record:
     if json_path.is_file():
         try:
             meta = json.loads(json_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise StoreError(f"invalid JSON in {json_path}: {error}") from None
         if not isinstance(meta, dict):
             raise StoreError(f"{json_path} must hold a JSON object with 'captions' and/or 'facts'")
         captions = meta.get("captions") or {}
         facts = meta.get("facts")
+        if not isinstance(captions, dict) or not all(isinstance(captions.get(k), (str, type(None))) for k in ("long", "medium", "short")):
+            raise StoreError(f"{json_path}: 'captions' must be an object of texts (long, medium, short), got {json.dumps(captions)[:80]}")
+        if facts is not None and not isinstance(facts, dict):
+            raise StoreError(f"{json_path}: 'facts' must be an object, got {json.dumps(facts)[:80]}")
     text_path = image_path.with_suffix(".txt")
-    long_caption = text_path.read_text(encoding="utf-8").strip() if text_path.is_file() else captions.get("long")
+    try:
+        long_caption = text_path.read_text(encoding="utf-8").strip() if text_path.is_file() else captions.get("long")
+    except UnicodeDecodeError as error:
+        raise StoreError(f"caption file {text_path} is not UTF-8 text ({error}): convert it (e.g. iconv -f latin1 -t utf-8)") from None
     return Record(str(image_path.resolve()), long_caption, captions.get("medium"), captions.get("short"), facts)
 
 
@@ -116,20 +123,29 @@ def resolve_uri(uri: str, base: Path) -> str:
     return str((base / uri).resolve())
 
 
+UNREADABLE_SCHEME = "only local paths and file:// URIs are read (mount the storage and list its paths)"
+
+
 def parquet_records(parquet_file: Path) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     if not parquet_file.is_file():
         raise StoreError(f"parquet file {parquet_file} does not exist")
-    table = pq.read_table(parquet_file)
+    try:
+        table = pq.read_table(parquet_file)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise StoreError(f"{parquet_file} does not read as a parquet file: {error}") from None
     if "uri" not in table.column_names:
         raise StoreError(f"{parquet_file} has no 'uri' column (columns: {table.column_names})")
     wanted = [c for c in ("uri", "caption_long", "caption_medium", "caption_short", "facts") if c in table.column_names]
     for index, row in enumerate(table.select(wanted).to_pylist()):
-        if not row["uri"]:
-            raise StoreError(f"{parquet_file} row {index} has an empty uri")
+        if not isinstance(row["uri"], str) or not row["uri"].strip():
+            raise StoreError(f"{parquet_file} row {index} has no uri (an empty or non-text value: {row['uri']!r})")
+        uri = canonical_uri(row["uri"].strip(), parquet_file.parent)
+        if "://" in uri:
+            raise StoreError(f"{parquet_file} row {index}: {uri}: {UNREADABLE_SCHEME}")
         yield Record(
-            resolve_uri(row["uri"], parquet_file.parent),
+            uri,
             row.get("caption_long"),
             row.get("caption_medium"),
             row.get("caption_short"),
@@ -139,7 +155,7 @@ def parquet_records(parquet_file: Path) -> Iterator[Record]:
 
 def uri_list_records(uri_file: Path) -> Iterator[Record]:
     """Local paths and file:// URIs become absolute paths (one canonical form, with sidecar
-    captions); other URIs are kept as given."""
+    captions); a list naming other URIs (http, s3) is refused, naming them."""
     if not uri_file.is_file():
         raise StoreError(f"URI list {uri_file} does not exist")
     uris = list(listed_uris(uri_file))
@@ -149,6 +165,10 @@ def uri_list_records(uri_file: Path) -> Iterator[Record]:
             f"URI list {uri_file} names {len(missing)} file(s) that do not exist, nothing was ingested: "
             + first_listed(missing)
         )
+    remote = [uri for uri in uris if "://" in uri]
+    if remote:
+        raise StoreError(f"URI list {uri_file} names {len(remote)} URI(s) that cannot be read, nothing was ingested: "
+                         f"{first_listed(remote)}; {UNREADABLE_SCHEME}")  # fmt: skip
     for uri in uris:
         yield Record(uri) if "://" in uri else read_sidecars(Path(uri))
 

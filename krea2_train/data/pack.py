@@ -139,6 +139,8 @@ class PackSettings:
     def __post_init__(self):
         if self.shard_size <= 0:
             raise ValueError(f"shard_size must be positive, got {self.shard_size}")
+        if self.pixel_multiple <= 0:
+            raise ValueError(f"pixel_multiple must be positive, got {self.pixel_multiple}")
         if not self.aspect_ratios:
             raise ValueError("at least one aspect ratio bucket is needed")
         for ratio in self.aspect_ratios:  # a bad name stops here, before a pack target holds it

@@ -36,7 +36,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from krea2_train.data.ingest import LISTED, canonical_uri, ensure_dataset, first_listed, holds_nul
+from krea2_train.data.ingest import LISTED, UNREADABLE_SCHEME, canonical_uri, ensure_dataset, first_listed, holds_nul
 from krea2_train.data.pack import (
     LIVE_SHARD_PAIRS_SQL,
     PackReport,
@@ -105,6 +105,8 @@ def read_pair_file(path: str | Path) -> list[PairRecord]:
     uris = dict.fromkeys(uri for pair in pairs for uri in (pair.winner, pair.loser))
     absent = [uri for uri in uris if "://" not in uri and not Path(uri).is_file()]
     problems += [f"{len(absent)} image(s) that do not exist: {first_listed(absent)}"] if absent else []
+    remote = [uri for uri in uris if "://" in uri]
+    problems += [f"{len(remote)} image URI(s) that cannot be read: {first_listed(remote)} ({UNREADABLE_SCHEME})"] if remote else []
     if problems:
         shown = "; ".join(problems[:LISTED]) + ("; ..." if len(problems) > LISTED else "")
         raise StoreError(f"pair file {path} is refused, nothing was ingested: {shown}")
@@ -112,7 +114,11 @@ def read_pair_file(path: str | Path) -> list[PairRecord]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise StoreError(f"pair file {path} is not UTF-8 text ({error}); nothing was ingested") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
                 yield number, json.loads(line)
@@ -123,7 +129,10 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
 def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise StoreError(f"pair file {path} does not read as a parquet file: {error}") from None
     absent = [name for name in PAIR_FIELDS if name not in table.column_names]
     if absent:
         raise StoreError(f"pair file {path} has no {', '.join(absent)} column (columns: {table.column_names})")

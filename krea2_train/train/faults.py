@@ -18,6 +18,8 @@ import os
 import signal
 from dataclasses import dataclass
 
+from krea2_train.errors import UsageError
+
 ACTIONS = ("kill", "stop", "nan", "usr1", "term")
 _SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "usr1": signal.SIGUSR1, "term": signal.SIGTERM}
 
@@ -34,8 +36,10 @@ def parse_faults(spec: str) -> list[Fault]:
     for item in filter(None, (part.strip() for part in spec.split(","))):
         head, _, rank_part = item.partition(":")
         action, _, step = head.partition("@")
-        if action not in ACTIONS or not step.isdigit() or (rank_part and not rank_part.startswith("rank=")):
-            raise ValueError(f"bad fault {item!r} in KREA2_FAULTS; expected ACTION@STEP[:rank=R] with ACTION in {ACTIONS}")
+        if action not in ACTIONS or not step.isdigit() or (rank_part and not (rank_part.startswith("rank=") and rank_part[5:].isdigit())):
+            raise UsageError(
+                f"bad fault {item!r} in KREA2_FAULTS={spec!r}; expected ACTION@STEP[:rank=R] (comma-separated) with ACTION in {ACTIONS}"
+            )
         faults.append(Fault(action, int(step), int(rank_part[5:]) if rank_part else None))
     return faults
 

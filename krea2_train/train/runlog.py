@@ -63,8 +63,11 @@ _CORE_FIELDS = ("id", "time", "kind", "incarnation", "rank", "host", "step")
 
 
 def read_events(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The events of a run, oldest first (a line torn by a crash is skipped)."""
-    return sorted(read_json_lines(Path(run_dir) / RUNLOG_NAME), key=lambda event: event["time"])
+    """The events of a run, oldest first (a line torn by a crash, or edited into something that
+    is not an event, is skipped)."""
+    events = read_json_lines(Path(run_dir) / RUNLOG_NAME)
+    return sorted((e for e in events if isinstance(e, dict) and isinstance(e.get("time"), (int, float)) and "kind" in e),
+                  key=lambda event: event["time"])  # fmt: skip
 
 
 def append_event(run_dir: Path, event: dict[str, Any]) -> None:
