@@ -143,3 +143,23 @@ def test_a_full_disk_under_the_metrics_file_is_one_line_naming_it(tmp_path, monk
 
     assert report_user_errors("krea2_train", log) == EXIT_USER_ERROR
     assert f"No space left on device: '{metrics.jsonl_path}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "train", "--steps", "0"], "argument --steps: must be a positive integer, got 0"),
+    (["bench", "train", "--warmup", "-1"], "argument --warmup: must be an integer >= 0, got -1"),
+    (["bench", "ckpt", "--ckpt-saves", "0"], "argument --ckpt-saves: must be a positive integer, got 0"),
+    (["sample", "--checkpoint", "x", "--prompt", "a", "--steps", "-1"], "argument --steps: must be a positive integer, got -1"),
+    (["sample", "--checkpoint", "x", "--prompt", "a", "--guidance", "abc"], "argument --guidance: must be a number >= 0, got 'abc'"),
+    (["average", "run", "--last", "0", "--layout", "original", "--out", "x.safetensors"], "argument --last: must be a positive integer"),
+    (["lora", "memory", "--rank", "0"], "argument --rank: must be a positive integer, got 0"),
+    (["data", "shapes", "--out", "x", "--n", "0"], "argument --n: must be a positive integer, got 0"),
+    (["demo", "--scale", "0"], "argument --scale: must be a positive number, got 0"),
+])
+def test_numbers_out_of_range_are_refused_by_the_parser(argv, message, capsys):
+    """Before any work: exit 2 and the argument named, not a traceback from deep inside."""
+    from krea2_train.cli import main
+
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2 and message in capsys.readouterr().err

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from krea2_train.arguments import positive_int
 from krea2_train.bench.mttr import MODEL_100M
 from krea2_train.model.presets import build_model, count_parameters
 from krea2_train.train.checkpoint import CheckpointManager, ModelOptimizerState
@@ -38,7 +39,7 @@ CHUNK_BYTES = 64 * 2**20
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt-dir", default=None, help="where to write (default: a temporary directory under $TMPDIR)")
-    parser.add_argument("--ckpt-saves", type=int, default=5, help="saves to time (default 5; the median is reported: the first save allocates the reusable staging buffers)")
+    parser.add_argument("--ckpt-saves", type=positive_int, default=5, help="saves to time (default 5; the median is reported: the first save allocates the reusable staging buffers)")
     parser.add_argument("--ckpt-model", default="100m", choices=["tiny", "100m"], help="model to save (default 100m)")
 
 

@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from krea2_train.arguments import positive_int
 from krea2_train.train.metrics import read_metrics
 from krea2_train.train.runlog import read_events
 
@@ -35,7 +36,7 @@ TINY_TARGET_S = 30.0
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mttr-models", nargs="+", default=["tiny", "100m"], choices=["tiny", "100m"])
-    parser.add_argument("--mttr-kill-step", type=int, default=5, help="step after which rank 1 is SIGKILLed (default 5)")
+    parser.add_argument("--mttr-kill-step", type=positive_int, default=5, help="step after which rank 1 is SIGKILLed (default 5)")
     parser.add_argument("--mttr-dir", default=None, help="where the runs go (default: a temporary directory)")
 
 

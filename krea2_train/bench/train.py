@@ -69,9 +69,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from krea2_train.arguments import non_negative_int, positive_int
 from krea2_train.bench import bench_row
 from krea2_train.bench.gpu import measured_matmul_flops, spec_peak_flops, synchronize
 from krea2_train.conditioning.conditioner import text_length
+from krea2_train.errors import UsageError
 from krea2_train.model.flops import PIXELS_PER_TOKEN, image_tokens_at, training_flops
 from krea2_train.model.patchify import position_ids
 from krea2_train.model.presets import PRESETS, build_model, count_parameters, model_config
@@ -93,11 +95,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset", default=None, choices=sorted(PRESETS), help="model preset (cpu: tiny, cuda: bench_full_width)"
     )
-    parser.add_argument("--res", type=int, default=None, help="nominal resolution in px, 16 px per token (cpu: 256, cuda: 512)")
-    parser.add_argument("--batch", type=int, default=None, help="images per step (cpu: 2, cuda: 4)")
+    parser.add_argument("--res", type=positive_int, default=None, help="nominal resolution in px, 16 px per token (cpu: 256, cuda: 512)")
+    parser.add_argument("--batch", type=positive_int, default=None, help="images per step (cpu: 2, cuda: 4)")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="compute dtype (cpu: fp32, cuda: bf16)")
-    parser.add_argument("--text-len", type=int, default=512, help="padded text tokens per sample (default 512)")
-    parser.add_argument("--caption-tokens", type=int, default=128, help="real (unpadded) text tokens per sample (default 128)")
+    parser.add_argument("--text-len", type=positive_int, default=512, help="padded text tokens per sample (default 512)")
+    parser.add_argument("--caption-tokens", type=positive_int, default=128, help="real (unpadded) text tokens per sample (default 128)")
     parser.add_argument(
         "--text", default="compact", choices=["compact", "padded"],
         help="ours' text: compact (as the trainer's Conditioner: padding cut to a multiple of 64) or padded (--text-len, equal work)",
@@ -114,8 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--fp8", action="store_true", help="float8 training of the block linears (CUDA, sm89+)")
     parser.add_argument("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"], help="torchao float8 scaling")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (cpu: 1, cuda: 5)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (cpu: 3, cuda: 20)")
+    parser.add_argument("--warmup", type=non_negative_int, default=None, help="untimed steps first (cpu: 1, cuda: 5)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="timed steps (cpu: 3, cuda: 20)")
     parser.add_argument("--reference", default=None, choices=["diffusers", "none"],
                         help="also time diffusers' model (default: diffusers, none with --lora)")
     parser.add_argument("--lora", type=int, default=0, metavar="RANK",
@@ -182,13 +184,17 @@ class BenchSettings:
         )
 
 
+class BenchSettingsError(UsageError, ValueError):
+    """A bench setting that cannot work; the message names the flag."""
+
+
 def resolve_settings(args: argparse.Namespace) -> BenchSettings:
     """Fill the device-dependent defaults and validate every size (clear errors on bad input)."""
     device_type = args.device
     if device_type == "auto":
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+        raise BenchSettingsError("--device cuda was asked for but torch sees no CUDA device")
     defaults = DEFAULTS[device_type]
     pick = lambda name: defaults[name] if getattr(args, name) is None else getattr(args, name)  # noqa: E731
     settings = BenchSettings(
@@ -212,20 +218,23 @@ def resolve_settings(args: argparse.Namespace) -> BenchSettings:
         seed=args.seed,
         lora=args.lora,
     )
-    image_tokens_at(settings.resolution)  # validates the resolution
+    try:
+        image_tokens_at(settings.resolution)  # validates the resolution
+    except ValueError as error:
+        raise BenchSettingsError(f"--res: {error}") from None
     for name in ("batch", "steps", "text_len", "caption_tokens"):
         if getattr(settings, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
+            raise BenchSettingsError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
     if settings.warmup < 0:
-        raise ValueError(f"--warmup must be at least 0, got {settings.warmup}")
+        raise BenchSettingsError(f"--warmup must be at least 0, got {settings.warmup}")
     if settings.caption_tokens > settings.text_len:
-        raise ValueError(f"--caption-tokens {settings.caption_tokens} exceeds --text-len {settings.text_len}")
+        raise BenchSettingsError(f"--caption-tokens {settings.caption_tokens} exceeds --text-len {settings.text_len}")
     if settings.lora < 0:
-        raise ValueError(f"--lora must be a rank >= 1, or 0 for full training; got {settings.lora}")
+        raise BenchSettingsError(f"--lora must be a rank >= 1, or 0 for full training; got {settings.lora}")
     if settings.lora and settings.reference == "diffusers":
-        raise ValueError("--lora times ours only (diffusers trains LoRA through peft, which this bench does not build): use --reference none")
+        raise BenchSettingsError("--lora times ours only (diffusers trains LoRA through peft, which this bench does not build): use --reference none")
     if settings.lora and settings.fp8:
-        raise ValueError("--lora with --fp8: the lora stage refuses float8 training (its base can be stored in float8 instead)")
+        raise BenchSettingsError("--lora with --fp8: the lora stage refuses float8 training (its base can be stored in float8 instead)")
     if settings.fp8:
         check_float8_available(settings.device)
     check_attention_backends(settings.sdpa, settings.device, settings.torch_dtype, model_config(settings.preset))

@@ -16,6 +16,7 @@ import threading
 from dataclasses import asdict
 from pathlib import Path
 
+from krea2_train.arguments import positive_int
 from krea2_train.data.shards import IMAGE_FORMATS
 from krea2_train.errors import UsageError
 from krea2_train.store.db import STORE_DIR_ENV, default_store_dir
@@ -39,7 +40,7 @@ def register(subparsers) -> None:
     _store_arguments(work)
     work.add_argument("--job", required=True, help="job name (decode, filters, dedup, pack, ...)")
     work.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    work.add_argument("--batch", type=int, default=None, help="rows per claim (default: the job's)")
+    work.add_argument("--batch", type=positive_int, default=None, help="rows per claim (default: the job's)")
     work.add_argument("--follow", action="store_true", help="keep polling for new work until SIGTERM/SIGINT")
     work.add_argument("--dataset", action="append", default=None, dest="datasets", metavar="NAME",
                       help="work on this dataset's images only (repeatable; default: every dataset's)")
@@ -77,7 +78,7 @@ def register(subparsers) -> None:
 
     shapes = commands.add_parser("shapes", help="write a shapes-world dataset in the ingest folder format")
     shapes.add_argument("--out", type=Path, required=True, help="output folder")
-    shapes.add_argument("--n", type=int, required=True, help="number of samples")
+    shapes.add_argument("--n", type=positive_int, required=True, help="number of samples")
     shapes.add_argument("--resolution", type=int, default=64, help="square side in pixels (default 64)")
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--aspect-ratios", nargs="*", default=None, help="e.g. 1 4:3 16:9")

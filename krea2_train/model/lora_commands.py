@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from krea2_train.arguments import positive_int
 from krea2_train.model.lora import DEFAULT_TARGETS, LORA_KEY, BASE_DTYPES, LoRAError, LoRAPair, LoRASpec
 from krea2_train.model.lora_formats import LAYOUTS, read_lora, save_lora
 
@@ -259,7 +260,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     extract = commands.add_parser("extract", help="the difference of two checkpoints as a LoRA (truncated SVD)")
     extract.add_argument("--from", dest="source", required=True, help="base checkpoint (e.g. Raw): run, DCP, diffusers or original")
     extract.add_argument("--to", dest="target", required=True, help="checkpoint to reach (e.g. Turbo)")
-    extract.add_argument("--rank", type=int, required=True)
+    extract.add_argument("--rank", type=positive_int, required=True)
     extract.add_argument("--targets", nargs="+", default=None, help="regular expressions over module names (default: attention + MLP)")
     extract.add_argument("--device", default="cpu", help="where the SVDs run (cuda is much faster at 12.9B)")
     output_options(extract)
@@ -267,7 +268,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     memory = commands.add_parser("memory", help="estimate LoRA training memory on the meta device")
     memory.add_argument("--preset", default="krea2_medium")
-    memory.add_argument("--rank", type=int, default=16)
+    memory.add_argument("--rank", type=positive_int, default=16)
     memory.add_argument("--base-dtype", choices=sorted(BASE_DTYPES), default="bf16")
     memory.add_argument("--resolution", type=int, default=1024, help="square image side in pixels (16 px per token)")
     memory.add_argument("--text-tokens", type=int, default=512)

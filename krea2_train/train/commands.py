@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from krea2_train.arguments import positive_int
 from krea2_train.errors import UsageError
 from krea2_train.model import layouts
 from krea2_train.train.checkpoint import (
@@ -181,7 +182,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     average = subparsers.add_parser("average", help="uniform average of a run's last K checkpoints (PMA)")
     average.add_argument("run", help="run directory or name")
-    average.add_argument("--last", type=int, required=True, metavar="K", help="how many of the newest committed checkpoints")
+    average.add_argument("--last", type=positive_int, required=True, metavar="K", help="how many of the newest committed checkpoints")
     _add_output_options(average, layout_required=False)
     average.set_defaults(func=run_average)
 

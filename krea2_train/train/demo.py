@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from krea2_train.arguments import positive_float
+
 # stage -> steps on CPU (the 1024 stage is 4096 tokens per image: few steps)
 DEMO_STAGES = {
     "pretrain_256": 400, "pretrain_512": 30, "pretrain_1024": 6, "midtrain": 4, "sft": 4, "stpo": 6, "grpo": 4, "tdm": 6,
@@ -64,6 +66,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs-root", default="runs/demo")
     parser.add_argument("--stages", type=int, default=len(DEMO_STAGES), help="run only the first N stages")
-    parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps")
+    parser.add_argument("--scale", type=positive_float, default=1.0, help="multiply every stage's steps")
     parser.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"])
     parser.set_defaults(func=run_demo)

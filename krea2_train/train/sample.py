@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from krea2_train.arguments import non_negative_float, positive_int
 from krea2_train.errors import UsageError
 from krea2_train.flow.sampler import SAMPLER_PRESETS
 from krea2_train.model.lora_formats import parse_lora_argument
@@ -146,18 +147,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="samples")
     parser.add_argument("--preset", default=None, choices=sorted(SAMPLER_PRESETS), help="sampler preset: raw (52 steps, g=3.5) or turbo (8 steps, g=0); "
                         "default: a TDM run's own student grid, else raw")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--steps", type=positive_int, default=None)
+    parser.add_argument("--guidance", type=non_negative_float, default=None)
     parser.add_argument("--resolution", type=multiple_of_16, default=256, help="nominal resolution (Qwen-VAE pixels; 16 px per token; default 256, whatever the run trained at)")
-    parser.add_argument("--height", type=int, default=None, help="image height in pixels (overrides --resolution)")
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    parser.add_argument("--height", type=positive_int, default=None, help="image height in pixels (overrides --resolution)")
+    parser.add_argument("--width", type=positive_int, default=None)
+    parser.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs-root", default="runs")
     parser.add_argument("--text-encoder", default=None, help="local Qwen3-VL directory (runs bring their own)")
     parser.add_argument("--autoencoder", default=None, choices=["pixel", "qwen_image"])
     parser.add_argument("--autoencoder-path", default=None)
-    parser.add_argument("--max-text-tokens", type=int, default=None)
+    parser.add_argument("--max-text-tokens", type=positive_int, default=None)
     parser.add_argument("--device", default=None, help="where the DiT runs (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="the DiT's compute dtype, whatever the stored one (default: bf16 on cuda, fp32 on cpu)")

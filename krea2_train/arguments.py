@@ -1,0 +1,33 @@
+"""Argument types for the command-line parsers: a value out of range is refused by argparse
+itself (``krea2 ...: error: argument --steps: must be a positive integer, got 0``, exit 2),
+before any work."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _number(kind: type, text: str, ok, wanted: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(int, text, lambda value: value > 0, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    return _number(int, text, lambda value: value >= 0, "an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    return _number(float, text, lambda value: value > 0, "a positive number")
+
+
+def non_negative_float(text: str) -> float:
+    return _number(float, text, lambda value: value >= 0, "a number >= 0")
