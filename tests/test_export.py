@@ -189,6 +189,17 @@ def test_a_bit_flip_in_the_model_files_is_refused_by_export_and_init_from_naming
     assert krea2(["export", str(run_dir), "--step", "20", "--layout", "diffusers", "--out", str(out)]) == 0  # its other steps are whole
 
 
+def test_an_output_that_is_the_input_is_refused_before_anything_is_written(run, tmp_path, capsys):
+    run_dir, saved = run
+    model = tmp_path / "model.safetensors"
+    assert krea2(["export", str(run_dir), "--layout", "original", "--out", str(model)]) == 0
+    before = model.read_bytes()
+    for argv in (["export", str(model)], ["merge", str(model), str(run_dir)]):
+        error = krea2_error([*argv, "--layout", "original", "--dtype", "bf16", "--out", str(model)], capsys)
+        assert f"--out {model} is the checkpoint being read" in error
+    assert model.read_bytes() == before
+
+
 def test_average_of_the_last_k_checkpoints_is_their_mean(run, tmp_path, capsys):
     run_dir, saved = run
     out = tmp_path / "pma.safetensors"

@@ -72,13 +72,7 @@ class LoRASpec:
             raise LoRAError(f"LoRA alpha must be positive, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise LoRAError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if not self.targets:
-            raise LoRAError("LoRA targets are empty: give at least one regular expression over module names")
-        for pattern in self.targets:
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                raise LoRAError(f"LoRA target {pattern!r} is not a regular expression: {error}") from None
+        compile_targets(self.targets)
 
     @property
     def scale(self) -> float:
@@ -185,9 +179,26 @@ class LoRALinear(nn.Linear):
 # ----------------------------------------------------------------------------------------------
 
 
+def compile_targets(targets: Iterable[str]) -> list[re.Pattern]:
+    """The LoRA target patterns (regular expressions over module names), compiled.
+
+    Raises:
+        LoRAError: none given, or one that is not a regular expression (named).
+    """
+    compiled = []
+    for pattern in targets:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as error:
+            raise LoRAError(f"LoRA target {pattern!r} is not a regular expression: {error}") from None
+    if not compiled:
+        raise LoRAError("LoRA targets are empty: give at least one regular expression over module names")
+    return compiled
+
+
 def matching_linear_names(model: nn.Module, targets: Iterable[str]) -> list[str]:
     """Names of the ``nn.Linear`` modules whose full name matches one of ``targets``."""
-    compiled = [re.compile(pattern) for pattern in targets]
+    compiled = compile_targets(targets)
     return [
         name
         for name, module in model.named_modules()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from krea2_train.arguments import positive_int
-from krea2_train.model.lora import DEFAULT_TARGETS, LORA_KEY, BASE_DTYPES, LoRAError, LoRAPair, LoRASpec
+from krea2_train.model.lora import DEFAULT_TARGETS, LORA_KEY, BASE_DTYPES, LoRAError, LoRAPair, LoRASpec, compile_targets
 from krea2_train.model.lora_formats import LAYOUTS, read_lora, save_lora
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -143,7 +142,7 @@ def extract_lora(
     """A LoRA that turns ``source`` into (approximately) ``target``, both diffusers-keyed."""
     if set(source) != set(target):
         raise LoRAError(f"the checkpoints have different tensors, e.g. {sorted(set(source) ^ set(target))[:3]}")
-    patterns = [re.compile(pattern) for pattern in targets]
+    patterns = compile_targets(targets)
     pairs, errors = {}, {}
     error_sq = targeted_sq = untargeted_sq = 0.0
     identical = 0
@@ -192,6 +191,7 @@ def _weights_of(source: str, runs_root: str) -> dict[str, torch.Tensor]:
 
 
 def run_extract(args: argparse.Namespace) -> int:
+    compile_targets(args.targets or DEFAULT_TARGETS)  # a bad pattern is refused before two checkpoints are read
     extraction = extract_lora(_weights_of(args.source, args.runs_root), _weights_of(args.target, args.runs_root),
                               args.rank, args.targets or DEFAULT_TARGETS, args.device)
     out = save_lora(extraction.pairs, args.out, args.layout, DTYPES.get(args.dtype))

@@ -72,6 +72,15 @@ def check_output_path(out: str | Path, layout: str) -> None:
                          " (e.g. model.safetensors), or use --layout diffusers for a directory")
 
 
+def check_not_a_source(out: str | Path, sources: Sequence[Path]) -> None:
+    """Refuse an ``--out`` that is one of the checkpoints being read: writing it would replace
+    the input (a cast to bf16 would lose its fp32 weights for good)."""
+    target = Path(out).resolve()
+    for source in sources:
+        if target == Path(source).resolve():
+            raise UsageError(f"--out {out} is the checkpoint being read ({source}): write the result elsewhere")
+
+
 def normalised_weights(weights: Sequence[float] | None, count: int) -> list[float]:
     """Mixing weights summing to 1 (uniform when None)."""
     if weights is None:
@@ -134,6 +143,7 @@ def last_checkpoints(run: str, count: int, runs_root: str) -> list[Path]:
 def run_export(args: argparse.Namespace) -> int:
     check_output_path(args.out, args.layout)
     source = find_run_checkpoint(args.run, args.runs_root, step=args.step)
+    check_not_a_source(args.out, [source])
     weights, config = load_checkpoint_weights(source, lora_dtype=DTYPES.get(args.dtype))
     out = write_weights(weights, config, args.out, args.layout, DTYPES.get(args.dtype))
     print(f"exported {source} -> {out} ({args.layout} layout)")
@@ -143,6 +153,7 @@ def run_export(args: argparse.Namespace) -> int:
 def run_average(args: argparse.Namespace) -> int:
     check_output_path(args.out, args.layout)
     sources = last_checkpoints(args.run, args.last, args.runs_root)
+    check_not_a_source(args.out, sources)
     weights, config = weighted_average(sources, normalised_weights(None, len(sources)), DTYPES.get(args.dtype))
     out = write_weights(weights, config, args.out, args.layout, DTYPES.get(args.dtype))
     print(f"averaged {len(sources)} checkpoints ({', '.join(path.name for path in sources)}) -> {out} ({args.layout} layout)")
@@ -153,6 +164,7 @@ def run_merge(args: argparse.Namespace) -> int:
     check_output_path(args.out, args.layout)
     mixing = normalised_weights(args.weights, len(args.checkpoints))
     sources = [find_run_checkpoint(checkpoint, args.runs_root) for checkpoint in args.checkpoints]
+    check_not_a_source(args.out, sources)
     weights, config = weighted_average(sources, mixing, DTYPES.get(args.dtype))
     if args.lora:  # baked in the output dtype: a small LoRA would round away in bf16 before an fp32 cast
         from krea2_train.model.lora_commands import bake_lora_files
