@@ -12,8 +12,9 @@ import argparse
 import errno
 import logging
 import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -113,3 +114,15 @@ def report_user_errors(prog: str, func: Callable[[], int]) -> int:
         logger.debug("user error", exc_info=True)
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def compile_patterns(patterns: Iterable[str], what: str, error: type[Exception]) -> list[re.Pattern]:
+    """``patterns`` (regular expressions a user gave for ``what``), compiled; the first that does
+    not compile raises ``error`` naming it and ``what``."""
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as reason:
+            raise error(f"{what}: {pattern!r} is not a regular expression ({reason})") from None
+    return compiled

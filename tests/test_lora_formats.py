@@ -315,7 +315,7 @@ def test_extract_cli_then_sample_and_merge_apply_the_lora_on_another_checkpoint(
     lora_path = tmp_path / "turbo_lora.safetensors"
     assert main(["lora", "extract", "--from", str(tmp_path / "raw.safetensors"), "--to", str(tmp_path / "turbo"),
                  "--rank", "3", "--targets", "(", "--out", str(lora_path)]) == 1
-    assert "LoRA target '(' is not a regular expression" in capsys.readouterr().err and not lora_path.exists()
+    assert "LoRA targets: '(' is not a regular expression" in capsys.readouterr().err and not lora_path.exists()
     assert main(["lora", "extract", "--from", str(tmp_path / "raw.safetensors"), "--to", str(tmp_path / "turbo"),
                  "--rank", "3", "--layout", "comfyui", "--out", str(lora_path)]) == 0
     assert "relative error" in capsys.readouterr().out

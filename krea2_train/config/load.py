@@ -250,7 +250,7 @@ def _validate_irepa(config: RunConfig, num_layers: int) -> None:
 
 def _validate_lora(config: RunConfig) -> None:
     """The lora section (read by the lora stage only)."""
-    import re
+    from krea2_train.errors import compile_patterns
 
     lora = config.lora
     _require(lora.rank >= 1, "lora.rank", "must be >= 1")
@@ -258,11 +258,7 @@ def _validate_lora(config: RunConfig) -> None:
     _require(0.0 <= lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
     _require(lora.base_dtype in ("auto", "fp32", "bf16", "float8"), "lora.base_dtype", "accepted: auto, fp32, bf16, float8")
     _require(bool(lora.targets), "lora.targets", "give at least one regular expression over module names")
-    for pattern in lora.targets:
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            raise ConfigError(f"config key 'lora.targets': {pattern!r} is not a regular expression ({error})") from None
+    compile_patterns(lora.targets, "config key 'lora.targets'", ConfigError)
 
 
 def load_config(config: str, overrides: list[str] | None = None) -> RunConfig:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from krea2_train.errors import Krea2Error
+from krea2_train.errors import Krea2Error, compile_patterns
 
 # Attention q/k/v/out/gate and the SwiGLU of every transformer block.
 DEFAULT_TARGETS: tuple[str, ...] = (
@@ -185,12 +185,7 @@ def compile_targets(targets: Iterable[str]) -> list[re.Pattern]:
     Raises:
         LoRAError: none given, or one that is not a regular expression (named).
     """
-    compiled = []
-    for pattern in targets:
-        try:
-            compiled.append(re.compile(pattern))
-        except re.error as error:
-            raise LoRAError(f"LoRA target {pattern!r} is not a regular expression: {error}") from None
+    compiled = compile_patterns(targets, "LoRA targets", LoRAError)
     if not compiled:
         raise LoRAError("LoRA targets are empty: give at least one regular expression over module names")
     return compiled

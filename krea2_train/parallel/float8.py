@@ -38,14 +38,13 @@ import dataclasses
 import functools
 import importlib
 import logging
-import re
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from krea2_train.config.schema import Float8Config
-from krea2_train.errors import Krea2Error
+from krea2_train.errors import Krea2Error, compile_patterns
 
 __all__ = [
     "FLOAT8_BACKENDS",
@@ -102,16 +101,6 @@ class Float8Selection:
     skipped: tuple[str, ...]
 
 
-def _compile_patterns(patterns: Sequence[str], key: str) -> list[re.Pattern]:
-    compiled = []
-    for pattern in patterns:
-        try:
-            compiled.append(re.compile(pattern))
-        except re.error as error:
-            raise ValueError(f"float8.{key}: invalid regular expression {pattern!r}: {error}") from None
-    return compiled
-
-
 def _edge_block_prefixes(model: nn.Module) -> tuple[str, ...]:
     blocks = getattr(model, "transformer_blocks", None)
     if blocks is None or len(blocks) == 0:
@@ -131,8 +120,8 @@ def select_float8_linears(model: nn.Module, config: Float8Config, *, tp: int = 1
         model: the DiT before any wrapping (module paths as in its state dict).
         tp: tensor-parallel degree; both weight dims must be multiples of ``16 * tp``.
     """
-    include = _compile_patterns(config.include, "include")
-    exclude = _compile_patterns(config.exclude, "exclude")
+    include = compile_patterns(config.include, "float8.include", ValueError)
+    exclude = compile_patterns(config.exclude, "float8.exclude", ValueError)
     edge_blocks = _edge_block_prefixes(model) if config.keep_first_last_blocks else ()
     converted, skipped = [], []
     for fqn, module in model.named_modules():
