@@ -155,6 +155,9 @@ def test_a_full_disk_under_the_metrics_file_is_one_line_naming_it(tmp_path, monk
     (["lora", "memory", "--rank", "0"], "argument --rank: must be a positive integer, got 0"),
     (["data", "shapes", "--out", "x", "--n", "0"], "argument --n: must be a positive integer, got 0"),
     (["demo", "--scale", "0"], "argument --scale: must be a positive number, got 0"),
+    (["sample", "--checkpoint", "x", "--prompt", "a", "--device", "gpu9"], "argument --device: 'gpu9' is not a device"),
+    (["lora", "extract", "--from", "a", "--to", "b", "--rank", "2", "--out", "l.safetensors", "--device", "cuda:99"],
+     "argument --device: cuda:99: this machine has"),
 ])
 def test_numbers_out_of_range_are_refused_by_the_parser(argv, message, capsys):
     """Before any work: exit 2 and the argument named, not a traceback from deep inside."""

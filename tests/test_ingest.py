@@ -158,6 +158,9 @@ def test_invalid_sidecar_json_names_the_file(fresh_store, folder):
 def test_missing_folder_is_refused(fresh_store, tmp_path):
     with pytest.raises(StoreError, match="does not exist"):
         ingest(fresh_store, "toy", folder=tmp_path / "nope")
+    (tmp_path / "list.txt").write_text("a.png\n")
+    with pytest.raises(StoreError, match="list.txt is a file, not a folder"):
+        ingest(fresh_store, "toy", folder=tmp_path / "list.txt")
 
 
 def test_cli_ingest_twice_and_status(fresh_store, folder, capsys):

@@ -98,7 +98,7 @@ def read_sidecars(image_path: Path) -> Record:
 
 def folder_records(folder: Path) -> Iterator[Record]:
     if not folder.is_dir():
-        raise StoreError(f"image folder {folder} does not exist")
+        raise StoreError(f"image folder {folder} {'is a file, not a folder' if folder.exists() else 'does not exist'}")
     images = [path for path in sorted(folder.rglob("*")) if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
     if not images:
         raise StoreError(f"image folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}, searched recursively)")

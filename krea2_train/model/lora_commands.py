@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from krea2_train.arguments import positive_int
+from krea2_train.arguments import positive_int, torch_device
 from krea2_train.model.lora import DEFAULT_TARGETS, LORA_KEY, BASE_DTYPES, LoRAError, LoRAPair, LoRASpec, compile_targets
 from krea2_train.model.lora_formats import LAYOUTS, read_lora, save_lora
 
@@ -262,7 +262,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     extract.add_argument("--to", dest="target", required=True, help="checkpoint to reach (e.g. Turbo)")
     extract.add_argument("--rank", type=positive_int, required=True)
     extract.add_argument("--targets", nargs="+", default=None, help="regular expressions over module names (default: attention + MLP)")
-    extract.add_argument("--device", default="cpu", help="where the SVDs run (cuda is much faster at 12.9B)")
+    extract.add_argument("--device", type=torch_device, default="cpu", help="where the SVDs run (cuda is much faster at 12.9B)")
     output_options(extract)
     extract.set_defaults(func=run_extract)
 

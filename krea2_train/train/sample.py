@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from krea2_train.arguments import non_negative_float, positive_int
+from krea2_train.arguments import non_negative_float, positive_int, torch_device
 from krea2_train.errors import UsageError
 from krea2_train.flow.sampler import SAMPLER_PRESETS
 from krea2_train.model.lora_formats import parse_lora_argument
@@ -159,7 +159,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--autoencoder", default=None, choices=["pixel", "qwen_image"])
     parser.add_argument("--autoencoder-path", default=None)
     parser.add_argument("--max-text-tokens", type=positive_int, default=None)
-    parser.add_argument("--device", default=None, help="where the DiT runs (default: cuda when available, else cpu)")
+    parser.add_argument("--device", type=torch_device, default=None, help="where the DiT runs (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="the DiT's compute dtype, whatever the stored one (default: bf16 on cuda, fp32 on cpu)")
     parser.set_defaults(func=run_sample)
