@@ -106,6 +106,24 @@ def test_slurm_launch_one_torchrun_per_node_with_rendezvous_and_restarts(tmp_pat
         assert part in train, part
 
 
+def test_slurm_gives_torchrun_the_shutdown_window_where_it_takes_one(tmp_path):
+    """torchrun SIGKILLs its workers 30 s after passing SIGTERM on unless told otherwise; only
+    newer torchruns have --shutdown-timeout (an older one would refuse the flag)."""
+    for has_flag, expected in ((True, "--shutdown-timeout=120"), (False, None)):
+        fake_python = tmp_path / "python"
+        help_text = "  --shutdown-timeout SHUTDOWN_TIMEOUT" if has_flag else "  --max-restarts MAX_RESTARTS"
+        fake_python.write_text(f'#!/usr/bin/env bash\n[[ "$*" == *--help* ]] && echo "{help_text}"\nexit 0\n')
+        fake_python.chmod(0o755)
+        (tmp_path / "calls.log").unlink(missing_ok=True)
+        result = sbatch(fake_cluster(tmp_path, extra_env={"PYTHON": str(fake_python)}))
+        assert result.returncode == 0, result.stdout + result.stderr
+        (train,) = calls(tmp_path)
+        if expected:
+            assert expected in train and "--max-restarts=3 --shutdown-timeout=120 -m krea2_train" in train
+        else:
+            assert "--shutdown-timeout" not in train and "SIGKILLs its workers 30 s after a SIGTERM" in result.stdout
+
+
 def test_slurm_failure_checks_nodes_lists_the_faulty_one_and_resubmits_excluding_it(tmp_path):
     env = fake_cluster(tmp_path, nodes="node1,node2,node3", srun_mode="exit:1", healthy="node1 node3",
                        extra_env={"SLURM_RESTART_COUNT": "2"})  # this job was requeued twice; its resubmission is new

@@ -170,7 +170,7 @@ def uri_list_records(uri_file: Path) -> Iterator[Record]:
         raise StoreError(f"URI list {uri_file} names {len(remote)} URI(s) that cannot be read, nothing was ingested: "
                          f"{first_listed(remote)}; {UNREADABLE_SCHEME}")  # fmt: skip
     for uri in uris:
-        yield Record(uri) if "://" in uri else read_sidecars(Path(uri))
+        yield read_sidecars(Path(uri))
 
 
 def first_listed(items: list[str]) -> str:

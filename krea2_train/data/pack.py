@@ -221,8 +221,8 @@ def pack_lock(store: Store, dataset_id: int, resolution: int, kind: str = "image
         finally:
             try:
                 conn.execute(f"SELECT {function.replace('lock', 'unlock')}(hashtext(%s), hashtext(%s))", key)
-            except psycopg.OperationalError:  # the session is gone, and its lock with it
-                pass
+            except psycopg.OperationalError:  # the session is gone, and its lock with it; or the unlock
+                conn.close()  # was cancelled: the pool must not hand out a connection that holds the lock
 
 
 def pack_dataset(

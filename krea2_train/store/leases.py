@@ -252,21 +252,7 @@ class LeaseKeeper:
             self._changed.notify_all()
 
     def _claim(self, conn: psycopg.Connection, epoch: int, batch_index: int) -> int:
-        run = self.run
-        conn.execute(
-            """
-            INSERT INTO loader_runs (run_id, manifest_sha256, num_shards, num_samples, batches_per_epoch,
-                                     global_batch_size, world_size)
-            VALUES (%s, %s, %s, %s, %s, %s, %s)
-            ON CONFLICT (run_id) DO UPDATE
-               SET manifest_sha256 = excluded.manifest_sha256, num_shards = excluded.num_shards,
-                   num_samples = excluded.num_samples, batches_per_epoch = excluded.batches_per_epoch,
-                   global_batch_size = excluded.global_batch_size, world_size = excluded.world_size,
-                   updated_at = now()
-            """,
-            (run.run_id, run.manifest_sha256, run.num_shards, run.num_samples, run.batches_per_epoch,
-             run.global_batch_size, run.world_size),
-        )
+        self._record_run(conn)
         (attempt,) = conn.execute(
             """
             INSERT INTO loader_ranks (run_id, rank, owner, attempt, epoch, batch_index, expires_at)
@@ -280,6 +266,26 @@ class LeaseKeeper:
             self._params(epoch=epoch, batch_index=batch_index, owner=self.owner),
         ).fetchone()
         return attempt
+
+    def _record_run(self, conn: psycopg.Connection, *, update: bool = True) -> None:
+        """The run's ``loader_runs`` row, which the rank rows reference (idempotent). Without
+        ``update`` an existing row is left as it is: a start that may have been superseded does
+        not rewrite the newer start's world."""
+        run = self.run
+        on_conflict = """DO UPDATE
+               SET manifest_sha256 = excluded.manifest_sha256, num_shards = excluded.num_shards,
+                   num_samples = excluded.num_samples, batches_per_epoch = excluded.batches_per_epoch,
+                   global_batch_size = excluded.global_batch_size, world_size = excluded.world_size,
+                   updated_at = now()""" if update else "DO NOTHING"
+        conn.execute(
+            """
+            INSERT INTO loader_runs (run_id, manifest_sha256, num_shards, num_samples, batches_per_epoch,
+                                     global_batch_size, world_size)
+            VALUES (%s, %s, %s, %s, %s, %s, %s)
+            ON CONFLICT (run_id) """ + on_conflict,
+            (run.run_id, run.manifest_sha256, run.num_shards, run.num_samples, run.batches_per_epoch,
+             run.global_batch_size, run.world_size),
+        )
 
     def _heartbeat(self, conn: psycopg.Connection, epoch: int, batch_index: int, attempt: int) -> bool:
         cursor = conn.execute(
@@ -295,7 +301,9 @@ class LeaseKeeper:
             return True
         # Not ours as we claimed it. Fenced only when a later claim holds the row (its attempt is
         # ours or more: each claim adds one); a row that is gone or older (a failover to a standby
-        # that had not received our claim) is taken back, so the live start is not stopped.
+        # that had not received our claim, which may have lost the run's row too) is taken back,
+        # so the live start is not stopped.
+        self._record_run(conn, update=False)
         retaken = conn.execute(
             """
             INSERT INTO loader_ranks (run_id, rank, owner, attempt, epoch, batch_index, expires_at)

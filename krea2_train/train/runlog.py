@@ -66,8 +66,9 @@ def read_events(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The events of a run, oldest first (a line torn by a crash, or edited into something that
     is not an event, is skipped)."""
     events = read_json_lines(Path(run_dir) / RUNLOG_NAME)
-    return sorted((e for e in events if isinstance(e, dict) and isinstance(e.get("time"), (int, float)) and "kind" in e),
-                  key=lambda event: event["time"])  # fmt: skip
+    whole = [e for e in events if isinstance(e, dict) and all(name in e for name in _CORE_FIELDS)
+             and isinstance(e["time"], (int, float))]  # fmt: skip
+    return sorted(whole, key=lambda event: event["time"])
 
 
 def append_event(run_dir: Path, event: dict[str, Any]) -> None:
@@ -171,7 +172,10 @@ class RunLog:
             self._wake.wait()
             self._wake.clear()
             closing = self._closing
-            self.mirror_now()
+            try:
+                self.mirror_now()
+            except Exception:  # the next event tries again; the file keeps every event
+                logger.warning("run log: mirroring to PostgreSQL failed", exc_info=True)
             if closing:
                 return
 

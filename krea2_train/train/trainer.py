@@ -588,7 +588,8 @@ class Trainer:
                 self.optimizers.zero_grad()
         if skip_on_device:
             skip_steps_when(self.optimizers, None)
-        grad_norm = torch.stack(phase_norms).square().sum().sqrt() if phased else phase_norms[0]
+        # summed in float64: two finite phase norms above 1.3e19 would overflow float32's squares
+        grad_norm = torch.stack([norm.double() for norm in phase_norms]).square().sum().sqrt().float() if phased else phase_norms[0]
         values = reduce_step_values(
             torch.stack(losses).sum() / accum if phased else torch.stack(losses).mean(),
             {name: total / accum if metric_reduction(name) == "mean" else total for name, total in metric_sums.items()},

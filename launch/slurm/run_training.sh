@@ -119,6 +119,16 @@ on_time_limit() {  # no command may end the script here (set -e): the job must r
 }
 trap on_time_limit USR1
 
+# torchrun SIGKILLs its workers a while after passing SIGTERM on: launch/env.sh asks for
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT s, which torchrun reads only where it has --shutdown-timeout
+shutdown_args=()
+torchrun_help="$("$PYTHON" -m torch.distributed.run --help 2>/dev/null || true)"  # not piped: pipefail
+if [[ "$torchrun_help" == *--shutdown-timeout* ]]; then
+    shutdown_args=(--shutdown-timeout="$TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+else
+    log "this torchrun has no --shutdown-timeout: it SIGKILLs its workers 30 s after a SIGTERM, which must cover the exit checkpoint"
+fi
+
 job_started="$(date +%s)"
 log "run $run_name on ${#nodes[@]} node(s) x $gpus_per_node GPU(s), rendezvous $head_node:$rdzv_port, restart count ${SLURM_RESTART_COUNT:-0}"
 # torchrun ignores USR1 (inherited by its workers as "ignored" until the trainer installs its
@@ -130,7 +140,7 @@ srun --nodes="$num_nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 ${SLURM_CPUS_
     "$PYTHON" -m torch.distributed.run \
     --nnodes="$num_nodes" --nproc-per-node="$gpus_per_node" \
     --rdzv-backend=c10d --rdzv-endpoint="$head_node:$rdzv_port" --rdzv-id="${SLURM_JOB_ID}" \
-    --max-restarts="$max_restarts" \
+    --max-restarts="$max_restarts" ${shutdown_args[@]+"${shutdown_args[@]}"} \
     -m krea2_train "${train_args[@]}" run_name="$run_name" runs_root="$runs_root" &
 srun_pid=$!
 
