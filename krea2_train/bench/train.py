@@ -222,11 +222,7 @@ def resolve_settings(args: argparse.Namespace) -> BenchSettings:
         image_tokens_at(settings.resolution)  # validates the resolution
     except ValueError as error:
         raise BenchSettingsError(f"--res: {error}") from None
-    for name in ("batch", "steps", "text_len", "caption_tokens"):
-        if getattr(settings, name) < 1:
-            raise BenchSettingsError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
-    if settings.warmup < 0:
-        raise BenchSettingsError(f"--warmup must be at least 0, got {settings.warmup}")
+    # --batch, --steps, --text-len, --caption-tokens and --warmup are range-checked by the parser
     if settings.caption_tokens > settings.text_len:
         raise BenchSettingsError(f"--caption-tokens {settings.caption_tokens} exceeds --text-len {settings.text_len}")
     if settings.lora < 0:

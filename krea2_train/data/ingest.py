@@ -117,12 +117,6 @@ def _facts_value(value, where: str) -> dict | None:
     raise StoreError(f"facts at {where} must be JSON text or a struct, got {type(value).__name__}")
 
 
-def resolve_uri(uri: str, base: Path) -> str:
-    if "://" in uri or Path(uri).is_absolute():
-        return uri
-    return str((base / uri).resolve())
-
-
 UNREADABLE_SCHEME = "only local paths and file:// URIs are read (mount the storage and list its paths)"
 
 
@@ -220,7 +214,9 @@ def canonical_uri(uri: str, base: Path) -> str:
     as given: one spelling per local file."""
     if uri.startswith("file://"):
         uri = unquote(urlparse(uri).path)
-    return uri if "://" in uri else resolve_uri(uri, base)
+    if "://" in uri or Path(uri).is_absolute():
+        return uri
+    return str((base / uri).resolve())
 
 
 def ensure_dataset(store: Store, name: str, source: str) -> int:

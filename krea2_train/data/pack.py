@@ -209,18 +209,19 @@ def pack_lock(store: Store, dataset_id: int, resolution: int, kind: str = "image
     ``shared`` beside the other shared holders (the ``pack`` job's workers). A session-level
     advisory lock on a connection of its own, so a packer that dies releases it with its socket.
     Waiting for it is logged."""
-    function = "pg_advisory_lock_shared" if shared else "pg_advisory_lock"
+    suffix = "_shared" if shared else ""
+    try_lock, lock, unlock = (f"pg_try_advisory_lock{suffix}", f"pg_advisory_lock{suffix}", f"pg_advisory_unlock{suffix}")
     key = ("krea2-pack", f"{dataset_id}:{resolution}:{kind}")
     with store.pool.connection() as conn:
-        (held,) = conn.execute(f"SELECT pg_try_{function[3:]}(hashtext(%s), hashtext(%s))", key).fetchone()
+        (held,) = conn.execute(f"SELECT {try_lock}(hashtext(%s), hashtext(%s))", key).fetchone()
         if not held:
             logger.info("dataset %d at %d px: waiting for another packer of its %s to finish", dataset_id, resolution, kind)
-            conn.execute(f"SELECT {function}(hashtext(%s), hashtext(%s))", key)
+            conn.execute(f"SELECT {lock}(hashtext(%s), hashtext(%s))", key)
         try:
             yield
         finally:
             try:
-                conn.execute(f"SELECT {function.replace('lock', 'unlock')}(hashtext(%s), hashtext(%s))", key)
+                conn.execute(f"SELECT {unlock}(hashtext(%s), hashtext(%s))", key)
             except psycopg.OperationalError:  # the session is gone, and its lock with it; or the unlock
                 conn.close()  # was cancelled: the pool must not hand out a connection that holds the lock
 

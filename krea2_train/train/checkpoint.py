@@ -188,12 +188,11 @@ class _PartialState(Stateful):
         self.inner.load_state_dict(state_dict)
 
 
-def without_missing_optional_keys(stateful: Mapping[str, Any], checkpoint_dir: Path) -> dict[str, Any]:
-    """``stateful`` for loading ``checkpoint_dir``: an entry with ``optional_state_keys`` (state
-    added after checkpoints were written without it) asks only for those of them the checkpoint
-    holds, so an older checkpoint still loads (DCP refuses a key it lacks); the others keep their
-    current values. Every other key must be there."""
-    saved = read_dcp_metadata(checkpoint_dir).state_dict_metadata
+def without_missing_optional_keys(stateful: Mapping[str, Any], saved: Mapping[str, Any]) -> dict[str, Any]:
+    """``stateful`` for loading a checkpoint whose DCP keys are ``saved``: an entry with
+    ``optional_state_keys`` (state added after checkpoints were written without it) asks only for
+    those of them the checkpoint holds, so an older checkpoint still loads (DCP refuses a key it
+    lacks); the others keep their current values. Every other key must be there."""
     adjusted = dict(stateful)
     for name, value in stateful.items():
         optional = getattr(value, "optional_state_keys", ())
@@ -367,14 +366,16 @@ def check_file_digests(checkpoint_dir: str | os.PathLike, digests: Mapping[str, 
 
 def check_model_digests(checkpoint_dir: str | os.PathLike) -> None:
     """Check the bytes of the files that hold a committed checkpoint's model tensors against the
-    digests its manifest recorded (a checkpoint written before digests were recorded: nothing to
-    check). What reads a checkpoint's weights outside training (export, average, merge, sample,
+    digests its manifest recorded (any other checkpoint, or one written before digests were
+    recorded: nothing to check). What reads a checkpoint's weights outside training (export, average, merge, sample,
     ``stage.init_from``) calls it, so a bit flip that keeps a file's size is refused, not exported.
 
     Raises:
         CheckpointVerificationError: as :func:`check_file_digests`; or the manifest does not verify.
     """
     checkpoint_dir = Path(checkpoint_dir)
+    if not (is_dcp_checkpoint(checkpoint_dir) and (checkpoint_dir / MANIFEST_NAME).is_file()):
+        return  # a safetensors file, a diffusers directory, a DCP checkpoint outside a run: no digests
     digests = read_manifest(checkpoint_dir).get("sha256", {})
     if not digests:
         return
@@ -946,8 +947,9 @@ class CheckpointManager:
                     f"{path} holds the checkpoint of step {manifest['step']}, not of step {step}: it was renamed or copied"
                     " from elsewhere; move it out of checkpoints/"
                 )
-            self._check_model_keys(path, stateful)
-            to_load = without_missing_optional_keys(stateful, path)
+            saved = read_dcp_metadata(path).state_dict_metadata
+            self._check_model_keys(path, saved, stateful)
+            to_load = without_missing_optional_keys(stateful, saved)
         except CheckpointMismatchError as error:
             problem = ("mismatch", str(error))
         except CheckpointVerificationError as error:
@@ -993,13 +995,13 @@ class CheckpointManager:
         check_file_digests(path, dict(digests[self.rank :: self.world_size]))
 
     @staticmethod
-    def _check_model_keys(path: Path, stateful: Mapping[str, Any]) -> None:
-        """Refuse a checkpoint whose model weights are not exactly this model's, by name and shape
-        (DCP itself loads a checkpoint with extra weights, silently, into a smaller model)."""
+    def _check_model_keys(path: Path, saved: Mapping[str, Any], stateful: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint (at ``path``, DCP keys ``saved``) whose model weights are not exactly
+        this model's, by name and shape (DCP itself loads a checkpoint with extra weights,
+        silently, into a smaller model)."""
         models = _models_by_prefix(stateful)
         if not models:
             return
-        saved = read_dcp_metadata(path).state_dict_metadata
         for prefix, model in models.items():
             expected = {name: tuple(tensor.shape) for name, tensor in get_model_state_dict(model).items()}
             found = {key[len(prefix):]: tuple(value.size) for key, value in saved.items()
@@ -1195,7 +1197,7 @@ def load_checkpoint_weights(
     source = Path(source)
     if is_dcp_checkpoint(source):
         config = read_checkpoint_config(source)  # refuses a DCP checkpoint outside a run
-        if check_digests and (source / MANIFEST_NAME).is_file():
+        if check_digests:
             check_model_digests(source)
         run_dir = run_dir_of(source)
         weights = {k: v for k, v in load_model_weights(source).items() if not k.startswith(AUXILIARY_PREFIX)}

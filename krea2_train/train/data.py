@@ -300,7 +300,7 @@ class TrainLoader:
         self.loader = loader
         self.store = store
         self.lease_keeper = lease_keeper
-        self.dsn = dsn if dsn is not None else getattr(store, "dsn", None)  # the run log's mirror (rank 0)
+        self.dsn = dsn  # the run log's mirror (rank 0)
 
     @property
     def fenced(self) -> bool:
@@ -454,7 +454,6 @@ def build_train_loader(
                 "%s; the run's data is pinned in %s, so it trains on without the database: its leases and progress are"
                 " written once the database answers", error, manifest_path,
             )
-    if is_main:
         if not keep_pinned:
             manifest_path.unlink()
         if not manifest_path.exists():

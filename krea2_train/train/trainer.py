@@ -54,7 +54,6 @@ from krea2_train.parallel.parallelize import parallelize_dit, shard_frozen_modul
 from krea2_train.stages import StageConfigError, StepContext, build_stage
 from krea2_train.train.checkpoint import (
     CHECKPOINTS_DIR,
-    MANIFEST_NAME,
     MODEL_CONFIG_NAME,
     CheckpointManager,
     CheckpointVerificationError,
@@ -64,7 +63,6 @@ from krea2_train.train.checkpoint import (
     check_model_digests,
     check_same_model_config,
     find_run_checkpoint,
-    is_dcp_checkpoint,
     load_checkpoint_weights,
     load_model_config,
     read_checkpoint_config,
@@ -209,8 +207,7 @@ def _resolve_and_record_init_from(init_from: str, runs_root: Path, record: Path)
             return checkpoint
         logger.warning("stage.init_from changed from %r to %r: resolving it again", pinned["init_from"], init_from)
     checkpoint = find_run_checkpoint(init_from, runs_root).resolve()
-    if is_dcp_checkpoint(checkpoint) and (checkpoint / MANIFEST_NAME).is_file():
-        check_model_digests(checkpoint)  # once, when pinned: every rank then loads it unchecked, on every start
+    check_model_digests(checkpoint)  # once, when pinned: every rank then loads it unchecked, on every start
     write_text(record, json.dumps({"init_from": init_from, "checkpoint": str(checkpoint)}))
     return checkpoint
 
