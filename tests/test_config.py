@@ -132,3 +132,29 @@ def test_a_dsn_password_is_never_written_or_printed():
     assert config.data.dsn == "postgresql://krea2:s3cret@db.internal:5433/krea2"
     passwordless = load_config("stage/pretrain_256", ["data.dsn=postgresql://krea2@db.internal/krea2"])
     assert "dsn: postgresql://krea2@db.internal/krea2" in to_yaml(passwordless)
+
+
+def test_a_stage_file_outside_configs_composes_like_a_built_in_stage(tmp_path):
+    """--config my_stage.yaml: a copy of a built-in stage, edited, with command-line overrides on top."""
+    text = (CONFIG_DIR / "stage" / "sft.yaml").read_text().replace("name: sft", "name: my_sft")
+    stage_file = tmp_path / "sft.yaml"  # the same file name as a built-in stage must not pick the built-in one
+    stage_file.write_text(text)
+    config = load_config(str(stage_file), ["optim.lr=3e-4"])
+    assert (config.stage.name, config.run_name, config.optim.lr) == ("my_sft", "my_sft", 3e-4)
+    assert config.data.resolution == load_config("stage/sft").data.resolution == 1024
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (None, "does not exist"),
+        ("# @package _global_\nstage: [1, 2\n", "expected ',' or ']'"),
+        ("# @package _global_\nstage:\n  nmae: typo\n", "'stage.nmae'"),
+    ],
+)
+def test_a_bad_stage_file_is_named(tmp_path, text, message):
+    stage_file = tmp_path / "mine.yaml"
+    if text is not None:
+        stage_file.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(stage_file))

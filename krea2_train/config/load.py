@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -28,24 +29,51 @@ def _choices(group: str) -> list[str]:
 
 
 def compose(config: str, overrides: list[str] | None = None) -> DictConfig:
-    """Compose ``configs/config.yaml`` with the group option named by ``config`` ("group/option")."""
+    """Compose ``configs/config.yaml`` with the group option named by ``config`` ("group/option"),
+    or with a stage YAML file given by its path ("my_stage.yaml")."""
+    given = list(overrides or [])
+    overrides = [_check_override_key(override) for override in given]
+    if Path(config).suffix in (".yaml", ".yml"):
+        return _compose_stage_file(Path(config), overrides, given)
+    group, _, option = config.partition("/")
+    if not option:
+        raise ConfigError(f"--config must look like GROUP/NAME (e.g. stage/pretrain_256) or be a stage YAML file, got {config!r}")
+    if option not in _choices(group):
+        raise ConfigError(f"no config {config!r}; {group} configs: {', '.join(_choices(group)) or 'none'}")
+    return _hydra_compose(config, [f"{group}={option}", *overrides], given)
+
+
+def _compose_stage_file(path: Path, overrides: list[str], given: list[str]) -> DictConfig:
+    """A stage written outside ``configs/`` (``--config my_stage.yaml``), composed as if it were in ``configs/stage/``.
+
+    Hydra finds group options only on its search path, so the file is linked as ``stage/<option>.yaml``
+    into a scratch directory added to that path for this one composition.
+    """
+    import tempfile
+
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist (or is not a file)")
+    option = f"file_{path.stem}"  # cannot shadow a built-in stage of the same name
+    with tempfile.TemporaryDirectory(prefix="krea2_stage_") as search_dir:
+        (Path(search_dir) / "stage").mkdir()
+        (Path(search_dir) / "stage" / f"{option}.yaml").symlink_to(path.resolve())
+        return _hydra_compose(str(path), [f"hydra.searchpath=[file://{search_dir}]", f"stage={option}", *overrides], given)
+
+
+def _hydra_compose(config: str, overrides: list[str], given: list[str]) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
 
-    given = list(overrides or [])
-    overrides = [_check_override_key(override) for override in given]
-    group, _, option = config.partition("/")
-    if not option:
-        raise ConfigError(f"--config must look like GROUP/NAME (e.g. stage/pretrain_256), got {config!r}")
-    if option not in _choices(group):
-        raise ConfigError(f"no config {config!r}; {group} configs: {', '.join(_choices(group)) or 'none'}")
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            return hydra_compose(config_name="config", overrides=[f"{group}={option}", *overrides])
+            return hydra_compose(config_name="config", overrides=overrides)
     except HydraException as error:
         reason = str(error).split("\nConfig search path:")[0].strip()  # where Hydra looked says nothing to a user
         raise ConfigError(f"cannot compose {config!r} with overrides {given}: {reason}") from None
+    except (OmegaConfBaseException, yaml.YAMLError) as error:  # a YAML file that is not a mapping, or not YAML
+        reason = " ".join(line.strip() for line in str(error).splitlines()[:4])
+        raise ConfigError(f"cannot compose {config!r}: {reason}") from None
 
 
 def _check_override_key(override: str) -> str:
@@ -79,7 +107,10 @@ def _groups() -> set[str]:
 def to_run_config(composed: DictConfig) -> RunConfig:
     """Merge a composed config into the typed schema: unknown keys and wrong types fail here."""
     schema = OmegaConf.structured(RunConfig)
-    missing = sorted(OmegaConf.missing_keys(composed))  # "???" in a config group: the merge would keep the default
+    try:
+        missing = sorted(OmegaConf.missing_keys(composed))  # "???" in a config group: the merge would keep the default
+    except OmegaConfBaseException:  # an interpolation that does not resolve: the merge below names the key behind it
+        missing = []
     if missing:
         raise ConfigError(f"config keys {', '.join(repr(key) for key in missing)} are required by the chosen config groups and not set")
     try:
