@@ -126,6 +126,8 @@ def test_peft_own_files_read_as_diffusers_names(trained, tmp_path):
         assert lora.pairs.keys() == expected.pairs.keys(), prefix
         for name, pair in lora.pairs.items():
             torch.testing.assert_close(pair.delta(), expected.pairs[name].delta(), msg=f"{prefix}{name}")
+    from_directory = read_lora(tmp_path / "peft")  # the directory itself, as users pass it
+    assert {name: pair.alpha for name, pair in from_directory.pairs.items()} == {name: pair.alpha for name, pair in expected.pairs.items()}
 
 
 def read_tensors_and_metadata(path):
@@ -169,6 +171,11 @@ def test_bad_lora_files_fail_clearly(tmp_path):
     model, _ = _lora_model(rank=2)
     with pytest.raises(LoRAError, match="rank 4"):
         load_pairs_into_model(model, pairs_of_model(_lora_model(rank=4)[0]))
+    (tmp_path / "runs" / "my_style" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(LoRAError, match="is a training run, not a LoRA file; `krea2 lora export my_style --out FILE`"):
+        read_lora(tmp_path / "runs" / "my_style")
+    with pytest.raises(LoRAError, match="runs is a directory, not a LoRA .safetensors file"):
+        read_lora(tmp_path / "runs")
     assert parse_lora_argument("a/b:c.safetensors:0.75") == (Path("a/b:c.safetensors"), 0.75)
     assert parse_lora_argument("x.safetensors")[1] == 1.0
 

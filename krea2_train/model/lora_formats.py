@@ -47,6 +47,7 @@ LAYOUTS = tuple(LAYOUT_PREFIXES)
 METADATA_KEY = "krea2_lora"
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 PEFT_CONFIG_NAME = "adapter_config.json"  # what PEFT's save_pretrained writes beside adapter_model.safetensors
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 _STORED_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_down|lora_up)\.weight$")
 _PARTS = {"lora_A": "down", "lora_down": "down", "lora_B": "up", "lora_up": "up"}
 
@@ -302,6 +303,12 @@ def lora_pairs_from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mappi
 def read_lora(path: str | os.PathLike) -> LoRAFile:
     """Read a LoRA safetensors file in the diffusers, ComfyUI or ai-toolkit layout."""
     path = Path(path)
+    if path.is_dir() and (path / PEFT_WEIGHTS_NAME).is_file():  # a directory PEFT's save_pretrained wrote
+        path = path / PEFT_WEIGHTS_NAME
+    elif path.is_dir() and ((path / "checkpoints").is_dir() or (path / "config.yaml").is_file()):
+        raise LoRAError(f"{path} is a training run, not a LoRA file; `krea2 lora export {path.name} --out FILE` writes a lora-stage run's LoRA")
+    elif path.is_dir():
+        raise LoRAError(f"{path} is a directory, not a LoRA .safetensors file (nor a PEFT directory holding {PEFT_WEIGHTS_NAME})")
     if not path.is_file():
         raise FileNotFoundError(errno.ENOENT, "no LoRA file", str(path))  # a user error naming the file
     stored, metadata = layouts.read_safetensors_header(path)
