@@ -50,6 +50,8 @@ def test_a_pair_file_with_bad_rows_is_refused_naming_them(tmp_path):
     cases = {
         "row 2: no prompt": [good, good | {"prompt": " "}],
         "row 1: no loser": [{"prompt": "p", "winner": "a.png"}],
+        "row 1: prompt is int 7, not text": [good | {"prompt": 7}],
+        "row 1: no winner; loser is list \\['b.png'\\], not text": [good | {"winner": None, "loser": ["b.png"]}],
         "row 2: the winner is the loser": [good, good | {"loser": "a.png"}],
         "1 image\\(s\\) that do not exist: .*missing.png": [good | {"loser": "missing.png"}],
         "row 1: not an object": [["a.png", "b.png"]],

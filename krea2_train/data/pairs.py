@@ -88,9 +88,11 @@ def read_pair_file(path: str | Path) -> list[PairRecord]:
         if not isinstance(row, dict):
             problems.append(f"row {number}: not an object")
             continue
-        missing = [name for name in PAIR_FIELDS if not isinstance(row.get(name), str) or not row[name].strip()]
-        if missing:
-            problems.append(f"row {number}: no {', '.join(missing)}")
+        missing = [name for name in PAIR_FIELDS if row.get(name) is None or (isinstance(row[name], str) and not row[name].strip())]
+        not_text = [f"{name} is {type(row[name]).__name__} {row[name]!r:.40}" for name in PAIR_FIELDS
+                    if name not in missing and not isinstance(row[name], str)]
+        if missing or not_text:
+            problems.append(f"row {number}: " + "; ".join(([f"no {', '.join(missing)}"] if missing else []) + [f"{text}, not text" for text in not_text]))
             continue
         with_nul = [name for name in PAIR_FIELDS if holds_nul(row[name])]
         if with_nul:  # PostgreSQL text cannot hold one
