@@ -280,3 +280,25 @@ def test_cli_pack_target_then_the_pack_job_packs_the_dataset(fresh_store, curate
     capsys.readouterr()
     assert main(["data", "status", *store_args]) == 0  # the target and how much of it is packed
     assert ["shapes", "32", "images", str(packed), str(tmp_path / "shards")] in [line.split() for line in capsys.readouterr().out.splitlines()]
+
+
+def _always_fails(rows, ctx):
+    raise RuntimeError("the model directory is missing")
+
+
+@pytest.mark.postgres
+def test_cli_work_exits_non_zero_when_every_row_failed(fresh_store, curated_folder, capsys, monkeypatch):
+    """A handler that fails on everything (a broken install or setting) ends `data work` with
+    ALL_FAILED_EXIT and points at the errors, instead of exiting 0 with nothing done."""
+    from krea2_train.cli import main
+    from krea2_train.data.commands import ALL_FAILED_EXIT
+    from krea2_train.store import queue
+
+    monkeypatch.setitem(queue._REGISTRY, "broken", queue.Job(name="broken", select_predicate_sql="true", handler=_always_fails,
+                                                             batch_size=8, max_attempts=2, retry_backoff_s=0.0))
+    ingest(fresh_store, "shapes", folder=curated_folder)
+    assert main(["data", "work", "--dsn", fresh_store.dsn, "--job", "broken"]) == ALL_FAILED_EXIT
+    printed = capsys.readouterr()
+    assert "'failed': 32" in printed.out and "every row it claimed failed (32 attempts); `krea2 data status --errors`" in printed.err
+    assert job_counts(fresh_store)["broken"]["dead"] == 16
+    assert main(["data", "work", "--dsn", fresh_store.dsn, "--job", "broken"]) == 0  # nothing left to claim: nothing failed

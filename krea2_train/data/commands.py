@@ -152,6 +152,9 @@ def cmd_ingest(args) -> int:
     return 0
 
 
+ALL_FAILED_EXIT = 3  # `data work`'s exit code when its workers failed on every row they claimed
+
+
 def worker_main(dsn: str, job_name: str, batch: int | None, follow: bool, datasets: list[str] | None = None) -> dict:
     """One worker: open the store by DSN, run the job until done (or stopped by SIGTERM/SIGINT),
     on ``datasets``' images only when given."""
@@ -172,7 +175,9 @@ def worker_main(dsn: str, job_name: str, batch: int | None, follow: bool, datase
 
 def _worker_process(
     dsn: str, job_name: str, batch: int | None, follow: bool, gpu: str | None = None, datasets: list[str] | None = None
-) -> None:
+) -> int:
+    """Run one worker (see :func:`worker_main`); returns its exit code, ALL_FAILED_EXIT when rows
+    failed and none completed."""
     from krea2_train.logs import setup_logging
 
     if gpu is not None:  # before anything initialises CUDA in this (spawned) process
@@ -180,6 +185,16 @@ def _worker_process(
     setup_logging(label=f"worker {os.getpid()}", stream=sys.stderr, force=False)  # a spawned process starts bare
     stats = worker_main(dsn, job_name, batch, follow, datasets)
     print(f"worker {os.getpid()}: {stats}", flush=True)
+    if stats["failed"] and not stats["completed"]:  # a handler that fails on everything: a broken install or setting, not bad images
+        print(f"worker {os.getpid()}: every row it claimed failed ({stats['failed']} attempts); "
+              "`krea2 data status --errors` lists the errors", file=sys.stderr, flush=True)
+        return ALL_FAILED_EXIT
+    return 0
+
+
+def _worker_entry(*args) -> None:
+    """A spawned worker process: its exit code says whether it got anything done."""
+    sys.exit(_worker_process(*args))
 
 
 def visible_gpus() -> list[str]:
@@ -224,12 +239,11 @@ def cmd_work(args) -> int:
                 if conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0:
                     print(f"no {args.job} target yet: {hint}", file=sys.stderr)
         if args.workers == 1:
-            _worker_process(store.dsn, args.job, args.batch, args.follow, None, args.datasets)
-            return 0
+            return _worker_process(store.dsn, args.job, args.batch, args.follow, None, args.datasets)
         context = multiprocessing.get_context("spawn")
         gpus = worker_gpus(args.workers, visible_gpus() if get_job(args.job).uses_gpu else [])
         processes = [
-            context.Process(target=_worker_process, args=(store.dsn, args.job, args.batch, args.follow, gpu, args.datasets))
+            context.Process(target=_worker_entry, args=(store.dsn, args.job, args.batch, args.follow, gpu, args.datasets))
             for gpu in gpus
         ]
         for process in processes:
@@ -244,7 +258,7 @@ def cmd_work(args) -> int:
     failed = [p.exitcode for p in processes if p.exitcode != 0]
     if failed:
         print(f"{len(failed)} worker(s) exited with codes {failed}", file=sys.stderr)
-        return 1
+        return ALL_FAILED_EXIT if set(failed) == {ALL_FAILED_EXIT} else 1
     return 0
 
 
