@@ -33,6 +33,22 @@ def non_negative_float(text: str) -> float:
     return _number(float, text, lambda value: value >= 0, "a number >= 0")
 
 
+def int_in_range(low: int, high: int):
+    """An argument type: an integer from ``low`` to ``high``, both included."""
+
+    def parse(text: str) -> int:
+        return _number(int, text, lambda value: low <= value <= high, f"an integer from {low} to {high}")
+
+    return parse
+
+
+def image_resolution(text: str) -> int:
+    """An image side in pixels that the model's token grid divides (16 px per token)."""
+    from krea2_train.model.flops import PIXELS_PER_TOKEN
+
+    return _number(int, text, lambda value: value > 0 and value % PIXELS_PER_TOKEN == 0, f"a positive multiple of {PIXELS_PER_TOKEN} px")
+
+
 def torch_device(text: str) -> str:
     """A torch device this machine has (``cpu``, ``cuda``, ``cuda:1``)."""
     import torch

@@ -35,10 +35,10 @@ INSERT_CHUNK = 20_000
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dsn", default=None, help="server to benchmark (default: a fresh embedded server)")
-    parser.add_argument("--images", type=int, default=20_000, help="images (and embeddings) in the scratch dataset")
+    parser.add_argument("--images", type=positive_int, default=20_000, help="images (and embeddings) in the scratch dataset")
     parser.add_argument("--dim", type=positive_int, default=768, help="embedding width")
-    parser.add_argument("--concepts", type=int, default=100_000, help="concepts in the list searched for in the captions")
-    parser.add_argument("--train-points-per-cluster", type=int, default=None,
+    parser.add_argument("--concepts", type=positive_int, default=100_000, help="concepts in the list searched for in the captions")
+    parser.add_argument("--train-points-per-cluster", type=positive_int, default=None,
                         help="k-means training sample per cluster (default: balance's; a large value trains on every embedding)")
 
 

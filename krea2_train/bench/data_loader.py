@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from krea2_train.arguments import non_negative_int, positive_int
 from krea2_train.data.buckets import make_buckets
 from krea2_train.data.loader import LoaderConfig, ShardLoader
 from krea2_train.data.plan import Manifest, ShardInfo
@@ -20,10 +21,10 @@ from krea2_train.data.shards import ShardWriter
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--loader-resolutions", type=int, nargs="+", default=[256, 64], help="pixels (default 256 64)")
-    parser.add_argument("--loader-samples", type=int, default=512, help="samples per resolution (default 512)")
-    parser.add_argument("--loader-batch", type=int, default=32, help="global batch size (default 32)")
-    parser.add_argument("--loader-workers", type=int, default=2, help="loader worker processes (default 2)")
+    parser.add_argument("--loader-resolutions", type=positive_int, nargs="+", default=[256, 64], help="pixels (default 256 64)")
+    parser.add_argument("--loader-samples", type=positive_int, default=512, help="samples per resolution (default 512)")
+    parser.add_argument("--loader-batch", type=positive_int, default=32, help="global batch size (default 32)")
+    parser.add_argument("--loader-workers", type=non_negative_int, default=2, help="loader worker processes (default 2)")
     parser.add_argument("--loader-image-format", default="png", choices=["png", "webp", "jpeg"])
 
 

@@ -22,6 +22,8 @@ import uuid
 import psycopg
 from psycopg import conninfo, sql
 
+from krea2_train.arguments import positive_float, positive_int
+
 QUEUE_TARGET = 10_000.0
 UPSERT_TARGET = 40_000.0
 BENCH_JOB = "bench_noop"
@@ -29,13 +31,13 @@ BENCH_JOB = "bench_noop"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dsn", default=None, help="server to benchmark (default: a fresh embedded server)")
-    parser.add_argument("--queue-workers", type=int, default=8)
-    parser.add_argument("--queue-batch", type=int, default=16)
-    parser.add_argument("--queue-rows", type=int, default=200_000, help="rows seeded for the queue benchmark")
-    parser.add_argument("--upsert-writers", type=int, default=4)
-    parser.add_argument("--upsert-batch", type=int, default=100)
-    parser.add_argument("--upsert-keys", type=int, default=100_000, help="key space the writers share")
-    parser.add_argument("--seconds", type=float, default=5.0, help="measured duration of each benchmark")
+    parser.add_argument("--queue-workers", type=positive_int, default=8)
+    parser.add_argument("--queue-batch", type=positive_int, default=16)
+    parser.add_argument("--queue-rows", type=positive_int, default=200_000, help="rows seeded for the queue benchmark")
+    parser.add_argument("--upsert-writers", type=positive_int, default=4)
+    parser.add_argument("--upsert-batch", type=positive_int, default=100)
+    parser.add_argument("--upsert-keys", type=positive_int, default=100_000, help="key space the writers share")
+    parser.add_argument("--seconds", type=positive_float, default=5.0, help="measured duration of each benchmark")
 
 
 def _noop(rows, ctx):

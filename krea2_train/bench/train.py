@@ -120,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int, default=None, help="timed steps (cpu: 3, cuda: 20)")
     parser.add_argument("--reference", default=None, choices=["diffusers", "none"],
                         help="also time diffusers' model (default: diffusers, none with --lora)")
-    parser.add_argument("--lora", type=int, default=0, metavar="RANK",
+    parser.add_argument("--lora", type=non_negative_int, default=0, metavar="RANK",
                         help="LoRA fine-tuning of ours at this rank, as the lora stage runs it: the base frozen in the compute"
                              " dtype, the default targets trained (default 0: full training)")
     parser.add_argument("--seed", type=int, default=0)

@@ -31,6 +31,7 @@ import numpy as np
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from krea2_train.arguments import non_negative_int, positive_int
 from krea2_train.curate.concepts import ConceptList, match_captions, prioritised_images, read_concepts
 from krea2_train.curate.embeddings import Embedder, build_embedder, default_device, embedder_spec
 from krea2_train.curate.images import open_rgb
@@ -674,13 +675,13 @@ def add_selection_commands(commands, store_arguments: Callable, open_store: Call
     balance = commands.add_parser("balance", help="balanced selection by hierarchical k-means (midtraining data)")
     store_arguments(balance)
     balance.add_argument("--dataset", required=True, help="source dataset")
-    balance.add_argument("--target", type=int, required=True, help="images in the selection")
-    balance.add_argument("--levels", type=int, nargs="+", default=[64, 8], help="clusters per level, bottom-up (default 64 8)")
+    balance.add_argument("--target", type=positive_int, required=True, help="images in the selection")
+    balance.add_argument("--levels", type=positive_int, nargs="+", default=[64, 8], help="clusters per level, bottom-up (default 64 8)")
     balance.add_argument("--name", required=True, help="name of the selection (a new dataset)")
-    balance.add_argument("--resample-steps", type=int, default=3)
-    balance.add_argument("--points-per-cluster", type=int, default=8)
-    balance.add_argument("--niter", type=int, default=20, help="k-means iterations per run")
-    balance.add_argument("--train-points-per-cluster", type=int, default=256,
+    balance.add_argument("--resample-steps", type=non_negative_int, default=3)
+    balance.add_argument("--points-per-cluster", type=positive_int, default=8)
+    balance.add_argument("--niter", type=positive_int, default=20, help="k-means iterations per run")
+    balance.add_argument("--train-points-per-cluster", type=positive_int, default=256,
                          help="a level's first k-means run (k clusters) trains on at most k times this many random items (default 256)")
     balance.add_argument("--seed", type=int, default=0)
     balance.add_argument("--embedder", default="small", help="'small' or a local SigLIP, SigLIP 2, DINOv2 or DINOv3 transformers directory (on the GPU when there is one)")
@@ -691,7 +692,7 @@ def add_selection_commands(commands, store_arguments: Callable, open_store: Call
     balance.add_argument("--concepts", type=Path, default=None, metavar="FILE",
                          help="a concept list (one a line, optional TAB weight such as a PageRank): images whose captions name"
                               " its rare concepts are selected first (default: off)")
-    balance.add_argument("--images-per-concept", type=int, default=100, help="with --concepts: the most images a concept is given (default 100)")
+    balance.add_argument("--images-per-concept", type=positive_int, default=100, help="with --concepts: the most images a concept is given (default 100)")
     balance.add_argument("--concept-share", type=float, default=0.25,
                          help="with --concepts: the most of the target chosen for concepts (default 0.25)")
     balance.set_defaults(func=lambda args: _cmd_balance(args, open_store))
@@ -699,7 +700,7 @@ def add_selection_commands(commands, store_arguments: Callable, open_store: Call
     curate = commands.add_parser("curate", help="the top N images by a filter score (SFT data)")
     store_arguments(curate)
     curate.add_argument("--dataset", required=True, help="source dataset")
-    curate.add_argument("--top", type=int, required=True, help="images in the selection")
+    curate.add_argument("--top", type=positive_int, required=True, help="images in the selection")
     curate.add_argument("--by", required=True, help=f"score column of images, e.g. {', '.join(CURATE_SCORES)}")
     curate.add_argument("--order", choices=("asc", "desc"), default=None, help="best first (default: the score's own)")
     curate.add_argument("--name", required=True, help="name of the selection (a new dataset)")

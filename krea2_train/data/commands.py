@@ -39,7 +39,7 @@ def register(subparsers) -> None:
     work = commands.add_parser("work", help="run processing-job workers until no work remains")
     _store_arguments(work)
     work.add_argument("--job", required=True, help="job name (decode, filters, dedup, pack, ...)")
-    work.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    work.add_argument("--workers", type=positive_int, default=1, help="worker processes (default 1)")
     work.add_argument("--batch", type=positive_int, default=None, help="rows per claim (default: the job's)")
     work.add_argument("--follow", action="store_true", help="keep polling for new work until SIGTERM/SIGINT")
     work.add_argument("--dataset", action="append", default=None, dest="datasets", metavar="NAME",
@@ -72,14 +72,14 @@ def register(subparsers) -> None:
 
     status = commands.add_parser("status", help="row counts per dataset and per job and state")
     _store_arguments(status)
-    status.add_argument("--errors", type=int, nargs="?", const=20, default=0, metavar="N",
+    status.add_argument("--errors", type=positive_int, nargs="?", const=20, default=0, metavar="N",
                         help="also list up to N (default 20) undecodable images and dead jobs, with their errors")
     status.set_defaults(func=cmd_status)
 
     shapes = commands.add_parser("shapes", help="write a shapes-world dataset in the ingest folder format")
     shapes.add_argument("--out", type=Path, required=True, help="output folder")
     shapes.add_argument("--n", type=positive_int, required=True, help="number of samples")
-    shapes.add_argument("--resolution", type=int, default=64, help="square side in pixels (default 64)")
+    shapes.add_argument("--resolution", type=positive_int, default=64, help="square side in pixels (default 64)")
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--aspect-ratios", nargs="*", default=None, help="e.g. 1 4:3 16:9")
     shapes.add_argument("--pairs", action="store_true",
@@ -109,9 +109,9 @@ def _pack_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image side in pixels: the run's data.resolution with the Qwen-Image VAE")
     parser.add_argument("--out", type=Path, required=True, help="shard directory (shared storage that every node reads)")
     parser.add_argument("--buckets", nargs="+", default=None, help="aspect ratios (default: all nine, as configs/data/registry.yaml)")
-    parser.add_argument("--pixel-multiple", type=int, default=16, help="16 for the Qwen-Image VAE with patch 2 (default)")
+    parser.add_argument("--pixel-multiple", type=positive_int, default=16, help="16 for the Qwen-Image VAE with patch 2 (default)")
     parser.add_argument("--format", choices=IMAGE_FORMATS, default="png", help="image encoding in the shards")
-    parser.add_argument("--shard-size", type=int, default=1024)
+    parser.add_argument("--shard-size", type=positive_int, default=1024)
     parser.add_argument("--seed", type=int, default=0, help="the runs' seed (shuffles within a packed batch)")
 
 
@@ -219,8 +219,6 @@ def cmd_work(args) -> int:
 
     load_jobs()
     get_job(args.job)  # an unknown job fails here, naming the registered ones
-    if args.workers < 1:
-        raise UsageError(f"--workers must be >= 1, got {args.workers}")
     with _open(args) as store:
         if args.datasets:
             from krea2_train.store.db import find_dataset_id

@@ -22,9 +22,11 @@ from pathlib import Path
 
 import torch
 
-from krea2_train.arguments import positive_int, torch_device
+from krea2_train.arguments import image_resolution, non_negative_int, positive_int, torch_device
 from krea2_train.model.lora import DEFAULT_TARGETS, LORA_KEY, BASE_DTYPES, LoRAError, LoRAPair, LoRASpec, compile_targets
+from krea2_train.model.flops import image_tokens_at
 from krea2_train.model.lora_formats import LAYOUTS, read_lora, save_lora
+from krea2_train.model.presets import PRESETS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EXACT_SVD_MAX_DIM = 2048  # beyond this (smaller side of a weight), a randomised truncated SVD
@@ -221,7 +223,7 @@ def run_convert(args: argparse.Namespace) -> int:
 def run_memory(args: argparse.Namespace) -> int:
     from krea2_train.model.lora import estimate_lora_training_memory
 
-    tokens = (args.resolution // 16) ** 2
+    tokens = image_tokens_at(args.resolution)
     estimate = estimate_lora_training_memory(
         args.preset, spec=LoRASpec(rank=args.rank, alpha=float(args.rank)), base_dtype=args.base_dtype,
         image_tokens=tokens, text_tokens=args.text_tokens, batch_size=args.batch_size,
@@ -248,7 +250,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     export = commands.add_parser("export", help="the LoRA of a lora-stage run's checkpoint, as a LoRA file")
     export.add_argument("run", help="run name or directory, or one of its checkpoint directories")
-    export.add_argument("--step", type=int, default=None, help="committed step (default: newest)")
+    export.add_argument("--step", type=non_negative_int, default=None, help="committed step (default: newest)")
     output_options(export)
     export.set_defaults(func=run_export)
 
@@ -267,10 +269,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     extract.set_defaults(func=run_extract)
 
     memory = commands.add_parser("memory", help="estimate LoRA training memory on the meta device")
-    memory.add_argument("--preset", default="krea2_medium")
+    memory.add_argument("--preset", default="krea2_medium", choices=sorted(PRESETS))
     memory.add_argument("--rank", type=positive_int, default=16)
     memory.add_argument("--base-dtype", choices=sorted(BASE_DTYPES), default="bf16")
-    memory.add_argument("--resolution", type=int, default=1024, help="square image side in pixels (16 px per token)")
-    memory.add_argument("--text-tokens", type=int, default=512)
-    memory.add_argument("--batch-size", type=int, default=1)
+    memory.add_argument("--resolution", type=image_resolution, default=1024, help="square image side in pixels (16 px per token)")
+    memory.add_argument("--text-tokens", type=positive_int, default=512)
+    memory.add_argument("--batch-size", type=positive_int, default=1)
     memory.set_defaults(func=run_memory)

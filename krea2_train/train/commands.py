@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from krea2_train.arguments import positive_int
+from krea2_train.arguments import non_negative_int, positive_int
 from krea2_train.errors import UsageError
 from krea2_train.model import layouts
 from krea2_train.train.checkpoint import (
@@ -188,7 +188,7 @@ def _add_output_options(parser: argparse.ArgumentParser, layout_required: bool) 
 def register(subparsers: argparse._SubParsersAction) -> None:
     export = subparsers.add_parser("export", help="write a run's checkpoint in the diffusers or original layout")
     export.add_argument("run", help="run directory or name, or a checkpoint path")
-    export.add_argument("--step", type=int, default=None, help="the committed step to export (default: newest)")
+    export.add_argument("--step", type=non_negative_int, default=None, help="the committed step to export (default: newest)")
     _add_output_options(export, layout_required=True)
     export.set_defaults(func=run_export)
 

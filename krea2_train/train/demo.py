@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from krea2_train.arguments import positive_float
+from krea2_train.arguments import int_in_range, positive_float
 
 # stage -> steps on CPU (the 1024 stage is 4096 tokens per image: few steps)
 DEMO_STAGES = {
@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="run the recipe chain on the shapes world on CPU", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs-root", default="runs/demo")
-    parser.add_argument("--stages", type=int, default=len(DEMO_STAGES), help="run only the first N stages")
+    parser.add_argument("--stages", type=int_in_range(1, len(DEMO_STAGES)), default=len(DEMO_STAGES), help=f"run only the first N stages (1 to {len(DEMO_STAGES)})")
     parser.add_argument("--scale", type=positive_float, default=1.0, help="multiply every stage's steps")
     parser.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"])
     parser.set_defaults(func=run_demo)
