@@ -10,7 +10,11 @@ from krea2_train.bench import mttr as bench_mttr
 
 
 @pytest.mark.slow
-def test_mttr_bench_measures_a_real_restart(public_tmp_dir):
+def test_mttr_bench_measures_a_real_restart(public_tmp_dir, tmp_path, monkeypatch):
+    from krea2_train.store.db import DSN_ENV, STORE_DIR_ENV
+
+    monkeypatch.setenv(STORE_DIR_ENV, str(tmp_path / "the_users_store"))  # the bench must train on a store of its own
+    monkeypatch.setenv(DSN_ENV, "postgresql://bench@127.0.0.1:9/the_users_database")
     parser = argparse.ArgumentParser()
     bench_mttr.add_arguments(parser)
     args = parser.parse_args(["--mttr-models", "tiny", "--mttr-kill-step", "3", "--mttr-dir", str(public_tmp_dir)])
@@ -22,3 +26,4 @@ def test_mttr_bench_measures_a_real_restart(public_tmp_dir):
         assert row["value"] > 0 and math.isfinite(row["value"])
     assert measured["met"] == (measured["value"] < bench_mttr.TINY_TARGET_S)
     assert list(public_tmp_dir.iterdir()) == []  # its runs are removed
+    assert not (tmp_path / "the_users_store").exists()

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from krea2_train.arguments import positive_int
+from krea2_train.store.db import DSN_ENV, STORE_DIR_ENV
 from krea2_train.train.metrics import read_metrics
 from krea2_train.train.runlog import read_events
 
@@ -56,8 +57,9 @@ def measure_mttr(root: Path, model: str, kill_step: int) -> dict:
         "logging.sample_steps=1", "logging.sample_prompts=[a red circle]", "data.num_samples=48", "data.num_workers=0",
         "data.global_batch_size=4", *model_overrides(model),
     ]  # fmt: skip
-    env = {**os.environ, "KREA2_NPROC": "2", "KREA2_MAX_RESTARTS": "1", "KREA2_FAULTS": f"kill@{kill_step}:rank=1",
-           "PYTHON": sys.executable}  # fmt: skip
+    env = {key: value for key, value in os.environ.items() if key != DSN_ENV}  # never the user's database
+    env |= {"KREA2_NPROC": "2", "KREA2_MAX_RESTARTS": "1", "KREA2_FAULTS": f"kill@{kill_step}:rank=1", "PYTHON": sys.executable,
+            STORE_DIR_ENV: str(root / "_store")}  # fmt: skip
     output = root / "train.log"
     logger.info("mttr: training %s on 2 ranks for %d steps, rank 1 SIGKILLed after step %d (its output: %s)",
                 model, steps, kill_step, output)
