@@ -153,6 +153,17 @@ def test_invalid_sidecar_json_names_the_file(fresh_store, folder):
     (folder / "b.txt").write_bytes("un caf\xe9".encode("latin-1"))
     with pytest.raises(StoreError, match=r"caption file .*b\.txt is not UTF-8 text"):
         ingest(fresh_store, "toy", folder=folder)
+    assert _datasets(fresh_store) == []  # each failed ingest left the registry as it found it
+
+
+def test_a_failed_ingest_into_an_existing_dataset_keeps_its_source(fresh_store, folder, tmp_path):
+    ingest(fresh_store, "toy", folder=folder)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{folder / 'a.png'}\n{folder / 'a.png'}\n")
+    with pytest.raises(StoreError, match="appears twice"):
+        ingest(fresh_store, "toy", uris=listing)
+    with fresh_store.pool.connection() as conn:
+        assert conn.execute("SELECT source FROM datasets WHERE name = 'toy'").fetchone()[0] == f"folder:{folder.resolve()}"
 
 
 def test_missing_folder_is_refused(fresh_store, tmp_path):

@@ -242,6 +242,7 @@ def test_pairs_go_into_a_dataset_of_their_own_and_never_rewrite_an_image(fresh_s
     with fresh_store.pool.connection() as conn:
         assert conn.execute("SELECT uri, caption_long, caption_short, facts FROM images ORDER BY id").fetchall() == before
         assert conn.execute("SELECT count(*) FROM preference_pairs").fetchone() == (0,)
+        assert conn.execute("SELECT source FROM datasets WHERE name = 'web'").fetchone() == (f"folder:{folder.resolve()}",)
 
     # in a dataset of pairs, an image keeps the caption of the pair that registered it first
     assert ingest_pairs(fresh_store, "web_pairs", pair_file).inserted == 1

@@ -21,16 +21,20 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
+from contextlib import contextmanager
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import psycopg
 from psycopg.types.json import Jsonb
 
 from krea2_train.store import Store, StoreError
-from krea2_train.store.db import find_dataset_id
 from krea2_train.store.upsert import batched, upsert_batch, upsert_statement
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 BATCH_ROWS = 500
@@ -221,15 +225,40 @@ def canonical_uri(uri: str, base: Path) -> str:
 
 def ensure_dataset(store: Store, name: str, source: str) -> int:
     """The dataset's id, creating it (or recording a new source) when needed."""
+    with registered_dataset(store, name, source) as dataset_id:
+        return dataset_id
+
+
+@contextmanager
+def registered_dataset(store: Store, name: str, source: str) -> Iterator[int]:
+    """The dataset's id for an ingest from ``source``, created or given the new source as needed.
+
+    An ingest that fails inside leaves the registry as it found it: a dataset it created is removed
+    when it holds no image (images committed before the failure stay, and running the same ingest
+    again completes it), and an existing dataset gets its recorded source back.
+    """
     if not name or not name.strip():
         raise StoreError("dataset name must not be empty")
     with store.pool.connection() as conn:
-        conn.execute(
-            "INSERT INTO datasets (name, source) VALUES (%s, %s) ON CONFLICT (name) DO UPDATE"
-            " SET source = EXCLUDED.source WHERE datasets.source IS DISTINCT FROM EXCLUDED.source",
-            (name, source),
-        )
-        return find_dataset_id(conn, name)
+        dataset_id, created, previous_source = conn.execute(
+            "WITH old AS (SELECT source FROM datasets WHERE name = %(name)s)"
+            " INSERT INTO datasets (name, source) VALUES (%(name)s, %(source)s) ON CONFLICT (name) DO UPDATE"
+            " SET source = EXCLUDED.source RETURNING id, xmax = 0, (SELECT source FROM old)",
+            {"name": name, "source": source},
+        ).fetchone()
+    try:
+        yield dataset_id
+    except BaseException:
+        try:
+            with store.pool.connection() as conn:
+                if created:
+                    conn.execute("DELETE FROM datasets d WHERE d.id = %s AND NOT EXISTS"
+                                 " (SELECT 1 FROM images i WHERE i.dataset_id = d.id)", (dataset_id,))
+                else:
+                    conn.execute("UPDATE datasets SET source = %s WHERE id = %s AND source = %s", (previous_source, dataset_id, source))
+        except psycopg.Error as error:  # the database that failed the ingest, or another process's rows on it now
+            logger.warning("dataset %r: could not undo its registration after the failed ingest (%s)", name, error)
+        raise
 
 
 def ingest_records(store: Store, dataset: str, source: str, records: Iterable[Record]) -> IngestReport:
@@ -240,11 +269,10 @@ def ingest_records(store: Store, dataset: str, source: str, records: Iterable[Re
     first = next(records, None)
     if first is None:
         raise StoreError(f"no images in {source}: nothing to ingest")
-    dataset_id = ensure_dataset(store, dataset, source)
     seen: set[str] = set()
     uncaptioned, uncaptioned_example = 0, None
     rows = inserted = updated = 0
-    with store.pool.connection() as conn:
+    with registered_dataset(store, dataset, source) as dataset_id, store.pool.connection() as conn:
         # Ingest is idempotent: a crash may lose the last few commits, and running the same ingest
         # again restores them. Not waiting for the WAL flush on each batch doubles the write rate.
         conn.execute("SET synchronous_commit = off")

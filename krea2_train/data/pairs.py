@@ -36,7 +36,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from krea2_train.data.ingest import LISTED, UNREADABLE_SCHEME, canonical_uri, ensure_dataset, first_listed, holds_nul
+from krea2_train.data.ingest import LISTED, UNREADABLE_SCHEME, canonical_uri, first_listed, holds_nul, registered_dataset
 from krea2_train.data.pack import (
     LIVE_SHARD_PAIRS_SQL,
     PackReport,
@@ -160,8 +160,8 @@ def ingest_pairs(store: Store, dataset: str, pair_file: str | Path) -> PairInges
     for pair in pairs:  # an image's caption: the prompt of its first pair
         prompts.setdefault(pair.winner, pair.prompt)
         prompts.setdefault(pair.loser, pair.prompt)
-    dataset_id = ensure_dataset(store, dataset, f"pairs:{Path(pair_file).resolve()}")
-    with store.pool.connection() as conn, conn.transaction():  # images and pairs together, or neither
+    with (registered_dataset(store, dataset, f"pairs:{Path(pair_file).resolve()}") as dataset_id,
+          store.pool.connection() as conn, conn.transaction()):  # images and pairs together, or neither
         (lone,) = conn.execute(
             "SELECT count(*) FROM images i WHERE i.dataset_id = %s AND NOT EXISTS"
             " (SELECT 1 FROM preference_pairs p WHERE p.winner_id = i.id OR p.loser_id = i.id)",
