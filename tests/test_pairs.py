@@ -221,8 +221,9 @@ def test_the_commands_write_ingest_pack_and_count_pairs(fresh_store, tmp_path, c
     pack = ["data", "pack-pairs", *store, "--dataset", "prefs", "--resolution", "32", "--out", str(tmp_path / "shards"), "--pixel-multiple", "4"]
     assert main(pack) == 0  # decodes, then packs
     assert "packed 5 new pairs of prefs at 32 px into 1 shards" in capsys.readouterr().out
-    assert main(pack + ["--shard-size", "0"]) == 1
-    assert "pack-pairs: shard_size must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # by the parser, before any work
+        main(pack + ["--shard-size", "0"])
+    assert refused.value.code == 2 and "argument --shard-size: must be a positive integer, got 0" in capsys.readouterr().err
     assert main(["data", "ingest-pairs", *store, "--dataset", "prefs", "--pairs", str(tmp_path / "missing.jsonl")]) == 1
     assert "pair file" in capsys.readouterr().err
 
