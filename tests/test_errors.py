@@ -160,6 +160,8 @@ def test_a_full_disk_under_the_metrics_file_is_one_line_naming_it(tmp_path, monk
     (["lora", "memory", "--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
     (["bench", "data", "--queue-workers", "0"], "argument --queue-workers: must be a positive integer, got 0"),
     (["data", "work", "--job", "decode", "--workers", "0"], "argument --workers: must be a positive integer, got 0"),
+    (["data", "pack-target", "--dataset", "d", "--resolution", "32", "--out", "s", "--pixel-multiple", "0"],
+     "argument --pixel-multiple: must be a positive integer, got 0"),
     (["data", "balance", "--dataset", "d", "--name", "n", "--target", "10", "--levels", "8", "0"],
      "argument --levels: must be a positive integer, got 0"),
     (["sample", "--checkpoint", "x", "--prompt", "a", "--device", "gpu9"], "argument --device: 'gpu9' is not a device"),
