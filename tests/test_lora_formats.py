@@ -126,6 +126,8 @@ def test_peft_own_files_read_as_diffusers_names(trained, tmp_path):
         assert lora.pairs.keys() == expected.pairs.keys(), prefix
         for name, pair in lora.pairs.items():
             torch.testing.assert_close(pair.delta(), expected.pairs[name].delta(), msg=f"{prefix}{name}")
+    beside = write_safetensors(tmp_path / "peft" / "another.safetensors", tensors)  # no metadata: alpha = rank,
+    assert {pair.alpha for pair in read_lora(beside).pairs.values()} == {4.0}  # not the adapter_config.json of another file
     from_directory = read_lora(tmp_path / "peft")  # the directory itself, as users pass it
     assert {name: pair.alpha for name, pair in from_directory.pairs.items()} == {name: pair.alpha for name, pair in expected.pairs.items()}
 

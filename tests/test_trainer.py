@@ -447,10 +447,11 @@ def test_init_from_is_pinned_to_the_checkpoint_the_run_started_from(tmp_path):
         find_run_checkpoint(base / "checkpoints" / "step-00000002", step=1)
 
 
-def test_init_from_another_model_is_refused_naming_what_differs(tmp_path, monkeypatch):
+def test_init_from_another_model_is_refused_naming_what_differs(tmp_path, monkeypatch, caplog):
     """stage.init_from pointing at another model's checkpoint is refused before any weight is
     loaded, naming the differing keywords (not PyTorch's size-mismatch dump); keywords no shape
-    shows (rope_theta) may change between the checkpoint and the run."""
+    shows (rope_theta) may change between the checkpoint and the run, with a warning naming them
+    when the checkpoint records its own values (not when they would be inferred defaults)."""
     from krea2_train.model import layouts
     from krea2_train.model.layouts import CheckpointError
     from krea2_train.train.trainer import load_initial_weights
@@ -462,8 +463,15 @@ def test_init_from_another_model_is_refused_naming_what_differs(tmp_path, monkey
         patch.setattr(trainer, "load_checkpoint_weights", lambda source: pytest.fail("read the weights first"))
         with pytest.raises(CheckpointError, match=r"stage.init_from's checkpoint .*two_layers.safetensors.*num_layers: 2 vs 3"):
             load_initial_weights(path, model_config("tiny", num_layers=3))
-    weights = load_initial_weights(path, model_config("tiny", num_layers=2, rope_theta=1e5))
+    recorded_theta = model_config("tiny")["rope_theta"]
+    with caplog.at_level("WARNING", logger="krea2_train.train.trainer"):
+        weights = load_initial_weights(path, model_config("tiny", num_layers=2, rope_theta=1e5))
+    assert f"other settings than this run's model: rope_theta {recorded_theta!r} -> 100000.0" in caplog.text
     build_model("tiny", num_layers=2).load_state_dict(weights, strict=True)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="krea2_train.train.trainer"):
+        load_initial_weights(path, model_config("tiny", num_layers=2))
+    assert "other settings" not in caplog.text
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["read-on-host", "skipped-on-device"])

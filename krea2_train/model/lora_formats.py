@@ -312,8 +312,8 @@ def read_lora(path: str | os.PathLike) -> LoRAFile:
     if not path.is_file():
         raise FileNotFoundError(errno.ENOENT, "no LoRA file", str(path))  # a user error naming the file
     stored, metadata = layouts.read_safetensors_header(path)
-    peft_config = path.parent / PEFT_CONFIG_NAME
-    if PEFT_METADATA_KEY not in metadata and peft_config.is_file():  # PEFT's save_pretrained directory
+    peft_config = path.parent / PEFT_CONFIG_NAME  # PEFT's save_pretrained directory; beside another file it is another LoRA's
+    if PEFT_METADATA_KEY not in metadata and path.name == PEFT_WEIGHTS_NAME and peft_config.is_file():
         metadata[PEFT_METADATA_KEY] = peft_config.read_text()
     try:
         return lora_pairs_from_tensors(dict(layouts.read_tensors(stored)), metadata)

@@ -1180,6 +1180,14 @@ def read_checkpoint_config(source: str | Path) -> dict:
     return layouts.index_checkpoint(source).model_config()
 
 
+def records_model_config(source: str | Path) -> bool:
+    """Whether the checkpoint records its Krea2DiT config (a run's DCP checkpoint, a diffusers
+    directory, our safetensors) rather than leaving it to be inferred from the shapes."""
+    from krea2_train.model import layouts
+
+    return is_dcp_checkpoint(Path(source)) or layouts.index_checkpoint(Path(source)).config is not None
+
+
 def load_checkpoint_weights(
     source: str | Path, lora_dtype: torch.dtype | None = None, *, check_digests: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict]:

@@ -66,6 +66,7 @@ from krea2_train.train.checkpoint import (
     load_checkpoint_weights,
     load_model_config,
     read_checkpoint_config,
+    records_model_config,
     resumable_checkpoints,
     write_model_config,
 )
@@ -226,6 +227,13 @@ def load_initial_weights(checkpoint: Path | None, model_config: Mapping) -> dict
     shaped = lambda config: {key: value for key, value in config.items() if key not in SHAPELESS_KEYS}  # noqa: E731
     checkpoint_config = read_checkpoint_config(checkpoint)  # before reading any weight
     check_same_model_config(shaped(checkpoint_config), shaped(model_config), f"stage.init_from's checkpoint {checkpoint}", "this run's model")
+    as_recorded = lambda value: tuple(value) if isinstance(value, list) else value  # noqa: E731 (JSON lists, config tuples)
+    changed = [f"{key} {checkpoint_config[key]!r} -> {model_config[key]!r}" for key in SHAPELESS_KEYS
+               if key in checkpoint_config and key in model_config and as_recorded(checkpoint_config[key]) != as_recorded(model_config[key])]
+    if changed and records_model_config(checkpoint):  # an inferred config holds Krea 2's defaults, not the checkpoint's values
+        logger.warning("stage.init_from's checkpoint %s was trained with other settings than this run's model: %s. The weights "
+                       "load (no shape shows these), but the model computes another function until it adapts; if this is not "
+                       "a deliberate change, set model.overrides to the checkpoint's values", checkpoint, "; ".join(changed))
     # a LoRA run's adapters: whole in the fp32 master weights; digests: checked when it was pinned
     weights, _ = load_checkpoint_weights(checkpoint, lora_dtype=torch.float32, check_digests=False)
     return weights
