@@ -12,6 +12,7 @@
 """
 
 import copy
+import io
 import json
 import math
 import os
@@ -357,6 +358,43 @@ def test_gradient_accumulation_does_not_change_the_rollout_or_the_update(conditi
     torch.testing.assert_close(advantages[1], advantages[0], rtol=1e-3, atol=1e-5)
     assert losses[1] == pytest.approx(losses[0], rel=1e-3, abs=1e-6)
     torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-3, atol=1e-6)
+
+
+def micro_steps_of(model, conditioner, batch, step, accum):
+    micro = len(batch["captions"]) // accum
+    return [(StepContext(model=model, conditioner=conditioner, device=torch.device("cpu"), seed=0, step=step,
+                         first_slot=index * micro, micro_index=index),
+             {k: v[index * micro : (index + 1) * micro] for k, v in batch.items()})
+            for index in range(accum)]
+
+
+@pytest.mark.parametrize("saved_accum, resumed_accum", [(1, 2), (2, 1)])
+def test_a_restart_with_other_micro_batches_reuses_the_rollout(conditioner, one_cpu_thread, saved_accum, resumed_accum):
+    """A checkpoint between two updates of one rollout, resumed with another accumulation (as on
+    another world size: the micro-batches hold other slots), re-assembles every micro-batch's
+    buffer from the slots it is given instead of rolling out again."""
+    options = ("grpo.group_size=2", "grpo.beta_kl=0", "grpo.updates_per_rollout=2")
+    batch, model = shapes_batch(8), random_tiny_model(0)
+    saved = grpo_stage(*options, f"optim.grad_accum_steps={saved_accum}")
+    saved.begin_step(micro_steps_of(model, conditioner, batch, 0, saved_accum))
+    advantages = torch.cat([saved.buffers[index].advantages for index in range(saved_accum)])
+    checkpoint = saved.state_dict()
+
+    resumed = grpo_stage(*options, f"optim.grad_accum_steps={resumed_accum}")
+    resumed.load_state_dict(checkpoint)
+    resumed.rewards = None  # a new rollout would need the reward models
+    micro_steps = micro_steps_of(model, conditioner, batch, 1, resumed_accum)
+    resumed.begin_step(micro_steps)
+    for ctx, part in micro_steps:
+        assert resumed.loss(ctx, part)[1]["update_index"].item() == 1
+    torch.testing.assert_close(torch.cat([resumed.buffers[index].advantages for index in range(resumed_accum)]), advantages)
+    assert resumed._restored == {} and len(torch.load(io.BytesIO(resumed.state_dict()["blob"]))["rollouts"]) == 8
+    older = torch.load(io.BytesIO(checkpoint["blob"]))  # a checkpoint written before slots keyed the records
+    older["rollouts"] = {0: older["rollouts"]}
+    payload = io.BytesIO()
+    torch.save(older, payload)
+    resumed.load_state_dict({"blob": payload.getvalue()})
+    assert sorted(resumed._restored) == list(range(8))
 
 
 def test_the_loss_weights_each_sample_by_its_prompt_weight(conditioner, one_cpu_thread):

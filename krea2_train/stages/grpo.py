@@ -229,7 +229,7 @@ class GrpoStage:
             min_weight=grpo.reweight_min_weight,
         ))
         self.buffers: dict[int, RolloutBuffer] = {}  # by micro-batch index
-        self._restored: dict[int, dict[int, dict]] = {}  # checkpointed records, by micro index then slot
+        self._restored: dict[int, dict] = {}  # checkpointed records by global slot, until a micro-batch takes them
 
     # -- the trainer's hooks ----------------------------------------------------------------------
 
@@ -241,14 +241,15 @@ class GrpoStage:
 
     def state_dict(self) -> dict[str, Any]:
         """One serialised blob, identical on every rank: the prompt statistics and every rank's
-        rollout buffers by global slot (gathered here; a collective when distributed)."""
-        local = {index: buffer.per_slot() for index, buffer in self.buffers.items()}
-        for index, records in self._restored.items():  # restored, not yet re-assembled
-            local.setdefault(index, {}).update(records)
-        merged: dict[int, dict[int, dict]] = {}
+        rollout records by global slot (gathered here; a collective when distributed). Slots, not
+        ranks or micro-batches, key them: a restart on another world size or accumulation
+        re-assembles each micro-batch's buffer from the slots it is given."""
+        local = dict(self._restored)  # restored, not yet taken
+        for buffer in self.buffers.values():
+            local.update(buffer.per_slot())
+        merged: dict[int, dict] = {}
         for part in all_gather_objects(local):
-            for index, records in part.items():
-                merged.setdefault(index, {}).update(records)
+            merged.update(part)
         payload = io.BytesIO()
         torch.save({"prompt_stats": self.prompt_stats.state_dict(), "rollouts": merged}, payload)
         return {"blob": payload.getvalue()}
@@ -257,7 +258,10 @@ class GrpoStage:
         blob = torch.load(io.BytesIO(state["blob"]), weights_only=False)
         self.prompt_stats.load_state_dict(blob["prompt_stats"])
         self.buffers = {}
-        self._restored = blob["rollouts"]
+        rollouts = blob["rollouts"]
+        if rollouts and "rollout_step" not in next(iter(rollouts.values())):  # before 2026-11-24: by micro index, then slot
+            rollouts = {slot: record for records in rollouts.values() for slot, record in records.items()}
+        self._restored = rollouts
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -302,6 +306,7 @@ class GrpoStage:
     def collect(self, micro_steps: list[tuple[StepContext, dict[str, Any]]]) -> list[RolloutBuffer]:
         """Roll out the groups of every micro-batch with the policy, score them together and fill
         one buffer per micro-batch (kept by micro index)."""
+        self._restored.clear()  # a checkpoint's older rollout: this one replaces it
         rolled = [self._roll_out(ctx, batch) for ctx, batch in micro_steps]
         buffers = [buffer for buffer, _ in rolled]
         rewards = {name: torch.cat([buffer.rewards[name] for buffer in buffers]) for name in buffers[0].rewards}
@@ -387,8 +392,10 @@ class GrpoStage:
         index = ctx.micro_index
         slots = list(ctx.slots(len(batch["captions"])))
         buffer = self.buffers.get(index)
-        if buffer is None and index in self._restored:
-            buffer = RolloutBuffer.from_slots(self._restored.pop(index), slots, ctx.device)
+        if buffer is None and self._restored:
+            buffer = RolloutBuffer.from_slots(self._restored, slots, ctx.device)
+            for slot in slots:  # taken, or of no use to any micro-batch: a new rollout replaces them
+                self._restored.pop(slot, None)
             if buffer is not None:
                 self.buffers[index] = buffer
         if buffer is None or not 0 <= ctx.step - buffer.rollout_step < self.config.updates_per_rollout:
