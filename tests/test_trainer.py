@@ -531,3 +531,29 @@ def test_update_phases_step_in_turn_and_a_phase_that_is_not_finite_stops_the_res
     assert not finite and moved == {"first": False, "second": False}
     finite, moved, _, _ = step(poisoned=("second",))
     assert not finite and moved == {"first": True, "second": False}
+
+
+@pytest.mark.parametrize("world_size, overrides, error, message", [
+    (1, ["parallel.tp=2"], "ConfigError", r"'parallel.\*' do not fit this start's 1 rank\(s\): dp_shard=-1 needs world_size \(1\) divisible by"),
+    (2, ["data.global_batch_size=6", "optim.grad_accum_steps=2"], "ConfigError",
+     r"'data.global_batch_size': 6 is not divisible by 2 data-parallel rank\(s\) x 2 accumulation step\(s\)"),
+    (4, ["stage=grpo", "data.global_batch_size=8", "grpo.group_size=4", "grpo.beta_kl=0"], "StageConfigError",
+     r"a micro-batch of 2 sample\(s\) per rank .* must be a multiple of 4: each micro-batch holds whole groups of grpo.group_size=4"),
+])
+def test_settings_that_do_not_fit_the_world_size_are_refused_as_settings(world_of_one, monkeypatch, world_size, overrides, error, message):
+    """A start on another world size (a restart on fewer nodes) whose parallel degrees, batch or
+    GRPO groups no longer fit is a setting to fix, refused before the model is built: not a
+    ValueError traceback from every rank (which the launcher would retry), nor GRPO's first step."""
+    from types import SimpleNamespace
+
+    import krea2_train.train.trainer as trainer_module
+    from krea2_train.stages import build_stage
+
+    config = load_config("stage/pretrain_256", overrides + ["stage.init_from=null"])
+    if world_size > 1:  # the mesh itself needs that many processes: only its data-parallel size matters here
+        monkeypatch.setattr(trainer_module, "build_parallel_dims", lambda *degrees: "dims")
+        monkeypatch.setattr(trainer_module, "data_parallel_rank_size", lambda dims: (0, world_size))
+    trainer = trainer_module.Trainer.__new__(trainer_module.Trainer)
+    trainer.config, trainer.dist, trainer.stage = config, SimpleNamespace(world_size=world_size), build_stage(config)
+    with pytest.raises(getattr(trainer_module, error), match=message):
+        trainer._build_parallel_dims()

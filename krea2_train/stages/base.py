@@ -69,6 +69,9 @@ class Stage(Protocol):
       "generator")``). The trainer then calls ``loss(ctx, batch, phase)`` for every micro-batch of
       a phase, clips and steps the optimizer after it (only parameters with gradients move), and
       goes to the next phase, whose losses see that update.
+    - ``micro_batch_multiple``: ``(n, why)``: each rank's micro-batch must hold a multiple of n
+      samples (GRPO: whole groups); the trainer refuses a batch, world size and accumulation that
+      break it before any heavy work, with ``why`` in the message.
     - ``begin_step(micro_steps)``: called once per step, before any loss, with every micro-batch
       of the step as ``[(StepContext, batch)]`` (GRPO rolls out and scores the whole step here).
     - ``state_dict()`` / ``load_state_dict(state)``: state the stage carries between steps,

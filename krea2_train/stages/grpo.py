@@ -221,6 +221,7 @@ class GrpoStage:
         self.config = grpo
         self.run_config = config
         self.group_size = grpo.group_size
+        self.micro_batch_multiple = (grpo.group_size, f"each micro-batch holds whole groups of grpo.group_size={grpo.group_size}")
         validate_config(config)
         self.rewards = build_rewards(grpo.rewards)
         self.prompt_stats = PromptStats(PromptReweighting(

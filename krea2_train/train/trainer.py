@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from krea2_train.config.load import to_record, to_yaml
+from krea2_train.config.load import ConfigError, to_record, to_yaml
 from krea2_train.config.schema import RunConfig
 from krea2_train.devices import to_device
 from krea2_train.files import write_text
@@ -315,15 +315,8 @@ class Trainer:
         needs_init = self.fresh_start or hasattr(self.stage, "frozen_models")
         self.init_checkpoint = pinned_init_checkpoint(config, self.runs_root, self.run_dir, self.dist.is_main) if needs_init else None
 
-        self.parallel_dims = build_parallel_dims(
-            config.parallel.dp_replicate, config.parallel.dp_shard, config.parallel.tp, self.dist.world_size
-        )
+        self.parallel_dims = self._build_parallel_dims()
         self.dp_rank, self.dp_size = data_parallel_rank_size(self.parallel_dims)
-        if config.data.global_batch_size % (self.dp_size * config.optim.grad_accum_steps):
-            raise ValueError(
-                f"data.global_batch_size={config.data.global_batch_size} is not divisible by "
-                f"{self.dp_size} data-parallel ranks x {config.optim.grad_accum_steps} accumulation steps"
-            )
         self.local_batch_size = config.data.global_batch_size // self.dp_size
 
         check_attention_backends(config.parallel.attention_backends, self.device, self.dtype, self.model_config)
@@ -388,6 +381,31 @@ class Trainer:
     def _barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
+
+    def _build_parallel_dims(self):
+        """The run's mesh on this world size, refusing before any heavy work (as a setting to fix,
+        on every start: a restart on fewer nodes meets them too) parallel degrees that do not
+        multiply to the world size and a batch that does not split into the stage's micro-batches."""
+        parallel, world_size = self.config.parallel, self.dist.world_size
+        try:
+            dims = build_parallel_dims(parallel.dp_replicate, parallel.dp_shard, parallel.tp, world_size)
+        except ValueError as error:
+            raise ConfigError(f"config keys 'parallel.*' do not fit this start's {world_size} rank(s): {error}") from None
+        _, dp_size = data_parallel_rank_size(dims)
+        batch, accumulation = self.config.data.global_batch_size, self.config.optim.grad_accum_steps
+        if batch % (dp_size * accumulation):
+            raise ConfigError(
+                f"config key 'data.global_batch_size': {batch} is not divisible by {dp_size} data-parallel rank(s) x "
+                f"{accumulation} accumulation step(s) (optim.grad_accum_steps) on this start's {world_size} rank(s)"
+            )
+        multiple, why = getattr(self.stage, "micro_batch_multiple", (1, ""))
+        micro_batch = batch // (dp_size * accumulation)
+        if micro_batch % multiple:
+            raise StageConfigError(
+                f"a micro-batch of {micro_batch} sample(s) per rank (data.global_batch_size={batch} / {dp_size} data-parallel "
+                f"rank(s) / {accumulation} accumulation step(s)) must be a multiple of {multiple}: {why}"
+            )
+        return dims
 
     def _build_conditioner(self):
         from krea2_train.conditioning.conditioner import build_conditioner
