@@ -557,3 +557,24 @@ def test_settings_that_do_not_fit_the_world_size_are_refused_as_settings(world_o
     trainer.config, trainer.dist, trainer.stage = config, SimpleNamespace(world_size=world_size), build_stage(config)
     with pytest.raises(getattr(trainer_module, error), match=message):
         trainer._build_parallel_dims()
+
+
+def test_a_fresh_start_gives_each_rank_generators_of_its_own():
+    """LoRA dropout draws from the global generators: after the weights are built from one seed
+    on every rank, a fresh start reseeds them by rank (before: every rank drew rank 0's masks),
+    the same way on every start."""
+    from types import SimpleNamespace
+
+    from krea2_train.train.trainer import Trainer
+
+    def draws_after_a_fresh_start(rank: int) -> torch.Tensor:
+        trainer = Trainer.__new__(Trainer)
+        trainer.config, trainer.dist = SimpleNamespace(seed=0), SimpleNamespace(rank=rank)
+        trainer.checkpointer, trainer.checkpoint_state = SimpleNamespace(load=lambda state: None), dict
+        torch.manual_seed(0)  # as _build_model leaves every rank
+        trainer.resume()
+        return torch.nn.functional.dropout(torch.ones(64), p=0.5, training=True)
+
+    first, second = draws_after_a_fresh_start(0), draws_after_a_fresh_start(1)
+    assert not torch.equal(first, second)
+    assert torch.equal(draws_after_a_fresh_start(1), second)

@@ -67,6 +67,7 @@ from krea2_train.train.checkpoint import (
     load_model_config,
     read_checkpoint_config,
     records_model_config,
+    reseed_rng,
     resumable_checkpoints,
     write_model_config,
 )
@@ -523,9 +524,18 @@ class Trainer:
         return state
 
     def resume(self) -> None:
+        """Load the newest checkpoint; on a fresh start, give each rank generators of its own.
+
+        The weights were built from one seed on every rank. What draws from the global generators
+        from here on (LoRA dropout; the losses' noise is keyed by slot) must differ between ranks,
+        as it does after a resume (each rank's saved state) or on another world size (reseeded by
+        rank): seeded from ``(seed, step 0, rank)``.
+        """
         loaded = self.checkpointer.load(self.checkpoint_state())
         if loaded is not None:
             self.metrics.event(self.train_state.step, "resume", checkpoint=str(loaded.path))
+        else:
+            reseed_rng(self.config.seed, 0, self.dist.rank)
 
     def rollback(self) -> None:
         """Reload weights, optimizer and schedule from the newest checkpoint; the data goes on.
