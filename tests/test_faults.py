@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from krea2_train.train.checkpoint import committed_checkpoints, load_model_weights, read_manifest
-from krea2_train.train.runlog import read_events
+from krea2_train.train.runlog import read_events, read_sample_ids
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "pretrain_256"
@@ -178,12 +178,8 @@ def test_postgres_restart_mid_run_loses_and_repeats_no_sample(tmp_path, public_t
         step_times = {r["step"]: r["time"] for r in map(json.loads, metrics.read_text().splitlines()) if "event" not in r}
         assert max(step_times.values()) > restarted_at  # training went on after the restart
 
-        seen: dict[tuple[int, int], list[int]] = {}
-        for path in sorted((run_dir / "sample_ids").glob("rank-*.jsonl")):
-            for record in map(json.loads, path.read_text().splitlines()):
-                seen[(path.name, record["step"])] = (record["epoch"], record["ids"])
         by_epoch: dict[int, list[int]] = {}
-        for epoch, ids in seen.values():
+        for epoch, ids in read_sample_ids(run_dir).values():
             by_epoch.setdefault(epoch, []).extend(ids)
         assert sorted(by_epoch) == [0, 1]
         for epoch, ids in by_epoch.items():

@@ -169,11 +169,33 @@ def test_logs_torn_by_a_crash_still_read(tmp_path):
 def test_sample_ids_are_recorded_behind_the_flag(tmp_path):
     import torch
 
-    supervision = start_supervision(resilience_config(record_sample_ids=True), tmp_path, rank=1, world_size=2, step=0, dsn=None)
+    supervision = start_supervision(resilience_config(record_sample_ids=True), tmp_path, rank=0, world_size=2, step=0, dsn=None)
     supervision.step_done(1, {"epoch": 0, "sample_ids": torch.tensor([4, 9])})
     supervision.close()
-    lines = (tmp_path / "sample_ids" / "rank-00001.jsonl").read_text().splitlines()
-    assert [json.loads(line) for line in lines] == [{"step": 1, "epoch": 0, "ids": [4, 9]}]
+    lines = (tmp_path / "sample_ids" / "rank-00000.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"step": 1, "epoch": 0, "ids": [4, 9], "incarnation": 1, "world_size": 2}]
+
+
+def test_sample_ids_of_a_step_trained_again_count_as_its_last_start(tmp_path):
+    """Two ranks train steps 1-2 and die; one rank resumes from step 1 (another world size) and
+    trains steps 2-3: step 2 is the second start's, with its one rank's ids, never both."""
+    import torch
+
+    from krea2_train.train.runlog import read_sample_ids
+
+    config = resilience_config(record_sample_ids=True)
+    first = [start_supervision(config, tmp_path, rank=rank, world_size=2, step=0, dsn=None) for rank in (0, 1)]
+    first[1].run_log.incarnation = first[0].incarnation  # rank 0's decision, broadcast in a real run
+    for step in (1, 2):
+        for rank, supervision in enumerate(first):
+            supervision.step_done(step, {"epoch": 0, "sample_ids": torch.tensor([4 * step + 2 * rank, 4 * step + 2 * rank + 1])})
+    for supervision in first:
+        supervision.close()
+    second = start_supervision(config, tmp_path, rank=0, world_size=1, step=1, dsn=None)
+    for step in (2, 3):
+        second.step_done(step, {"epoch": 0, "sample_ids": torch.tensor([40 + step, 50 + step])})
+    second.close()
+    assert read_sample_ids(tmp_path) == {1: (0, [4, 5, 6, 7]), 2: (0, [42, 52]), 3: (0, [43, 53])}
 
 
 @pytest.mark.postgres

@@ -280,8 +280,10 @@ def _process_started() -> float:
 class Supervision:
     """The watchdog and the run log of one rank, behind the few calls the training loop makes."""
 
-    def __init__(self, run_log: RunLog, watchdog: Watchdog | None, recovering_from: dict | None, sample_ids_path: Path | None):
+    def __init__(self, run_log: RunLog, watchdog: Watchdog | None, recovering_from: dict | None, sample_ids_path: Path | None,
+                 world_size: int = 1):
         self.run_log = run_log
+        self.world_size = world_size
         self.watchdog = watchdog
         self.recovering_from = recovering_from
         self.sample_ids_path = sample_ids_path
@@ -297,7 +299,8 @@ class Supervision:
             self.watchdog.beat(step)
         if self.sample_ids_path is not None and batch is not None:
             with self.sample_ids_path.open("a") as handle:
-                handle.write(json.dumps({"step": step, "epoch": int(batch["epoch"]), "ids": list(map(int, batch["sample_ids"]))}) + "\n")
+                handle.write(json.dumps({"step": step, "epoch": int(batch["epoch"]), "ids": list(map(int, batch["sample_ids"])),
+                                         "incarnation": self.incarnation, "world_size": self.world_size}) + "\n")
         if not self._first_step_seen:
             self._first_step_seen = True
             if self.run_log.rank == 0:
@@ -366,7 +369,23 @@ def start_supervision(config, run_dir: Path, *, rank: int, world_size: int, step
     if resilience.record_sample_ids:
         sample_ids_path = run_dir / SAMPLE_IDS_DIR / f"rank-{rank:05d}.jsonl"
         sample_ids_path.parent.mkdir(parents=True, exist_ok=True)
-    return Supervision(run_log, watchdog, recovering_from, sample_ids_path)
+    return Supervision(run_log, watchdog, recovering_from, sample_ids_path, world_size)
+
+
+def read_sample_ids(run_dir: Path) -> dict[int, tuple[int, list[int]]]:
+    """``{step: (epoch, the ids every rank trained on)}`` from ``resilience.record_sample_ids``'s
+    files, across the run's starts: a step trained again after a restart (its first training never
+    reached a checkpoint) counts as the last start that trained it, on whatever world size."""
+    records = [json.loads(line) for path in sorted((Path(run_dir) / SAMPLE_IDS_DIR).glob("rank-*.jsonl"))
+               for line in path.read_text().splitlines() if line.strip()]
+    last_start: dict[int, int] = {}
+    for record in records:
+        last_start[record["step"]] = max(last_start.get(record["step"], 0), record.get("incarnation", 0))
+    steps: dict[int, tuple[int, list[int]]] = {}
+    for record in records:
+        if record.get("incarnation", 0) == last_start[record["step"]]:
+            steps.setdefault(record["step"], (record["epoch"], []))[1].extend(record["ids"])
+    return dict(sorted(steps.items()))
 
 
 # ----------------------------------------------------------------------------------------------
