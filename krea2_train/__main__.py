@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def train() -> int:
         try:
-            run(config)
+            result = run(config)
         except Exception as error:
             if is_lasting_error(error):  # a restart would fail alike: tell the launcher
                 record_user_error(run_dir, error)
@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"krea2_train: bad config: {error}", file=sys.stderr)  # raised before any heavy work
             return 2
+        if not result.completed:  # a clean stop (exit 0: the launcher resumes it like any preempted job)
+            print(f"stopped at step {result.step} of {result.steps} after a checkpoint; run the same command again to resume. "
+                  f"run directory: {run_dir}")
+            return 0
         print(f"run directory: {run_dir}")
         return 0
 

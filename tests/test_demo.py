@@ -35,3 +35,23 @@ def test_demo_runs_every_stage_of_the_recipe(tmp_path, fresh_database_dsn):
     assert "| stpo |" in table and "(PASS)" in table.split("| stpo |")[1].split("\n")[0], table
     assert "| grpo |" in table and "(PASS)" in table.split("| grpo |")[1].split("\n")[0], table
     assert "| tdm | 1 | yes |" in table, table
+    assert f"krea2 sample --checkpoint {runs / 'tdm'}" in result.stdout  # next commands with the demo's own paths
+
+
+def test_a_stage_stopped_by_a_signal_ends_the_demo(tmp_path, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM stops a stage after a checkpoint: the demo must not train the next stage
+    from the half-trained one, and says how to go on."""
+    import krea2_train.train.trainer as trainer
+    from krea2_train.cli import main
+    from krea2_train.train.demo import SIGNAL_STOP_EXIT
+
+    started = []
+
+    def stopped_early(config):
+        started.append(config.stage.name)
+        return trainer.RunResult(tmp_path / config.stage.name, 3, config.stage.steps)
+
+    monkeypatch.setattr(trainer, "run", stopped_early)
+    assert main(["demo", "--runs-root", str(tmp_path), "--wandb", "disabled"]) == SIGNAL_STOP_EXIT
+    assert started == ["pretrain_256"]
+    assert "pretrain_256 stopped at step 3 of 400 after a checkpoint; the same `krea2 demo` command resumes it" in capsys.readouterr().out

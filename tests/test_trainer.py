@@ -316,9 +316,11 @@ def test_a_restart_during_a_database_outage_trains_on_its_pinned_data(tmp_path, 
 
 
 @pytest.mark.postgres
-def test_sigusr1_checkpoints_and_continues_sigterm_checkpoints_and_exits(tmp_path, fresh_database_dsn):
-    """As Slurm signals a job step: every process of it, the loader's worker included (a worker
-    killed by SIGTERM would make the next batch raise before the exit checkpoint)."""
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_sigusr1_checkpoints_and_continues_sigterm_checkpoints_and_exits(tmp_path, fresh_database_dsn, stop):
+    """As Slurm signals a job step, and as Ctrl-C interrupts a terminal's command: every process
+    of it, the loader's worker included (a worker killed by the signal would make the next batch
+    raise before the exit checkpoint)."""
     import signal
     import time
 
@@ -342,7 +344,7 @@ def test_sigusr1_checkpoints_and_continues_sigterm_checkpoints_and_exits(tmp_pat
         wait_for(lambda: checkpoints.exists() and any(not p.name.endswith(".tmp") for p in checkpoints.iterdir()))
         first = max(step_losses(run_dir))
         wait_for(lambda: max(step_losses(run_dir)) >= first + 2)  # it went on training
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, getattr(signal, stop))
         assert process.wait(timeout=120) == 0
     finally:
         process.kill()

@@ -279,11 +279,13 @@ def make_plan(manifest: Manifest, config: LoaderConfig, epoch: int) -> EpochPlan
 
 
 def _ignore_termination(worker_id: int) -> None:
-    """A loader worker ignores SIGTERM. Slurm sends it to every process of a job step (a
-    preemption, a cancel, the time limit); a worker killed by it makes the trainer's next batch
-    raise before the step whose all-reduce agrees to checkpoint and exit. The workers still end
-    with the loader, or when the trainer dies (torch's parent watchdog)."""
+    """A loader worker ignores SIGTERM and SIGINT. Slurm sends SIGTERM to every process of a job
+    step (a preemption, a cancel, the time limit), and Ctrl-C sends SIGINT to every process of the
+    terminal's group; a worker killed by either makes the trainer's next batch raise before the
+    step whose all-reduce agrees to checkpoint and exit. The workers still end with the loader, or
+    when the trainer dies (torch's parent watchdog)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ShardLoader:

@@ -52,13 +52,34 @@ def run_demo(args: argparse.Namespace) -> int:
     from krea2_train.train.trainer import run
 
     stages = list(DEMO_STAGES)[: args.stages]
-    for stage in stages:
+    for number, stage in enumerate(stages, start=1):
         steps = max(1, round(DEMO_STAGES[stage] * args.scale))
+        print(f"[demo] stage {number}/{len(stages)}: {stage}, {steps} steps", flush=True)
         config = load_config(f"stage/{stage}", demo_overrides(stage, steps, args.runs_root, args.wandb))
-        run_dir = run(config)
-        print(f"[demo] {stage}: samples in {run_dir / 'samples'}, loss curve {run_dir / 'loss.png'}")
+        result = run(config)
+        if not result.completed:  # the next stage must not start from a half-trained one
+            print(f"[demo] {stage} stopped at step {result.step} of {result.steps} after a checkpoint; "
+                  f"the same `krea2 demo` command resumes it and goes on", flush=True)
+            return SIGNAL_STOP_EXIT
+        print(f"[demo] {stage}: samples in {result.run_dir / 'samples'}, loss curve {result.run_dir / 'loss.png'}", flush=True)
     print(f"[demo] done: {len(stages)} stages under {Path(args.runs_root)}")
+    print(next_commands(Path(args.runs_root), stages))
     return 0
+
+
+SIGNAL_STOP_EXIT = 130  # a shell's code for an interrupted command
+
+
+def next_commands(runs_root: Path, stages: list[str]) -> str:
+    """What to try after the demo, with its own paths (they are not the defaults' runs/<stage>)."""
+    first, last = runs_root / stages[0], runs_root / stages[-1]
+    return "\n".join([
+        "[demo] next:",
+        f"  krea2 runs report {stages[-1]} --runs-root {runs_root}          # starts, failures, goodput",
+        f"  krea2 sample --checkpoint {last} --prompt 'a red circle' --out samples/   # sample the last stage",
+        f"  krea2 export {first} --layout diffusers --out export/{stages[0]}       # a diffusers Krea2Transformer2DModel",
+        f"  python -m krea2_train --config stage/lora runs_root={runs_root} stage.init_from={first}   # a LoRA on it",
+    ])
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -28,6 +28,7 @@ import signal
 import time
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -555,11 +556,25 @@ class Trainer:
     # -- signals --------------------------------------------------------------------------------
 
     def _install_signal_handlers(self) -> None:
-        def on_signal(signum, _frame):
-            self._signal = max(self._signal, CHECKPOINT_AND_EXIT if signum == signal.SIGTERM else CHECKPOINT_AND_CONTINUE)
+        """SIGTERM and Ctrl-C (SIGINT): checkpoint at the end of the step and stop; a second
+        Ctrl-C stops at once, without a checkpoint. SIGUSR1: checkpoint and go on. Every rank's
+        signals are agreed at the step's end (a signal on one rank acts on all of them)."""
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGUSR1, on_signal)
+        def on_signal(signum, _frame):
+            if signum == signal.SIGINT:
+                if self._interrupted:
+                    raise KeyboardInterrupt
+                self._interrupted = True
+                logger.warning("interrupted: saving a checkpoint at the end of this step, then stopping "
+                               "(interrupt again to stop at once, without one)")
+            self._signal = max(self._signal, CHECKPOINT_AND_CONTINUE if signum == signal.SIGUSR1 else CHECKPOINT_AND_EXIT)
+
+        self._interrupted = False
+        self._previous_handlers = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+
+    def _restore_signal_handlers(self) -> None:
+        for signum, handler in getattr(self, "_previous_handlers", {}).items():
+            signal.signal(signum, handler)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -808,6 +823,7 @@ class Trainer:
         return verdict
 
     def close(self) -> None:
+        self._restore_signal_handlers()
         if self.supervision is not None:
             self.supervision.close()
         self.checkpointer.close()
@@ -816,11 +832,26 @@ class Trainer:
             self.loader.close()
 
 
-def run(config: RunConfig) -> Path:
-    """Train one stage; returns the run directory. Resumes from the run's newest checkpoint."""
+@dataclass(frozen=True)
+class RunResult:
+    """How one start of a stage ended: at ``stage.steps`` (``completed``), or stopped at ``step``
+    by a signal after a checkpoint (run the same command again to resume)."""
+
+    run_dir: Path
+    step: int
+    steps: int
+
+    @property
+    def completed(self) -> bool:
+        return self.step >= self.steps
+
+
+def run(config: RunConfig) -> RunResult:
+    """Train one stage, resuming from the run's newest checkpoint."""
     trainer = Trainer(config)
     try:
-        return trainer.train()
+        run_dir = trainer.train()
+        return RunResult(run_dir, trainer.train_state.step, config.stage.steps)
     except BaseException as error:
         if trainer.supervision is not None:
             trainer.supervision.failed(trainer.train_state.step, error)
