@@ -270,3 +270,4 @@ def test_runs_report_command(tmp_path):
                                  capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
     assert unreachable.returncode == 1 and "krea2: error: cannot reach PostgreSQL at 127.0.0.1:9/runs" in unreachable.stderr
     assert "Traceback" not in unreachable.stderr and "secret" not in unreachable.stderr
+

@@ -580,3 +580,21 @@ def test_a_fresh_start_gives_each_rank_generators_of_its_own():
     first, second = draws_after_a_fresh_start(0), draws_after_a_fresh_start(1)
     assert not torch.equal(first, second)
     assert torch.equal(draws_after_a_fresh_start(1), second)
+
+
+def test_a_curve_that_reaches_zero_or_below_is_drawn_on_a_linear_axis(tmp_path):
+    """GRPO's policy loss is about 0 and often negative: a log axis dropped every such value and
+    left an empty picture."""
+    import numpy as np
+    from PIL import Image
+
+    from krea2_train.train.plots import plot_curve
+
+    def blue_pixels(values):
+        path = plot_curve(list(range(len(values))), values, tmp_path / "curve.png", title="t")
+        pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        return int(((pixels[..., 2] > 150) & (pixels[..., 0] < 80)).sum())
+
+    assert blue_pixels([0.02, -0.01, 0.0, -0.03, 0.01, -0.02]) > 100
+    assert blue_pixels([2.0, 1.0, 0.5, 0.25]) > 100  # positive: log axis, drawn as before
+    assert blue_pixels([float("nan"), 1.0]) == 0  # one finite value: nothing to draw, and no error

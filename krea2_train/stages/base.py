@@ -72,6 +72,7 @@ class Stage(Protocol):
     - ``micro_batch_multiple``: ``(n, why)``: each rank's micro-batch must hold a multiple of n
       samples (GRPO: whole groups); the trainer refuses a batch, world size and accumulation that
       break it before any heavy work, with ``why`` in the message.
+    - ``curve``: ``(metric, title)`` drawn in ``loss.png`` in place of ``loss_fm``/``loss``.
     - ``begin_step(micro_steps)``: called once per step, before any loss, with every micro-batch
       of the step as ``[(StepContext, batch)]`` (GRPO rolls out and scores the whole step here).
     - ``state_dict()`` / ``load_state_dict(state)``: state the stage carries between steps,

@@ -222,6 +222,7 @@ class GrpoStage:
         self.run_config = config
         self.group_size = grpo.group_size
         self.micro_batch_multiple = (grpo.group_size, f"each micro-batch holds whole groups of grpo.group_size={grpo.group_size}")
+        self.curve = ("reward_mean", "mean reward of the rollouts (the policy loss is about 0 by construction)")
         validate_config(config)
         self.rewards = build_rewards(grpo.rewards)
         self.prompt_stats = PromptStats(PromptReweighting(

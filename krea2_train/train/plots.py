@@ -21,14 +21,19 @@ def moving_average(values: list[float], window: int) -> list[float]:
 def plot_curve(
     steps: list[int], values: list[float], path: str | Path, *, title: str, size: tuple[int, int] = (640, 360), log_y: bool = True
 ) -> Path:
-    """Draw ``values`` against ``steps`` (raw in grey, smoothed in blue) and save a PNG."""
-    points = [(s, v) for s, v in zip(steps, values) if math.isfinite(v) and (v > 0 or not log_y)]
+    """Draw ``values`` against ``steps`` (raw in grey, smoothed in blue) and save a PNG. ``log_y``
+    applies when every finite value is positive (a loss that reaches 0 or below, such as a policy
+    loss, is drawn on a linear axis)."""
+    points = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
+    log_y = log_y and all(v > 0 for _, v in points)
     width, height = size
     left, right, top, bottom = 64, 16, 28, 36
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    draw.text((left, 8), title, fill="black")
-    if len(points) >= 2:
+    draw.text((left, 8), title + (" (log scale)" if log_y else ""), fill="black")
+    if len(points) < 2:
+        draw.text((left, height // 2), f"{len(points)} finite value(s): nothing to draw yet", fill="black")
+    else:
         xs = [s for s, _ in points]
         transform = math.log10 if log_y else (lambda v: v)
         ys = [transform(v) for _, v in points]
@@ -49,7 +54,8 @@ def plot_curve(
         draw.text((4, top), label(y1), fill="black")
         draw.text((4, height - bottom - 10), label(y0), fill="black")
         draw.text((left, height - bottom + 6), f"step {x0}", fill="black")
-        draw.text((width - right - 80, height - bottom + 6), f"step {x1}", fill="black")
+        last = f"step {x1}"
+        draw.text((width - right - draw.textlength(last), height - bottom + 6), last, fill="black")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)

@@ -796,15 +796,15 @@ class Trainer:
         from krea2_train.train.metrics import read_metrics
         from krea2_train.train.plots import plot_curve
 
-        # the stage's own objective when it reports one (the total may include auxiliary terms,
-        # e.g. iREPA's negative cosine during the first epoch)
+        # the stage's curve (GRPO: its mean reward), else its own objective when it reports one
+        # (the total may include auxiliary terms, e.g. iREPA's negative cosine in the first epoch)
         # steps run again after a restart or a rollback: the last run of each step is the run's history
         records = sorted({r["step"]: r for r in read_metrics(self.run_dir)}.values(), key=lambda r: r["step"])
-        objective = "loss_fm" if records and all("loss_fm" in r for r in records) else "loss"
-        path = plot_curve(
-            [r["step"] for r in records], [r[objective] for r in records], self.run_dir / "loss.png",
-            title=f"{self.config.run_name}: {'flow-matching loss' if objective == 'loss_fm' else 'loss'}",
-        )
+        metric, name = getattr(self.stage, "curve", ("loss_fm", "flow-matching loss"))
+        if not (records and all(metric in r for r in records)):
+            metric, name = "loss", f"{self.stage.name} loss"
+        path = plot_curve([r["step"] for r in records], [r[metric] for r in records], self.run_dir / "loss.png",
+                          title=f"{self.config.run_name}: {name}")
         self.metrics.log_image(self.train_state.step, "loss_curve", path)
         return path
 
