@@ -89,14 +89,19 @@ def filters_row(row: dict) -> dict:
     return quality_scores(open_rgb(row["uri"]))
 
 
+# The near-duplicate lookup goes through the GIN index of phash bands: the candidates sharing a
+# band, fenced (OFFSET 0) so that the planner cannot turn ``min(id) ... id < b.id`` into a walk of
+# the primary key over every earlier image (measured on 3.2M images: 3.9 s an image unfenced,
+# 88 ms fenced; the id bound must stay outside the fence, or it is ANDed in as a huge bitmap).
 DEDUP_SQL = """
     SELECT b.id, LEAST(
         (SELECT min(o.id) FROM images o
           WHERE o.dataset_id = b.dataset_id AND o.md5 = b.md5 AND o.id < b.id AND o.decode_ok),
-        (SELECT min(o.id) FROM images o
-          WHERE o.dataset_id = b.dataset_id AND o.phash_bands && b.phash_bands AND o.id < b.id AND o.decode_ok
-            AND bit_count(o.phash # b.phash) <= %(phash_max)s
-            AND bit_count(o.colorhash # b.colorhash) <= %(color_max)s))
+        (SELECT min(c.id) FROM (SELECT o.id, o.phash, o.colorhash FROM images o
+                                 WHERE o.phash_bands && b.phash_bands AND o.dataset_id = b.dataset_id AND o.decode_ok
+                                OFFSET 0) c
+          WHERE c.id < b.id AND bit_count(c.phash # b.phash) <= %(phash_max)s
+            AND bit_count(c.colorhash # b.colorhash) <= %(color_max)s))
       FROM images b WHERE b.id = ANY(%(ids)s)
 """
 

@@ -429,16 +429,18 @@ class Queue:
             states = [state for (state,) in conn.execute(statement, params).fetchall()]
         return states.count("pending"), states.count("dead")
 
-    def unfinished(self) -> int:
-        """Rows of this job still pending or running (of the scoped datasets' images)."""
+    def has_unfinished(self) -> bool:
+        """Whether a row of this job is still pending or running (of the scoped datasets' images).
+
+        One EXISTS per state, each through its partial index (``state IN (...)`` matches neither
+        and scanned every row of every job: 1.3 s at 12M rows, 0.3 ms this way); an idle worker
+        asks every poll."""
+        exists = "EXISTS (SELECT 1 FROM job_runs WHERE job = %(job)s AND state = {state}{scope})"
+        query = sql.SQL("SELECT " + exists + " OR " + exists.replace("{state}", "{other}")).format(
+            state=sql.Literal("pending"), other=sql.Literal("running"), scope=self._scope
+        )
         with self.pool.connection() as conn:
-            row = conn.execute(
-                sql.SQL(
-                    "SELECT count(*) FROM job_runs WHERE job = %(job)s AND state IN ('pending', 'running'){scope}"
-                ).format(scope=self._scope),
-                self._params(),
-            ).fetchone()
-        return row[0]
+            return conn.execute(query, self._params()).fetchone()[0]
 
 
 def write_image_columns(conn: psycopg.Connection, columns: Mapping[str, str], results: list[tuple[int, dict]]) -> None:
@@ -648,7 +650,7 @@ def run_worker(
                 claims = queue.claim(batch_size)
                 failing_since, backoff_s = None, 0.1  # the database answers
                 if not claims:
-                    idle = not follow and queue.unfinished() == 0
+                    idle = not follow and not queue.has_unfinished()
                     if idle or time.monotonic() >= next_seed:
                         added = queue.seed(0.0 if idle else seed_every_s)  # before stopping: a full sweep
                         next_seed = time.monotonic() + seed_every_s
