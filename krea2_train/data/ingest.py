@@ -130,13 +130,17 @@ def parquet_records(parquet_file: Path) -> Iterator[Record]:
     if not parquet_file.is_file():
         raise StoreError(f"parquet file {parquet_file} does not exist")
     try:
-        table = pq.read_table(parquet_file)
+        reader = pq.ParquetFile(parquet_file)
     except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
         raise StoreError(f"{parquet_file} does not read as a parquet file: {error}") from None
-    if "uri" not in table.column_names:
-        raise StoreError(f"{parquet_file} has no 'uri' column (columns: {table.column_names})")
-    wanted = [c for c in ("uri", "caption_long", "caption_medium", "caption_short", "facts") if c in table.column_names]
-    for index, row in enumerate(table.select(wanted).to_pylist()):
+    names = reader.schema_arrow.names
+    if "uri" not in names:
+        raise StoreError(f"{parquet_file} has no 'uri' column (columns: {names})")
+    wanted = [c for c in ("uri", "caption_long", "caption_medium", "caption_short", "facts") if c in names]
+    # record batches of the wanted columns: a 100M-row file is never in memory at once (the whole
+    # table as Python rows took 1.2 KB a row)
+    rows = (row for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=wanted) for row in batch.to_pylist())
+    for index, row in enumerate(rows):
         if not isinstance(row["uri"], str) or not row["uri"].strip():
             raise StoreError(f"{parquet_file} row {index} has no uri (an empty or non-text value: {row['uri']!r})")
         uri = canonical_uri(row["uri"].strip(), parquet_file.parent)
