@@ -44,7 +44,7 @@ def keeper_for(store, loader, run_id="run-a", lease_s=30.0):
     return LeaseKeeper(store.dsn, loader.run_info(run_id), loader.rank, lease_s=lease_s).start()
 
 
-def test_pack_dataset_registers_preshuffled_shards_once(fresh_store, tmp_path):
+def test_pack_dataset_registers_preshuffled_shards_once(fresh_store, tmp_path, monkeypatch):
     folder = write_shapes_dataset(tmp_path / "shapes", 30, 48, seed=3, aspect_ratios=[1, "4:3", "16:9", "9:16"])
     ingest(fresh_store, "shapes", folder=folder)
     run_worker(fresh_store, DECODE)
@@ -74,7 +74,25 @@ def test_pack_dataset_registers_preshuffled_shards_once(fresh_store, tmp_path):
         assert conn.execute("SELECT sum(num_samples) FROM shards WHERE resolution = 16").fetchone() == (30,)
         manifest = pinned_manifest(tmp_path / "run" / "manifest.json", fresh_store, ["shapes"], 16)
     assert manifest.num_samples == 30 and (tmp_path / "run" / "manifest.json").exists()
-    # a target added after the job finished every image: the job packs them again, at it only
+    # a target added after the job finished every image: the job packs them again, at it only. The
+    # rows go back 7 at a time; a requeue cut short (a statement timeout after the first chunk) is
+    # finished when the target is added again (the run's restart), not skipped as already added
+    from krea2_train.store import queue as queue_module
+
+    requeue, chunks = queue_module.requeue, []
+
+    def cut_short(*args, **kwargs):
+        if chunks:
+            raise psycopg.errors.QueryCanceled("canceling statement due to statement timeout")
+        chunks.append(requeue(*args, **kwargs))
+
+    monkeypatch.setattr(queue_module, "REQUEUE_CHUNK", 7)
+    monkeypatch.setattr(queue_module, "requeue", cut_short)
+    with pytest.raises(psycopg.errors.QueryCanceled):
+        add_pack_target(fresh_store, "shapes", 24, tmp_path / "packed", settings)
+    monkeypatch.setattr(queue_module, "requeue", requeue)
+    with fresh_store.pool.connection() as conn:
+        assert conn.execute("SELECT count(*) FROM job_runs WHERE job = 'pack' AND state = 'pending'").fetchone() == (7,)
     add_pack_target(fresh_store, "shapes", 24, tmp_path / "packed", settings)
     stats = run_worker(fresh_store, PACK_JOB)
     assert stats.completed == 30 and stats.failed == 0

@@ -48,7 +48,7 @@ from krea2_train.errors import UsageError
 from krea2_train.logs import Progress
 from krea2_train.store import Store, StoreError
 from krea2_train.store.db import find_dataset_id
-from krea2_train.store.queue import Done, Job, JobContext, Outcome, register_job, requeue
+from krea2_train.store.queue import Done, Job, JobContext, Outcome, register_job, requeue_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -233,12 +233,14 @@ def add_embed_target(store: Store, dataset: str, embedder: str) -> int:
     spec = embedder_spec(embedder)
     with store.pool.connection() as conn:  # autocommit: each statement commits on its own
         dataset_id = find_dataset_id(conn, dataset)
-        inserted = conn.execute(
-            "INSERT INTO embed_targets (dataset_id, embedder) VALUES (%s, %s) ON CONFLICT DO NOTHING", (dataset_id, spec)
-        ).rowcount
-        if inserted:
-            requeue(conn, EMBED_JOB_NAME, "SELECT id FROM images WHERE dataset_id = %s", (dataset_id,),
-                    states=("done", "running"))
+        (requeue_pending,) = conn.execute(
+            "INSERT INTO embed_targets (dataset_id, embedder, requeue_pending) VALUES (%s, %s, true)"
+            " ON CONFLICT (dataset_id, embedder) DO UPDATE SET requeue_pending = embed_targets.requeue_pending"
+            " RETURNING requeue_pending", (dataset_id, spec)
+        ).fetchone()
+        if requeue_pending:  # new, or a requeue cut short: send the rows back (again)
+            requeue_dataset(conn, EMBED_JOB_NAME, dataset_id, states=("done", "running"))
+            conn.execute("UPDATE embed_targets SET requeue_pending = false WHERE dataset_id = %s AND embedder = %s", (dataset_id, spec))
     return dataset_id
 
 
@@ -253,7 +255,7 @@ def remove_embed_target(store: Store, dataset: str, embedder: str) -> bool:
             "DELETE FROM embed_targets WHERE dataset_id = %s AND embedder = %s", (dataset_id, spec)
         ).rowcount
         if removed:
-            requeue(conn, EMBED_JOB_NAME, "SELECT id FROM images WHERE dataset_id = %s", (dataset_id,), states=("dead",))
+            requeue_dataset(conn, EMBED_JOB_NAME, dataset_id, states=("dead",))
     return bool(removed)
 
 

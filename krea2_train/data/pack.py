@@ -54,7 +54,7 @@ from krea2_train.data.shards import ShardWriter, WrittenShard
 from krea2_train.logs import Progress
 from krea2_train.store import Store
 from krea2_train.store.db import find_dataset_id
-from krea2_train.store.queue import Done, Failed, Job, JobContext, Outcome, register_job, requeue
+from krea2_train.store.queue import Done, Failed, Job, JobContext, Outcome, register_job, requeue_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -197,15 +197,17 @@ def add_pack_target(
     are packed by :func:`krea2_train.data.pairs.pack_pairs`, not by the job."""
     with store.pool.connection() as conn:
         target_dataset = find_dataset_id(conn, dataset)
-        (inserted,) = conn.execute(
-            "INSERT INTO pack_targets (dataset_id, resolution, out_dir, settings, kind) VALUES (%s, %s, %s, %s, %s)"
+        key = (target_dataset, resolution, kind)
+        (requeue_pending,) = conn.execute(
+            "INSERT INTO pack_targets (dataset_id, resolution, out_dir, settings, kind, requeue_pending)"
+            " VALUES (%s, %s, %s, %s, %s, %s)"
             " ON CONFLICT (dataset_id, resolution, kind) DO UPDATE SET out_dir = excluded.out_dir, settings = excluded.settings"
-            " RETURNING xmax = 0",
-            (target_dataset, resolution, str(Path(out_dir).resolve()), Jsonb(settings.to_json()), kind),
+            " RETURNING requeue_pending",
+            (target_dataset, resolution, str(Path(out_dir).resolve()), Jsonb(settings.to_json()), kind, kind == "images"),
         ).fetchone()  # committed here (autocommit), before the rows go back
-        if inserted and kind == "images":
-            requeue(conn, PACK_JOB_NAME, "SELECT id FROM images WHERE dataset_id = %s", (target_dataset,),
-                    states=("done", "running"))
+        if requeue_pending:  # new, or a requeue cut short: send the rows back (again)
+            requeue_dataset(conn, PACK_JOB_NAME, target_dataset, states=("done", "running"))
+            conn.execute("UPDATE pack_targets SET requeue_pending = false WHERE dataset_id = %s AND resolution = %s AND kind = %s", key)
     return target_dataset
 
 

@@ -499,6 +499,24 @@ def requeue(
     )
 
 
+REQUEUE_CHUNK = 10_000  # images a statement of requeue_dataset sends back
+
+
+def requeue_dataset(conn: psycopg.Connection, job: str, dataset_id: int, *, states: Sequence[str] = ("done",)) -> None:
+    """:func:`requeue` of every image of a dataset, REQUEUE_CHUNK images (in id order) a
+    statement, each committing on its own on an autocommit connection: no statement grows with
+    the dataset (one UPDATE of 2M rows took 65-87 s and held their row locks throughout)."""
+    after = 0
+    while True:
+        ids = [image_id for (image_id,) in conn.execute(
+            "SELECT id FROM images WHERE dataset_id = %s AND id > %s ORDER BY id LIMIT %s", (dataset_id, after, REQUEUE_CHUNK)
+        )]
+        if not ids:
+            return
+        requeue(conn, job, "SELECT unnest(%s::bigint[])", (ids,), states=states)
+        after = ids[-1]
+
+
 @dataclass(frozen=True)
 class JobProgress:
     """A job's rows per state, and how many became done in the last ``window_s`` seconds."""
