@@ -246,7 +246,8 @@ def test_stage_adds_weighted_term_and_reports_both_losses(tmp_path, conditioner)
     assert model.transformer_blocks[0].ff.down.weight.grad is not None
 
 
-def test_switch_off_gives_exactly_the_flow_matching_loss(tmp_path, conditioner):
+def test_switch_off_gives_exactly_the_flow_matching_loss(tmp_path, conditioner, caplog):
+    caplog.set_level("INFO", logger="krea2_train.stages.irepa")
     stage, model = prepared(stage_config(tmp_path, "irepa.switch_off_epochs=0.75"))
     plain_stage = FlowMatchingStage(stage_config(tmp_path / "plain", "irepa.enabled=false"))
     plain_model = copy.deepcopy(model)
@@ -261,8 +262,9 @@ def test_switch_off_gives_exactly_the_flow_matching_loss(tmp_path, conditioner):
     assert stage.irepa._teacher is None and stage.irepa.capture._image_tokens is None  # no teacher, no capture
     loss.backward()
     assert model.auxiliary["irepa"].conv.weight.grad is None
-    # a later epoch stays off
+    # a later epoch stays off; the switch-off was said once (the printed loss drops the term there)
     assert not stage.irepa.active({"epoch": 1, "epoch_fraction": 0.1})
+    assert caplog.text.count("iREPA switched off after 0.75 epoch(s)") == 1
 
 
 def test_capture_fires_once_per_arming():

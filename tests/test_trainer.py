@@ -162,6 +162,12 @@ def test_stage_runs_resumes_exports_and_samples(tmp_path, fresh_database_dsn):
     assert len(events) == 1 and events[0]["step"] == 6
     assert sorted(step_losses(run_dir)) == list(range(1, 9))
     assert [r["step"] for r in records(run_dir) if r.get("event") == "checkpoint"] == [3, 6, 8]
+    # the same command again: finished already, nothing trained or redrawn
+    grid_written = (run_dir / "samples" / "step-00000008.png").stat().st_mtime_ns
+    again = train(tmp_path, fresh_database_dsn, steps=8, interval=3, extra=kernels)
+    assert "finished already (step 8 of 8): nothing to train" in again.stdout + again.stderr
+    assert (run_dir / "samples" / "step-00000008.png").stat().st_mtime_ns == grid_written
+    assert sorted(step_losses(run_dir)) == list(range(1, 9))
 
     # the logged lr is the one each step trained with: the first start's schedule (6 steps), read
     # from the optimizer before each scheduler step

@@ -377,7 +377,7 @@ def cmd_shapes(args) -> int:
 
     if args.pairs:
         pair_file = write_shapes_pairs(args.out, args.n, args.resolution, args.seed, args.aspect_ratios)
-        print(f"wrote {args.n} preference pairs to {args.out}; register them with krea2 data ingest-pairs --pairs {pair_file}")
+        print(f"wrote {args.n} preference pairs to {args.out}; register them with krea2 data ingest-pairs --dataset shapes_pairs --pairs {pair_file}")
         return 0
     out = write_shapes_dataset(args.out, args.n, args.resolution, args.seed, args.aspect_ratios)
     print(f"wrote {args.n} samples to {out}")

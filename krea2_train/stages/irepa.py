@@ -32,6 +32,7 @@ point in epochs; after it, neither the teacher nor the hook does any work.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -45,6 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from krea2_train.errors import MissingPathError, UsageError
+
+logger = logging.getLogger(__name__)
 
 TEACHER_MODEL_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit")
 TINY_TEACHER_DIR = "irepa_encoder"  # under the run directory
@@ -326,6 +329,7 @@ class IrepaAlignment:
         self.capture = BlockOutputCapture()
         self._projector: ConvProjector | None = None
         self._teacher: VisionTeacher | None = None
+        self._switched_off = False  # said once, when the first batch past the switch-off arrives
 
     @classmethod
     def from_config(cls, config) -> IrepaAlignment:
@@ -363,6 +367,10 @@ class IrepaAlignment:
     def active(self, batch: dict[str, Any]) -> bool:
         """Whether this batch trains with iREPA; after the switch-off the teacher is released."""
         on = float(batch["epoch"]) + float(batch["epoch_fraction"]) < self.switch_off_epochs
+        if not on and not self._switched_off:
+            self._switched_off = True
+            logger.info("iREPA switched off after %g epoch(s): the loss is the flow-matching loss alone from here "
+                        "(before, it included the alignment term, which is negative)", self.switch_off_epochs)
         if not on:
             self._teacher = None
         return on

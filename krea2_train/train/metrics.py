@@ -109,16 +109,19 @@ class MetricsLogger:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
         if print_line:
+            # the stage's own objective beside the total when they differ (iREPA's term in the first epoch)
+            objective = f" (fm {metrics['loss_fm']:.4f})" if "loss_fm" in metrics and metrics["loss_fm"] != metrics.get("loss") else ""
             logger.info(
-                "step %d/%d  loss %.4f  grad %.3g  lr %.2e  %.1f img/s  %.0f tok/s  %.2fs/step  mem %.2fGiB  eta %s%s",
+                "step %d/%d  loss %.4f%s  grad %.3g  lr %.2e  %.1f img/s  %.0f tok/s  %.2fs/step  mem %.2fGiB  eta %s%s",
                 step,
                 self.total_steps,
                 metrics.get("loss", float("nan")),
+                objective,
                 metrics.get("grad_norm", float("nan")),
                 metrics.get("lr", float("nan")),
                 metrics.get("images_per_s", float("nan")),
                 metrics.get("tokens_per_s", float("nan")),
-                step_time,
+                statistics.median(self.step_times),  # the recent steps', as the ETA: one slow step does not swing it
                 metrics.get("memory_gib", float("nan")),
                 format_duration(self.eta_seconds(step)),
                 "  SKIPPED (non-finite)" if metrics.get("skipped") else "",

@@ -161,7 +161,7 @@ def build_optimizer(model: torch.nn.Module, config: RunConfig, device: torch.dev
     implementation = "fused" if device.type == "cuda" else "foreach"
     optimizers = OptimizersContainer.Config(param_groups=groups, implementation=implementation).build(model_parts=[model])
     schedulers = LRSchedulersContainer.Config(
-        warmup_steps=optim.warmup_steps,
+        warmup_steps=min(optim.warmup_steps, config.stage.steps),  # what torchtitan would cut it to, with a warning
         decay_ratio=optim.decay_ratio,
         decay_type=optim.decay_type,
         min_lr_factor=optim.min_lr_factor,
@@ -679,6 +679,9 @@ class Trainer:
         data = iter(self.loader)
         total = config.stage.steps
         steps_this_start = 0
+        if self.train_state.step >= total:
+            logger.info("run %s finished already (step %d of %d): nothing to train; its samples and loss curve are in %s",
+                        config.run_name, self.train_state.step, total, self.run_dir)
         while self.train_state.step < total:
             start = time.perf_counter()
             batch = next(data)
@@ -751,8 +754,9 @@ class Trainer:
                     self.write_samples(step)
         with self.supervision.slow_section():
             self.checkpointer.wait()
-            self.write_samples(self.train_state.step)
-            self.write_loss_curve()
+            if steps_this_start:  # a start that trained nothing has nothing new to show
+                self.write_samples(self.train_state.step)
+                self.write_loss_curve()
         self.supervision.stopped(self.train_state.step, "completed")
         return self.run_dir
 
