@@ -27,18 +27,33 @@ COMMAND_MODULES: dict[str, str] = {
 }
 
 
+# what `krea2 --help` says of each command, without importing its module (torch, diffusers...)
+COMMAND_HELP: dict[str, str] = {
+    "demo": "run the recipe chain on the shapes world on CPU",
+    "sample": "generate images from a checkpoint",
+    "data": "dataset registry, processing jobs, the shapes world",
+    "export": "write a run's checkpoint in the diffusers or original layout",
+    "average": "uniform average of a run's last K checkpoints (PMA)",
+    "merge": "weighted average of checkpoints of one model config",
+    "runs": "run accounting: failures, MTBF, MTTR, goodput",
+    "lora": "export, convert and extract LoRAs; LoRA training memory",
+    "bench": "benchmarks: data, train, ckpt, mttr, all",
+}
+DESCRIPTION = (
+    "Krea 2 training framework. Training itself is `python -m krea2_train --config stage/NAME [key=value ...]` "
+    "(torchrun, launch/local/train.sh or launch/slurm/ for several processes); these commands do the rest."
+)
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="krea2", description="Krea 2 training framework")
+    """The parser of ``only``'s command (its module imported), or of the command list alone."""
+    parser = ArgumentParser(prog="krea2", description=DESCRIPTION)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    modules = sorted(set(COMMAND_MODULES.values())) if only is None else [COMMAND_MODULES[only]]
-    for module_name in modules:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if only is not None or error.name != module_name:
-                raise
-            continue  # a concern not present in this build
-        module.register(subparsers)
+    if only is None:
+        for name, text in COMMAND_HELP.items():
+            subparsers.add_parser(name, help=text, add_help=False)
+        return parser
+    importlib.import_module(COMMAND_MODULES[only]).register(subparsers)
     return parser
 
 

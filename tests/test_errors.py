@@ -175,3 +175,15 @@ def test_numbers_out_of_range_are_refused_by_the_parser(argv, message, capsys):
     with pytest.raises(SystemExit) as caught:
         main(argv)
     assert caught.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_command_list_says_of_each_command_what_its_own_parser_says():
+    """`krea2 --help` lists the commands without importing their modules: its help texts must
+    stay those the modules register."""
+    from krea2_train.cli import COMMAND_HELP, COMMAND_MODULES, build_parser
+
+    assert set(COMMAND_HELP) == set(COMMAND_MODULES)
+    for name in COMMAND_MODULES:
+        subparsers = next(action for action in build_parser(name)._actions if action.dest == "command")
+        registered = {choice.dest: choice.help for choice in subparsers._choices_actions}
+        assert registered[name] == COMMAND_HELP[name], name

@@ -25,6 +25,12 @@ BENCHES: dict[str, list[str]] = {
     "ckpt": ["krea2_train.bench.ckpt"],
     "mttr": ["krea2_train.bench.mttr"],
 }
+BENCH_HELP: dict[str, str] = {
+    "data": "queue claims and upserts on PostgreSQL, the shard loader's rate, balanced selection",
+    "train": "one training step's images/s, tokens/s, TFLOP/s, MFU and memory; --reference diffusers compares",
+    "ckpt": "how long a checkpoint blocks training against its full write time, and restore time",
+    "mttr": "SIGKILL a rank of a 2-process run and time the restart to its first step, tiny and ~100M models (about 4 min)",
+}
 # the command-line options `krea2 bench all` gives a benchmark module, on top of its defaults
 ALL_OPTIONS: dict[str, list[str]] = {"krea2_train.bench.train": ["--device", "cpu"]}
 
@@ -119,11 +125,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     benches = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
     for name in BENCHES:
         # modules of one subcommand may share an option (data_store's and data_balance's --dsn): one flag
-        sub = benches.add_parser(name, help=f"{name} benchmarks", conflict_handler="resolve")
-        sub.add_argument("--json", default=None, help="also write the rows as JSON")
+        sub = benches.add_parser(name, help=BENCH_HELP[name], description=BENCH_HELP[name], conflict_handler="resolve")
+        sub.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
         for module in _modules(name):
             module.add_arguments(sub)
         sub.set_defaults(func=run_bench)
-    everything = benches.add_parser("all", help="every CPU benchmark with its defaults, one table; exit status 1 if any failed")
-    everything.add_argument("--json", default=None)
+    everything_help = ("every CPU benchmark (data, train on CPU, ckpt, mttr) with its defaults, one table; exit status 1 if "
+                       "any failed (mttr alone takes about 4 minutes on 2 cores)")
+    everything = benches.add_parser("all", help=everything_help, description=everything_help)
+    everything.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
     everything.set_defaults(func=run_bench)

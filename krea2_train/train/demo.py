@@ -85,8 +85,9 @@ def next_commands(runs_root: Path, stages: list[str]) -> str:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="run the recipe chain on the shapes world on CPU", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs-root", default="runs/demo")
+    parser.add_argument("--runs-root", default="runs/demo", help="where the stages' runs go, one directory each (default runs/demo)")
     parser.add_argument("--stages", type=int_in_range(1, len(DEMO_STAGES)), default=len(DEMO_STAGES), help=f"run only the first N stages (1 to {len(DEMO_STAGES)})")
     parser.add_argument("--scale", type=positive_float, default=1.0, help="multiply every stage's steps")
-    parser.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"])
+    parser.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"],
+                        help="Weights & Biases logging (default offline: files under each run, nothing sent)")
     parser.set_defaults(func=run_demo)
