@@ -521,14 +521,14 @@ def test_a_target_added_while_workers_claim_reaches_every_row(pool, tmp_path, mo
     model_dir = tmp_path / "other_model"
     model_dir.mkdir()
     monkeypatch.setitem(balance._WORKER_EMBEDDERS, str(model_dir.resolve()), Other())
-    real_requeue, in_between = balance.requeue, []
+    real_requeue, in_between = balance.requeue_dataset, []
 
     def a_worker_runs_around_the_requeue(conn, *args, **kwargs):
         in_between.append(run_worker(store, get_job("embed")))
         real_requeue(conn, *args, **kwargs)
         in_between.append(run_worker(store, get_job("embed")))
 
-    monkeypatch.setattr(balance, "requeue", a_worker_runs_around_the_requeue)
+    monkeypatch.setattr(balance, "requeue_dataset", a_worker_runs_around_the_requeue)
     balance.add_embed_target(store, "pool", str(model_dir))
     run_worker(store, get_job("embed"))
     assert in_between[0].completed == 38

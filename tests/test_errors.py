@@ -148,6 +148,7 @@ def test_a_full_disk_under_the_metrics_file_is_one_line_naming_it(tmp_path, monk
 @pytest.mark.parametrize("argv, message", [
     (["bench", "train", "--steps", "0"], "argument --steps: must be a positive integer, got 0"),
     (["bench", "train", "--warmup", "-1"], "argument --warmup: must be an integer >= 0, got -1"),
+    (["bench", "train", "--lora", "-1"], "argument --lora: must be an integer >= 0, got -1"),
     (["bench", "ckpt", "--ckpt-saves", "0"], "argument --ckpt-saves: must be a positive integer, got 0"),
     (["sample", "--checkpoint", "x", "--prompt", "a", "--steps", "-1"], "argument --steps: must be a positive integer, got -1"),
     (["sample", "--checkpoint", "x", "--prompt", "a", "--guidance", "abc"], "argument --guidance: must be a number >= 0, got 'abc'"),

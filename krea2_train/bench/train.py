@@ -222,11 +222,9 @@ def resolve_settings(args: argparse.Namespace) -> BenchSettings:
         image_tokens_at(settings.resolution)  # validates the resolution
     except ValueError as error:
         raise BenchSettingsError(f"--res: {error}") from None
-    # --batch, --steps, --text-len, --caption-tokens and --warmup are range-checked by the parser
+    # --batch, --steps, --text-len, --caption-tokens, --warmup and --lora are range-checked by the parser
     if settings.caption_tokens > settings.text_len:
         raise BenchSettingsError(f"--caption-tokens {settings.caption_tokens} exceeds --text-len {settings.text_len}")
-    if settings.lora < 0:
-        raise BenchSettingsError(f"--lora must be a rank >= 1, or 0 for full training; got {settings.lora}")
     if settings.lora and settings.reference == "diffusers":
         raise BenchSettingsError("--lora times ours only (diffusers trains LoRA through peft, which this bench does not build): use --reference none")
     if settings.lora and settings.fp8:
