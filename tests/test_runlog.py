@@ -271,3 +271,31 @@ def test_runs_report_command(tmp_path):
     assert unreachable.returncode == 1 and "krea2: error: cannot reach PostgreSQL at 127.0.0.1:9/runs" in unreachable.stderr
     assert "Traceback" not in unreachable.stderr and "secret" not in unreachable.stderr
 
+
+
+def test_a_second_start_of_a_live_run_on_this_host_is_refused(tmp_path):
+    """Run twice by mistake: the second start must not fence the first out and record its stop as
+    a failure. A live process with a fresh heartbeat refuses; a dead one, or a stale beat, does not."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from krea2_train.train.runlog import another_start_running
+    from krea2_train.train.watchdog import HeartbeatRecord, write_heartbeat
+
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        now, host = time.time(), socket.gethostname()
+        write_heartbeat(tmp_path, HeartbeatRecord(rank=1, step=12, progress_time=now, beat_time=now, host=host, pid=alive.pid))
+        refusal = another_start_running(tmp_path, 30.0, "pretrain_256")
+        assert f"run 'pretrain_256' is running already: rank 1 of another start is alive on this host (pid {alive.pid}, step 12" in refusal
+        write_heartbeat(tmp_path, HeartbeatRecord(rank=1, step=12, progress_time=now - 60, beat_time=now - 60, host=host, pid=alive.pid))
+        assert another_start_running(tmp_path, 30.0, "pretrain_256") is None  # a stale beat: a hung or paused start
+        write_heartbeat(tmp_path, HeartbeatRecord(rank=1, step=12, progress_time=now, beat_time=now, host="another-node", pid=alive.pid))
+        assert another_start_running(tmp_path, 30.0, "pretrain_256") is None  # not checkable here: the data lease fences it
+    finally:
+        alive.kill()
+        alive.wait()
+    write_heartbeat(tmp_path, HeartbeatRecord(rank=1, step=12, progress_time=time.time(), beat_time=time.time(), host=host, pid=alive.pid))
+    assert another_start_running(tmp_path, 30.0, "pretrain_256") is None  # its process has ended

@@ -38,9 +38,10 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from krea2_train.errors import Krea2Error
 from krea2_train.files import read_json_lines
 from krea2_train.train.metrics import read_metrics
-from krea2_train.train.watchdog import Watchdog, read_heartbeats
+from krea2_train.train.watchdog import Watchdog, process_gone, read_heartbeats
 
 logger = logging.getLogger("krea2_train")
 
@@ -238,6 +239,29 @@ def unrecovered_failure(events: list[dict[str, Any]], incarnation: int) -> dict[
     return failure
 
 
+class RunInProgressError(Krea2Error):
+    """Another start of the run is alive on this host: a second one would train beside it."""
+
+    retryable = True  # it may have ended by the next try
+
+
+def heartbeat_dir_of(resilience, run_dir: Path) -> Path:
+    return Path(resilience.heartbeat_dir) if resilience.heartbeat_dir else run_dir / "heartbeats"
+
+
+def another_start_running(heartbeat_dir: Path, stale_s: float, run_name: str) -> str | None:
+    """Why this start must not begin (a live process of another start of the run on this host,
+    whose heartbeat is fresh), else None. A process on another host cannot be checked: a requeued
+    job there is fenced by its data lease instead."""
+    host, now = socket.gethostname(), time.time()
+    for beat in read_heartbeats(heartbeat_dir).values():
+        if beat.host == host and beat.pid != os.getpid() and now - beat.beat_time < stale_s and not process_gone(beat.pid):
+            return (f"run {run_name!r} is running already: rank {beat.rank} of another start is alive on this host "
+                    f"(pid {beat.pid}, step {beat.step}, heartbeat {now - beat.beat_time:.0f} s ago). Stop it first "
+                    f"(SIGTERM checkpoints and exits), or train under another run_name")
+    return None
+
+
 def lost_incarnation_event(
     events: list[dict[str, Any]], heartbeat_dir: Path, step_records: list[dict[str, Any]] = ()
 ) -> dict[str, Any] | None:
@@ -337,7 +361,7 @@ def start_supervision(config, run_dir: Path, *, rank: int, world_size: int, step
     import torch.distributed as dist
 
     resilience = config.resilience
-    heartbeat_dir = Path(resilience.heartbeat_dir) if resilience.heartbeat_dir else run_dir / "heartbeats"
+    heartbeat_dir = heartbeat_dir_of(resilience, run_dir)
     decided: list[Any] = [None, None, None]
     if rank == 0:
         events = read_events(run_dir)

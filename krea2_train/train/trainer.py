@@ -74,7 +74,7 @@ from krea2_train.train.checkpoint import (
 )
 from krea2_train.train.faults import FaultInjector
 from krea2_train.train.metrics import HostSyncCounter, MetricsLogger, peak_memory_gib
-from krea2_train.train.runlog import Supervision, start_supervision
+from krea2_train.train.runlog import RunInProgressError, Supervision, another_start_running, heartbeat_dir_of, start_supervision
 
 logger = logging.getLogger("krea2_train")
 
@@ -310,6 +310,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
         self.runs_root = Path(config.runs_root)
         self.run_dir = self.runs_root / config.run_name
+        self._refuse_a_second_start()
         self.model_config = model_config(config.model.preset, **config.model.overrides)  # Krea2DiT keywords
         self.fresh_start = self._fresh_start()
         self._prepare_run_dir()
@@ -811,6 +812,18 @@ class Trainer:
                           title=f"{self.config.run_name}: {name}")
         self.metrics.log_image(self.train_state.step, "loss_curve", path)
         return path
+
+    def _refuse_a_second_start(self) -> None:
+        """Every rank refuses, before anything touches the run (its config, its data lease), when
+        another start of the run is alive on this host (run twice by mistake): training beside it
+        would fence it out and record its stop as a failure."""
+        running = None
+        if self.dist.is_main:
+            resilience = self.config.resilience
+            running = another_start_running(heartbeat_dir_of(resilience, self.run_dir), resilience.heartbeat_stale_s, self.config.run_name)
+        running = broadcast_object(running)
+        if running is not None:
+            raise RunInProgressError(running)
 
     def _fresh_start(self) -> bool:
         """Whether the run has no checkpoint yet, as rank 0 sees it (every rank agrees, and refuses

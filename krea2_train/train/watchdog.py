@@ -88,7 +88,7 @@ def read_heartbeats(directory: str | os.PathLike) -> dict[int, HeartbeatRecord]:
     return dict(sorted(records.items()))
 
 
-def _process_gone(pid: int) -> bool:
+def process_gone(pid: int) -> bool:
     """Whether ``pid`` (on this host) has exited (a zombie counts as gone)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -110,7 +110,7 @@ def silent_ranks(records: dict[int, HeartbeatRecord], now: float, stale_s: float
     for rank, record in records.items():
         age = now - record.beat_time
         where = f"on {record.host} (pid {record.pid}), last step {record.step}"
-        if record.host == host and _process_gone(record.pid):
+        if record.host == host and process_gone(record.pid):
             silent[rank] = f"rank {rank} {where}: process gone"
         elif age > stale_s:
             stopped = " (process stopped)" if record.host == host and _process_stopped(record.pid) else ""
@@ -316,7 +316,7 @@ class Watchdog:
         for rank in silent:
             record = records[rank]
             this_start = record.beat_time >= self._started_wall - _SAME_START_S  # not a file left by an earlier start
-            if record.host == self.host and this_start and not _process_gone(record.pid):
+            if record.host == self.host and this_start and not process_gone(record.pid):
                 try:
                     os.kill(record.pid, signal.SIGKILL)
                     logger.error("[watchdog] SIGKILLed rank %d (pid %d), whose heartbeat stopped", rank, record.pid)
