@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from krea2_train.errors import EXIT_USER_ERROR, report_user_errors
+from krea2_train.errors import EXIT_USER_ERROR, UsageError, report_user_errors
 from krea2_train.model.layouts import CheckpointError
 from krea2_train.store.errors import StoreUnavailable
 from krea2_train.train.checkpoint import CheckpointWriteError, NoCheckpointError
@@ -188,3 +188,19 @@ def test_the_command_list_says_of_each_command_what_its_own_parser_says():
         subparsers = next(action for action in build_parser(name)._actions if action.dest == "command")
         registered = {choice.dest: choice.help for choice in subparsers._choices_actions}
         assert registered[name] == COMMAND_HELP[name], name
+
+
+def test_sampling_weights_outside_a_run_names_every_missing_conditioning_option(tmp_path):
+    """An exported checkpoint carries no conditioning: one message names both options, with what a
+    Krea 2 and a tiny CPU run's export take (before: one option per attempt)."""
+    import argparse
+
+    from krea2_train.train.sample import conditioning_settings
+
+    args = argparse.Namespace(checkpoint=str(tmp_path / "export"), autoencoder=None, autoencoder_path=None, text_encoder=None,
+                              max_text_tokens=None)
+    with pytest.raises(UsageError, match="pass --autoencoder and --text-encoder .*--text-encoder runs/RUN/text_encoder --autoencoder pixel"):
+        conditioning_settings(args, None)
+    args.autoencoder = "pixel"
+    with pytest.raises(UsageError, match="pass --text-encoder \\("):
+        conditioning_settings(args, None)

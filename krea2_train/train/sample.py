@@ -79,9 +79,13 @@ def conditioning_settings(args: argparse.Namespace, run_dir: Path | None) -> dic
     for key in ("autoencoder", "autoencoder_path", "text_encoder", "max_text_tokens"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    for key in ("autoencoder", "text_encoder"):
-        if not settings[key]:
-            raise UsageError(f"{args.checkpoint} is not a run of this trainer: pass --{key.replace('_', '-')}")
+    missing = [f"--{key.replace('_', '-')}" for key in ("autoencoder", "text_encoder") if not settings[key]]
+    if missing:
+        raise UsageError(
+            f"{args.checkpoint} is not a run of this trainer, so its conditioning is unknown: pass {' and '.join(missing)} "
+            "(Krea 2: --text-encoder QWEN3_VL_DIR --autoencoder qwen_image --autoencoder-path VAE_DIR; a tiny CPU run's "
+            "export: --text-encoder runs/RUN/text_encoder --autoencoder pixel)"
+        )
     return settings
 
 
