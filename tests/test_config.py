@@ -158,3 +158,15 @@ def test_a_bad_stage_file_is_named(tmp_path, text, message):
         stage_file.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(str(stage_file))
+
+
+def test_a_restart_names_the_settings_it_changes():
+    from krea2_train.train.trainer import changed_settings
+
+    first = load_config("stage/pretrain_256", ["stage.steps=6"])
+    before = to_yaml(first)
+    after = to_yaml(load_config("stage/pretrain_256", ["stage.steps=8", "optim.lr=0.125", "logging.sample_prompts=[a]"]))
+    changed = changed_settings(before, after)
+    assert changed[1:] == [f"optim.lr: {first.optim.lr} -> 0.125", "stage.steps: 6 -> 8"]
+    assert changed[0].startswith("logging.sample_prompts: [") and changed[0].endswith("-> ['a']")
+    assert changed_settings(before, before) == []

@@ -98,6 +98,20 @@ def config_hash(config: RunConfig) -> str:
     return hashlib.sha256(to_yaml(config).encode()).hexdigest()[:16]
 
 
+def changed_settings(before_yaml: str, after_yaml: str) -> list[str]:
+    """``["stage.steps: 6 -> 8", ...]``: the keys whose values differ between two written configs."""
+    import yaml
+
+    def flat(node, prefix=""):
+        if isinstance(node, dict):
+            return {key: value for name, child in node.items() for key, value in flat(child, f"{prefix}{name}.").items()}
+        return {prefix[:-1]: node}
+
+    before, after = flat(yaml.safe_load(before_yaml) or {}), flat(yaml.safe_load(after_yaml) or {})
+    return [f"{key}: {before.get(key, '(unset)')} -> {after.get(key, '(unset)')}"
+            for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)]
+
+
 def compute_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
     mode = config.parallel.mixed_precision
     if mode == "auto":
@@ -366,7 +380,12 @@ class Trainer:
             )
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_text(self.run_dir / "config.yaml", to_yaml(self.config))
+            written = to_yaml(self.config)
+            if (self.run_dir / "config.yaml").is_file() and not self.fresh_start:
+                changed = changed_settings((self.run_dir / "config.yaml").read_text(), written)
+                if changed:
+                    logger.warning("this start changes the run's settings: %s", "; ".join(changed))
+            write_text(self.run_dir / "config.yaml", written)
             write_model_config(self.run_dir, self.model_config)
         self._barrier()
 
