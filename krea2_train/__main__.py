@@ -16,7 +16,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     from krea2_train.errors import ArgumentParser
 
     parser = ArgumentParser(prog="python -m krea2_train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="GROUP/NAME under configs/, e.g. stage/pretrain_256")
+    from krea2_train.config.load import CONFIG_DIR
+
+    stages = ", ".join(sorted(path.stem for path in (CONFIG_DIR / "stage").glob("*.yaml")))
+    parser.add_argument("--config", required=True,
+                        help=f"a stage: stage/NAME ({stages}), or the path of a stage YAML file of your own")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config and exit (keys, types and values are checked; the stage's own "
                              "settings, e.g. grpo.group_size, are checked when a run starts)")
@@ -64,15 +68,17 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:
             if is_lasting_error(error):  # a restart would fail alike: tell the launcher
                 record_user_error(run_dir, error)
-            if not isinstance(error, StageConfigError):
+            if not isinstance(error, (StageConfigError, ConfigError)):  # ConfigError: settings that do not fit the world size
                 raise
             print(f"krea2_train: bad config: {error}", file=sys.stderr)  # raised before any heavy work
             return 2
-        if not result.completed:  # a clean stop (exit 0: the launcher resumes it like any preempted job)
+        if result.ending == "signal":  # a clean stop (exit 0: the launcher resumes it like any preempted job)
             print(f"stopped at step {result.step} of {result.steps} after a checkpoint; run the same command again to resume. "
                   f"run directory: {run_dir}")
-            return 0
-        print(f"run directory: {run_dir}")
+        elif result.ending == "fenced":  # exit 0: a restart would be fenced again; the newer start goes on
+            print(f"stopped without writing: a newer start of this run owns it (do not restart this one). run directory: {run_dir}")
+        else:
+            print(f"run directory: {run_dir}")
         return 0
 
     return report_user_errors("krea2_train", train)  # a corrupt checkpoint, a full disk: a message, not a traceback

@@ -299,6 +299,17 @@ def test_cli_work_exits_non_zero_when_every_row_failed(fresh_store, curated_fold
     ingest(fresh_store, "shapes", folder=curated_folder)
     assert main(["data", "work", "--dsn", fresh_store.dsn, "--job", "broken"]) == ALL_FAILED_EXIT
     printed = capsys.readouterr()
-    assert "'failed': 32" in printed.out and "every row it claimed failed (32 attempts); `krea2 data status --errors`" in printed.err
+    assert "'failed': 32" in printed.out and "every row the workers claimed failed (32 attempts); `krea2 data status --errors`" in printed.err
     assert job_counts(fresh_store)["broken"]["dead"] == 16
     assert main(["data", "work", "--dsn", fresh_store.dsn, "--job", "broken"]) == 0  # nothing left to claim: nothing failed
+
+
+def test_work_exits_3_only_when_no_worker_completed_a_row(capsys):
+    """Over several workers: one whose claimed batch failed, while another retried and completed
+    it, is a job that got done (exit 0); rows failing everywhere and none completed is exit 3."""
+    from krea2_train.data.commands import ALL_FAILED_EXIT, work_exit_code
+
+    assert work_exit_code([{"completed": 0, "failed": 3}, {"completed": 16, "failed": 0}]) == 0
+    assert work_exit_code([{"completed": 0, "failed": 3}, {"completed": 0, "failed": 0}]) == ALL_FAILED_EXIT
+    assert work_exit_code([{"completed": 0, "failed": 0}]) == 0  # nothing to do
+

@@ -49,7 +49,7 @@ def test_a_stage_stopped_by_a_signal_ends_the_demo(tmp_path, monkeypatch, capsys
 
     def stopped_early(config):
         started.append(config.stage.name)
-        return trainer.RunResult(tmp_path / config.stage.name, 3, config.stage.steps)
+        return trainer.RunResult(tmp_path / config.stage.name, 3, config.stage.steps, "signal")
 
     monkeypatch.setattr(trainer, "run", stopped_early)
     assert main(["demo", "--runs-root", str(tmp_path), "--wandb", "disabled"]) == SIGNAL_STOP_EXIT

@@ -389,6 +389,20 @@ def test_a_restart_with_other_micro_batches_reuses_the_rollout(conditioner, one_
         assert resumed.loss(ctx, part)[1]["update_index"].item() == 1
     torch.testing.assert_close(torch.cat([resumed.buffers[index].advantages for index in range(resumed_accum)]), advantages)
     assert resumed._restored == {} and len(torch.load(io.BytesIO(resumed.state_dict()["blob"]))["rollouts"]) == 8
+    # after a load the ranks decide together: a rank whose slots all restored still rolls out when
+    # another rank's did not (the rollout is collective)
+    import krea2_train.stages.grpo as grpo_module
+
+    agreeing = grpo_stage(*options, f"optim.grad_accum_steps={resumed_accum}")
+    agreeing.load_state_dict(checkpoint)
+    agreeing.rewards = BrightnessReward()
+    original_gather = grpo_module.all_gather_objects
+    grpo_module.all_gather_objects = lambda value: [value, True] if isinstance(value, bool) else original_gather(value)
+    try:
+        agreeing.begin_step(micro_steps_of(model, conditioner, batch, 1, resumed_accum))
+    finally:
+        grpo_module.all_gather_objects = original_gather
+    assert {buffer.rollout_step for buffer in agreeing.buffers.values()} == {1}  # rolled out at step 1, with the others
     older = torch.load(io.BytesIO(checkpoint["blob"]))  # a checkpoint written before slots keyed the records
     older["rollouts"] = {0: older["rollouts"]}
     payload = io.BytesIO()

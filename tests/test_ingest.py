@@ -127,6 +127,22 @@ def test_uris_that_cannot_be_read_and_files_that_are_not_parquet_are_refused(fre
     assert _rows(fresh_store) == [] and _datasets(fresh_store) == []
 
 
+def test_a_parquet_file_damaged_after_its_header_is_named_with_the_rows_read(fresh_store, tmp_path):
+    """Read in record batches, a damaged row group is met only when reached: a StoreError naming
+    the file and the row, the rows before it kept (before: a pyarrow traceback)."""
+    n = 3000
+    path = tmp_path / "damaged.parquet"
+    pq.write_table(pa.table({"uri": [f"/data/img{i}.png" for i in range(n)], "caption_long": [f"caption {i}" * 20 for i in range(n)]}),
+                   path, row_group_size=1000)
+    data = bytearray(path.read_bytes())
+    start = pq.ParquetFile(path).metadata.row_group(2).column(1).data_page_offset
+    data[start + 40 : start + 400] = b"\xff" * 360  # the third row group's caption page
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="damaged.parquet does not read past row 2000: .*The rows before it were ingested"):
+        ingest(fresh_store, "damaged", parquet=path)
+    assert len(_rows(fresh_store)) == 2000
+
+
 def test_uri_list_uses_sidecars_and_refuses_duplicates(fresh_store, folder, tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text(f"# two images\n{folder / 'a.png'}\n\nfile://{folder / 'b.png'}\n")

@@ -8,7 +8,7 @@ import torch
 from krea2_train.curate.images import open_rgb
 from krea2_train.curate.jobs import DECODE
 from krea2_train.data.buckets import make_buckets, resize_to_bucket
-from krea2_train.data.ingest import ensure_dataset
+from krea2_train.data.ingest import registered_dataset
 from krea2_train.data.loader import LoaderConfig, ShardLoader, pil_to_tensor, query_manifest
 from krea2_train.data.pack import PackSettings
 from krea2_train.data.pairs import ingest_pairs, pack_pairs, pair_counts, read_pair_file
@@ -156,7 +156,8 @@ def test_a_pair_with_an_undecodable_image_is_counted_and_never_packed(fresh_stor
     (counts,) = pair_counts(fresh_store)
     assert (counts.name, counts.packable, counts.undecoded, counts.undecodable) == ("prefs", 3, 0, 1)
     assert pack_pairs(fresh_store, "prefs", [32], tmp_path / "shards", PackSettings(pixel_multiple=4)).num_samples == 3
-    ensure_dataset(fresh_store, "images_only", "test")
+    with registered_dataset(fresh_store, "images_only", "test"):
+        pass
     with pytest.raises(StoreError, match="'images_only' has no preference pairs: ingest them"):
         pack_pairs(fresh_store, "images_only", [32], tmp_path / "shards")
 

@@ -398,6 +398,7 @@ def test_a_start_fenced_by_a_newer_one_stops_without_writing_to_the_run(tmp_path
         process.kill()
     assert process.returncode == 0, output[-3000:]
     assert "holds its data lease: this process is a leftover of an older start" in output
+    assert "a newer start of this run owns it (do not restart this one)" in output and "run the same command again" not in output
     fenced = [r for r in records(run_dir) if r.get("event") == "fenced"]
     assert len(fenced) == 1 and max(step_losses(run_dir)) < fenced[0]["step"] < 60
     assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())

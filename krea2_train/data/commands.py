@@ -174,10 +174,11 @@ def worker_main(dsn: str, job_name: str, batch: int | None, follow: bool, datase
 
 
 def _worker_process(
-    dsn: str, job_name: str, batch: int | None, follow: bool, gpu: str | None = None, datasets: list[str] | None = None
-) -> int:
-    """Run one worker (see :func:`worker_main`); returns its exit code, ALL_FAILED_EXIT when rows
-    failed and none completed."""
+    dsn: str, job_name: str, batch: int | None, follow: bool, gpu: str | None = None, datasets: list[str] | None = None,
+    results=None,
+) -> dict:
+    """Run one worker (see :func:`worker_main`) and print its stats; returns them, and puts them
+    on ``results`` (a queue to the parent) when given."""
     from krea2_train.logs import setup_logging
 
     if gpu is not None:  # before anything initialises CUDA in this (spawned) process
@@ -185,16 +186,20 @@ def _worker_process(
     setup_logging(label=f"worker {os.getpid()}", stream=sys.stderr, force=False)  # a spawned process starts bare
     stats = worker_main(dsn, job_name, batch, follow, datasets)
     print(f"worker {os.getpid()}: {stats}", flush=True)
-    if stats["failed"] and not stats["completed"]:  # a handler that fails on everything: a broken install or setting, not bad images
-        print(f"worker {os.getpid()}: every row it claimed failed ({stats['failed']} attempts); "
-              "`krea2 data status --errors` lists the errors", file=sys.stderr, flush=True)
+    if results is not None:
+        results.put(stats)
+    return stats
+
+
+def work_exit_code(stats: list[dict]) -> int:
+    """ALL_FAILED_EXIT when the workers' rows failed and not one completed (a handler that fails
+    on everything: a broken install or setting, not bad images), else 0."""
+    completed, failed = sum(s["completed"] for s in stats), sum(s["failed"] for s in stats)
+    if failed and not completed:
+        print(f"every row the workers claimed failed ({failed} attempts); `krea2 data status --errors` lists the errors",
+              file=sys.stderr, flush=True)
         return ALL_FAILED_EXIT
     return 0
-
-
-def _worker_entry(*args) -> None:
-    """A spawned worker process: its exit code says whether it got anything done."""
-    sys.exit(_worker_process(*args))
 
 
 def visible_gpus() -> list[str]:
@@ -237,11 +242,12 @@ def cmd_work(args) -> int:
                 if conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0:
                     print(f"no {args.job} target yet: {hint}", file=sys.stderr)
         if args.workers == 1:
-            return _worker_process(store.dsn, args.job, args.batch, args.follow, None, args.datasets)
+            return work_exit_code([_worker_process(store.dsn, args.job, args.batch, args.follow, None, args.datasets)])
         context = multiprocessing.get_context("spawn")
+        results = context.SimpleQueue()
         gpus = worker_gpus(args.workers, visible_gpus() if get_job(args.job).uses_gpu else [])
         processes = [
-            context.Process(target=_worker_entry, args=(store.dsn, args.job, args.batch, args.follow, gpu, args.datasets))
+            context.Process(target=_worker_process, args=(store.dsn, args.job, args.batch, args.follow, gpu, args.datasets, results))
             for gpu in gpus
         ]
         for process in processes:
@@ -256,8 +262,8 @@ def cmd_work(args) -> int:
     failed = [p.exitcode for p in processes if p.exitcode != 0]
     if failed:
         print(f"{len(failed)} worker(s) exited with codes {failed}", file=sys.stderr)
-        return ALL_FAILED_EXIT if set(failed) == {ALL_FAILED_EXIT} else 1
-    return 0
+        return 1
+    return work_exit_code([results.get() for _ in processes])
 
 
 def cmd_pack_target(args) -> int:

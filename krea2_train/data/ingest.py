@@ -139,8 +139,20 @@ def parquet_records(parquet_file: Path) -> Iterator[Record]:
     wanted = [c for c in ("uri", "caption_long", "caption_medium", "caption_short", "facts") if c in names]
     # record batches of the wanted columns: a 100M-row file is never in memory at once (the whole
     # table as Python rows took 1.2 KB a row)
-    rows = (row for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=wanted) for row in batch.to_pylist())
-    for index, row in enumerate(rows):
+    def rows() -> Iterator[dict]:
+        read = 0
+        try:
+            for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=wanted):
+                yield from batch.to_pylist()
+                read += batch.num_rows
+        except (OSError, ValueError) as error:  # a damaged row group, met only when read
+            reason = " ".join(str(error).split())
+            raise StoreError(f"{parquet_file} does not read past row {read}: {reason}. The rows before it were ingested; "
+                             "fix or replace the file and run the same ingest again (rows already there are skipped)") from None
+        finally:
+            reader.close()
+
+    for index, row in enumerate(rows()):
         if not isinstance(row["uri"], str) or not row["uri"].strip():
             raise StoreError(f"{parquet_file} row {index} has no uri (an empty or non-text value: {row['uri']!r})")
         uri = canonical_uri(row["uri"].strip(), parquet_file.parent)
@@ -225,12 +237,6 @@ def canonical_uri(uri: str, base: Path) -> str:
     if "://" in uri or Path(uri).is_absolute():
         return uri
     return str((base / uri).resolve())
-
-
-def ensure_dataset(store: Store, name: str, source: str) -> int:
-    """The dataset's id, creating it (or recording a new source) when needed."""
-    with registered_dataset(store, name, source) as dataset_id:
-        return dataset_id
 
 
 @contextmanager

@@ -306,7 +306,7 @@ def read_lora(path: str | os.PathLike) -> LoRAFile:
     if path.is_dir() and (path / PEFT_WEIGHTS_NAME).is_file():  # a directory PEFT's save_pretrained wrote
         path = path / PEFT_WEIGHTS_NAME
     elif path.is_dir() and ((path / "checkpoints").is_dir() or (path / "config.yaml").is_file()):
-        raise LoRAError(f"{path} is a training run, not a LoRA file; `krea2 lora export {path.name} --out FILE` writes a lora-stage run's LoRA")
+        raise LoRAError(f"{path} is a training run, not a LoRA file; `krea2 lora export {path} --out FILE` writes a lora-stage run's LoRA")
     elif path.is_dir():
         raise LoRAError(f"{path} is a directory, not a LoRA .safetensors file (nor a PEFT directory holding {PEFT_WEIGHTS_NAME})")
     if not path.is_file():

@@ -232,6 +232,7 @@ class GrpoStage:
         ))
         self.buffers: dict[int, RolloutBuffer] = {}  # by micro-batch index
         self._restored: dict[int, dict] = {}  # checkpointed records by global slot, until a micro-batch takes them
+        self._agree_on_rollout = False  # set by a load: the next step's rollout is decided by every rank together
 
     # -- the trainer's hooks ----------------------------------------------------------------------
 
@@ -264,6 +265,7 @@ class GrpoStage:
         if rollouts and "rollout_step" not in next(iter(rollouts.values())):  # before 2026-11-24: by micro index, then slot
             rollouts = {slot: record for records in rollouts.values() for slot, record in records.items()}
         self._restored = rollouts
+        self._agree_on_rollout = True
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -302,7 +304,12 @@ class GrpoStage:
     def begin_step(self, micro_steps: list[tuple[StepContext, dict[str, Any]]]) -> None:
         """The trainer's hook before a step's micro-batches: when their buffers are spent, roll out
         and score all of them together (see the module docstring)."""
-        if any(self._current_buffer(ctx, batch) is None for ctx, batch in micro_steps):
+        due = [self._current_buffer(ctx, batch) is None for ctx, batch in micro_steps]  # each takes its restored slots
+        roll_out = any(due)
+        if self._agree_on_rollout:  # after a load each rank re-assembled its own slots: ranks may differ, and the
+            self._agree_on_rollout = False  # rollout is collective (a rank alone in it would wait forever)
+            roll_out = any(all_gather_objects(roll_out))
+        if roll_out:
             self.collect(micro_steps)
 
     def collect(self, micro_steps: list[tuple[StepContext, dict[str, Any]]]) -> list[RolloutBuffer]:

@@ -58,8 +58,9 @@ def run_demo(args: argparse.Namespace) -> int:
         config = load_config(f"stage/{stage}", demo_overrides(stage, steps, args.runs_root, args.wandb))
         result = run(config)
         if not result.completed:  # the next stage must not start from a half-trained one
-            print(f"[demo] {stage} stopped at step {result.step} of {result.steps} after a checkpoint; "
-                  f"the same `krea2 demo` command resumes it and goes on", flush=True)
+            why = ("after a checkpoint; the same `krea2 demo` command resumes it and goes on" if result.ending == "signal"
+                   else "without writing: a newer start of the demo owns it")
+            print(f"[demo] {stage} stopped at step {result.step} of {result.steps} {why}", flush=True)
             return SIGNAL_STOP_EXIT
         print(f"[demo] {stage}: samples in {result.run_dir / 'samples'}, loss curve {result.run_dir / 'loss.png'}", flush=True)
     print(f"[demo] done: {len(stages)} stages under {Path(args.runs_root)}")
@@ -78,7 +79,8 @@ def next_commands(runs_root: Path, stages: list[str]) -> str:
         f"  krea2 runs report {stages[-1]} --runs-root {runs_root}          # starts, failures, goodput",
         f"  krea2 sample --checkpoint {last} --prompt 'a red circle' --out samples/   # sample the last stage",
         f"  krea2 export {first} --layout diffusers --out export/{stages[0]}       # a diffusers Krea2Transformer2DModel",
-        f"  python -m krea2_train --config stage/lora runs_root={runs_root} stage.init_from={first}   # a LoRA on it",
+        f"  python -m krea2_train --config stage/lora runs_root={runs_root} stage.init_from={first} \\\n"
+        "      stage.steps=40 data.resolution=256 data.num_samples=512 data.global_batch_size=4   # a LoRA on it, CPU-sized",
     ])
 
 

@@ -580,21 +580,26 @@ class Trainer:
         Ctrl-C stops at once, without a checkpoint. SIGUSR1: checkpoint and go on. Every rank's
         signals are agreed at the step's end (a signal on one rank acts on all of them)."""
 
-        def on_signal(signum, _frame):
+        def on_signal(signum, _frame):  # flags only: the loop logs (a handler may interrupt a write to the log)
             if signum == signal.SIGINT:
                 if self._interrupted:
                     raise KeyboardInterrupt
                 self._interrupted = True
-                logger.warning("interrupted: saving a checkpoint at the end of this step, then stopping "
-                               "(interrupt again to stop at once, without one)")
             self._signal = max(self._signal, CHECKPOINT_AND_CONTINUE if signum == signal.SIGUSR1 else CHECKPOINT_AND_EXIT)
 
-        self._interrupted = False
+        self._interrupted = self._interrupt_said = False
         self._previous_handlers = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+
+    def _say_interrupted(self) -> None:
+        if self._interrupted and not self._interrupt_said:
+            self._interrupt_said = True
+            logger.warning("interrupted: saving a checkpoint at the end of this step, then stopping "
+                           "(interrupt again to stop at once, without one)")
 
     def _restore_signal_handlers(self) -> None:
         for signum, handler in getattr(self, "_previous_handlers", {}).items():
-            signal.signal(signum, handler)
+            if handler is not None:  # None: a handler installed outside Python, which cannot be put back from here
+                signal.signal(signum, handler)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -683,11 +688,12 @@ class Trainer:
         agreed_signal = CHECKPOINT_AND_EXIT if any_exit else CHECKPOINT_AND_CONTINUE if any_continue else 0
         return {**values, "finite": finite, "signal": agreed_signal, "fenced": any_fenced}
 
-    def train(self) -> Path:
+    def train(self) -> str:
+        """Train to ``stage.steps``; returns how this start ended (:class:`RunResult`'s ``ending``)."""
         with attention_backends(self.config.parallel.attention_backends):
             return self._train()
 
-    def _train(self) -> Path:
+    def _train(self) -> str:
         config = self.config
         self._install_signal_handlers()
         self.resume()
@@ -724,11 +730,12 @@ class Trainer:
                 self.checkpointer.abandon()  # its save in flight, if any, is not committed
                 self.metrics.event(self.train_state.step + 1, "fenced")
                 self.supervision.stopped(self.train_state.step, "fenced")
-                return self.run_dir
+                return "fenced"
             self.train_state.step += 1
             self.train_state.samples_seen += config.data.global_batch_size
             self.train_state.tokens_seen += config.data.global_batch_size * tokens_per_image
             signal_now = result.pop("signal")
+            self._say_interrupted()
             if not result.pop("finite"):
                 self.train_state.skipped_steps += 1
                 self.train_state.consecutive_skips += 1
@@ -766,7 +773,7 @@ class Trainer:
             if signal_now == CHECKPOINT_AND_EXIT:
                 self.metrics.event(step, "signal_exit", resume="run the same command again to resume from this step")
                 self.supervision.stopped(step, "signal")
-                return self.run_dir
+                return "signal"
             if signal_now == CHECKPOINT_AND_CONTINUE and self._signal == CHECKPOINT_AND_CONTINUE:
                 self._signal = 0  # handled; a SIGTERM that came during the save stays for the next step
             if config.logging.sample_interval and step % config.logging.sample_interval == 0 and step < total:
@@ -778,7 +785,7 @@ class Trainer:
                 self.write_samples(self.train_state.step)
                 self.write_loss_curve()
         self.supervision.stopped(self.train_state.step, "completed")
-        return self.run_dir
+        return "completed"
 
     # -- outputs --------------------------------------------------------------------------------
 
@@ -828,7 +835,7 @@ class Trainer:
         if not (records and all(metric in r for r in records)):
             metric, name = "loss", f"{self.stage.name} loss"
         path = plot_curve([r["step"] for r in records], [r[metric] for r in records], self.run_dir / "loss.png",
-                          title=f"{self.config.run_name}: {name}")
+                          title=f"{self.config.run_name}: {name}", log_y=metric.startswith("loss"))  # a reward: linear
         self.metrics.log_image(self.train_state.step, "loss_curve", path)
         return path
 
@@ -870,24 +877,26 @@ class Trainer:
 
 @dataclass(frozen=True)
 class RunResult:
-    """How one start of a stage ended: at ``stage.steps`` (``completed``), or stopped at ``step``
-    by a signal after a checkpoint (run the same command again to resume)."""
+    """How one start of a stage ended (``ending``): ``completed`` at ``stage.steps``; ``signal``,
+    stopped at ``step`` after a checkpoint (run the same command again to resume); ``fenced``, a
+    leftover of an older start that stopped without writing because a newer start owns the run."""
 
     run_dir: Path
     step: int
     steps: int
+    ending: str
 
     @property
     def completed(self) -> bool:
-        return self.step >= self.steps
+        return self.ending == "completed"
 
 
 def run(config: RunConfig) -> RunResult:
     """Train one stage, resuming from the run's newest checkpoint."""
     trainer = Trainer(config)
     try:
-        run_dir = trainer.train()
-        return RunResult(run_dir, trainer.train_state.step, config.stage.steps)
+        ending = trainer.train()
+        return RunResult(trainer.run_dir, trainer.train_state.step, config.stage.steps, ending)
     except BaseException as error:
         if trainer.supervision is not None:
             trainer.supervision.failed(trainer.train_state.step, error)

@@ -16,7 +16,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/../env.sh"
 
 if [[ $# -eq 0 ]]; then
-    echo "usage: $0 --config stage/NAME [key=value ...]" >&2
+    echo "usage: $0 --config stage/NAME|my_stage.yaml [key=value ...]" >&2
     exit 2
 fi
 
