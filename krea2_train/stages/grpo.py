@@ -232,7 +232,6 @@ class GrpoStage:
         ))
         self.buffers: dict[int, RolloutBuffer] = {}  # by micro-batch index
         self._restored: dict[int, dict] = {}  # checkpointed records by global slot, until a micro-batch takes them
-        self._agree_on_rollout = False  # set by a load: the next step's rollout is decided by every rank together
 
     # -- the trainer's hooks ----------------------------------------------------------------------
 
@@ -265,7 +264,6 @@ class GrpoStage:
         if rollouts and "rollout_step" not in next(iter(rollouts.values())):  # before 2026-11-24: by micro index, then slot
             rollouts = {slot: record for records in rollouts.values() for slot, record in records.items()}
         self._restored = rollouts
-        self._agree_on_rollout = True
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -304,10 +302,11 @@ class GrpoStage:
     def begin_step(self, micro_steps: list[tuple[StepContext, dict[str, Any]]]) -> None:
         """The trainer's hook before a step's micro-batches: when their buffers are spent, roll out
         and score all of them together (see the module docstring)."""
+        just_loaded = bool(self._restored)  # the same on every rank: one blob was loaded by all
         due = [self._current_buffer(ctx, batch) is None for ctx, batch in micro_steps]  # each takes its restored slots
         roll_out = any(due)
-        if self._agree_on_rollout:  # after a load each rank re-assembled its own slots: ranks may differ, and the
-            self._agree_on_rollout = False  # rollout is collective (a rank alone in it would wait forever)
+        if just_loaded:  # each rank re-assembled its own slots, so ranks may differ; the rollout is collective
+            self._restored.clear()  # (a rank alone in it would wait forever), and what is left is no rank's
             roll_out = any(all_gather_objects(roll_out))
         if roll_out:
             self.collect(micro_steps)

@@ -435,10 +435,10 @@ class Queue:
         One EXISTS per state, each through its partial index (``state IN (...)`` matches neither
         and scanned every row of every job: 1.3 s at 12M rows, 0.3 ms this way); an idle worker
         asks every poll."""
-        exists = "EXISTS (SELECT 1 FROM job_runs WHERE job = %(job)s AND state = {state}{scope})"
-        query = sql.SQL("SELECT " + exists + " OR " + exists.replace("{state}", "{other}")).format(
-            state=sql.Literal("pending"), other=sql.Literal("running"), scope=self._scope
-        )
+        query = sql.SQL(
+            "SELECT EXISTS (SELECT 1 FROM job_runs WHERE job = %(job)s AND state = 'pending'{scope})"
+            " OR EXISTS (SELECT 1 FROM job_runs WHERE job = %(job)s AND state = 'running'{scope})"
+        ).format(scope=self._scope)
         with self.pool.connection() as conn:
             return conn.execute(query, self._params()).fetchone()[0]
 

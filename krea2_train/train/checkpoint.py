@@ -1228,12 +1228,18 @@ def write_model_config(run_dir: str | os.PathLike, config: Mapping) -> Path:
     return write_text(path, json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
+def model_config_differences(config: Mapping, reference: Mapping) -> dict[str, tuple]:
+    """``{keyword: (config's value, reference's value)}`` for every Krea2DiT keyword that differs."""
+    return {key: (config.get(key), reference.get(key)) for key in sorted(set(config) | set(reference))
+            if config.get(key) != reference.get(key)}
+
+
 def check_same_model_config(config: Mapping, reference: Mapping, name: str, reference_name: str) -> None:
     """Raise ``CheckpointError`` naming every Krea2DiT keyword on which ``config`` and ``reference`` differ."""
     from krea2_train.model.layouts import CheckpointError
 
-    differing = sorted(key for key in set(config) | set(reference) if config.get(key) != reference.get(key))
+    differing = model_config_differences(config, reference)
     if differing:
         # in the sentence's order: the value of ``name``, then that of ``reference_name``
-        details = ", ".join(f"{key}: {config.get(key)!r} vs {reference.get(key)!r}" for key in differing)
+        details = ", ".join(f"{key}: {ours!r} vs {theirs!r}" for key, (ours, theirs) in differing.items())
         raise CheckpointError(f"{name} has a different model config than {reference_name} ({details}); refusing to mix them")

@@ -66,6 +66,7 @@ from krea2_train.train.checkpoint import (
     find_run_checkpoint,
     load_checkpoint_weights,
     load_model_config,
+    model_config_differences,
     read_checkpoint_config,
     records_model_config,
     reseed_rng,
@@ -243,9 +244,8 @@ def load_initial_weights(checkpoint: Path | None, model_config: Mapping) -> dict
     shaped = lambda config: {key: value for key, value in config.items() if key not in SHAPELESS_KEYS}  # noqa: E731
     checkpoint_config = read_checkpoint_config(checkpoint)  # before reading any weight
     check_same_model_config(shaped(checkpoint_config), shaped(model_config), f"stage.init_from's checkpoint {checkpoint}", "this run's model")
-    as_recorded = lambda value: tuple(value) if isinstance(value, list) else value  # noqa: E731 (JSON lists, config tuples)
-    changed = [f"{key} {checkpoint_config[key]!r} -> {model_config[key]!r}" for key in SHAPELESS_KEYS
-               if key in checkpoint_config and key in model_config and as_recorded(checkpoint_config[key]) != as_recorded(model_config[key])]
+    changed = [f"{key} {recorded!r} -> {ours!r}" for key, (recorded, ours) in model_config_differences(checkpoint_config, model_config).items()
+               if key in SHAPELESS_KEYS]  # both configs hold tuples (read_checkpoint_config, model_config)
     if changed and records_model_config(checkpoint):  # an inferred config holds Krea 2's defaults, not the checkpoint's values
         logger.warning("stage.init_from's checkpoint %s was trained with other settings than this run's model: %s. The weights "
                        "load (no shape shows these), but the model computes another function until it adapts; if this is not "
