@@ -258,6 +258,35 @@ def test_a_worker_scoped_to_a_dataset_leaves_the_others_images_alone(fresh_store
         run_worker(fresh_store, _job(), datasets=["nope"])
 
 
+def test_a_queue_scoped_to_several_datasets_claims_in_the_job_wide_order(fresh_store):
+    """Each scoped dataset is asked through its own index range, and the answers merge into the
+    order every claim keeps: a split batch's rows first (and no more of them than its limit), then
+    never-tried rows, then the least recently tried. Another dataset's split batch limits nothing."""
+    a, b, c = (_add_images(fresh_store, 4, name) for name in "abc")
+    queue = Queue(fresh_store, _job(batch_size=4), datasets=["a", "b"])
+    try:
+        with fresh_store.pool.connection() as conn:
+            conn.execute("INSERT INTO job_runs (job, image_id) SELECT 'probe', id FROM images")
+            conn.execute(
+                "UPDATE job_runs SET last_tried_at = now() - make_interval(secs => image_id) WHERE image_id = ANY(%s)",
+                (a[:2] + b[:2],),
+            )
+            conn.execute("UPDATE job_runs SET batch_limit = 2 WHERE image_id = ANY(%s)", (b[2:],))
+            conn.execute("UPDATE job_runs SET batch_limit = 1 WHERE image_id = ANY(%s)", (c,))
+        assert queue.has_unfinished()
+        assert [claim.image_id for claim in queue.claim()] == b[2:]  # the split batch, at its limit
+        # never tried, then the longest ago (b's ids are larger: tried longer ago)
+        assert [claim.image_id for claim in queue.claim()] == sorted(a[2:] + b[:2])
+        assert [claim.image_id for claim in queue.claim()] == a[:2]
+        assert queue.claim() == []
+        assert queue.has_unfinished()  # its rows are running
+        with fresh_store.pool.connection() as conn:
+            conn.execute("UPDATE job_runs SET state = 'done' WHERE dataset_id <> (SELECT id FROM datasets WHERE name = 'c')")
+        assert not queue.has_unfinished()  # c's pending rows are not this queue's
+    finally:
+        queue.close()
+
+
 def test_job_progress_gives_the_recent_rate_and_an_eta(fresh_store, capsys):
     """`krea2 data status`: rows done in the last 5 minutes, and the time the rest takes at that rate."""
     from krea2_train.cli import main

@@ -76,6 +76,28 @@ def test_a_migration_numbered_before_an_applied_one_is_refused(fresh_database_ds
         open_store(fresh_database_dsn)
 
 
+def test_job_runs_of_a_database_migrated_before_0040_get_their_images_dataset(fresh_database_dsn, monkeypatch):
+    """Migration 0040 fills job_runs.dataset_id in for rows written before it, and the database
+    fills it in for every row inserted after, whatever writes it (a scoped queue's index)."""
+    import krea2_train.store.migrations as migrations
+
+    every_file = migration_files()
+    monkeypatch.setattr(migrations, "migration_files", lambda: [f for f in every_file if f[0] < "0040"])
+    open_store(fresh_database_dsn).close()
+    with psycopg.connect(fresh_database_dsn, autocommit=True) as conn:
+        a, b = (conn.execute("INSERT INTO datasets (name) VALUES (%s) RETURNING id", (n,)).fetchone()[0] for n in "ab")
+        conn.execute("INSERT INTO images (dataset_id, uri) VALUES (%s, 'a0'), (%s, 'b0'), (%s, 'b1')", (a, b, b))
+        conn.execute("INSERT INTO job_runs (job, image_id) SELECT 'old', id FROM images")
+    monkeypatch.setattr(migrations, "migration_files", lambda: every_file)
+    open_store(fresh_database_dsn).close()
+    with psycopg.connect(fresh_database_dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO job_runs (job, image_id) SELECT 'new', id FROM images")
+        rows = conn.execute(
+            "SELECT j.job, i.uri, j.dataset_id FROM job_runs j JOIN images i ON i.id = j.image_id ORDER BY 1, 2"
+        ).fetchall()
+    assert rows == [("new", "a0", a), ("new", "b0", b), ("new", "b1", b), ("old", "a0", a), ("old", "b0", b), ("old", "b1", b)]
+
+
 def test_a_dsn_the_server_refuses_is_a_lasting_error_naming_it(fresh_database_dsn):
     """No such database or role is the DSN's fault: not retryable (no resubmission), and named."""
     from psycopg import conninfo

@@ -1,7 +1,9 @@
 """Store benchmarks: processing-queue throughput and metadata upsert throughput.
 
     queue   K worker processes claim batches (UPDATE ... FOR UPDATE SKIP LOCKED): rows claimed
-            per second; and, separately, claimed and then completed with fenced writes.
+            per second; and, separately, claimed and then completed with fenced writes; and
+            claimed by workers scoped to a small dataset whose rows queue behind the large one's
+            (a training run's data prep beside a large ingest).
     upsert  W writer processes each run 100-row unnest upserts with sorted, distinct keys that
             collide across writers; every row carries a new caption, so each is really written.
 
@@ -52,13 +54,16 @@ def _bench_job():
     return Job(BENCH_JOB, "FALSE", _noop, batch_size=16, lease_s=60.0)
 
 
-def _queue_worker(dsn: str, batch: int, complete: bool, ready, start, seconds: float, results) -> None:
-    """Claim batches for ``seconds``; with ``complete``, also finish each batch (fenced)."""
+def _queue_worker(
+    dsn: str, batch: int, complete: bool, datasets: list[str] | None, ready, start, seconds: float, results
+) -> None:
+    """Claim batches for ``seconds`` (of ``datasets``' images only, when given); with
+    ``complete``, also finish each batch (fenced)."""
     from krea2_train.store import open_store
     from krea2_train.store.queue import Done, Queue
 
     with open_store(dsn) as store:
-        queue = Queue(store, _bench_job())
+        queue = Queue(store, _bench_job(), datasets=datasets)
         ready.put(True)
         start.wait()
         deadline = time.perf_counter() + seconds
@@ -116,19 +121,21 @@ def _run_processes(target, args_list: list[tuple], seconds: float) -> float:
     return total / elapsed
 
 
+SCOPED_DATASET = "bench_scoped"  # a quarter of the queue's rows, pending behind the others
+
+
 def _seed_queue(dsn: str, rows: int) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        dataset_id = conn.execute(
-            "INSERT INTO datasets (name) VALUES ('bench_queue') RETURNING id"
-        ).fetchone()[0]
-        conn.execute(
-            "INSERT INTO images (dataset_id, uri) SELECT %s, 'queue/' || g FROM generate_series(1, %s) g",
-            (dataset_id, rows),
-        )
-        conn.execute(
-            "INSERT INTO job_runs (job, image_id) SELECT %s, id FROM images WHERE dataset_id = %s",
-            (BENCH_JOB, dataset_id),
-        )
+        for name, count in (("bench_queue", rows), (SCOPED_DATASET, max(1, rows // 4))):
+            dataset_id = conn.execute("INSERT INTO datasets (name) VALUES (%s) RETURNING id", (name,)).fetchone()[0]
+            conn.execute(
+                "INSERT INTO images (dataset_id, uri) SELECT %s, 'queue/' || g FROM generate_series(1, %s) g",
+                (dataset_id, count),
+            )
+            conn.execute(
+                "INSERT INTO job_runs (job, image_id) SELECT %s, id FROM images WHERE dataset_id = %s ORDER BY id",
+                (BENCH_JOB, dataset_id),
+            )
         conn.execute("VACUUM ANALYZE job_runs")
         conn.execute("INSERT INTO datasets (name) VALUES ('bench')")
 
@@ -174,9 +181,17 @@ def run(args) -> list[dict]:
         server_dsn = args.dsn or embedded.dsn
         try:
             with seeded_database(server_dsn, args.queue_rows) as dsn:
-                cycle_rate = _run_processes(_queue_worker, [(dsn, args.queue_batch, True)] * args.queue_workers, args.seconds)
+                cycle_rate = _run_processes(
+                    _queue_worker, [(dsn, args.queue_batch, True, None)] * args.queue_workers, args.seconds
+                )
             with seeded_database(server_dsn, args.queue_rows) as dsn:
-                claim_rate = _run_processes(_queue_worker, [(dsn, args.queue_batch, False)] * args.queue_workers, args.seconds)
+                scoped_rate = _run_processes(
+                    _queue_worker, [(dsn, args.queue_batch, False, [SCOPED_DATASET])] * args.queue_workers, args.seconds
+                )
+            with seeded_database(server_dsn, args.queue_rows) as dsn:
+                claim_rate = _run_processes(
+                    _queue_worker, [(dsn, args.queue_batch, False, None)] * args.queue_workers, args.seconds
+                )
                 upsert_rate = _run_processes(
                     _upsert_writer,
                     [(dsn, args.upsert_batch, args.upsert_keys, seed) for seed in range(args.upsert_writers)],
@@ -196,6 +211,13 @@ def run(args) -> list[dict]:
             "target": None,
             "met": None,
         },
+        _record(
+            "data_store",
+            f"scoped queue claims ({queue_setup}; a dataset's rows behind {args.queue_rows:,} others)",
+            scoped_rate,
+            "rows/s",
+            QUEUE_TARGET,
+        ),
         _record(
             "data_store",
             f"unnest upsert ({args.upsert_writers} writers, {args.upsert_batch}-row sorted batches)",
