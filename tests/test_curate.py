@@ -233,6 +233,27 @@ def test_a_decode_row_that_died_does_not_hold_back_dedup_of_its_dataset(fresh_st
 
 
 @pytest.mark.postgres
+def test_dedup_waits_for_its_own_dataset_only(fresh_store, curated_folder):
+    """Dedup starts on a dataset once all its images are decoded, whatever another dataset still
+    has undecoded, and waits on a dataset while any of its images is undecoded."""
+    ingest(fresh_store, "decoded", folder=curated_folder)
+    ingest(fresh_store, "undecoded", folder=curated_folder)
+    assert run_worker(fresh_store, curate_jobs.DECODE, datasets=["decoded"]).completed == 16
+    with fresh_store.pool.connection() as conn:  # one image of the other decoded, the rest waiting
+        conn.execute(
+            "UPDATE images SET decode_ok = true WHERE id = (SELECT min(id) FROM images"
+            " WHERE dataset_id = (SELECT id FROM datasets WHERE name = 'undecoded'))"
+        )
+    run_worker(fresh_store, curate_jobs.DEDUP)
+    with fresh_store.pool.connection() as conn:
+        judged = conn.execute(
+            "SELECT d.name, count(*) FROM job_runs j JOIN datasets d ON d.id = j.dataset_id"
+            " WHERE j.job = 'dedup' GROUP BY d.name"
+        ).fetchall()
+    assert judged == [("decoded", 14)]
+
+
+@pytest.mark.postgres
 def test_cli_work_runs_the_decode_job(fresh_store, curated_folder, capsys):
     from krea2_train.cli import main
 

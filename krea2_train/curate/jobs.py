@@ -130,9 +130,14 @@ DEDUP = register_job(
     Job(
         "dedup",
         # every image of the dataset decoded, or given up on (a decode row that died, e.g. a file
-        # that crashed its workers each time, never gets decode_ok and must not block the rest)
-        "i.decode_ok AND NOT EXISTS (SELECT 1 FROM images u WHERE u.dataset_id = i.dataset_id AND u.decode_ok IS NULL"
-        " AND NOT EXISTS (SELECT 1 FROM job_runs d WHERE d.job = 'decode' AND d.image_id = u.id AND d.state = 'dead'))",
+        # that crashed its workers each time, never gets decode_ok and must not block the rest).
+        # Asked once a statement for each dataset, each stopping at its first undecoded live
+        # image (the OFFSET 0s keep the planner from joining every undecoded image of the
+        # registry): asked for each image, a 5000-image seed chunk took 28-64 s beside a dataset
+        # of 800k undecoded images, 9-18 ms this way.
+        "i.decode_ok AND i.dataset_id IN (SELECT ds.id FROM datasets ds WHERE NOT EXISTS ("
+        "SELECT 1 FROM images u WHERE u.dataset_id = ds.id AND u.decode_ok IS NULL AND NOT EXISTS ("
+        "SELECT 1 FROM job_runs d WHERE d.job = 'decode' AND d.image_id = u.id AND d.state = 'dead' OFFSET 0) OFFSET 0))",
         dedup_batch,
         batch_size=256,
         image_columns=("id", "dataset_id"),
