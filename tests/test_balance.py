@@ -504,6 +504,34 @@ def test_the_embed_job_embeds_each_selectable_image_once_for_every_target(pool, 
     assert (stats.claimed, stats.completed) == (38, 38) and stored_embedding_count(store) == 38
 
 
+def test_a_target_removal_cut_short_is_finished_by_removing_it_again(pool, tmp_path, monkeypatch):
+    """Cut short after the target was marked, the removal leaves a target the job no longer uses;
+    removing it again sends back the rows it killed and deletes it."""
+    import dataclasses
+
+    from krea2_train.curate import balance
+
+    store, _ = pool
+    model_dir = tmp_path / "not_a_model"
+    model_dir.mkdir()
+    balance.add_embed_target(store, "pool", str(model_dir))
+    assert run_worker(store, dataclasses.replace(get_job("embed"), max_attempts=1), batch_size=38).failed == 38
+
+    def killed(conn, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(balance, "requeue_dataset", killed)
+        with pytest.raises(KeyboardInterrupt):
+            balance.remove_embed_target(store, "pool", str(model_dir))
+    balance.add_embed_target(store, "pool", "small")  # a target that works
+    assert run_worker(store, get_job("embed")).claimed == 0  # the killed rows are still dead
+    assert balance.remove_embed_target(store, "pool", str(model_dir))
+    assert not balance.remove_embed_target(store, "pool", str(model_dir))
+    stats = run_worker(store, get_job("embed"))  # with the working target only
+    assert (stats.claimed, stats.completed) == (38, 38) and stored_embedding_count(store) == 38
+
+
 def test_a_target_added_while_workers_claim_reaches_every_row(pool, tmp_path, monkeypatch):
     """The target commits before the finished and running rows go back: a worker that claims rows
     in between reads it, so no row is finished with the old targets only."""

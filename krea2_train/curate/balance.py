@@ -235,7 +235,8 @@ def add_embed_target(store: Store, dataset: str, embedder: str) -> int:
         dataset_id = find_dataset_id(conn, dataset)
         (requeue_pending,) = conn.execute(
             "INSERT INTO embed_targets (dataset_id, embedder, requeue_pending) VALUES (%s, %s, true)"
-            " ON CONFLICT (dataset_id, embedder) DO UPDATE SET requeue_pending = embed_targets.requeue_pending"
+            " ON CONFLICT (dataset_id, embedder) DO UPDATE"  # one being removed comes back as new
+            " SET requeue_pending = embed_targets.requeue_pending OR embed_targets.removing, removing = false"
             " RETURNING requeue_pending", (dataset_id, spec)
         ).fetchone()
         if requeue_pending:  # new, or a requeue cut short: send the rows back (again)
@@ -247,16 +248,20 @@ def add_embed_target(store: Store, dataset: str, embedder: str) -> int:
 def remove_embed_target(store: Store, dataset: str, embedder: str) -> bool:
     """Stop embedding ``dataset`` with ``embedder`` (e.g. a model the workers cannot load); the
     job's rows of the dataset it had set aside as dead go back to pending, to be embedded with the
-    targets that remain. Returns whether the target existed."""
+    targets that remain. Returns whether the target existed.
+
+    The target is marked ``removing`` (the job stops using it) before the rows go back, and
+    deleted after: a removal cut short is finished by running it again."""
     spec = embedder_spec(embedder, must_exist=False)  # the directory may be gone
-    with store.pool.connection() as conn:
+    with store.pool.connection() as conn:  # autocommit: each statement commits on its own
         dataset_id = find_dataset_id(conn, dataset)
-        removed = conn.execute(
-            "DELETE FROM embed_targets WHERE dataset_id = %s AND embedder = %s", (dataset_id, spec)
+        found = conn.execute(
+            "UPDATE embed_targets SET removing = true WHERE dataset_id = %s AND embedder = %s", (dataset_id, spec)
         ).rowcount
-        if removed:
+        if found:
             requeue_dataset(conn, EMBED_JOB_NAME, dataset_id, states=("dead",))
-    return bool(removed)
+            conn.execute("DELETE FROM embed_targets WHERE dataset_id = %s AND embedder = %s AND removing", (dataset_id, spec))
+    return bool(found)
 
 
 _WORKER_EMBEDDERS: dict[str, Embedder] = {}
@@ -273,7 +278,8 @@ def embed_job_handler(rows: list[dict], ctx: JobContext) -> list[Outcome]:
     """The ``embed`` job: embed a claimed batch with every embed target of its datasets."""
     with ctx.store.pool.connection() as conn:
         targets = conn.execute(
-            "SELECT dataset_id, embedder FROM embed_targets WHERE dataset_id = ANY(%s) ORDER BY embedder, dataset_id",
+            "SELECT dataset_id, embedder FROM embed_targets WHERE dataset_id = ANY(%s) AND NOT removing"
+            " ORDER BY embedder, dataset_id",
             (sorted({row["dataset_id"] for row in rows}),),
         ).fetchall()
     for dataset_id, spec in targets:
@@ -286,7 +292,7 @@ def embed_job_handler(rows: list[dict], ctx: JobContext) -> list[Outcome]:
 EMBED_JOB = register_job(
     Job(
         EMBED_JOB_NAME,
-        f"{PACKABLE_SQL} AND {DEDUP_DONE_SQL} AND EXISTS (SELECT 1 FROM embed_targets t WHERE t.dataset_id = i.dataset_id)",
+        f"{PACKABLE_SQL} AND {DEDUP_DONE_SQL} AND EXISTS (SELECT 1 FROM embed_targets t WHERE t.dataset_id = i.dataset_id AND NOT t.removing)",
         embed_job_handler,
         batch_size=256,
         lease_s=300.0,
