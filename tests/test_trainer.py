@@ -192,6 +192,8 @@ def test_stage_runs_resumes_exports_and_samples(tmp_path, fresh_database_dsn):
     batch = train(tmp_path, fresh_database_dsn, steps=10, interval=3, extra=[*kernels, "data.global_batch_size=2"], check=False)
     assert batch.returncode == 1 and "Traceback" not in batch.stderr, batch.stderr[-2000:]
     assert "saved with data.global_batch_size=4 and this start has 2" in batch.stderr
+    assert "does not read" not in batch.stderr  # the checkpoint is fine: the setting is refused,
+    assert "data.global_batch_size=4" in (run_dir / "user_error.txt").read_text()  # and not retried
     data = train(tmp_path, fresh_database_dsn, steps=10, interval=3, extra=[*kernels, "data.num_samples=40"], check=False)
     assert data.returncode == 1 and "data.num_samples 48 pinned, 40 now" in data.stderr, data.stderr[-2000:]
 

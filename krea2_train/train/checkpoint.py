@@ -66,7 +66,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from krea2_train.errors import Krea2Error, MissingPathError
+from krea2_train.errors import Krea2Error, MissingPathError, is_lasting_error
 from krea2_train.files import file_sha256, fsync_path, write_text
 from krea2_train.parallel.compat import world_collective_timeout
 from krea2_train.train.runlog import RUNLOG_NAME
@@ -115,6 +115,13 @@ class CheckpointLoadError(Krea2Error, RuntimeError):
     state that no longer fits); an older checkpoint would fail alike, so nothing falls back."""
 
     retryable = True
+
+
+class CheckpointSettingsError(CheckpointLoadError):
+    """A committed checkpoint whose state refuses this start's settings (its loader state was saved
+    with another batch size): every restart would meet it, so it is recorded and not retried."""
+
+    retryable = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -920,10 +927,15 @@ class CheckpointManager:
         return None
 
     def _agree(self, problem: tuple[str, str] | None) -> None:
-        """Raise on every rank what any rank found: a mismatch before an unreadable file before
-        another error (``problem`` is ``(kind, message)`` or None)."""
+        """Raise on every rank what any rank found: a mismatch before a refused setting before an
+        unreadable file before another error (``problem`` is ``(kind, message)`` or None)."""
         found = [found for found in self._all_gather(problem) if found is not None]
-        for kind, error_class in (("mismatch", CheckpointMismatchError), ("unreadable", CheckpointUnreadableError), ("other", CheckpointLoadError)):
+        for kind, error_class in (
+            ("mismatch", CheckpointMismatchError),
+            ("settings", CheckpointSettingsError),
+            ("unreadable", CheckpointUnreadableError),
+            ("other", CheckpointLoadError),
+        ):
             messages = [message for found_kind, message in found if found_kind == kind]
             if messages:
                 raise error_class("; ".join(dict.fromkeys(messages)))
@@ -935,6 +947,8 @@ class CheckpointManager:
         Raises:
             CheckpointMismatchError: its manifest's step is not its directory's, or its model's
                 weights (names or shapes) are not this model's: a checkpoint copied from another run.
+            CheckpointSettingsError: a state refused this start's settings (the loader's, saved
+                with another batch size), with the state's own message.
             CheckpointUnreadableError: a file of it does not read (corrupt or a storage fault).
             CheckpointLoadError: loading failed otherwise (out of memory, an optimizer that changed).
         """
@@ -967,8 +981,12 @@ class CheckpointManager:
             if same_world:
                 payload = torch.load(rank_state_path(path, self.rank), weights_only=False)
         except (Exception, CheckpointException) as error:
-            kind = "unreadable" if _is_unreadable(error) else "other"
-            problem = (kind, f"{path} does not read: {_describe_failure(error)}")
+            refusals = _lasting_refusals(error)
+            if refusals:
+                problem = ("settings", f"{path}: {'; '.join(dict.fromkeys(refusals))}")
+            else:
+                kind = "unreadable" if _is_unreadable(error) else "other"
+                problem = (kind, f"{path} does not read: {_describe_failure(error)}")
         self._agree(problem)
         if same_world:
             restore_rng_state(payload["rng"])
@@ -1019,6 +1037,13 @@ class CheckpointManager:
                     f"checkpoint {path} holds another model's weights: {described}. It was saved by another model"
                     " configuration (compare the run's model_config.json) or copied from another run; move it out of checkpoints/"
                 )
+
+
+def _lasting_refusals(error: BaseException) -> list[str]:
+    """The messages of the lasting user errors (``errors.is_lasting_error``) a load failed on, on
+    any rank: a state refusing this start's settings, which a restart would meet again."""
+    failures = [failure for failure, _trace in error.failures.values()] if isinstance(error, CheckpointException) else [error]
+    return [str(failure) for failure in failures if is_lasting_error(failure)]
 
 
 def _is_unreadable(error: BaseException) -> bool:
