@@ -53,6 +53,7 @@ def test_overrides_apply():
         (["logging.sample_steps=0"], "num_steps must be at least 1"),
         (["conditioning.text_encoder=/models/qwen3-vl-4b"], "'irepa.encoder': 'tiny' is a random tiny DINOv2"),
         (["parallel.collective_timeout_s=600"], "'resilience.first_step_timeout_s': must be positive and below"),
+        (["resilience.checkpoint_timeout_s=100"], "'resilience.checkpoint_timeout_s': must be at least resilience.hang_timeout_s=300"),
         (["data.buckets=[1x1]"], "'data.buckets': aspect ratio '1x1' is not of the form 'W:H'"),
         (["data.buckets=[]"], "'data.buckets': at least one aspect ratio"),
         (["data.resolution=0"], "'data.resolution': must be a positive multiple of 16"),

@@ -30,6 +30,7 @@ def overrides(root: Path, steps=STEPS, hang_timeout_s=30, extra=()):
         "logging.wandb=disabled", "logging.sample_steps=2", "logging.sample_prompts=[a red circle]",
         "data.num_samples=48", "data.num_workers=0", "data.global_batch_size=4",
         "parallel.collective_timeout_s=120", f"resilience.hang_timeout_s={hang_timeout_s}", "resilience.first_step_timeout_s=100",
+        f"resilience.checkpoint_timeout_s={hang_timeout_s}",
         "resilience.poll_interval_s=0.5", "resilience.heartbeat_stale_s=3",
         *extra,
     ]  # fmt: skip

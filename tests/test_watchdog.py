@@ -48,6 +48,13 @@ def test_no_progress_and_slow_step_rules(tmp_path):
         watchdog._progress_mono = 0.0
         assert watchdog.check(5.0) is None
         assert watchdog.check(10.5)[0] == "hang"
+    with watchdog.slow_section(limit_s=60.0):  # a checkpoint: its own, longer no-progress limit
+        watchdog._progress_mono = 0.0
+        assert watchdog.check(59.0) is None
+        cause, detail = watchdog.check(61.0)
+        assert cause == "hang" and "limit 60 s" in detail
+    watchdog._progress_mono = 0.0
+    assert watchdog.check(10.5)[0] == "hang"  # left: the step's limit again
 
 
 def test_beat_times_steps_but_not_slow_sections(tmp_path):

@@ -249,6 +249,12 @@ def validate(config: RunConfig) -> None:
         f"must be positive and below parallel.collective_timeout_s={config.parallel.collective_timeout_s} "
         "(the first step's collectives wait for the slowest rank's compile and warm-up)",
     )
+    _require(
+        resilience.hang_timeout_s <= resilience.checkpoint_timeout_s < config.parallel.collective_timeout_s,
+        "resilience.checkpoint_timeout_s",
+        f"must be at least resilience.hang_timeout_s={resilience.hang_timeout_s:g} and below "
+        f"parallel.collective_timeout_s={config.parallel.collective_timeout_s} (ranks wait for each other's writes)",
+    )
     _require(resilience.slow_step_factor > 1, "resilience.slow_step_factor", "must be above 1")
     _require(0 < resilience.poll_interval_s < resilience.heartbeat_stale_s, "resilience.poll_interval_s",
              "must be positive and below resilience.heartbeat_stale_s")

@@ -223,6 +223,9 @@ class ResilienceConfig:
     # watchdog (stacks dumped, failure recorded) acts before the collective times out.
     hang_timeout_s: float = 300.0
     first_step_timeout_s: float = 900.0  # the same for the first step of a start (compile, warm-up)
+    # the same while a checkpoint is saved, waited for or rolled back to between steps (a large
+    # model's save may outlast hang_timeout_s); at least hang_timeout_s, below the collective timeout
+    checkpoint_timeout_s: float = 900.0
     slow_step_factor: float = 10.0  # k: a step running k x the recent median step time is a hang ...
     slow_step_min_s: float = 60.0  # ... once it has also run this long
     poll_interval_s: float = 1.0  # the watchdog thread's period; it also writes this rank's heartbeat

@@ -333,8 +333,9 @@ class Supervision:
                 logger.info("first step of start %d%s", self.incarnation,
                             "" if recovery is None else f": {recovery:.1f} s after the failure")  # fmt: skip
 
-    def slow_section(self):
-        return self.watchdog.slow_section() if self.watchdog is not None else nullcontext()
+    def slow_section(self, limit_s: float | None = None):
+        """See Watchdog.slow_section (a no-op without a watchdog)."""
+        return self.watchdog.slow_section(limit_s) if self.watchdog is not None else nullcontext()
 
     def stopped(self, step: int, reason: str) -> None:
         if self.run_log.rank == 0:

@@ -759,8 +759,9 @@ class Trainer:
             self.supervision.step_done(step, batch)
             self.faults.after_step(step)
             # a rollback, a save that blocks (sync mode, or the previous write still going) and the
-            # exit's wait are not a slow next step for the watchdog (its no-progress rule still holds)
-            with self.supervision.slow_section():
+            # exit's wait are not a slow next step for the watchdog; its no-progress rule still
+            # holds, at resilience.checkpoint_timeout_s (a large model's save outlasts a step's limit)
+            with self.supervision.slow_section(config.resilience.checkpoint_timeout_s):
                 if self.train_state.consecutive_skips >= config.optim.max_consecutive_skips:
                     self.rollback()
                 # no periodic checkpoint inside a streak of skipped steps: rollback must reach a
@@ -779,7 +780,7 @@ class Trainer:
             if config.logging.sample_interval and step % config.logging.sample_interval == 0 and step < total:
                 with self.supervision.slow_section():
                     self.write_samples(step)
-        with self.supervision.slow_section():
+        with self.supervision.slow_section(config.resilience.checkpoint_timeout_s):
             self.checkpointer.wait()
             if steps_this_start:  # a start that trained nothing has nothing new to show
                 self.write_samples(self.train_state.step)

@@ -190,6 +190,7 @@ class Watchdog:
         self._progress_wall = time.time()
         self._durations: deque[float] = deque(maxlen=50)
         self._slow_section = 0
+        self._section_limits: list[float] = []  # the no-progress limits of the sections entered
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started_wall = time.time()
@@ -216,16 +217,21 @@ class Watchdog:
         self._progress_mono, self._progress_wall = now, time.time()
 
     @contextmanager
-    def slow_section(self) -> Iterator[None]:
-        """Work between steps that may take long (sample grids, the final checkpoint wait).
+    def slow_section(self, limit_s: float | None = None) -> Iterator[None]:
+        """Work between steps that may take long (sample grids, checkpoint saves and waits).
 
-        The slow-step rule is off inside; the no-progress rule still applies. Leaving the section
-        counts as progress (the next step is timed from there).
+        The slow-step rule is off inside; the no-progress rule still applies, with ``limit_s``
+        instead of ``hang_timeout_s`` when given and longer (a large model's checkpoint). Leaving
+        the section counts as progress (the next step is timed from there).
         """
         self._slow_section += 1
+        if limit_s is not None:
+            self._section_limits.append(limit_s)
         try:
             yield
         finally:
+            if limit_s is not None:
+                self._section_limits.remove(limit_s)
             self._slow_section -= 1
             self._progress_mono, self._progress_wall = time.monotonic(), time.time()
 
@@ -263,6 +269,8 @@ class Watchdog:
         if peer:
             return "peer_hang", f"another rank detected a hang ({marker.read_text().strip()}); dumping this rank's stacks"
         limit = self.hang_timeout_s if self.steps_done else self.first_step_timeout_s
+        if self._section_limits:
+            limit = max(limit, *self._section_limits)
         if elapsed > limit:
             which = "step" if self.steps_done else "first step"
             return "hang", f"no {which} finished for {elapsed:.1f} s (limit {limit:g} s) after step {self.step}"
