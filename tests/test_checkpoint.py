@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -289,6 +290,45 @@ def test_a_failed_write_is_reported_and_keeps_the_previous_checkpoint(tmp_path, 
     assert sorted(manager.committed()) == [10, 30]
 
 
+def _fail_with(error: OSError):
+    def failing(*args, **kwargs):
+        raise error
+
+    return failing
+
+
+@pytest.mark.parametrize("async_mode", ["sync", "async"])
+@pytest.mark.parametrize("where", ["directory", "rank state", "manifest"])
+def test_a_disk_full_before_or_after_the_dcp_write_is_a_checkpoint_write_error_that_leaves_nothing(
+    tmp_path, monkeypatch, async_mode, where
+):
+    """Full (or read-only) when the save starts, or when its manifest is written: the same one
+    error as a failed DCP write, naming the directory, which is removed (a whole checkpoint's space,
+    kept for 15 minutes as another start's work). Before, a raw OSError naming no file, or the
+    directory left behind."""
+    state = {"weights": torch.arange(10.0)}
+    manager = CheckpointManager(tmp_path, interval=10, async_mode=async_mode)
+    manager.save(10, state)
+    manager.wait()
+    disk_full = OSError(errno.ENOSPC, "No space left on device")
+    if where == "directory":
+        real_mkdir = Path.mkdir
+        monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: _fail_with(disk_full)() if ".tmp-" in self.name else real_mkdir(self, *a, **k))
+    elif where == "rank state":
+        monkeypatch.setattr(ckpt.torch, "save", _fail_with(disk_full))
+    else:
+        monkeypatch.setattr(ckpt.json, "dump", _fail_with(disk_full))
+    tmp_dir = tmp_path / "checkpoints" / ckpt.tmp_dir_name(20, manager._token)
+    with pytest.raises(CheckpointWriteError, match=f"checkpoint step 20 could not be written to {re.escape(str(tmp_dir))}: .*No space left"):
+        manager.save(20, state)
+        manager.wait()
+    assert manager.latest_step() == 10 and not tmp_dir.exists()
+    monkeypatch.undo()
+    manager.save(30, state)
+    manager.wait()
+    assert sorted(manager.committed()) == [10, 30]
+
+
 # ----------------------------------------------------------------------------------------------
 # Crashes, retention, verification
 # ----------------------------------------------------------------------------------------------
@@ -543,10 +583,13 @@ def test_a_checkpoint_that_does_not_read_falls_back_to_the_one_before(tmp_path, 
         del manifest["sha256"]  # as written before digests were recorded: the read itself must fail
         (directory / "manifest.json").write_text(json.dumps(manifest))
     state = {"weights": torch.zeros(4)}
-    loaded = manager.load(state)
-    assert loaded.step == 10 and torch.equal(state["weights"], torch.full((4,), 10.0))
     with pytest.raises(ckpt.CheckpointVerificationError, match="step-00000030 does not (read|load)"):
         manager.load(state, step=30)  # a step asked for does not fall back
+    loaded = manager.load(state)
+    assert loaded.step == 10 and torch.equal(state["weights"], torch.full((4,), 10.0))
+    assert sorted(manager.committed()) == [10]  # the two that do not read are set aside, bytes kept
+    assert sorted(p.name[:len("unreadable-step-00000020")] for p in (tmp_path / "checkpoints").glob("unreadable-*")) == [
+        "unreadable-step-00000020", "unreadable-step-00000030"]
 
 
 def test_a_checkpoint_of_another_model_or_step_is_refused(tmp_path):
@@ -609,9 +652,17 @@ def test_a_checkpoint_whose_bytes_changed_falls_back_to_the_one_before(tmp_path)
     flipped[len(flipped) // 2] ^= 0x40
     data_file.write_bytes(bytes(flipped))
     state = {"weights": torch.zeros(64)}
-    assert manager.load(state).step == 10 and torch.equal(state["weights"], torch.full((64,), 10.0))
     with pytest.raises(ckpt.CheckpointUnreadableError, match="__0_0.distcp changed since they were written \\(SHA-256 mismatch\\)"):
         manager.load(state, step=20)
+    assert manager.load(state).step == 10 and torch.equal(state["weights"], torch.full((64,), 10.0))
+    # set aside: the run saves step 20 again when it gets there (it skipped a step "already
+    # committed" and ended on the unreadable one), and retention does not count it
+    manager.keep_last = 2
+    assert manager.save(20, {"weights": torch.full((64,), 21.0)})
+    manager.save(30, {"weights": torch.full((64,), 30.0)})
+    assert sorted(manager.committed()) == [20, 30] and manager.load(state, step=20).step == 20
+    assert torch.equal(state["weights"], torch.full((64,), 21.0))
+    assert len(list((tmp_path / "checkpoints").glob("unreadable-step-00000020-*/__0_0.distcp"))) == 1
 
 
 def test_a_state_that_no_longer_fits_stops_the_start_without_falling_back(tmp_path, caplog):

@@ -44,7 +44,7 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -248,6 +248,12 @@ def step_dir_name(step: int) -> str:
 def tmp_dir_name(step: int, token: str) -> str:
     """The directory a start (``token``) writes ``step`` into before committing it."""
     return f"{step_dir_name(step)}{TMP_SUFFIX}-{token}"
+
+
+def set_aside_dir_name(step: int) -> str:
+    """Where a committed checkpoint that failed to load is moved (see CheckpointManager.load): a
+    name no step or unfinished-checkpoint pattern matches, so nothing loads, counts or removes it."""
+    return f"unreadable-{step_dir_name(step)}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
 
 
 def is_tmp_dir_name(name: str) -> bool:
@@ -677,12 +683,8 @@ class CheckpointManager:
             logger.info("checkpoint step %d is already committed; not saving it again", step)
             return False
         tmp_dir = self.checkpoints_dir / tmp_dir_name(step, self._token)
-        if self.rank == 0:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            tmp_dir.mkdir(parents=True)
-        self._barrier()
         started = time.perf_counter()
-        self._write_rank_state(tmp_dir, rank_local or {})
+        self._prepare(step, tmp_dir, rank_local or {})
         state = dict(stateful)
         if self.async_mode == "async":
             write = dcp.async_save(
@@ -707,6 +709,31 @@ class CheckpointManager:
         if self.async_mode == "sync":
             self.wait()
         return True
+
+    def _prepare(self, step: int, tmp_dir: Path, rank_local: Mapping[str, Stateful]) -> None:
+        """Make ``tmp_dir`` (rank 0) and write each rank's own state into it (collective): a disk
+        that is full or read-only before the DCP write is a CheckpointWriteError on every rank
+        alike, its directory removed, where one rank's OSError left the others in a collective."""
+
+        def attempt(write: Callable[[], None]) -> str | None:
+            try:
+                write()
+            except OSError as error:
+                return f"{type(error).__name__}: {error}{_disk_full_note(tmp_dir)}"
+            return None
+
+        def make_dir() -> None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            tmp_dir.mkdir(parents=True)
+
+        problem = self._broadcast_from_rank0(attempt(make_dir) if self.rank == 0 else None)
+        if problem is None:
+            problems = self._all_gather(attempt(lambda: self._write_rank_state(tmp_dir, rank_local)))
+            problem = next((found for found in problems if found is not None), None)
+        if problem is not None:
+            if self.rank == 0:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise CheckpointWriteError(f"checkpoint step {step} could not be written to {tmp_dir}: {problem}")
 
     def _write_rank_state(self, tmp_dir: Path, rank_local: Mapping[str, Stateful]) -> None:
         path = rank_state_path(tmp_dir, self.rank)
@@ -749,7 +776,8 @@ class CheckpointManager:
                 try:
                     self._commit(step, tmp_dir, blocked_s=blocked_s, write_s=write_s, model_prefixes=model_prefixes, digests=digests)
                 except Exception as error:  # every rank must reach the broadcast below
-                    outcome = _describe_failure(error)
+                    outcome = _describe_failure(error) + _disk_full_note(tmp_dir)
+                    shutil.rmtree(tmp_dir, ignore_errors=True)  # not renamed: a whole checkpoint's space
                 else:
                     self._prune()
         outcome = self._broadcast_from_rank0(outcome)
@@ -924,7 +952,21 @@ class CheckpointManager:
                 if index + 1 == len(candidates):
                     raise
                 logger.warning("checkpoint step %d cannot be loaded, falling back to step %d: %s", candidate, candidates[index + 1], error)
+                if self.rank == 0:
+                    self._set_aside(candidate, committed[candidate])
         return None
+
+    def _set_aside(self, step: int, path: Path) -> None:
+        """Move a committed checkpoint that failed to load out of the run's steps (its bytes kept
+        for inspection): the run saves that step again when it gets there, where it skipped a
+        step already committed and ended on the unreadable one; retention no longer counts it."""
+        aside = path.with_name(set_aside_dir_name(step))
+        try:
+            os.rename(path, aside)
+        except OSError as error:
+            logger.warning("could not move the unreadable checkpoint %s aside: %s", path, error)
+        else:
+            logger.warning("moved the unreadable checkpoint step %d to %s (inspect it, then delete it)", step, aside)
 
     def _agree(self, problem: tuple[str, str] | None) -> None:
         """Raise on every rank what any rank found: a mismatch before a refused setting before an

@@ -8,7 +8,7 @@
 # again, up to KREA2_MAX_RESTARTS times (default 3); the trainer resumes from the run's newest
 # checkpoint by itself. Exit status: 0 when training finished, otherwise torchrun's. A SIGTERM
 # to this script reaches torchrun, which forwards it to the trainers (they checkpoint and leave
-# within torchrun's 30 s) and then exits non-zero; the checkpoint is committed all the same.
+# within torchrun's shutdown timeout, 120 s from launch/env.sh) and then exits non-zero; the checkpoint is committed all the same.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
