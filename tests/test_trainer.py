@@ -112,6 +112,42 @@ def test_each_network_is_clipped_on_its_own():
     assert joint.student.weight.grad.norm().item() == pytest.approx(0.5 / math.sqrt(0.5**2 + 10**2), rel=1e-5)
 
 
+def test_the_error_that_stopped_training_is_the_one_raised_and_every_part_closes(monkeypatch, caplog):
+    """A save in flight that fails while the trainer closes after another error (its wait raises)
+    is logged, not raised in its place; and the loader still closes after the checkpointer raised."""
+    from krea2_train.train import trainer as trainer_module
+    from krea2_train.train.checkpoint import CheckpointWriteError
+
+    closed = []
+
+    class Part:
+        def __init__(self, name, error=None):
+            self.name, self.error = name, error
+
+        def close(self):
+            closed.append(self.name)
+            if self.error is not None:
+                raise self.error
+
+    class Failing(trainer_module.Trainer):
+        def __init__(self, config):
+            self.supervision, self.train_state = None, trainer_module.TrainState()
+            self.checkpointer = Part("checkpointer", CheckpointWriteError("checkpoint step 4 could not be written"))
+            self.metrics, self.loader = Part("metrics"), Part("loader")
+
+        def _restore_signal_handlers(self):
+            pass
+
+        def train(self):
+            raise FloatingPointError("the loss is NaN")
+
+    monkeypatch.setattr(trainer_module, "Trainer", Failing)
+    with pytest.raises(FloatingPointError, match="the loss is NaN"):
+        trainer_module.run(None)
+    assert closed == ["checkpointer", "metrics", "loader"]
+    assert "while stopping after FloatingPointError: CheckpointWriteError: checkpoint step 4" in caplog.text
+
+
 def test_bad_stage_settings_refuse_before_heavy_work(tmp_path):
     from krea2_train.__main__ import main
     from krea2_train.train.trainer import Trainer

@@ -28,6 +28,7 @@ import signal
 import time
 import warnings
 from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -867,13 +868,16 @@ class Trainer:
         return verdict
 
     def close(self) -> None:
+        """Stop supervision, finish the save in flight, close the metrics and the loader: each
+        even when one before it raises (a failed save must not leave the loader's workers)."""
         self._restore_signal_handlers()
-        if self.supervision is not None:
-            self.supervision.close()
-        self.checkpointer.close()
-        self.metrics.close()
-        if hasattr(self.loader, "close"):
-            self.loader.close()
+        with ExitStack() as closing:  # callbacks run last-registered first
+            if hasattr(self.loader, "close"):
+                closing.callback(self.loader.close)
+            closing.callback(self.metrics.close)
+            closing.callback(self.checkpointer.close)
+            if self.supervision is not None:
+                closing.callback(self.supervision.close)
 
 
 @dataclass(frozen=True)
@@ -897,11 +901,16 @@ def run(config: RunConfig) -> RunResult:
     trainer = Trainer(config)
     try:
         ending = trainer.train()
-        return RunResult(trainer.run_dir, trainer.train_state.step, config.stage.steps, ending)
     except BaseException as error:
         if trainer.supervision is not None:
             trainer.supervision.failed(trainer.train_state.step, error)
+        try:
+            trainer.close()
+        except Exception as close_error:  # the error that stopped training is the one to report
+            logger.error("while stopping after %s: %s: %s", type(error).__name__, type(close_error).__name__, close_error)
         raise
-    finally:
+    else:
         trainer.close()
+        return RunResult(trainer.run_dir, trainer.train_state.step, config.stage.steps, ending)
+    finally:
         destroy_distributed()
