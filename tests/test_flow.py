@@ -10,7 +10,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline, Krea2Transformer2DModel
 from diffusers.pipelines.krea2.pipeline_krea2 import calculate_shift, retrieve_timesteps
 
-from krea2_train.flow.sampler import SAMPLER_PRESETS, guided_velocity, resolve_sampler_settings, sample
+from krea2_train.flow.sampler import SAMPLER_PRESETS, guided_velocity, pad_text, resolve_sampler_settings, sample
 from krea2_train.flow.timesteps import (
     TimestepSampling,
     flow_matching_loss,
@@ -141,12 +141,6 @@ def test_presets_reject_bad_input():
 
 
 # ---------------------------------------------------------------- Euler sampler vs Krea2Pipeline
-
-
-def pad_text(states: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    extra = length - states.shape[1]
-    padded_states = torch.cat([states, states.new_zeros(states.shape[0], extra, *states.shape[2:])], dim=1)
-    return padded_states, torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1)
 
 
 def run_pipeline(transformer, noise, states, mask, negative, *, num_steps, guidance_scale, distilled):

@@ -291,6 +291,30 @@ def test_stage_starts_at_ln2_against_its_reference_and_moves_off_it(tmp_path, co
         assert flipped["loser_gap"].item() == pytest.approx(moved["winner_gap"].item(), rel=1e-5)
 
 
+def test_guided_policy_losers_run_the_same_forwards_whatever_the_captions_length(tmp_path):
+    """With CFG losers, a micro-batch whose captions pad longer than the empty prompt ran its two
+    passes one after the other, where a shorter one ran them as one forward: on two ranks with
+    different captions, FSDP's collectives no longer paired up (gloo: a size mismatch; NCCL: a
+    hang). Both texts are now padded to one length: one forward of 2B per sampler step, always."""
+    from krea2_train.conditioning.conditioner import build_conditioner
+    from krea2_train.conditioning.tiny import build_tiny_text_encoder
+
+    conditioner = build_conditioner("pixel", build_tiny_text_encoder(tmp_path / "text_encoder", seed=0), max_text_tokens=128)
+    stage = build_stage(stpo_config(tmp_path, "stpo.loser=policy", "stpo.loser_steps=2", "stpo.loser_guidance=2.0"))
+    policy = randomise_(build_model("tiny", num_layers=2), seed=3, scale=0.05)
+    forwards = []
+    policy.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(tuple(kwargs["encoder_hidden_states"].shape[:2])), with_kwargs=True)
+    images = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ctx = StepContext(model=policy, conditioner=conditioner, device=torch.device("cpu"), seed=0, step=0, first_slot=0, frozen={})
+    for captions in (["a red circle", "two blue squares"], ["a red circle beside " * 20, "two blue squares"]):
+        forwards.clear()
+        text_states, text_mask = conditioner.encode_text(captions)
+        winners, grid = conditioner.encode_images(images)
+        stage.loser_tokens(ctx, {"images": images}, images, winners, grid, text_states, text_mask)
+        assert [batch for batch, _ in forwards] == [4, 4]  # one forward of both passes per step
+        assert {length for _, length in forwards} == {text_states.shape[1]}
+
+
 def test_artifacts_are_high_frequency_bounded_and_keyed():
     strength = 0.25
     images = torch.zeros(2, 3, 32, 32)  # zero images: the output is the artifact itself

@@ -471,8 +471,8 @@ def test_padding_the_text_leaves_the_dits_velocity_unchanged():
     """The empty prompt is padded to the prompts' length so the teacher's CFG passes share a forward."""
     from helpers import random_tiny_model
 
+    from krea2_train.flow.sampler import pad_text
     from krea2_train.model.patchify import position_ids
-    from krea2_train.stages.tdm import pad_text
 
     model = random_tiny_model(seed=4)
     generator = torch.Generator().manual_seed(0)

@@ -135,6 +135,33 @@ def _velocity(
     )
 
 
+def pad_text(states: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad text states ``[B, L, K, T]`` and mask ``[B, L]`` with masked zero tokens to ``length``.
+
+    Text tokens all sit at rotary position 0 and masked tokens are ignored, so the DiT's output does
+    not change (``states`` is returned as it is when it is long enough).
+    """
+    missing = length - states.shape[1]
+    if missing <= 0:
+        return states, mask
+    states = torch.cat([states, states.new_zeros(states.shape[0], missing, *states.shape[2:])], dim=1)
+    return states, torch.cat([mask.bool(), mask.new_zeros(mask.shape[0], missing, dtype=torch.bool)], dim=1)
+
+
+def texts_at_one_length(
+    text: tuple[torch.Tensor, torch.Tensor], negative: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The conditional and negative texts (each ``(states [B, L, K, T], mask [B, L])``) padded to
+    one length, so :func:`guided_velocity` runs their CFG passes as one forward.
+
+    Training must: text is padded per micro-batch, so a rank whose captions are longer than the
+    empty prompt would otherwise run two forwards per step where another runs one, and FSDP's
+    collectives would no longer pair up across ranks (a hang, or gathers of the wrong blocks).
+    """
+    length = max(text[0].shape[1], negative[0].shape[1])
+    return pad_text(*text, length), pad_text(*negative, length)
+
+
 def guided_velocity(
     model: VelocityModel,
     latents: torch.Tensor,

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from krea2_train.config.schema import RunConfig
-from krea2_train.flow.sampler import resolve_sampler_settings, sample
+from krea2_train.flow.sampler import resolve_sampler_settings, sample, texts_at_one_length
 from krea2_train.flow.timesteps import interpolate, velocity_target
 from krea2_train.model.patchify import position_ids
 from krea2_train.stages.base import StageConfigError, StepContext, frozen_copy_of_initial, refuse_float8_against_a_reference
@@ -230,7 +230,9 @@ class PreferenceStage(FlowMatchingStage):
             return ctx.conditioner.encode_images(add_artifacts(images, self.artifact_strength, generators))[0]
         noise = torch.stack([torch.randn(winners.shape[1:], generator=ctx.generator(LOSER_NOISE, slot)) for slot in ctx.slots(winners.shape[0])])
         settings = resolve_sampler_settings("raw", grid.num_tokens, num_steps=self.loser_steps, guidance_scale=self.loser_guidance)
-        negative = ctx.conditioner.encode_text([""]) if settings.guidance_scale > 0 else (None, None)
+        negative = (None, None)
+        if settings.guidance_scale > 0:  # both texts at one length: the same forwards on every rank
+            (text_states, text_mask), negative = texts_at_one_length((text_states, text_mask), ctx.conditioner.encode_text([""]))
         was_training = ctx.model.training
         ctx.model.eval()
         with torch.no_grad():

@@ -65,7 +65,7 @@ import torch
 
 from krea2_train.config.schema import RunConfig, TdmConfig
 from krea2_train.devices import to_device
-from krea2_train.flow.sampler import SamplerSettings, guided_velocity
+from krea2_train.flow.sampler import SamplerSettings, guided_velocity, texts_at_one_length
 from krea2_train.flow.timesteps import broadcast_times, inference_sigmas, interpolate
 from krea2_train.model.dit import AUXILIARY_PREFIX
 from krea2_train.stages.base import StageConfigError, StepContext, frozen_copy_of_initial
@@ -364,20 +364,6 @@ def check_tdm_config(config: RunConfig) -> None:
             raise StageConfigError(f"{key}={getattr(tdm, key.split('.')[1])} {requirement}")
 
 
-def pad_text(states: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad text states ``[B, L, K, T]`` and mask ``[B, L]`` with masked zero tokens to ``length``.
-
-    Text tokens all sit at rotary position 0 and masked tokens are ignored, so the DiT's output does
-    not change; with the conditional and empty prompts at one length the teacher's two CFG passes
-    always share one forward, the same collectives on every rank whatever its prompts.
-    """
-    missing = length - states.shape[1]
-    if missing <= 0:
-        return states, mask
-    states = torch.cat([states, states.new_zeros(states.shape[0], missing, *states.shape[2:])], dim=1)
-    return states, torch.cat([mask.bool(), mask.new_zeros(mask.shape[0], missing, dtype=torch.bool)], dim=1)
-
-
 @dataclass
 class TdmInputs:
     """One micro-batch's networks (as velocity functions on its conditioning) and step inputs:
@@ -474,9 +460,9 @@ class TdmStage:
         channels = ctx.conditioner.autoencoder.latent_channels * ctx.conditioner.patch_size**2
         text_states, text_mask = ctx.conditioner.encode_text(captions)
         empty_states, empty_mask = ctx.conditioner.encode_text([""])
-        length = max(text_states.shape[1], empty_states.shape[1])
-        text_states, text_mask = pad_text(text_states, text_mask, length)
-        empty_states, empty_mask = pad_text(empty_states, empty_mask, length)
+        (text_states, text_mask), (empty_states, empty_mask) = texts_at_one_length(
+            (text_states, text_mask), (empty_states, empty_mask)
+        )
         text_states, text_mask = text_states.to(ctx.device, ctx.dtype), text_mask.to(ctx.device)
         empty_states, empty_mask = empty_states.to(ctx.device, ctx.dtype), empty_mask.to(ctx.device)
 
