@@ -23,6 +23,30 @@ def test_lora_stage_requires_init_from_and_refuses_tensor_parallelism_and_float8
         build_stage(load_config("stage/lora", ["stage.init_from=x.safetensors", "float8.enabled=true"]))
 
 
+@pytest.mark.parametrize("base_dtype", ["bf16", "float8"])
+def test_a_base_held_below_the_compute_dtype_trains_on_one_rank(base_dtype):
+    """In fp32 compute on one rank nothing casts a stored bf16 weight (FSDP's all-gather does on more
+    ranks): the layers LoRA does not wrap stay fp32 there, the wrapped ones are held in the base
+    dtype, and the forward runs. Before, the first forward failed (Float and BFloat16)."""
+    from helpers import random_tiny_model
+
+    from krea2_train.model.patchify import position_ids
+
+    stage = build_stage(load_config("stage/lora", ["stage.init_from=x.safetensors", f"lora.base_dtype={base_dtype}",
+                                                   "parallel.mixed_precision=fp32"]))
+    model = stage.prepare_model(random_tiny_model(seed=1))
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    wrapped = torch.float8_e4m3fn if base_dtype == "float8" else torch.bfloat16
+    assert dtypes["transformer_blocks.0.attn.to_q.weight"] == wrapped
+    assert dtypes["time_embed.linear_1.weight"] == torch.float32
+    generator = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 16, 64, generator=generator), torch.tensor([0.3, 0.8])
+    states, mask = torch.randn(2, 5, 4, 64, generator=generator), torch.ones(2, 5, dtype=torch.bool)
+    out = model(x, states, t, position_ids(5, 4, 4), mask)
+    out.square().mean().backward()
+    assert out.dtype == torch.float32 and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_lora_stage_trains_exports_and_applies(tmp_path, fresh_database_dsn):

@@ -229,17 +229,21 @@ def freeze_base(model: nn.Module) -> None:
         param.requires_grad_(bool(LORA_KEY.match(name)))
 
 
-def cast_base(model: nn.Module, base_dtype: str) -> None:
+def cast_base(model: nn.Module, base_dtype: str, *, unwrapped_dtype: str | None = None) -> None:
     """Hold the frozen parameters in ``base_dtype`` ("fp32", "bf16", "float8"); LoRA stays fp32.
 
-    float8 applies to the LoRA-wrapped weights; the other frozen parameters go to bf16.
+    float8 applies to the LoRA-wrapped weights; the other frozen parameters go to bf16, or to
+    ``unwrapped_dtype`` when given: a LoRA layer casts its base weight to its input's dtype, a
+    plain layer computes with its weight as stored (see LoRAStage.prepare_model).
     """
-    if base_dtype not in BASE_DTYPES:
-        raise LoRAError(f"LoRA base dtype {base_dtype!r}; accepted: {', '.join(BASE_DTYPES)}")
-    plain = torch.bfloat16 if base_dtype == "float8" else BASE_DTYPES[base_dtype]
+    if base_dtype not in BASE_DTYPES or unwrapped_dtype not in (None, "fp32", "bf16"):
+        raise LoRAError(f"LoRA base dtype {base_dtype!r} (unwrapped {unwrapped_dtype!r}); accepted: {', '.join(BASE_DTYPES)}")
+    wrapped = {f"{name}.{key}" for name in lora_modules(model) for key in ("weight", "bias")}
+    wrapped_dtype = torch.bfloat16 if base_dtype == "float8" else BASE_DTYPES[base_dtype]
+    plain = BASE_DTYPES[unwrapped_dtype] if unwrapped_dtype is not None else wrapped_dtype
     for name, param in model.named_parameters():
         if not LORA_KEY.match(name) and param.dtype.is_floating_point:
-            param.data = param.data.to(plain)
+            param.data = param.data.to(wrapped_dtype if name in wrapped else plain)
     if base_dtype == "float8":
         for module in model.modules():
             if isinstance(module, LoRALinear):

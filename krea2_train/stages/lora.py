@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
 
 from krea2_train.config.schema import RunConfig
 from krea2_train.model.lora import LoRASpec, cast_base, freeze_base, inject_lora, load_pairs_into_model
@@ -26,14 +27,17 @@ class LoRAStageError(StageConfigError):
     """A lora-stage configuration that cannot train."""
 
 
-def resolve_base_dtype(config: RunConfig) -> str:
-    """``lora.base_dtype``, with "auto" meaning the run's compute precision (bf16 on GPU, fp32 on CPU)."""
-    if config.lora.base_dtype != "auto":
-        return config.lora.base_dtype
+def compute_precision(config: RunConfig) -> str:
+    """``parallel.mixed_precision``, with "auto" resolved: bf16 on GPU, fp32 on CPU."""
     mode = config.parallel.mixed_precision
     if mode == "auto":
         mode = "bf16" if torch.cuda.is_available() else "fp32"
     return mode
+
+
+def resolve_base_dtype(config: RunConfig) -> str:
+    """``lora.base_dtype``, with "auto" meaning the run's compute precision."""
+    return compute_precision(config) if config.lora.base_dtype == "auto" else config.lora.base_dtype
 
 
 class LoRAStage(FlowMatchingStage):
@@ -54,13 +58,19 @@ class LoRAStage(FlowMatchingStage):
         lora = config.lora
         self.spec = LoRASpec(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=tuple(lora.targets))
         self.base_dtype = resolve_base_dtype(config)
+        self.compute_precision = compute_precision(config)
         self.init_lora = lora.init_lora
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Freeze the loaded base, hold it in the base dtype, inject LoRA (B = 0: output unchanged)."""
         names = inject_lora(model, self.spec)
         freeze_base(model)
-        cast_base(model, self.base_dtype)
+        # a layer LoRA does not wrap computes with its weight as stored: in fp32 compute on one rank
+        # nothing casts a bf16 weight (FSDP's all-gather does on more ranks, autocast in bf16), so
+        # there those weights stay fp32 and only the wrapped ones are held in the base dtype
+        alone = not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+        unwrapped = "fp32" if alone and self.compute_precision == "fp32" else None
+        cast_base(model, self.base_dtype, unwrapped_dtype=unwrapped)
         if self.init_lora is not None:
             from krea2_train.model.lora_formats import read_lora
 
