@@ -5,7 +5,9 @@ belongs to the trainer in ``krea2_train.train``.
 
 Randomness in a loss (noise, timesteps, caption dropout) is keyed by (seed, step, slot), where
 ``slot`` is the sample's position in the global batch, never drawn from a stateful generator: a
-resumed run, or one resumed on another world size, draws exactly the same numbers.
+resumed run, or one resumed on another world size, draws exactly the same numbers. Dropout inside
+the model (``lora.dropout``) is the exception: its masks come from the global generators, seeded
+per rank, so they repeat on a resume at the same world size but not on another.
 """
 
 from __future__ import annotations
