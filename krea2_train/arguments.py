@@ -7,6 +7,12 @@ from __future__ import annotations
 import argparse
 
 
+def help_text(docstring: str) -> str:
+    """A module docstring as a parser's description: reStructuredText's ``literal`` marks dropped
+    (argparse prints text as it is)."""
+    return docstring.replace("``", "")
+
+
 def _number(kind: type, text: str, ok, wanted: str):
     try:
         value = kind(text)

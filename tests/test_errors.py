@@ -188,6 +188,8 @@ def test_the_command_list_says_of_each_command_what_its_own_parser_says():
         subparsers = next(action for action in build_parser(name)._actions if action.dest == "command")
         registered = {choice.dest: choice.help for choice in subparsers._choices_actions}
         assert registered[name] == COMMAND_HELP[name], name
+        command = subparsers.choices[name]  # and its own --help reads as plain text
+        assert "``" not in (command.description or ""), name
 
 
 def test_sampling_weights_outside_a_run_names_every_missing_conditioning_option(tmp_path):

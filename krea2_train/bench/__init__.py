@@ -16,6 +16,7 @@ import sys
 import traceback
 from types import ModuleType
 
+from krea2_train.arguments import help_text
 from krea2_train.errors import ArgumentParser
 
 # subcommand -> benchmark modules it runs
@@ -67,7 +68,7 @@ def format_table(rows: list[dict]) -> str:
 def module_main(module_name: str, argv: list[str] | None = None) -> int:
     """``python -m krea2_train.bench.MODULE [options]``: one benchmark module alone, as a table."""
     module = importlib.import_module(module_name)
-    parser = ArgumentParser(prog=f"python -m {module_name}", description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=f"python -m {module_name}", description=help_text(module.__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
     print(format_table(module.run(parser.parse_args(argv))))
     return 0

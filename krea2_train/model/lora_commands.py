@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from krea2_train.arguments import image_resolution, non_negative_int, positive_int, torch_device
+from krea2_train.arguments import help_text, image_resolution, non_negative_int, positive_int, torch_device
 from krea2_train.model.lora import DEFAULT_TARGETS, LORA_KEY, BASE_DTYPES, LoRAError, LoRAPair, LoRASpec, compile_targets
 from krea2_train.model.flops import image_tokens_at
 from krea2_train.model.lora_formats import LAYOUTS, read_lora, save_lora
@@ -237,7 +237,7 @@ def run_memory(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    lora = subparsers.add_parser("lora", help="export, convert and extract LoRAs; LoRA training memory", description=__doc__,
+    lora = subparsers.add_parser("lora", help="export, convert and extract LoRAs; LoRA training memory", description=help_text(__doc__),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = lora.add_subparsers(dest="lora_command", metavar="COMMAND", required=True)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from krea2_train.arguments import int_in_range, positive_float
+from krea2_train.arguments import help_text, int_in_range, positive_float
 
 # stage -> steps on CPU (the 1024 stage is 4096 tokens per image: few steps)
 DEMO_STAGES = {
@@ -85,7 +85,7 @@ def next_commands(runs_root: Path, stages: list[str]) -> str:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="run the recipe chain on the shapes world on CPU", description=__doc__,
+    parser = subparsers.add_parser("demo", help="run the recipe chain on the shapes world on CPU", description=help_text(__doc__),
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs-root", default="runs/demo", help="where the stages' runs go, one directory each (default runs/demo)")
     parser.add_argument("--stages", type=int_in_range(1, len(DEMO_STAGES)), default=len(DEMO_STAGES), help=f"run only the first N stages (1 to {len(DEMO_STAGES)})")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from krea2_train.arguments import non_negative_float, positive_int, torch_device
+from krea2_train.arguments import help_text, non_negative_float, positive_int, torch_device
 from krea2_train.errors import UsageError
 from krea2_train.flow.sampler import SAMPLER_PRESETS
 from krea2_train.model.lora_formats import parse_lora_argument
@@ -141,7 +141,7 @@ def multiple_of_16(text: str) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("sample", help="generate images from a checkpoint", description=__doc__,
+    parser = subparsers.add_parser("sample", help="generate images from a checkpoint", description=help_text(__doc__),
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run name or dir, checkpoint dir, diffusers dir or safetensors file")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
