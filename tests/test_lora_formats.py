@@ -149,6 +149,25 @@ def test_kohya_style_ai_toolkit_names_and_alpha_tensors(tmp_path):
     torch.testing.assert_close(pair.delta(), up @ down * 0.5)
 
 
+def test_convert_keeps_the_source_files_other_metadata(tmp_path):
+    """kohya's ss_* entries and trigger words survive `krea2 lora convert`; the layout's own entries
+    are the new layout's (before: all of the source's metadata was dropped)."""
+    from krea2_train.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    source = write_safetensors(tmp_path / "kohya.safetensors", {
+        "base_model.model.blocks.1.mlp.up.lora_down.weight": torch.randn(2, 128, generator=g),
+        "base_model.model.blocks.1.mlp.up.lora_up.weight": torch.randn(256, 2, generator=g),
+    }, {"ss_output_name": "my_style", "trigger_words": "mystyle", "format": "pt"})
+    for layout in LAYOUTS:
+        out = tmp_path / f"{layout}.safetensors"
+        assert main(["lora", "convert", str(source), "--layout", layout, "--out", str(out)]) == 0
+        _, metadata = read_safetensors_header(out)
+        assert metadata["ss_output_name"] == "my_style" and metadata["trigger_words"] == "mystyle"
+        assert json.loads(metadata[METADATA_KEY])["rank"] == 2
+        assert (PEFT_METADATA_KEY in metadata) == (layout == "diffusers")
+
+
 def test_bad_lora_files_fail_clearly(tmp_path):
     foreign = write_safetensors(tmp_path / "foreign.safetensors", {"unet.down.lora_A.weight": torch.zeros(2, 3)})
     with pytest.raises(LoRAError, match="not a Krea 2 LoRA"):

@@ -215,7 +215,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_convert(args: argparse.Namespace) -> int:
     lora = read_lora(args.lora)
-    out = save_lora(lora.pairs, args.out, args.layout, DTYPES.get(args.dtype))
+    out = save_lora(lora.pairs, args.out, args.layout, DTYPES.get(args.dtype), carried_metadata=lora.metadata)
     print(f"converted {args.lora} ({lora.layout} layout, {len(lora.pairs)} layers) -> {out} ({args.layout} layout)")
     return 0
 

@@ -141,10 +141,20 @@ def lora_tensors(pairs: Mapping[str, LoRAPair], layout: str) -> tuple[dict[str, 
 
 
 def save_lora(
-    pairs: Mapping[str, LoRAPair], path: str | os.PathLike, layout: str = "diffusers", dtype: torch.dtype | None = None
+    pairs: Mapping[str, LoRAPair],
+    path: str | os.PathLike,
+    layout: str = "diffusers",
+    dtype: torch.dtype | None = None,
+    *,
+    carried_metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write ``pairs`` (diffusers module names) as one safetensors file in ``layout``."""
+    """Write ``pairs`` (diffusers module names) as one safetensors file in ``layout``.
+
+    ``carried_metadata``: a source file's metadata to keep (a conversion keeps kohya's ``ss_*``
+    entries, trigger words, a license), except the entries the layout itself writes."""
     tensors, metadata = lora_tensors(pairs, layout)
+    written = {"format", PEFT_METADATA_KEY, METADATA_KEY}
+    metadata = {key: value for key, value in (carried_metadata or {}).items() if key not in written} | metadata
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return layouts.write_safetensors(path, {key: tensor.contiguous() for key, tensor in tensors.items()}, metadata, dtype)
