@@ -13,6 +13,15 @@ from __future__ import annotations
 import torch
 
 
+def compute_precision(mixed_precision: str, device_type: str | None = None) -> str:
+    """``parallel.mixed_precision`` resolved to "bf16" or "fp32": "auto" is bf16 on a CUDA device
+    (``device_type`` None: when CUDA is available), fp32 elsewhere."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    on_cuda = torch.cuda.is_available() if device_type is None else device_type == "cuda"
+    return "bf16" if on_cuda else "fp32"
+
+
 def to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``tensor`` on ``device`` (and in ``dtype``): a host tensor bound for CUDA is pinned and
     copied asynchronously; anything else is a plain ``.to``."""

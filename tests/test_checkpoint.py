@@ -665,6 +665,27 @@ def test_a_checkpoint_whose_bytes_changed_falls_back_to_the_one_before(tmp_path)
     assert len(list((tmp_path / "checkpoints").glob("unreadable-step-00000020-*/__0_0.distcp"))) == 1
 
 
+def test_a_storage_fault_on_load_falls_back_without_moving_the_checkpoint_aside(tmp_path, monkeypatch):
+    """An I/O error may pass (a stale mount on one node): the start falls back, and the next start
+    loads the newest checkpoint again. Only bytes known bad are moved aside."""
+    manager = CheckpointManager(tmp_path, interval=10, async_mode="sync")
+    for step in (10, 20):
+        manager.save(step, {"weights": torch.full((4,), float(step))})
+    real_load = ckpt.torch.load
+
+    def faulty_storage(file, *args, **kwargs):
+        if "step-00000020" in str(file):
+            raise OSError(errno.EIO, "Input/output error", str(file))
+        return real_load(file, *args, **kwargs)
+
+    state = {"weights": torch.zeros(4)}
+    monkeypatch.setattr(ckpt.torch, "load", faulty_storage)
+    assert manager.load(state).step == 10
+    monkeypatch.undo()
+    assert sorted(manager.committed()) == [10, 20] and not list((tmp_path / "checkpoints").glob("unreadable-*"))
+    assert manager.load(state).step == 20 and torch.equal(state["weights"], torch.full((4,), 20.0))
+
+
 def test_a_state_that_no_longer_fits_stops_the_start_without_falling_back(tmp_path, caplog):
     model, optimizer = tiny_model_and_optimizer(seed=0)
     manager = CheckpointManager(tmp_path, interval=10, async_mode="sync")

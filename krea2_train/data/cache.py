@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from krea2_train.devices import to_device
+from krea2_train.devices import compute_precision, to_device
 from krea2_train.files import write_text
 from krea2_train.model.layouts import CheckpointError, read_safetensors_header, read_tensors, write_safetensors
 
@@ -144,8 +144,7 @@ class ConditioningCache:
         run_dir = Path(config.runs_root) / config.run_name
         cond = config.conditioning
         text_encoder = run_dir / "text_encoder" if cond.text_encoder == "tiny" else Path(cond.text_encoder)
-        mode = config.parallel.mixed_precision
-        dtype = ("bf16" if torch.cuda.is_available() else "fp32") if mode == "auto" else mode
+        dtype = compute_precision(config.parallel.mixed_precision)
         identity = lambda: conditioning_identity(  # noqa: E731
             autoencoder=cond.autoencoder,
             autoencoder_path=cond.autoencoder_path,

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from krea2_train.config.schema import RunConfig
+from krea2_train.devices import compute_precision
 from krea2_train.model.lora import LoRASpec, cast_base, freeze_base, inject_lora, load_pairs_into_model
 from krea2_train.stages.base import StageConfigError
 from krea2_train.stages.flow_matching import FlowMatchingStage
@@ -27,17 +28,10 @@ class LoRAStageError(StageConfigError):
     """A lora-stage configuration that cannot train."""
 
 
-def compute_precision(config: RunConfig) -> str:
-    """``parallel.mixed_precision``, with "auto" resolved: bf16 on GPU, fp32 on CPU."""
-    mode = config.parallel.mixed_precision
-    if mode == "auto":
-        mode = "bf16" if torch.cuda.is_available() else "fp32"
-    return mode
-
-
 def resolve_base_dtype(config: RunConfig) -> str:
-    """``lora.base_dtype``, with "auto" meaning the run's compute precision."""
-    return compute_precision(config) if config.lora.base_dtype == "auto" else config.lora.base_dtype
+    """``lora.base_dtype``, with "auto" meaning the run's compute precision (bf16 on GPU, fp32 on CPU)."""
+    auto = config.lora.base_dtype == "auto"
+    return compute_precision(config.parallel.mixed_precision) if auto else config.lora.base_dtype
 
 
 class LoRAStage(FlowMatchingStage):
@@ -58,7 +52,7 @@ class LoRAStage(FlowMatchingStage):
         lora = config.lora
         self.spec = LoRASpec(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=tuple(lora.targets))
         self.base_dtype = resolve_base_dtype(config)
-        self.compute_precision = compute_precision(config)
+        self.compute_precision = compute_precision(config.parallel.mixed_precision)
         self.init_lora = lora.init_lora
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -110,6 +110,12 @@ class CheckpointUnreadableError(CheckpointVerificationError):
     retryable = True  # a storage fault may be gone by the next start
 
 
+class CheckpointCorruptError(CheckpointUnreadableError):
+    """A committed checkpoint whose bytes are known bad: a file that changed since it was written
+    (SHA-256), or one that does not parse. Not a storage fault that may pass, which is only
+    fallen back from: a corrupt checkpoint is also moved aside (see CheckpointManager.load)."""
+
+
 class CheckpointLoadError(Krea2Error, RuntimeError):
     """Loading a committed checkpoint failed for another reason than its bytes (out of memory, a
     state that no longer fits); an older checkpoint would fail alike, so nothing falls back."""
@@ -277,12 +283,14 @@ def read_dcp_metadata(checkpoint_dir: str | os.PathLike):
     """The DCP ``Metadata`` of ``checkpoint_dir``.
 
     Raises:
-        CheckpointVerificationError: it does not load (missing, truncated, not DCP's).
+        CheckpointVerificationError: it does not load (missing, truncated, not DCP's); a
+            CheckpointCorruptError when its bytes do not parse.
     """
     try:
         return FileSystemReader(str(checkpoint_dir)).read_metadata()
     except Exception as error:
-        raise CheckpointVerificationError(f"the DCP metadata of {checkpoint_dir} does not load: {type(error).__name__}: {error}") from error
+        error_class = CheckpointCorruptError if _is_corrupt(error) else CheckpointVerificationError
+        raise error_class(f"the DCP metadata of {checkpoint_dir} does not load: {type(error).__name__}: {error}") from error
 
 
 def dcp_expected_file_sizes(checkpoint_dir: str | os.PathLike) -> dict[str, int]:
@@ -372,7 +380,7 @@ def check_file_digests(checkpoint_dir: str | os.PathLike, digests: Mapping[str, 
         raise CheckpointVerificationError(f"checkpoint {checkpoint_dir}: {error}") from error
     changed = [name for name in names if found[name] != digests[name]]
     if changed:
-        raise CheckpointVerificationError(
+        raise CheckpointCorruptError(
             f"checkpoint {checkpoint_dir}: the bytes of {', '.join(changed)} changed since they were written (SHA-256 mismatch)"
         )
 
@@ -718,7 +726,7 @@ class CheckpointManager:
         def attempt(write: Callable[[], None]) -> str | None:
             try:
                 write()
-            except OSError as error:
+            except Exception as error:  # any rank's failure (a disk, a state_dict) reaches every rank
                 return f"{type(error).__name__}: {error}{_disk_full_note(tmp_dir)}"
             return None
 
@@ -952,13 +960,13 @@ class CheckpointManager:
                 if index + 1 == len(candidates):
                     raise
                 logger.warning("checkpoint step %d cannot be loaded, falling back to step %d: %s", candidate, candidates[index + 1], error)
-                if self.rank == 0:
+                if isinstance(error, CheckpointCorruptError) and self.rank == 0:  # not a storage fault that may pass
                     self._set_aside(candidate, committed[candidate])
         return None
 
     def _set_aside(self, step: int, path: Path) -> None:
-        """Move a committed checkpoint that failed to load out of the run's steps (its bytes kept
-        for inspection): the run saves that step again when it gets there, where it skipped a
+        """Move a corrupt committed checkpoint out of the run's steps (its bytes kept for
+        inspection): the run saves that step again when it gets there, where it skipped a
         step already committed and ended on the unreadable one; retention no longer counts it."""
         aside = path.with_name(set_aside_dir_name(step))
         try:
@@ -975,6 +983,7 @@ class CheckpointManager:
         for kind, error_class in (
             ("mismatch", CheckpointMismatchError),
             ("settings", CheckpointSettingsError),
+            ("corrupt", CheckpointCorruptError),
             ("unreadable", CheckpointUnreadableError),
             ("other", CheckpointLoadError),
         ):
@@ -1008,6 +1017,8 @@ class CheckpointManager:
             to_load = without_missing_optional_keys(stateful, saved)
         except CheckpointMismatchError as error:
             problem = ("mismatch", str(error))
+        except CheckpointCorruptError as error:
+            problem = ("corrupt", str(error))
         except CheckpointVerificationError as error:
             problem = ("unreadable", str(error))
         self._agree(problem)
@@ -1027,7 +1038,7 @@ class CheckpointManager:
             if refusals:
                 problem = ("settings", f"{path}: {'; '.join(dict.fromkeys(refusals))}")
             else:
-                kind = "unreadable" if _is_unreadable(error) else "other"
+                kind = "corrupt" if _is_corrupt(error) else "unreadable" if _is_unreadable(error) else "other"
                 problem = (kind, f"{path} does not read: {_describe_failure(error)}")
         self._agree(problem)
         if same_world:
@@ -1086,6 +1097,19 @@ def _lasting_refusals(error: BaseException) -> list[str]:
     any rank: a state refusing this start's settings, which a restart would meet again."""
     failures = [failure for failure, _trace in error.failures.values()] if isinstance(error, CheckpointException) else [error]
     return [str(failure) for failure in failures if is_lasting_error(failure)]
+
+
+def _is_corrupt(error: BaseException) -> bool:
+    """Whether a load failed on bytes that do not parse, and on no storage fault (a rank that
+    could not read DCP's metadata shows the others an AssertionError: a symptom, not the cause)."""
+    failures = [failure for failure, _trace in error.failures.values()] if isinstance(error, CheckpointException) else [error]
+    if any(isinstance(failure, (OSError, EOFError)) for failure in failures):
+        return False
+    parse_failure = lambda failure: (  # noqa: E731
+        isinstance(failure, (pickle.UnpicklingError, AssertionError))
+        or (isinstance(failure, RuntimeError) and "PytorchStreamReader" in str(failure))
+    )
+    return any(parse_failure(failure) for failure in failures)
 
 
 def _is_unreadable(error: BaseException) -> bool:

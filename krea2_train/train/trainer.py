@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from krea2_train.config.load import ConfigError, to_record, to_yaml
 from krea2_train.config.schema import RunConfig
-from krea2_train.devices import to_device
+from krea2_train.devices import compute_precision, to_device
 from krea2_train.files import write_text
 from krea2_train.logs import setup_logging as setup_process_logging
 from krea2_train.model.presets import build_model, count_parameters, model_config
@@ -115,10 +115,8 @@ def changed_settings(before_yaml: str, after_yaml: str) -> list[str]:
 
 
 def compute_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
-    mode = config.parallel.mixed_precision
-    if mode == "auto":
-        mode = "bf16" if device.type == "cuda" else "fp32"
-    return torch.bfloat16 if mode == "bf16" else torch.float32
+    bf16 = compute_precision(config.parallel.mixed_precision, device.type) == "bf16"
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 def uses_deterministic_algorithms(config: RunConfig, device: torch.device) -> bool:
@@ -902,12 +900,14 @@ def run(config: RunConfig) -> RunResult:
     try:
         ending = trainer.train()
     except BaseException as error:
-        if trainer.supervision is not None:
-            trainer.supervision.failed(trainer.train_state.step, error)
         try:
-            trainer.close()
-        except Exception as close_error:  # the error that stopped training is the one to report
-            logger.error("while stopping after %s: %s: %s", type(error).__name__, type(close_error).__name__, close_error)
+            if trainer.supervision is not None:
+                trainer.supervision.failed(trainer.train_state.step, error)
+        finally:
+            try:
+                trainer.close()
+            except Exception as close_error:  # the error that stopped training is the one to report
+                logger.error("while stopping after %s: %s: %s", type(error).__name__, type(close_error).__name__, close_error)
         raise
     else:
         trainer.close()

@@ -246,7 +246,11 @@ class Watchdog:
     def _run(self) -> None:
         while not self._stop.wait(self.poll_interval_s):
             self._write_heartbeat()
-            reason = self.check(time.monotonic())
+            try:
+                reason = self.check(time.monotonic())
+            except Exception as error:  # the watchdog must outlive a bad poll
+                logger.warning("rank %d's watchdog could not check this poll: %s", self.rank, error)
+                continue
             if reason is not None:
                 self.trip(*reason)
                 return
@@ -269,8 +273,7 @@ class Watchdog:
         if peer:
             return "peer_hang", f"another rank detected a hang ({marker.read_text().strip()}); dumping this rank's stacks"
         limit = self.hang_timeout_s if self.steps_done else self.first_step_timeout_s
-        if self._section_limits:
-            limit = max(limit, *self._section_limits)
+        limit = max([limit, *self._section_limits])  # never max(x) of one number: the loop thread changes the list
         if elapsed > limit:
             which = "step" if self.steps_done else "first step"
             return "hang", f"no {which} finished for {elapsed:.1f} s (limit {limit:g} s) after step {self.step}"
