@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -19,6 +20,16 @@ from psycopg import conninfo, sql
 
 from krea2_train.store import open_store
 from krea2_train.store.embedded import EmbeddedServer
+
+
+def pytest_sessionstart(session):
+    # The suite writes checkpoints, shards and a PostgreSQL cluster under the temp directory;
+    # when a run fails with ENOSPC this line says whether the disk was short from the start.
+    directory = tempfile.gettempdir()
+    free_gib = shutil.disk_usage(directory).free / 2**30
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"free disk under {directory}: {free_gib:.1f} GiB (the suite needs about 2 GiB)")
 
 
 @pytest.fixture(scope="session")
