@@ -22,7 +22,7 @@ import summarize  # noqa: E402
 def test_demo_runs_every_stage_of_the_recipe(tmp_path, fresh_database_dsn):
     runs = tmp_path / "runs"
     result = subprocess.run(
-        [sys.executable, "-m", "krea2_train.cli", "demo", "--scale", "0.02", "--runs-root", str(runs), "--wandb", "disabled"],
+        [sys.executable, "-m", "krea2_train.cli", "demo", "--scale", "0.02", "--sample-steps", "3", "--runs-root", str(runs), "--wandb", "disabled"],
         cwd=tmp_path, env={**os.environ, "KREA2_PG_DSN": fresh_database_dsn}, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -36,6 +36,7 @@ def test_demo_runs_every_stage_of_the_recipe(tmp_path, fresh_database_dsn):
     assert "| grpo |" in table and "(PASS)" in table.split("| grpo |")[1].split("\n")[0], table
     assert "| tdm | 1 | yes |" in table, table
     assert f"krea2 sample --checkpoint {runs / 'tdm'}" in result.stdout  # next commands with the demo's own paths
+    assert "sampling 4 image(s) at 256x256 px: 3 steps" in result.stdout + result.stderr  # --sample-steps reaches the grids
 
 
 def test_a_stage_stopped_by_a_signal_ends_the_demo(tmp_path, monkeypatch, capsys):

@@ -32,12 +32,12 @@ POST_TRAINING_OVERRIDES = {
 }
 
 
-def demo_overrides(stage: str, steps: int, runs_root: str, wandb: str) -> list[str]:
+def demo_overrides(stage: str, steps: int, runs_root: str, wandb: str, sample_steps: int = 12) -> list[str]:
     return [
         f"stage.steps={steps}",
         f"runs_root={runs_root}",
         f"logging.wandb={wandb}",
-        "logging.sample_steps=12",
+        f"logging.sample_steps={sample_steps}",
         "logging.log_interval=5",
         f"checkpoint.interval={max(steps // 2, 1)}",
         "data.num_samples=512",
@@ -55,7 +55,7 @@ def run_demo(args: argparse.Namespace) -> int:
     for number, stage in enumerate(stages, start=1):
         steps = max(1, round(DEMO_STAGES[stage] * args.scale))
         print(f"[demo] stage {number}/{len(stages)}: {stage}, {steps} steps", flush=True)
-        config = load_config(f"stage/{stage}", demo_overrides(stage, steps, args.runs_root, args.wandb))
+        config = load_config(f"stage/{stage}", demo_overrides(stage, steps, args.runs_root, args.wandb, args.sample_steps))
         result = run(config)
         if not result.completed:  # the next stage must not start from a half-trained one
             why = ("after a checkpoint; the same `krea2 demo` command resumes it and goes on" if result.ending == "signal"
@@ -90,6 +90,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--runs-root", default="runs/demo", help="where the stages' runs go, one directory each (default runs/demo)")
     parser.add_argument("--stages", type=int_in_range(1, len(DEMO_STAGES)), default=len(DEMO_STAGES), help=f"run only the first N stages (1 to {len(DEMO_STAGES)})")
     parser.add_argument("--scale", type=positive_float, default=1.0, help="multiply every stage's steps")
+    parser.add_argument("--sample-steps", type=int_in_range(1, 1000), default=12,
+                        help="sampler steps of each stage's sample grid (default 12; the 256 px grids of the later stages take most of the demo's time)")
     parser.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"],
                         help="Weights & Biases logging (default offline: files under each run, nothing sent)")
     parser.set_defaults(func=run_demo)
