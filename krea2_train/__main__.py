@@ -38,11 +38,18 @@ def run_dir_of_overrides(overrides: list[str]) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    from krea2_train.config import ConfigError, load_config, to_yaml
-    from krea2_train.errors import clear_user_error, is_lasting_error, record_user_error, report_user_errors
+    argv = sys.argv[1:] if argv is None else argv
+    from krea2_train.errors import UsageError, clear_user_error, is_lasting_error, record_user_error, report_user_errors
 
     is_main = int(os.environ.get("RANK", "0")) == 0
+    try:
+        args = parse_args(argv)
+    except SystemExit as stop:  # argparse printed why; a bad command line fails every restart alike
+        if stop.code == 2 and is_main and (run_dir := run_dir_of_overrides(argv)) is not None:
+            record_user_error(run_dir, UsageError(f"the command line does not parse: {' '.join(argv)} (python -m krea2_train --help: usage)"))
+        raise
+    from krea2_train.config import ConfigError, load_config, to_yaml
+
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as error:

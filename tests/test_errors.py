@@ -123,6 +123,27 @@ def test_a_bad_override_is_recorded_and_a_new_start_clears_the_record(tmp_path, 
     assert not record.exists()
 
 
+def test_a_command_line_that_does_not_parse_is_recorded_for_the_launcher(tmp_path, capsys):
+    """`--confg` (a typo of an option, not of an override) exits 2 before any config exists: the
+    launcher's run_name= and runs_root= still name the run, so the record keeps the job from
+    resubmitting the typo; --help and a run without those keys record nothing."""
+    from krea2_train.__main__ import main
+    from krea2_train.errors import USER_ERROR_RECORD
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--confg", "stage/lora", f"runs_root={tmp_path}", "run_name=pt"])
+    assert stop.value.code == 2 and "required: --config" in capsys.readouterr().err
+    assert (tmp_path / "pt" / USER_ERROR_RECORD).read_text().startswith(
+        f"UsageError: the command line does not parse: --confg stage/lora runs_root={tmp_path} run_name=pt")
+    with pytest.raises(SystemExit) as stop:
+        main(["--config", "stage/sft", "--print_config", f"runs_root={tmp_path}", "run_name=other"])
+    assert stop.value.code == 2 and "unrecognized arguments: --print_config" in capsys.readouterr().err
+    assert (tmp_path / "other" / USER_ERROR_RECORD).is_file()
+    with pytest.raises(SystemExit) as stop:
+        main(["--help", f"runs_root={tmp_path}", "run_name=third"])
+    assert stop.value.code == 0 and not (tmp_path / "third").exists()
+
+
 def test_a_full_disk_under_the_metrics_file_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
     import pathlib
 

@@ -34,6 +34,7 @@ esac
 """
 FAKE_SCONTROL = """#!/usr/bin/env bash
 if [[ "$1 $2" == "show hostnames" ]]; then tr ',' '\\n' <<<"$3"; exit 0; fi
+if [[ "$1 $2" == "show job" ]]; then echo "   RunTime=00:10:00 TimeLimit=${FAKE_TIME_LIMIT:-UNLIMITED} TimeMin=N/A"; exit 0; fi
 echo "scontrol $*" >>"$FAKE_LOG"
 if [[ "$1" == requeue && -n "${FAKE_REQUEUE_FAILS:-}" ]]; then exit 1; fi  # slurmctld timing out
 if [[ "$1" == requeue ]]; then  # as Slurm does: end the running job
@@ -100,7 +101,7 @@ def test_slurm_launch_one_torchrun_per_node_with_rendezvous_and_restarts(tmp_pat
     assert result.returncode == 0, result.stdout + result.stderr
     (train,) = calls(tmp_path)
     assert train.startswith("srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task=96 ")  # not inherited since 22.05
-    for part in ("--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=node1:29500",
+    for part in ("--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=node1:24242",  # 20000 + id % 10000
                  "--rdzv-id=4242", "--max-restarts=3", "-m krea2_train --config stage/pretrain_256 optim.lr=1e-4",
                  f"run_name=pt-a runs_root={tmp_path / 'runs'}"):  # fmt: skip
         assert part in train, part
@@ -126,7 +127,9 @@ def test_slurm_gives_torchrun_the_shutdown_window_where_it_takes_one(tmp_path):
 
 def test_slurm_failure_checks_nodes_lists_the_faulty_one_and_resubmits_excluding_it(tmp_path):
     env = fake_cluster(tmp_path, nodes="node1,node2,node3", srun_mode="exit:1", healthy="node1 node3",
-                       extra_env={"SLURM_RESTART_COUNT": "2"})  # this job was requeued twice; its resubmission is new
+                       extra_env={"SLURM_RESTART_COUNT": "2",  # this job was requeued twice; its resubmission is new
+                                  "SLURM_JOB_PARTITION": "gpu", "SLURM_JOB_ACCOUNT": "proj", "SLURM_JOB_QOS": "high",
+                                  "SLURM_GPUS_PER_NODE": "8", "SLURM_CPUS_PER_TASK": "96", "FAKE_TIME_LIMIT": "1-00:00:00"})
     exclude_file = tmp_path / "runs" / "faulty_nodes.txt"
     exclude_file.parent.mkdir(parents=True)
     exclude_file.write_text("node9\n")
@@ -138,8 +141,29 @@ def test_slurm_failure_checks_nodes_lists_the_faulty_one_and_resubmits_excluding
     (resubmission,) = [line for line in recorded if line.startswith("sbatch")]
     assert "--exclude=node2,node9" in resubmission and "--nodes=3" in resubmission
     assert "KREA2_RUN_NAME=pt-a" in resubmission and "KREA2_RESUBMIT_COUNT=1" in resubmission
+    # the submission's own options (sbatch -p/-A/--qos/--time/... on the command line) travel with it
+    for option in ("--partition=gpu", "--account=proj", "--qos=high", "--gpus-per-node=8", "--cpus-per-task=96", "--time=1-00:00:00"):
+        assert f" {option} " in resubmission, option
     assert resubmission.endswith("launch/slurm/train_multi_node.sbatch --config stage/pretrain_256 optim.lr=1e-4")  # no restart count
     assert "node node2 failed its check" in result.stdout
+
+
+def test_slurm_one_node_jobs_rendezvous_on_a_port_of_their_own(tmp_path):
+    """Jobs sharing a node must not share a rendezvous store (c10d joins a store already on its
+    port as a client, and the second job dies with the first): one node uses --standalone (a free
+    port) unless KREA2_RDZV_PORT is set; more nodes use a port derived from the job id."""
+    result = sbatch(fake_cluster(tmp_path, nodes="node1"), script="train_single_node.sbatch")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (train,) = calls(tmp_path)
+    assert " --standalone " in train and "--rdzv-endpoint" not in train and "rendezvous standalone" in result.stdout
+    (tmp_path / "calls.log").unlink()
+    result = sbatch(fake_cluster(tmp_path, nodes="node1", extra_env={"KREA2_RDZV_PORT": "29611"}), script="train_single_node.sbatch")
+    (train,) = calls(tmp_path)
+    assert "--rdzv-endpoint=node1:29611" in train and "--standalone" not in train
+    (tmp_path / "calls.log").unlink()
+    sbatch(fake_cluster(tmp_path, extra_env={"SLURM_JOB_ID": "130077"}))
+    (train,) = calls(tmp_path)
+    assert "--rdzv-endpoint=node1:20077" in train
 
 
 def test_slurm_gives_up_after_max_resubmits(tmp_path):
@@ -178,6 +202,34 @@ def test_slurm_a_job_that_moved_the_run_on_resets_the_resubmission_count(tmp_pat
     assert result.returncode == 0, result.stdout + result.stderr
     (resubmission,) = [line for line in calls(tmp_path) if line.startswith("sbatch")]
     assert "KREA2_RESUBMIT_COUNT=1" in resubmission and "from checkpoint step 10 to 20" in result.stdout
+
+
+@pytest.mark.parametrize("path", ["failure", "listed node", "failed requeue"])
+def test_slurm_progress_since_the_last_resubmission_resets_the_count_on_every_path(tmp_path, path):
+    """The count travels with the job, also when Slurm requeues it (node failure, time limit):
+    a run that advanced past the checkpoint of its last resubmission starts the count again on
+    each path that resubmits, not only after a failed step."""
+    checkpoints = tmp_path / "runs" / "pt-a" / "checkpoints"
+    (checkpoints / "step-00090000").mkdir(parents=True)  # days of progress since the resubmission at step 10
+    progress = {"KREA2_RESUBMIT_COUNT": "5", "KREA2_RESUBMIT_STEP": "10"}
+    if path == "failure":
+        result = sbatch(fake_cluster(tmp_path, srun_mode="exit:1", extra_env=progress))
+        status, output = result.returncode, result.stdout + result.stderr
+    elif path == "listed node":
+        (tmp_path / "runs" / "faulty_nodes.txt").write_text("node2\n")
+        result = sbatch(fake_cluster(tmp_path, extra_env=progress))
+        status, output = result.returncode, result.stdout + result.stderr
+    else:
+        status, output = _time_limit(tmp_path, srun_mode="wait-then-exit:1", FAKE_STEP_ENDS_ON_USR1="1", FAKE_REQUEUE_FAILS="1", **progress)
+    assert status == 0, output
+    (resubmission,) = [line for line in calls(tmp_path) if line.startswith("sbatch")]
+    assert "KREA2_RESUBMIT_COUNT=1," in resubmission and "KREA2_RESUBMIT_STEP=90000 " in resubmission, resubmission
+    assert "from checkpoint step 10 to 90000 since its last resubmission" in output
+    # without progress since step 90000, the spent budget stops the run
+    (tmp_path / "calls.log").unlink()
+    result = sbatch(fake_cluster(tmp_path, srun_mode="exit:1", extra_env={"KREA2_RESUBMIT_COUNT": "5", "KREA2_RESUBMIT_STEP": "90000"}))
+    assert result.returncode == 1 and "already resubmitted 5 time(s) without progress" in result.stdout
+    assert not [line for line in calls(tmp_path) if line.startswith("sbatch")]
 
 
 def test_slurm_a_node_check_that_nobody_answers_lists_no_node(tmp_path):

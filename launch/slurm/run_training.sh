@@ -23,10 +23,13 @@
 #   KREA2_RUN_NAME (required)     the run; also the directory under KREA2_RUNS_ROOT
 #   KREA2_HOME [$SLURM_SUBMIT_DIR] the repository; KREA2_RUNS_ROOT [$KREA2_HOME/runs]
 #   KREA2_EXCLUDE_FILE [$KREA2_RUNS_ROOT/faulty_nodes.txt]  one host name per line, # comments
-#   KREA2_GPUS_PER_NODE [$SLURM_GPUS_ON_NODE or 1]  KREA2_MAX_RESTARTS [3]  KREA2_RDZV_PORT [29500]
+#   KREA2_GPUS_PER_NODE [$SLURM_GPUS_ON_NODE or 1]  KREA2_MAX_RESTARTS [3]
+#   KREA2_RDZV_PORT [20000 + job id mod 10000: jobs sharing a head node do not share a store;
+#                    a one-node job without it uses torchrun --standalone, a free port]
 #   KREA2_CHECKPOINT_GRACE_S [120]  KREA2_SBATCH_SCRIPT (set by the .sbatch)
-#   KREA2_MAX_RESUBMITS [5]  resubmissions in a row without progress (a job that committed a newer
-#                            checkpoint than it started from resets the count)
+#   KREA2_MAX_RESUBMITS [5]  resubmissions in a row without progress: a newer checkpoint than the
+#                            one at the last resubmission (KREA2_RESUBMIT_STEP) resets the count,
+#                            also in a job Slurm requeued itself
 set -euo pipefail
 
 repo="${KREA2_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}"
@@ -38,7 +41,7 @@ runs_root="${KREA2_RUNS_ROOT:-$repo/runs}"
 exclude_file="${KREA2_EXCLUDE_FILE:-$runs_root/faulty_nodes.txt}"
 gpus_per_node="${KREA2_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}"
 max_restarts="${KREA2_MAX_RESTARTS:-3}"
-rdzv_port="${KREA2_RDZV_PORT:-29500}"
+rdzv_port="${KREA2_RDZV_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 10000))}"
 grace_s="${KREA2_CHECKPOINT_GRACE_S:-120}"
 max_resubmits="${KREA2_MAX_RESUBMITS:-5}"
 resubmits="${KREA2_RESUBMIT_COUNT:-0}"
@@ -66,18 +69,40 @@ latest_step() {  # the step of the run's newest committed checkpoint (0 without 
     echo "$step"
 }
 start_step="$(latest_step)"
+# the run's newest checkpoint when the count last grew (a job submitted without it: this job's start)
+resubmitted_at_step="${KREA2_RESUBMIT_STEP:-$start_step}"
+
+job_options() {  # the submission's own options that a new job must keep (command-line ones beat #SBATCH lines)
+    local time_limit
+    time_limit="$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/.*TimeLimit=\([^ ]*\).*/\1/p' | head -n 1 || true)"
+    echo "--job-name=${SLURM_JOB_NAME:-krea2}"
+    [[ -n "${SLURM_JOB_PARTITION:-}" ]] && echo "--partition=$SLURM_JOB_PARTITION"
+    [[ -n "${SLURM_JOB_ACCOUNT:-}" ]] && echo "--account=$SLURM_JOB_ACCOUNT"
+    [[ -n "${SLURM_JOB_QOS:-}" ]] && echo "--qos=$SLURM_JOB_QOS"
+    [[ -n "${SLURM_JOB_RESERVATION:-}" ]] && echo "--reservation=$SLURM_JOB_RESERVATION"
+    [[ -n "${SLURM_GPUS_PER_NODE:-}" ]] && echo "--gpus-per-node=$SLURM_GPUS_PER_NODE"
+    [[ -n "${SLURM_CPUS_PER_TASK:-}" ]] && echo "--cpus-per-task=$SLURM_CPUS_PER_TASK"
+    [[ -n "$time_limit" && "$time_limit" != UNLIMITED && "$time_limit" != Partition_Limit ]] && echo "--time=$time_limit"
+    return 0
+}
 
 resubmit() {  # resubmit() REASON: a new job for the same run, excluding every listed node
+    local step excluded options
+    step="$(latest_step)"
+    if (( resubmits > 0 && step > resubmitted_at_step )); then
+        log "the run advanced from checkpoint step $resubmitted_at_step to $step since its last resubmission: the resubmission count starts again"
+        resubmits=0
+    fi
     if (( resubmits >= max_resubmits )); then
-        log "not resubmitting ($1): already resubmitted $resubmits time(s) (KREA2_MAX_RESUBMITS=$max_resubmits)"
+        log "not resubmitting ($1): already resubmitted $resubmits time(s) without progress (KREA2_MAX_RESUBMITS=$max_resubmits)"
         return 1
     fi
-    local excluded
     excluded="$(excluded_list)"
+    mapfile -t options < <(job_options)
     log "resubmitting ($1), excluding: ${excluded:-none}"
     # a new job, not a requeue: this job's restart count must not travel with --export=ALL
-    env -u SLURM_RESTART_COUNT sbatch ${excluded:+--exclude="$excluded"} --nodes="$num_nodes" --job-name="${SLURM_JOB_NAME:-krea2}" \
-        --export="ALL,KREA2_RUN_NAME=$run_name,KREA2_RUNS_ROOT=$runs_root,KREA2_RESUBMIT_COUNT=$((resubmits + 1))" \
+    env -u SLURM_RESTART_COUNT sbatch ${excluded:+--exclude="$excluded"} --nodes="$num_nodes" "${options[@]}" \
+        --export="ALL,KREA2_RUN_NAME=$run_name,KREA2_RUNS_ROOT=$runs_root,KREA2_RESUBMIT_COUNT=$((resubmits + 1)),KREA2_RESUBMIT_STEP=$step" \
         "$sbatch_script" "${train_args[@]}"
 }
 
@@ -130,7 +155,16 @@ else
 fi
 
 job_started="$(date +%s)"
-log "run $run_name on ${#nodes[@]} node(s) x $gpus_per_node GPU(s), rendezvous $head_node:$rdzv_port, restart count ${SLURM_RESTART_COUNT:-0}"
+# One node: torchrun --standalone takes a free port, so jobs sharing the node never join each
+# other's rendezvous store (c10d joins a store already on its port as a client).
+if (( num_nodes == 1 )) && [[ -z "${KREA2_RDZV_PORT:-}" ]]; then
+    rdzv_args=(--standalone)
+    rendezvous="standalone"
+else
+    rdzv_args=(--rdzv-backend=c10d --rdzv-endpoint="$head_node:$rdzv_port" --rdzv-id="${SLURM_JOB_ID}")
+    rendezvous="$head_node:$rdzv_port"
+fi
+log "run $run_name on ${#nodes[@]} node(s) x $gpus_per_node GPU(s), rendezvous $rendezvous, restart count ${SLURM_RESTART_COUNT:-0}"
 # torchrun ignores USR1 (inherited by its workers as "ignored" until the trainer installs its
 # handler): the time-limit signal reaches every process of the step and must not kill the launcher.
 # srun does not inherit the job's --cpus-per-task since Slurm 22.05: pass it, or every worker of a
@@ -139,7 +173,7 @@ srun --nodes="$num_nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 ${SLURM_CPUS_
     bash -c 'trap "" USR1; exec "$@"' krea2-launcher \
     "$PYTHON" -m torch.distributed.run \
     --nnodes="$num_nodes" --nproc-per-node="$gpus_per_node" \
-    --rdzv-backend=c10d --rdzv-endpoint="$head_node:$rdzv_port" --rdzv-id="${SLURM_JOB_ID}" \
+    "${rdzv_args[@]}" \
     --max-restarts="$max_restarts" ${shutdown_args[@]+"${shutdown_args[@]}"} \
     -m krea2_train "${train_args[@]}" run_name="$run_name" runs_root="$runs_root" &
 srun_pid=$!
@@ -203,10 +237,5 @@ else
             echo "$node" >>"$exclude_file"
         fi
     done
-fi
-end_step="$(latest_step)"
-if (( end_step > start_step )); then
-    log "the run advanced from checkpoint step $start_step to $end_step in this job: the resubmission count starts again"
-    resubmits=0
 fi
 resubmit "exit status $status" || exit "$status"
