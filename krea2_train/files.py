@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["file_sha256", "fsync_path", "publish", "published", "read_json_lines", "temporary_path", "write_text"]
+__all__ = ["append_line", "file_sha256", "fsync_path", "publish", "published", "read_json_lines", "temporary_path", "write_text"]
 
 
 def temporary_path(path: str | os.PathLike) -> Path:
@@ -72,6 +72,28 @@ def write_text(path: str | os.PathLike, text: str, *, durable: bool = True) -> P
     with published(path, durable=durable) as temporary:
         temporary.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def append_line(path: str | os.PathLike, line: str, *, durable: bool = False) -> None:
+    """Append ``line`` and a newline to a JSON-lines log in one write on an ``O_APPEND``
+    descriptor (writers on several ranks do not interleave), fsynced when ``durable``. A log whose
+    last line was torn by a crash (no newline at its end) gets one first, so the torn line stays
+    the only one lost: appended to it, the new record would be skipped with it."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(descriptor).st_size
+        torn = size > 0 and _last_byte(path, size) != b"\n"
+        os.write(descriptor, (("\n" if torn else "") + line + "\n").encode())
+        if durable:
+            os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _last_byte(path: str | os.PathLike, size: int) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(size - 1)
+        return handle.read(1)
 
 
 def read_json_lines(path: str | os.PathLike) -> list[Any]:

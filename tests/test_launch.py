@@ -23,7 +23,7 @@ fi
 if [[ -n "${FAKE_NEW_CHECKPOINT:-}" ]]; then mkdir -p "$FAKE_NEW_CHECKPOINT"; fi  # the step committed one
 if [[ -n "${FAKE_SIGNAL_STOP:-}" ]]; then  # the trainer's record of a stop on SIGTERM, written now
     mkdir -p "$(dirname "$FAKE_SIGNAL_STOP")"
-    printf '{"id": "e1", "time": %s.25, "kind": "stop", "incarnation": 1, "rank": 0, "step": 42, "reason": "signal"}\\n' "$(date +%s)" >>"$FAKE_SIGNAL_STOP"
+    printf '{"id": "e1", "time": %s.25, "kind": "stop", "incarnation": 1, "rank": 0, "step": 42, "reason": "%s"}\\n' "$(date +%s)" "${FAKE_STOP_REASON:-signal}" >>"$FAKE_SIGNAL_STOP"
 fi
 if [[ -n "${FAKE_USER_ERROR:-}" ]]; then mkdir -p "$(dirname "$FAKE_USER_ERROR")"; echo "CheckpointError: not this model" >"$FAKE_USER_ERROR"; fi
 case "$FAKE_SRUN_MODE" in
@@ -309,12 +309,14 @@ def test_slurm_a_run_that_finishes_during_the_grace_is_not_requeued(tmp_path):
     assert "finished during the grace: no requeue" in output
 
 
-def test_slurm_a_stop_on_sigterm_of_the_step_alone_is_not_a_failure(tmp_path):
+@pytest.mark.parametrize("reason", ["signal", "interrupted"])
+def test_slurm_a_stop_on_sigterm_of_the_step_alone_is_not_a_failure(tmp_path, reason):
     """scancel --signal=TERM reaches the step, not the batch script: the trainers checkpoint and
-    stop, and torchrun exits 1 after passing the signal on. The run log says it was a signal, so no
-    node is checked and nothing resubmitted; a signal stop of an earlier job does not count."""
+    stop, and torchrun exits 1 after passing the signal on. The run log says it was a signal (or a
+    second SIGINT: stopped at once), so no node is checked and nothing resubmitted; a signal stop
+    of an earlier job does not count."""
     runlog = tmp_path / "runs" / "pt-a" / "runlog.jsonl"
-    env = fake_cluster(tmp_path, srun_mode="exit:1", extra_env={"FAKE_SIGNAL_STOP": str(runlog)})
+    env = fake_cluster(tmp_path, srun_mode="exit:1", extra_env={"FAKE_SIGNAL_STOP": str(runlog), "FAKE_STOP_REASON": reason})
     result = sbatch(env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "stopped on a signal at step 42 (exit 1 from torchrun): not resubmitting" in result.stdout

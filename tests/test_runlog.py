@@ -166,6 +166,63 @@ def test_logs_torn_by_a_crash_still_read(tmp_path):
     summarize(read_events(tmp_path), [])  # what `krea2 runs report` reads
 
 
+def test_a_record_after_a_torn_line_starts_a_line_of_its_own(tmp_path):
+    """A node that died mid-write leaves half a line with no newline: the next start's records
+    (here its `lost` accounting, a re-trained step, a step's sample ids) must not be appended to it
+    and skipped with it (the report said 0 failures, the loss curve lost the re-trained step)."""
+    import torch
+
+    from krea2_train.train.metrics import MetricsLogger, read_metrics
+    from krea2_train.train.runlog import read_sample_ids
+
+    append_event(tmp_path, event("start", 1, 0.0, 0, process_started=-1.0, resumed_step=0, steps_lost=None))
+    with open(tmp_path / "runlog.jsonl", "a") as handle:
+        handle.write('{"kind": "failure", "ti')
+    append_event(tmp_path, event("failure", 1, 50.0, 12, cause="lost", detail="no record"))
+    assert [e["kind"] for e in read_events(tmp_path)] == ["start", "failure"]
+    assert len(summarize(read_events(tmp_path), [])["failures"]) == 1
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')
+    MetricsLogger(tmp_path, rank=0, total_steps=3).log_step(2, {"loss": 0.25}, step_time=1.0, print_line=False)
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(1, 0.5), (2, 0.25)]
+
+    supervision = start_supervision(resilience_config(record_sample_ids=True), tmp_path, rank=0, world_size=1, step=0, dsn=None)
+    ids_file = tmp_path / "sample_ids" / "rank-00000.jsonl"
+    ids_file.write_text('{"step": 1, "epoch": 0, "ids": [1], "incarnation": 1}\n{"step": 2, "epoch": 0, "ids": [3,')
+    assert read_sample_ids(tmp_path) == {1: (0, [1])}  # the torn line is skipped, not a JSONDecodeError
+    supervision.step_done(2, {"epoch": 0, "sample_ids": torch.tensor([3, 4])})
+    supervision.close()
+    assert read_sample_ids(tmp_path)[2] == (0, [3, 4])
+
+
+def test_a_second_ctrl_c_is_recorded_as_a_stop_not_a_failure(tmp_path):
+    """The operator asked for it: no MTBF failure, and the wait before a restart is no MTTR sample."""
+    supervision = start_supervision(resilience_config(), tmp_path, rank=0, world_size=1, step=0, dsn=None)
+    supervision.step_done(1)
+    supervision.failed(3, KeyboardInterrupt())
+    supervision.close()
+    events = read_events(tmp_path)
+    assert [(e["kind"], e.get("reason")) for e in events][-1] == ("stop", "interrupted")
+    assert summarize(events, [])["failures"] == []
+
+
+def test_the_progress_line_leaves_a_starts_first_step_out_of_the_rate_and_eta(tmp_path, caplog):
+    """A resumed start's first step holds compilation and warm-up (60 s here, then 0.5 s steps):
+    the line said 60 s/step and 99 h left, then 30 s/step and 50 h."""
+    import logging
+
+    from krea2_train.train.metrics import MetricsLogger
+
+    metrics = MetricsLogger(tmp_path, rank=0, total_steps=10000)
+    with caplog.at_level(logging.INFO, logger="krea2_train"):
+        for step, seconds in ((4001, 60.0), (4002, 0.5), (4003, 0.5)):
+            metrics.log_step(step, {"loss": 1.0}, step_time=seconds)
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("step ")]
+    assert lines[0].startswith("step 4001/10000") and "60.00s/step" in lines[0] and lines[0].endswith("eta -")
+    assert "0.50s/step" in lines[1] and lines[1].endswith("eta 49m59s")  # 0.5 s x 5998 steps
+    assert "0.50s/step" in lines[2] and lines[2].endswith("eta 49m58s")
+
+
 def test_sample_ids_are_recorded_behind_the_flag(tmp_path):
     import torch
 

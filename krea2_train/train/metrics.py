@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from krea2_train.files import read_json_lines
+from krea2_train.files import append_line, read_json_lines
 from krea2_train.logs import format_duration
 
 logger = logging.getLogger("krea2_train")
@@ -78,7 +78,8 @@ class MetricsLogger:
     ) -> None:
         self.is_writer = rank == 0
         self.total_steps = total_steps
-        self.step_times: deque[float] = deque(maxlen=50)
+        self.step_times: deque[float] = deque(maxlen=50)  # the recent steps' times, not a start's first (compilation, warm-up)
+        self._first_step_logged = False
         self.jsonl_path = run_dir / "metrics.jsonl"
         self.wandb_run = None
         if self.is_writer and wandb_mode != "disabled":
@@ -101,7 +102,9 @@ class MetricsLogger:
         return statistics.median(self.step_times) * (self.total_steps - step)
 
     def log_step(self, step: int, metrics: dict[str, float], *, step_time: float, print_line: bool = True) -> None:
-        self.step_times.append(step_time)
+        if self._first_step_logged:
+            self.step_times.append(step_time)
+        self._first_step_logged = True
         if not self.is_writer:
             return
         record = {"step": step, "time": time.time(), "step_time_s": step_time, **metrics}
@@ -121,9 +124,9 @@ class MetricsLogger:
                 metrics.get("lr", float("nan")),
                 metrics.get("images_per_s", float("nan")),
                 metrics.get("tokens_per_s", float("nan")),
-                statistics.median(self.step_times),  # the recent steps', as the ETA: one slow step does not swing it
+                statistics.median(self.step_times) if self.step_times else step_time,  # as the ETA: one slow step does not swing it
                 metrics.get("memory_gib", float("nan")),
-                format_duration(self.eta_seconds(step)),
+                format_duration(self.eta_seconds(step)) if self.step_times else "-",  # after the first step of a start
                 "  SKIPPED (non-finite)" if metrics.get("skipped") else "",
             )
 
@@ -145,8 +148,7 @@ class MetricsLogger:
         """One JSON line onto ``metrics.jsonl``; a failure (a full disk) names the file, so it is
         reported in one line (:func:`krea2_train.errors.is_user_error`)."""
         try:
-            with self.jsonl_path.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            append_line(self.jsonl_path, json.dumps(record))
         except OSError as error:
             if error.filename is not None:
                 raise

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from krea2_train.errors import Krea2Error
-from krea2_train.files import read_json_lines
+from krea2_train.files import append_line, read_json_lines
 from krea2_train.train.metrics import read_metrics
 from krea2_train.train.watchdog import Watchdog, process_gone, read_heartbeats
 
@@ -73,13 +73,8 @@ def read_events(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def append_event(run_dir: Path, event: dict[str, Any]) -> None:
-    """Append one event line (one write on an O_APPEND descriptor, then fsync)."""
-    descriptor = os.open(Path(run_dir) / RUNLOG_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(descriptor, (json.dumps(event) + "\n").encode())
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    """Append one event line (one write, then fsync), on a line of its own after a torn one."""
+    append_line(Path(run_dir) / RUNLOG_NAME, json.dumps(event), durable=True)
 
 
 def new_event(kind: str, *, incarnation: int, rank: int, step: int | None, when: float | None = None, **fields) -> dict:
@@ -322,9 +317,8 @@ class Supervision:
         if self.watchdog is not None:
             self.watchdog.beat(step)
         if self.sample_ids_path is not None and batch is not None:
-            with self.sample_ids_path.open("a") as handle:
-                handle.write(json.dumps({"step": step, "epoch": int(batch["epoch"]), "ids": list(map(int, batch["sample_ids"])),
-                                         "incarnation": self.incarnation, "world_size": self.world_size}) + "\n")
+            append_line(self.sample_ids_path, json.dumps({"step": step, "epoch": int(batch["epoch"]), "ids": list(map(int, batch["sample_ids"])),
+                                                          "incarnation": self.incarnation, "world_size": self.world_size}))
         if not self._first_step_seen:
             self._first_step_seen = True
             if self.run_log.rank == 0:
@@ -344,6 +338,9 @@ class Supervision:
     def failed(self, step: int, error: BaseException) -> None:
         from krea2_train.train.checkpoint import CheckpointWriteError
 
+        if isinstance(error, KeyboardInterrupt):  # a second Ctrl-C (or one during setup): asked for, not a failure
+            self.stopped(step, "interrupted")
+            return
         cause = "checkpoint_write" if isinstance(error, CheckpointWriteError) else "exception"
         self.run_log.record("failure", step, cause=cause, detail=f"{type(error).__name__}: {error}")
 
@@ -401,8 +398,9 @@ def read_sample_ids(run_dir: Path) -> dict[int, tuple[int, list[int]]]:
     """``{step: (epoch, the ids every rank trained on)}`` from ``resilience.record_sample_ids``'s
     files, across the run's starts: a step trained again after a restart (its first training never
     reached a checkpoint) counts as the last start that trained it, on whatever world size."""
-    records = [json.loads(line) for path in sorted((Path(run_dir) / SAMPLE_IDS_DIR).glob("rank-*.jsonl"))
-               for line in path.read_text().splitlines() if line.strip()]
+    records = [record for path in sorted((Path(run_dir) / SAMPLE_IDS_DIR).glob("rank-*.jsonl"))
+               for record in read_json_lines(path)  # a line torn by a SIGKILLed rank is skipped
+               if isinstance(record, dict) and {"step", "epoch", "ids"} <= record.keys()]
     last_start: dict[int, int] = {}
     for record in records:
         last_start[record["step"]] = max(last_start.get(record["step"], 0), record.get("incarnation", 0))

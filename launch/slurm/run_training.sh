@@ -211,7 +211,7 @@ signal_stop_since() {  # the step of the newest stop on a signal at or after $1 
         if [[ -n "$when" ]] && (( when >= $1 )); then
             step="$(sed -n 's/.*"step": \([0-9]*\).*/\1/p' <<<"$line")"
         fi
-    done < <(grep '"kind": "stop"' "$runlog" | grep '"reason": "signal"' || true)
+    done < <(grep '"kind": "stop"' "$runlog" | grep -E '"reason": "(signal|interrupted)"' || true)
     echo "$step"
 }
 stopped_at="$(signal_stop_since "$job_started")"
