@@ -103,8 +103,8 @@ def test_a_start_that_left_no_record_is_a_lost_failure_dated_by_the_heartbeats(t
     assert (lost["step"], lost["time"]) == (9, 151.2)  # the heartbeats' newest step was 7, finished at 150.5
 
 
-def resilience_config(**overrides):
-    return SimpleNamespace(run_name="r", resilience=ResilienceConfig(watchdog=False, **overrides))
+def resilience_config(run_name="r", **overrides):
+    return SimpleNamespace(run_name=run_name, resilience=ResilienceConfig(watchdog=False, **overrides))
 
 
 def test_supervision_records_starts_failures_recovery_and_steps_lost(tmp_path):
@@ -275,6 +275,40 @@ def test_mirror_to_postgres_catches_up_after_an_outage(tmp_path, fresh_store):
     assert [e["id"] for e in stored] == [e["id"] for e in local]
     assert stored[1]["cause"] == "hang" and stored[1]["step"] == 3
     assert stored[1]["time"] == pytest.approx(local[1]["time"], abs=1e-3)
+
+
+@pytest.mark.postgres
+def test_the_database_report_tells_apart_runs_that_shared_a_name(tmp_path, fresh_store, caplog):
+    """A run directory moved away, then a new run of the same name: `runs report --from-db` read
+    both runs' events as one (3 starts and the old run's failure where the new one had 1 start).
+    A run whose first start predates run ids keeps its older events."""
+    config = resilience_config()  # run_name "r"
+    for name in ("old", "new", "legacy"):
+        (tmp_path / name).mkdir()
+    old = start_supervision(config, tmp_path / "old", rank=0, world_size=1, step=0, dsn=fresh_store.dsn)
+    old.step_done(1)
+    old.failed(2, RuntimeError("boom"))
+    old.close()
+    new = start_supervision(config, tmp_path / "new", rank=0, world_size=1, step=0, dsn=fresh_store.dsn)
+    new.step_done(1)
+    new.stopped(6, "completed")
+    new.close()
+    with fresh_store.pool.connection() as conn:
+        events = database_events(conn, "r")
+    assert [e["id"] for e in events] == [e["id"] for e in read_events(tmp_path / "new")]
+    assert summarize(events, [])["failures"] == [] and "1 other run(s) named 'r'" in caplog.text
+
+    legacy_dir = tmp_path / "legacy"  # events mirrored before run ids, then a start of this version
+    legacy = RunLog(legacy_dir, "l", rank=0, incarnation=1, dsn=fresh_store.dsn)
+    legacy.record("start", 0, resumed_step=0)
+    legacy.record("failure", 3, cause="hang", detail="stuck")
+    legacy.close()
+    resumed = start_supervision(resilience_config(run_name="l"), legacy_dir, rank=0, world_size=1, step=2, dsn=fresh_store.dsn)
+    resumed.close()
+    with fresh_store.pool.connection() as conn:
+        events = database_events(conn, "l")
+    assert [e["kind"] for e in events] == ["start", "failure", "start"]
+    assert events[2]["run_id"] == events[0]["id"]
 
 
 def test_closing_the_run_log_does_not_wait_for_a_database_that_never_answers(tmp_path, monkeypatch):

@@ -111,16 +111,42 @@ def mirror_events(conn, run: str, run_dir: str, events: list[dict[str, Any]]) ->
 
 
 def database_events(conn, run: str) -> list[dict[str, Any]]:
-    """The events of a run as stored in PostgreSQL, in the file's shape, oldest first."""
+    """The events of the newest run named ``run`` as stored in PostgreSQL, in the file's shape,
+    oldest first. A name may have been used by several runs (a run directory moved away or
+    deleted, then a new run of that name): their events are told apart by ``run_id``, and only
+    the run with the newest event is returned (the others are named in a warning)."""
     rows = conn.execute(
         "SELECT id, extract(epoch FROM at), kind, incarnation, rank, host, step, fields FROM run_events "
         "WHERE run = %s ORDER BY at, id",
         (run,),
     ).fetchall()
-    return [
+    events = [
         {"id": str(i), "time": float(at), "kind": kind, "incarnation": inc, "rank": rank, "host": host, "step": step, **fields}
         for i, at, kind, inc, rank, host, step, fields in rows
     ]
+    runs: dict[str | None, list[dict]] = {}
+    for event in events:
+        runs.setdefault(event.get("run_id"), []).append(event)
+    legacy = runs.pop(None, [])  # written before events carried run_id: the run whose id is one of their starts'
+    owner = next((e["id"] for e in legacy if e["kind"] == "start" and e["id"] in runs), None)
+    if legacy:
+        runs.setdefault(owner, []).extend(legacy)
+    if len(runs) <= 1:
+        return sorted(events, key=lambda e: e["time"])
+    newest = max(runs, key=lambda key: max(e["time"] for e in runs[key]))
+    logger.warning("%d other run(s) named %r have events in the database (a run directory moved or deleted, then "
+                   "the name used again): reporting the newest, run_id %s", len(runs) - 1, run, newest)
+    return sorted(runs[newest], key=lambda e: e["time"])
+
+
+def run_id_of(events: list[dict[str, Any]]) -> str | None:
+    """A run's identity in its events: its first start's ``run_id``, or that start's own id (a run
+    whose first start predates run ids); None before any start."""
+    starts = [e for e in events if e["kind"] == "start"]
+    if not starts:
+        return None
+    first = min(starts, key=lambda e: (e["incarnation"], e["time"]))
+    return first.get("run_id", first["id"])
 
 
 class RunLog:
@@ -130,9 +156,12 @@ class RunLog:
         dsn: PostgreSQL DSN for the mirror (None: the file only).
     """
 
-    def __init__(self, run_dir: Path, run_name: str, *, rank: int, incarnation: int, dsn: str | None = None) -> None:
+    def __init__(
+        self, run_dir: Path, run_name: str, *, rank: int, incarnation: int, dsn: str | None = None, run_id: str | None = None
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.run_name = run_name
+        self.run_id = run_id  # in every event: tells apart runs that shared a name in the database
         self.rank = rank
         self.incarnation = incarnation
         self.dsn = dsn
@@ -147,6 +176,8 @@ class RunLog:
             self._thread.start()
 
     def record(self, kind: str, step: int | None, **fields) -> dict[str, Any]:
+        if self.run_id is not None:
+            fields["run_id"] = self.run_id
         event = new_event(kind, incarnation=self.incarnation, rank=self.rank, step=step, **fields)
         self.write(event)
         return event
@@ -360,19 +391,21 @@ def start_supervision(config, run_dir: Path, *, rank: int, world_size: int, step
 
     resilience = config.resilience
     heartbeat_dir = heartbeat_dir_of(resilience, run_dir)
-    decided: list[Any] = [None, None, None]
+    decided: list[Any] = [None, None, None, None]
     if rank == 0:
         events = read_events(run_dir)
+        run_id = run_id_of(events) or str(uuid.uuid4())
         lost = lost_incarnation_event(events, heartbeat_dir, read_metrics(run_dir))
         if lost is not None:
+            lost["run_id"] = run_id
             append_event(run_dir, lost)
             events.append(lost)
         previous = max((e["incarnation"] for e in events), default=0)
-        decided = [previous + 1, first_failure(events, previous), unrecovered_failure(events, previous)]
+        decided = [previous + 1, first_failure(events, previous), unrecovered_failure(events, previous), run_id]
     if dist.is_initialized():
         dist.broadcast_object_list(decided, src=0)
-    incarnation, previous_failure, recovering_from = decided
-    run_log = RunLog(run_dir, config.run_name, rank=rank, incarnation=incarnation, dsn=dsn if rank == 0 else None)
+    incarnation, previous_failure, recovering_from, run_id = decided
+    run_log = RunLog(run_dir, config.run_name, rank=rank, incarnation=incarnation, dsn=dsn if rank == 0 else None, run_id=run_id)
     if rank == 0:
         steps_lost = None if previous_failure is None else max(0, (previous_failure["step"] or 0) - step)
         run_log.record("start", step, resumed_step=step, world_size=world_size, process_started=_process_started(),
