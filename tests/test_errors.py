@@ -145,19 +145,16 @@ def test_a_command_line_that_does_not_parse_is_recorded_for_the_launcher(tmp_pat
 
 
 def test_a_full_disk_under_the_metrics_file_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
-    import pathlib
-
+    from krea2_train.train import metrics as metrics_module
     from krea2_train.train.metrics import MetricsLogger
 
     metrics = MetricsLogger(tmp_path, rank=0, total_steps=10, wandb_mode="disabled")
-    opened = pathlib.Path.open
 
-    def full_disk(path, *args, **kwargs):
-        if path == metrics.jsonl_path:
-            raise OSError(errno.ENOSPC, "No space left on device")  # as a buffered write reports it: no file name
-        return opened(path, *args, **kwargs)
+    def full_disk(path, line, **kwargs):
+        assert path == metrics.jsonl_path
+        raise OSError(errno.ENOSPC, "No space left on device")  # as os.write reports it: no file name
 
-    monkeypatch.setattr(pathlib.Path, "open", full_disk)
+    monkeypatch.setattr(metrics_module, "append_line", full_disk)
 
     def log():
         metrics.log_step(1, {"loss": 1.0}, step_time=0.1)
