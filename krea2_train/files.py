@@ -9,7 +9,9 @@ conditioning-cache entries) skip the fsyncs.
 
 Every writer of shards, manifests, exports and run records publishes through this module; the
 checkpoint commit (a directory rename, ``train/checkpoint.py``) uses :func:`fsync_path` the same way.
-The appended logs (``metrics.jsonl``, the run log) are read back with :func:`read_json_lines`;
+The appended logs (``metrics.jsonl``, the run log, sample ids) are written with :func:`append_line`
+(a record after a line torn by a crash starts a line of its own) and read back with
+:func:`read_json_lines` (the torn line is skipped);
 shards and checkpoints check their files' bytes with :func:`file_sha256`.
 """
 

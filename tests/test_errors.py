@@ -175,6 +175,7 @@ def test_a_full_disk_under_the_metrics_file_is_one_line_naming_it(tmp_path, monk
     (["data", "shapes", "--out", "x", "--n", "0"], "argument --n: must be a positive integer, got 0"),
     (["demo", "--scale", "0"], "argument --scale: must be a positive number, got 0"),
     (["demo", "--stages", "0"], "argument --stages: must be an integer from 1 to 8, got 0"),
+    (["demo", "--sample-steps", "0"], "argument --sample-steps: must be an integer from 1 to 1000, got 0"),
     (["lora", "memory", "--resolution", "1000"], "argument --resolution: must be a positive multiple of 16 px, got 1000"),
     (["lora", "memory", "--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
     (["bench", "data", "--queue-workers", "0"], "argument --queue-workers: must be a positive integer, got 0"),
