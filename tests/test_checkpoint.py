@@ -605,6 +605,25 @@ def test_a_checkpoint_of_another_model_or_step_is_refused(tmp_path):
         manager.load({"model": ModelOptimizerState(model, optimizer)})
 
 
+def test_a_lora_run_resumed_with_other_lora_settings_says_which_settings(tmp_path):
+    """Only the LoRA matrices differ (lora.rank 8 saved, 4 now): the message named another model
+    config (model_config.json holds no LoRA settings) and said to move the checkpoint away."""
+    from krea2_train.model.lora import LoRASpec, inject_lora
+
+    def lora_model(rank):
+        model, _ = tiny_model_and_optimizer(seed=0)
+        inject_lora(model, LoRASpec(rank=rank, alpha=rank))
+        return model
+
+    saved = lora_model(8)
+    manager = CheckpointManager(tmp_path, interval=10, async_mode="sync")
+    manager.save(10, {"model": ModelOptimizerState(saved, torch.optim.AdamW(saved.parameters()))})
+    resumed = lora_model(4)
+    with pytest.raises(ckpt.CheckpointMismatchError, match=r"holds LoRA weights of other lora settings than this start's: "
+                       r".*lora_A.weight: \[8, \d+\] saved, \[4, \d+\] here\)\. Resume with the lora.rank and lora.targets"):
+        manager.load({"model": ModelOptimizerState(resumed, torch.optim.AdamW(resumed.parameters()))})
+
+
 def test_retention_renames_before_deleting_so_an_interrupted_deletion_is_an_unfinished_checkpoint(tmp_path, monkeypatch):
     manager = CheckpointManager(tmp_path, interval=10, keep_last=1, async_mode="sync")
     manager.save(10, {"weights": torch.arange(4.0)})

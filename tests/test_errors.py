@@ -104,6 +104,21 @@ def test_a_model_directory_that_is_not_there_is_a_lasting_user_error(tmp_path, c
     assert is_lasting_error(error) and isinstance(error, FileNotFoundError) and str(error).endswith("/x does not exist")
 
 
+def test_a_missing_init_from_names_the_setting(tmp_path, capsys):
+    from krea2_train.__main__ import main
+
+    assert main(["--config", "stage/lora", "stage.init_from=/no/krea2-raw.safetensors", f"runs_root={tmp_path}", "run_name=l"]) == 1
+    assert ("krea2_train: error: stage.init_from='/no/krea2-raw.safetensors': '/no/krea2-raw.safetensors' does not exist"
+            in capsys.readouterr().err)
+    from krea2_train.conditioning.conditioner import build_conditioner
+    from krea2_train.errors import MissingPathError
+
+    with pytest.raises(MissingPathError, match="^conditioning.text_encoder='/no/qwen3-vl-4b': the text encoder directory does not exist$"):
+        build_conditioner("pixel", "/no/qwen3-vl-4b")
+    with pytest.raises(MissingPathError, match="^conditioning.autoencoder_path='/no/vae': the VAE directory does not exist$"):
+        build_conditioner("qwen_image", tmp_path, autoencoder_path="/no/vae")  # checked before any weight loads
+
+
 def test_a_bad_override_is_recorded_and_a_new_start_clears_the_record(tmp_path, monkeypatch):
     """The Slurm launcher passes run_name= and runs_root=: a config that does not compose is
     recorded there too (a typo would fail every restart); the next start removes a stale record."""

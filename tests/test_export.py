@@ -158,7 +158,7 @@ def test_a_bf16_export_samples_in_the_chosen_dtype(run, tmp_path, capsys, monkey
     assert capsys.readouterr().err == "krea2 sample: error: unrecognized arguments: --nope (krea2 sample --help: usage)\n"
     assert krea2([*common, "--height", "30", "--width", "30"]) == 1  # found once the autoencoder is known
     assert "krea2: error: --height/--width gives 30x30 px: this autoencoder needs multiples of 4 px" in capsys.readouterr().err
-    assert "[Errno 2] no LoRA file: 'nothere.safetensors'" in krea2_error([*common, "--lora", "nothere.safetensors"], capsys)
+    assert "no LoRA file nothere.safetensors" in krea2_error([*common, "--lora", "nothere.safetensors"], capsys)
     assert "'abc' is not a strength" in krea2_error([*common, "--lora", "nothere.safetensors:abc"], capsys)
 
 

@@ -47,6 +47,28 @@ def test_a_base_held_below_the_compute_dtype_trains_on_one_rank(base_dtype):
     assert out.dtype == torch.float32 and all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+def test_a_lora_init_that_is_missing_or_does_not_fit_names_the_setting(tmp_path):
+    """lora.init_lora: a missing file is a lasting error (the launcher must not resubmit a typo:
+    it was a plain FileNotFoundError, retried), and a file of another rank says what to set."""
+    from helpers import random_tiny_model
+
+    from krea2_train.errors import MissingPathError, is_lasting_error
+    from krea2_train.model.lora import LoRAError, pairs_of_model
+    from krea2_train.model.lora_formats import save_lora
+
+    missing = tmp_path / "nofile.safetensors"
+    stage = build_stage(load_config("stage/lora", ["stage.init_from=x.safetensors", f"lora.init_lora={missing}"]))
+    with pytest.raises(MissingPathError, match=f"lora.init_lora='{missing}': no LoRA file") as raised:
+        stage.prepare_model(random_tiny_model())
+    assert is_lasting_error(raised.value)
+
+    rank_8 = save_lora(pairs_of_model(build_stage(load_config("stage/lora", ["stage.init_from=x.safetensors", "lora.rank=8"]))
+                                      .prepare_model(random_tiny_model())), tmp_path / "rank8.safetensors")
+    stage = build_stage(load_config("stage/lora", ["stage.init_from=x.safetensors", f"lora.init_lora={rank_8}"]))
+    with pytest.raises(LoRAError, match=r"lora.init_lora=.*has rank 8, the model's LoRA has rank 16 \(set lora.rank and lora.targets"):
+        stage.prepare_model(random_tiny_model())
+
+
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_lora_stage_trains_exports_and_applies(tmp_path, fresh_database_dsn):

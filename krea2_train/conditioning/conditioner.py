@@ -140,7 +140,9 @@ def build_conditioner(
 
     text_dir = Path(text_encoder)
     if not text_dir.is_dir():
-        raise MissingPathError(f"text encoder directory {text_dir} does not exist")
+        raise MissingPathError(f"conditioning.text_encoder={text_encoder!r}: the text encoder directory does not exist")
+    if autoencoder_path is not None and not Path(autoencoder_path).is_dir():  # before the text encoder loads
+        raise MissingPathError(f"conditioning.autoencoder_path={autoencoder_path!r}: the VAE directory does not exist")
     select = tuple(text_select_layers) if text_select_layers else None
     if select is None:
         taps_file = text_dir / TAPS_FILE

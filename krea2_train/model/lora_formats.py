@@ -26,7 +26,6 @@ Every module must be a linear layer of Krea 2 (:func:`check_krea2_modules`).
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import math
@@ -40,6 +39,7 @@ from pathlib import Path
 import torch
 
 from krea2_train.model import layouts
+from krea2_train.errors import MissingPathError
 from krea2_train.model.lora import LoRAError, LoRAPair
 
 LAYOUT_PREFIXES = {"diffusers": "transformer.", "comfyui": "diffusion_model.", "ai-toolkit": "base_model.model."}
@@ -320,7 +320,7 @@ def read_lora(path: str | os.PathLike) -> LoRAFile:
     elif path.is_dir():
         raise LoRAError(f"{path} is a directory, not a LoRA .safetensors file (nor a PEFT directory holding {PEFT_WEIGHTS_NAME})")
     if not path.is_file():
-        raise FileNotFoundError(errno.ENOENT, "no LoRA file", str(path))  # a user error naming the file
+        raise MissingPathError(f"no LoRA file {path}")  # a lasting user error: the launcher does not resubmit a typo
     stored, metadata = layouts.read_safetensors_header(path)
     peft_config = path.parent / PEFT_CONFIG_NAME  # PEFT's save_pretrained directory; beside another file it is another LoRA's
     if PEFT_METADATA_KEY not in metadata and path.name == PEFT_WEIGHTS_NAME and peft_config.is_file():

@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from krea2_train.config.schema import RunConfig
 from krea2_train.devices import compute_precision
-from krea2_train.model.lora import LoRASpec, cast_base, freeze_base, inject_lora, load_pairs_into_model
+from krea2_train.errors import MissingPathError
+from krea2_train.model.lora import LoRAError, LoRASpec, cast_base, freeze_base, inject_lora, load_pairs_into_model
 from krea2_train.stages.base import StageConfigError
 from krea2_train.stages.flow_matching import FlowMatchingStage
 
@@ -68,7 +69,12 @@ class LoRAStage(FlowMatchingStage):
         if self.init_lora is not None:
             from krea2_train.model.lora_formats import read_lora
 
-            load_pairs_into_model(model, read_lora(self.init_lora).pairs)
+            try:
+                load_pairs_into_model(model, read_lora(self.init_lora).pairs)
+            except MissingPathError as error:
+                raise MissingPathError(f"lora.init_lora={self.init_lora!r}: {error}") from error
+            except LoRAError as error:  # another rank or other modules than this run's lora settings
+                raise LoRAError(f"lora.init_lora={self.init_lora!r}: {error} (set lora.rank and lora.targets to the file's)") from error
             logger.info("LoRA weights initialised from %s", self.init_lora)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logger.info(

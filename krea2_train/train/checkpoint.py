@@ -1084,6 +1084,11 @@ class CheckpointManager:
             if resized:
                 first = resized[0]
                 parts.append(f"{len(resized)} weights of another shape (e.g. {first}: {list(found[first])} saved, {list(expected[first])} here)")
+            if parts and all(".lora_A." in name or ".lora_B." in name for name in [*extra, *missing, *resized]):
+                raise CheckpointMismatchError(
+                    f"checkpoint {path} holds LoRA weights of other lora settings than this start's: {'; '.join(parts)}. "
+                    "Resume with the lora.rank and lora.targets the run was trained with, or start a new run_name"
+                )
             if parts:
                 described = "; ".join(parts)
                 raise CheckpointMismatchError(

@@ -223,7 +223,10 @@ def _resolve_and_record_init_from(init_from: str, runs_root: Path, record: Path)
                 )
             return checkpoint
         logger.warning("stage.init_from changed from %r to %r: resolving it again", pinned["init_from"], init_from)
-    checkpoint = find_run_checkpoint(init_from, runs_root).resolve()
+    try:
+        checkpoint = find_run_checkpoint(init_from, runs_root).resolve()
+    except NoCheckpointError as error:  # the message names the setting, not only the path
+        raise NoCheckpointError(f"stage.init_from={init_from!r}: {error}") from error
     check_model_digests(checkpoint)  # once, when pinned: every rank then loads it unchecked, on every start
     write_text(record, json.dumps({"init_from": init_from, "checkpoint": str(checkpoint)}))
     return checkpoint
