@@ -232,6 +232,10 @@ def test_stage_runs_resumes_exports_and_samples(tmp_path, fresh_database_dsn):
     assert "data.global_batch_size=4" in (run_dir / "user_error.txt").read_text()  # and not retried
     data = train(tmp_path, fresh_database_dsn, steps=10, interval=3, extra=[*kernels, "data.num_samples=40"], check=False)
     assert data.returncode == 1 and "data.num_samples 48 pinned, 40 now" in data.stderr, data.stderr[-2000:]
+    import yaml  # the refused starts left the run's recorded settings (read by export, sample) as they were
+
+    recorded_data = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
+    assert (recorded_data["global_batch_size"], recorded_data["num_samples"]) == (4, 48)
 
     # export loads in diffusers; sample writes a PNG from the run
     from diffusers import Krea2Transformer2DModel

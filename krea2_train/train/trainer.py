@@ -374,7 +374,11 @@ class Trainer:
     def _prepare_run_dir(self) -> None:
         """Write the run's config and model config. A restart must build the model its checkpoints
         hold: every rank compares the recorded model config first (the run directory is shared),
-        so a changed ``model`` setting fails naming the keys instead of loading a partial model."""
+        so a changed ``model`` setting fails naming the keys instead of loading a partial model.
+        A restart's ``config.yaml`` is written once its checkpoint has loaded (:meth:`resume`): a
+        start the checkpoint refuses (another ``lora.rank``, batch size or data) leaves the run's
+        recorded settings, which ``lora export`` and ``sample`` read, as they were."""
+        self._config_after_load: str | None = None
         if not self.fresh_start and (self.run_dir / MODEL_CONFIG_NAME).is_file():
             check_same_model_config(
                 self.model_config, load_model_config(self.run_dir), "this start's model",
@@ -387,7 +391,10 @@ class Trainer:
                 changed = changed_settings((self.run_dir / "config.yaml").read_text(), written)
                 if changed:
                     logger.warning("this start changes the run's settings: %s", "; ".join(changed))
-            write_text(self.run_dir / "config.yaml", written)
+            if self.fresh_start or not (self.run_dir / "config.yaml").is_file():
+                write_text(self.run_dir / "config.yaml", written)
+            else:
+                self._config_after_load = written
             write_model_config(self.run_dir, self.model_config)
         self._barrier()
 
@@ -555,6 +562,9 @@ class Trainer:
         rank): seeded from ``(seed, step 0, rank)``.
         """
         loaded = self.checkpointer.load(self.checkpoint_state())
+        if self._config_after_load is not None:  # rank 0, a restart: its settings are the run's now
+            write_text(self.run_dir / "config.yaml", self._config_after_load)
+            self._config_after_load = None
         if loaded is not None:
             self.metrics.event(self.train_state.step, "resume", checkpoint=str(loaded.path))
         else:
