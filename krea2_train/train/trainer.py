@@ -313,6 +313,8 @@ def reduce_step_values(
 
 
 class Trainer:
+    _config_after_load: str | None = None  # a restart's config.yaml, written once its checkpoint loaded (rank 0)
+
     def __init__(self, config: RunConfig) -> None:
         self.config = config
         self.stage = build_stage(config)  # a stage's bad settings fail before any heavy work
@@ -378,7 +380,6 @@ class Trainer:
         A restart's ``config.yaml`` is written once its checkpoint has loaded (:meth:`resume`): a
         start the checkpoint refuses (another ``lora.rank``, batch size or data) leaves the run's
         recorded settings, which ``lora export`` and ``sample`` read, as they were."""
-        self._config_after_load: str | None = None
         if not self.fresh_start and (self.run_dir / MODEL_CONFIG_NAME).is_file():
             check_same_model_config(
                 self.model_config, load_model_config(self.run_dir), "this start's model",
