@@ -81,21 +81,15 @@ def append_line(path: str | os.PathLike, line: str, *, durable: bool = False) ->
     descriptor (writers on several ranks do not interleave), fsynced when ``durable``. A log whose
     last line was torn by a crash (no newline at its end) gets one first, so the torn line stays
     the only one lost: appended to it, the new record would be skipped with it."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         size = os.fstat(descriptor).st_size
-        torn = size > 0 and _last_byte(path, size) != b"\n"
+        torn = size > 0 and os.pread(descriptor, 1, size - 1) != b"\n"
         os.write(descriptor, (("\n" if torn else "") + line + "\n").encode())
         if durable:
             os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-def _last_byte(path: str | os.PathLike, size: int) -> bytes:
-    with open(path, "rb") as handle:
-        handle.seek(size - 1)
-        return handle.read(1)
 
 
 def read_json_lines(path: str | os.PathLike) -> list[Any]:

@@ -132,7 +132,7 @@ def database_events(conn, run: str) -> list[dict[str, Any]]:
     if legacy:
         runs.setdefault(owner, []).extend(legacy)
     if len(runs) <= 1:
-        return sorted(events, key=lambda e: e["time"])
+        return events  # in time order already (ORDER BY at)
     newest = max(runs, key=lambda key: max(e["time"] for e in runs[key]))
     logger.warning("%d other run(s) named %r have events in the database (a run directory moved or deleted, then "
                    "the name used again): reporting the newest, run_id %s", len(runs) - 1, run, newest)
