@@ -290,6 +290,49 @@ def test_a_failed_write_is_reported_and_keeps_the_previous_checkpoint(tmp_path, 
     assert sorted(manager.committed()) == [10, 30]
 
 
+@pytest.mark.parametrize("async_mode", ["sync", "async"])
+def test_tolerated_failed_saves_let_training_go_on_until_too_many_fail_in_a_row(tmp_path, monkeypatch, async_mode):
+    """checkpoint.tolerated_failures=1: one failed periodic save is logged and listed, the next
+    save tries again and a success resets the count; two in a row raise, naming both; a save that
+    must succeed (the run's last) and an explicit wait raise at the first failure."""
+    state = {"weights": torch.arange(10.0)}
+    manager = CheckpointManager(tmp_path, interval=10, async_mode=async_mode, tolerated_failures=1)
+    disk_full = OSError(errno.ENOSPC, "No space left on device")
+    real_writer = ckpt._storage_writer
+
+    def save(step, failing, **kwargs):
+        monkeypatch.setattr(ckpt, "_storage_writer", gated_writer(error=disk_full) if failing else real_writer)
+        return manager.save(step, state, **kwargs)
+
+    save(10, failing=False)
+    save(20, failing=True)  # async: fails in the background, found by the next save
+    assert len(manager.failed_saves) == (0 if async_mode == "async" else 1)  # sync: found at once
+    save(30, failing=False)  # tries again
+    manager.wait()
+    ((failed_step, message),) = manager.failed_saves
+    assert failed_step == 20 and "checkpoint step 20 could not be written" in message
+    assert sorted(manager.committed()) == [10, 30] and manager.failures_in_a_row == 0
+    manager.failed_saves.clear()
+
+    save(40, failing=True)
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint step 50 could not be written .*\(2 saves in a row failed\)"):
+        save(50, failing=True)
+        manager.wait(tolerate=True)  # async: the second failure is found here
+    assert [step for step, _ in manager.failed_saves] == [40]
+    assert sorted(manager.committed()) == [10, 30]
+
+    manager.failures_in_a_row = 0
+    with pytest.raises(CheckpointWriteError, match="checkpoint step 60"):
+        save(60, failing=True, may_fail=False)  # the last save of a run
+        manager.wait()
+    if async_mode == "async":
+        manager.failures_in_a_row = 0
+        save(70, failing=True)
+        with pytest.raises(CheckpointWriteError, match="checkpoint step 70"):
+            manager.wait()  # an explicit wait (an exit, the end of a run) raises
+    assert sorted(manager.committed()) == [10, 30]
+
+
 def _fail_with(error: OSError):
     def failing(*args, **kwargs):
         raise error

@@ -73,6 +73,20 @@ def test_summary_mtbf_mttr_goodput_and_failures():
     assert "productive steps n/a" in format_report("runs/x", blind)
 
 
+def test_a_tolerated_failed_save_is_reported_and_is_not_a_failure_of_the_run():
+    events = [
+        event("start", 1, 0.0, 0, process_started=0.0),
+        event("checkpoint_failed", 1, 50.0, 20, detail="checkpoint step 20 could not be written to /ckpt: No space left on device"),
+        event("stop", 1, 100.0, 40, reason="completed"),
+    ]
+    summary = summarize(events, [])
+    assert summary["failures"] == [] and summary["mtbf_s"] is None and summary["uptime_s"] == pytest.approx(100.0)
+    text = format_report("runs/x", summary)
+    assert "0 failure(s)" in text
+    assert "checkpoint saves that failed while training went on: 1" in text and "step 20  checkpoint step 20 could not" in text
+    assert "saves that failed" not in format_report("runs/x", summarize(events[::2], []))
+
+
 def test_summary_without_failures_and_an_empty_log():
     events = [event("start", 1, 0.0, 0, process_started=0.0), event("stop", 1, 10.0, 5, reason="completed")]
     summary = summarize(events, [])
@@ -265,12 +279,13 @@ def test_mirror_to_postgres_catches_up_after_an_outage(tmp_path, fresh_store):
     log.close()
     log = RunLog(tmp_path, "mirror-run", rank=0, incarnation=2, dsn=fresh_store.dsn)
     log.record("start", 2, resumed_step=2)
+    log.record("checkpoint_failed", 4, detail="checkpoint step 4 could not be written")  # every kind the table takes
     assert log.mirror_now() is True
     log.close()
     with fresh_store.pool.connection() as conn:
         stored = database_events(conn, "mirror-run")
         assert log.mirror_now() is True  # idempotent
-        assert len(database_events(conn, "mirror-run")) == 3
+        assert len(database_events(conn, "mirror-run")) == 4
     local = read_events(tmp_path)
     assert [e["id"] for e in stored] == [e["id"] for e in local]
     assert stored[1]["cause"] == "hang" and stored[1]["step"] == 3

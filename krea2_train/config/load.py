@@ -224,6 +224,7 @@ def validate(config: RunConfig) -> None:
     _require(config.checkpoint.interval > 0, "checkpoint.interval", "must be positive")
     _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1 (the checkpoint to resume from)")
     _require(config.checkpoint.keep_every >= 0, "checkpoint.keep_every", "must be >= 0 (0: off)")
+    _require(config.checkpoint.tolerated_failures >= 0, "checkpoint.tolerated_failures", "must be >= 0 (0: every failed save ends the run)")
     _require(
         bool(config.run_name) and config.run_name not in (".", "..") and "/" not in config.run_name and "\\" not in config.run_name,
         "run_name", f"must name one directory under runs_root, got {config.run_name!r}",

@@ -151,6 +151,9 @@ class CheckpointConfig:
     keep_last: int = 3
     keep_every: int = 0
     async_mode: str = "async"  # async | sync
+    # periodic saves in a row that may fail (a flaky or briefly full disk) while training goes on
+    # from the checkpoint before; the save at the end of a run or before an exit must succeed
+    tolerated_failures: int = 1
 
 
 @dataclass

@@ -583,6 +583,10 @@ class CheckpointManager:
             after a blocking copy of the state to host memory; ``"sync"`` writes before returning.
         seed: the run's seed, for reseeding RNGs when the world size changed.
         config_hash: recorded in each manifest; a mismatch on load is logged.
+        tolerated_failures: saves in a row that may fail without :meth:`save` raising (0: none).
+            A save that fails is logged and listed in :attr:`failed_saves` (step, message), and the previous
+            checkpoint stays the latest; a save whose caller passes ``may_fail=False`` (the last of
+            a run, one before an exit) and an explicit :meth:`wait` always raise.
 
     Collective: construct, save, wait and load on every rank, in the same order.
     """
@@ -597,7 +601,10 @@ class CheckpointManager:
         async_mode: Literal["async", "sync"] = "async",
         seed: int = 0,
         config_hash: str | None = None,
+        tolerated_failures: int = 0,
     ) -> None:
+        if tolerated_failures < 0:
+            raise ValueError(f"tolerated_failures must be >= 0, got {tolerated_failures}")
         if async_mode not in ("async", "sync"):
             raise ValueError(f"async_mode must be 'async' or 'sync', got {async_mode!r}")
         if keep_last < 1:
@@ -612,6 +619,9 @@ class CheckpointManager:
         self.async_mode = async_mode
         self.seed = seed
         self.config_hash = config_hash
+        self.tolerated_failures = tolerated_failures
+        self.failures_in_a_row = 0  # saves that failed since the last one that committed
+        self.failed_saves: list[tuple[int, str]] = []  # tolerated failures (step, message), for the caller to record and clear
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
@@ -620,6 +630,7 @@ class CheckpointManager:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-commit")
         self._staging = _Staging() if async_mode == "async" else None
         self._pending: Future | None = None  # the commit of the save in flight
+        self._pending_step, self._pending_may_fail = 0, False
         self._abandoned = False  # a newer start owns the run: commit nothing more (see abandon)
         self._left_tmp_dirs: set[str] = set()  # other starts' fresh unfinished checkpoints, warned about once
         self.last_blocked_s: float | None = None
@@ -673,26 +684,32 @@ class CheckpointManager:
         stateful: Mapping[str, Any],
         *,
         force: bool = False,
+        may_fail: bool = True,
         rank_local: Mapping[str, Stateful] | None = None,
     ) -> bool:
         """Checkpoint ``stateful`` at ``step`` if it is due (or ``force``); returns whether it started.
 
         Args:
             stateful: key -> Stateful or state (tensors, DTensors, plain values identical on all ranks).
+            may_fail: this save's failure counts against ``tolerated_failures``; False: it raises.
             rank_local: Statefuls whose state differs per rank; restored only at the same world size.
         Raises:
-            CheckpointWriteError: the previous asynchronous save failed (raised by :meth:`wait`), or,
-                in sync mode, this one did.
+            CheckpointWriteError: the previous asynchronous save failed (found here), or, in sync
+                mode, this one did; unless the failure is tolerated (see ``tolerated_failures``).
         """
         if not (force or self.should_save(step)):
             return False
-        self.wait()
+        self.wait(tolerate=True)
         if self._broadcast_from_rank0(step in self.committed() if self.rank == 0 else None):
             logger.info("checkpoint step %d is already committed; not saving it again", step)
             return False
         tmp_dir = self.checkpoints_dir / tmp_dir_name(step, self._token)
         started = time.perf_counter()
-        self._prepare(step, tmp_dir, rank_local or {})
+        try:
+            self._prepare(step, tmp_dir, rank_local or {})
+        except CheckpointWriteError as error:  # the same on every rank
+            self._failed(step, error, may_fail)
+            return False
         state = dict(stateful)
         if self.async_mode == "async":
             write = dcp.async_save(
@@ -714,8 +731,9 @@ class CheckpointManager:
         model_prefixes = list(_models_by_prefix(stateful))
         finish = dict(step=step, tmp_dir=tmp_dir, write=write, started=started, blocked_s=blocked_s, model_prefixes=model_prefixes)
         self._pending = self._executor.submit(self._finish, **finish)
+        self._pending_step, self._pending_may_fail = step, may_fail
         if self.async_mode == "sync":
-            self.wait()
+            self.wait(tolerate=True)
         return True
 
     def _prepare(self, step: int, tmp_dir: Path, rank_local: Mapping[str, Stateful]) -> None:
@@ -824,6 +842,10 @@ class CheckpointManager:
             json.dump(manifest, file, indent=2)
             file.flush()
             os.fsync(file.fileno())
+        # the directory's entries (every rank's files and the manifest) are durable before the
+        # rename makes them a checkpoint: a power loss never leaves a step-N missing a file
+        fsync_path(tmp_dir)
+        fsync_path(tmp_dir / RANK_STATE_DIR)
         final_dir = self.checkpoints_dir / step_dir_name(step)
         if final_dir.exists():
             try:
@@ -899,16 +921,38 @@ class CheckpointManager:
         not committed (its files are removed), and :meth:`wait` and :meth:`close` raise nothing for it."""
         self._abandoned = True
 
-    def wait(self) -> None:
+    def wait(self, *, tolerate: bool = False) -> None:
         """Finish the pending save, if any (collective).
 
+        Args:
+            tolerate: its failure counts against ``tolerated_failures`` if its save ``may_fail``,
+                instead of raising.
         Raises:
             CheckpointWriteError: it failed (the checkpoint path and the OS error are in the message).
         """
         if self._pending is None:
             return
         pending, self._pending = self._pending, None
-        pending.result()
+        try:
+            pending.result()
+        except CheckpointWriteError as error:  # the outcome is broadcast: every rank agrees
+            self._failed(self._pending_step, error, tolerate and self._pending_may_fail)
+        else:
+            self.failures_in_a_row = 0
+
+    def _failed(self, step: int, error: CheckpointWriteError, may_fail: bool) -> None:
+        """Raise ``error``, unless it is tolerated: then it is logged and listed in :attr:`failed_saves`."""
+        self.failures_in_a_row += 1
+        if not may_fail or self.failures_in_a_row > self.tolerated_failures:
+            if self.failures_in_a_row > 1:
+                raise CheckpointWriteError(f"{error} ({self.failures_in_a_row} saves in a row failed)") from error
+            raise error
+        logger.error(
+            "%s; training goes on, the checkpoint before stays the latest and the next save tries again "
+            "(%d of %d failed saves in a row tolerated: checkpoint.tolerated_failures)",
+            error, self.failures_in_a_row, self.tolerated_failures,
+        )  # fmt: skip
+        self.failed_saves.append((step, str(error)))
 
     def close(self) -> None:
         """Finish the pending save and stop the background thread."""

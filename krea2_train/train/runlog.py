@@ -366,6 +366,11 @@ class Supervision:
         if self.run_log.rank == 0:
             self.run_log.record("stop", step, reason=reason)
 
+    def checkpoint_failed(self, step: int, detail: str) -> None:
+        """A save that failed and was tolerated: not a failure of the run, which goes on."""
+        if self.run_log.rank == 0:
+            self.run_log.record("checkpoint_failed", step, detail=detail)
+
     def failed(self, step: int, error: BaseException) -> None:
         from krea2_train.train.checkpoint import CheckpointWriteError
 
@@ -469,7 +474,8 @@ def summarize(events: list[dict[str, Any]], step_records: list[dict[str, Any]], 
         ``incarnations``, ``failures`` (one row per failed incarnation: time, cause, rank, step,
         steps_lost, recovery_s, detail), ``wall_s``, ``uptime_s``, ``productive_s``, ``mtbf_s``
         (uptime / failures; None without failures), ``mttr_s`` (mean recovery; None without a
-        recovery), ``goodput`` (productive step time / wall time).
+        recovery), ``goodput`` (productive step time / wall time), ``failed_saves`` (the periodic
+        saves that failed while training went on: time, step, detail).
     """
     events = sorted(events, key=lambda e: e["time"])
     if not events:
@@ -518,6 +524,9 @@ def summarize(events: list[dict[str, Any]], step_records: list[dict[str, Any]], 
         "mttr_s": statistics.fmean(recoveries) if recoveries else None,
         "goodput": productive / wall if wall > 0 and step_records else None,
         "steps_lost": sum(f["steps_lost"] or 0 for f in failures),
+        "failed_saves": [
+            {"time": e["time"], "step": e.get("step"), "detail": e.get("detail", "")} for e in events if e["kind"] == "checkpoint_failed"
+        ],
     }
 
 
@@ -551,4 +560,10 @@ def format_report(run: str, summary: dict[str, Any]) -> str:
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
         for row in [header, *rows]:
             lines.append("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    failed_saves = summary.get("failed_saves") or []
+    if failed_saves:
+        lines.append(f"checkpoint saves that failed while training went on: {len(failed_saves)}")
+        for save in failed_saves:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(save["time"]))
+            lines.append(f"  {when}  step {save['step']}  {save['detail']}")
     return "\n".join(lines)

@@ -358,6 +358,7 @@ class Trainer:
             async_mode=config.checkpoint.async_mode,
             seed=config.seed,
             config_hash=config_hash(config),
+            tolerated_failures=config.checkpoint.tolerated_failures,
         )
         self.metrics = MetricsLogger(
             self.run_dir,
@@ -578,13 +579,22 @@ class Trainer:
         """
         step = self.train_state.step
         counters = self.train_state.state_dict()
-        self.checkpointer.wait()
+        self.checkpointer.wait(tolerate=True)
+        self._record_failed_saves(step)
         state = self.checkpoint_state(with_loader=False)
         del state["train_state"]
         loaded = self.checkpointer.load(state)
         self.train_state.load_state_dict(counters)
         self.metrics.event(step, "rollback", to=None if loaded is None else str(loaded.path))
         self.train_state.consecutive_skips = 0
+
+    def _record_failed_saves(self, step: int) -> None:
+        """The saves that failed and were tolerated (the checkpointer logged them), in the metrics
+        and the run log, at their own step (an asynchronous save's failure is found at ``step``)."""
+        for failed_step, error in self.checkpointer.failed_saves:
+            self.metrics.event(failed_step, "checkpoint_failed", error=error, found_at=step)
+            self.supervision.checkpoint_failed(failed_step, error)
+        self.checkpointer.failed_saves.clear()
 
     # -- signals --------------------------------------------------------------------------------
 
@@ -780,7 +790,12 @@ class Trainer:
                 # no periodic checkpoint inside a streak of skipped steps: rollback must reach a
                 # state from before the instability
                 if self.train_state.consecutive_skips == 0 or step == total or signal_now > 0:
-                    if self.checkpointer.save(step, self.checkpoint_state(), force=step == total or signal_now > 0):
+                    # the run's last save and an exit's must succeed; a periodic one may fail
+                    # (checkpoint.tolerated_failures in a row) and the next one tries again
+                    last = step == total or signal_now == CHECKPOINT_AND_EXIT
+                    started = self.checkpointer.save(step, self.checkpoint_state(), force=step == total or signal_now > 0, may_fail=not last)
+                    self._record_failed_saves(step)
+                    if started:
                         self.metrics.event(step, "checkpoint", blocked_s=round(self.checkpointer.last_blocked_s, 4))
                 if signal_now == CHECKPOINT_AND_EXIT:
                     self.checkpointer.wait()
