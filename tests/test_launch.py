@@ -34,7 +34,7 @@ esac
 """
 FAKE_SCONTROL = """#!/usr/bin/env bash
 if [[ "$1 $2" == "show hostnames" ]]; then tr ',' '\\n' <<<"$3"; exit 0; fi
-if [[ "$1 $2" == "show job" ]]; then echo "   RunTime=00:10:00 TimeLimit=${FAKE_TIME_LIMIT:-UNLIMITED} TimeMin=N/A"; exit 0; fi
+if [[ "$1 $2" == "show job" ]]; then printf '   RunTime=00:10:00 TimeLimit=%s TimeMin=N/A\\n   Features=%s DelayBoot=00:00:00\\n' "${FAKE_TIME_LIMIT:-UNLIMITED}" "${FAKE_FEATURES:-(null)}"; exit 0; fi
 echo "scontrol $*" >>"$FAKE_LOG"
 if [[ "$1" == requeue && -n "${FAKE_REQUEUE_FAILS:-}" ]]; then exit 1; fi  # slurmctld timing out
 if [[ "$1" == requeue ]]; then  # as Slurm does: end the running job
@@ -129,7 +129,8 @@ def test_slurm_failure_checks_nodes_lists_the_faulty_one_and_resubmits_excluding
     env = fake_cluster(tmp_path, nodes="node1,node2,node3", srun_mode="exit:1", healthy="node1 node3",
                        extra_env={"SLURM_RESTART_COUNT": "2",  # this job was requeued twice; its resubmission is new
                                   "SLURM_JOB_PARTITION": "gpu", "SLURM_JOB_ACCOUNT": "proj", "SLURM_JOB_QOS": "high",
-                                  "SLURM_GPUS_PER_NODE": "8", "SLURM_CPUS_PER_TASK": "96", "FAKE_TIME_LIMIT": "1-00:00:00"})
+                                  "SLURM_GPUS_PER_NODE": "8", "SLURM_CPUS_PER_TASK": "96", "FAKE_TIME_LIMIT": "1-00:00:00",
+                                  "SLURM_MEM_PER_NODE": "512000", "FAKE_FEATURES": "h100&ib"})
     exclude_file = tmp_path / "runs" / "faulty_nodes.txt"
     exclude_file.parent.mkdir(parents=True)
     exclude_file.write_text("node9\n")
@@ -142,7 +143,8 @@ def test_slurm_failure_checks_nodes_lists_the_faulty_one_and_resubmits_excluding
     assert "--exclude=node2,node9" in resubmission and "--nodes=3" in resubmission
     assert "KREA2_RUN_NAME=pt-a" in resubmission and "KREA2_RESUBMIT_COUNT=1" in resubmission
     # the submission's own options (sbatch -p/-A/--qos/--time/... on the command line) travel with it
-    for option in ("--partition=gpu", "--account=proj", "--qos=high", "--gpus-per-node=8", "--cpus-per-task=96", "--time=1-00:00:00"):
+    for option in ("--partition=gpu", "--account=proj", "--qos=high", "--gpus-per-node=8", "--cpus-per-task=96", "--time=1-00:00:00",
+                   "--mem=512000M", "--constraint=h100&ib"):
         assert f" {option} " in resubmission, option
     assert resubmission.endswith("launch/slurm/train_multi_node.sbatch --config stage/pretrain_256 optim.lr=1e-4")  # no restart count
     assert "node node2 failed its check" in result.stdout

@@ -73,8 +73,10 @@ start_step="$(latest_step)"
 resubmitted_at_step="${KREA2_RESUBMIT_STEP:-$start_step}"
 
 job_options() {  # the submission's own options that a new job must keep (command-line ones beat #SBATCH lines)
-    local time_limit
-    time_limit="$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/.*TimeLimit=\([^ ]*\).*/\1/p' | head -n 1 || true)"
+    local job time_limit features
+    job="$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null || true)"
+    time_limit="$(sed -n 's/.*TimeLimit=\([^ ]*\).*/\1/p' <<<"$job" | head -n 1)"
+    features="$(sed -n 's/.*[[:space:]]Features=\([^ ]*\).*/\1/p' <<<"$job" | head -n 1)"  # the requested --constraint
     echo "--job-name=${SLURM_JOB_NAME:-krea2}"
     [[ -n "${SLURM_JOB_PARTITION:-}" ]] && echo "--partition=$SLURM_JOB_PARTITION"
     [[ -n "${SLURM_JOB_ACCOUNT:-}" ]] && echo "--account=$SLURM_JOB_ACCOUNT"
@@ -83,6 +85,12 @@ job_options() {  # the submission's own options that a new job must keep (comman
     [[ -n "${SLURM_GPUS_PER_NODE:-}" ]] && echo "--gpus-per-node=$SLURM_GPUS_PER_NODE"
     [[ -n "${SLURM_CPUS_PER_TASK:-}" ]] && echo "--cpus-per-task=$SLURM_CPUS_PER_TASK"
     [[ -n "$time_limit" && "$time_limit" != UNLIMITED && "$time_limit" != Partition_Limit ]] && echo "--time=$time_limit"
+    # memory (Slurm exports the one the job asked for, in MB) and node features
+    if [[ -n "${SLURM_MEM_PER_NODE:-}" ]]; then echo "--mem=${SLURM_MEM_PER_NODE}M"
+    elif [[ -n "${SLURM_MEM_PER_CPU:-}" ]]; then echo "--mem-per-cpu=${SLURM_MEM_PER_CPU}M"
+    elif [[ -n "${SLURM_MEM_PER_GPU:-}" ]]; then echo "--mem-per-gpu=${SLURM_MEM_PER_GPU}M"
+    fi
+    [[ -n "$features" && "$features" != "(null)" ]] && echo "--constraint=$features"
     return 0
 }
 
