@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -173,9 +174,17 @@ def test_load_model_casts_and_places(tmp_path, model, state_dict):
     expected_original = layouts.diffusers_to_original(state_dict, "model.diffusion_model.")
     assert_same_tensors(written, {key: tensor.to(torch.bfloat16) for key, tensor in expected_original.items()})
     loaded = layouts.load_model(path, device="cpu", dtype=torch.float16)
-    expected = {key: tensor.to(torch.bfloat16).to(torch.float16) for key, tensor in state_dict.items()}
+    # the RMSNorm scales stay fp32 (as diffusers' _keep_in_fp32_modules keeps them)
+    norm = re.compile(r"(^|\.)norm[^.]*\.weight$")
+    assert any(norm.search(key) for key in state_dict)
+    expected = {
+        key: tensor.to(torch.bfloat16).to(torch.float32 if norm.search(key) else torch.float16) for key, tensor in state_dict.items()
+    }
     assert_same_tensors(loaded.state_dict(), expected)
     assert all(parameter.requires_grad for parameter in loaded.parameters())
+    layouts.save_diffusers(state_dict, tmp_path / "diffusers", model.config)
+    reference = Krea2Transformer2DModel.from_pretrained(tmp_path / "diffusers", torch_dtype=torch.float16)
+    assert {key: tensor.dtype for key, tensor in loaded.state_dict().items()} == {key: tensor.dtype for key, tensor in reference.state_dict().items()}
 
 
 @pytest.mark.parametrize("preset", ["small", "krea2_medium"])

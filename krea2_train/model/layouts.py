@@ -36,7 +36,7 @@ import torch
 
 from krea2_train.errors import Krea2Error, MissingPathError
 from krea2_train.files import published, write_text
-from krea2_train.model.dit import AUXILIARY_PREFIX, DEFAULT_CONFIG, Krea2DiT
+from krea2_train.model.dit import AUXILIARY_PREFIX, DEFAULT_CONFIG, Krea2DiT, ZeroCenteredRMSNorm
 from krea2_train.model.presets import build_model
 
 DIFFUSERS_CLASS_NAME = "Krea2Transformer2DModel"
@@ -726,11 +726,16 @@ def load_model(
 
     Args:
         config: Krea2DiT keywords; defaults to the checkpoint's own, else inferred from shapes.
-        dtype: parameter dtype; defaults to the dtypes :func:`build_model` gives.
+        dtype: parameter dtype; defaults to the dtypes :func:`build_model` gives. The RMSNorm
+            scales stay fp32, as diffusers keeps them (``_keep_in_fp32_modules``): the norms
+            compute in fp32, and the same file gives both models the same weights.
     """
     checkpoint = index_checkpoint(path)
     config = dict(config) if config is not None else checkpoint.model_config()
     model = build_model(config, device="meta", dtype=dtype)
+    for module in model.modules():
+        if isinstance(module, ZeroCenteredRMSNorm):
+            module.float()
     expected = model.state_dict()
     check_compatible(checkpoint, {key: tensor.shape for key, tensor in expected.items()})
     loaded = {
