@@ -5,6 +5,7 @@ import argparse
 import math
 
 import pytest
+import torch
 
 from krea2_train.bench import ckpt as bench_ckpt
 from krea2_train.train.checkpoint import MANIFEST_NAME, CheckpointManager
@@ -65,3 +66,19 @@ def test_full_write_time_includes_the_commit(tmp_path, monkeypatch):
     model, optimizer = bench_ckpt.model_with_optimizer_state("tiny")
     saves = bench_ckpt.time_saves(tmp_path / "run", model, optimizer, saves=2, clock=clock)
     assert [save["write_s"] for save in saves] == [100.0, 100.0]
+
+
+def test_the_full_width_model_and_a_missing_cuda_device():
+    """``full_width`` is the real text path and one full-width Krea 2 block (the GPU check's
+    model: its bytes per parameter extrapolate to the 12.9B model); asking for CUDA where there
+    is none names the flag."""
+    from krea2_train.errors import UsageError
+    from krea2_train.model.dit import DEFAULT_CONFIG
+    from krea2_train.model.presets import count_parameters
+
+    model = bench_ckpt.build_bench_model("full_width", device="meta")
+    assert model.config["num_layers"] == 1 and model.config["intermediate_size"] == DEFAULT_CONFIG["intermediate_size"]
+    assert 1.0e9 < count_parameters(model) < 1.2e9
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="--ckpt-device cuda"):
+            bench_ckpt.run(_args("--ckpt-device", "cuda"))

@@ -13,6 +13,7 @@
 #   bash infra/gpu/checks.sh post-training                 # ~8 min: pretrain -> stpo -> grpo -> tdm in bf16
 #   bash infra/gpu/checks.sh curation                      # ~5 min: k-means runs, searches and semantic dedup in torch on the GPU
 #   bash infra/gpu/checks.sh lora-12b                      # ~4 min: LoRA on the 12.9B model, step time and peak memory
+#   bash infra/gpu/checks.sh checkpoint lora-run           # ~6 min: a 1.1B checkpoint from GPU memory; LoRA runs, bf16 and float8 base
 #
 # Everything lands under $OUT/<part>/ (JSON and logs); then, on any machine,
 # `python infra/gpu/summarize.py DIR` prints the markdown tables for docs/benchmarks.md.
@@ -165,8 +166,26 @@ EOF
         # its table is in data_balance.log (summarize.py reads the train benches' JSON only)
         run data_balance 420 python3 -m krea2_train.bench.data_balance --images 1000000
         ;;
+    checkpoint)  # a save of the real text path and one full-width block (1.1B, 13 GB with AdamW) from GPU memory:
+        # the time it blocks training (the copy to pinned host memory) against its write; bytes per
+        # parameter extrapolate to the 12.9B model against resilience.checkpoint_timeout_s
+        run ckpt_full_width 420 python3 -m krea2_train.cli bench ckpt --ckpt-model full_width --ckpt-device cuda \
+            --ckpt-saves 3 --ckpt-dir "$OUT/$part/ckpt" --json "$OUT/$part/ckpt_full_width.json"
+        ;;
+    lora-run)  # LoRA stage runs on CUDA from a short pretrain: the base frozen in bf16 (base_dtype auto under
+        # bf16 mixed precision) and in float8; loss finite, the exported LoRA loads back
+        LORA=("${SMALL[@]}" "${COMMON[@]}" "runs_root=$OUT/$part/runs" data.num_samples=512 data.resolution=256)
+        run pretrain 240 python3 -m krea2_train --config stage/pretrain_256 "${LORA[@]}" stage.init_from=null \
+            stage.steps=20 data.global_batch_size=16
+        for base in bf16 float8; do
+            run "lora_$base" 200 python3 -m krea2_train --config stage/lora "${LORA[@]}" stage.init_from=pretrain_256 \
+                "run_name=lora_$base" "lora.base_dtype=$base" stage.steps=30 data.global_batch_size=8
+        done
+        run lora_export 120 python3 -m krea2_train.cli lora export lora_bf16 --runs-root "$OUT/$part/runs" \
+            --out "$OUT/$part/lora_bf16.safetensors"
+        ;;
     *)
-        echo "unknown part '$part': env kernels bench-targets owed bench-more bench-memory fp8-speed profile fp8-256 fp8-512 post-training curation lora-12b" >&2
+        echo "unknown part '$part': env kernels bench-targets owed bench-more bench-memory fp8-speed profile fp8-256 fp8-512 post-training curation lora-12b checkpoint lora-run" >&2
         exit 2
         ;;
     esac

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from krea2_train.arguments import positive_int
+from krea2_train.errors import UsageError
 from krea2_train.bench.mttr import MODEL_100M
 from krea2_train.model.presets import build_model, count_parameters
 from krea2_train.train.checkpoint import CheckpointManager, ModelOptimizerState
@@ -40,16 +41,23 @@ CHUNK_BYTES = 64 * 2**20
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt-dir", default=None, help="where to write (default: a temporary directory under $TMPDIR)")
     parser.add_argument("--ckpt-saves", type=positive_int, default=5, help="saves to time (default 5; the median is reported: the first save allocates the reusable staging buffers)")
-    parser.add_argument("--ckpt-model", default="100m", choices=["tiny", "100m"], help="model to save (default 100m)")
+    parser.add_argument("--ckpt-model", default="100m", choices=list(BENCH_MODELS),
+                        help="model to save (default 100m; full_width: the real text path and one full-width block, 1.1B)")
+    parser.add_argument("--ckpt-device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the model and its optimizer state live (cuda: the blocked time is the copy to pinned host memory)")
 
 
-def build_bench_model(name: str) -> torch.nn.Module:
-    return build_model("tiny", **(MODEL_100M if name == "100m" else {}))
+BENCH_MODELS = {"tiny": ("tiny", {}), "100m": ("tiny", MODEL_100M), "full_width": ("bench_full_width", {"num_layers": 1})}
 
 
-def model_with_optimizer_state(name: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def build_bench_model(name: str, device: str = "cpu") -> torch.nn.Module:
+    preset, overrides = BENCH_MODELS[name]
+    return build_model(preset, device=device, **overrides)
+
+
+def model_with_optimizer_state(name: str, device: str = "cpu") -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
-    model = build_bench_model(name)
+    model = build_bench_model(name, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for parameter in model.parameters():
         parameter.grad = torch.randn_like(parameter)
@@ -106,8 +114,10 @@ def time_saves(
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    model, optimizer = model_with_optimizer_state(args.ckpt_model)
-    label = f"{args.ckpt_model} ({count_parameters(model) / 1e6:.0f}M params)"
+    if args.ckpt_device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--ckpt-device cuda was asked for but torch sees no CUDA device")
+    model, optimizer = model_with_optimizer_state(args.ckpt_model, args.ckpt_device)
+    label = f"{args.ckpt_model} ({count_parameters(model) / 1e6:.0f}M params, {args.ckpt_device})"
     if args.ckpt_dir:  # e.g. the shared filesystem a run would checkpoint to; created when new
         Path(args.ckpt_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="krea2-bench-ckpt-", dir=args.ckpt_dir) as tmp:
