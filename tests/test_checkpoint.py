@@ -704,6 +704,15 @@ def test_ranks_that_disagree_about_a_checkpoint_fall_back_together(tmp_path):
     assert sorted(path.read_text() for path in (tmp_path / "steps").iterdir()) == ["3", "3"]
 
 
+@pytest.mark.slow
+def test_ranks_tolerate_a_failed_save_together(tmp_path):
+    """One rank's write fails (an I/O error on one node): every rank tolerates the same failed save
+    and takes the next one together, with no rank left waiting in a collective."""
+    torchrun("fsdp_checkpoint.py", "tolerate", str(tmp_path / "run"), str(tmp_path / "seen"))
+    seen = [json.loads(path.read_text()) for path in sorted((tmp_path / "seen").iterdir())]
+    assert seen == [{"failed": [6], "committed": [3, 9]}] * 2
+
+
 def test_a_checkpoint_whose_bytes_changed_falls_back_to_the_one_before(tmp_path):
     """A bit flip inside a DCP file keeps its size, so only the recorded SHA-256 tells."""
     manager = CheckpointManager(tmp_path, interval=10, async_mode="sync")

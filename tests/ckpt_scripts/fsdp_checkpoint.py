@@ -7,6 +7,9 @@
     fsdp_checkpoint.py fallback RUN_DIR STEPS   checkpoint steps 3 and 6, then load with rank 1 unable to
                                                 read step 6's manifest; each rank writes the step it
                                                 loaded to STEPS/rank-R
+    fsdp_checkpoint.py tolerate RUN_DIR SEEN    checkpoint steps 3, 6 and 9 tolerating one failed save,
+                                                rank 1's write of step 6 failing; each rank writes the
+                                                failed and committed steps it saw to SEEN/rank-R
 """
 
 from __future__ import annotations
@@ -96,8 +99,35 @@ def main(mode: str, run_dir: str, output: str) -> None:
         Path(output).mkdir(exist_ok=True)
         (Path(output) / f"rank-{dist.get_rank()}").write_text(str(train_state.step))
         result = None
+    elif mode == "tolerate":
+        import errno
+        import json
+        from pathlib import Path
+
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        from krea2_train.train import checkpoint
+
+        class FailingOnRank1(FileSystemWriter):
+            def write_data(self, plan, planner):
+                if dist.get_rank() == 1:
+                    raise OSError(errno.EIO, "Input/output error")
+                return super().write_data(plan, planner)
+
+        writer = checkpoint._storage_writer
+        model, optimizer = sharded_model_and_optimizer(seed=0, mesh=mesh)
+        with CheckpointManager(run_dir, interval=3, async_mode="async", tolerated_failures=1) as manager:
+            for step in (3, 6, 9):
+                train_step(model, optimizer, step)
+                checkpoint._storage_writer = (lambda path: FailingOnRank1(str(path), single_file_per_rank=True)) if step == 6 else writer
+                manager.save(step, {"model": ModelOptimizerState(model, optimizer), "train_state": TrainState(step=step)})
+            manager.wait()
+            seen = {"failed": [step for step, _ in manager.failed_saves], "committed": sorted(manager.committed())}
+        Path(output).mkdir(exist_ok=True)
+        (Path(output) / f"rank-{dist.get_rank()}").write_text(json.dumps(seen))
+        result = None
     else:
-        raise SystemExit(f"unknown mode {mode!r}; expected save, load or fallback")
+        raise SystemExit(f"unknown mode {mode!r}; expected save, load, fallback or tolerate")
     if dist.get_rank() == 0 and result is not None:
         torch.save(result, output)
     dist.barrier()
