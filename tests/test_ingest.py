@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -293,3 +294,35 @@ def test_dataset_counts_say_why_images_are_left_out(fresh_store, folder, capsys)
     assert main(["data", "status", "--dsn", fresh_store.dsn, "--errors"]) == 0  # which images, and why
     listed = capsys.readouterr().out
     assert "undecodable images (first 20):" in listed and "/c.jpg: cannot identify image file" in listed and "no dead job" in listed
+
+
+def test_seen_hashes_finds_every_repeat_across_calls_and_within_one():
+    """The log-structured set of URI hashes: repeats found in an earlier call or earlier in the
+    same call, its runs merged as they grow (a few dozen at most for any size)."""
+    from krea2_train.data.ingest import SeenHashes
+
+    seen = SeenHashes()
+    for start in range(0, 5000, 100):
+        assert seen.add([f"/data/{i}.png" for i in range(start, start + 100)]) == []
+    assert len(seen) == 5000 and [len(run) for run in seen.runs] == [3200, 1600, 200]  # a binary counter: 50 = 32 + 16 + 2
+    assert all((run[1:] > run[:-1]).all() for run in seen.runs)  # each run sorted (distinct here: no collision)
+    assert seen.add(["/data/new-1.png", "/data/17.png", "/data/new-2.png", "/data/new-1.png", "/data/4999.png"]) == [1, 3, 4]
+
+
+def test_a_uri_repeated_in_a_later_batch_of_a_parquet_file_is_refused_and_a_hash_collision_is_not(fresh_store, tmp_path, monkeypatch):
+    from krea2_train.data import ingest as ingest_module
+
+    uris = [f"/data/{i}.png" for i in range(2 * ingest_module.BATCH_ROWS + 10)]
+    path = tmp_path / "meta.parquet"
+    pq.write_table(pa.table({"uri": uris + ["/data/3.png"], "caption_long": ["c"] * (len(uris) + 1)}), path)
+    with pytest.raises(StoreError, match=r"URI /data/3\.png appears twice in parquet:"):
+        ingest(fresh_store, "repeat", parquet=path)
+
+    # two different URIs whose hashes collide: the source is read again to tell, and both are ingested
+    real_hashes = ingest_module.SeenHashes.hashes
+    colliding = {"/data/7.png", f"/data/{len(uris) - 1}.png"}
+    monkeypatch.setattr(ingest_module.SeenHashes, "hashes",
+                        staticmethod(lambda keys: np.where([key in colliding for key in keys], np.uint64(42), real_hashes(keys))))
+    pq.write_table(pa.table({"uri": uris, "caption_long": ["c"] * len(uris)}), path)
+    report = ingest(fresh_store, "collision", parquet=path)
+    assert report.inserted == len(uris)
