@@ -184,9 +184,13 @@ def test_cli_rejects_bad_key_and_prints_config(tmp_path):
 @pytest.mark.postgres
 def test_stage_runs_resumes_exports_and_samples(tmp_path, fresh_database_dsn):
     kernels = ["parallel.attention_backends=[flash,math]"]  # the SDPA choice is checked and applied
-    train(tmp_path, fresh_database_dsn, steps=6, interval=3, extra=kernels)
+    # the Slurm script's grace at the time limit, too short for any checkpoint: one alarm, at the
+    # first save whose predecessor's write time is known
+    train(tmp_path, fresh_database_dsn, steps=6, interval=3, extra=kernels, env={"KREA2_CHECKPOINT_GRACE_S": "0"})
     run_dir = tmp_path / "runs" / "pretrain_256"
     assert sorted(step_losses(run_dir)) == [1, 2, 3, 4, 5, 6]
+    (alarm,) = [r for r in records(run_dir) if r.get("event") == "alarm"]
+    assert alarm["step"] == 6 and "more than KREA2_CHECKPOINT_GRACE_S=0 s allow" in alarm["message"]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
     assert (run_dir / "samples" / "step-00000006.png").exists() and (run_dir / "loss.png").exists()
     for name in ("config.yaml", "model_config.json", "manifest.json"):
@@ -446,6 +450,20 @@ def test_a_start_fenced_by_a_newer_one_stops_without_writing_to_the_run(tmp_path
     assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
     runlog = [json.loads(line) for line in (run_dir / "runlog.jsonl").read_text().splitlines()]
     assert [e.get("reason") for e in runlog if e["kind"] == "stop"] == ["fenced"]
+
+
+def test_a_signal_checkpoint_that_outlasts_its_window_is_named_with_its_remedy():
+    from krea2_train.train.trainer import exit_checkpoint_problem, exit_windows_s
+
+    assert exit_windows_s({}) == {}  # neither torchrun nor the Slurm script: nothing kills the trainers early
+    assert exit_windows_s({"TORCHELASTIC_RUN_ID": "x"}) == {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": 30.0}  # torchrun's default
+    windows = exit_windows_s({"TORCHELASTIC_RUN_ID": "x", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120", "KREA2_CHECKPOINT_GRACE_S": "300"})
+    assert windows == {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": 120.0, "KREA2_CHECKPOINT_GRACE_S": 300.0}
+    assert exit_checkpoint_problem(write_s=50.0, step_s=10.0, windows_s=windows) is None  # 110 s fit in both
+    problem = exit_checkpoint_problem(write_s=100.0, step_s=10.0, windows_s=windows)  # 210 s
+    assert "needs about 210 s, more than TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120 s allow" in problem
+    assert "KREA2_SHUTDOWN_TIMEOUT_S" in problem and "KREA2_CHECKPOINT_GRACE_S" not in problem
+    assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120 and KREA2_CHECKPOINT_GRACE_S=300" in exit_checkpoint_problem(200.0, 10.0, windows)
 
 
 def test_host_sync_counter_counts_sync_warnings_and_passes_others_on(monkeypatch):

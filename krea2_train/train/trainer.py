@@ -258,6 +258,52 @@ def load_initial_weights(checkpoint: Path | None, model_config: Mapping) -> dict
 
 
 HOST_SYNC_CHECK_STEP = 3  # the step of each start whose host syncs are counted on CUDA
+TORCHRUN_SHUTDOWN_TIMEOUT_S = 30.0  # torchrun's default, without --shutdown-timeout
+
+
+def exit_windows_s(environ: Mapping[str, str] = os.environ) -> dict[str, float]:
+    """The time a checkpoint asked for by a signal has before the process is killed, by setting:
+    torchrun's wait after passing a SIGTERM on (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, which the
+    launchers set and pass as ``--shutdown-timeout``; 30 s without it), and the Slurm script's
+    wait after USR1 before it requeues the job at its time limit (``KREA2_CHECKPOINT_GRACE_S``)."""
+    windows = {}
+    if "TORCHELASTIC_RUN_ID" in environ:
+        windows["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", TORCHRUN_SHUTDOWN_TIMEOUT_S)
+    if "KREA2_CHECKPOINT_GRACE_S" in environ:
+        windows["KREA2_CHECKPOINT_GRACE_S"] = environ["KREA2_CHECKPOINT_GRACE_S"]
+    parsed = {}
+    for name, value in windows.items():
+        try:
+            parsed[name] = float(value)
+        except ValueError:
+            logger.warning("%s=%r is not a number of seconds", name, value)
+    return parsed
+
+
+def exit_checkpoint_problem(write_s: float, step_s: float, windows_s: Mapping[str, float]) -> str | None:
+    """Why a signal's checkpoint may not commit before the process is killed, or None.
+
+    After the signal the trainers finish their step, wait for a save still being written, then
+    write their checkpoint: about ``step_s + 2 * write_s`` (each save as long as the last one).
+    """
+    needed_s = step_s + 2 * write_s
+    short = {name: window for name, window in windows_s.items() if window < needed_s}
+    if not short:
+        return None
+    settings = " and ".join(f"{name}={window:.0f}" for name, window in short.items())
+    remedies = "; ".join(EXIT_WINDOW_REMEDIES[name] for name in short)
+    return (
+        f"a checkpoint takes {write_s:.0f} s to write, so a signal's checkpoint (after the step and a save still being "
+        f"written) needs about {needed_s:.0f} s, more than {settings} s allow before the trainers are killed: a "
+        f"preemption or the time limit would lose the steps since the last checkpoint. Raise it above {needed_s:.0f}: "
+        f"{remedies} (docs/operations.md)"
+    )
+
+
+EXIT_WINDOW_REMEDIES = {
+    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "set KREA2_SHUTDOWN_TIMEOUT_S (launch/env.sh), and Slurm's KillWait and preemption GraceTime above it",
+    "KREA2_CHECKPOINT_GRACE_S": "set KREA2_CHECKPOINT_GRACE_S, and sbatch --signal=B:USR1@SECONDS above it plus Slurm's KillWait",
+}
 
 
 def metric_reduction(name: str) -> str:
@@ -314,6 +360,7 @@ def reduce_step_values(
 
 class Trainer:
     _config_after_load: str | None = None  # a restart's config.yaml, written once its checkpoint loaded (rank 0)
+    _exit_window_checked = False  # see _check_exit_window
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
@@ -588,6 +635,17 @@ class Trainer:
         self.metrics.event(step, "rollback", to=None if loaded is None else str(loaded.path))
         self.train_state.consecutive_skips = 0
 
+    def _check_exit_window(self, step: int, step_time: float) -> None:
+        """Once per start, with the first save whose predecessor finished (its write time known):
+        an alarm when a signal's checkpoint would not commit before the process is killed."""
+        write_s = self.checkpointer.last_write_s
+        if self._exit_window_checked or write_s is None:
+            return
+        self._exit_window_checked = True
+        problem = exit_checkpoint_problem(write_s, step_time, exit_windows_s())
+        if problem is not None:
+            self.metrics.event(step, "alarm", warn=True, message=problem)
+
     def _record_failed_saves(self, step: int) -> None:
         """The saves that failed and were tolerated (the checkpointer logged them), in the metrics
         and the run log, at their own step (an asynchronous save's failure is found at ``step``)."""
@@ -797,6 +855,7 @@ class Trainer:
                     self._record_failed_saves(step)
                     if started:
                         self.metrics.event(step, "checkpoint", blocked_s=round(self.checkpointer.last_blocked_s, 4))
+                        self._check_exit_window(step, step_time)
                 if signal_now == CHECKPOINT_AND_EXIT:
                     self.checkpointer.wait()
             if signal_now == CHECKPOINT_AND_EXIT:

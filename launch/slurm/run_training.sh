@@ -43,6 +43,7 @@ gpus_per_node="${KREA2_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}"
 max_restarts="${KREA2_MAX_RESTARTS:-3}"
 rdzv_port="${KREA2_RDZV_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 10000))}"
 grace_s="${KREA2_CHECKPOINT_GRACE_S:-120}"
+export KREA2_CHECKPOINT_GRACE_S="$grace_s"  # the trainers warn when their checkpoint takes longer
 max_resubmits="${KREA2_MAX_RESUBMITS:-5}"
 resubmits="${KREA2_RESUBMIT_COUNT:-0}"
 sbatch_script="${KREA2_SBATCH_SCRIPT:?set by the .sbatch file: the script a resubmission runs}"
