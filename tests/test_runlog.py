@@ -8,6 +8,7 @@ from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from krea2_train.config.schema import ResilienceConfig
 from krea2_train.train.runlog import (
@@ -85,6 +86,17 @@ def test_a_tolerated_failed_save_is_reported_and_is_not_a_failure_of_the_run():
     assert "0 failure(s)" in text
     assert "checkpoint saves that failed while training went on: 1" in text and "step 20  checkpoint step 20 could not" in text
     assert "saves that failed" not in format_report("runs/x", summarize(events[::2], []))
+
+
+def test_checkpoint_interval_advice_is_youngs_optimum_and_never_below_a_write():
+    from krea2_train.train.runlog import checkpoint_interval_advice
+
+    assert checkpoint_interval_advice(None, 0, 1.0, 0.5, 3.0, 50) is None  # no failure yet: no MTBF
+    advice = checkpoint_interval_advice(3600.0, 4, 0.5, 0.2, 10.0, 50)  # sqrt(2 x 0.2 x 3600) = 37.9 s
+    assert advice["optimum_s"] == pytest.approx(37.947, rel=1e-4) and advice["advised_steps"] == 76
+    assert not advice["limited_by_write"] and advice["interval_s"] == 25.0
+    slow_write = checkpoint_interval_advice(3600.0, 4, 0.5, 0.2, 60.0, 50)  # an async save must finish first
+    assert slow_write["limited_by_write"] and slow_write["advised_steps"] == 120
 
 
 def test_summary_without_failures_and_an_empty_log():
@@ -354,6 +366,15 @@ def test_runs_report_command(tmp_path):
     (run_dir / "metrics.jsonl").write_text(
         "".join(json.dumps({"step": s, "time": time.time(), "step_time_s": 2.0}) + "\n" for s in range(1, 161))
     )
+    # two committed checkpoints, their manifests saying each blocked training 0.5 s and took 3 s to write
+    from krea2_train.train.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(run_dir, interval=40, async_mode="sync")
+    for step in (120, 160):
+        manager.save(step, {"weights": torch.zeros(4)})
+        manifest_path = run_dir / "checkpoints" / f"step-{step:08d}" / "manifest.json"
+        manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "blocked_s": 0.5, "write_s": 3.0}))
+    (run_dir / "config.yaml").write_text("checkpoint:\n  interval: 40\n")
     result = subprocess.run(
         [sys.executable, "-m", "krea2_train.cli", "runs", "report", "demo", "--runs-root", str(tmp_path / "runs"),
          "--json", str(tmp_path / "report.json")],
@@ -361,6 +382,9 @@ def test_runs_report_command(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "2 failure(s)" in result.stdout and "MTTR             25.0 s" in result.stdout
+    # MTBF 192.5 s: sqrt(2 x 0.5 x 192.5) = 13.9 s, 7 steps of 2 s
+    assert ("checkpoints      every 40 steps (80.0 s); for this failure rate every 7 steps loses the least "
+            "(sqrt(2 x 0.5 s blocked x 192 s MTBF) = 13.9 s; from 2 failure(s))") in result.stdout
     assert json.loads((tmp_path / "report.json").read_text())["failures"][1]["cause"] == "lost"
     missing = subprocess.run([sys.executable, "-m", "krea2_train.cli", "runs", "report", "nope", "--runs-root", str(tmp_path)],
                              capture_output=True, text=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import statistics
@@ -530,6 +531,37 @@ def summarize(events: list[dict[str, Any]], step_records: list[dict[str, Any]], 
     }
 
 
+def checkpoint_interval_advice(
+    mtbf_s: float | None, failures: int, step_s: float, blocked_s: float, write_s: float, interval_steps: int
+) -> dict[str, Any] | None:
+    """The checkpoint interval that loses the least time for this run's failure rate, or None
+    without a failure (no MTBF) or step time.
+
+    Young's first-order optimum, T = sqrt(2 C MTBF), with C the time a save costs training (the
+    time it blocks: saves are asynchronous), and never below one save's write time (a save that
+    starts before the previous one is written blocks until it is).
+    """
+    if mtbf_s is None or step_s <= 0:
+        return None
+    optimum_s = math.sqrt(2 * blocked_s * mtbf_s)
+    advised_s = max(optimum_s, write_s)
+    return {
+        "interval_steps": interval_steps, "interval_s": interval_steps * step_s, "optimum_s": optimum_s,
+        "advised_steps": max(1, round(advised_s / step_s)), "limited_by_write": write_s > optimum_s,
+        "blocked_s": blocked_s, "write_s": write_s, "mtbf_s": mtbf_s, "failures": failures, "step_s": step_s,
+    }  # fmt: skip
+
+
+def format_interval_advice(advice: dict[str, Any]) -> str:
+    young = f"sqrt(2 x {advice['blocked_s']:.3g} s blocked x {advice['mtbf_s']:.0f} s MTBF) = {advice['optimum_s']:.1f} s"
+    if advice["limited_by_write"]:
+        young += f", raised to one save's write time, {advice['write_s']:.1f} s"
+    return (
+        f"  checkpoints      every {advice['interval_steps']} steps ({advice['interval_s']:.1f} s); for this failure rate "
+        f"every {advice['advised_steps']} steps loses the least ({young}; from {advice['failures']} failure(s))"
+    )
+
+
 def _seconds(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f} s"
 
@@ -546,6 +578,8 @@ def format_report(run: str, summary: dict[str, Any]) -> str:
         f"  MTBF             {_seconds(summary['mtbf_s'])}  (uptime / failures)",
         f"  MTTR             {_seconds(summary['mttr_s'])}  (failure -> first step after the restart)",
     ]
+    if summary.get("checkpoint_interval"):
+        lines.append(format_interval_advice(summary["checkpoint_interval"]))
     if summary["failures"]:
         lines.append("failures:")
         header = ("start", "time", "cause", "rank", "step", "lost", "recovery", "detail")

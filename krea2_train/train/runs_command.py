@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 from krea2_train.errors import UsageError
-from krea2_train.train.checkpoint import resolve_run_dir
+from krea2_train.train.checkpoint import CHECKPOINTS_DIR, committed_checkpoints, read_manifest, resolve_run_dir
 from krea2_train.train.metrics import read_metrics
-from krea2_train.train.runlog import database_events, format_report, read_events, summarize
+from krea2_train.train.runlog import checkpoint_interval_advice, database_events, format_report, read_events, summarize
 
 
 def events_from_database(dsn: str | None, runs_root: str, run_name: str) -> list[dict]:
@@ -32,6 +33,22 @@ def events_from_database(dsn: str | None, runs_root: str, run_name: str) -> list
         return database_events(conn, run_name)
 
 
+def interval_advice(run_dir: Path, summary: dict, steps: list[dict]) -> dict | None:
+    """:func:`checkpoint_interval_advice` from the run's committed checkpoints (the medians of
+    their blocked and write times), its step times (median) and its recorded interval."""
+    from omegaconf import OmegaConf
+
+    manifests = [read_manifest(path) for path in committed_checkpoints(run_dir / CHECKPOINTS_DIR).values()]
+    if not manifests or not (run_dir / "config.yaml").is_file():
+        return None
+    interval = int(OmegaConf.load(run_dir / "config.yaml").checkpoint.interval)
+    step_s = statistics.median(float(record.get("step_time_s", 0.0)) for record in steps)
+    return checkpoint_interval_advice(
+        summary["mtbf_s"], len(summary["failures"]), step_s,
+        statistics.median(m["blocked_s"] for m in manifests), statistics.median(m["write_s"] for m in manifests), interval,
+    )  # fmt: skip
+
+
 def report(args: argparse.Namespace) -> int:
     run_dir = resolve_run_dir(args.run, args.runs_root)
     if args.from_db:
@@ -45,6 +62,8 @@ def report(args: argparse.Namespace) -> int:
         raise UsageError(f"no run log events for {args.run!r}")
     steps = read_metrics(run_dir) if run_dir is not None else []
     summary = summarize(events, steps)
+    if run_dir is not None and steps:
+        summary["checkpoint_interval"] = interval_advice(run_dir, summary, steps)
     print(format_report(str(run_dir or args.run), summary))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
