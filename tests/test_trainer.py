@@ -464,6 +464,10 @@ def test_a_signal_checkpoint_that_outlasts_its_window_is_named_with_its_remedy()
     assert "needs about 210 s, more than TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120 s allow" in problem
     assert "KREA2_SHUTDOWN_TIMEOUT_S" in problem and "KREA2_CHECKPOINT_GRACE_S" not in problem
     assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120 and KREA2_CHECKPOINT_GRACE_S=300" in exit_checkpoint_problem(200.0, 10.0, windows)
+    # the watchdog's limit on a save (and the wait for the one before it) counts too, anywhere
+    watched = exit_windows_s({}, checkpoint_timeout_s=900.0)
+    assert exit_checkpoint_problem(400.0, 10.0, watched) is None
+    assert "resilience.checkpoint_timeout_s=900 s allow" in exit_checkpoint_problem(500.0, 10.0, watched)
 
 
 def test_host_sync_counter_counts_sync_warnings_and_passes_others_on(monkeypatch):

@@ -261,12 +261,15 @@ HOST_SYNC_CHECK_STEP = 3  # the step of each start whose host syncs are counted 
 TORCHRUN_SHUTDOWN_TIMEOUT_S = 30.0  # torchrun's default, without --shutdown-timeout
 
 
-def exit_windows_s(environ: Mapping[str, str] = os.environ) -> dict[str, float]:
+def exit_windows_s(environ: Mapping[str, str] = os.environ, checkpoint_timeout_s: float | None = None) -> dict[str, float]:
     """The time a checkpoint asked for by a signal has before the process is killed, by setting:
     torchrun's wait after passing a SIGTERM on (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, which the
-    launchers set and pass as ``--shutdown-timeout``; 30 s without it), and the Slurm script's
-    wait after USR1 before it requeues the job at its time limit (``KREA2_CHECKPOINT_GRACE_S``)."""
-    windows = {}
+    launchers set and pass as ``--shutdown-timeout``; 30 s without it), the Slurm script's wait
+    after USR1 before it requeues the job at its time limit (``KREA2_CHECKPOINT_GRACE_S``), and the
+    watchdog's limit on a save and the wait for the one before it (``checkpoint_timeout_s``)."""
+    windows: dict[str, float | str] = {}
+    if checkpoint_timeout_s is not None:
+        windows["resilience.checkpoint_timeout_s"] = checkpoint_timeout_s
     if "TORCHELASTIC_RUN_ID" in environ:
         windows["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", TORCHRUN_SHUTDOWN_TIMEOUT_S)
     if "KREA2_CHECKPOINT_GRACE_S" in environ:
@@ -294,13 +297,14 @@ def exit_checkpoint_problem(write_s: float, step_s: float, windows_s: Mapping[st
     remedies = "; ".join(EXIT_WINDOW_REMEDIES[name] for name in short)
     return (
         f"a checkpoint takes {write_s:.0f} s to write, so a signal's checkpoint (after the step and a save still being "
-        f"written) needs about {needed_s:.0f} s, more than {settings} s allow before the trainers are killed: a "
-        f"preemption or the time limit would lose the steps since the last checkpoint. Raise it above {needed_s:.0f}: "
+        f"written) needs about {needed_s:.0f} s, more than {settings} s allow before the trainers are killed, losing "
+        f"the steps since the last checkpoint. Raise it above {needed_s:.0f}: "
         f"{remedies} (docs/operations.md)"
     )
 
 
 EXIT_WINDOW_REMEDIES = {
+    "resilience.checkpoint_timeout_s": "set resilience.checkpoint_timeout_s (the watchdog would call the save a hang)",
     "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "set KREA2_SHUTDOWN_TIMEOUT_S (launch/env.sh), and Slurm's KillWait and preemption GraceTime above it",
     "KREA2_CHECKPOINT_GRACE_S": "set KREA2_CHECKPOINT_GRACE_S, and sbatch --signal=B:USR1@SECONDS above it plus Slurm's KillWait",
 }
@@ -642,7 +646,10 @@ class Trainer:
         if self._exit_window_checked or write_s is None:
             return
         self._exit_window_checked = True
-        problem = exit_checkpoint_problem(write_s, step_time, exit_windows_s())
+        resilience = self.config.resilience
+        problem = exit_checkpoint_problem(
+            write_s, step_time, exit_windows_s(checkpoint_timeout_s=resilience.checkpoint_timeout_s if resilience.watchdog else None)
+        )
         if problem is not None:
             self.metrics.event(step, "alarm", warn=True, message=problem)
 
