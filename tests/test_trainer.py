@@ -261,6 +261,28 @@ def test_stage_runs_resumes_exports_and_samples(tmp_path, fresh_database_dsn):
     assert (tmp_path / "samples" / "sample-000.png").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_restart_on_another_node_starts_from_the_runs_compile_cache(tmp_path, fresh_database_dsn):
+    """With compiled blocks rank 0 keeps the run's compile results in compile_cache.bin; a restart
+    on a node without them in its local Inductor cache loads them, and compiles no graph again."""
+    import re
+
+    compiled = ["parallel.compile=true", "irepa.enabled=false", "float8.enabled=false"]
+    run_dir = tmp_path / "runs" / "pretrain_256"
+
+    def graphs(result):
+        hits, misses = re.search(r"compiled graphs of this start: (\d+) from the cache, (\d+) compiled", result.stdout).groups()
+        return int(hits), int(misses)
+
+    first = train(tmp_path, fresh_database_dsn, steps=3, interval=3, extra=compiled, env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "node-a")})
+    hits, misses = graphs(first)
+    assert hits == 0 and misses > 0 and (run_dir / "compile_cache.bin").stat().st_size > 0
+    second = train(tmp_path, fresh_database_dsn, steps=6, interval=3, extra=compiled, env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "node-b")})
+    assert re.search(r"compile cache: [1-9]\d* artifacts loaded from .*compile_cache.bin", second.stdout)
+    assert graphs(second) == (misses, 0)
+
+
 @pytest.mark.postgres
 def test_nonfinite_steps_are_skipped_then_rolled_back(tmp_path, fresh_database_dsn):
     train(tmp_path, fresh_database_dsn, steps=7, interval=2, env={"KREA2_FAULTS": "nan@4,nan@5,nan@6"},

@@ -14,6 +14,7 @@
 #   bash infra/gpu/checks.sh curation                      # ~5 min: k-means runs, searches and semantic dedup in torch on the GPU
 #   bash infra/gpu/checks.sh lora-12b                      # ~4 min: LoRA on the 12.9B model, step time and peak memory
 #   bash infra/gpu/checks.sh checkpoint lora-run           # ~6 min: a 1.1B checkpoint from GPU memory; LoRA runs, bf16 and float8 base
+#   bash infra/gpu/checks.sh compile-cache                 # ~4 min: a restart's first step with and without the run's compile cache
 #
 # Everything lands under $OUT/<part>/ (JSON and logs); then, on any machine,
 # `python infra/gpu/summarize.py DIR` prints the markdown tables for docs/benchmarks.md.
@@ -184,8 +185,17 @@ EOF
         run lora_export 120 python3 -m krea2_train.cli lora export lora_bf16 --runs-root "$OUT/$part/runs" \
             --out "$OUT/$part/lora_bf16.safetensors"
         ;;
+    compile-cache)  # compiled `small` at 256 px: a first start on an empty Inductor cache, then restarts on an
+        # empty one (another node) with the run's compile_cache.bin and without it; the first step of each is the measure
+        CC=("${SMALL[@]}" "${COMMON[@]}" "runs_root=$OUT/$part/runs" data.num_samples=512 data.resolution=256
+            stage.init_from=null data.global_batch_size=16 checkpoint.interval=3)
+        TORCHINDUCTOR_CACHE_DIR="$OUT/$part/inductor-a" run first 240 python3 -m krea2_train --config stage/pretrain_256 "${CC[@]}" stage.steps=3
+        TORCHINDUCTOR_CACHE_DIR="$OUT/$part/inductor-b" run restart_with_cache 200 python3 -m krea2_train --config stage/pretrain_256 "${CC[@]}" stage.steps=6
+        TORCHINDUCTOR_CACHE_DIR="$OUT/$part/inductor-c" run restart_without_cache 200 python3 -m krea2_train --config stage/pretrain_256 "${CC[@]}" stage.steps=9 parallel.compile_cache=false
+        rm -rf "$OUT/$part"/inductor-?
+        ;;
     *)
-        echo "unknown part '$part': env kernels bench-targets owed bench-more bench-memory fp8-speed profile fp8-256 fp8-512 post-training curation lora-12b checkpoint lora-run" >&2
+        echo "unknown part '$part': env kernels bench-targets owed bench-more bench-memory fp8-speed profile fp8-256 fp8-512 post-training curation lora-12b checkpoint lora-run compile-cache" >&2
         exit 2
         ;;
     esac

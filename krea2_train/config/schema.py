@@ -119,6 +119,9 @@ class ParallelConfig:
     tp: int = 1
     activation_checkpoint: str = "none"  # none | selective | full
     compile: bool = False
+    # with compile: keep the compiled graphs and kernels in run_dir/compile_cache.bin (rank 0
+    # writes, every rank loads), so a restart on any node starts warm (krea2_train.parallel.compile_cache)
+    compile_cache: bool = True
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     collective_timeout_s: float = 1200.0
     # deterministic algorithms; null: on for CPU (bit-exact resume), off on CUDA, where

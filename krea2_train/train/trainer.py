@@ -365,6 +365,7 @@ def reduce_step_values(
 class Trainer:
     _config_after_load: str | None = None  # a restart's config.yaml, written once its checkpoint loaded (rank 0)
     _exit_window_checked = False  # see _check_exit_window
+    _compile_cache = None  # rank 0's CompileCacheWriter, with compiled blocks
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
@@ -639,6 +640,27 @@ class Trainer:
         self.metrics.event(step, "rollback", to=None if loaded is None else str(loaded.path))
         self.train_state.consecutive_skips = 0
 
+    def _open_compile_cache(self) -> None:
+        """With compiled blocks: load the run's compile cache on every rank (a restart on another
+        node starts warm); rank 0 writes it (:meth:`_save_compile_cache`)."""
+        from krea2_train.parallel.compile_cache import COMPILE_CACHE_NAME, CompileCacheWriter, load_compile_cache
+
+        self._compile_cache = None
+        if not (self.config.parallel.compile and self.config.parallel.compile_cache):
+            return
+        load_compile_cache(self.run_dir / COMPILE_CACHE_NAME)
+        if self.dist.is_main:
+            self._compile_cache = CompileCacheWriter(self.run_dir / COMPILE_CACHE_NAME)
+
+    def _save_compile_cache(self, report: bool = False) -> None:
+        from krea2_train.parallel.compile_cache import compile_cache_counts
+
+        if self.config.parallel.compile and report:
+            counts = compile_cache_counts()
+            logger.info("compiled graphs of this start: %d from the cache, %d compiled", counts["hits"], counts["misses"])
+        if self._compile_cache is not None:
+            self._compile_cache.save()
+
     def _check_exit_window(self, step: int, step_time: float) -> None:
         """Once per start, with the first save whose predecessor finished (its write time known):
         an alarm when a signal's checkpoint would not commit before the process is killed."""
@@ -790,6 +812,7 @@ class Trainer:
             dsn=getattr(self.loader, "dsn", None),
         )
         self.faults = FaultInjector(self.dist.rank, incarnation=self.supervision.incarnation)
+        self._open_compile_cache()
         data = iter(self.loader)
         total = config.stage.steps
         steps_this_start = 0
@@ -810,6 +833,8 @@ class Trainer:
                 result["host_syncs"] = syncs.count
                 logger.info("host syncs in one training step: %d (1 is the step's own read of its all-reduce; a stage with"
                             " several update phases adds one per phase unless its optimizer is fused)", syncs.count)
+            if steps_this_start == HOST_SYNC_CHECK_STEP:  # compiled by now
+                self._save_compile_cache(report=True)
             if result.pop("fenced"):  # every rank agrees: stop at once, write nothing (the newer start owns the run)
                 logger.error(
                     "a newer start of run %s holds its data lease: this process is a leftover of an older "
@@ -863,6 +888,7 @@ class Trainer:
                     if started:
                         self.metrics.event(step, "checkpoint", blocked_s=round(self.checkpointer.last_blocked_s, 4))
                         self._check_exit_window(step, step_time)
+                        self._save_compile_cache()  # graphs compiled since (another bucket's shape)
                 if signal_now == CHECKPOINT_AND_EXIT:
                     self.checkpointer.wait()
             if signal_now == CHECKPOINT_AND_EXIT:
