@@ -65,8 +65,11 @@ def test_summary_mtbf_mttr_goodput_and_failures():
     assert summary["productive_s"] == pytest.approx(150 * 2.0 + 10 * 3.0)
     assert summary["goodput"] == pytest.approx(330.0 / 410.0)
     assert summary["steps_lost"] == 10
+    # each restart's recovery split: 15 + 10 + 5 s, then 10 + 8 + 2 s
+    assert summary["mttr_phases_s"] == pytest.approx({"relaunch": 12.5, "setup": 9.0, "first_step": 3.5})
     text = format_report("runs/x", summary)
     assert "MTBF             192.5 s" in text and "MTTR             25.0 s" in text and "goodput          80.5 %" in text
+    assert "= relaunch 12.5 s (failure -> process up) + setup 9.0 s (imports, model, checkpoint) + first step 3.5 s" in text
     assert "hang" in text and "no step finished" in text
     # without the run's metrics.jsonl (runs report --from-db elsewhere) step time is unknown, not 0
     blind = summarize(two_failures_run(), [])

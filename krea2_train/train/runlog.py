@@ -475,7 +475,9 @@ def summarize(events: list[dict[str, Any]], step_records: list[dict[str, Any]], 
         ``incarnations``, ``failures`` (one row per failed incarnation: time, cause, rank, step,
         steps_lost, recovery_s, detail), ``wall_s``, ``uptime_s``, ``productive_s``, ``mtbf_s``
         (uptime / failures; None without failures), ``mttr_s`` (mean recovery; None without a
-        recovery), ``goodput`` (productive step time / wall time), ``failed_saves`` (the periodic
+        recovery), ``mttr_phases_s`` (the mean of each restart's ``relaunch``: failure -> its process
+        started, ``setup``: -> its start record, after imports, model and checkpoint load, and
+        ``first_step``: -> its first step, compilation included; None without one), ``goodput`` (productive step time / wall time), ``failed_saves`` (the periodic
         saves that failed while training went on: time, step, detail).
     """
     events = sorted(events, key=lambda e: e["time"])
@@ -486,7 +488,7 @@ def summarize(events: list[dict[str, Any]], step_records: list[dict[str, Any]], 
         by_incarnation.setdefault(event["incarnation"], []).append(event)
     last_alive = max([e["time"] for e in events] + [r["time"] for r in step_records if "time" in r])
     end_of_run = last_alive if now is None else now
-    uptime, failures = 0.0, []
+    uptime, failures, phases = 0.0, [], []
     for incarnation, group in sorted(by_incarnation.items()):
         start = next((e for e in group if e["kind"] == "start"), group[0])
         began = start.get("process_started") or start["time"]
@@ -499,6 +501,10 @@ def summarize(events: list[dict[str, Any]], step_records: list[dict[str, Any]], 
             continue
         next_start = next((e for e in nxt if e["kind"] == "start"), None)
         next_first = next((e for e in nxt if e["kind"] == "first_step"), None)
+        if next_start is not None and next_first is not None and next_start.get("process_started"):
+            launched = next_start["process_started"]
+            phases.append({"relaunch": launched - failure["time"], "setup": next_start["time"] - launched,
+                           "first_step": next_first["time"] - next_start["time"]})  # fmt: skip
         failures.append({
             "incarnation": incarnation,
             "time": failure["time"],
@@ -523,6 +529,7 @@ def summarize(events: list[dict[str, Any]], step_records: list[dict[str, Any]], 
         "productive_s": productive if step_records else None,  # unknown without metrics.jsonl, not 0
         "mtbf_s": uptime / len(failures) if failures else None,
         "mttr_s": statistics.fmean(recoveries) if recoveries else None,
+        "mttr_phases_s": {name: statistics.fmean(p[name] for p in phases) for name in phases[0]} if phases else None,
         "goodput": productive / wall if wall > 0 and step_records else None,
         "steps_lost": sum(f["steps_lost"] or 0 for f in failures),
         "failed_saves": [
@@ -578,6 +585,12 @@ def format_report(run: str, summary: dict[str, Any]) -> str:
         f"  MTBF             {_seconds(summary['mtbf_s'])}  (uptime / failures)",
         f"  MTTR             {_seconds(summary['mttr_s'])}  (failure -> first step after the restart)",
     ]
+    if summary.get("mttr_phases_s"):
+        phases = summary["mttr_phases_s"]
+        lines.append(
+            f"                   = relaunch {phases['relaunch']:.1f} s (failure -> process up) + setup {phases['setup']:.1f} s "
+            f"(imports, model, checkpoint) + first step {phases['first_step']:.1f} s (compilation)"
+        )
     if summary.get("checkpoint_interval"):
         lines.append(format_interval_advice(summary["checkpoint_interval"]))
     if summary["failures"]:
