@@ -18,12 +18,15 @@ def test_mttr_bench_measures_a_real_restart(public_tmp_dir, tmp_path, monkeypatc
     parser = argparse.ArgumentParser()
     bench_mttr.add_arguments(parser)
     args = parser.parse_args(["--mttr-models", "tiny", "--mttr-kill-step", "3", "--mttr-dir", str(public_tmp_dir)])
-    measured, logged = bench_mttr.run(args)
+    measured, logged, *phases = bench_mttr.run(args)
     assert measured["metric"] == "tiny: SIGKILL -> first step after restart"
     assert logged["metric"] == "tiny: recovery in the run log"
-    for row in (measured, logged):
+    assert [row["metric"] for row in phases] == [
+        "tiny: relaunch (failure -> process up)", "tiny: setup (imports, model, checkpoint)", "tiny: first step (compilation, warm-up)"]
+    for row in (measured, logged, *phases):
         assert row["bench"] == "mttr" and row["unit"] == "s"
         assert row["value"] > 0 and math.isfinite(row["value"])
+    assert sum(row["value"] for row in phases) == pytest.approx(logged["value"], abs=0.5)  # the recovery, split
     assert measured["met"] == (measured["value"] < bench_mttr.TINY_TARGET_S)
     assert list(public_tmp_dir.iterdir()) == []  # its runs are removed
     assert not (tmp_path / "the_users_store").exists()

@@ -22,7 +22,7 @@ from pathlib import Path
 from krea2_train.arguments import positive_int
 from krea2_train.store.db import DSN_ENV, STORE_DIR_ENV
 from krea2_train.train.metrics import read_metrics
-from krea2_train.train.runlog import read_events
+from krea2_train.train.runlog import read_events, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +72,17 @@ def measure_mttr(root: Path, model: str, kill_step: int) -> dict:
     events = read_events(run_dir)
     first_step = next(e for e in events if e["kind"] == "first_step" and e["incarnation"] == 2)
     logger.info("mttr: %s took its first step %.1f s after the SIGKILL", model, first_step["time"] - killed_at)
-    return {"mttr_s": first_step["time"] - killed_at, "runlog_recovery_s": first_step["recovery_s"]}
+    phases = summarize(events, []).get("mttr_phases_s") or {}
+    return {"mttr_s": first_step["time"] - killed_at, "runlog_recovery_s": first_step["recovery_s"], "phases_s": phases}
+
+
+PHASES = {"relaunch": "failure -> process up", "setup": "imports, model, checkpoint", "first_step": "compilation, warm-up"}
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     rows = []
+    if args.mttr_dir:  # created when new, like --ckpt-dir
+        Path(args.mttr_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="krea2-bench-mttr-", dir=args.mttr_dir) as tmp:
         for model in args.mttr_models:
             root = Path(tmp) / model
@@ -92,4 +98,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "bench": "mttr", "metric": f"{model}: recovery in the run log", "value": measured["runlog_recovery_s"],
                 "unit": "s", "target": None, "met": None,
             })  # fmt: skip
+            for phase, what in PHASES.items():  # where the recovery went (krea2 runs report's split)
+                if phase in measured["phases_s"]:
+                    rows.append({"bench": "mttr", "metric": f"{model}: {phase.replace('_', ' ')} ({what})",
+                                 "value": measured["phases_s"][phase], "unit": "s", "target": None, "met": None})  # fmt: skip
     return rows
