@@ -40,7 +40,10 @@ def load_compile_cache(path: str | Path) -> int:
     except Exception as error:  # a shortcut that fails costs a compile, never the start
         logger.warning("compile cache %s does not load (%s: %s): compiling without it", path, type(error).__name__, error)
         return 0
-    loaded = 0 if info is None else sum(len(keys) for keys in info.artifacts.values())
+    if info is None:  # torch logged why (a checksum, a pickle) and loaded nothing
+        logger.warning("compile cache %s does not load (torch could not read it): compiling without it", path)
+        return 0
+    loaded = sum(len(keys) for keys in info.artifacts.values())
     logger.info("compile cache: %d artifacts loaded from %s", loaded, path)
     return loaded
 
