@@ -311,23 +311,20 @@ class SeenHashes:
         return np.flatnonzero(hit).tolist()
 
 
-def ingest_records(
-    store: Store, dataset: str, source: str, records: Iterable[Record], records_again: Callable[[], Iterable[Record]] | None = None
-) -> IngestReport:
-    """Upsert ``records`` into ``images`` in batches; a URI given twice is an error naming it, a
-    NUL character stops before its batch (:func:`check_no_nul`), and no record at all is an error
-    naming ``source`` (the dataset is not created).
+def ingest_records(store: Store, dataset: str, source: str, read: Callable[[], Iterable[Record]]) -> IngestReport:
+    """Upsert the records ``read()`` gives into ``images`` in batches; a URI given twice is an
+    error naming it, a NUL character stops before its batch (:func:`check_no_nul`), and no record
+    at all is an error naming ``source`` (the dataset is not created).
 
     Args:
-        records_again: reads the source again from its start, to confirm a repeated URI that its
-            hash alone suggests (:class:`SeenHashes`); without it, the URIs are held as they are.
+        read: reads the source from its start; called again to confirm a URI that its hash alone
+            shows as repeated (:class:`SeenHashes`).
     """
-    records = iter(records)
+    records = iter(read())
     first = next(records, None)
     if first is None:
         raise StoreError(f"no images in {source}: nothing to ingest")
-    seen = SeenHashes() if records_again is not None else None
-    seen_uris: set[str] = set()
+    seen = SeenHashes()
     uncaptioned, uncaptioned_example = 0, None
     rows = inserted = updated = 0
     with registered_dataset(store, dataset, source) as dataset_id, store.pool.connection() as conn:
@@ -337,14 +334,8 @@ def ingest_records(
         try:
             for batch in batched(itertools.chain([first], records), BATCH_ROWS):
                 check_no_nul(batch, rows, source)
-                if seen is None:
-                    for record in batch:
-                        if record.uri in seen_uris:
-                            raise StoreError(f"URI {record.uri} appears twice in {source}")
-                        seen_uris.add(record.uri)
-                else:
-                    for position in seen.add([record.uri for record in batch]):
-                        _refuse_a_repeat(batch[position].uri, rows + position, batch, rows, records_again, source)
+                for position in seen.add([record.uri for record in batch]):
+                    _refuse_a_repeat(batch[position].uri, rows + position, batch, rows, read, source)
                 values = []
                 for record in batch:
                     if not record.caption_long:
@@ -362,11 +353,11 @@ def ingest_records(
 
 
 def _refuse_a_repeat(
-    uri: str, row: int, batch: list[Record], batch_row: int, records_again: Callable[[], Iterable[Record]], source: str
+    uri: str, row: int, batch: list[Record], batch_row: int, read: Callable[[], Iterable[Record]], source: str
 ) -> None:
     """Raise if ``uri`` (row ``row``) is in the source before it; a hash collision passes."""
     in_batch = batch[: row - batch_row]
-    if any(record.uri == uri for record in in_batch) or any(record.uri == uri for record in itertools.islice(records_again(), batch_row)):
+    if any(record.uri == uri for record in in_batch) or any(record.uri == uri for record in itertools.islice(read(), batch_row)):
         raise StoreError(f"URI {uri} appears twice in {source}")
     logger.info("URI %s shares its 64-bit hash with an earlier one of %s (a collision): ingested", uri, source)
 
@@ -385,4 +376,4 @@ def ingest(
         raise StoreError("give exactly one of folder, parquet or uris")
     kind, path = given[0]
     readers = {"folder": folder_records, "parquet": parquet_records, "uris": uri_list_records}
-    return ingest_records(store, dataset, f"{kind}:{path.resolve()}", readers[kind](path), lambda: readers[kind](path))
+    return ingest_records(store, dataset, f"{kind}:{path.resolve()}", lambda: readers[kind](path))

@@ -477,8 +477,9 @@ def summarize(events: list[dict[str, Any]], step_records: list[dict[str, Any]], 
         (uptime / failures; None without failures), ``mttr_s`` (mean recovery; None without a
         recovery), ``mttr_phases_s`` (the mean of each restart's ``relaunch``: failure -> its process
         started, ``setup``: -> its start record, after imports, model and checkpoint load, and
-        ``first_step``: -> its first step, compilation included; None without one), ``goodput`` (productive step time / wall time), ``failed_saves`` (the periodic
-        saves that failed while training went on: time, step, detail).
+        ``first_step``: -> its first step, compilation included; None without one), ``goodput``
+        (productive step time / wall time), ``failed_saves`` (the periodic saves that failed while
+        training went on: time, step, detail).
     """
     events = sorted(events, key=lambda e: e["time"])
     if not events:

@@ -42,6 +42,7 @@ from krea2_train.files import write_text
 from krea2_train.logs import setup_logging as setup_process_logging
 from krea2_train.model.presets import build_model, count_parameters, model_config
 from krea2_train.parallel.attention import attention_backends, check_attention_backends
+from krea2_train.parallel.compile_cache import COMPILE_CACHE_NAME, CompileCacheWriter, compile_cache_counts, load_compile_cache
 from krea2_train.parallel.distributed import (
     DistInfo,
     any_rank_on_host,
@@ -267,20 +268,18 @@ def exit_windows_s(environ: Mapping[str, str] = os.environ, checkpoint_timeout_s
     launchers set and pass as ``--shutdown-timeout``; 30 s without it), the Slurm script's wait
     after USR1 before it requeues the job at its time limit (``KREA2_CHECKPOINT_GRACE_S``), and the
     watchdog's limit on a save and the wait for the one before it (``checkpoint_timeout_s``)."""
-    windows: dict[str, float | str] = {}
-    if checkpoint_timeout_s is not None:
-        windows["resilience.checkpoint_timeout_s"] = checkpoint_timeout_s
+    windows = {} if checkpoint_timeout_s is None else {"resilience.checkpoint_timeout_s": checkpoint_timeout_s}
+    settings = {}
     if "TORCHELASTIC_RUN_ID" in environ:
-        windows["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", TORCHRUN_SHUTDOWN_TIMEOUT_S)
+        settings["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(TORCHRUN_SHUTDOWN_TIMEOUT_S))
     if "KREA2_CHECKPOINT_GRACE_S" in environ:
-        windows["KREA2_CHECKPOINT_GRACE_S"] = environ["KREA2_CHECKPOINT_GRACE_S"]
-    parsed = {}
-    for name, value in windows.items():
+        settings["KREA2_CHECKPOINT_GRACE_S"] = environ["KREA2_CHECKPOINT_GRACE_S"]
+    for name, value in settings.items():
         try:
-            parsed[name] = float(value)
+            windows[name] = float(value)
         except ValueError:
             logger.warning("%s=%r is not a number of seconds", name, value)
-    return parsed
+    return windows
 
 
 def exit_checkpoint_problem(write_s: float, step_s: float, windows_s: Mapping[str, float]) -> str | None:
@@ -642,24 +641,12 @@ class Trainer:
 
     def _open_compile_cache(self) -> None:
         """With compiled blocks: load the run's compile cache on every rank (a restart on another
-        node starts warm); rank 0 writes it (:meth:`_save_compile_cache`)."""
-        from krea2_train.parallel.compile_cache import COMPILE_CACHE_NAME, CompileCacheWriter, load_compile_cache
-
-        self._compile_cache = None
+        node starts warm); rank 0 writes it (``self._compile_cache.save()``)."""
         if not (self.config.parallel.compile and self.config.parallel.compile_cache):
             return
         load_compile_cache(self.run_dir / COMPILE_CACHE_NAME)
         if self.dist.is_main:
             self._compile_cache = CompileCacheWriter(self.run_dir / COMPILE_CACHE_NAME)
-
-    def _save_compile_cache(self, report: bool = False) -> None:
-        from krea2_train.parallel.compile_cache import compile_cache_counts
-
-        if self.config.parallel.compile and report:
-            counts = compile_cache_counts()
-            logger.info("compiled graphs of this start: %d from the cache, %d compiled", counts["hits"], counts["misses"])
-        if self._compile_cache is not None:
-            self._compile_cache.save()
 
     def _check_exit_window(self, step: int, step_time: float) -> None:
         """Once per start, with the first save whose predecessor finished (its write time known):
@@ -833,8 +820,11 @@ class Trainer:
                 result["host_syncs"] = syncs.count
                 logger.info("host syncs in one training step: %d (1 is the step's own read of its all-reduce; a stage with"
                             " several update phases adds one per phase unless its optimizer is fused)", syncs.count)
-            if steps_this_start == HOST_SYNC_CHECK_STEP:  # compiled by now
-                self._save_compile_cache(report=True)
+            if steps_this_start == HOST_SYNC_CHECK_STEP and config.parallel.compile:  # compiled by now
+                counts = compile_cache_counts()
+                logger.info("compiled graphs of this start: %d from the cache, %d compiled", counts["hits"], counts["misses"])
+                if self._compile_cache is not None:
+                    self._compile_cache.save()
             if result.pop("fenced"):  # every rank agrees: stop at once, write nothing (the newer start owns the run)
                 logger.error(
                     "a newer start of run %s holds its data lease: this process is a leftover of an older "
@@ -888,7 +878,8 @@ class Trainer:
                     if started:
                         self.metrics.event(step, "checkpoint", blocked_s=round(self.checkpointer.last_blocked_s, 4))
                         self._check_exit_window(step, step_time)
-                        self._save_compile_cache()  # graphs compiled since (another bucket's shape)
+                        if self._compile_cache is not None:  # graphs compiled since (another bucket's shape)
+                            self._compile_cache.save()
                 if signal_now == CHECKPOINT_AND_EXIT:
                     self.checkpointer.wait()
             if signal_now == CHECKPOINT_AND_EXIT:
